@@ -1,0 +1,269 @@
+"""`QuantLinear`: a Linear stored as packed integer codes plus scales — buffers only, no parameters.
+
+The state_dict *is* the checkpoint content, in the canonical layout of `ditq.quant.packing`:
+
+| buffer       | dtype        | shape                         | present when                                   |
+|--------------|--------------|-------------------------------|------------------------------------------------|
+| `qweight`    | uint8        | (out, packed_cols(in, bits))  | always (stored codes: signed + 2^(b-1), ternary + 1) |
+| `scales`     | float32      | (out, n_groups)               | always (ternary: γ or α, repeated per row/group)  |
+| `zeros`      | uint8        | (out, n_groups)               | `not spec.symmetric`                           |
+| `bias`       | `dtype`      | (out,)                        | `bias=True`                                    |
+| `smooth`     | float32      | (in,)                         | `spec.smooth` (forward divides x by it)        |
+| `lora_down`  | `dtype`      | (in, rank)                    | `spec.rank > 0`                                |
+| `lora_up`    | `dtype`      | (rank, out)                   | `spec.rank > 0`                                |
+| `act_scale`  | float32      | (1,) or (in // a_group_size,) | static activation quant (`a_bits`, not `a_dynamic`) |
+| `act_zero`   | uint8        | like `act_scale`              | static, int, `not spec.a_symmetric`            |
+
+n_groups = 1 (group_size None, per output channel) or in // group_size. Ternary weights keep the int
+layout (scales (out, n_groups)) so kernels need no special case. The stored weight already includes
+the smoothing (W·diag(smooth)) and excludes the low-rank part.
+
+`.to(dtype)`/`.half()` leave the integer buffers alone (torch never casts them) and keep `scales`,
+`smooth` and `act_scale` in float32: they are part of the quantized format, not the compute dtype.
+`bias` and the low-rank factors follow the module dtype; the output dtype always follows x.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ditq import kernels
+from ditq.quant.packing import pack, packed_cols, to_signed, to_unsigned, unpack
+from ditq.quant.primitives import compute_qparams, dequantize, quantize, ternary_absmean
+from ditq.quant.spec import QuantSpec
+
+__all__ = ["QuantLinear"]
+
+_FLOAT32_BUFFERS = ("scales", "smooth", "act_scale")
+_UINT8_BUFFERS = ("qweight", "zeros", "act_zero")
+
+
+class QuantLinear(nn.Module):
+    """y = x @ Ŵᵀ + b (+ low-rank branch), Ŵ dequantized from packed codes; see the module docstring."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        spec: QuantSpec,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(spec, QuantSpec):
+            raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+        spec.check_fits(in_features, out_features)
+        dtype = torch.float32 if dtype is None else dtype
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype (of bias and low-rank factors) must be floating point, got {dtype}")
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        n_groups = spec.n_groups(in_features)
+
+        def buf(shape: tuple[int, ...], dt: torch.dtype, fill: float = 0.0) -> torch.Tensor:
+            return torch.full(shape, fill, dtype=dt, device=device)
+
+        u8, f32 = torch.uint8, torch.float32
+        self.register_buffer("qweight", buf((out_features, packed_cols(in_features, spec.w_bits)), u8))
+        self.register_buffer("scales", buf((out_features, n_groups), f32, 1.0))
+        self.register_buffer("zeros", None if spec.symmetric else buf((out_features, n_groups), u8))
+        self.register_buffer("bias", buf((out_features,), dtype) if bias else None)
+        self.register_buffer("smooth", buf((in_features,), f32, 1.0) if spec.smooth else None)
+        rank = spec.rank
+        self.register_buffer("lora_down", buf((in_features, rank), dtype) if rank else None)
+        self.register_buffer("lora_up", buf((rank, out_features), dtype) if rank else None)
+        static = spec.a_bits is not None and not spec.a_dynamic
+        n_act = 1 if spec.a_group_size is None else in_features // spec.a_group_size
+        act_zero = static and spec.a_format == "int" and not spec.a_symmetric
+        self.register_buffer("act_scale", buf((n_act,), f32, 1.0) if static else None)
+        self.register_buffer("act_zero", buf((n_act,), u8) if act_zero else None)
+
+    # ---- construction from a float layer ------------------------------------------------------------
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        spec: QuantSpec,
+        *,
+        weight: torch.Tensor | None = None,
+        smooth: torch.Tensor | None = None,
+        lora_down: torch.Tensor | None = None,
+        lora_up: torch.Tensor | None = None,
+        act_scale: torch.Tensor | None = None,
+        act_zero: torch.Tensor | None = None,
+        clip_ratio: float | torch.Tensor | None = None,
+    ) -> QuantLinear:
+        """Quantize `linear` once with round-to-nearest per `spec`.
+
+        `weight` (out, in) is quantized as given — methods pass their smoothed weight or low-rank
+        residual. When omitted it is linear.weight·diag(smooth) − (lora_down @ lora_up)ᵀ, i.e. the
+        residual that makes the module approximate `linear`. `clip_ratio` (float or (out, n_groups),
+        e.g. from `clip_search`) shrinks the int ranges. Bias and low-rank factors keep linear's dtype.
+        """
+        out_f, in_f = linear.out_features, linear.in_features
+        param = linear.weight
+        dtype = param.dtype if param.dtype.is_floating_point else torch.float32
+        module = cls(in_f, out_f, spec, bias=linear.bias is not None, device=param.device, dtype=dtype)
+        _require(spec.smooth, smooth, "smooth", "spec.smooth=True")
+        _require(spec.rank > 0, lora_down, "lora_down", f"spec.rank={spec.rank}")
+        _require(spec.rank > 0, lora_up, "lora_up", f"spec.rank={spec.rank}")
+        _require(module.act_scale is not None, act_scale, "act_scale", "static activation quantization")
+        _require(module.act_zero is not None, act_zero, "act_zero", "static asymmetric int activations")
+        with torch.no_grad():
+            for name, value in (
+                ("smooth", smooth),
+                ("lora_down", lora_down),
+                ("lora_up", lora_up),
+                ("act_scale", act_scale),
+                ("act_zero", act_zero),
+            ):
+                if value is not None:
+                    _copy_checked(getattr(module, name), value, name)
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias.detach())
+            if weight is None:
+                weight = param.detach().float()
+                if smooth is not None:
+                    weight = weight * smooth.float()
+                if lora_down is not None:
+                    weight = weight - (lora_down.float() @ lora_up.float()).T
+            if tuple(weight.shape) != (out_f, in_f):
+                raise ValueError(f"weight has shape {tuple(weight.shape)}, the layer needs {(out_f, in_f)}")
+            module.quantize_weight_(weight.to(param.device), clip_ratio)
+        return module
+
+    @torch.no_grad()
+    def quantize_weight_(self, weight: torch.Tensor, clip_ratio: float | torch.Tensor | None = None) -> None:
+        """Round-to-nearest `weight` (out, in) into the buffers (absmean for ternary)."""
+        spec = self.spec
+        if spec.w_format == "ternary":
+            if clip_ratio is not None:
+                raise ValueError("clip_ratio does not apply to ternary (absmean) weights")
+            codes, gamma = ternary_absmean(weight)
+            self.set_codes(codes, gamma.expand(self.out_features, spec.n_groups(self.in_features)))
+            return
+        ratio = 1.0 if clip_ratio is None else clip_ratio
+        scale, zero = compute_qparams(weight, spec.w_bits, spec.group_size, spec.symmetric, ratio)
+        self.set_codes(quantize(weight, scale, zero, spec.w_bits, spec.symmetric), scale, zero)
+
+    @torch.no_grad()
+    def set_codes(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None) -> None:
+        """Store codes computed elsewhere (GPTQ, QAT, MatQuant slices): int8 signed codes for symmetric
+        and ternary specs, uint8 codes plus uint8 `zeros` for asymmetric ones; scales (out, n_groups)."""
+        spec = self.spec
+        if tuple(codes.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"codes have shape {tuple(codes.shape)}, expected {(self.out_features, self.in_features)}"
+            )
+        ternary = spec.w_format == "ternary"
+        if spec.symmetric:
+            if zeros is not None:
+                raise ValueError("a symmetric spec stores no zero points; pass zeros=None")
+            lo, hi = (-1, 1) if ternary else (-(2 ** (spec.w_bits - 1)), 2 ** (spec.w_bits - 1) - 1)
+            if codes.dtype != torch.int8:
+                raise TypeError(f"symmetric codes must be int8, got {codes.dtype}")
+            if codes.numel() and not (int(codes.min()) >= lo and int(codes.max()) <= hi):
+                raise ValueError(f"codes must lie in [{lo}, {hi}] for this spec")
+            stored = to_unsigned(codes, spec.w_bits, ternary=ternary)
+        else:
+            if zeros is None:
+                raise ValueError("an asymmetric spec needs zeros (uint8, (out, n_groups))")
+            if codes.dtype != torch.uint8:
+                raise TypeError(f"asymmetric codes must be uint8, got {codes.dtype}")
+            stored = codes
+            _copy_checked(self.zeros, zeros, "zeros")
+        self.qweight.copy_(pack(stored.to(self.qweight.device), spec.w_bits))
+        _copy_checked(self.scales, scales, "scales")
+
+    # ---- the quantized weight -----------------------------------------------------------------------
+
+    def weight_codes(self) -> torch.Tensor:
+        """Unpacked codes (out, in): int8 signed for symmetric/ternary specs, uint8 for asymmetric."""
+        spec = self.spec
+        stored = unpack(self.qweight, spec.w_bits, self.in_features)
+        if not spec.symmetric:
+            return stored
+        return to_signed(stored, spec.w_bits, ternary=spec.w_format == "ternary")
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Ŵ = scales · (codes − zeros), shape (out, in): what the reference path multiplies by."""
+        return dequantize(self.weight_codes(), self.scales, self.zeros, self.spec.group_size, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.quant_linear(x, self)  # (..., in) -> (..., out)
+
+    # ---- nn.Module plumbing -------------------------------------------------------------------------
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, spec={describe_spec(self.spec)}"
+        )
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantLinear:
+        """Let device moves through but keep the float32 format buffers float32 under dtype casts."""
+        kept = {n: self._buffers[n] for n in _FLOAT32_BUFFERS if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new.dtype == old.dtype:
+                continue
+            if old.device == new.device:
+                self._buffers[name] = old
+            elif old.is_meta:
+                self._buffers[name] = torch.empty_like(old, device=new.device)
+            else:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ) -> None:
+        """Refuse, with a clear message, tensors whose dtype would be silently cast on copy."""
+        for name in _UINT8_BUFFERS:
+            t = state_dict.get(prefix + name)
+            if t is not None and t.dtype != torch.uint8:
+                error_msgs.append(f"{prefix}{name}: packed/integer buffer must be uint8, got {t.dtype}")
+        for name in _FLOAT32_BUFFERS:
+            t = state_dict.get(prefix + name)
+            if t is not None and not t.is_floating_point():
+                error_msgs.append(f"{prefix}{name}: must be a floating-point tensor, got {t.dtype}")
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+def describe_spec(spec: QuantSpec) -> str:
+    """Short human form of a spec, e.g. `W4 g64 sym, A4 int g64 dyn, rank=32, smooth`."""
+    w = "Wt" if spec.w_format == "ternary" else f"W{spec.w_bits}"
+    w += f" g{spec.group_size}" if spec.group_size else " per-ch"
+    w += " sym" if spec.symmetric else " asym"
+    if spec.a_bits is None:
+        a = "A16"
+    else:
+        a = f"A{spec.a_bits} {spec.a_format}"
+        a += f" g{spec.a_group_size}" if spec.a_group_size else " per-tok"
+        a += "" if spec.a_format == "fp8" else (" sym" if spec.a_symmetric else " asym")
+        a += " dyn" if spec.a_dynamic else " static"
+    parts = [w, a] + ([f"rank={spec.rank}"] if spec.rank else []) + (["smooth"] if spec.smooth else [])
+    return ", ".join(parts)
+
+
+def _require(needed: bool, value: torch.Tensor | None, name: str, why: str) -> None:
+    if needed and value is None:
+        raise ValueError(f"{why} needs {name}= to be given")
+    if not needed and value is not None:
+        raise ValueError(f"{name}= was given but the spec does not use it")
+
+
+def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
+    """dst.copy_(src) after checking the shape (scalars broadcast) and integer-vs-float kind."""
+    if src.shape != dst.shape and src.numel() != 1:
+        raise ValueError(f"{name} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
+    if src.is_floating_point() != dst.is_floating_point():
+        raise TypeError(f"{name} must be {dst.dtype}, got {src.dtype}")
+    dst.copy_(src.detach())

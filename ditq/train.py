@@ -1,0 +1,137 @@
+"""Train a DiT (the bundled DiT-MNIST by default): ``python -m ditq.train`` or ``ditq train``.
+
+Single device::
+
+    python -m ditq.train --steps 20000 --batch-size 256 --lr 3e-4 --out runs/dit-mnist
+
+Several GPUs of one host (DDP; the batch is split over ranks)::
+
+    torchrun --nproc_per_node 4 -m ditq.train --steps 20000 --batch-size 1024 --out runs/dit-mnist
+
+The run writes ``log.jsonl``, ``checkpoints/last.safetensors`` (continue with ``--resume``) and
+``ema.safetensors``, the fp32 EMA weights with the model's arch and config in their header.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from ditq.training.checkpoint import export_fp16, read_weights
+from ditq.training.config import LR_SCHEDULES, MIXED_PRECISION, TrainConfig
+from ditq.training.loop import train
+
+__all__ = ["TrainConfig", "train", "export_fp16", "read_weights", "main", "build_parser"]
+
+# flag dest → TrainConfig field (only flags the user gave are passed, so defaults live in TrainConfig)
+_FIELDS = {
+    "model": "model", "data_dir": "data_dir", "out": "out_dir", "steps": "steps",
+    "batch_size": "global_batch_size", "lr": "lr", "lr_schedule": "lr_schedule", "min_lr": "min_lr",
+    "warmup_steps": "warmup_steps", "weight_decay": "weight_decay", "betas": "betas",
+    "ema_decay": "ema_decay", "num_timesteps": "num_timesteps", "mixed_precision": "mixed_precision",
+    "seed": "seed", "device": "device", "log_every": "log_every", "ckpt_every": "ckpt_every",
+}  # fmt: skip
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` → (key, value); the value is read as JSON (2, 0.5, true) or else kept a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set expects key=value, got {text!r}")
+    python_words = {"True": True, "False": False, "None": None}
+    if raw in python_words:
+        return key, python_words[raw]
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
+def build_parser(prog: str = "python -m ditq.train") -> argparse.ArgumentParser:
+    """The argument parser, shared by ``python -m ditq.train`` and the ``ditq train`` subcommand."""
+    p = argparse.ArgumentParser(
+        prog=prog, description="Train a class-conditional DiT on MNIST (EMA weights out)."
+    )
+    a = p.add_argument
+    a("--model", help="zoo name (default DiT-MNIST)")
+    a(
+        "--set",
+        dest="overrides",
+        action="append",
+        type=_parse_override,
+        default=[],
+        metavar="KEY=VALUE",
+        help="model constructor override, repeatable, e.g. --set depth=2 --set hidden_size=64",
+    )
+    a("--data-dir", help="MNIST IDX folder (default: the copy bundled with ditq)")
+    a("--out", help="output folder (default runs/dit-mnist)")
+    a("--steps", type=int, help="optimizer steps (default 10000)")
+    a("--batch-size", type=int, help="global batch size over all ranks (default 256)")
+    a("--lr", type=float, help="peak learning rate (default 1e-4, as DiT)")
+    a("--lr-schedule", choices=LR_SCHEDULES, help="after warm-up (default constant)")
+    a("--min-lr", type=float, help="final lr of the cosine schedule (default 0)")
+    a("--warmup-steps", type=int, help="linear lr warm-up steps (default 0)")
+    a("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    a("--betas", type=float, nargs=2, metavar=("B1", "B2"), help="AdamW betas (default 0.9 0.999)")
+    a("--grad-clip", type=float, help="max gradient norm; 0 disables clipping (default 1.0)")
+    a("--ema-decay", type=float, help="EMA decay (default 0.9999)")
+    a("--no-ema-warmup", action="store_true", help="use the EMA decay from step 1 (DiT's behaviour)")
+    a("--num-timesteps", type=int, help="diffusion steps T (default 1000)")
+    a("--mixed-precision", choices=MIXED_PRECISION, help="auto = bf16 autocast on CUDA, fp32 on CPU")
+    a("--compile", action="store_true", help="torch.compile the model (CUDA only)")
+    a("--hflip", action="store_true", help="random horizontal flips (never for digits)")
+    a("--seed", type=int, help="run seed (default 0)")
+    a("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available, else cpu)")
+    a("--log-every", type=int, help="steps between log.jsonl lines (default 100)")
+    a(
+        "--ckpt-every",
+        type=int,
+        help="steps between checkpoints (default 1000; one is always written at the end)",
+    )
+    a("--resume", action="store_true", help="continue from OUT/checkpoints/last.safetensors if it exists")
+    a("--no-progress", action="store_true", help="no progress bar")
+    a("--export-fp16", metavar="PATH", help="also write the fp16 copy of the EMA weights to PATH")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """TrainConfig from parsed flags; flags left out keep TrainConfig's defaults."""
+    kwargs: dict[str, Any] = {
+        field: getattr(args, dest) for dest, field in _FIELDS.items() if getattr(args, dest) is not None
+    }
+    if args.overrides:
+        kwargs["model_overrides"] = dict(args.overrides)
+    if args.grad_clip is not None:
+        kwargs["grad_clip"] = None if args.grad_clip == 0 else args.grad_clip
+    kwargs.update(
+        ema_warmup=not args.no_ema_warmup, compile=args.compile, hflip=args.hflip,
+        resume=args.resume, progress=not args.no_progress,
+    )  # fmt: skip
+    return TrainConfig(**kwargs)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse flags, train, optionally export fp16; returns the exit code (0)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except (ValueError, TypeError) as err:
+        parser.error(str(err))
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
+    )
+    ema_path = train(cfg)
+    if args.export_fp16 and rank == 0:
+        export_fp16(ema_path, args.export_fp16)
+        logging.getLogger("ditq.train").info("fp16 weights written to %s", args.export_fp16)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

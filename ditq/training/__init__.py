@@ -1,0 +1,4 @@
+"""DiT training, split by concept: `config` (TrainConfig), `checkpoint` (files), `loop` (train).
+
+The public entry point is `ditq.train` (`train`, `TrainConfig`, `export_fp16`, `main`).
+"""

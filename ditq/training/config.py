@@ -1,0 +1,120 @@
+"""`TrainConfig`: every knob of a DiT training run, validated once, stored in each checkpoint.
+
+Defaults follow the DiT paper (AdamW, constant lr 1e-4, no weight decay, EMA 0.9999, global batch
+256, 1000 linear-β steps) except where DiT-MNIST differs: the whole dataset lives on the device, so
+there is no loader, no worker processes and no horizontal flip (a flipped digit is another glyph).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+MIXED_PRECISION = ("auto", "bf16", "no")
+LR_SCHEDULES = ("constant", "cosine")
+
+# Fields that decide which samples, noise and model a step sees: a resume must not change them,
+# or "continue the run" silently becomes a different run.
+RESUME_FIXED = ("model", "model_overrides", "global_batch_size", "seed", "num_timesteps", "hflip", "data_dir")
+
+
+@dataclass
+class TrainConfig:
+    """One training run. `steps` counts optimizer steps (global batches), not epochs."""
+
+    model: str = "DiT-MNIST"  # zoo name (ditq.models.MODEL_CONFIGS)
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # constructor kwargs, e.g. depth=2
+    data_dir: str | None = None  # MNIST IDX folder; None = the copy bundled with ditq
+    out_dir: str = "runs/dit-mnist"
+    steps: int = 10_000
+    global_batch_size: int = 256  # summed over ranks; each rank gets global / world_size
+    lr: float = 1e-4
+    lr_schedule: str = "constant"  # "constant" (DiT) or "cosine" (decays to min_lr at `steps`)
+    min_lr: float = 0.0
+    warmup_steps: int = 0  # linear ramp from 0 to lr over the first warmup_steps steps
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = 1.0  # max global L2 norm; None = no clipping (the norm is still logged)
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay_t = min(ema_decay, (1+t)/(10+t)): short runs still get a useful EMA
+    num_timesteps: int = 1000
+    mixed_precision: str = "auto"  # "auto" = bf16 autocast on CUDA, full fp32 on CPU
+    compile: bool = False  # torch.compile the model (CUDA only; ignored on CPU)
+    hflip: bool = False
+    seed: int = 0
+    device: str | None = None  # None = cuda:LOCAL_RANK when CUDA is available, else cpu
+    log_every: int = 100
+    ckpt_every: int = 1000  # a checkpoint is also written at the last step
+    resume: bool = False  # continue from out_dir/checkpoints/last.safetensors when it exists
+    progress: bool = True  # tqdm bar on rank 0
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]  # JSON gives lists back
+        self.out_dir = str(self.out_dir)  # Path in, str out: the config is stored as JSON
+        if self.data_dir is not None:
+            self.data_dir = str(self.data_dir)
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be a zoo name, got {self.model!r}")
+        if not isinstance(self.model_overrides, dict):
+            raise TypeError(f"model_overrides must be a dict, got {type(self.model_overrides).__name__}")
+        try:
+            json.dumps(self.model_overrides)
+        except TypeError as err:
+            raise TypeError(
+                f"model_overrides must be JSON-serialisable (it is saved with the weights): {err}"
+            ) from err
+        for name in ("steps", "global_batch_size", "log_every", "ckpt_every", "num_timesteps"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("warmup_steps", self.warmup_steps, minimum=0)
+        _check_int("seed", self.seed, minimum=0)
+        _check_positive("lr", self.lr)
+        if not (_is_real(self.min_lr) and 0.0 <= self.min_lr <= self.lr):
+            raise ValueError(f"min_lr={self.min_lr!r} must lie in [0, lr={self.lr}]")
+        if not (_is_real(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay={self.weight_decay!r} must be a number >= 0")
+        if len(self.betas) != 2 or not all(_is_real(b) and 0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas={self.betas!r} must be two numbers in [0, 1)")
+        if self.grad_clip is not None:
+            _check_positive("grad_clip", self.grad_clip)
+        if not (_is_real(self.ema_decay) and 0.0 <= self.ema_decay < 1.0):
+            raise ValueError(f"ema_decay={self.ema_decay!r} must lie in [0, 1)")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule={self.lr_schedule!r} is not one of {LR_SCHEDULES}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of {MIXED_PRECISION}")
+        if not self.out_dir:
+            raise ValueError("out_dir must be a non-empty path")
+        for name in ("ema_warmup", "compile", "hflip", "resume", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready copy (tuples become lists)."""
+        out = asdict(self)
+        out["betas"] = list(self.betas)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of `to_dict`; unknown keys are an error so that typos do not pass silently."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {unknown}; known fields are: {sorted(known)}")
+        return cls(**data)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if not (_is_real(value) and value > 0):
+        raise ValueError(f"{name}={value!r} must be a finite number > 0")
