@@ -34,7 +34,7 @@ from ditq.eval.metrics import class_accuracy, feature_stats, fid_from_stats
 
 N_TRAIN = 8000
 MIN_ACCURACY = 0.98
-N_PR = 2000  # real features kept for precision/recall; keeps the npz well under 2 MB
+N_FEATS = 2000  # real features kept for precision/recall; keeps the npz well under 2 MB
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,8 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     x = to_model_space(images)  # (10000, 1, 32, 32)
     t0 = time.perf_counter()
     net = train_feature_net(
-        x[:N_TRAIN], labels[:N_TRAIN], epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, seed=args.seed, device="cpu", progress=not args.no_progress,
+        x[:N_TRAIN],
+        labels[:N_TRAIN],
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        device="cpu",
+        progress=not args.no_progress,
     )
     train_s = time.perf_counter() - t0
     feats, logits = features_and_logits(net, x)
@@ -66,8 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     weights_path = args.out_dir / "feature_net.safetensors"
-    info = {"train_images": f"0-{N_TRAIN - 1}", "heldout_accuracy": round(acc, 5), "seed": args.seed,
-            "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr}
+    info = {
+        "train_images": f"0-{N_TRAIN - 1}",
+        "heldout_accuracy": round(acc, 5),
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+    }
     save_feature_net(net, weights_path, extra=info)
     # Statistics come from the weights as written, so the two files agree exactly.
     feats, logits = features_and_logits(load_feature_net(weights_path), x)
@@ -81,19 +93,25 @@ def main(argv: list[str] | None = None) -> int:
     # that one is the pure sampling-noise floor at n = 5000.
     perm = np.random.default_rng(args.seed).permutation(len(x))
     floor_random = fid_from_stats(*feature_stats(feats[perm[:half]]), *feature_stats(feats[perm[half:]]))
-    pr_indices = np.sort(np.random.default_rng(args.seed + 1).permutation(len(x))[:N_PR])
+    feat_indices = np.sort(np.random.default_rng(args.seed + 1).permutation(len(x))[:N_FEATS])
     stats_path = args.out_dir / "mnist_feature_stats.npz"
-    save_real_stats(stats_path, {
-        "mu": mu, "sigma": sigma,
-        "mu_half0": mu0, "sigma_half0": sigma0,
-        "mu_half1": mu1, "sigma_half1": sigma1,
-        "fid_floor": np.array(floor),
-        "fid_floor_random_split": np.array(floor_random),
-        "pr_features": feats[pr_indices].astype(np.float32),
-        "pr_indices": pr_indices.astype(np.int64),
-        "heldout_accuracy": np.array(acc),
-        "feature_net_sha256": np.array(file_sha256(weights_path)),
-    })
+    save_real_stats(
+        stats_path,
+        {
+            "mu": mu,
+            "sigma": sigma,
+            "mu_half0": mu0,
+            "sigma_half0": sigma0,
+            "mu_half1": mu1,
+            "sigma_half1": sigma1,
+            "fid_floor": np.array(floor),
+            "fid_floor_random_split": np.array(floor_random),
+            "feats": feats[feat_indices].astype(np.float32),
+            "feats_indices": feat_indices.astype(np.int64),
+            "heldout_accuracy": np.array(acc),
+            "feature_net_sha256": np.array(file_sha256(weights_path)),
+        },
+    )
     print(f"real-vs-real FID floor (images 0-{half - 1} vs {half}-{len(x) - 1}): {floor:.4f}")
     print(f"real-vs-real FID, random {half}/{len(x) - half} split: {floor_random:.4f}")
     print(f"wrote {weights_path} ({weights_path.stat().st_size / 1e3:.0f} kB)")

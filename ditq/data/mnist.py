@@ -60,9 +60,7 @@ def to_model_space(images_uint8: np.ndarray | torch.Tensor) -> torch.Tensor:
     """
     x = torch.as_tensor(images_uint8)
     if x.dtype != torch.uint8 or x.ndim != 3 or tuple(x.shape[1:]) != (28, 28):
-        raise ValueError(
-            f"to_model_space expects uint8 (N, 28, 28), got {x.dtype} {tuple(x.shape)}"
-        )
+        raise ValueError(f"to_model_space expects uint8 (N, 28, 28), got {x.dtype} {tuple(x.shape)}")
     x = x.to(torch.float32).div(127.5).sub(1.0).unsqueeze(1)  # (N, 1, 28, 28)
     return torch.nn.functional.pad(x, (PAD, PAD, PAD, PAD), value=-1.0)  # (N, 1, 32, 32)
 
@@ -74,9 +72,7 @@ def from_model_space(x: torch.Tensor | np.ndarray) -> np.ndarray:
     """
     t = torch.as_tensor(x).detach()
     if not t.is_floating_point() or t.ndim != 4 or tuple(t.shape[1:]) != (1, 32, 32):
-        raise ValueError(
-            f"from_model_space expects float (N, 1, 32, 32), got {t.dtype} {tuple(t.shape)}"
-        )
+        raise ValueError(f"from_model_space expects float (N, 1, 32, 32), got {t.dtype} {tuple(t.shape)}")
     t = t[:, 0, PAD:-PAD, PAD:-PAD].to(device="cpu", dtype=torch.float64)  # (N, 28, 28)
     t = torch.round((t + 1.0) * 127.5).clamp_(0, 255)
     return t.to(torch.uint8).numpy()
@@ -112,7 +108,5 @@ def _read_idx(path: Path, expected_magic: int, ndim: int) -> np.ndarray:
     expected = header_len + int(np.prod(dims, dtype=np.int64))
     if len(raw) != expected:
         what = "truncated" if len(raw) < expected else "longer than its header says"
-        raise ValueError(
-            f"IDX file {path} is {what}: {len(raw)} bytes, header {dims} needs {expected}"
-        )
+        raise ValueError(f"IDX file {path} is {what}: {len(raw)} bytes, header {dims} needs {expected}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header_len).reshape(dims).copy()

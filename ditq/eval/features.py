@@ -66,7 +66,12 @@ class FeatureNet(nn.Module):
         stages: list[nn.Module] = []
         in_ch = 1
         for w in widths:
-            stages += [nn.Conv2d(in_ch, w, 3, padding=1, bias=False), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2)]
+            stages += [
+                nn.Conv2d(in_ch, w, 3, padding=1, bias=False),
+                nn.BatchNorm2d(w),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            ]
             in_ch = w
         self.convs = nn.Sequential(*stages)
         side = 32 // 2 ** len(widths)
@@ -126,16 +131,34 @@ def train_feature_net(
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
 
-    torch.manual_seed(seed)  # parameter init draws from the global generator
-    net = FeatureNet().to(device)
-    gen = torch.Generator().manual_seed(seed)  # shuffling and augmentation
-    steps_per_epoch = math.ceil(images.shape[0] / batch_size)
+    # Parameter init and dropout draw from torch's global generator: seed it inside fork_rng, so
+    # the weights depend on ``seed`` alone and the caller's random state is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = FeatureNet().to(device)
+        _fit(net, images.to(torch.float32), y_all, epochs, batch_size, lr, seed, device, progress, augment)
+    return net.eval()
+
+
+def _fit(
+    net: FeatureNet,
+    x_all: torch.Tensor,
+    y_all: torch.Tensor,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    device: str | torch.device,
+    progress: bool,
+    augment: bool,
+) -> None:
+    """AdamW + one-cycle LR over shuffled mini-batches; shuffling and jitter use their own generator."""
+    gen = torch.Generator().manual_seed(seed)
+    steps_per_epoch = math.ceil(x_all.shape[0] / batch_size)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=lr, total_steps=epochs * steps_per_epoch, pct_start=0.2
     )
-    x_all = images.to(torch.float32)
-
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -146,12 +169,9 @@ def train_feature_net(
         order = torch.randperm(x_all.shape[0], generator=gen)
         for i in range(steps_per_epoch):
             idx = order[i * batch_size : (i + 1) * batch_size]
-            x = x_all[idx]
-            if augment:
-                x = _augment(x, gen)
-            x, y = x.to(device), y_all[idx].to(device)
-            _, logits = net(x)
-            loss = F.cross_entropy(logits, y)
+            x = _augment(x_all[idx], gen) if augment else x_all[idx]
+            _, logits = net(x.to(device))  # (B, 10)
+            loss = F.cross_entropy(logits, y_all[idx].to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -161,7 +181,6 @@ def train_feature_net(
                 bar.set_postfix(epoch=epoch, loss=f"{loss.item():.3f}")
     if bar is not None:
         bar.close()
-    return net.eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,11 +227,15 @@ def _check_model_space(x: torch.Tensor) -> None:
 
 
 def save_feature_net(net: FeatureNet, path: str | Path, extra: dict | None = None) -> None:
-    """Write weights + config to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+    """Write weights + config to ``path`` atomically (temp file in the same folder, fsync, rename).
+
+    The metadata is one key, ``"ditq"``, holding a sorted-key JSON header: safetensors stores
+    metadata as a hash map whose order varies run to run, and a single key keeps the bytes (and
+    so the SHA-256 recorded in the statistics file) reproducible.
+    """
     path = Path(path)
-    meta = {"format": FORMAT, "version": str(FORMAT_VERSION), "config": json.dumps(net.config)}
-    if extra:
-        meta["info"] = json.dumps(extra)
+    header = {"format": FORMAT, "version": FORMAT_VERSION, "config": net.config, "info": extra or {}}
+    meta = {"ditq": json.dumps(header, sort_keys=True)}
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
@@ -223,13 +246,18 @@ def load_feature_net(path: str | Path | None = None, device: str | torch.device 
     if not path.is_file():
         raise FileNotFoundError(f"feature net weights not found: {path}")
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT or "config" not in meta:
-            raise ValueError(f"{path} is not a ditq feature net file (metadata format={meta.get('format')!r})")
-        if int(meta.get("version", "0")) > FORMAT_VERSION:
-            raise ValueError(f"{path} has feature-net format version {meta['version']}, newer than {FORMAT_VERSION}")
+        try:
+            header = json.loads((f.metadata() or {})["ditq"])
+        except (KeyError, json.JSONDecodeError):
+            header = {}
+        if not isinstance(header, dict) or header.get("format") != FORMAT or "config" not in header:
+            raise ValueError(f"{path} is not a ditq feature net file (no valid 'ditq' metadata header)")
+        if int(header.get("version", 0)) > FORMAT_VERSION:
+            raise ValueError(
+                f"{path} has feature-net format version {header['version']}, newer than {FORMAT_VERSION}"
+            )
         state = {k: f.get_tensor(k) for k in f.keys()}
-    config = json.loads(meta["config"])
+    config = header["config"]
     net = FeatureNet(
         widths=tuple(config["widths"]), feature_dim=config["feature_dim"], num_classes=config["num_classes"]
     )
@@ -266,7 +294,8 @@ def load_real_stats(path: str | Path | None = None) -> dict[str, np.ndarray]:
     Keys: ``mu``/``sigma`` (all 10,000 images), ``mu_half0``/``sigma_half0`` (0–4999),
     ``mu_half1``/``sigma_half1`` (5000–9999), ``fid_floor`` (FID half0 vs half1),
     ``fid_floor_random_split`` (FID of a random 5000/5000 split: sampling noise alone),
-    ``pr_features`` and ``pr_indices`` (real features of a fixed subset, for precision/recall),
+    ``feats`` and ``feats_indices`` (real features of a fixed 2,000-image subset, for
+    precision/recall),
     ``heldout_accuracy``, ``feature_net_sha256``, ``version``.
     """
     path = default_stats_path() if path is None else Path(path)
@@ -285,8 +314,8 @@ def _atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; assets must stay readable by everyone
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 (and writers may recreate it); keep assets readable
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

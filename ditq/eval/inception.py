@@ -111,8 +111,13 @@ class InceptionC(nn.Module):
         b1 = self.branch1x1(x)
         b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
         bd = x
-        for conv in (self.branch7x7dbl_1, self.branch7x7dbl_2, self.branch7x7dbl_3,
-                     self.branch7x7dbl_4, self.branch7x7dbl_5):
+        for conv in (
+            self.branch7x7dbl_1,
+            self.branch7x7dbl_2,
+            self.branch7x7dbl_3,
+            self.branch7x7dbl_4,
+            self.branch7x7dbl_5,
+        ):
             bd = conv(bd)
         bp = self.branch_pool(_avg_pool_tf(x))
         return torch.cat([b1, b7, bd, bp], 1)
@@ -259,8 +264,11 @@ def load_inception(
             f"{path} does not match the pytorch-fid Inception layout: "
             f"{len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}"
         )
-    bad = [f"{k}: file {tuple(v.shape)} vs net {tuple(expected[k].shape)}"
-           for k, v in state.items() if v.shape != expected[k].shape]
+    bad = [
+        f"{k}: file {tuple(v.shape)} vs net {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if v.shape != expected[k].shape
+    ]
     if bad:
         raise ValueError(f"{path} has tensors of the wrong shape: {bad[:5]}")
     for k, v in expected.items():  # fill absent BN counters so the strict load below passes
@@ -359,11 +367,13 @@ def inception_score_adm(logits: np.ndarray, split_size: int = 5000) -> float:
     if len(logits) == 0:
         raise ValueError("inception_score_adm needs at least one sample")
     chunks = range(0, len(logits), split_size)
-    return float(np.mean([inception_score(logits[i : i + split_size])[0] for i in chunks]))
+    return float(np.mean([inception_score(logits[i : i + split_size]) for i in chunks]))
 
 
 def precision_recall_vs_reference(pool: np.ndarray, ref: ReferenceStats, k: int = 3) -> tuple[float, float]:
     """Precision/recall of sample pool features against the reference's pool features."""
     if ref.pool is None:
-        raise ValueError("reference batch has no pool features; precision/recall needs them, not just mu/sigma")
+        raise ValueError(
+            "reference batch has no pool features; precision/recall needs them, not just mu/sigma"
+        )
     return precision_recall(ref.pool, pool, k=k)

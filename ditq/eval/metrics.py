@@ -35,9 +35,7 @@ def feature_stats(feats: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
-def fid_from_stats(
-    mu1: ArrayLike, s1: ArrayLike, mu2: ArrayLike, s2: ArrayLike, eps: float = 1e-6
-) -> float:
+def fid_from_stats(mu1: ArrayLike, s1: ArrayLike, mu2: ArrayLike, s2: ArrayLike, eps: float = 1e-6) -> float:
     """Fréchet distance between N(mu1, s1) and N(mu2, s2).
 
     The matrix square root of s1·s2 comes from ``scipy.linalg.sqrtm``. When the product is near
@@ -63,7 +61,9 @@ def fid_from_stats(
         raise ValueError("FID: matrix square root is not finite even after adding eps to the diagonal")
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"FID: matrix square root has a large imaginary part {np.abs(covmean.imag).max():.3g}")
+            raise ValueError(
+                f"FID: matrix square root has a large imaginary part {np.abs(covmean.imag).max():.3g}"
+            )
         covmean = covmean.real
     fid = diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean)
     return float(fid)
@@ -79,11 +79,10 @@ def fid_from_features(feats1: ArrayLike, feats2: ArrayLike) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def inception_score(logits: ArrayLike, splits: int = 1) -> tuple[float, float]:
-    """IS of class logits ``(N, K)``: mean and std over ``splits`` equal chunks.
+def inception_score_splits(logits: ArrayLike, splits: int) -> np.ndarray:
+    """IS of each of ``splits`` equal consecutive chunks of class logits ``(N, K)``, shape (splits,).
 
-    Ranges from 1 (every sample has the same class distribution) to K (confident and evenly spread
-    over all K classes). Works in log space, so saturated softmaxes do not produce NaNs.
+    Report mean ± std of these when a spread is wanted; ``inception_score`` is their mean.
     """
     lg = _np(logits)
     if lg.ndim != 2 or lg.shape[0] < 1:
@@ -95,10 +94,20 @@ def inception_score(logits: ArrayLike, splits: int = 1) -> tuple[float, float]:
     scores = []
     for part in np.array_split(logp, splits):
         p = np.exp(part)
-        log_py = np.log(p.mean(axis=0, keepdims=True))  # log marginal (1, K)
-        kl = np.where(p > 0, p * (part - log_py), 0.0).sum(axis=1)  # (n,)
+        with np.errstate(divide="ignore", invalid="ignore"):  # p = 0 terms are masked to 0 below
+            log_py = np.log(p.mean(axis=0, keepdims=True))  # log marginal (1, K)
+            kl = np.where(p > 0, p * (part - log_py), 0.0).sum(axis=1)  # (n,)
         scores.append(np.exp(kl.mean()))
-    return float(np.mean(scores)), float(np.std(scores))
+    return np.asarray(scores)
+
+
+def inception_score(logits: ArrayLike, splits: int = 1) -> float:
+    """IS of class logits ``(N, K)``, averaged over ``splits`` equal chunks.
+
+    Ranges from 1 (every sample has the same class distribution) to K (confident and evenly spread
+    over all K classes). Works in log space, so saturated softmaxes do not produce NaNs.
+    """
+    return float(inception_score_splits(logits, splits).mean())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,22 +184,23 @@ def class_accuracy(logits: ArrayLike, labels: ArrayLike) -> float:
 def _pair(a: ArrayLike, b: ArrayLike, name: str) -> tuple[np.ndarray, np.ndarray]:
     x, y = _np(a), _np(b)
     if x.shape != y.shape or x.ndim not in (3, 4):
-        raise ValueError(f"{name} needs two image batches of one shape (N, H, W) or (N, C, H, W), got {x.shape}, {y.shape}")
+        raise ValueError(
+            f"{name} needs two image batches of one shape (N, H, W) or (N, C, H, W), got {x.shape}, {y.shape}"
+        )
     if x.ndim == 3:
         x, y = x[:, None], y[:, None]
     return x, y  # (N, C, H, W)
 
 
-def psnr(a: ArrayLike, b: ArrayLike, data_range: float) -> tuple[np.ndarray, float]:
-    """PSNR in dB per image ``(N,)`` and their mean; identical images give +inf.
+def psnr(a: ArrayLike, b: ArrayLike, data_range: float) -> np.ndarray:
+    """PSNR in dB per image, shape ``(N,)`` (take ``.mean()`` for one number); identical → +inf.
 
     data_range is the span of valid values (2.0 for [-1, 1], 255 for uint8).
     """
     x, y = _pair(a, b, "psnr")
     mse = ((x - y) ** 2).reshape(len(x), -1).mean(axis=1)
     with np.errstate(divide="ignore"):
-        per_image = 10.0 * np.log10(data_range**2 / mse)
-    return per_image, float(per_image.mean())
+        return 10.0 * np.log10(data_range**2 / mse)
 
 
 def _gaussian_window(size: int = 11, sigma: float = 1.5) -> np.ndarray:
@@ -210,10 +220,8 @@ def _filter_valid(x: np.ndarray, g: np.ndarray) -> np.ndarray:
     return t.reshape(n, c, t.shape[-2], t.shape[-1]).numpy()
 
 
-def ssim(
-    a: ArrayLike, b: ArrayLike, data_range: float, win_size: int = 11, sigma: float = 1.5
-) -> tuple[np.ndarray, float]:
-    """SSIM (Wang et al. 2004) per image ``(N,)`` and their mean.
+def ssim(a: ArrayLike, b: ArrayLike, data_range: float, win_size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    """SSIM (Wang et al. 2004) per image, shape ``(N,)`` (take ``.mean()`` for one number).
 
     Gaussian window 11, σ 1.5, K1 = 0.01, K2 = 0.03, local statistics over 'valid' windows only
     (no padding), averaged over positions and channels. Identical images give 1.
@@ -229,5 +237,4 @@ def ssim(
     cov = _filter_valid(x * y, g) - mu_x * mu_y
     num = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
     den = (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2)
-    per_image = (num / den).reshape(len(x), -1).mean(axis=1)
-    return per_image, float(per_image.mean())
+    return (num / den).reshape(len(x), -1).mean(axis=1)

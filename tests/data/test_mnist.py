@@ -23,8 +23,9 @@ def write_idx(path: Path, magic: int, dims: tuple[int, ...], data: bytes, gz: bo
     return path
 
 
-def make_set(folder: Path, n_images=5, n_labels=5, gz=True, image_magic=2051, label_magic=2049,
-             cut_images=0) -> tuple[np.ndarray, np.ndarray]:
+def make_set(
+    folder: Path, n_images=5, n_labels=5, gz=True, image_magic=2051, label_magic=2049, cut_images=0
+) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n_images, 28, 28), dtype=np.uint8)
     labels = rng.integers(0, 10, n_labels, dtype=np.uint8)
