@@ -6,7 +6,7 @@ OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
 CKPT=${CKPT:-ditq/assets/dit_mnist/dit_mnist_fp16.safetensors}
 SAMPLES=${SAMPLES:-2000}
 export PYTHONUNBUFFERED=1
-python -m pip install --quiet --no-deps -e . >/dev/null 2>&1
+export PYTHONPATH=$PWD  # run from the tree: no install, no build isolation (no network there)
 for cfg in 1.0 1.5 2.0 3.0; do
   python -m ditq.cli eval --fp "$CKPT" --samples 1000 --steps 50 --cfg $cfg --batch-size 500 --out "$OUT/cfg$cfg" > /dev/null
 done

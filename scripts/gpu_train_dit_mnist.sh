@@ -5,7 +5,7 @@ set -euo pipefail
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
 TRAIN_SECONDS=${TRAIN_SECONDS:-390}
 export PYTHONUNBUFFERED=1
-python -m pip install --quiet --no-deps -e . >/dev/null 2>&1
+export PYTHONPATH=$PWD  # run from the tree: no install, no build isolation (no network there)
 python - <<'PY' | tee "$OUT/env.txt"
 import torch, triton
 print("gpu", torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__)

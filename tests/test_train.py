@@ -67,14 +67,27 @@ def test_cli_run_learns_logs_and_ships_weights(tmp_path: Path) -> None:
     out = tmp_path / "run"
     fp16 = tmp_path / "dit-mnist-fp16.safetensors"
     argv = ["--set", "depth=2", "--set", "hidden_size=64", "--set", "patch_size=8", "--device", "cpu"]
-    argv += ["--steps", "60", "--batch-size", "32", "--lr", "2e-3", "--warmup-steps", "5", "--log-every", "10"]
+    argv += [
+        "--steps",
+        "60",
+        "--batch-size",
+        "32",
+        "--lr",
+        "2e-3",
+        "--warmup-steps",
+        "5",
+        "--log-every",
+        "10",
+    ]
     argv += ["--ckpt-every", "30", "--out", str(out), "--no-progress", "--export-fp16", str(fp16)]
     assert main(argv) == 0
 
     records = read_log(out)
     assert [r["step"] for r in records] == [10, 20, 30, 40, 50, 60]
     assert all(LOG_FIELDS <= r.keys() for r in records)
-    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["steps_per_s"] > 0 for r in records)
+    assert all(
+        math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["steps_per_s"] > 0 for r in records
+    )
     assert records[-1]["loss"] < 0.7 * records[0]["loss"], [r["loss"] for r in records]
     assert records[0]["lr"] == pytest.approx(2e-3) and records[-1]["elapsed_s"] > records[0]["elapsed_s"]
 
@@ -87,7 +100,10 @@ def test_cli_run_learns_logs_and_ships_weights(tmp_path: Path) -> None:
     ckpt = load_train_state(out / "checkpoints" / "last.safetensors")
     assert ckpt.step == 60
     assert_same_tensors(ckpt.ema, state)
-    assert not any(torch.equal(ckpt.model[k], state[k]) for k in ("final_layer.linear.weight", "blocks.0.attn.qkv.weight"))
+    assert not any(
+        torch.equal(ckpt.model[k], state[k])
+        for k in ("final_layer.linear.weight", "blocks.0.attn.qkv.weight")
+    )
 
     # The shipped fp16 copy: same names and header, half precision, half the bytes.
     half, half_header = read_weights(fp16)
@@ -186,7 +202,18 @@ def _torchrun(out: Path, steps: int, *extra: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2"]
     cmd += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "ditq.train"]
     cmd += ["--set", "depth=2", "--set", "hidden_size=64", "--set", "patch_size=8", "--device", "cpu"]
-    cmd += ["--steps", str(steps), "--batch-size", "16", "--lr", "1e-3", "--log-every", "2", "--ckpt-every", "2"]
+    cmd += [
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "16",
+        "--lr",
+        "1e-3",
+        "--log-every",
+        "2",
+        "--ckpt-every",
+        "2",
+    ]
     cmd += ["--out", str(out), "--no-progress", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)

@@ -16,14 +16,10 @@ import copy
 import json
 import logging
 import math
-import os
-import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -36,58 +32,14 @@ from ditq.diffusion import GaussianDiffusion, create_diffusion
 from ditq.models import create
 from ditq.training.checkpoint import TrainState, load_train_state, save_train_state, save_weights
 from ditq.training.config import RESUME_FIXED, TrainConfig
+from ditq.training.distributed import DistEnv, check_ranks_agree, setup_distributed
+from ditq.training.rng import capture_rng, restore_rng, seed_rank
 
 log = logging.getLogger("ditq.train")
 
 CHECKPOINT_NAME = "checkpoints/last.safetensors"
 EMA_NAME = "ema.safetensors"
 LOG_NAME = "log.jsonl"
-
-# --------------------------------------------------------------------------------------------
-# Processes and devices
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class DistEnv:
-    """Where this process sits: its rank, how many there are, and its device."""
-
-    rank: int
-    world_size: int
-    device: torch.device
-    owns_group: bool  # we created the process group, so we destroy it
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-
-def setup_distributed(device: str | None) -> DistEnv:
-    """Join the torchrun process group (WORLD_SIZE > 1 in the environment) or run alone.
-
-    Backend NCCL on CUDA, gloo on CPU; an already-initialised group is used as it is.
-    """
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    owns = False
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=dev if dev.type == "cuda" else None)
-        owns = True
-    if dist.is_initialized():
-        return DistEnv(dist.get_rank(), dist.get_world_size(), dev, owns)
-    return DistEnv(0, 1, dev, False)
-
 
 # --------------------------------------------------------------------------------------------
 # Data, schedules, EMA
@@ -159,43 +111,6 @@ def training_loss(
 
 
 # --------------------------------------------------------------------------------------------
-# RNG states (per rank)
-# --------------------------------------------------------------------------------------------
-
-
-def capture_rng(noise_gen: torch.Generator, device: torch.device) -> dict[str, Any]:
-    """Every random stream a step may touch: torch CPU/CUDA (label dropout), our noise generator,
-    and numpy/python (unused by ditq, kept so that user code plugged in stays reproducible)."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        "noise": noise_gen.get_state(),
-        "numpy": [np_state[0], np_state[1].tolist(), *[v for v in np_state[2:]]],
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
-
-
-def restore_rng(state: dict[str, Any], noise_gen: torch.Generator, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
-    noise_gen.set_state(state["noise"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), *rest))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def _seed_rank(seed: int, rank: int, noise_gen: torch.Generator) -> None:
-    """Independent streams per rank and per purpose, all derived from the one run seed."""
-    torch_seed, noise_seed = np.random.SeedSequence([seed, rank]).generate_state(2)
-    torch.manual_seed(int(torch_seed))
-    noise_gen.manual_seed(int(noise_seed))
-
-
-# --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
 
@@ -221,8 +136,14 @@ def _trim_log(path: Path, last_step: int) -> None:
     """Drop log lines written after the checkpoint we resume from (they will be written again)."""
     if not path.exists():
         return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= last_step]
-    path.write_text("".join(ln + "\n" for ln in lines))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut short by the crash
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -251,6 +172,10 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Path:
         raise ValueError(
             f"global_batch_size={cfg.global_batch_size} is not divisible by the world size {env.world_size}"
         )
+    if ckpt_path.exists() and not cfg.resume:
+        raise FileExistsError(
+            f"{ckpt_path} exists: pass resume=True (--resume) to continue that run, or pick another out_dir"
+        )
     batch = cfg.global_batch_size // env.world_size
     device = env.device
     on_cuda = device.type == "cuda"
@@ -274,14 +199,10 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Path:
         )
 
     noise_gen = torch.Generator(device=device)
-    _seed_rank(cfg.seed, env.rank, noise_gen)
+    seed_rank(cfg.seed, env.rank, noise_gen)
     start, elapsed_before = 0, 0.0
     state = None
     if ckpt_path.exists():
-        if not cfg.resume:
-            raise FileExistsError(
-                f"{ckpt_path} exists: pass resume=True (--resume) to continue that run, or pick another out_dir"
-            )
         state = load_train_state(ckpt_path)
         _check_resumable(cfg, state, env, ckpt_path)
         model.load_state_dict(state.model)
@@ -304,8 +225,8 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Path:
 
     def model_fn(x_t: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = net(x_t, t, **kwargs)
-        return out.float()  # the diffusion loss (logs, KL terms) stays in fp32
+            prediction = net(x_t, t, **kwargs)  # (N, 2C or C, H, W)
+        return prediction.float()  # the diffusion loss (logs, KL terms) stays in fp32
 
     if env.is_main:
         (out / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -419,25 +340,9 @@ def _train(cfg: TrainConfig, env: DistEnv) -> Path:
     finally:
         pbar.close()
 
-    _check_ranks_agree(ema, env)
+    check_ranks_agree(ema, env)
     if env.is_main:
         save_weights(ema, ema_path, model=cfg.model, step=max(start, cfg.steps), train_config=cfg.to_dict())
         log.info("EMA weights written to %s", ema_path)
     env.barrier()
     return ema_path
-
-
-@torch.no_grad()
-def _check_ranks_agree(ema: nn.Module, env: DistEnv) -> None:
-    """Before shipping rank 0's EMA, make sure every rank computed the same one (catches DDP desync)."""
-    if env.world_size == 1:
-        return
-    mine = torch.cat([p.detach().reshape(-1) for p in ema.parameters()])
-    reference = mine.clone()
-    dist.broadcast(reference, src=0)
-    mismatch = torch.tensor([0.0 if torch.equal(mine, reference) else 1.0], device=mine.device)
-    dist.all_reduce(mismatch)
-    if mismatch.item():
-        raise RuntimeError(
-            f"EMA weights differ between ranks on {int(mismatch.item())} rank(s): DDP went out of sync"
-        )
