@@ -62,7 +62,7 @@ def run_demo(
         "seconds": round(time.perf_counter() - start, 1),
     }
     n_show = 2 * fp_model.num_classes  # samples are labelled 0, 1, …, 9, 0, 1, …: two of each digit
-    save_image(make_grid([("FP", images["fp"][:n_show]), (label, images["quant"][:n_show])]), out_dir / "grid.png")
+    save_image(make_grid([("FP16", images["fp"][:n_show]), (label, images["quant"][:n_show])]), out_dir / "grid.png")
     write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
     write_text(out_dir / "report.md", render_markdown(report))
     return report
@@ -85,10 +85,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     for name in ("fp", "quant"):
         r = report[name]
+        vs_fp = f"{r['psnr_vs_fp']:.2f} | {r['ssim_vs_fp']:.3f}" if "psnr_vs_fp" in r else "— | —"
         lines.append(
-            f"| {name if name == 'fp' else report['recipe_label']} | {r['size_bytes']:,} | {r['fid']:.2f} | "
-            f"{r['class_acc']:.3f} | {r['is']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | "
-            f"{r.get('psnr_vs_fp', float('inf')):.2f} | {r.get('ssim_vs_fp', 1.0):.3f} |"
+            f"| {'FP16' if name == 'fp' else report['recipe_label']} | {r['size_bytes']:,} | {r['fid']:.2f} | "
+            f"{r['class_acc']:.3f} | {r['is']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {vs_fp} |"
         )
     lines += [
         "",
