@@ -34,8 +34,11 @@ class CheckpointError(ValueError):
     """A checkpoint file that ditq cannot read: truncated, corrupted, foreign or from a newer format."""
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> Path:
-    """Write `model` (quantized or not) to `path` atomically; returns the path."""
+def save(model: nn.Module, path: str | os.PathLike, *, info: dict[str, Any] | None = None) -> Path:
+    """Write `model` (quantized or not) to `path` atomically; returns the path.
+
+    `info` is free JSON-serialisable provenance (training step, config…) kept in the header.
+    """
     path = Path(path)
     arch, config = getattr(model, "arch", None), getattr(model, "config", None)
     if arch is None or config is None:
@@ -57,6 +60,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         "modules": modules,
         "recipe": getattr(model, "ditq_recipe", None),
         "sha256": tensors_digest(tensors),
+        "info": info or {},
     }
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(header)})

@@ -1,14 +1,10 @@
-"""Turn a training run's EMA weights into the bundled fp16 DiT-MNIST checkpoint (ditq format)."""
+"""Turn a training run's fp32 EMA weights into the bundled fp16 DiT-MNIST checkpoint."""
 
 from __future__ import annotations
 
 import argparse
 
-import torch
-
-import ditq
-from ditq.models import build
-from ditq.training.checkpoint import read_weights
+from ditq.train import export_fp16
 
 
 def main() -> None:
@@ -16,13 +12,7 @@ def main() -> None:
     parser.add_argument("ema", help="ema.safetensors written by `ditq train`")
     parser.add_argument("dst", help="where to write the fp16 ditq checkpoint")
     args = parser.parse_args()
-    tensors, header = read_weights(args.ema)
-    model = build(header["arch"], header["config"])
-    model.load_state_dict(tensors, strict=True)
-    model = model.to(torch.float16).eval()
-    ditq.save(model, args.dst)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"wrote {args.dst}: {n_params:,} parameters in fp16")
+    print(f"wrote {export_fp16(args.ema, args.dst)}")
 
 
 if __name__ == "__main__":

@@ -118,7 +118,7 @@ def test_export_fp16_rejects_foreign_files(tmp_path: Path) -> None:
 
     foreign = tmp_path / "foreign.safetensors"
     save_file({"w": torch.zeros(2)}, str(foreign))
-    with pytest.raises(ValueError, match="not a ditq weights file"):
+    with pytest.raises(ValueError, match="without a ditq header"):
         export_fp16(foreign, tmp_path / "out.safetensors")
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         export_fp16(tmp_path / "missing.safetensors", tmp_path / "out.safetensors")

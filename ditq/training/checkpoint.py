@@ -7,15 +7,13 @@ string in the safetensors metadata.
 
 Training state (``checkpoints/last.safetensors``): tensors ``model/<name>``, ``ema/<name>``,
 ``optim/<param index>/<key>`` and ``rng/<rank>/{torch,cuda,noise}``; metadata key ``ditq_train``.
-Weights (``ema.safetensors``): the plain state dict; metadata key ``ditq`` = {"format":
-"ditq.weights", "arch", "config", "dtype", ...} so that ``ditq.models.build(arch, config)``
-rebuilds the model they belong to.
+Weights (``ema.safetensors``): a full-precision ditq checkpoint (`ditq.save`), so ``ditq.load``
+rebuilds the model; the run's provenance (model name, step, training config) is in its ``info``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,35 +23,20 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import ditq
+from ditq import __version__, io
+from ditq.atomic import atomic_path
 
 TRAIN_STATE_KEY = "ditq_train"
 TRAIN_STATE_VERSION = 1
-WEIGHTS_KEY = "ditq"
-WEIGHTS_FORMAT = "ditq.weights"
-WEIGHTS_VERSION = 1
 RNG_TENSORS = ("torch", "cuda", "noise")
 
 
 def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | Path) -> Path:
     """Write a safetensors file so that `path` is always either the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    try:
+    with atomic_path(path) as tmp:
         save_file(cpu, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-    return path
+    return Path(path)
 
 
 def _read(path: Path, key: str, what: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -67,49 +50,34 @@ def _read(path: Path, key: str, what: str) -> tuple[dict[str, torch.Tensor], dic
 
 
 # --------------------------------------------------------------------------------------------
-# Shipped weights
+# Shipped weights: ditq's one checkpoint format (`ditq.save`), with the run's provenance in `info`
 # --------------------------------------------------------------------------------------------
 
 
 def save_weights(model: nn.Module, path: str | Path, /, **info: Any) -> Path:
-    """Save `model`'s state dict with the header `ditq.models.build` needs (arch, config)."""
-    state = model.state_dict()
-    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in state.values() if v.is_floating_point()})
-    header = {
-        "format": WEIGHTS_FORMAT,
-        "format_version": WEIGHTS_VERSION,
-        "ditq_version": ditq.__version__,
-        "arch": model.arch,
-        "config": model.config,
-        "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
-        **info,
-    }
-    return atomic_save(state, {WEIGHTS_KEY: json.dumps(header)}, path)
+    """Save `model` as a full-precision ditq checkpoint; `ditq.load(path)` rebuilds it."""
+    return io.save(model, path, info=info)
 
 
 def read_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(state dict, header) of a file written by `save_weights`; rebuild with
-    ``ditq.models.build(header["arch"], header["config"])`` and ``load_state_dict(state)``."""
-    tensors, header = _read(Path(path), WEIGHTS_KEY, "weights file")
-    if header.get("format") != WEIGHTS_FORMAT:
-        raise ValueError(f"{path} holds format {header.get('format')!r}, expected {WEIGHTS_FORMAT!r}")
-    if header.get("format_version", 0) > WEIGHTS_VERSION:
-        raise ValueError(
-            f"{path} has weights format version {header['format_version']}; this ditq reads up to {WEIGHTS_VERSION}"
-        )
-    return tensors, header
+    """(state dict, header) of a ditq checkpoint; the header flattens the run's `info` with the model's
+    ``arch``, ``config`` and float ``dtype``."""
+    header = io.read_header(path)
+    tensors = load_file(str(path))
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in tensors.values() if v.is_floating_point()})
+    flat = {**header.get("info", {}), **header["model"], "dtype": dtypes[0] if len(dtypes) == 1 else dtypes}
+    return tensors, flat
 
 
 def export_fp16(ema_path: str | Path, dst: str | Path) -> Path:
-    """Write the fp16 copy of trained fp32 weights that we ship (half the bytes, same header).
+    """Write the fp16 copy of trained fp32 weights that we ship (half the bytes, same provenance).
 
     Training keeps fp32 because EMA updates of size (1 − decay)·Δ vanish below fp16 resolution;
     inference needs no such precision.
     """
-    tensors, header = read_weights(ema_path)
-    half = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
-    header = {**header, "dtype": "float16", "exported_from": Path(ema_path).name}
-    return atomic_save(half, {WEIGHTS_KEY: json.dumps(header)}, dst)
+    info = io.read_header(ema_path).get("info", {})
+    model = io.load(ema_path).to(torch.float16)
+    return io.save(model, dst, info={**info, "exported_from": Path(ema_path).name})
 
 
 # --------------------------------------------------------------------------------------------
@@ -153,7 +121,7 @@ def save_train_state(path: str | Path, state: TrainState) -> Path:
         rng_json.append({k: v for k, v in rng.items() if k not in RNG_TENSORS})
     meta = {
         "format_version": TRAIN_STATE_VERSION,
-        "ditq_version": ditq.__version__,
+        "ditq_version": __version__,
         "step": state.step,
         "epoch": state.epoch,
         "position": state.position,
