@@ -140,3 +140,14 @@ def test_header_naming_a_module_the_model_lacks(saved):
 def test_saving_a_model_without_config_is_refused(tmp_path):
     with pytest.raises(ValueError, match="only ditq zoo models"):
         ditq.save(torch.nn.Linear(2, 2), tmp_path / "x.safetensors")
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        path = ditq.save(make_tiny_dit(), tmp_path / "m.safetensors")
+    finally:
+        os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o644
