@@ -258,7 +258,50 @@ def initialize_weights(model: nn.Module) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-class DiT(nn.Module):
+class ConditionalTransformer(nn.Module):
+    """What every zoo transformer shares: the recorded config, the attributes samplers and checkpoints
+    read, the patch/timestep/label embedders with fixed positions, the official init and `forward`.
+
+    Subclasses call `_embedders(...)`, then set `blocks` and `final_layer`, then `initialize_weights()`.
+    """
+
+    arch = ""
+
+    def _embedders(self, config: dict, cond_size: int) -> None:
+        """Record `config` (JSON-safe constructor kwargs) and build everything before the blocks."""
+        input_size, patch_size, hidden = config["input_size"], config["patch_size"], config["hidden_size"]
+        if input_size % patch_size:
+            raise ValueError(f"input_size={input_size} is not divisible by patch_size={patch_size}")
+        self.config = config
+        self.input_size = input_size
+        self.patch_size = patch_size
+        self.in_channels = config["in_channels"]
+        self.learn_sigma = config["learn_sigma"]
+        self.out_channels = 2 * self.in_channels if self.learn_sigma else self.in_channels
+        self.hidden_size = hidden
+        self.num_heads = config["num_heads"]
+        self.num_classes = config["num_classes"]
+        self.x_embedder = PatchEmbed(input_size, patch_size, self.in_channels, hidden)
+        self.t_embedder = TimestepEmbedder(cond_size)
+        self.y_embedder = LabelEmbedder(self.num_classes, cond_size, config["class_dropout_prob"])
+        # A frozen Parameter (not a buffer) so that it is part of the official state dict.
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.x_embedder.num_patches, hidden), requires_grad=False)
+
+    def initialize_weights(self) -> None:
+        """(Re-)apply the official init; see :func:`initialize_weights`."""
+        initialize_weights(self)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, H, W) noisy input, t: (N,) timesteps, y: (N,) int labels → (N, out_channels, H, W)."""
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H·W / p²
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, cond)
+        for block in self.blocks:
+            x = block(x, c)  # (N, T, D)
+        x = self.final_layer(x, c)  # (N, T, p·p·out_channels)
+        return unpatchify(x, self.patch_size, self.out_channels)  # (N, out_channels, H, W)
+
+
+class DiT(ConditionalTransformer):
     """Class-conditional diffusion transformer; predicts ε (and the variance interpolation v
     when ``learn_sigma``) for a noisy input ``x`` at step ``t`` with label ``y``."""
 
@@ -278,9 +321,7 @@ class DiT(nn.Module):
         learn_sigma: bool = True,
     ):
         super().__init__()
-        if input_size % patch_size:
-            raise ValueError(f"input_size={input_size} is not divisible by patch_size={patch_size}")
-        self.config = dict(
+        config = dict(
             input_size=input_size,
             patch_size=patch_size,
             in_channels=in_channels,
@@ -292,35 +333,7 @@ class DiT(nn.Module):
             num_classes=num_classes,
             learn_sigma=bool(learn_sigma),
         )
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.hidden_size = hidden_size
-        self.num_heads = num_heads
-        self.num_classes = num_classes
-        self.learn_sigma = bool(learn_sigma)
-
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        # A frozen Parameter (not a buffer) so that it is part of the official state dict.
-        self.pos_embed = nn.Parameter(
-            torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False
-        )
+        self._embedders(config, cond_size=hidden_size)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
-
-    def initialize_weights(self) -> None:
-        """(Re-)apply the official init; see :func:`initialize_weights`."""
-        initialize_weights(self)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: (N, C, H, W) noisy input, t: (N,) timesteps, y: (N,) int labels → (N, out_channels, H, W)."""
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H·W / p²
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
-        for block in self.blocks:
-            x = block(x, c)  # (N, T, D)
-        x = self.final_layer(x, c)  # (N, T, p·p·out_channels)
-        return unpatchify(x, self.patch_size, self.out_channels)  # (N, out_channels, H, W)

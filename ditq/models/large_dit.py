@@ -26,16 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ditq.models.dit import (
-    Attention,
-    FinalLayer,
-    LabelEmbedder,
-    PatchEmbed,
-    TimestepEmbedder,
-    initialize_weights,
-    modulate,
-    unpatchify,
-)
+from ditq.models.dit import Attention, ConditionalTransformer, FinalLayer, modulate
 
 MAX_COND_SIZE = 1024  # Large-DiT caps the width of the timestep/label condition at 1024
 
@@ -93,7 +84,7 @@ class LargeDiTBlock(nn.Module):
         return x
 
 
-class LargeDiT(nn.Module):
+class LargeDiT(ConditionalTransformer):
     """LLaMA-style class-conditional DiT; same inputs, outputs and attributes as :class:`DiT`.
 
     Defaults are the 600M configuration without TerDiT's adaLN RMSNorm (the zoo's
@@ -120,9 +111,7 @@ class LargeDiT(nn.Module):
         learn_sigma: bool = True,
     ):
         super().__init__()
-        if input_size % patch_size:
-            raise ValueError(f"input_size={input_size} is not divisible by patch_size={patch_size}")
-        self.config = dict(
+        config = dict(
             input_size=input_size,
             patch_size=patch_size,
             in_channels=in_channels,
@@ -138,23 +127,9 @@ class LargeDiT(nn.Module):
             num_classes=num_classes,
             learn_sigma=bool(learn_sigma),
         )
-        self.input_size = input_size
-        self.patch_size = patch_size
-        self.in_channels = in_channels
-        self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.hidden_size = hidden_size
         self.cond_size = min(hidden_size, MAX_COND_SIZE)
-        self.num_heads = num_heads
-        self.num_classes = num_classes
-        self.learn_sigma = bool(learn_sigma)
         self.adaln_norm = bool(adaln_norm)
-
-        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(self.cond_size)
-        self.y_embedder = LabelEmbedder(num_classes, self.cond_size, class_dropout_prob)
-        self.pos_embed = nn.Parameter(
-            torch.zeros(1, self.x_embedder.num_patches, hidden_size), requires_grad=False
-        )
+        self._embedders(config, cond_size=self.cond_size)
         self.blocks = nn.ModuleList(
             LargeDiTBlock(
                 hidden_size, num_heads, self.cond_size, mlp_ratio, multiple_of, norm_eps, qk_norm, adaln_norm
@@ -163,16 +138,3 @@ class LargeDiT(nn.Module):
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, cond_size=self.cond_size)
         self.initialize_weights()
-
-    def initialize_weights(self) -> None:
-        """DiT's init (xavier Linears, zero adaLN and output); RMSNorm gains start at 1."""
-        initialize_weights(self)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: (N, C, H, W) noisy input, t: (N,) timesteps, y: (N,) int labels → (N, out_channels, H, W)."""
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H·W / p²
-        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, cond)
-        for block in self.blocks:
-            x = block(x, c)  # (N, T, D)
-        x = self.final_layer(x, c)  # (N, T, p·p·out_channels)
-        return unpatchify(x, self.patch_size, self.out_channels)  # (N, out_channels, H, W)
