@@ -65,11 +65,13 @@ def draw(model: nn.Module, settings: SampleSettings, progress: bool = False) -> 
     return images.float().cpu(), time.perf_counter() - start
 
 
-def score(images: torch.Tensor, labels: torch.Tensor, net: nn.Module | None = None) -> dict[str, float]:
+def score(
+    images: torch.Tensor, labels: torch.Tensor, net: nn.Module | None = None, real: dict | None = None
+) -> dict[str, float]:
     """FID (vs all real images), IS-style score, precision/recall and class accuracy of MNIST samples."""
     net = net if net is not None else load_feature_net()
+    real = real if real is not None else load_real_stats()
     feats, logits = features_and_logits(net, images)
-    real = load_real_stats()
     mu, sigma = feature_stats(feats)
     precision, recall = precision_recall(real["feats"], feats)
     return {
@@ -96,14 +98,14 @@ def evaluate(
     """
     if not models:
         raise ValueError("evaluate needs at least one model")
-    net = load_feature_net()
+    net, real = load_feature_net(), load_real_stats()
     results: dict[str, Any] = {"settings": asdict(settings)}
     reference = None
     drawn = {}
     for name, model in models.items():
         images, seconds = draw(model, settings, progress=progress)
         row: dict[str, Any] = {"size_bytes": model_size_bytes(model), "sample_seconds": round(seconds, 2)}
-        row |= score(images, settings.labels(model.num_classes), net)
+        row |= score(images, settings.labels(model.num_classes), net, real)
         if reference is None:
             reference = images
         else:
