@@ -15,11 +15,11 @@ demo: $(STAMP)
 	.venv/bin/ditq demo --out out
 
 test: $(STAMP)
-	$(PY) -m ruff check ditq tests scripts
+	$(PY) -m ruff check ditq tests scripts bench
 	$(PY) -m pytest -n 2 -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check ditq tests scripts
+	$(PY) -m ruff check ditq tests scripts bench
 
 clean:
 	rm -rf .venv out .pytest_cache

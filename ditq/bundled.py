@@ -34,12 +34,20 @@ def bundled_path(name: str) -> Path | None:
 def open_model(
     ref: str, *, weights: str | None = None, seed: int = 0, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, str]:
-    """(model in eval mode, a one-line description of where its weights came from)."""
+    """(model in eval mode with float32 tensors, a one-line description of where its weights came from).
+
+    Checkpoints store floats in 16 bits; they are computed in float32 here (CPU has few 16-bit kernels).
+    """
     path = Path(ref)
     if ref not in MODEL_CONFIGS:
-        if path.suffix == ".safetensors" and path.is_file():
-            return io.load(path, device=device), f"checkpoint {path}"
-        raise ValueError(f"{ref!r} is neither a zoo model ({', '.join(MODEL_CONFIGS)}) nor a checkpoint file")
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory, not a checkpoint file")
+        if not path.exists():
+            raise ValueError(f"{ref!r} is neither a zoo model ({', '.join(MODEL_CONFIGS)}) nor an existing "
+                             "checkpoint file")
+        if weights is not None:
+            raise ValueError(f"weights {weights} apply to zoo models; {path} is a checkpoint with its own weights")
+        return io.load(path, device=device).float(), f"checkpoint {path}"
     if weights is not None:
         with torch.device("meta"):
             model = create(ref)

@@ -1,70 +1,122 @@
-"""`ditq` command line: argparse subcommands that call the library and print what they did."""
+"""`ditq` command line: argparse subcommands that call the library and print what they did.
+
+Every argument is checked before any expensive work (loading, calibrating, sampling), and a user error
+ends in one line, `ditq <command>: error: …`, with exit code 2; `--debug` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
 import argparse
-import copy
+import itertools
 import json
 import logging
+import math
+import os
+import re
 import sys
 from pathlib import Path
 
 import torch
 
+# Errors that bad input (a flag, a file, a recipe) raises; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, KeyError, OSError)
+
+
+class UsageError(Exception):
+    """A command line that argparse refused; the message is the one line to print."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """One line, not argparse's usage block (`--help` still shows the usage)."""
+        raise UsageError(f"{self.prog}: error: {message}")
+
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "train":  # the trainer owns its flags (and runs under torchrun)
         from ditq.train import main as train_main
 
         return train_main(argv[1:]) or 0
-    parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except UsageError as err:
+        print(err, file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.run(args) or 0
-    except (ValueError, FileNotFoundError, KeyError) as err:
-        print(f"ditq {args.command}: error: {err}", file=sys.stderr)
+    except torch.cuda.OutOfMemoryError:
+        if args.debug:
+            raise
+        print(f"ditq {args.command}: error: out of GPU memory; try fewer samples or a smaller --batch-size",
+              file=sys.stderr)
         return 2
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"ditq {args.command}: error: {error_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ditq {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def error_line(err: BaseException) -> str:
+    """The error as one line for a user: the file it names, no temporary file names, no repr quoting."""
+    if isinstance(err, OSError) and err.filename is not None:
+        text = f"{err.filename}: {err.strerror or err}"
+    elif isinstance(err, KeyError) and len(err.args) == 1:
+        text = str(err.args[0])
+    else:
+        text = str(err) or type(err).__name__
+    text = _TEMP_NAME.sub(r"\1", text)  # `.model.safetensors.k3j_x9.tmp` → `model.safetensors`
+    return " ".join(text.split())
+
+
+_TEMP_NAME = re.compile(r"\.([^/\\\s'\"]+)\.[A-Za-z0-9_]{6,}\.tmp\b")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ditq", description="Quantize, sample and evaluate diffusion transformers.")
+    parser = _Parser(prog="ditq", description="Quantize, sample and evaluate diffusion transformers.")
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="train a zoo model (see `ditq train --help`)", add_help=False)
 
-    q = sub.add_parser("quantize", help="quantize a model with a recipe and save a ditq checkpoint")
+    q = sub.add_parser("quantize", parents=[common], help="quantize a model with a recipe and save a checkpoint")
     _model_args(q)
     q.add_argument("--recipe", required=True, help="preset (w8a8, w6a8, w4a8, w4a16, w4a4) or a JSON/YAML file")
     q.add_argument("--out", required=True, type=Path, help="checkpoint path (.safetensors)")
-    q.add_argument("--calib-samples", type=int, default=16, help="images sampled to capture calibration inputs")
-    q.add_argument("--calib-steps", type=int, default=25)
+    _calib_args(q)
     q.add_argument("--report", type=Path, help="write per-layer errors and sizes as JSON here")
     q.set_defaults(run=_quantize)
 
-    s = sub.add_parser("sample", help="sample an image grid from a zoo model or a checkpoint")
+    s = sub.add_parser("sample", parents=[common], help="sample an image grid from a zoo model or a checkpoint")
     _model_args(s)
     _sampling_args(s, samples=16)
     s.add_argument("--out", required=True, type=Path, help="PNG path of the grid")
     s.set_defaults(run=_sample)
 
-    e = sub.add_parser("eval", help="score models (FID, class accuracy, IS, precision/recall, PSNR/SSIM vs FP)")
+    e = sub.add_parser("eval", parents=[common],
+                       help="score models (FID, class accuracy, IS, precision/recall, PSNR/SSIM vs FP)")
     e.add_argument("--fp", default="DiT-MNIST", help="reference full-precision model (zoo name or checkpoint)")
     e.add_argument("--weights", help="weights for --fp when it is a zoo name (.pt or .safetensors)")
     e.add_argument("--model", action="append", default=[], help="checkpoint to score (repeatable)")
     e.add_argument("--recipe", action="append", default=[], help="quantize --fp with this recipe and score (repeatable)")
     _sampling_args(e, samples=1000)
+    _calib_args(e)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--batch-size", type=int, default=250)
+    e.add_argument("--batch-size", type=_positive_int, default=250)
     e.add_argument("--out", type=Path, default=Path("out/eval"), help="folder for report.json and report.md")
-    e.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    e.add_argument("--device", type=_device, default=_default_device())
     e.set_defaults(run=_eval)
 
-    d = sub.add_parser("demo", help="the main job on the bundled DiT-MNIST: quantize, sample, report")
-    d.add_argument("--out", type=Path, default=Path("out"))
+    d = sub.add_parser("demo", parents=[common], help="the main job on the bundled DiT-MNIST: quantize, sample, report")
+    d.add_argument("--out", type=Path, default=Path("out"), help="folder for grid.png, reports and the checkpoint")
     d.add_argument("--recipe", default="w4a8")
-    d.add_argument("--samples", type=int, default=100)
-    d.add_argument("--steps", type=int, default=25)
+    d.add_argument("--samples", type=_positive_int, default=100)
+    d.add_argument("--steps", type=_positive_int, default=25)
     d.set_defaults(run=_demo)
     return parser
 
@@ -73,44 +125,172 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="zoo name (e.g. DiT-MNIST, DiT-S/2) or a ditq checkpoint")
     p.add_argument("--weights", help="weights for a zoo model (.pt official layout or .safetensors)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=_device, default=_default_device())
 
 
 def _sampling_args(p: argparse.ArgumentParser, samples: int) -> None:
-    p.add_argument("--samples", type=int, default=samples)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--samples", type=_positive_int, default=samples)
+    p.add_argument("--steps", type=_positive_int, default=50)
+    p.add_argument("--cfg", type=_finite_float, default=1.5, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+
+
+def _calib_args(p: argparse.ArgumentParser) -> None:
+    from ditq.pipeline import CalibSettings
+
+    default = CalibSettings()
+    p.add_argument("--calib-samples", type=_positive_int, default=default.samples,
+                   help="images sampled to capture calibration inputs")
+    p.add_argument("--calib-steps", type=_positive_int, default=default.steps)
+
+
+# ---- argument types: refused at parse time, before anything is loaded -----------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    from ditq.fileformat import check_device
+
+    try:
+        check_device(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---- paths: checked before the work, nothing created ------------------------------------------------
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """Refuse a file path that cannot be written (a directory, a path under a file, no permission)."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give a file path")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{flag} {path} is not writable")
+    _check_parents(path, flag)
+
+
+def check_output_dir(path: Path, flag: str) -> None:
+    """Refuse a folder path that cannot be created or written into."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file; give a folder")
+    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path} is not writable")
+    _check_parents(path, flag)
+
+
+def _check_parents(path: Path, flag: str) -> None:
+    """The nearest existing folder above `path` must be a writable folder (the rest is created)."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ValueError(f"{flag} {path}: folder {parent} is not writable")
+            return
+
+
+def check_steps(steps: int, sampler: str, flag: str) -> None:
+    """Refuse a step count the sampler cannot respace 1000 diffusion steps to, naming workable ones."""
+    from ditq.diffusion.samplers import create_diffusion
+
+    try:
+        create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps))
+    except ValueError as err:
+        by_distance = sorted(range(1, 1001), key=lambda n: (abs(n - steps), n))
+        near = sorted(itertools.islice((n for n in by_distance if _respaces(n, sampler)), 2))
+        raise ValueError(f"{flag} {steps}: {err} ({sampler}); the nearest that work: "
+                         f"{' and '.join(map(str, near))}") from None
+
+
+def _respaces(steps: int, sampler: str) -> bool:
+    from ditq.diffusion.samplers import create_diffusion
+
+    try:
+        create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps))
+    except ValueError:
+        return False
+    return True
+
+
+def _load_recipe(source: str):
+    """`load_recipe`, with the file named in every error about a recipe file."""
+    import yaml
+
+    from ditq.recipes import load_recipe
+
+    try:
+        return load_recipe(source)
+    except FileNotFoundError:
+        raise
+    except (*USER_ERRORS, yaml.YAMLError) as err:  # YAML syntax errors are not ValueErrors
+        message = error_line(err)
+        raise ValueError(message if source in message else f"recipe {source}: {message}") from err
+
+
+# ---- subcommands -----------------------------------------------------------------------------------
 
 
 def _quantize(args: argparse.Namespace) -> None:
     from ditq import io
-    from ditq.api import quantize
+    from ditq.atomic import write_text
     from ditq.bundled import open_model
-    from ditq.calib import calibrate
-    from ditq.eval.layers import layer_errors, model_size_bytes
-    from ditq.recipes import load_recipe
+    from ditq.pipeline import CalibSettings, post_training_quantize
+    from ditq.quant.modules import is_quantized
 
-    recipe = load_recipe(args.recipe)
+    check_output_file(args.out, "--out")
+    check_steps(args.calib_steps, "ddim", "--calib-steps")
+    if args.report is not None:
+        check_output_file(args.report, "--report")
+        if args.report.absolute() == args.out.absolute():
+            raise ValueError(f"--report and --out are the same file ({args.out})")
+    if Path(args.model).absolute() == args.out.absolute():
+        raise ValueError(f"--out {args.out} would overwrite the --model checkpoint; choose another path")
+    recipe = _load_recipe(args.recipe)
+    settings = CalibSettings(samples=args.calib_samples, steps=args.calib_steps, seed=args.seed + 1)
     model, source = open_model(args.model, weights=args.weights, seed=args.seed, device=args.device)
+    if is_quantized(model):
+        raise ValueError(f"{args.model} is already quantized; quantize starts from a full-precision model")
     print(f"model: {source}")
-    calib = calibrate(model, n_samples=args.calib_samples, steps=args.calib_steps, seed=args.seed, progress=True)
-    fp_model = copy.deepcopy(model)
-    quantize(model, recipe, calib=calib)
-    io.save(model, args.out)
-    layers = layer_errors(fp_model, model, calib.inputs)
-    fp_size, q_size = model_size_bytes(fp_model), model_size_bytes(model)
-    for row in layers:
+    result = post_training_quantize(model, recipe, settings=settings, progress=True)
+    io.save(result.model, args.out, float_dtype=result.float_dtype)
+    on_disk = os.path.getsize(args.out)
+    for row in result.layers:
         print(f"{row['layer']:<28} {row['shape']:>10}  W{row['w_bits']} g{row['group_size'] or 'ch':<4} "
               f"weight err {row['weight_rel_err']:.4f}  output err {row['output_rel_err']:.4f}  "
               f"SQNR {row['sqnr_db']:.1f} dB")
-    print(f"size: FP16 {fp_size:,} B → quantized {q_size:,} B ({fp_size / q_size:.2f}×); saved {args.out}")
-    if args.report:
-        from ditq.atomic import write_text
-
-        report = {"model": source, "recipe": recipe.to_dict(), "fp_size_bytes": fp_size,
-                  "quant_size_bytes": q_size, "layers": layers}
-        write_text(args.report, json.dumps(report, indent=2) + "\n")
+    print(f"size: FP16 {result.fp16_size_bytes:,} B → {on_disk:,} B on disk "
+          f"({result.fp16_size_bytes / on_disk:.2f}×); saved {args.out}")
+    if args.report is not None:
+        report = {"model": source, "checkpoint": str(args.out), "file_bytes": on_disk, **result.report()}
+        try:
+            write_text(args.report, json.dumps(report, indent=2) + "\n")
+        except BaseException:
+            args.out.unlink(missing_ok=True)  # no checkpoint without the report that was asked for
+            raise
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -118,6 +298,8 @@ def _sample(args: argparse.Namespace) -> None:
     from ditq.diffusion import sample_images
     from ditq.grid import make_grid, save_image
 
+    check_output_file(args.out, "--out")
+    check_steps(args.steps, args.sampler, "--steps")
     model, source = open_model(args.model, weights=args.weights, seed=args.seed, device=args.device)
     print(f"model: {source}")
     labels = torch.arange(args.samples) % model.num_classes
@@ -131,30 +313,40 @@ def _sample(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from ditq import io
-    from ditq.api import quantize
     from ditq.atomic import write_text
     from ditq.bundled import open_model
-    from ditq.calib import calibrate
     from ditq.eval.report import render_table
     from ditq.eval.runner import SampleSettings, evaluate
-    from ditq.recipes import load_recipe
+    from ditq.io import model_size_bytes
+    from ditq.pipeline import CalibSettings, post_training_quantize
 
+    check_output_dir(args.out, "--out")
+    check_steps(args.steps, args.sampler, "--steps")
+    if args.recipe:
+        check_steps(args.calib_steps, "ddim", "--calib-steps")
     settings = SampleSettings(samples=args.samples, steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler,
                               seed=args.seed, batch_size=args.batch_size)
+    recipes = {(name.upper() if name.lower() == name else name): _load_recipe(name) for name in args.recipe}
+    checkpoints = {Path(path).stem: Path(path) for path in args.model}
+    names = ["FP", *recipes, *checkpoints]
+    if len(set(names)) < len(names) or len(checkpoints) < len(args.model):
+        raise ValueError(f"two rows would share a name ({', '.join(names)}); rename a --model file")
+    loaded = {name: io.load(path, device=args.device) for name, path in checkpoints.items()}
     fp_model, source = open_model(args.fp, weights=args.weights, device=args.device)
-    models = {"FP": fp_model}
-    recipes = [load_recipe(r) for r in args.recipe]
-    if recipes:
-        calib = calibrate(fp_model, n_samples=32, steps=args.steps, seed=args.seed + 1)
-        for name, recipe in zip(args.recipe, recipes, strict=True):
-            models[name.upper() if name.lower() == name else name] = quantize(
-                copy.deepcopy(fp_model), recipe, calib=calib)
-    for path in args.model:
-        models[Path(path).stem] = io.load(path, device=args.device)
-    results, _ = evaluate(models, settings, progress=True)
+    models, sizes = {"FP": fp_model}, {"FP": model_size_bytes(fp_model, torch.float16)}
+    calib_settings = CalibSettings(samples=args.calib_samples, steps=args.calib_steps, seed=args.seed + 1)
+    calib = None
+    for name, recipe in recipes.items():
+        result = post_training_quantize(fp_model, recipe, settings=calib_settings, calib=calib)
+        calib = result.calib
+        models[name], sizes[name] = result.model, result.quant_size_bytes
+    for name, path in checkpoints.items():
+        models[name], sizes[name] = loaded[name], os.path.getsize(path)
+    results, _ = evaluate(models, settings, progress=True, sizes=sizes)
     results["fp_model"] = source
-    results["device"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    args.out.mkdir(parents=True, exist_ok=True)
+    results["calibration"] = {"samples": calib_settings.samples, "steps": calib_settings.steps,
+                              "seed": calib_settings.seed} if recipes else None
+    results["device"] = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     write_text(args.out / "report.json", json.dumps(results, indent=2) + "\n")
     table = render_table(results)
     write_text(args.out / "report.md", table)
@@ -165,14 +357,16 @@ def _demo(args: argparse.Namespace) -> None:
     from ditq.demo import run_demo
     from ditq.eval.runner import SampleSettings
 
+    check_output_dir(args.out, "--out")
+    check_steps(args.steps, "ddim", "--steps")
     settings = SampleSettings(samples=args.samples, steps=args.steps, batch_size=args.samples)
-    report = run_demo(args.out, recipe=args.recipe, settings=settings)
+    report = run_demo(args.out, recipe=_load_recipe(args.recipe), settings=settings)
     fp, q = report["fp"], report["quant"]
-    print(f"FP:    FID {fp['fid']:.2f}  class acc {fp['class_acc']:.3f}  size {fp['size_bytes']:,} B")
+    print(f"FP:    FID {fp['fid']:.2f}  class acc {fp['class_acc']:.3f}  size {fp['size_bytes']:,} B (16-bit)")
     print(f"{report['recipe_label']}: FID {q['fid']:.2f}  class acc {q['class_acc']:.3f}  "
-          f"size {q['size_bytes']:,} B  PSNR vs FP {q['psnr_vs_fp']:.2f} dB")
+          f"size {q['size_bytes']:,} B on disk  PSNR vs FP {q['psnr_vs_fp']:.2f} dB")
     print(f"{report['samples']} samples per model, {report['seconds']} s; wrote {args.out}/grid.png, "
-          f"report.md, report.json")
+          f"report.md, report.json, {report['checkpoint']}")
 
 
 if __name__ == "__main__":

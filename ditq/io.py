@@ -1,164 +1,211 @@
-"""One checkpoint format for every method: a `.safetensors` file whose metadata carries a JSON header.
+"""Checkpoints: any model, quantized or not, as one `.safetensors` file with a JSON header (SPEC §9).
 
-The header names the format version, the ditq version, the model (arch + config, so the skeleton can be
-rebuilt), each quantized module's `QuantSpec`, the recipe, and a SHA-256 over all tensor bytes. The
-format never depends on the file name. Files are written to a temporary file beside the target and
-renamed, so a crash never leaves a partly written checkpoint.
+The header (written by `ditq.fileformat`, which hashes tensors and header alike) names the model's
+architecture and config when an adapter can rebuild it (zoo models), every quantized module's kind and
+entry (`ditq.quant.modules`), the input groups, the recipe, the float storage dtype and free `info`.
+Tensors that the layers of one input group share are stored once, under `input_groups.<id>.<buffer>`.
+
+Loading builds the skeleton on the meta device (or takes the caller's `model=` for models no adapter can
+rebuild), swaps the quantized modules in and assigns the tensors, so nothing is allocated twice.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from ditq import __version__
-from ditq.atomic import atomic_path
-from ditq.models import build
-from ditq.quant.qlinear import QuantLinear
-from ditq.quant.spec import QuantSpec
+from ditq.adapters import adapter_for, get_adapter
+from ditq.fileformat import CheckpointError, check_device, header_field, read_file, write_file
+from ditq.fileformat import read_header as _read_header
+from ditq.quant.modules import QUANT_MODULES, is_quantized, quant_module_entries, swap_in
+from ditq.quant.qlinear import _FLOAT32_BUFFERS, INPUT_GROUP_BUFFERS, QuantLinear
 
-FORMAT = "ditq"
-FORMAT_VERSION = 1
-HEADER_KEY = "ditq"
+__all__ = ["CheckpointError", "load", "model_size_bytes", "read_header", "save", "stored_tensors"]
 
-
-class CheckpointError(ValueError):
-    """A checkpoint file that ditq cannot read: truncated, corrupted, foreign or from a newer format."""
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+GROUP_PREFIX = "input_groups."
 
 
-def save(model: nn.Module, path: str | os.PathLike, *, info: dict[str, Any] | None = None) -> Path:
-    """Write `model` (quantized or not) to `path` atomically; returns the path.
+def save(model: nn.Module, path: str | os.PathLike, *, info: Mapping[str, Any] | None = None,
+         float_dtype: torch.dtype | None = None) -> Path:
+    """Write `model` to `path` atomically and return the path.
 
-    `info` is free JSON-serialisable provenance (training step, config…) kept in the header.
+    Floats are stored in `float_dtype` (default: as they are in memory), except the quantization format's
+    own float32 buffers (scales, smoothing vectors, static activation scales). `info` is free JSON data
+    (provenance). Everything is checked before the file is written: the old file stays on any error.
     """
     path = Path(path)
-    arch, config = getattr(model, "arch", None), getattr(model, "config", None)
-    if arch is None or config is None:
-        raise ValueError(
-            f"{type(model).__name__} has no .arch/.config: only ditq zoo models can be saved "
-            "(build them with ditq.models.create)"
-        )
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    modules = {
-        name: {"spec": m.spec.to_dict(), "bias": m.bias is not None}
-        for name, m in model.named_modules()
-        if isinstance(m, QuantLinear)
-    }
+    if float_dtype is not None and float_dtype not in FLOAT_DTYPES.values():
+        raise ValueError(f"float_dtype={float_dtype} is not one of {list(FLOAT_DTYPES)}")
+    if info is not None and not isinstance(info, Mapping):
+        raise TypeError(f"info must be a mapping of JSON data, got {type(info).__name__}")
+    adapter = adapter_for(model)
+    tensors, groups = stored_tensors(model, float_dtype)
     header = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "ditq_version": __version__,
-        "model": {"arch": arch, "config": config},
-        "modules": modules,
+        "model": {"arch": adapter.name, "config": adapter.config(model)},
+        "modules": quant_module_entries(model),
+        "input_groups": groups,
         "recipe": getattr(model, "ditq_recipe", None),
-        "sha256": tensors_digest(tensors),
-        "info": info or {},
+        "info": dict(info or {}),
     }
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={HEADER_KEY: json.dumps(header)})
-    return path
+    if header["model"]["config"] is not None:  # the file must rebuild what was saved, before it is written
+        _check_fits(_skeleton(header, path, None), tensors, groups, path)
+    return write_file(path, tensors, kind="checkpoint", header=header)
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON header of a ditq checkpoint, validated; raises `CheckpointError` naming the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or foreign?): {err}") from err
-    if HEADER_KEY not in metadata:
-        raise CheckpointError(f"{path}: a safetensors file without a ditq header (foreign checkpoint?)")
-    try:
-        header = json.loads(metadata[HEADER_KEY])
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: the ditq header is not valid JSON: {err}") from err
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: the header does not describe a ditq checkpoint")
-    version = header.get("format_version")
-    if not isinstance(version, int):
-        raise CheckpointError(f"{path}: the header has no integer format_version")
-    if version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path}: written in checkpoint format v{version} by ditq {header.get('ditq_version')}; "
-            f"this ditq {__version__} reads up to v{FORMAT_VERSION} — upgrade ditq"
-        )
-    for key in ("model", "modules", "sha256"):
-        if key not in header:
-            raise CheckpointError(f"{path}: the header lacks {key!r}")
-    return header
+    """The verified header of a ditq checkpoint (tensors not read)."""
+    return _read_header(path, kind="checkpoint")
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model a checkpoint describes and load its tensors (bit-identical to the saved model).
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, model: nn.Module | None = None
+         ) -> nn.Module:
+    """The model a checkpoint holds, in eval mode, bit-identical to the one saved.
 
-    The skeleton is built on the meta device and the tensors are assigned, so nothing is allocated twice.
+    Zoo models are rebuilt from the header. For any other model pass `model=`, a full-precision instance
+    of the same architecture (its weights are replaced); its Linears are swapped for the stored kinds.
     """
+    device = check_device(device)
     path = Path(path)
-    header = read_header(path)
-    with torch.device("meta"):
-        model = build(header["model"]["arch"], header["model"]["config"])
-        for name, entry in header["modules"].items():
-            linear = _get_linear(model, name, path)
-            spec = QuantSpec.from_dict(entry["spec"])
-            model.set_submodule(
-                name, QuantLinear(linear.in_features, linear.out_features, spec, bias=entry["bias"])
-            )
+    tensors, header = read_file(path, kind="checkpoint")
+    header, tensors = _upgrade(header, tensors, path)
+    groups = header_field(path, header, "input_groups", dict)
+    originals = {} if model is None else {n: m for n, m in model.named_modules() if n in header.get("modules", {})}
+    skeleton = _skeleton(header, path, model)
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, RuntimeError) as err:
-        raise CheckpointError(f"{path}: tensor data is unreadable (truncated?): {err}") from err
-    if tensors_digest(tensors) != header["sha256"]:
-        raise CheckpointError(f"{path}: tensor bytes do not match the header's SHA-256 (corrupted file)")
+        _check_fits(skeleton, tensors, groups, path)
+        skeleton.load_state_dict(_expand_groups(tensors, groups), assign=True)
+    except BaseException:
+        for name, original in originals.items():  # the caller's model leaves as it came
+            skeleton.set_submodule(name, original)
+        raise
+    leftovers = [n for n, b in skeleton.named_buffers() if b.is_meta]
+    if leftovers:
+        raise CheckpointError(f"{path}: buffers {leftovers} are not stored in the checkpoint")
+    if header.get("recipe") is not None:
+        skeleton.ditq_recipe = header["recipe"]
+    return skeleton.to(device).eval()
+
+
+def stored_tensors(model: nn.Module, float_dtype: torch.dtype | None = None
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
+    """(tensors as a checkpoint stores them, input group id → member names); shared tensors once."""
+    keep32 = _format_float_keys(model)
+    tensors = {}
+    for key, t in model.state_dict().items():
+        t = t.detach()
+        if float_dtype is not None and t.is_floating_point() and key not in keep32:
+            t = t.to(float_dtype)
+        tensors[key] = t
+    groups: dict[str, list[str]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear) and m.spec.input_group is not None:
+            groups.setdefault(m.spec.input_group, []).append(name)
+    for gid, members in groups.items():
+        for buffer in INPUT_GROUP_BUFFERS:
+            keys = [f"{name}.{buffer}" for name in members if f"{name}.{buffer}" in tensors]
+            if not keys:
+                continue
+            if len(keys) != len(members) or any(not torch.equal(tensors[keys[0]], tensors[k]) for k in keys):
+                raise ValueError(f"input group {gid!r}: layers {members} must hold one equal {buffer!r} tensor")
+            tensors[f"{GROUP_PREFIX}{gid}.{buffer}"] = tensors[keys[0]]
+            for k in keys:
+                del tensors[k]
+    return tensors, groups
+
+
+def model_size_bytes(model: nn.Module, float_dtype: torch.dtype | None = None) -> int:
+    """Bytes of the tensors `save(model, float_dtype=...)` writes (the header's few kB not counted)."""
+    tensors, _ = stored_tensors(model, float_dtype)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+
+def _format_float_keys(model: nn.Module) -> set[str]:
+    kinds = tuple(QUANT_MODULES.values())
+    return {f"{name}.{b}" for name, m in model.named_modules() if isinstance(m, kinds)
+            for b in _FLOAT32_BUFFERS if getattr(m, b, None) is not None}
+
+
+def _skeleton(header: Mapping[str, Any], path: Path, model: nn.Module | None) -> nn.Module:
+    """The model to load into: rebuilt from the header on meta, or the caller's, with quant modules swapped in."""
+    spec = header_field(path, header, "model", dict)
+    arch = header_field(path, spec, "arch", str, "model")
+    modules = header_field(path, header, "modules", dict)
+    if model is None:
+        config = spec.get("config")
+        if config is None:
+            raise CheckpointError(f"{path}: holds a {arch!r} model that ditq cannot rebuild by itself; "
+                                  "build it and pass it as load(..., model=...)")
+        header_field(path, spec, "config", dict, "model")
+        try:
+            adapter = get_adapter(arch)
+            with torch.device("meta"):
+                model = adapter.build(config)
+        except (ValueError, TypeError) as err:
+            raise CheckpointError(f"{path}: header field 'model' cannot be built: {err}") from err
+    elif is_quantized(model):
+        raise ValueError("model= must be a full-precision instance; it already holds quantized layers")
+    try:
+        with torch.device("meta"):
+            swap_in(model, modules)
+    except ValueError as err:
+        raise CheckpointError(f"{path}: header field 'modules': {err}") from err
+    return model
+
+
+def _check_fits(model: nn.Module, tensors: Mapping[str, torch.Tensor], groups: Mapping[str, Any], path: Path
+                ) -> None:
+    """Every tensor the model expects is there with its shape, and nothing else is."""
+    for gid, members in groups.items():
+        if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+            raise CheckpointError(f"{path}: header field 'input_groups.{gid}' must list module names")
     expected = model.state_dict()
-    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    have = _expand_groups(tensors, groups)
+    missing, unexpected = sorted(set(expected) - set(have)), sorted(set(have) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{path}: tensors do not fit the model: missing {missing}, unexpected {unexpected}")
     for key, ref in expected.items():
-        if tuple(ref.shape) != tuple(tensors[key].shape):
+        if tuple(ref.shape) != tuple(have[key].shape):
             raise CheckpointError(
-                f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, the model expects {tuple(ref.shape)}"
+                f"{path}: tensor {key!r} has shape {tuple(have[key].shape)}, the model expects {tuple(ref.shape)}"
             )
-    model.load_state_dict(tensors, assign=True)
-    _check_no_meta_buffers(model, path)
-    if header.get("recipe") is not None:
-        model.ditq_recipe = header["recipe"]
-    return model.eval()
 
 
-def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes of all tensors, in name order."""
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].detach().contiguous().cpu()
-        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+def _expand_groups(tensors: Mapping[str, torch.Tensor], groups: Mapping[str, list[str]]) -> dict[str, torch.Tensor]:
+    """Give every member of an input group the group's tensors (one tensor object, shared)."""
+    out = {k: v for k, v in tensors.items() if not k.startswith(GROUP_PREFIX)}
+    for key, t in tensors.items():
+        if key.startswith(GROUP_PREFIX):
+            gid, _, buffer = key[len(GROUP_PREFIX):].rpartition(".")
+            for name in groups.get(gid, ()):
+                out[f"{name}.{buffer}"] = t
+    return out
 
 
-def _get_linear(model: nn.Module, name: str, path: Path) -> nn.Linear:
-    try:
-        module = model.get_submodule(name)
-    except AttributeError as err:
-        raise CheckpointError(f"{path}: quantized module {name!r} does not exist in the model") from err
-    if not isinstance(module, nn.Linear):
-        raise CheckpointError(f"{path}: module {name!r} is a {type(module).__name__}, not a Linear")
-    return module
-
-
-def _check_no_meta_buffers(model: nn.Module, path: Path) -> None:
-    """Non-persistent buffers are not in the file; zoo models must have none left on the meta device."""
-    leftovers = [n for n, b in model.named_buffers() if b.is_meta]
-    if leftovers:
-        raise CheckpointError(f"{path}: buffers {leftovers} are not stored in the checkpoint")
+def _upgrade(header: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path
+             ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read a v1 (ditq 0.1) checkpoint as v2: modules gain their kind, lora_* buffers their real names."""
+    if header["format_version"] >= 2:
+        return header, tensors
+    modules = header_field(path, header, "modules", dict)
+    header = {**header, "input_groups": {}, "modules": {}}
+    for name, entry in modules.items():
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{path}: header field 'modules.{name}' must be a mapping")
+        header["modules"][name] = {"kind": "quant_linear", **entry}
+    renames = {".lora_down": ".lowrank_down", ".lora_up": ".lowrank_up"}
+    renamed = {}
+    for key, t in tensors.items():
+        for old, new in renames.items():
+            if key.endswith(old):
+                key = key[: -len(old)] + new
+        renamed[key] = t
+    return header, renamed

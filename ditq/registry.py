@@ -11,9 +11,11 @@ if TYPE_CHECKING:
     from ditq.calib import CalibData
     from ditq.recipes import Recipe
 
-# A method gets the model, the modules to quantize (name → that module's recipe, overrides applied)
-# and optional calibration data; it replaces those modules in place and returns the model.
-MethodFn = Callable[[nn.Module, "dict[str, Recipe]", "CalibData | None"], nn.Module]
+# A method gets the full-precision model (read only), the Linears to quantize (name → that module's recipe,
+# overrides applied) and optional calibration data, and returns name → new module for every one of them.
+# It must not change the model: `api.quantize` swaps the modules in only once all of them are built, so a
+# failure part-way leaves the caller's model as it was.
+MethodFn = Callable[[nn.Module, "dict[str, Recipe]", "CalibData | None"], "dict[str, nn.Module]"]
 R = TypeVar("R", bound="Recipe")
 
 METHODS: dict[type, MethodFn] = {}

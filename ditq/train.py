@@ -8,8 +8,15 @@ Several GPUs of one host (DDP; the batch is split over ranks)::
 
     torchrun --nproc_per_node 4 -m ditq.train --steps 20000 --batch-size 1024 --out runs/dit-mnist
 
+Quantization-aware training (a QAT recipe, inline JSON or a JSON/YAML file), here TerDiT-style ternary
+weights fine-tuned from the bundled weights by distillation from them::
+
+    python -m ditq.train --recipe '{"method": "qat", "w_format": "ternary", "w_bits": 2, "learnable_scale": true}' \
+        --init-from DiT-MNIST --loss distill --teacher DiT-MNIST --steps 2000 --out runs/dit-mnist-ternary
+
 The run writes ``log.jsonl``, ``checkpoints/last.safetensors`` (continue with ``--resume``) and
-``ema.safetensors``, the fp32 EMA weights with the model's arch and config in their header.
+``ema.safetensors``, the fp32 EMA weights with the model's arch and config in their header (a QAT run's
+are the prepared model: ``ditq.load`` it, then ``ditq.qat.convert`` packs it).
 """
 
 from __future__ import annotations
@@ -21,8 +28,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from ditq.recipes import load_recipe
 from ditq.training.checkpoint import export_fp16, read_weights
-from ditq.training.config import LR_SCHEDULES, MIXED_PRECISION, TrainConfig
+from ditq.training.config import LOSSES, LR_SCHEDULES, MIXED_PRECISION, TrainConfig
+from ditq.training.data import DATA_SOURCES
 from ditq.training.loop import train
 
 __all__ = ["TrainConfig", "train", "export_fp16", "read_weights", "main", "build_parser"]
@@ -34,6 +43,8 @@ _FIELDS = {
     "warmup_steps": "warmup_steps", "weight_decay": "weight_decay", "betas": "betas",
     "ema_decay": "ema_decay", "num_timesteps": "num_timesteps", "mixed_precision": "mixed_precision",
     "seed": "seed", "device": "device", "log_every": "log_every", "ckpt_every": "ckpt_every",
+    "data": "data", "loss": "loss", "teacher": "teacher", "teacher_steps": "teacher_steps",
+    "init_from": "init_from",
 }  # fmt: skip
 
 
@@ -51,10 +62,25 @@ def _parse_override(text: str) -> tuple[str, Any]:
         return key, raw
 
 
+def _parse_recipe(text: str) -> dict[str, Any]:
+    """``--recipe``: an inline JSON object, or a JSON/YAML recipe file, as plain data for TrainConfig."""
+    if text.lstrip().startswith("{"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise argparse.ArgumentTypeError(f"--recipe is not valid JSON: {err}") from err
+        return data
+    try:
+        return load_recipe(text).to_dict()
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
 def build_parser(prog: str = "python -m ditq.train") -> argparse.ArgumentParser:
     """The argument parser, shared by ``python -m ditq.train`` and the ``ditq train`` subcommand."""
     p = argparse.ArgumentParser(
-        prog=prog, description="Train a class-conditional DiT on MNIST (EMA weights out)."
+        prog=prog,
+        description="Train a class-conditional DiT on MNIST, in full precision or QAT (EMA weights out).",
     )
     a = p.add_argument
     a("--model", help="zoo name (default DiT-MNIST)")
@@ -67,7 +93,17 @@ def build_parser(prog: str = "python -m ditq.train") -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="model constructor override, repeatable, e.g. --set depth=2 --set hidden_size=64",
     )
-    a("--data-dir", help="MNIST IDX folder (default: the copy bundled with ditq)")
+    a("--data", choices=sorted(DATA_SOURCES), help="data source (default mnist)")
+    a("--data-dir", help="the data source's folder (default: MNIST's copy bundled with ditq)")
+    a(
+        "--recipe",
+        type=_parse_recipe,
+        help="QAT recipe: inline JSON or a JSON/YAML file (default: FP training)",
+    )
+    a("--loss", choices=LOSSES, help="diffusion (default) or distill (needs --teacher)")
+    a("--teacher", help="distill: zoo name with bundled weights or ditq checkpoint of the FP teacher")
+    a("--teacher-steps", type=int, help="distill: DDIM steps of the teacher trajectories (default 25)")
+    a("--init-from", help="start from these weights: zoo name with bundled weights or ditq checkpoint")
     a("--out", help="output folder (default runs/dit-mnist)")
     a("--steps", type=int, help="optimizer steps (default 10000)")
     a("--batch-size", type=int, help="global batch size over all ranks (default 256)")
@@ -105,6 +141,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     }
     if args.overrides:
         kwargs["model_overrides"] = dict(args.overrides)
+    if args.recipe is not None:
+        kwargs["recipe"] = args.recipe
     if args.grad_clip is not None:
         kwargs["grad_clip"] = None if args.grad_clip == 0 else args.grad_clip
     kwargs.update(

@@ -1,25 +1,32 @@
 import json
+import os
 
 from PIL import Image
 
 import ditq
 from ditq.demo import run_demo
 from ditq.eval.runner import SampleSettings
+from ditq.pipeline import CalibSettings
+from ditq.quant.qlinear import QuantLinear
 from tests.tiny import make_tiny_mnist_dit
 
 
-def test_demo_writes_grid_and_reports(tmp_path):
+def test_demo_writes_grid_reports_and_checkpoint(tmp_path):
     ckpt = ditq.save(make_tiny_mnist_dit(), tmp_path / "fp.safetensors")
     settings = SampleSettings(samples=20, steps=2, batch_size=20)
     report = run_demo(tmp_path / "out", model_ref=str(ckpt), settings=settings, progress=False)
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved == json.loads(json.dumps(report))
-    for key in ("model", "recipe", "samples", "seconds", "fp", "quant", "layers"):
+    for key in ("model", "recipe", "samples", "seconds", "fp", "quant", "layers", "calibration", "checkpoint"):
         assert key in saved
     for side in ("fp", "quant"):
         assert {"size_bytes", "fid", "class_acc"} <= set(saved[side])
     assert "psnr_vs_fp" in saved["quant"]
-    assert saved["quant"]["size_bytes"] < saved["fp"]["size_bytes"]
+    # the demo calibrates as `ditq quantize` does by default, and reports the bytes it wrote
+    assert saved["calibration"] == {"samples": CalibSettings().samples, "steps": CalibSettings().steps, "seed": 1}
+    quantized = tmp_path / "out" / "quantized.safetensors"
+    assert saved["quant"]["size_bytes"] == os.path.getsize(quantized) < saved["fp"]["size_bytes"]
+    assert sum(isinstance(m, QuantLinear) for m in ditq.load(quantized).modules()) == len(saved["layers"]) == 8
     assert saved["samples"] == 20
     assert Image.open(tmp_path / "out" / "grid.png").size[1] > 2 * 64  # two rows of 2×-scaled 32px tiles
     assert "20 samples" in (tmp_path / "out" / "report.md").read_text()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -14,12 +15,21 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ditq.models import build
+import ditq
+from ditq.models import build, create
+from ditq.qat import QAT, convert, prepare
+from ditq.quant.fakequant import FakeQuantLinear
 from ditq.train import TrainConfig, build_parser, config_from_args, export_fp16, main, read_weights, train
 from ditq.training import loop
 from ditq.training.checkpoint import load_train_state
+from ditq.training.losses import DistillLoss
 
 TINY = dict(depth=2, hidden_size=64, patch_size=8)  # ~0.2M parameters, 16 tokens
+TINY_QAT = dict(depth=1, hidden_size=64, patch_size=8)
+NESTED_RECIPE = {
+    "method": "qat", "w_bits": 4, "stored_bits": 8, "nested_bits": [8, 4, 2], "group_size": 32,
+    "learnable_scale": True,
+}  # fmt: skip
 LOG_FIELDS = {"step", "epoch", "loss", "grad_norm", "lr", "ema_decay", "steps_per_s", "elapsed_s"}
 
 
@@ -139,22 +149,31 @@ def test_resume_after_interruption_is_bit_exact(tmp_path: Path, monkeypatch: pyt
 
     # Same run, killed during step 5 (after the checkpoint at step 3), then resumed to step 6.
     resumed = tmp_path / "resumed"
-    real_loss, calls = loop.training_loss, []
+    kill_during_fifth_step(monkeypatch, lambda: train(tiny_config(resumed)))
+    assert load_train_state(resumed / "checkpoints" / "last.safetensors").step == 3
+    assert [r["step"] for r in read_log(resumed)] == [2, 4]  # step 4 was logged before the crash
+    train(tiny_config(resumed, resume=True))
+    assert_same_runs(straight, resumed)
+    assert [r["step"] for r in read_log(resumed)] == [2, 4, 6]  # the stale step-4 line was replaced
+
+
+def kill_during_fifth_step(monkeypatch: pytest.MonkeyPatch, run) -> None:
+    """Run `run()` with step 5 raising, as a kill after the step-3 checkpoint would stop it."""
+    real_step, calls = loop.train_step, []
 
     def crash_on_fifth_step(*args, **kwargs):
         calls.append(1)
         if len(calls) == 5:
             raise Interrupt
-        return real_loss(*args, **kwargs)
+        return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "training_loss", crash_on_fifth_step)
+    monkeypatch.setattr(loop, "train_step", crash_on_fifth_step)
     with pytest.raises(Interrupt):
-        train(tiny_config(resumed))
-    monkeypatch.setattr(loop, "training_loss", real_loss)
-    assert load_train_state(resumed / "checkpoints" / "last.safetensors").step == 3
-    assert [r["step"] for r in read_log(resumed)] == [2, 4]  # step 4 was logged before the crash
-    train(tiny_config(resumed, resume=True))
+        run()
+    monkeypatch.setattr(loop, "train_step", real_step)
 
+
+def assert_same_runs(straight: Path, resumed: Path) -> None:
     a = load_train_state(straight / "checkpoints" / "last.safetensors")
     b = load_train_state(resumed / "checkpoints" / "last.safetensors")
     assert a.step == b.step == 6 and (a.epoch, a.position) == (b.epoch, b.position)
@@ -164,7 +183,20 @@ def test_resume_after_interruption_is_bit_exact(tmp_path: Path, monkeypatch: pyt
     for i in a.optimizer["state"]:
         assert_same_tensors(a.optimizer["state"][i], b.optimizer["state"][i])
     assert_same_tensors(load_file(straight / "ema.safetensors"), load_file(resumed / "ema.safetensors"))
-    assert [r["step"] for r in read_log(resumed)] == [2, 4, 6]  # the stale step-4 line was replaced
+
+
+def test_qat_run_resumes_bit_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    changes = dict(model_overrides=TINY_QAT, recipe=NESTED_RECIPE)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train(tiny_config(straight, **changes))
+    kill_during_fifth_step(monkeypatch, lambda: train(tiny_config(resumed, **changes)))
+    train(tiny_config(resumed, resume=True, **changes))
+    assert_same_runs(straight, resumed)
+    state = load_train_state(straight / "checkpoints" / "last.safetensors")
+    assert "blocks.0.mlp.fc1.scale" in state.model  # the learnable scales are trained and saved
+    assert not torch.equal(state.model["blocks.0.mlp.fc1.scale"], state.ema["blocks.0.mlp.fc1.scale"])
+    with pytest.raises(ValueError, match="recipe"):
+        train(tiny_config(resumed, resume=True, steps=8, model_overrides=TINY_QAT, recipe={"method": "qat"}))
 
 
 def test_resume_extends_a_finished_run_and_guards_its_settings(tmp_path: Path) -> None:
@@ -185,6 +217,72 @@ def test_resume_without_checkpoint_starts_fresh(tmp_path: Path) -> None:
     out = tmp_path / "run"
     train(tiny_config(out, steps=2, resume=True))
     assert [r["step"] for r in read_log(out)] == [2]
+
+
+# --------------------------------------------------------------------------------------------
+# Distillation from a frozen teacher, fine-tuning from its weights
+# --------------------------------------------------------------------------------------------
+
+
+def tiny_teacher(path: Path) -> Path:
+    """A TINY_QAT DiT-MNIST with every weight perturbed, so that its blocks matter (the official init zeroes
+    the adaLN gates and the output layer)."""
+    torch.manual_seed(5)
+    model = build("dit", {**create("DiT-MNIST", **TINY_QAT).config})
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.2)
+    return ditq.save(model, path)
+
+
+def test_distill_loss_is_zero_for_the_teacher_and_a_step_lowers_it(tmp_path: Path) -> None:
+    teacher = ditq.load(tiny_teacher(tmp_path / "teacher.safetensors"))
+    loss = DistillLoss(teacher, teacher, steps=5, num_timesteps=1000)
+    x, y = torch.zeros(64, 1, 32, 32), torch.arange(64) % 10  # enough labels that some are dropped
+
+    def value(student: torch.nn.Module, seed: int = 0) -> torch.Tensor:
+        return loss(student, x, y, torch.Generator().manual_seed(seed))
+
+    twin = copy.deepcopy(teacher).train()  # same weights, same label dropout draws: nothing to learn
+    assert value(twin).item() == 0.0
+    student = prepare(copy.deepcopy(teacher), QAT(w_format="ternary", w_bits=2, learnable_scale=True)).train()
+    opt = torch.optim.Adam(student.parameters(), lr=1e-4)
+    before = value(student)
+    assert before.item() > 0
+    opt.zero_grad()
+    before.backward()
+    opt.step()
+    assert value(student).item() < before.item()
+    x_k, t_k = loss.trajectory_state(x, y, torch.Generator().manual_seed(0))
+    assert x_k.shape == x.shape and len(t_k.unique()) == 1 and not torch.equal(x_k, x)
+
+
+def test_distill_qat_run_from_the_teacher_ships_a_prepared_model(tmp_path: Path) -> None:
+    ckpt = tiny_teacher(tmp_path / "teacher.safetensors")
+    out = tmp_path / "run"
+    recipe = {"method": "qat", "w_format": "ternary", "w_bits": 2, "learnable_scale": True}
+    changes = dict(model_overrides=TINY_QAT, recipe=recipe, loss="distill", teacher=str(ckpt), init_from=ckpt)
+    train(tiny_config(out, steps=4, teacher_steps=4, **changes))
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in read_log(out))
+    ema = ditq.load(out / "ema.safetensors")
+    fc1 = ema.blocks[0].mlp.fc1
+    assert isinstance(fc1, FakeQuantLinear) and fc1.spec.w_format == "ternary" and fc1.scale.item() > 0
+    teacher = ditq.load(ckpt)
+    drift = (fc1.weight - teacher.blocks[0].mlp.fc1.weight).abs().max().item()
+    assert 0 < drift < 4 * 1e-3 * 1.01  # started from the teacher; four Adam steps of lr 1e-3 at most
+    x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([10, 900]), torch.tensor([1, 2])
+    with torch.no_grad():
+        prepared = ema(x, t, y)
+        torch.testing.assert_close(convert(ema)(x, t, y), prepared, rtol=0, atol=1e-5)
+
+
+def test_bad_teacher_and_init_from_are_named(tmp_path: Path) -> None:
+    ckpt = tiny_teacher(tmp_path / "teacher.safetensors")
+    with pytest.raises(FileNotFoundError, match="teacher='nowhere.safetensors'"):
+        train(tiny_config(tmp_path / "a", loss="distill", teacher="nowhere.safetensors"))
+    with pytest.raises(ValueError, match=r"init_from=.*does not fit DiT-MNIST"):
+        train(tiny_config(tmp_path / "b", init_from=str(ckpt)))  # depth 2 from a depth-1 checkpoint
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,11 +360,35 @@ def test_ddp_two_cpu_processes_agree_and_resume_exactly(tmp_path: Path) -> None:
         ("model_overrides", {"depth": object()}, TypeError),
         ("compile", "yes", TypeError),
         ("hflip", 1, TypeError),
+        ("loss", "l2", ValueError),
+        ("data", "cifar", ValueError),
+        ("teacher_steps", 0, ValueError),
+        ("recipe", {"method": "qat", "w_bitz": 4}, ValueError),
+        ("recipe", {"method": "qat", "w_bits": 4, "nested_bits": [8, 4]}, ValueError),
+        ("recipe", {"method": "rtn", "w_bits": 4}, ValueError),
+        ("recipe", "w4a8", TypeError),
+        ("teacher", "DiT-MNIST", ValueError),  # a teacher without loss="distill"
+        ("init_from", "", ValueError),
     ],
 )
 def test_config_rejects_bad_values_naming_the_field(field: str, value, error: type[Exception]) -> None:
     with pytest.raises(error, match=field):
         TrainConfig(**{field: value})
+
+
+def test_config_names_the_bad_recipe_key_and_needs_a_teacher_to_distill() -> None:
+    with pytest.raises(ValueError, match="recipe: .*w_bitz"):
+        TrainConfig(recipe={"method": "qat", "w_bitz": 4})
+    with pytest.raises(ValueError, match="recipe: .*nested_bits"):
+        TrainConfig(recipe={"method": "qat", "w_bits": 4, "nested_bits": [8, 4]})
+    with pytest.raises(ValueError, match="recipe: method 'rtn' is post-training"):
+        TrainConfig(recipe={"method": "rtn"})
+    with pytest.raises(ValueError, match="teacher="):
+        TrainConfig(loss="distill")
+    cfg = TrainConfig(recipe={"method": "qat", "nested_bits": [4, 2]})
+    assert (
+        cfg.recipe == QAT(nested_bits=(4, 2)).to_dict()
+    )  # stored normalised: resumes compare like with like
 
 
 def test_config_round_trips_through_json() -> None:
@@ -294,6 +416,20 @@ def test_cli_flags_map_to_config() -> None:
          "--batch-size", "64", "--out", "x", "--grad-clip", "0", "--betas", "0.9", "0.95", "--resume", "--compile"]
     )  # fmt: skip
     cfg = config_from_args(args)
+    qat = config_from_args(build_parser().parse_args(
+        ["--recipe", '{"method": "qat", "w_bits": 3}', "--loss", "distill", "--teacher", "DiT-MNIST",
+         "--teacher-steps", "10", "--init-from", "DiT-MNIST", "--data", "mnist"]
+    ))  # fmt: skip
+    assert qat.recipe == QAT(w_bits=3).to_dict() and (qat.loss, qat.teacher, qat.teacher_steps) == (
+        "distill",
+        "DiT-MNIST",
+        10,
+    )
+    assert qat.init_from == "DiT-MNIST" and qat.data == "mnist"
+    with pytest.raises(SystemExit):
+        main(["--recipe", "{not json"])
+    with pytest.raises(SystemExit):
+        main(["--recipe", "w4a8"])  # a PTQ preset
     assert cfg.model_overrides == {"depth": 2, "learn_sigma": False, "mlp_ratio": 2.0}
     assert (cfg.global_batch_size, cfg.out_dir, cfg.grad_clip, cfg.betas) == (64, "x", None, (0.9, 0.95))
     assert cfg.resume and cfg.compile and cfg.ema_warmup and cfg.steps == TrainConfig().steps

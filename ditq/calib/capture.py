@@ -1,113 +1,128 @@
-"""Capture the inputs of every Linear while the full-precision model samples (SPEC §2, calibration).
+"""Capture what every Linear sees while the full-precision model runs (SPEC §2, calibration).
 
 PTQ methods need to know what their layers see at *every* timestep, since DiT activations drift along the
-trajectory. `calibrate` runs the model's own sampler and keeps, per Linear, the per-channel absolute maximum
-over everything it saw, plus a seeded uniform sample of input rows drawn evenly from every step.
+trajectory. `calibrate` drives the model (zoo models: their own sampler; any model: the caller's `run`)
+and streams each Linear's inputs into per-step absolute maxima and a bounded, seeded reservoir of rows
+tagged with their step, so memory depends on `rows_per_layer`, not on how long the model runs.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from ditq.atomic import atomic_path
-from ditq.diffusion import sample_images
-
-CALIB_FORMAT_VERSION = 1
-
-
-@dataclass
-class CalibData:
-    """Per-Linear statistics: `absmax` (in_features,) and `inputs` (rows, in_features), both float32 on CPU."""
-
-    absmax: dict[str, torch.Tensor] = field(default_factory=dict)
-    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
-    n_samples: int = 0
-    steps: int = 0
-
-    def require(self, name: str) -> None:
-        if name not in self.absmax:
-            raise KeyError(f"calibration data has no entry for module {name!r}; was it captured on this model?")
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Atomic safetensors write, so a long calibration is never lost to a half-written file."""
-        path = Path(path)
-        tensors = {f"absmax/{k}": v.contiguous() for k, v in self.absmax.items()}
-        tensors |= {f"inputs/{k}": v.contiguous() for k, v in self.inputs.items()}
-        meta = {"ditq_calib": json.dumps({"version": CALIB_FORMAT_VERSION, "n_samples": self.n_samples,
-                                          "steps": self.steps})}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> CalibData:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"calibration file {path} does not exist")
-        with safe_open(str(path), framework="pt") as f:
-            meta = (f.metadata() or {}).get("ditq_calib")
-            if meta is None:
-                raise ValueError(f"{path}: not a ditq calibration file")
-            info = json.loads(meta)
-            if info.get("version", 0) > CALIB_FORMAT_VERSION:
-                raise ValueError(f"{path}: calibration format v{info['version']} is newer than this ditq reads")
-            data = cls(n_samples=info["n_samples"], steps=info["steps"])
-            for key in f.keys():
-                kind, name = key.split("/", 1)
-                getattr(data, kind)[name] = f.get_tensor(key)
-        return data
+from ditq.adapters import adapter_for
+from ditq.calib.data import CalibData
+from ditq.calib.reservoir import RowReservoir, layer_generator
 
 
 @torch.no_grad()
 def calibrate(
     model: nn.Module,
     *,
-    n_samples: int = 32,
-    steps: int = 25,
-    cfg_scale: float = 1.5,
-    sampler: str = "ddim",
+    n_samples: int | None = None,
+    steps: int | None = None,
+    cfg_scale: float | None = None,
+    sampler: str | None = None,
     rows_per_layer: int = 2048,
     seed: int = 0,
     progress: bool = False,
+    run: Callable[[nn.Module], Any] | None = None,
 ) -> CalibData:
-    """Sample `n_samples` images (classes spread evenly) and record every Linear's inputs along the way."""
-    if n_samples <= 0 or steps <= 0 or rows_per_layer <= 0:
-        raise ValueError("n_samples, steps and rows_per_layer must be positive")
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    data = CalibData(n_samples=n_samples, steps=steps)
-    rows_per_call = -(-rows_per_layer // steps)
-    generator = torch.Generator().manual_seed(seed)
-    chunks: dict[str, list[torch.Tensor]] = {name: [] for name in linears}
+    """Record every Linear's inputs while `run(model)` drives the model, or, for a zoo model without
+    `run`, while it samples `n_samples` images (classes spread evenly; defaults 32 images, 25 steps,
+    guidance 1.5, DDIM). The model runs in eval mode under no_grad; its training flag is restored.
 
-    def hook(name: str):
+    Raises ValueError naming the layer if any input is NaN or infinite. `rows_per_layer=0` keeps the
+    statistics only.
+    """
+    sampling = {"n_samples": n_samples, "steps": steps, "cfg_scale": cfg_scale, "sampler": sampler}
+    given = {key: value for key, value in sampling.items() if value is not None}
+    if run is not None and given:
+        raise ValueError(
+            f"{sorted(given)} set how ditq samples a zoo model; with run= your callable drives the model"
+        )
+    if any(isinstance(v, int) and not isinstance(v, bool) and v <= 0 for v in (n_samples, steps)):
+        raise ValueError(f"n_samples and steps must be positive, got n_samples={n_samples}, steps={steps}")
+    if not isinstance(rows_per_layer, int) or rows_per_layer < 0:
+        raise ValueError(f"rows_per_layer must be an int >= 0, got {rows_per_layer!r}")
+    adapter = adapter_for(model)
+    if run is None:
+        def run(m: nn.Module) -> Any:
+            return adapter.run(m, seed=seed, progress=progress, **given)
+
+    recorder = _Recorder(model, rows_per_layer, seed, adapter.step_timestep)
+    was_training = model.training
+    model.eval()
+    try:
+        with recorder:
+            run(model)
+    finally:
+        model.train(was_training)
+    return recorder.result(n_samples=n_samples or 0)
+
+
+class _Recorder:
+    """Forward hooks on every Linear (and one on the model that counts steps), removed on exit."""
+
+    def __init__(self, model: nn.Module, rows_per_layer: int, seed: int, step_timestep: Callable) -> None:
+        self.model = model
+        self.linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        self.reservoirs = {name: RowReservoir(rows_per_layer, layer_generator(seed, name)) for name in self.linears}
+        self.step_absmax: dict[str, list[torch.Tensor]] = {name: [] for name in self.linears}
+        self.step_timestep = step_timestep
+        self.timesteps: list[int | None] = []
+        self.handles: list[Any] = []
+
+    @property
+    def step(self) -> int:
+        return max(len(self.timesteps) - 1, 0)
+
+    def __enter__(self) -> _Recorder:
+        def count_step(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.timesteps.append(self.step_timestep(args, kwargs))
+
+        self.handles.append(self.model.register_forward_pre_hook(count_step, with_kwargs=True))
+        self.handles += [m.register_forward_pre_hook(self._hook(name)) for name, m in self.linears.items()]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _hook(self, name: str) -> Callable:
         def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            absmax = x.abs().amax(dim=0).cpu()
-            data.absmax[name] = torch.maximum(data.absmax[name], absmax) if name in data.absmax else absmax
-            pick = torch.randperm(x.shape[0], generator=generator)[:rows_per_call]
-            chunks[name].append(x[pick.to(x.device)].cpu())
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1])  # (rows, in)
+            absmax = x.abs().amax(dim=0).float().cpu() if x.shape[0] else torch.zeros(x.shape[-1])
+            if not bool(torch.isfinite(absmax).all()):
+                raise ValueError(
+                    f"calibration: the input of layer {name!r} holds NaN or infinite values at step {self.step}"
+                )
+            per_step = self.step_absmax[name]
+            while len(per_step) <= self.step:
+                per_step.append(torch.zeros_like(absmax))
+            torch.maximum(per_step[self.step], absmax, out=per_step[self.step])
+            self.reservoirs[name].add(x, self.step)
 
         return record
 
-    handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
-    try:
-        labels = torch.arange(n_samples) % model.num_classes
-        sample_images(model, labels, steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed,
-                      progress=progress)
-    finally:
-        for handle in handles:
-            handle.remove()
-    for name, parts in chunks.items():
-        if parts:
-            rows = torch.cat(parts)
-            keep = torch.randperm(rows.shape[0], generator=generator)[:rows_per_layer]
-            data.inputs[name] = rows[keep.sort().values]
-    return data
+    def result(self, n_samples: int) -> CalibData:
+        steps = max(len(self.timesteps), 1)
+        known = all(t is not None for t in self.timesteps)
+        data = CalibData(n_samples=n_samples, steps=steps,
+                         timesteps=tuple(self.timesteps) if known else ())  # fmt: skip
+        for name in self.linears:
+            per_step = self.step_absmax.pop(name)
+            if not per_step:
+                continue  # never called
+            per_step += [torch.zeros_like(per_step[0])] * (steps - len(per_step))
+            data.step_absmax[name] = torch.stack(per_step)  # (steps, in)
+            data.absmax[name] = data.step_absmax[name].amax(dim=0)  # (in,)
+            sample = self.reservoirs.pop(name).sample()
+            if sample is not None:
+                data.inputs[name], data.input_steps[name] = sample
+        return data

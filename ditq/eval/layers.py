@@ -5,19 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ditq.io import model_size_bytes
 from ditq.quant.qlinear import QuantLinear
 
-
-def model_size_bytes(model: nn.Module, float_bytes: int = 2) -> int:
-    """Bytes to store the model: integer buffers as they are, float tensors at `float_bytes` each.
-
-    Floats are counted at 16 bits by default (the precision a full-precision DiT ships in), so a
-    quantized model is compared against the fp16 model, not against fp32.
-    """
-    total = 0
-    for tensor in list(model.state_dict().values()):
-        total += tensor.numel() * (float_bytes if tensor.is_floating_point() else tensor.element_size())
-    return total
+__all__ = ["layer_errors", "model_size_bytes"]
 
 
 @torch.no_grad()

@@ -7,7 +7,9 @@ with the full-precision model's samples from the same seeds and noise (PSNR, SSI
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -41,8 +43,12 @@ class SampleSettings:
     batch_size: int = 100
 
     def __post_init__(self) -> None:
-        if self.samples <= 0 or self.steps <= 0 or self.batch_size <= 0:
-            raise ValueError("samples, steps and batch_size must be positive")
+        for name in ("samples", "steps", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not math.isfinite(self.cfg_scale):
+            raise ValueError(f"cfg_scale must be a finite number, got {self.cfg_scale!r}")
 
     def labels(self, num_classes: int) -> torch.Tensor:
         """Classes spread evenly over the samples, so class accuracy weighs every digit alike."""
@@ -90,12 +96,18 @@ def compare_pixels(images: torch.Tensor, reference: torch.Tensor) -> dict[str, f
 
 
 def evaluate(
-    models: dict[str, nn.Module], settings: SampleSettings, progress: bool = False
+    models: dict[str, nn.Module],
+    settings: SampleSettings,
+    progress: bool = False,
+    sizes: Mapping[str, int] | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Score several models under one set of sampling settings; the first one is the reference ("fp").
 
-    Returns the results and each model's images (same seeds and noise for every model).
+    `sizes` gives the bytes a model takes on disk where the caller knows them (a written checkpoint,
+    the FP model in 16 bits); other models are sized by `model_size_bytes`. Returns the results and
+    each model's images (same seeds and noise for every model).
     """
+    sizes = sizes or {}
     if not models:
         raise ValueError("evaluate needs at least one model")
     net, real = load_feature_net(), load_real_stats()
@@ -104,7 +116,8 @@ def evaluate(
     drawn = {}
     for name, model in models.items():
         images, seconds = draw(model, settings, progress=progress)
-        row: dict[str, Any] = {"size_bytes": model_size_bytes(model), "sample_seconds": round(seconds, 2)}
+        size = sizes[name] if name in sizes else model_size_bytes(model)
+        row: dict[str, Any] = {"size_bytes": size, "sample_seconds": round(seconds, 2)}
         row |= score(images, settings.labels(model.num_classes), net, real)
         if reference is None:
             reference = images

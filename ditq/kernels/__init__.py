@@ -1,171 +1,123 @@
-"""The one dispatch point for quantized linears: `quant_linear(x, module)`.
+"""Kernel backends for `QuantLinear`, chosen once per module by `prepare_for_inference`.
 
-Backends register themselves with `register_backend(name, supports, fn)`; a name is a family
-(`"torch"` or `"triton"`) optionally followed by `":variant"` (e.g. `"triton:w4a8_fp8"`). The active
-preference (`use_kernels`, a context-local value, default `"auto"`) decides who runs a call:
+A backend has a `supports(module)` check (None, or the reason it cannot run that layer), a `convert`
+that may add kernel buffers (non-persistent: checkpoints stay in the canonical layout, SPEC §9) and a
+`forward(module, x)`. `prepare_for_inference(model, backend)` picks the backend for every `QuantLinear`
+and converts it; `QuantLinear.forward` then calls that backend with no dispatch logic of its own, so
+`torch.compile(fullgraph=True)` and CUDA graphs trace straight through. A layer the backend cannot run
+keeps the reference, and the reason is logged (one warning per reason).
 
-- `"auto"`: the first registered backend, in registration order, whose `supports` accepts the call;
-  otherwise the reference (declines are logged once at DEBUG level).
-- `"torch"`: the first registered `torch*` backend that accepts the call; otherwise the reference
-  (itself a PyTorch implementation, so this is not a fallback).
-- `"triton"`: the first registered `triton*` backend that accepts the call; otherwise the reference,
-  and the reason is logged once (warning on logger `ditq.kernels`).
-- `"emulated"`: always the reference (`reference.quant_linear_reference`), the oracle every backend
-  is tested against.
-
-`supports(spec, x, module)` returns None when the backend can run the call, else a short reason.
+Backends here:
+- `"reference"` (alias `"emulated"`): the oracle custom op `ditq::quant_linear`, dequantizing the packed
+  weight on every call. What every fast kernel is tested against; the default after quantize and load.
+- `"dequantized"`: keeps Ŵ dequantized in the compute dtype (a non-persistent buffer) and runs the
+  activation fake-quant as ordinary ops that the compiler fuses. For search and evaluation, where speed
+  matters and memory does not; outputs equal the reference up to matmul rounding.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
-from collections.abc import Callable, Iterator
-from contextvars import ContextVar
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
 
 import torch
+from torch import nn
 
-from ditq.kernels.reference import emulated, quant_linear_reference
-
-if TYPE_CHECKING:
-    from ditq.quant.qlinear import QuantLinear
-    from ditq.quant.spec import QuantSpec
-
-Preference = Literal["auto", "torch", "emulated", "triton"]
-PREFERENCES: tuple[str, ...] = ("auto", "torch", "emulated", "triton")
-FAMILIES: tuple[str, ...] = ("torch", "triton")
-
-SupportsFn = Callable[["QuantSpec", torch.Tensor, "QuantLinear"], "str | None"]
-KernelFn = Callable[[torch.Tensor, "QuantLinear"], torch.Tensor]
+from ditq.kernels import ops
+from ditq.kernels.reference import group_linear, linear_reference, quantize_activations
+from ditq.quant.qlinear import BACKEND_FORWARDS, QuantLinear
 
 __all__ = [
-    "PREFERENCES",
+    "BACKENDS",
     "Backend",
-    "current_preference",
-    "emulated",
-    "quant_linear",
-    "quant_linear_reference",
+    "group_linear",
+    "linear_reference",
+    "prepare_for_inference",
+    "quantize_activations",
     "register_backend",
-    "registered_backends",
-    "select_backend",
-    "unregister_backend",
-    "use_kernels",
 ]
 
 logger = logging.getLogger("ditq.kernels")
 
-REFERENCE = "reference"
+ALIASES = {"emulated": "reference"}
 
 
 @dataclass(frozen=True)
 class Backend:
-    """A registered kernel: `supports` says whether (and why not) it can run a call, `fn` runs it."""
+    """How one kind of kernel runs a `QuantLinear`: whether it can, what it precomputes, and the call."""
 
     name: str
-    supports: SupportsFn
-    fn: KernelFn
-
-    @property
-    def family(self) -> str:
-        return self.name.split(":", 1)[0]
+    forward: Callable[[QuantLinear, torch.Tensor], torch.Tensor]
+    supports: Callable[[QuantLinear], str | None] = lambda module: None
+    convert: Callable[[QuantLinear, torch.dtype], dict[str, torch.Tensor]] = lambda module, dtype: {}
 
 
-_BACKENDS: dict[str, Backend] = {}
-_PREFERENCE: ContextVar[str] = ContextVar("ditq_kernel_preference", default="auto")
+BACKENDS: dict[str, Backend] = {}
 
 
-def register_backend(name: str, supports: SupportsFn, fn: KernelFn, *, replace: bool = False) -> None:
-    """Add a kernel backend; `name` is `"torch"`/`"triton"`, optionally `":variant"` after it."""
-    family = name.split(":", 1)[0] if isinstance(name, str) else None
-    if family not in FAMILIES or name.endswith(":"):
-        raise ValueError(
-            f"backend name {name!r} must be one of {FAMILIES}, optionally followed by ':variant'"
-        )
-    if name in _BACKENDS and not replace:
-        raise ValueError(f"a backend named {name!r} is already registered (pass replace=True)")
-    _BACKENDS[name] = Backend(name, supports, fn)
+def register_backend(backend: Backend, *, replace: bool = False) -> None:
+    """Make a backend available to `prepare_for_inference` (and so to `QuantLinear.forward`)."""
+    if not isinstance(backend.name, str) or not backend.name or backend.name in ALIASES:
+        raise ValueError(f"backend name {backend.name!r} must be a non-empty string and not an alias")
+    if backend.name in BACKENDS and not replace:
+        raise ValueError(f"a backend named {backend.name!r} is already registered (pass replace=True)")
+    BACKENDS[backend.name] = backend
+    BACKEND_FORWARDS[backend.name] = backend.forward
 
 
-def unregister_backend(name: str) -> None:
-    """Remove a backend; KeyError if it was never registered."""
-    del _BACKENDS[name]
+def prepare_for_inference(model: nn.Module, backend: str = "reference", *, dtype: torch.dtype | None = None
+                          ) -> nn.Module:
+    """Choose `backend` for every QuantLinear of `model` and convert it; returns the model.
 
-
-def registered_backends() -> tuple[str, ...]:
-    """Registered backend names in the order `"auto"` tries them."""
-    return tuple(_BACKENDS)
-
-
-def _check_preference(preference: str) -> None:
-    if preference not in PREFERENCES:
-        raise ValueError(f"kernel preference {preference!r} is not one of {list(PREFERENCES)}")
-
-
-def current_preference() -> str:
-    """The preference in effect in this context (default `"auto"`)."""
-    return _PREFERENCE.get()
-
-
-def use_kernels(preference: Preference) -> contextlib.AbstractContextManager[None]:
-    """Choose which kernels run `QuantLinear` calls inside a `with` block (context-local, nestable).
-
-    The preference is validated here, at the call, so a typo fails even outside a `with`.
+    `dtype` is the compute dtype of buffers a backend precomputes (default: each layer's float dtype,
+    the dtype of its bias or low-rank factors, else float32). Calling it again switches backends and
+    drops what the previous one added.
     """
-    _check_preference(preference)
-    return _preference_scope(preference)
+    name = ALIASES.get(backend, backend)
+    if name not in BACKENDS:
+        raise ValueError(f"kernel backend {backend!r} is not one of {sorted([*BACKENDS, *ALIASES])}")
+    chosen = BACKENDS[name]
+    declined: Counter[str] = Counter()
+    for module in model.modules():
+        if not isinstance(module, QuantLinear):
+            continue
+        for buffer in getattr(module, "kernel_buffers", ()):
+            delattr(module, buffer)
+        reason = chosen.supports(module)
+        if reason is not None:
+            declined[reason] += 1
+        target = BACKENDS["reference"] if reason else chosen
+        extra = target.convert(module, dtype or _float_dtype(module))
+        for buffer, tensor in extra.items():
+            module.register_buffer(buffer, tensor, persistent=False)
+        module.kernel_buffers = tuple(extra)
+        module.backend = target.name
+    for reason, count in declined.items():
+        logger.warning("backend %r cannot run %d layer(s) (%s); they keep the reference", name, count, reason)
+    return model
 
 
-@contextlib.contextmanager
-def _preference_scope(preference: str) -> Iterator[None]:
-    token = _PREFERENCE.set(preference)
-    try:
-        yield
-    finally:
-        _PREFERENCE.reset(token)
+def _float_dtype(module: QuantLinear) -> torch.dtype:
+    for t in (module.bias, module.lowrank_up):
+        if t is not None:
+            return t.dtype
+    return torch.float32
 
 
-@functools.cache
-def _log_fallback_once(preference: str, backend: str, reason: str) -> None:
-    """Log each distinct (backend, reason) once; the cache is the memory of what was said."""
-    level = logging.WARNING if preference == "triton" else logging.DEBUG
-    logger.log(
-        level,
-        "kernels=%r: %s cannot run this call (%s); using the PyTorch reference",
-        preference,
-        backend,
-        reason,
-    )
+def _reference_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    return ops.quant_linear(x, m.qweight, m.scales, m.zeros, m.bias, m.smooth, m.lowrank_down, m.lowrank_up,
+                            m.act_scale, m.act_zero, m.spec_json)
 
 
-def select_backend(x: torch.Tensor, module: QuantLinear) -> Backend | None:
-    """The backend that would run `quant_linear(x, module)` now; None means the reference."""
-    preference = _PREFERENCE.get()
-    if preference == "emulated":
-        return None
-    family = None if preference == "auto" else preference
-    candidates = [b for b in _BACKENDS.values() if family is None or b.family == family]
-    if not candidates and preference == "triton":
-        _log_fallback_once(preference, "triton", "no Triton backend is registered")
-    for backend in candidates:
-        reason = backend.supports(module.spec, x, module)
-        if reason is None:
-            return backend
-        _log_fallback_once(preference, backend.name, reason)
-    return None
+def _dequantized_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    return linear_reference(x, m.weight_dq, m.bias, m.smooth, m.lowrank_down, m.lowrank_up, m.act_scale,
+                            m.act_zero, m.spec)
 
 
-def quant_linear(x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
-    """y = QuantLinear(x): validate the input, then run the selected backend (or the reference)."""
-    if x.shape[-1] != module.in_features:
-        raise ValueError(
-            f"input has last dim {x.shape[-1]} but the QuantLinear expects in_features={module.in_features}"
-        )
-    if not x.is_floating_point():
-        raise TypeError(f"QuantLinear input must be a floating-point tensor, got {x.dtype}")
-    backend = select_backend(x, module)
-    if backend is None:
-        return quant_linear_reference(x, module)
-    return backend.fn(x, module)
+register_backend(Backend("reference", _reference_forward))
+register_backend(Backend(
+    "dequantized", _dequantized_forward,
+    convert=lambda m, dtype: {"weight_dq": m.dequantized_weight(dtype)},
+))

@@ -1,57 +1,100 @@
-"""The PyTorch oracle for `QuantLinear`: what every fast kernel must compute (the EMULATED path).
+"""The PyTorch oracle for quantized linears: what every fast kernel must compute (the EMULATED path).
 
     h   = x / smooth                                  (if the spec smooths)
     h_q = fake-quant(h) per the spec's activation part (if a_bits)
-    y   = h_q @ dequantized_weight().T + bias + (h @ lora_down) @ lora_up   (low-rank branch if rank)
+    y   = h_q @ Ŵᵀ + bias + (h @ lowrank_down) @ lowrank_up   (low-rank branch if rank)
 
 Matmuls run in x.dtype; quantization parameters are computed in float32 (see `ditq.quant.primitives`).
-The low-rank branch reads the smoothed but *unquantized* activations, as in SVDQuant.
-Activation fake-quant passes gradients straight through, so the oracle is also differentiable in x.
+The low-rank branch reads the smoothed but *unquantized* activations, as in SVDQuant. Layers of one
+input group share smooth, activation quantization and down-projection, so `group_linear` computes all
+their outputs from one quantized input and one down-projection. Functions here take plain tensors and a
+`QuantSpec`; `ditq.kernels.ops` wraps them as `torch.library` custom ops.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from ditq.quant.primitives import fake_quantize, fp8_cast, fp8_dequantize, fp8_scale, straight_through
+from ditq.quant.spec import QuantSpec
 
 if TYPE_CHECKING:
     from ditq.quant.qlinear import QuantLinear
 
-__all__ = ["emulated", "quantize_activations", "quant_linear_reference"]
+__all__ = ["group_linear", "linear_reference", "quantize_activations"]
 
 
-def quantize_activations(h: torch.Tensor, module: QuantLinear) -> torch.Tensor:
-    """Fake-quantize the (already smoothed) input per `module.spec`; returns h's dtype and shape.
+def quantize_activations(
+    h: torch.Tensor, spec: QuantSpec, act_scale: torch.Tensor | None = None, act_zero: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Fake-quantize the (already smoothed) input per `spec`; returns h's dtype and shape.
 
     Dynamic scales are per token (`a_group_size=None`) or per token per channel group; static scales
-    come from the `act_scale` (and, asymmetric, `act_zero`) buffers: shape (1,) = one per tensor,
+    come from `act_scale` (and, asymmetric, `act_zero`): shape (1,) = one per tensor,
     (in // a_group_size,) = one per channel group shared by all tokens. FP8 is symmetric by nature
-    (scale = absmax / 448), so `a_symmetric` does not apply to it.
+    (scale = absmax / 448), so `a_symmetric` does not apply to it. Gradients pass straight through.
     """
-    spec = module.spec
     if spec.a_bits is None:
         return h
     if spec.a_format == "fp8":
-        scale = fp8_scale(h, spec.a_group_size) if spec.a_dynamic else module.act_scale
+        scale = fp8_scale(h, spec.a_group_size) if spec.a_dynamic else act_scale
         return straight_through(h, fp8_dequantize(fp8_cast(h, scale), scale, h.dtype))
-    qparams = None if spec.a_dynamic else (module.act_scale, module.act_zero)
+    qparams = None if spec.a_dynamic else (act_scale, act_zero)
     return fake_quantize(h, spec.a_bits, spec.a_group_size, spec.a_symmetric, qparams=qparams)
 
 
-def quant_linear_reference(x: torch.Tensor, module: QuantLinear) -> torch.Tensor:
-    """y = QuantLinear(x) by dequantize-then-matmul in x.dtype: smoothing, act quant, low-rank branch."""
-    h = x if module.smooth is None else x / module.smooth.to(x.dtype)  # (..., in)
-    h_q = quantize_activations(h, module)  # (..., in)
-    bias = None if module.bias is None else module.bias.to(x.dtype)
-    y = F.linear(h_q, module.dequantized_weight(dtype=x.dtype), bias)  # (..., out)
-    if module.spec.rank > 0:
-        y = y + (h @ module.lora_down.to(x.dtype)) @ module.lora_up.to(x.dtype)  # (..., out)
+def linear_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    smooth: torch.Tensor | None,
+    lowrank_down: torch.Tensor | None,
+    lowrank_up: torch.Tensor | None,
+    act_scale: torch.Tensor | None,
+    act_zero: torch.Tensor | None,
+    spec: QuantSpec,
+) -> torch.Tensor:
+    """y for a dense (dequantized) weight Ŵ (out, in): smoothing, activation quant, low-rank branch."""
+    h = x if smooth is None else x / smooth.to(x.dtype)  # (..., in)
+    h_q = quantize_activations(h, spec, act_scale, act_zero)  # (..., in)
+    y = F.linear(h_q, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))  # (..., out)
+    if lowrank_down is not None:
+        y = y + (h @ lowrank_down.to(x.dtype)) @ lowrank_up.to(x.dtype)  # (..., out)
     return y
 
 
-emulated = quant_linear_reference
-"""The EMULATED kernel preference runs exactly the reference."""
+def group_linear(x: torch.Tensor, members: Sequence[QuantLinear]) -> list[torch.Tensor]:
+    """Outputs of every layer of one input group from ONE smoothed, quantized input and ONE down-projection.
+
+    Equal to calling each member on `x`; raises if the members do not share what the group shares.
+    """
+    if not members:
+        raise ValueError("an input group needs at least one layer")
+    lead = members[0]
+    group = lead.spec.input_group
+    for m in members[1:]:
+        if m.spec.input_group != group or _act_part(m.spec) != _act_part(lead.spec):
+            raise ValueError(f"layers of input group {group!r} must share its id and activation quantization")
+        for name in ("smooth", "lowrank_down", "act_scale", "act_zero"):
+            a, b = getattr(lead, name), getattr(m, name)
+            if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+                raise ValueError(f"layers of input group {group!r} hold different {name!r} tensors")
+    h = x if lead.smooth is None else x / lead.smooth.to(x.dtype)  # (..., in), once
+    h_q = quantize_activations(h, lead.spec, lead.act_scale, lead.act_zero)  # once
+    down = None if lead.lowrank_down is None else h @ lead.lowrank_down.to(x.dtype)  # (..., rank), once
+    outputs = []
+    for m in members:
+        bias = None if m.bias is None else m.bias.to(x.dtype)
+        y = F.linear(h_q, m.dequantized_weight(x.dtype), bias)  # (..., out_m)
+        if down is not None:
+            y = y + down @ m.lowrank_up.to(x.dtype)
+        outputs.append(y)
+    return outputs
+
+
+def _act_part(spec: QuantSpec) -> tuple:
+    return (spec.a_bits, spec.a_format, spec.a_group_size, spec.a_symmetric, spec.a_dynamic, spec.smooth)

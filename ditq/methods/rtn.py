@@ -2,7 +2,9 @@
 
 Weights are quantized once from their own range (optionally with a clipping search against the layer's
 calibration inputs); activations are quantized per token (or token group) on the fly, or with one static
-scale from calibration when `a_dynamic=False`.
+scale from calibration when `a_dynamic=False`. The clipping search uses the layer's calibration rows when
+`calib` is given, else the weight error alone. `rtn_linear` is also what `api.requantize` uses for a
+module given a bare `QuantSpec`.
 """
 
 from __future__ import annotations
@@ -20,25 +22,44 @@ from ditq.registry import register_method
 
 
 @register_method(RTN)
-def quantize_rtn(model: nn.Module, targets: dict[str, RTN], calib: CalibData | None) -> nn.Module:
-    needs_calib = any(not r.a_dynamic for r in targets.values())
-    if needs_calib and calib is None:
-        raise ValueError("static activation scales (a_dynamic=False) need calibration data: pass calib=")
-    for name, recipe in tqdm(targets.items(), desc="RTN", leave=False, disable=len(targets) < 50):
-        linear = model.get_submodule(name)
-        spec = recipe.spec()
+def quantize_rtn(model: nn.Module, targets: dict[str, RTN], calib: CalibData | None) -> dict[str, nn.Module]:
+    layers = {name: (model.get_submodule(name), recipe.spec(), recipe.clip_search) for name, recipe in targets.items()}
+    for name, (linear, spec, search) in layers.items():  # every check before any (slow) quantization
+        check_rtn(name, linear, spec, calib, search)
+    return {
+        name: rtn_linear(name, linear, spec, calib, search)
+        for name, (linear, spec, search) in tqdm(layers.items(), desc="RTN", leave=False, disable=len(layers) < 50)
+    }
+
+
+def check_rtn(name: str, linear: nn.Linear, spec: QuantSpec, calib: CalibData | None, search: bool) -> None:
+    """Raise, naming the layer, if `rtn_linear` could not quantize `linear` with `spec`."""
+    if spec.rank or spec.smooth:
+        raise ValueError(f"{name}: round-to-nearest makes no low-rank branch or smoothing (rank/smooth in {spec})")
+    try:
         spec.check_fits(linear.in_features, linear.out_features)
-        inputs = None
-        if calib is not None and (recipe.clip_search or not spec.a_dynamic):
-            calib.require(name)
-            inputs = calib.inputs.get(name)
-        clip_ratio = None
-        if recipe.clip_search:
-            x = inputs.to(linear.weight.device, linear.weight.dtype) if inputs is not None else None
-            clip_ratio = clip_search(linear.weight.detach(), spec.w_bits, spec.group_size, spec.symmetric, x=x)
-        act_scale = None if spec.a_dynamic else static_act_scale(calib.absmax[name], spec)
-        model.set_submodule(name, QuantLinear.from_linear(linear, spec, clip_ratio=clip_ratio, act_scale=act_scale))
-    return model
+    except ValueError as err:
+        raise ValueError(f"{name}: {err}") from err
+    if search and spec.w_format == "ternary":
+        raise ValueError(f"{name}: clip_search does not apply to ternary (absmean) weights")
+    static = spec.a_bits is not None and not spec.a_dynamic
+    if static and calib is None:
+        raise ValueError(f"{name}: static activation scales (a_dynamic=False) need calibration data: pass calib=")
+    if calib is not None and (static or search):
+        calib.require(name)
+
+def rtn_linear(
+    name: str, linear: nn.Linear, spec: QuantSpec, calib: CalibData | None, search: bool = False
+) -> QuantLinear:
+    """`linear` quantized round-to-nearest per `spec`; `check_rtn` must have passed."""
+    clip_ratio = None
+    if search:
+        x = None if calib is None else calib.inputs[name].to(linear.weight.device, linear.weight.dtype)
+        clip_ratio = clip_search(linear.weight.detach(), spec.w_bits, spec.group_size, spec.symmetric, x=x)
+    act_scale = None
+    if spec.a_bits is not None and not spec.a_dynamic:
+        act_scale = static_act_scale(calib.absmax[name], spec)
+    return QuantLinear.from_linear(linear, spec, clip_ratio=clip_ratio, act_scale=act_scale)
 
 
 def static_act_scale(absmax: torch.Tensor, spec: QuantSpec) -> torch.Tensor:

@@ -20,7 +20,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pack", "packed_cols", "signed_offset", "slot_bits", "to_signed", "to_unsigned", "unpack"]
+__all__ = ["LAYOUTS", "pack", "packed_cols", "signed_offset", "slot_bits", "to_signed", "to_unsigned", "unpack"]
+
+# Packed layouts a `QuantSpec.layout` may name. Checkpoints hold "canonical" (this file); a kernel
+# converter that re-packs a loaded model adds its layout here when it registers.
+LAYOUTS: dict[str, str] = {"canonical": "row-major codes, low bits first (this module's table)"}
 
 
 def slot_bits(bits: int) -> int:

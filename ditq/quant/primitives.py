@@ -53,6 +53,7 @@ __all__ = [
     "per_tensor_qparams",
     "qrange",
     "quantize",
+    "slice_codes",
     "straight_through",
     "ternary_absmean",
 ]
@@ -281,6 +282,21 @@ def fake_quantize(
     if mask_outside_clip:
         mask = ((q_raw >= qmin) & (q_raw <= qmax)).reshape(x.shape)
     return straight_through(x, x_hat, mask)
+
+
+def slice_codes(codes: torch.Tensor, stored_bits: int, served_bits: int) -> torch.Tensor:
+    """The `served_bits` most significant bits of symmetric `stored_bits` codes, on the stored grid (SPEC §6).
+
+    S(q, r) = clamp(round(q / 2^(s−r)), −2^(r−1), 2^(r−1) − 1) · 2^(s−r): rounded, not truncated, with the
+    top bucket clamped; the result is dequantized with the same scale as the stored codes.
+    """
+    check_bits(stored_bits)
+    check_bits(served_bits)
+    if served_bits > stored_bits:
+        raise ValueError(f"served_bits={served_bits} exceeds stored_bits={stored_bits}")
+    step = 2 ** (stored_bits - served_bits)
+    lo, hi = qrange(served_bits, symmetric=True)
+    return (torch.round(codes.float() / step).clamp(lo, hi) * step).to(codes.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -4,19 +4,26 @@ The state_dict *is* the checkpoint content, in the canonical layout of `ditq.qua
 
 | buffer       | dtype        | shape                         | present when                                   |
 |--------------|--------------|-------------------------------|------------------------------------------------|
-| `qweight`    | uint8        | (out, packed_cols(in, bits))  | always (stored codes: signed + 2^(b-1), ternary + 1) |
+| `qweight`    | uint8        | (out, packed_cols(in, code_bits)) | always (stored codes: signed + 2^(b-1), ternary + 1) |
 | `scales`     | float32      | (out, n_groups)               | always (ternary: γ or α, repeated per row/group)  |
 | `zeros`      | uint8        | (out, n_groups)               | `not spec.symmetric`                           |
 | `bias`       | `dtype`      | (out,)                        | `bias=True`                                    |
 | `smooth`     | float32      | (in,)                         | `spec.smooth` (forward divides x by it)        |
-| `lora_down`  | `dtype`      | (in, rank)                    | `spec.rank > 0`                                |
-| `lora_up`    | `dtype`      | (rank, out)                   | `spec.rank > 0`                                |
+| `lowrank_down` | `dtype`    | (in, rank)                    | `spec.rank > 0` (X̂·L1, SVDQuant's branch)       |
+| `lowrank_up` | `dtype`      | (rank, out)                   | `spec.rank > 0` (·L2)                          |
 | `act_scale`  | float32      | (1,) or (in // a_group_size,) | static activation quant (`a_bits`, not `a_dynamic`) |
 | `act_zero`   | uint8        | like `act_scale`              | static, int, `not spec.a_symmetric`            |
 
 n_groups = 1 (group_size None, per output channel) or in // group_size. Ternary weights keep the int
 layout (scales (out, n_groups)) so kernels need no special case. The stored weight already includes
-the smoothing (W·diag(smooth)) and excludes the low-rank part.
+the smoothing (W·diag(smooth)) and excludes the low-rank part. Codes are stored at `spec.code_bits`
+and served at `spec.w_bits` (their most significant bits, `slice_codes`) when the two differ.
+Layers of one `spec.input_group` hold equal `smooth`, `lowrank_down`, `act_scale` and `act_zero`
+(`INPUT_GROUP_BUFFERS`); a loaded model shares one tensor for each, and a checkpoint stores it once.
+
+`forward` runs the backend chosen by `ditq.prepare_for_inference` (default: the reference oracle); the
+choice is a plain attribute set once, so the forward holds no dispatch logic that `torch.compile` must
+trace.
 
 `.to(dtype)`/`.half()` leave the integer buffers alone (torch never casts them) and keep `scales`,
 `smooth` and `act_scale` in float32: they are part of the quantized format, not the compute dtype.
@@ -25,24 +32,30 @@ the smoothing (W·diag(smooth)) and excludes the low-rank part.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from ditq import kernels
+from ditq.quant.modules import register_quant_module
 from ditq.quant.packing import pack, packed_cols, to_signed, to_unsigned, unpack
-from ditq.quant.primitives import compute_qparams, dequantize, quantize, ternary_absmean
+from ditq.quant.primitives import compute_qparams, dequantize, quantize, slice_codes, ternary_absmean
 from ditq.quant.spec import QuantSpec
 
-__all__ = ["QuantLinear"]
+__all__ = ["INPUT_GROUP_BUFFERS", "QuantLinear", "describe_spec"]
 
 _FLOAT32_BUFFERS = ("scales", "smooth", "act_scale")
 _UINT8_BUFFERS = ("qweight", "zeros", "act_zero")
+INPUT_GROUP_BUFFERS = ("smooth", "lowrank_down", "act_scale", "act_zero")
 
 
+@register_quant_module
 class QuantLinear(nn.Module):
     """y = x @ Ŵᵀ + b (+ low-rank branch), Ŵ dequantized from packed codes; see the module docstring."""
+
+    kind = "quant_linear"
+    backend = "reference"  # set per instance by ditq.prepare_for_inference
 
     def __init__(
         self,
@@ -61,20 +74,21 @@ class QuantLinear(nn.Module):
         if not dtype.is_floating_point:
             raise TypeError(f"dtype (of bias and low-rank factors) must be floating point, got {dtype}")
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.spec_json = json.dumps(spec.to_dict(), sort_keys=True)  # what the custom ops take (a str)
         n_groups = spec.n_groups(in_features)
 
         def buf(shape: tuple[int, ...], dt: torch.dtype, fill: float = 0.0) -> torch.Tensor:
             return torch.full(shape, fill, dtype=dt, device=device)
 
         u8, f32 = torch.uint8, torch.float32
-        self.register_buffer("qweight", buf((out_features, packed_cols(in_features, spec.w_bits)), u8))
+        self.register_buffer("qweight", buf((out_features, packed_cols(in_features, spec.code_bits)), u8))
         self.register_buffer("scales", buf((out_features, n_groups), f32, 1.0))
         self.register_buffer("zeros", None if spec.symmetric else buf((out_features, n_groups), u8))
         self.register_buffer("bias", buf((out_features,), dtype) if bias else None)
         self.register_buffer("smooth", buf((in_features,), f32, 1.0) if spec.smooth else None)
         rank = spec.rank
-        self.register_buffer("lora_down", buf((in_features, rank), dtype) if rank else None)
-        self.register_buffer("lora_up", buf((rank, out_features), dtype) if rank else None)
+        self.register_buffer("lowrank_down", buf((in_features, rank), dtype) if rank else None)
+        self.register_buffer("lowrank_up", buf((rank, out_features), dtype) if rank else None)
         static = spec.a_bits is not None and not spec.a_dynamic
         n_act = 1 if spec.a_group_size is None else in_features // spec.a_group_size
         act_zero = static and spec.a_format == "int" and not spec.a_symmetric
@@ -91,8 +105,8 @@ class QuantLinear(nn.Module):
         *,
         weight: torch.Tensor | None = None,
         smooth: torch.Tensor | None = None,
-        lora_down: torch.Tensor | None = None,
-        lora_up: torch.Tensor | None = None,
+        lowrank_down: torch.Tensor | None = None,
+        lowrank_up: torch.Tensor | None = None,
         act_scale: torch.Tensor | None = None,
         act_zero: torch.Tensor | None = None,
         clip_ratio: float | torch.Tensor | None = None,
@@ -100,8 +114,8 @@ class QuantLinear(nn.Module):
         """Quantize `linear` once with round-to-nearest per `spec`.
 
         `weight` (out, in) is quantized as given — methods pass their smoothed weight or low-rank
-        residual. When omitted it is linear.weight·diag(smooth) − (lora_down @ lora_up)ᵀ, i.e. the
-        residual that makes the module approximate `linear`. `clip_ratio` (float or (out, n_groups),
+        residual. When omitted it is linear.weight·diag(smooth) − (lowrank_down @ lowrank_up)ᵀ, i.e. the
+        residual that makes the module approximate `linear`. Non-finite weights are refused. `clip_ratio` (float or (out, n_groups),
         e.g. from `clip_search`) shrinks the int ranges. Bias and low-rank factors keep linear's dtype.
         """
         out_f, in_f = linear.out_features, linear.in_features
@@ -109,15 +123,15 @@ class QuantLinear(nn.Module):
         dtype = param.dtype if param.dtype.is_floating_point else torch.float32
         module = cls(in_f, out_f, spec, bias=linear.bias is not None, device=param.device, dtype=dtype)
         _require(spec.smooth, smooth, "smooth", "spec.smooth=True")
-        _require(spec.rank > 0, lora_down, "lora_down", f"spec.rank={spec.rank}")
-        _require(spec.rank > 0, lora_up, "lora_up", f"spec.rank={spec.rank}")
+        _require(spec.rank > 0, lowrank_down, "lowrank_down", f"spec.rank={spec.rank}")
+        _require(spec.rank > 0, lowrank_up, "lowrank_up", f"spec.rank={spec.rank}")
         _require(module.act_scale is not None, act_scale, "act_scale", "static activation quantization")
         _require(module.act_zero is not None, act_zero, "act_zero", "static asymmetric int activations")
         with torch.no_grad():
             for name, value in (
                 ("smooth", smooth),
-                ("lora_down", lora_down),
-                ("lora_up", lora_up),
+                ("lowrank_down", lowrank_down),
+                ("lowrank_up", lowrank_up),
                 ("act_scale", act_scale),
                 ("act_zero", act_zero),
             ):
@@ -129,8 +143,8 @@ class QuantLinear(nn.Module):
                 weight = param.detach().float()
                 if smooth is not None:
                     weight = weight * smooth.float()
-                if lora_down is not None:
-                    weight = weight - (lora_down.float() @ lora_up.float()).T
+                if lowrank_down is not None:
+                    weight = weight - (lowrank_down.float() @ lowrank_up.float()).T
             if tuple(weight.shape) != (out_f, in_f):
                 raise ValueError(f"weight has shape {tuple(weight.shape)}, the layer needs {(out_f, in_f)}")
             module.quantize_weight_(weight.to(param.device), clip_ratio)
@@ -138,8 +152,9 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def quantize_weight_(self, weight: torch.Tensor, clip_ratio: float | torch.Tensor | None = None) -> None:
-        """Round-to-nearest `weight` (out, in) into the buffers (absmean for ternary)."""
+        """Round-to-nearest `weight` (out, in) into the buffers (absmean for ternary) at `spec.code_bits`."""
         spec = self.spec
+        _check_finite(weight, "weight")
         if spec.w_format == "ternary":
             if clip_ratio is not None:
                 raise ValueError("clip_ratio does not apply to ternary (absmean) weights")
@@ -147,14 +162,19 @@ class QuantLinear(nn.Module):
             self.set_codes(codes, gamma.expand(self.out_features, spec.n_groups(self.in_features)))
             return
         ratio = 1.0 if clip_ratio is None else clip_ratio
-        scale, zero = compute_qparams(weight, spec.w_bits, spec.group_size, spec.symmetric, ratio)
-        self.set_codes(quantize(weight, scale, zero, spec.w_bits, spec.symmetric), scale, zero)
+        bits = spec.code_bits
+        scale, zero = compute_qparams(weight, bits, spec.group_size, spec.symmetric, ratio)
+        self.set_codes(quantize(weight, scale, zero, bits, spec.symmetric), scale, zero)
 
     @torch.no_grad()
     def set_codes(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None = None) -> None:
-        """Store codes computed elsewhere (GPTQ, QAT, MatQuant slices): int8 signed codes for symmetric
-        and ternary specs, uint8 codes plus uint8 `zeros` for asymmetric ones; scales (out, n_groups)."""
+        """Store codes computed elsewhere (GPTQ, QAT, MatQuant): int8 signed codes for symmetric and
+        ternary specs, uint8 codes plus uint8 `zeros` for asymmetric ones, at `spec.code_bits`; scales
+        (out, n_groups), finite and positive."""
         spec = self.spec
+        _check_finite(scales, "scales")
+        if scales.numel() and not bool((scales > 0).all()):
+            raise ValueError("scales must be positive")
         if tuple(codes.shape) != (self.out_features, self.in_features):
             raise ValueError(
                 f"codes have shape {tuple(codes.shape)}, expected {(self.out_features, self.in_features)}"
@@ -163,12 +183,13 @@ class QuantLinear(nn.Module):
         if spec.symmetric:
             if zeros is not None:
                 raise ValueError("a symmetric spec stores no zero points; pass zeros=None")
-            lo, hi = (-1, 1) if ternary else (-(2 ** (spec.w_bits - 1)), 2 ** (spec.w_bits - 1) - 1)
+            bits = spec.code_bits
+            lo, hi = (-1, 1) if ternary else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
             if codes.dtype != torch.int8:
                 raise TypeError(f"symmetric codes must be int8, got {codes.dtype}")
             if codes.numel() and not (int(codes.min()) >= lo and int(codes.max()) <= hi):
                 raise ValueError(f"codes must lie in [{lo}, {hi}] for this spec")
-            stored = to_unsigned(codes, spec.w_bits, ternary=ternary)
+            stored = to_unsigned(codes, spec.code_bits, ternary=ternary)
         else:
             if zeros is None:
                 raise ValueError("an asymmetric spec needs zeros (uint8, (out, n_groups))")
@@ -176,25 +197,44 @@ class QuantLinear(nn.Module):
                 raise TypeError(f"asymmetric codes must be uint8, got {codes.dtype}")
             stored = codes
             _copy_checked(self.zeros, zeros, "zeros")
-        self.qweight.copy_(pack(stored.to(self.qweight.device), spec.w_bits))
+        self.qweight.copy_(pack(stored.to(self.qweight.device), spec.code_bits))
         _copy_checked(self.scales, scales, "scales")
 
     # ---- the quantized weight -----------------------------------------------------------------------
 
     def weight_codes(self) -> torch.Tensor:
-        """Unpacked codes (out, in): int8 signed for symmetric/ternary specs, uint8 for asymmetric."""
-        spec = self.spec
-        stored = unpack(self.qweight, spec.w_bits, self.in_features)
-        if not spec.symmetric:
-            return stored
-        return to_signed(stored, spec.w_bits, ternary=spec.w_format == "ternary")
+        """Stored codes (out, in): int8 signed for symmetric/ternary specs, uint8 for asymmetric."""
+        return unpack_codes(self.qweight, self.spec, self.in_features)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Ŵ = scales · (codes − zeros), shape (out, in): what the reference path multiplies by."""
-        return dequantize(self.weight_codes(), self.scales, self.zeros, self.spec.group_size, dtype=dtype)
+        """Ŵ = scales · (served codes − zeros), shape (out, in): what the reference multiplies by."""
+        return dequantize_weight(self.qweight, self.scales, self.zeros, self.spec, self.in_features, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.quant_linear(x, self)  # (..., in) -> (..., out)
+        if x.ndim == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"input of shape {tuple(x.shape)} does not end in in_features={self.in_features}")
+        return BACKEND_FORWARDS[self.backend](self, x)  # (..., in) -> (..., out)
+
+    # ---- checkpoint entry (ditq.quant.modules) -------------------------------------------------------
+
+    def header_entry(self) -> dict:
+        return {"spec": self.spec.to_dict(), "bias": self.bias is not None,
+                "in_features": self.in_features, "out_features": self.out_features}
+
+    @classmethod
+    def skeleton(cls, linear: nn.Linear, entry: dict) -> QuantLinear:
+        """An empty QuantLinear for `linear`'s shape from a checkpoint entry (fields checked)."""
+        unknown = sorted(set(entry) - {"spec", "bias", "in_features", "out_features"})
+        if unknown:
+            raise ValueError(f"unknown entry fields {unknown}")
+        shape = (entry.get("in_features", linear.in_features), entry.get("out_features", linear.out_features))
+        if shape != (linear.in_features, linear.out_features):
+            raise ValueError(f"in/out_features {shape} do not match the model's Linear "
+                             f"{(linear.in_features, linear.out_features)}")
+        if not isinstance(entry.get("bias"), bool):
+            raise ValueError(f"field 'bias' must be true or false, got {entry.get('bias')!r}")
+        spec = QuantSpec.from_dict(entry.get("spec"))
+        return cls(linear.in_features, linear.out_features, spec, bias=entry["bias"])
 
     # ---- nn.Module plumbing -------------------------------------------------------------------------
 
@@ -253,6 +293,31 @@ def describe_spec(spec: QuantSpec) -> str:
     return ", ".join(parts)
 
 
+def unpack_codes(qweight: torch.Tensor, spec: QuantSpec, in_features: int) -> torch.Tensor:
+    """Stored codes (out, in) from the canonical packing: int8 signed (symmetric, ternary) or uint8."""
+    stored = unpack(qweight, spec.code_bits, in_features)
+    if not spec.symmetric:
+        return stored
+    return to_signed(stored, spec.code_bits, ternary=spec.w_format == "ternary")
+
+
+def dequantize_weight(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, spec: QuantSpec, in_features: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Ŵ (out, in) in `dtype`: unpack, slice stored codes to the served bits, scale (and shift)."""
+    codes = unpack_codes(qweight, spec, in_features)
+    if spec.code_bits != spec.w_bits:
+        codes = slice_codes(codes, spec.code_bits, spec.w_bits)
+    return dequantize(codes, scales, zeros, spec.group_size, dtype=dtype)
+
+
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        raise ValueError(f"{name} has non-finite values ({nan} NaN, {inf} inf)")
+
+
 def _require(needed: bool, value: torch.Tensor | None, name: str, why: str) -> None:
     if needed and value is None:
         raise ValueError(f"{why} needs {name}= to be given")
@@ -266,4 +331,9 @@ def _copy_checked(dst: torch.Tensor, src: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} has shape {tuple(src.shape)}, expected {tuple(dst.shape)}")
     if src.is_floating_point() != dst.is_floating_point():
         raise TypeError(f"{name} must be {dst.dtype}, got {src.dtype}")
+    _check_finite(src, name)
     dst.copy_(src.detach())
+
+
+# Filled by ditq.kernels (backend name → forward(module, x)); imported there to avoid a cycle.
+BACKEND_FORWARDS: dict[str, Callable[[QuantLinear, torch.Tensor], torch.Tensor]] = {}

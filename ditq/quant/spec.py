@@ -1,6 +1,6 @@
 """`QuantSpec`: the typed description of one quantized Linear.
 
-Every method produces `QuantLinear`s that carry a `QuantSpec`; checkpoints and kernels read nothing
+Every method produces quantized modules that carry a `QuantSpec`; checkpoints and kernels read nothing
 else, which is what keeps them method-agnostic.
 """
 
@@ -9,20 +9,32 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+from ditq.quant.packing import LAYOUTS, slot_bits
+
 WeightFormat = Literal["int", "ternary"]
 ActFormat = Literal["int", "fp8"]
 
 WEIGHT_FORMATS = ("int", "ternary")
 ACT_FORMATS = ("int", "fp8")
+SCALE_BITS = 32  # scales, smoothing vectors and static activation scales are stored as float32
+ZERO_BITS = 8  # zero points are uint8
 
 
 @dataclass(frozen=True)
 class QuantSpec:
     """How one Linear's weights (and optionally its input activations) are quantized.
 
-    Granularity is given as a group size along the input (last) dimension: `group_size=None` means one
-    scale per output channel, an int `g` means one scale per output channel per `g` input channels.
-    Activations: `a_group_size=None` means one scale per token.
+    Granularity is a group size along the input (last) dimension: `group_size=None` means one scale per
+    output channel, an int `g` one scale per output channel per `g` input channels. Activations:
+    `a_group_size=None` means one scale per token.
+
+    `w_bits` are the bits the layer is *served* at; `stored_bits` (None = `w_bits`) are the bits its
+    codes are stored at. With `stored_bits=8, w_bits=4` the layer keeps int8 codes and runs on their
+    four most significant bits (MatQuant's nested slices, SPEC §6).
+    `input_group` names the layers that read the same input tensor (q/k/v): they share one smoothing
+    vector, one activation quantization and one low-rank down-projection.
+    `layout` names how `qweight` is packed: checkpoints always hold "canonical"; a kernel converter may
+    re-pack a loaded model in place and records its layout here.
     """
 
     w_bits: int = 8
@@ -36,32 +48,47 @@ class QuantSpec:
     a_dynamic: bool = True
     rank: int = 0
     smooth: bool = False
+    input_group: str | None = None
+    stored_bits: int | None = None
+    layout: str = "canonical"
 
     def __post_init__(self) -> None:
-        if self.w_format not in WEIGHT_FORMATS:
-            raise ValueError(f"w_format={self.w_format!r} is not one of {WEIGHT_FORMATS}")
+        _check_choice("w_format", self.w_format, WEIGHT_FORMATS)
+        _check_int("w_bits", self.w_bits, 2, 8)
+        for name in ("symmetric", "a_symmetric", "a_dynamic", "smooth"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}={getattr(self, name)!r} must be True or False")
         if self.w_format == "ternary":
             if self.w_bits != 2:
                 raise ValueError(f"ternary weights are stored in 2 bits; got w_bits={self.w_bits}")
             if not self.symmetric:
                 raise ValueError("ternary weights are symmetric; got symmetric=False")
-        elif not 2 <= self.w_bits <= 8:
-            raise ValueError(f"w_bits={self.w_bits} is outside the supported range 2..8")
+        if self.stored_bits is not None:
+            _check_int("stored_bits", self.stored_bits, self.w_bits, 8)
+            if self.w_format == "ternary" or not self.symmetric:
+                raise ValueError("stored_bits (nested bit-widths) applies to symmetric int weights only")
         _check_group("group_size", self.group_size)
-        if self.a_format not in ACT_FORMATS:
-            raise ValueError(f"a_format={self.a_format!r} is not one of {ACT_FORMATS}")
+        _check_choice("a_format", self.a_format, ACT_FORMATS)
         if self.a_bits is not None:
+            _check_int("a_bits", self.a_bits, 2, 8)
             if self.a_format == "fp8" and self.a_bits != 8:
                 raise ValueError(f"fp8 activations have 8 bits; got a_bits={self.a_bits}")
-            if not 2 <= self.a_bits <= 8:
-                raise ValueError(f"a_bits={self.a_bits} is outside the supported range 2..8 (or None)")
+        elif self.a_format != "int" or self.a_group_size is not None or not self.a_dynamic:
+            raise ValueError("a_format, a_group_size and a_dynamic=False need activation bits (a_bits)")
         _check_group("a_group_size", self.a_group_size)
-        if self.rank < 0:
-            raise ValueError(f"rank={self.rank} must be >= 0")
+        _check_int("rank", self.rank, 0, None)
+        if self.input_group is not None and (not isinstance(self.input_group, str) or not self.input_group):
+            raise ValueError(f"input_group={self.input_group!r} must be a non-empty string or None")
+        _check_choice("layout", self.layout, tuple(LAYOUTS))
 
     @property
     def quantizes_activations(self) -> bool:
         return self.a_bits is not None
+
+    @property
+    def code_bits(self) -> int:
+        """Bits of the stored codes (`stored_bits`, else `w_bits`)."""
+        return self.w_bits if self.stored_bits is None else self.stored_bits
 
     def check_fits(self, in_features: int, out_features: int) -> None:
         """Raise if this spec cannot describe a Linear of the given size."""
@@ -79,11 +106,28 @@ class QuantSpec:
     def n_groups(self, in_features: int) -> int:
         return 1 if self.group_size is None else in_features // self.group_size
 
+    def bits_per_weight(self, in_features: int, out_features: int, float_bits: int = 16) -> float:
+        """Stored bits per weight of an (out, in) layer: codes, scales, zeros, smoothing and low-rank factors.
+
+        Codes count at their packed slot width (5–7-bit codes take a byte), scales and the smoothing
+        vector at 32 bits, zero points at 8, the low-rank factors at `float_bits`. The bias is not a
+        weight and is left out.
+        """
+        self.check_fits(in_features, out_features)
+        groups = out_features * self.n_groups(in_features)
+        total = in_features * out_features * slot_bits(self.code_bits)
+        total += groups * (SCALE_BITS + (0 if self.symmetric else ZERO_BITS))
+        total += in_features * SCALE_BITS if self.smooth else 0
+        total += self.rank * (in_features + out_features) * float_bits
+        return total / (in_features * out_features)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> QuantSpec:
+        if not isinstance(data, dict):
+            raise TypeError(f"a QuantSpec is described by a mapping, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -91,6 +135,18 @@ class QuantSpec:
         return cls(**data)
 
 
-def _check_group(name: str, group: int | None) -> None:
+def _check_int(name: str, value: Any, lo: int, hi: int | None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
+    if not ok:
+        span = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name}={value!r} must be an int in {span}")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not one of {allowed}")
+
+
+def _check_group(name: str, group: Any) -> None:
     if group is not None and (not isinstance(group, int) or isinstance(group, bool) or group <= 0):
         raise ValueError(f"{name}={group!r} must be a positive int or None")

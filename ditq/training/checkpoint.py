@@ -1,52 +1,27 @@
 """Files a training run writes: the resumable training state and the shipped weights.
 
-Both are single safetensors files (no pickle), written to a temp file in the same folder, fsynced
-and renamed, so a crash mid-write leaves the previous file intact. Tensors go in the body; every
-non-tensor (step, config, optimizer hyper-parameters, numpy/python RNG states) goes in one JSON
-string in the safetensors metadata.
-
-Training state (``checkpoints/last.safetensors``): tensors ``model/<name>``, ``ema/<name>``,
-``optim/<param index>/<key>`` and ``rng/<rank>/{torch,cuda,noise}``; metadata key ``ditq_train``.
-Weights (``ema.safetensors``): a full-precision ditq checkpoint (`ditq.save`), so ``ditq.load``
-rebuilds the model; the run's provenance (model name, step, training config) is in its ``info``.
+Both go through `ditq.fileformat` (atomic, verified, hashed). Training state
+(``checkpoints/last.safetensors``, kind "train_state"): tensors ``model/<name>``, ``ema/<name>``,
+``optim/<param index>/<key>`` and ``rng/<rank>/{torch,cuda,noise}``; every non-tensor (step, config,
+optimizer hyper-parameters, numpy/python RNG states) in the JSON header.
+Weights (``ema.safetensors``): a ditq checkpoint (`ditq.save`), so ``ditq.load`` rebuilds the model, a
+prepared QAT model included; the run's provenance (model name, step, training config) is in its ``info``.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ditq import __version__, io
-from ditq.atomic import atomic_path
+from ditq import io
+from ditq.fileformat import CheckpointError, header_field, read_file, write_file
 
-TRAIN_STATE_KEY = "ditq_train"
-TRAIN_STATE_VERSION = 1
 RNG_TENSORS = ("torch", "cuda", "noise")
-
-
-def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | Path) -> Path:
-    """Write a safetensors file so that `path` is always either the old file or the complete new one."""
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(cpu, str(tmp), metadata=metadata)
-    return Path(path)
-
-
-def _read(path: Path, key: str, what: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-    if key not in metadata:
-        raise ValueError(f"{path} is not a ditq {what}: its safetensors metadata has no {key!r} entry")
-    return load_file(str(path)), json.loads(metadata[key])
 
 
 # --------------------------------------------------------------------------------------------
@@ -55,7 +30,7 @@ def _read(path: Path, key: str, what: str) -> tuple[dict[str, torch.Tensor], dic
 
 
 def save_weights(model: nn.Module, path: str | Path, /, **info: Any) -> Path:
-    """Save `model` as a full-precision ditq checkpoint; `ditq.load(path)` rebuilds it."""
+    """Save `model` (full precision, or prepared for QAT) as a ditq checkpoint; `ditq.load(path)` rebuilds it."""
     return io.save(model, path, info=info)
 
 
@@ -102,7 +77,7 @@ class TrainState:
 
 
 def save_train_state(path: str | Path, state: TrainState) -> Path:
-    """Flatten `state` into tensors + one JSON metadata string and write it atomically."""
+    """Flatten `state` into tensors + one JSON header and write it atomically."""
     tensors: dict[str, torch.Tensor] = {}
     tensors.update({f"model/{k}": v for k, v in state.model.items()})
     tensors.update({f"ema/{k}": v for k, v in state.ema.items()})
@@ -119,9 +94,7 @@ def save_train_state(path: str | Path, state: TrainState) -> Path:
             if rng.get(key) is not None:
                 tensors[f"rng/{rank}/{key}"] = rng[key]
         rng_json.append({k: v for k, v in rng.items() if k not in RNG_TENSORS})
-    meta = {
-        "format_version": TRAIN_STATE_VERSION,
-        "ditq_version": __version__,
+    header = {
         "step": state.step,
         "epoch": state.epoch,
         "position": state.position,
@@ -132,20 +105,22 @@ def save_train_state(path: str | Path, state: TrainState) -> Path:
         "optim_scalars": optim_scalars,
         "rng": rng_json,
     }
-    return atomic_save(tensors, {TRAIN_STATE_KEY: json.dumps(meta)}, path)
+    return write_file(path, tensors, kind="train_state", header=header)
 
 
 def load_train_state(path: str | Path) -> TrainState:
-    """Inverse of `save_train_state` (tensors on the CPU)."""
-    tensors, meta = _read(Path(path), TRAIN_STATE_KEY, "training checkpoint")
-    if meta["format_version"] > TRAIN_STATE_VERSION:
-        raise ValueError(
-            f"{path} has training-state version {meta['format_version']}; this ditq reads up to {TRAIN_STATE_VERSION}"
-        )
+    """Inverse of `save_train_state` (tensors on the CPU); `CheckpointError` names the file and field."""
+    tensors, header = read_file(path, kind="train_state")
+    field = {
+        key: header_field(path, header, key, kind)
+        for key, kind in (("step", int), ("epoch", int), ("position", int), ("elapsed_s", (int, float)),
+                          ("world_size", int), ("config", dict), ("optim_param_groups", list),
+                          ("optim_scalars", dict), ("rng", list))
+    }  # fmt: skip
     model, ema, rng_tensors = {}, {}, {}
-    optim_state: dict[int, dict[str, Any]] = {int(i): dict(s) for i, s in meta["optim_scalars"].items()}
+    optim_state: dict[int, dict[str, Any]] = {int(i): dict(s) for i, s in field["optim_scalars"].items()}
     for name, value in tensors.items():
-        kind, rest = name.split("/", 1)
+        kind, _, rest = name.partition("/")
         if kind == "model":
             model[rest] = value
         elif kind == "ema":
@@ -157,20 +132,20 @@ def load_train_state(path: str | Path) -> TrainState:
             rank, key = rest.split("/", 1)
             rng_tensors[(int(rank), key)] = value
         else:
-            raise ValueError(f"{path}: unexpected tensor {name!r} in a training checkpoint")
+            raise CheckpointError(f"{path}: unexpected tensor {name!r} in a training checkpoint")
     rng = [
         {**extra, **{key: rng_tensors.get((rank, key)) for key in RNG_TENSORS}}
-        for rank, extra in enumerate(meta["rng"])
+        for rank, extra in enumerate(field["rng"])
     ]
     return TrainState(
-        step=meta["step"],
-        epoch=meta["epoch"],
-        position=meta["position"],
-        elapsed_s=meta["elapsed_s"],
-        world_size=meta["world_size"],
-        config=meta["config"],
+        step=field["step"],
+        epoch=field["epoch"],
+        position=field["position"],
+        elapsed_s=field["elapsed_s"],
+        world_size=field["world_size"],
+        config=field["config"],
         model=model,
         ema=ema,
-        optimizer={"state": optim_state, "param_groups": meta["optim_param_groups"]},
+        optimizer={"state": optim_state, "param_groups": field["optim_param_groups"]},
         rng=rng,
     )

@@ -3,21 +3,30 @@
 Defaults follow the DiT paper (AdamW, constant lr 1e-4, no weight decay, EMA 0.9999, global batch
 256, 1000 linear-β steps) except where DiT-MNIST differs: the whole dataset lives on the device, so
 there is no loader, no worker processes and no horizontal flip (a flipped digit is another glyph).
+
+Quantization-aware training is the same run with a `recipe` (a `ditq.qat.QAT` as plain data): the model
+is prepared before the first step, optionally from `init_from`'s full-precision weights, and trained on
+the diffusion loss or by distillation from a frozen `teacher`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 MIXED_PRECISION = ("auto", "bf16", "no")
 LR_SCHEDULES = ("constant", "cosine")
+LOSSES = ("diffusion", "distill")
 
-# Fields that decide which samples, noise and model a step sees: a resume must not change them,
-# or "continue the run" silently becomes a different run.
-RESUME_FIXED = ("model", "model_overrides", "global_batch_size", "seed", "num_timesteps", "hflip", "data_dir")
+# Fields that decide which samples, noise, model and objective a step sees: a resume must not change
+# them, or "continue the run" silently becomes a different run.
+RESUME_FIXED = (
+    "model", "model_overrides", "global_batch_size", "seed", "num_timesteps", "hflip", "data", "data_dir",
+    "recipe", "loss", "teacher", "teacher_steps", "init_from",
+)  # fmt: skip
 
 
 @dataclass
@@ -26,7 +35,13 @@ class TrainConfig:
 
     model: str = "DiT-MNIST"  # zoo name (ditq.models.MODEL_CONFIGS)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # constructor kwargs, e.g. depth=2
-    data_dir: str | None = None  # MNIST IDX folder; None = the copy bundled with ditq
+    data: str = "mnist"  # data source (ditq.training.data.DATA_SOURCES)
+    data_dir: str | None = None  # the source's folder; None = its default (MNIST: the copy bundled with ditq)
+    recipe: dict[str, Any] | None = None  # a QAT recipe as data ({"method": "qat", ...}); None = FP training
+    loss: str = "diffusion"  # "diffusion" (DiT's objective) or "distill" (match `teacher`'s outputs)
+    teacher: str | None = None  # distill: a zoo name with bundled weights or a ditq checkpoint path
+    teacher_steps: int = 25  # distill: DDIM steps of the teacher trajectories the inputs are taken from
+    init_from: str | None = None  # start from these weights (zoo name with bundled weights or checkpoint)
     out_dir: str = "runs/dit-mnist"
     steps: int = 10_000
     global_batch_size: int = 256  # summed over ranks; each rank gets global / world_size
@@ -65,7 +80,15 @@ class TrainConfig:
             raise TypeError(
                 f"model_overrides must be JSON-serialisable (it is saved with the weights): {err}"
             ) from err
-        for name in ("steps", "global_batch_size", "log_every", "ckpt_every", "num_timesteps"):
+        self._check_objective()
+        for name in (
+            "steps",
+            "global_batch_size",
+            "log_every",
+            "ckpt_every",
+            "num_timesteps",
+            "teacher_steps",
+        ):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("warmup_steps", self.warmup_steps, minimum=0)
         _check_int("seed", self.seed, minimum=0)
@@ -90,6 +113,30 @@ class TrainConfig:
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
+    def _check_objective(self) -> None:
+        """Data source, recipe, loss, teacher and initial weights; the recipe is stored normalised."""
+        from ditq.training.data import DATA_SOURCES
+
+        if self.data not in DATA_SOURCES:
+            raise ValueError(f"data={self.data!r} is not one of the data sources {sorted(DATA_SOURCES)}")
+        if self.recipe is not None:
+            self.recipe = _normalise_recipe(self.recipe)
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r} is not one of {LOSSES}")
+        if self.loss == "distill" and self.teacher is None:
+            raise ValueError(
+                "loss='distill' needs teacher= (a zoo name with bundled weights or a checkpoint path)"
+            )
+        if self.loss != "distill" and self.teacher is not None:
+            raise ValueError(f"teacher={self.teacher!r} is only used by loss='distill' (loss={self.loss!r})")
+        for name in ("teacher", "init_from"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+                setattr(self, name, value)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name}={value!r} must be a zoo name or a checkpoint path")
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (tuples become lists)."""
         out = asdict(self)
@@ -104,6 +151,26 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {unknown}; known fields are: {sorted(known)}")
         return cls(**data)
+
+
+def _normalise_recipe(data: Any) -> dict[str, Any]:
+    """A QAT recipe as the canonical data `QAT.to_dict()` gives, so that a resume compares like with like."""
+    from ditq.qat import QAT  # registers the "qat" method; imported here to keep `ditq.train` light
+    from ditq.recipes import recipe_from_dict
+
+    if not isinstance(data, dict):
+        raise TypeError(
+            f"recipe must be a dict such as {{'method': 'qat', 'w_bits': 4}}, got {type(data).__name__}"
+        )
+    try:
+        recipe = recipe_from_dict(data)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"recipe: {err}") from err
+    if not isinstance(recipe, QAT):
+        raise ValueError(
+            f"recipe: method {recipe.method!r} is post-training quantization; training takes a 'qat' recipe"
+        )
+    return recipe.to_dict()
 
 
 def _is_real(value: Any) -> bool:

@@ -1,9 +1,11 @@
-"""The DiT training loop: AdamW + EMA on DiT's diffusion loss, single device or DDP, exact resume.
+"""The DiT training loop: AdamW + EMA, single device or DDP, exact resume, optional QAT.
 
-One step: pick this rank's batch from a seeded per-epoch permutation (DistributedSampler), draw
-t ~ U{0..T−1} and ε from a per-rank generator, loss = mean of `training_losses`, backward (DDP
-averages gradients), clip, AdamW, EMA update. Label dropout to the null class (classifier-free
-guidance) happens inside the model because it is in train mode.
+One step: pick this rank's batch from a seeded per-epoch permutation (DistributedSampler), take the
+objective (`ditq.training.losses`: DiT's diffusion loss, or distillation from a frozen teacher), backward
+(DDP averages gradients), clip, AdamW, EMA update. Label dropout to the null class (classifier-free
+guidance) happens inside the model because it is in train mode. With a QAT recipe the model (and so its
+EMA) is `ditq.qat.prepare`d first; with nested bit-widths (MatQuant) the step's loss is the sum of the
+losses at each served bit-width, all on the same batch, timesteps and noise.
 
 Exact resume: the checkpoint holds model, EMA, optimizer, step and every rank's RNG states; the
 data order is a pure function of (seed, epoch, step), so a run interrupted after a checkpoint and
@@ -17,6 +19,8 @@ import json
 import logging
 import math
 import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +31,18 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from ditq.data import load_mnist, to_model_space
-from ditq.diffusion import GaussianDiffusion, create_diffusion
+from ditq import io
+from ditq.bundled import BUNDLED_WEIGHTS, bundled_path
+from ditq.diffusion import create_diffusion
 from ditq.models import create
+from ditq.qat import QAT, prepare, set_served_bits
+from ditq.quant.modules import is_quantized
+from ditq.recipes import recipe_from_dict
 from ditq.training.checkpoint import TrainState, load_train_state, save_train_state, save_weights
 from ditq.training.config import RESUME_FIXED, TrainConfig
+from ditq.training.data import load_dataset
 from ditq.training.distributed import DistEnv, check_ranks_agree, setup_distributed
+from ditq.training.losses import DiffusionLoss, DistillLoss, Loss, ModelFn
 from ditq.training.rng import capture_rng, restore_rng, seed_rank
 
 log = logging.getLogger("ditq.train")
@@ -42,32 +52,8 @@ EMA_NAME = "ema.safetensors"
 LOG_NAME = "log.jsonl"
 
 # --------------------------------------------------------------------------------------------
-# Data, schedules, EMA
+# Schedules, EMA
 # --------------------------------------------------------------------------------------------
-
-
-def load_dataset(
-    cfg: TrainConfig, model: nn.Module, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """All MNIST test-split images in model space (N, 1, 32, 32) and labels (N,), on `device`.
-
-    10,000 images are 40 MB in fp32: keeping them on the device replaces a DataLoader.
-    """
-    try:
-        images, labels = load_mnist(cfg.data_dir)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"data_dir={cfg.data_dir!r}: {err}") from err
-    x = to_model_space(images)  # (N, 1, 32, 32) in [-1, 1]
-    y = torch.as_tensor(labels, dtype=torch.long)  # (N,)
-    want = (model.in_channels, model.input_size, model.input_size)
-    if tuple(x.shape[1:]) != want:
-        raise ValueError(
-            f"model {cfg.model!r} expects inputs of shape {want}, the data is {tuple(x.shape[1:])}; "
-            "check model_overrides (in_channels, input_size)"
-        )
-    if int(y.max()) >= model.num_classes:
-        raise ValueError(f"labels go up to {int(y.max())} but the model has num_classes={model.num_classes}")
-    return x.to(device), y.to(device)
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -98,21 +84,348 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
         b_ema.copy_(b_model)
 
 
-def training_loss(
-    diffusion: GaussianDiffusion,
-    model_fn: Any,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    t: torch.Tensor,
-    noise: torch.Tensor,
-) -> torch.Tensor:
-    """DiT's objective for one batch: the mean over samples of L_simple (+ L_vlb when σ is learned)."""
-    return diffusion.training_losses(model_fn, x, t, dict(y=y), noise=noise)["loss"].mean()
+# --------------------------------------------------------------------------------------------
+# Model, objective, data
+# --------------------------------------------------------------------------------------------
+
+
+def open_weights(ref: str, field_name: str, device: torch.device) -> nn.Module:
+    """The float32 model in a zoo name's bundled weights or in a ditq checkpoint, in eval mode."""
+    path = bundled_path(ref) or Path(ref)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{field_name}={ref!r} is neither a zoo model with bundled weights ({', '.join(sorted(BUNDLED_WEIGHTS))}) "
+            "nor a checkpoint file"
+        )
+    return io.load(path, device=device).float().eval()
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    """`cfg.model` with its overrides, seeded, optionally from `init_from`, prepared for QAT by `recipe`."""
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    model = create(cfg.model, **cfg.model_overrides).to(device)
+    if cfg.init_from is not None:
+        source = open_weights(cfg.init_from, "init_from", device)
+        if is_quantized(source):
+            raise ValueError(
+                f"init_from={cfg.init_from!r} holds quantized layers; start from full-precision weights"
+            )
+        ours, theirs = model.state_dict(), source.state_dict()
+        misfit = sorted(
+            k
+            for k in ours.keys() | theirs.keys()
+            if k not in ours or k not in theirs or ours[k].shape != theirs[k].shape
+        )
+        if misfit:
+            raise ValueError(
+                f"init_from={cfg.init_from!r} does not fit {cfg.model} with model_overrides="
+                f"{cfg.model_overrides}: tensors {misfit[:5]} are missing or shaped differently"
+            )
+        model.load_state_dict(theirs)
+    if cfg.recipe is not None:
+        prepare(model, recipe_from_dict(cfg.recipe))
+    return model
+
+
+def autocast_fn(net: nn.Module, device: torch.device, bf16: bool) -> ModelFn:
+    """`net` under bf16 autocast when asked, returning float32 (the losses stay in fp32)."""
+
+    def model_fn(x_t: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            prediction = net(x_t, t, **kwargs)  # (N, 2C or C, H, W)
+        return prediction.float()
+
+    return model_fn
+
+
+def make_loss(cfg: TrainConfig, model: nn.Module, device: torch.device, bf16: bool) -> Loss:
+    """The run's objective: DiT's diffusion loss, or distillation from the frozen `cfg.teacher`."""
+    if cfg.loss == "diffusion":
+        return DiffusionLoss(
+            create_diffusion("", num_timesteps=cfg.num_timesteps, learn_sigma=model.learn_sigma)
+        )
+    teacher = open_weights(cfg.teacher, "teacher", device).requires_grad_(False)
+    return DistillLoss(teacher, autocast_fn(teacher, device, bf16), cfg.teacher_steps, cfg.num_timesteps)
+
+
+class Batches:
+    """This rank's batches: a seeded permutation per epoch (DistributedSampler) cut into equal slices."""
+
+    def __init__(self, cfg: TrainConfig, env: DistEnv, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels, self.hflip = images, labels, cfg.hflip
+        self.batch = cfg.global_batch_size // env.world_size
+        self.sampler = DistributedSampler(
+            range(len(images)), num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.seed
+        )
+        self.steps_per_epoch = len(self.sampler) // self.batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"global_batch_size={cfg.global_batch_size} exceeds the {len(images)} images available"
+            )
+        self._epoch, self._order = -1, torch.empty(0)
+
+    def at(self, step: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x (B, C, H, W), y (B,)) of the 0-based step; random flips draw from `gen`."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self.sampler.set_epoch(epoch)
+            order = torch.tensor(list(self.sampler), device=self.images.device)
+            self._order = order[: self.steps_per_epoch * self.batch].view(self.steps_per_epoch, self.batch)
+            self._epoch = epoch
+        idx = self._order[position]
+        x, y = self.images[idx], self.labels[idx]
+        if self.hflip:
+            flip = torch.rand(self.batch, generator=gen, device=x.device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x, y
 
 
 # --------------------------------------------------------------------------------------------
-# Training
+# One run
 # --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """Everything a run holds between steps."""
+
+    cfg: TrainConfig
+    env: DistEnv
+    model: nn.Module
+    ema: nn.Module
+    batches: Batches
+    loss_fn: Loss
+    noise_gen: torch.Generator
+    served_bits: tuple[int, ...] = ()  # nested bit-widths trained jointly; () = one
+    default_bits: int = 0
+    start: int = 0
+    elapsed_before: float = 0.0
+    resumed: bool = False
+    net: nn.Module = field(init=False)
+    model_fn: ModelFn = field(init=False)
+    params: list[nn.Parameter] = field(init=False)
+    opt: torch.optim.Optimizer = field(init=False)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out_dir)
+
+
+def _check_fresh_or_resume(cfg: TrainConfig, env: DistEnv) -> None:
+    if cfg.global_batch_size % env.world_size:
+        raise ValueError(
+            f"global_batch_size={cfg.global_batch_size} is not divisible by the world size {env.world_size}"
+        )
+    ckpt_path = Path(cfg.out_dir) / CHECKPOINT_NAME
+    if ckpt_path.exists() and not cfg.resume:
+        raise FileExistsError(
+            f"{ckpt_path} exists: pass resume=True (--resume) to continue that run, or pick another out_dir"
+        )
+
+
+def start_run(cfg: TrainConfig, env: DistEnv) -> Run:
+    """Build model, EMA, data, objective and optimizer; restore a checkpoint when there is one.
+
+    Everything that draws random numbers happens before the RNG states are restored (last).
+    """
+    device = env.device
+    on_cuda = device.type == "cuda"
+    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and on_cuda)
+    model = build_model(cfg, device)
+    images, labels = load_dataset(cfg.data, cfg.data_dir, model, device)
+    loss_fn = make_loss(cfg, model, device, bf16)
+    ema = copy.deepcopy(model).float().requires_grad_(False).eval()  # shipped weights; fp32 always
+    model.train()  # enables label dropout for classifier-free guidance
+    recipe = None if cfg.recipe is None else recipe_from_dict(cfg.recipe)
+    nested = recipe.served_bits if isinstance(recipe, QAT) and len(recipe.served_bits) > 1 else ()
+    run = Run(
+        cfg,
+        env,
+        model,
+        ema,
+        Batches(cfg, env, images, labels),
+        loss_fn,
+        torch.Generator(device=device),
+        served_bits=nested,
+        default_bits=recipe.w_bits if nested else 0,
+    )
+    seed_rank(cfg.seed, env.rank, run.noise_gen)
+    ckpt_path = run.out / CHECKPOINT_NAME
+    state = None
+    if ckpt_path.exists():
+        state = load_train_state(ckpt_path)
+        _check_resumable(cfg, state, env, ckpt_path)
+        model.load_state_dict(state.model)
+        ema.load_state_dict(state.ema)
+        run.start, run.elapsed_before, run.resumed = state.step, state.elapsed_s, True
+    run.params = [p for p in model.parameters() if p.requires_grad]
+    run.net = DDP(model, device_ids=[device.index] if on_cuda else None) if env.world_size > 1 else model
+    if cfg.compile and on_cuda:
+        run.net = torch.compile(run.net)
+    run.model_fn = autocast_fn(run.net, device, bf16)
+    run.opt = torch.optim.AdamW(
+        run.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=on_cuda or None
+    )
+    if state is not None:
+        run.opt.load_state_dict(state.optimizer)
+        restore_rng(state.rng[env.rank], run.noise_gen, device)  # last: nothing may draw after this
+    return run
+
+
+def announce(run: Run) -> None:
+    """Rank 0: write config.json, start or trim log.jsonl, and say what is being trained."""
+    if not run.env.is_main:
+        return
+    cfg, log_path = run.cfg, run.out / LOG_NAME
+    (run.out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if run.resumed:
+        _trim_log(log_path, run.start)
+    else:
+        log_path.write_text("")
+    n_params = sum(p.numel() for p in run.model.parameters())
+    quant = "" if cfg.recipe is None else f", QAT {cfg.recipe}"
+    log.info(
+        "%s: %s parameters, %d rank(s) x batch %d, %s%s",
+        cfg.model,
+        f"{n_params:,}",
+        run.env.world_size,
+        run.batches.batch,
+        run.env.device,
+        quant,
+    )
+    if run.resumed:
+        log.info("resumed from %s at step %d", run.out / CHECKPOINT_NAME, run.start)
+
+
+def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero grads, loss (summed over nested bit-widths, same draws for each), backward, clip, AdamW step.
+
+    Returns the detached loss and the gradient norm before clipping.
+    """
+    run.opt.zero_grad(set_to_none=True)
+    bits = run.served_bits or (None,)
+    draws = run.noise_gen.get_state()
+    total = torch.zeros((), device=x.device)
+    for i, b in enumerate(bits):
+        if b is not None:
+            set_served_bits(run.model, b)
+            run.noise_gen.set_state(draws)
+        last = i == len(bits) - 1
+        with nullcontext() if last or not isinstance(run.net, DDP) else run.net.no_sync():
+            loss = run.loss_fn(run.model_fn, x, y, run.noise_gen)
+            loss.backward()
+        total += loss.detach()
+    if run.served_bits:
+        set_served_bits(run.model, run.default_bits)
+    clip = run.cfg.grad_clip if run.cfg.grad_clip is not None else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, clip)
+    run.opt.step()
+    return total, grad_norm
+
+
+class LogMeter:
+    """Loss and grad-norm sums since the last log line, kept on the device (no per-step sync)."""
+
+    def __init__(self, device: torch.device, elapsed_before: float) -> None:
+        self.sums = torch.zeros(2, device=device)
+        self.count, self.elapsed_before = 0, elapsed_before
+        self.t_start = self.t_last = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.sums += torch.stack([loss, grad_norm.detach().to(self.sums.device)])
+        self.count += 1
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.t_start
+
+    def record(self, run: Run, done: int, lr: float) -> dict[str, Any]:
+        """The log line for `done` steps (means over ranks and steps), then reset the sums."""
+        stats = self.sums / self.count
+        if run.env.world_size > 1:
+            dist.all_reduce(stats)
+            stats /= run.env.world_size
+        mean_loss, mean_norm = stats.tolist()
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"loss is {mean_loss} at step {done}: lower lr or check the data")
+        now = time.perf_counter()
+        record = {
+            "step": done, "epoch": (done - 1) // run.batches.steps_per_epoch, "loss": mean_loss,
+            "grad_norm": mean_norm, "lr": lr, "ema_decay": ema_decay_at(run.cfg, done),
+            "steps_per_s": self.count / (now - self.t_last), "elapsed_s": self.elapsed(),
+        }  # fmt: skip
+        self.sums.zero_()
+        self.count, self.t_last = 0, now
+        return record
+
+
+def save_checkpoint(run: Run, done: int, elapsed: float) -> None:
+    """Every rank's RNG states to rank 0, which writes the training state; then all ranks wait."""
+    env = run.env
+    every_rank = [capture_rng(run.noise_gen, env.device)]
+    if env.world_size > 1:
+        gathered: list[Any] = [None] * env.world_size
+        dist.all_gather_object(gathered, every_rank[0])
+        every_rank = gathered
+    if env.is_main:
+        epoch, position = divmod(done, run.batches.steps_per_epoch)
+        state = TrainState(
+            done,
+            epoch,
+            position,
+            elapsed,
+            env.world_size,
+            run.cfg.to_dict(),
+            run.model.state_dict(),
+            run.ema.state_dict(),
+            run.opt.state_dict(),
+            every_rank,
+        )
+        save_train_state(run.out / CHECKPOINT_NAME, state)
+    env.barrier()
+
+
+def run_steps(run: Run) -> None:
+    """Steps `run.start` .. `cfg.steps`: batch, step, EMA, log lines and checkpoints as configured."""
+    cfg, env = run.cfg, run.env
+    pbar = tqdm(
+        total=cfg.steps, initial=run.start, disable=not (env.is_main and cfg.progress), dynamic_ncols=True
+    )
+    meter = LogMeter(env.device, run.elapsed_before)
+    try:
+        for step in range(run.start, cfg.steps):
+            x, y = run.batches.at(step, run.noise_gen)  # (B, C, H, W), (B,)
+            lr = lr_at(cfg, step)
+            for group in run.opt.param_groups:
+                group["lr"] = lr
+            loss, grad_norm = train_step(run, x, y)
+            update_ema(run.ema, run.model, ema_decay_at(cfg, step + 1))
+            meter.add(loss, grad_norm)
+            done = step + 1
+            pbar.update(1)
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                record = meter.record(run, done, lr)
+                if env.is_main:
+                    with (run.out / LOG_NAME).open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    pbar.set_postfix(loss=f"{record['loss']:.4f}", it_s=f"{record['steps_per_s']:.1f}")
+            if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                save_checkpoint(run, done, meter.elapsed())
+    finally:
+        pbar.close()
+
+
+def ship_ema(run: Run) -> Path:
+    """Rank 0 writes the EMA weights (after checking that every rank holds the same) as a ditq checkpoint."""
+    cfg, ema_path = run.cfg, run.out / EMA_NAME
+    check_ranks_agree(run.ema, run.env)
+    if run.env.is_main:
+        save_weights(
+            run.ema, ema_path, model=cfg.model, step=max(run.start, cfg.steps), train_config=cfg.to_dict()
+        )
+        log.info("EMA weights written to %s", ema_path)
+    run.env.barrier()
+    return ema_path
 
 
 def _check_resumable(cfg: TrainConfig, state: TrainState, env: DistEnv, path: Path) -> None:
@@ -166,183 +479,8 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def _train(cfg: TrainConfig, env: DistEnv) -> Path:
-    out = Path(cfg.out_dir)
-    ckpt_path, log_path, ema_path = out / CHECKPOINT_NAME, out / LOG_NAME, out / EMA_NAME
-    if cfg.global_batch_size % env.world_size:
-        raise ValueError(
-            f"global_batch_size={cfg.global_batch_size} is not divisible by the world size {env.world_size}"
-        )
-    if ckpt_path.exists() and not cfg.resume:
-        raise FileExistsError(
-            f"{ckpt_path} exists: pass resume=True (--resume) to continue that run, or pick another out_dir"
-        )
-    batch = cfg.global_batch_size // env.world_size
-    device = env.device
-    on_cuda = device.type == "cuda"
-
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    model = create(cfg.model, **cfg.model_overrides).to(device)
-    images, labels = load_dataset(cfg, model, device)
-    diffusion = create_diffusion(
-        timestep_respacing="", num_timesteps=cfg.num_timesteps, learn_sigma=model.learn_sigma
-    )
-    ema = copy.deepcopy(model).float().requires_grad_(False).eval()  # shipped weights; fp32 always
-    model.train()  # enables label dropout for classifier-free guidance
-
-    sampler = DistributedSampler(
-        range(len(images)), num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.seed
-    )
-    steps_per_epoch = len(sampler) // batch
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"global_batch_size={cfg.global_batch_size} exceeds the {len(images)} images available"
-        )
-
-    noise_gen = torch.Generator(device=device)
-    seed_rank(cfg.seed, env.rank, noise_gen)
-    start, elapsed_before = 0, 0.0
-    state = None
-    if ckpt_path.exists():
-        state = load_train_state(ckpt_path)
-        _check_resumable(cfg, state, env, ckpt_path)
-        model.load_state_dict(state.model)
-        ema.load_state_dict(state.ema)
-        start, elapsed_before = state.step, state.elapsed_s
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    net: nn.Module = (
-        DDP(model, device_ids=[device.index] if on_cuda else None) if env.world_size > 1 else model
-    )
-    if cfg.compile and on_cuda:
-        net = torch.compile(net)
-    opt = torch.optim.AdamW(
-        params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=on_cuda or None
-    )
-    if state is not None:
-        opt.load_state_dict(state.optimizer)
-        restore_rng(state.rng[env.rank], noise_gen, device)  # last: nothing may draw after this
-    bf16 = cfg.mixed_precision == "bf16" or (cfg.mixed_precision == "auto" and on_cuda)
-
-    def model_fn(x_t: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            prediction = net(x_t, t, **kwargs)  # (N, 2C or C, H, W)
-        return prediction.float()  # the diffusion loss (logs, KL terms) stays in fp32
-
-    if env.is_main:
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-        if state is None:
-            log_path.write_text("")
-        else:
-            _trim_log(log_path, start)
-        n_params = sum(p.numel() for p in model.parameters())
-        log.info(
-            "%s: %s parameters, %d rank(s) x batch %d, %s",
-            cfg.model,
-            f"{n_params:,}",
-            env.world_size,
-            batch,
-            device,
-        )
-        if state is not None:
-            log.info("resumed from %s at step %d", ckpt_path, start)
-
-    def checkpoint(done: int, elapsed: float) -> None:
-        rng = capture_rng(noise_gen, device)
-        every_rank = [rng]
-        if env.world_size > 1:
-            every_rank = [None] * env.world_size
-            dist.all_gather_object(every_rank, rng)
-        if env.is_main:
-            epoch, position = divmod(done, steps_per_epoch)
-            save_train_state(
-                ckpt_path,
-                TrainState(
-                    done,
-                    epoch,
-                    position,
-                    elapsed,
-                    env.world_size,
-                    cfg.to_dict(),
-                    model.state_dict(),
-                    ema.state_dict(),
-                    opt.state_dict(),
-                    every_rank,
-                ),
-            )
-        env.barrier()
-
-    pbar = tqdm(
-        total=cfg.steps, initial=start, disable=not (env.is_main and cfg.progress), dynamic_ncols=True
-    )
-    t_start = t_last = time.perf_counter()
-    running = torch.zeros(
-        2, device=device
-    )  # loss and grad-norm sums since the last log line (no per-step sync)
-    since_log, last_epoch, order = 0, -1, torch.empty(0)
-    try:
-        for step in range(start, cfg.steps):
-            epoch, position = divmod(step, steps_per_epoch)
-            if epoch != last_epoch:
-                sampler.set_epoch(epoch)
-                order = torch.tensor(list(sampler), device=device)[: steps_per_epoch * batch].view(
-                    steps_per_epoch, batch
-                )
-                last_epoch = epoch
-            idx = order[position]
-            x, y = images[idx], labels[idx]  # (B, 1, 32, 32), (B,)
-            if cfg.hflip:
-                flip = torch.rand(batch, generator=noise_gen, device=device) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-            t = torch.randint(0, diffusion.num_timesteps, (batch,), generator=noise_gen, device=device)
-            noise = torch.randn(x.shape, generator=noise_gen, device=device)
-            lr = lr_at(cfg, step)
-            for group in opt.param_groups:
-                group["lr"] = lr
-
-            loss = training_loss(diffusion, model_fn, x, y, t, noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params, cfg.grad_clip if cfg.grad_clip is not None else math.inf
-            )
-            opt.step()
-            update_ema(ema, model, ema_decay_at(cfg, step + 1))
-
-            running += torch.stack([loss.detach(), grad_norm.detach().to(device)])
-            since_log += 1
-            done = step + 1
-            pbar.update(1)
-            if done % cfg.log_every == 0 or done == cfg.steps:
-                stats = running / since_log
-                if env.world_size > 1:
-                    dist.all_reduce(stats)
-                    stats /= env.world_size
-                mean_loss, mean_norm = stats.tolist()
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(
-                        f"loss is {mean_loss} at step {done}: lower lr or check the data"
-                    )
-                now = time.perf_counter()
-                record = {
-                    "step": done, "epoch": epoch, "loss": mean_loss, "grad_norm": mean_norm, "lr": lr,
-                    "ema_decay": ema_decay_at(cfg, done), "steps_per_s": since_log / (now - t_last),
-                    "elapsed_s": elapsed_before + now - t_start,
-                }  # fmt: skip
-                if env.is_main:
-                    with log_path.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    pbar.set_postfix(loss=f"{mean_loss:.4f}", it_s=f"{record['steps_per_s']:.1f}")
-                running.zero_()
-                since_log, t_last = 0, now
-            if done % cfg.ckpt_every == 0 or done == cfg.steps:
-                checkpoint(done, elapsed_before + time.perf_counter() - t_start)
-    finally:
-        pbar.close()
-
-    check_ranks_agree(ema, env)
-    if env.is_main:
-        save_weights(ema, ema_path, model=cfg.model, step=max(start, cfg.steps), train_config=cfg.to_dict())
-        log.info("EMA weights written to %s", ema_path)
-    env.barrier()
-    return ema_path
+    _check_fresh_or_resume(cfg, env)
+    run = start_run(cfg, env)
+    announce(run)
+    run_steps(run)
+    return ship_ema(run)

@@ -6,9 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ditq.kernels import emulated, quant_linear_reference, use_kernels
 from ditq.kernels.reference import quantize_activations
-from ditq.quant.primitives import compute_qparams, fake_quantize, fp8_dequantize, fp8_quantize
+from ditq.quant.primitives import compute_qparams, dequantize, fake_quantize, fp8_dequantize, fp8_quantize
 from ditq.quant.qlinear import QuantLinear
 from ditq.quant.spec import QuantSpec
 
@@ -35,7 +34,7 @@ def test_dynamic_int_activations(a_bits, a_group_size, symmetric):
     m = _layer(spec)
     x = _x(2, 5)
     x_q = fake_quantize(x, a_bits, a_group_size, symmetric)
-    assert torch.equal(quantize_activations(x, m), x_q)
+    assert torch.equal(quantize_activations(x, m.spec), x_q)
     assert torch.equal(m(x), F.linear(x_q, m.dequantized_weight(), m.bias))
 
 
@@ -72,7 +71,7 @@ def test_smoothing_and_low_rank_branch():
     torch.manual_seed(2)
     smooth = torch.rand(IN) + 0.5
     down, up = torch.randn(IN, 4) * 0.1, torch.randn(4, OUT) * 0.1
-    m = _layer(spec, smooth=smooth, lora_down=down, lora_up=up)
+    m = _layer(spec, smooth=smooth, lowrank_down=down, lowrank_up=up)
     x = _x(2, 3)
     h = x / smooth
     expected = F.linear(fake_quantize(h, 4, 32, True), m.dequantized_weight(), m.bias) + (h @ down) @ up
@@ -92,8 +91,8 @@ def test_low_precision_input_gives_same_dtype(dtype):
     m = _layer(
         QuantSpec(w_bits=4, group_size=32, a_bits=8, rank=2, smooth=True),
         smooth=torch.ones(IN),
-        lora_down=torch.zeros(IN, 2),
-        lora_up=torch.zeros(2, OUT),
+        lowrank_down=torch.zeros(IN, 2),
+        lowrank_up=torch.zeros(2, OUT),
     )
     x = _x(4)
     y = m(x.to(dtype))
@@ -101,9 +100,13 @@ def test_low_precision_input_gives_same_dtype(dtype):
     assert torch.allclose(y.float(), m(x), rtol=0.05, atol=0.05)
 
 
-def test_emulated_is_the_reference():
-    m = _layer(QuantSpec(w_bits=3, symmetric=False, a_bits=6))
-    x = _x(5)
-    assert emulated is quant_linear_reference
-    with use_kernels("emulated"):
-        assert torch.equal(m(x), quant_linear_reference(x, m))
+def test_nested_codes_serve_their_most_significant_bits():
+    """stored_bits=8, w_bits=4: the layer runs on round(q / 16)·16 of its int8 codes, same scale."""
+    spec = QuantSpec(w_bits=4, stored_bits=8, group_size=32)
+    m = _layer(spec)
+    q = m.weight_codes()  # int8 codes on the 8-bit grid
+    served = (torch.round(q.float() / 16).clamp(-8, 7) * 16).to(torch.int8)
+    expected = dequantize(served, m.scales, None, 32)
+    assert torch.equal(m.dequantized_weight(), expected)
+    x = _x(3)
+    assert torch.equal(m(x), F.linear(x, expected, m.bias))

@@ -1,0 +1,86 @@
+"""`CalibData`: what every Linear saw during calibration, tagged by step, and its file form.
+
+Per Linear (by module name):
+
+| field         | dtype             | shape                | meaning                                              |
+|---------------|-------------------|----------------------|------------------------------------------------------|
+| `absmax`      | float32           | (in,)                | per-channel max |x| over everything seen              |
+| `step_absmax` | float32           | (steps, in)          | the same per step (0 where the layer was not called)  |
+| `inputs`      | the layer's input | (rows, in)           | a seeded uniform sample of input rows, arrival order |
+| `input_steps` | int64             | (rows,)              | the step each kept row was seen at                   |
+
+A step is one call of the model's own forward: one sampler step for zoo models (`timesteps[s]` is the
+diffusion timestep the model saw at step s), one call of whatever the user's `run` does otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ditq.fileformat import CheckpointError, header_field, read_file, write_file
+
+_KINDS = ("absmax", "step_absmax", "inputs", "input_steps")
+
+
+@dataclass
+class CalibData:
+    """Per-Linear statistics and sampled input rows; see the module docstring for the table."""
+
+    absmax: dict[str, torch.Tensor] = field(default_factory=dict)
+    step_absmax: dict[str, torch.Tensor] = field(default_factory=dict)
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)
+    input_steps: dict[str, torch.Tensor] = field(default_factory=dict)
+    timesteps: tuple[int, ...] = ()
+    n_samples: int = 0
+    steps: int = 0
+
+    def require(self, name: str, rows: bool = False) -> None:
+        """Raise naming `name` if it has no statistics (or, with `rows`, no sampled input rows)."""
+        if name not in self.absmax:
+            raise ValueError(
+                f"calibration data has no entry for module {name!r}; was it captured on this model?"
+            )
+        if rows and name not in self.inputs:
+            raise ValueError(f"calibration data keeps no input rows for module {name!r} (rows_per_layer=0?)")
+
+    def check_finite(self, where: str = "calibration data") -> None:
+        """Raise naming the layer if any statistic or row is NaN or infinite (it would poison every scale)."""
+        for kind in ("absmax", "step_absmax", "inputs"):
+            for name, tensor in getattr(self, kind).items():
+                if not bool(torch.isfinite(tensor).all()):
+                    raise ValueError(f"{where}: {kind} of layer {name!r} holds NaN or infinite values")
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write through `ditq.fileformat` (atomic, verified, hashed), so a long calibration is never lost."""
+        tensors = {f"{kind}/{name}": t for kind in _KINDS for name, t in getattr(self, kind).items()}
+        info = {"n_samples": self.n_samples, "steps": self.steps, "timesteps": list(self.timesteps)}
+        return write_file(path, tensors, kind="calibration", header={"calibration": info})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> CalibData:
+        """Read a file `save` wrote; refuses unreadable, inconsistent or non-finite data, naming the path."""
+        tensors, header = read_file(path, kind="calibration")
+        info = header_field(path, header, "calibration", dict)
+        timesteps = header_field(path, info, "timesteps", list, "calibration")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in timesteps):
+            raise CheckpointError(f"{path}: header field 'calibration.timesteps' must hold ints, got {timesteps!r}")
+        data = cls(
+            n_samples=header_field(path, info, "n_samples", int, "calibration"),
+            steps=header_field(path, info, "steps", int, "calibration"),
+            timesteps=tuple(timesteps),
+        )
+        for key, tensor in tensors.items():
+            kind, _, name = key.partition("/")
+            if kind not in _KINDS:
+                raise CheckpointError(f"{path}: unknown calibration tensor {key!r}")
+            getattr(data, kind)[name] = tensor
+        for name, rows in data.inputs.items():
+            steps = data.input_steps.get(name)
+            if steps is None or steps.shape != rows.shape[:1] or name not in data.absmax:
+                raise CheckpointError(f"{path}: calibration entries of layer {name!r} are incomplete")
+        data.check_finite(str(path))
+        return data

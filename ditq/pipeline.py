@@ -1,0 +1,112 @@
+"""Post-training quantization as the CLI and the demo run it: calibrate → quantize → report.
+
+`ditq quantize`, `ditq eval --recipe` and `ditq demo` all go through `post_training_quantize`, so they
+calibrate with the same settings and report the same per-layer errors and sizes: their numbers can be
+put side by side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ditq.api import plan, quantize, shallow_clone
+from ditq.calib import CalibData, calibrate
+from ditq.eval.layers import layer_errors
+from ditq.io import model_size_bytes
+from ditq.recipes import Recipe
+
+
+@dataclass(frozen=True)
+class CalibSettings:
+    """How calibration inputs are drawn along the FP model's own sampling trajectories.
+
+    The default seed (1) differs from the evaluation seed (0), so a model is never calibrated on the
+    very noise it is then scored on.
+    """
+
+    samples: int = 16
+    steps: int = 25
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"calibration {name} must be a positive integer, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PTQResult:
+    """A quantized model and what it costs: per-layer errors against the FP model, and sizes in bytes."""
+
+    model: nn.Module
+    recipe: Recipe
+    calib: CalibData
+    settings: CalibSettings
+    layers: list[dict[str, Any]]
+    float_dtype: torch.dtype  # what the layers left in high precision are stored in (`ditq.save(float_dtype=)`)
+    fp16_size_bytes: int  # the FP model's tensors in 16-bit floats: what compression is measured against
+    quant_size_bytes: int  # the quantized model's tensors as `ditq.save(float_dtype=)` writes them
+
+    def report(self) -> dict[str, Any]:
+        """JSON-serialisable summary (recipe, calibration settings, sizes, per-layer errors)."""
+        return {
+            "recipe": self.recipe.to_dict(),
+            "calibration": asdict(self.settings),
+            "float_dtype": str(self.float_dtype).removeprefix("torch."),
+            "fp16_size_bytes": self.fp16_size_bytes,
+            "quant_size_bytes": self.quant_size_bytes,
+            "layers": self.layers,
+        }
+
+
+def post_training_quantize(
+    fp_model: nn.Module,
+    recipe: Recipe,
+    *,
+    settings: CalibSettings | None = None,
+    calib: CalibData | None = None,
+    float_dtype: torch.dtype = torch.float16,
+    progress: bool = False,
+) -> PTQResult:
+    """Calibrate `fp_model` (unless `calib` is given), quantize a copy with `recipe`, measure it.
+
+    `fp_model` is left untouched. The recipe's plan (patterns, an already quantized model) is checked
+    before the calibration, so a mistake costs no sampling time. Pass `calib` to quantize one FP model
+    with several recipes from the same calibration data. Sizes count the high-precision layers in
+    `float_dtype` (16-bit by default, the precision DiTs ship in); save with the same `float_dtype`.
+    """
+    settings = settings or CalibSettings()
+    _check_shapes(fp_model, plan(fp_model, recipe))
+    if calib is None:
+        calib = calibrate(fp_model, n_samples=settings.samples, steps=settings.steps, seed=settings.seed,
+                          progress=progress)
+    quant_model = quantize(shallow_clone(fp_model), recipe, calib=calib)  # FP tensors shared, not copied
+    return PTQResult(
+        model=quant_model,
+        recipe=recipe,
+        calib=calib,
+        settings=settings,
+        layers=layer_errors(fp_model, quant_model, calib.inputs),
+        float_dtype=float_dtype,
+        fp16_size_bytes=model_size_bytes(fp_model, torch.float16),
+        quant_size_bytes=model_size_bytes(quant_model, float_dtype),
+    )
+
+
+def _check_shapes(fp_model: nn.Module, targets: dict[str, Recipe]) -> None:
+    """Each target's spec against its layer's shape, naming the layer: a group size that does not divide
+    one layer costs no sampling time. Recipes without a single `spec()` are checked by their method."""
+    for name, recipe in targets.items():
+        spec = getattr(recipe, "spec", None)
+        if spec is None:
+            continue
+        linear = fp_model.get_submodule(name)
+        try:
+            spec().check_fits(linear.in_features, linear.out_features)
+        except ValueError as err:
+            raise ValueError(f"layer {name!r}: {err}") from None

@@ -1,0 +1,149 @@
+"""Quantization-aware training: `prepare(model, QAT(...))` → train → `convert(model)`.
+
+`prepare` swaps every Linear the recipe targets for a `FakeQuantLinear` (latent FP weights, straight-through
+gradients); the model trains like any other and saves/loads with `ditq.save`/`ditq.load`. `convert` swaps
+each `FakeQuantLinear` for the packed `QuantLinear` that serves the same weights. TerDiT (SPEC §5) is
+`QAT(w_format="ternary", w_bits=2, learnable_scale=True)`; MatQuant (SPEC §6) is
+`QAT(w_bits=4, stored_bits=8, nested_bits=(8, 4, 2))`, trained on the sum of the losses at each served
+bit-width (`ditq.training`) and served at any of them (`set_served_bits`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import nn
+
+from ditq.api import plan
+from ditq.quant.fakequant import FakeQuantLinear, set_served_bits
+from ditq.quant.modules import is_quantized
+from ditq.quant.qlinear import QuantLinear
+from ditq.quant.spec import QuantSpec
+from ditq.recipes import Recipe
+
+__all__ = ["QAT", "FakeQuantLinear", "convert", "prepare", "set_served_bits"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class QAT(Recipe):
+    """What a QAT run quantizes and how: weight format and bits, optional dynamic activation quant,
+    a learnable scale, and the nested bit-widths one set of stored codes is trained to serve."""
+
+    method: ClassVar[str] = "qat"
+    w_bits: int = 4  # the served bit-width (2 for ternary)
+    w_format: Literal["int", "ternary"] = "int"
+    group_size: int | None = None
+    symmetric: bool = True
+    a_bits: int | None = None
+    a_format: Literal["int", "fp8"] = "int"
+    a_group_size: int | None = None
+    a_symmetric: bool = True
+    learnable_scale: bool = False
+    stored_bits: int | None = None  # None = w_bits; MatQuant stores 8
+    nested_bits: tuple = ()  # served bit-widths trained jointly, e.g. (8, 4, 2); () = w_bits alone
+
+    def __post_init__(self) -> None:
+        if isinstance(self.nested_bits, list):  # JSON gives lists back
+            object.__setattr__(self, "nested_bits", tuple(self.nested_bits))
+        super().__post_init__()
+        spec = self.spec()  # QuantSpec names bad bits, formats and group sizes
+        if self.learnable_scale and self.w_format == "int" and not self.symmetric:
+            raise ValueError("learnable_scale trains symmetric scales only; set symmetric=True")
+        if self.nested_bits:
+            self._check_nested(spec)
+
+    def _check_nested(self, spec: QuantSpec) -> None:
+        bits = self.nested_bits
+        if self.w_format != "int":
+            raise ValueError(
+                f"nested_bits={bits} needs int weights; w_format={self.w_format!r} has one bit-width"
+            )
+        if not all(isinstance(b, int) and not isinstance(b, bool) for b in bits) or len(set(bits)) != len(
+            bits
+        ):
+            raise ValueError(f"nested_bits={bits!r} must be distinct ints")
+        if not all(2 <= b <= spec.code_bits for b in bits):
+            raise ValueError(
+                f"nested_bits={bits} must lie in 2..{spec.code_bits} (the stored bits); set stored_bits "
+                f"(e.g. stored_bits={max(bits)})"
+            )
+        if self.w_bits not in bits:
+            raise ValueError(
+                f"w_bits={self.w_bits} (the default served bit-width) must be one of nested_bits={bits}"
+            )
+
+    def spec(self) -> QuantSpec:
+        return QuantSpec(
+            w_bits=self.w_bits,
+            w_format=self.w_format,
+            group_size=self.group_size,
+            symmetric=self.symmetric,
+            a_bits=self.a_bits,
+            a_format=self.a_format,
+            a_group_size=self.a_group_size,
+            a_symmetric=self.a_symmetric,
+            stored_bits=self.stored_bits,
+        )
+
+    @property
+    def served_bits(self) -> tuple[int, ...]:
+        """The bit-widths a training step takes a loss at: `nested_bits`, or `w_bits` alone."""
+        return self.nested_bits or (self.w_bits,)
+
+
+def prepare(model: nn.Module, recipe: QAT) -> nn.Module:
+    """Swap, in place, every Linear `recipe` targets for a `FakeQuantLinear` and return the model.
+
+    All layers are built before the first swap, so an error leaves the model as it was.
+    """
+    if not isinstance(recipe, QAT):
+        raise TypeError(f"recipe must be a ditq.qat.QAT, got {type(recipe).__name__}")
+    if is_quantized(model):
+        raise ValueError(
+            f"{type(model).__name__} already holds quantized layers; prepare the full-precision model"
+        )
+    built = {}
+    for name, module_recipe in plan(model, recipe).items():
+        linear = model.get_submodule(name)
+        try:
+            built[name] = FakeQuantLinear.from_linear(
+                linear, module_recipe.spec(), learnable_scale=module_recipe.learnable_scale
+            )
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from err
+    for name, module in built.items():
+        model.set_submodule(name, module)
+    model.ditq_recipe = recipe.to_dict()
+    return model
+
+
+@torch.no_grad()
+def convert(model: nn.Module) -> nn.Module:
+    """Swap, in place, every `FakeQuantLinear` for the packed `QuantLinear` serving the same weights.
+
+    The spec (served and stored bits) is kept, so a nested layer stays convertible to its other slices.
+    """
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no FakeQuantLinear; prepare it with ditq.qat.prepare first"
+        )
+    built = {}
+    for name, fake in layers:
+        packed = QuantLinear(
+            fake.in_features,
+            fake.out_features,
+            fake.spec,
+            bias=fake.bias is not None,
+            device=fake.weight.device,
+            dtype=fake.weight.dtype,
+        )
+        packed.set_codes(*fake.codes_and_scales())
+        if fake.bias is not None:
+            packed.bias.copy_(fake.bias)
+        built[name] = packed
+    for name, module in built.items():
+        model.set_submodule(name, module)
+    return model

@@ -1,0 +1,295 @@
+"""`FakeQuantLinear`: the trainable stand-in for a `QuantLinear` during quantization-aware training.
+
+It keeps a full-precision latent `weight` (out, in) and `bias` as parameters; every forward multiplies
+by the weight as the packed layer would serve it (SPEC §2 quantizer, §5 ternary, §6 nested slices) and
+passes gradients to the latent weight with a straight-through estimator. `ditq.qat.convert` turns it
+into the `QuantLinear` that computes the same outputs from packed codes.
+
+| `spec`                         | served weight Ŵ                                                        |
+|--------------------------------|-------------------------------------------------------------------------|
+| int, `w_bits=b`                | s·(clamp(round(W/s) + z) − z), s and z per row/group from W's range      |
+| int, `stored_bits=B > w_bits`  | s·S(q, b), q the symmetric B-bit codes, S the MatQuant slice (`slice_codes`)|
+| ternary                        | γ·clamp(round(W/(γ+ε)), −1, 1), γ = mean|W| (BitNet b1.58 absmean)      |
+
+With `learnable_scale`, s is a parameter `scale` of shape (out, n_groups) initialised from the weight's
+range, trained LSQ-style (gradient through round by STE, scaled by 1/√(g·qmax)); for ternary it is one
+α per layer (shape (1,)) initialised to γ, its gradient scaled by 1/√(out·in). `spec.w_bits` is the served bit-width: `set_served_bits`
+moves a whole model between the nested slices that share one set of stored codes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from fnmatch import fnmatchcase
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ditq.quant.modules import register_quant_module
+from ditq.quant.primitives import (
+    SCALE_FLOOR,
+    compute_qparams,
+    dequantize,
+    fake_quantize,
+    fp8_cast,
+    fp8_dequantize,
+    fp8_scale,
+    qrange,
+    quantize,
+    slice_codes,
+    straight_through,
+    ternary_absmean,
+)
+from ditq.quant.spec import QuantSpec
+
+__all__ = ["FakeQuantLinear", "set_served_bits"]
+
+TERNARY_EPS = 1e-6
+"""ε of the absmean quantizer: codes = clamp(round(W / (γ + ε)), −1, 1)."""
+
+_ENTRY_KEYS = ("spec", "bias", "learnable_scale")
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by a constant (LSQ's scale-gradient factor)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, factor: float) -> torch.Tensor:
+        ctx.factor = factor
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad * ctx.factor, None
+
+
+def _round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) with the gradient of x."""
+    return straight_through(x, torch.round(x))
+
+
+@register_quant_module
+class FakeQuantLinear(nn.Module):
+    """y = q_a(x) @ Ŵᵀ + b with Ŵ the served quantized weight; gradients reach `weight` (and `scale`)."""
+
+    kind: ClassVar[str] = "fake_quant_linear"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        spec: QuantSpec,
+        bias: bool = True,
+        *,
+        learnable_scale: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_spec(spec)
+        spec.check_fits(in_features, out_features)
+        if not isinstance(learnable_scale, bool):
+            raise TypeError(f"learnable_scale={learnable_scale!r} must be True or False")
+        if learnable_scale and spec.w_format == "int" and not spec.symmetric:
+            raise ValueError("learnable_scale trains symmetric scales only; got symmetric=False")
+        self.in_features, self.out_features, self.spec = in_features, out_features, spec
+        self.learnable_scale = learnable_scale
+        kw = dict(device=device, dtype=torch.float32 if dtype is None else dtype)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
+        self.scale = None
+        if learnable_scale:
+            shape = (1,) if spec.w_format == "ternary" else (out_features, spec.n_groups(in_features))
+            self.scale = nn.Parameter(torch.ones(shape, device=device, dtype=torch.float32))
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, spec: QuantSpec, *, learnable_scale: bool = False
+    ) -> FakeQuantLinear:
+        """Start from `linear`'s weights; a learnable scale starts where round-to-nearest would put it."""
+        w = linear.weight
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            spec,
+            linear.bias is not None,
+            learnable_scale=learnable_scale,
+            device=w.device,
+            dtype=w.dtype,
+        )
+        with torch.no_grad():
+            module.weight.copy_(w)
+            if linear.bias is not None:
+                module.bias.copy_(linear.bias)
+            if module.scale is not None:
+                module.scale.copy_(module.initial_scale())
+        return module
+
+    # ---- the served weight ----------------------------------------------------------------------
+
+    def initial_scale(self) -> torch.Tensor:
+        """γ = mean|W| (ternary, shape (1,)) or absmax/qmax per row/group at the stored bits (int)."""
+        if self.spec.w_format == "ternary":
+            return ternary_absmean(self.weight, TERNARY_EPS)[1].reshape(1)
+        return compute_qparams(self.weight, self.spec.code_bits, self.spec.group_size, True)[0]
+
+    def codes_and_scales(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What `QuantLinear.set_codes` takes: (codes at the stored bits, scales (out, n_groups), zeros).
+
+        Codes are int8 for symmetric and ternary specs, uint8 (with uint8 zeros) for asymmetric ones.
+        """
+        spec = self.spec
+        with torch.no_grad():
+            if spec.w_format == "ternary":
+                codes, gamma = ternary_absmean(self.weight, TERNARY_EPS)
+                alpha = gamma if self.scale is None else self.scale.float().reshape(())
+                return codes, alpha.expand(self.out_features, spec.n_groups(self.in_features)).clone(), None
+            scale, zero = self._int_qparams()
+            return (
+                quantize(self.weight, scale.detach(), zero, spec.code_bits, spec.symmetric),
+                scale.detach(),
+                zero,
+            )
+
+    def quantized_weight(self) -> torch.Tensor:
+        """Ŵ (out, in) in float32 as the converted layer serves it; differentiable by STE."""
+        if self.spec.w_format == "ternary":
+            return self._ternary_weight()
+        if self.scale is not None:
+            return self._lsq_weight()
+        spec = self.spec
+        scale, zero = self._int_qparams()
+        codes = quantize(self.weight, scale, zero, spec.code_bits, spec.symmetric)
+        if spec.w_bits < spec.code_bits:
+            codes = slice_codes(codes, spec.code_bits, spec.w_bits)
+        w_hat = dequantize(codes, scale, zero, spec.group_size)
+        return straight_through(self.weight.float(), w_hat)
+
+    def _int_qparams(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.scale is not None:
+            return self.scale.float().clamp_min(SCALE_FLOOR), None
+        return compute_qparams(self.weight, self.spec.code_bits, self.spec.group_size, self.spec.symmetric)
+
+    def _ternary_weight(self) -> torch.Tensor:
+        codes, gamma = ternary_absmean(self.weight, TERNARY_EPS)
+        w = self.weight.float()
+        if self.scale is None:
+            return straight_through(w, gamma * codes.float())
+        # d Ŵ / d W = α / (γ + ε) ≈ 1 (BitNet's STE at the scale the weight is served at); d Ŵ / d α = codes,
+        # scaled as LSQ scales a step size shared by N weights of qmax = 1 (1/√N), so that α's gradient does
+        # not dominate the global gradient norm that training clips.
+        alpha = _ScaleGrad.apply(self.scale.float(), 1.0 / math.sqrt(w.numel()))
+        return alpha * straight_through(w / (gamma + TERNARY_EPS), codes.float())
+
+    def _lsq_weight(self) -> torch.Tensor:
+        """LSQ: q = clamp(round(W/s)), Ŵ = s·q; round passes gradients straight through, clamp stops them."""
+        spec = self.spec
+        n_groups = self.scale.shape[-1]
+        group = self.in_features // n_groups
+        qmin, qmax = qrange(spec.code_bits, True)
+        s = _ScaleGrad.apply(self.scale.float().clamp_min(SCALE_FLOOR), 1.0 / math.sqrt(group * qmax))
+        w = self.weight.float().reshape(self.out_features, n_groups, group)
+        q = _round_ste(w / s.unsqueeze(-1)).clamp(qmin, qmax)
+        if spec.w_bits < spec.code_bits:
+            lo, hi = qrange(spec.w_bits, True)
+            step = 2 ** (spec.code_bits - spec.w_bits)
+            q = _round_ste(q / step).clamp(lo, hi) * step
+        return (q * s.unsqueeze(-1)).reshape(self.out_features, self.in_features)
+
+    # ---- forward ----------------------------------------------------------------------------------
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Dynamic per-token (or per-token-group) activation fake quant, as the converted layer runs it."""
+        spec = self.spec
+        if spec.a_bits is None:
+            return x
+        if spec.a_format == "fp8":
+            scale = fp8_scale(x, spec.a_group_size)
+            return straight_through(x, fp8_dequantize(fp8_cast(x, scale), scale, x.dtype))
+        return fake_quantize(x, spec.a_bits, spec.a_group_size, spec.a_symmetric)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(self.quantize_input(x), self.quantized_weight().to(x.dtype), bias)  # (..., out)
+
+    # ---- checkpoints (ditq.quant.modules protocol) -------------------------------------------------
+
+    def header_entry(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec.to_dict(),
+            "bias": self.bias is not None,
+            "learnable_scale": self.learnable_scale,
+        }
+
+    @classmethod
+    def skeleton(cls, linear: nn.Linear, entry: dict[str, Any]) -> FakeQuantLinear:
+        unknown = sorted(set(entry) - set(_ENTRY_KEYS))
+        missing = sorted(set(_ENTRY_KEYS) - set(entry))
+        if unknown or missing:
+            raise ValueError(f"fake_quant_linear entry: unknown fields {unknown}, missing fields {missing}")
+        if not isinstance(entry["bias"], bool):
+            raise ValueError(f"field 'bias' must be true or false, got {entry['bias']!r}")
+        spec = QuantSpec.from_dict(entry["spec"])
+        return cls(
+            linear.in_features,
+            linear.out_features,
+            spec,
+            entry["bias"],
+            learnable_scale=entry["learnable_scale"],
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"spec={self.spec}, learnable_scale={self.learnable_scale}"
+        )
+
+
+def set_served_bits(model: nn.Module, bits: int, pattern: str = "*") -> int:
+    """Serve every nested `FakeQuantLinear` (one with `spec.stored_bits`) whose name matches `pattern` at
+    `bits`, the slice of its stored codes; the others have one bit-width and are left alone.
+
+    Returns how many layers changed; raises ValueError when a matching layer stores fewer than `bits`
+    bits, or when no nested layer matches.
+    """
+    chosen = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, FakeQuantLinear) and m.spec.stored_bits is not None and fnmatchcase(n, pattern)
+    ]
+    if not chosen:
+        raise ValueError(
+            f"no nested FakeQuantLinear (spec.stored_bits set) in {type(model).__name__} "
+            f"matches pattern {pattern!r}"
+        )
+    for name, module in chosen:
+        if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= module.spec.code_bits:
+            raise ValueError(
+                f"{name}: bits={bits!r} must be an int in 2..{module.spec.code_bits} (its stored bits)"
+            )
+    for _, module in chosen:
+        module.spec = replace(module.spec, w_bits=bits)
+    return len(chosen)
+
+
+def _check_spec(spec: QuantSpec) -> None:
+    """QAT trains weights (and dynamic activations); calibrated or decomposed parts are PTQ's job."""
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}")
+    unsupported = {
+        "rank": spec.rank != 0,
+        "smooth": spec.smooth,
+        "a_dynamic": spec.a_bits is not None and not spec.a_dynamic,
+        "layout": getattr(spec, "layout", "canonical") != "canonical",
+    }
+    bad = [name for name, flag in unsupported.items() if flag]
+    if bad:
+        raise ValueError(
+            f"FakeQuantLinear does not train {bad}: QAT takes dynamic activations, no low-rank "
+            "branch, no smoothing and the canonical layout"
+        )
