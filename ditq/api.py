@@ -17,7 +17,7 @@ from torch import nn
 from ditq.adapters import adapter_for
 from ditq.calib import CalibData
 from ditq.methods.rtn import check_rtn, rtn_linear
-from ditq.quant.qlinear import QuantLinear
+from ditq.quant.modules import is_quantized
 from ditq.quant.spec import QuantSpec
 from ditq.recipes import Recipe
 from ditq.registry import method_for
@@ -44,7 +44,7 @@ def quantize(model: nn.Module, recipe: Recipe, calib: CalibData | None = None) -
 
 def plan(model: nn.Module, recipe: Recipe) -> dict[str, Recipe]:
     """Module name → the recipe that applies to it, for every Linear the recipe quantizes."""
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
+    if is_quantized(model):
         raise ValueError("model is already quantized; start again from the full-precision model")
     names = [name for name, _ in model.named_modules() if name]
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]

@@ -45,8 +45,13 @@ def check_rtn(name: str, linear: nn.Linear, spec: QuantSpec, calib: CalibData | 
     static = spec.a_bits is not None and not spec.a_dynamic
     if static and calib is None:
         raise ValueError(f"{name}: static activation scales (a_dynamic=False) need calibration data: pass calib=")
+    if not bool(torch.isfinite(linear.weight).all()):
+        raise ValueError(f"{name}: weight holds NaN or infinite values; quantizing it would poison its scales")
     if calib is not None and (static or search):
-        calib.require(name)
+        calib.require(name, rows=search)
+        if not bool(torch.isfinite(calib.absmax[name]).all()):
+            raise ValueError(f"{name}: its calibration statistics (absmax) hold NaN or infinite values")
+
 
 def rtn_linear(
     name: str, linear: nn.Linear, spec: QuantSpec, calib: CalibData | None, search: bool = False
