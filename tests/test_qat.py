@@ -14,14 +14,7 @@ from ditq.quant.qlinear import QuantLinear
 from ditq.recipes import recipe_from_dict
 from tests.tiny import make_tiny_dit
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on one thread: OpenMP hand-offs cost more than the work on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 TARGETS = ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]

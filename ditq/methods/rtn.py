@@ -14,7 +14,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ditq.calib import CalibData
-from ditq.quant.primitives import clip_search, compute_qparams, fp8_scale
+from ditq.quant.clip_search import clip_search
+from ditq.quant.primitives import compute_qparams, fp8_scale
 from ditq.quant.qlinear import QuantLinear
 from ditq.quant.spec import QuantSpec
 from ditq.recipes import RTN

@@ -1,12 +1,11 @@
 """Quantization core: the spec, pure quantizers, bit packing and the `QuantLinear` module."""
 
+from ditq.quant.clip_search import DEFAULT_CLIP_GRID, clip_search
 from ditq.quant.packing import pack, packed_cols, signed_offset, slot_bits, to_signed, to_unsigned, unpack
 from ditq.quant.primitives import (
-    DEFAULT_CLIP_GRID,
     FP8_DTYPE,
     FP8_MAX,
     SCALE_FLOOR,
-    clip_search,
     compute_qparams,
     dequantize,
     fake_quantize,

@@ -97,7 +97,7 @@ def _groups_in(scale: torch.Tensor) -> int:
     return scale.shape[-1] if scale.ndim else 1
 
 
-def _grouped(x: torch.Tensor, n_groups: int) -> torch.Tensor:
+def grouped(x: torch.Tensor, n_groups: int) -> torch.Tensor:
     """View (..., K) as (..., G, K // G)."""
     k = x.shape[-1]
     if n_groups <= 0 or k % n_groups != 0:
@@ -105,7 +105,7 @@ def _grouped(x: torch.Tensor, n_groups: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], n_groups, k // n_groups)
 
 
-def _check_clip(clip_ratio: float | torch.Tensor) -> None:
+def check_clip(clip_ratio: float | torch.Tensor) -> None:
     if isinstance(clip_ratio, torch.Tensor):
         if clip_ratio.numel() and not bool(((clip_ratio > 0) & (clip_ratio <= 1)).all()):
             raise ValueError("clip_ratio values must lie in (0, 1]")
@@ -147,8 +147,8 @@ def compute_qparams(
     the range before the scale is taken — see `clip_search`.
     """
     check_bits(bits)
-    _check_clip(clip_ratio)
-    xg = _grouped(x.detach().float(), n_groups_of(x.shape[-1], group_size))
+    check_clip(clip_ratio)
+    xg = grouped(x.detach().float(), n_groups_of(x.shape[-1], group_size))
     lo, hi = torch.aminmax(xg, dim=-1)
     return _qparams_from_range(lo, hi, bits, symmetric, clip_ratio)
 
@@ -158,7 +158,7 @@ def per_tensor_qparams(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One (scale, zero) for the whole tensor, shaped (1,) * x.ndim so it broadcasts as one group."""
     check_bits(bits)
-    _check_clip(clip_ratio)
+    check_clip(clip_ratio)
     lo, hi = torch.aminmax(x.detach().float())
     scale, zero = _qparams_from_range(lo, hi, bits, symmetric, clip_ratio)
     shape = (1,) * max(x.ndim, 1)
@@ -172,7 +172,7 @@ def per_tensor_qparams(
 
 def _unclamped_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
     """round(x / s) + z in float32, grouped as (..., G, g)."""
-    xg = _grouped(x.detach().float(), _groups_in(scale))
+    xg = grouped(x.detach().float(), _groups_in(scale))
     q = torch.round(xg / scale.float().unsqueeze(-1))
     if zero is not None:
         q = q + zero.float().unsqueeze(-1)
@@ -214,7 +214,7 @@ def dequantize(
         )
     if group_size is None and n_groups != 1:
         raise ValueError(f"group_size=None means one group per row, but the scale has {n_groups} groups")
-    q = _grouped(codes.float(), n_groups)
+    q = grouped(codes.float(), n_groups)
     if zero is not None:
         q = q - zero.float().unsqueeze(-1)
     x_hat = q * scale.float().unsqueeze(-1)
@@ -327,13 +327,13 @@ def fp8_scale(x: torch.Tensor, group_size: int | None = None, *, per_tensor: boo
     if per_tensor:
         amax = xf.abs().amax().reshape((1,) * max(x.ndim, 1))
     else:
-        amax = _grouped(xf, n_groups_of(x.shape[-1], group_size)).abs().amax(-1)
+        amax = grouped(xf, n_groups_of(x.shape[-1], group_size)).abs().amax(-1)
     return (amax / FP8_MAX).clamp_min(SCALE_FLOOR)
 
 
 def fp8_cast(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """e4m3fn codes of x / scale (saturated to ±448, round to nearest even); grouping read from scale."""
-    xg = _grouped(x.detach().float(), _groups_in(scale))
+    xg = grouped(x.detach().float(), _groups_in(scale))
     q = (xg / scale.float().unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX)
     return q.to(FP8_DTYPE).reshape(x.shape)
 
@@ -350,79 +350,5 @@ def fp8_dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = to
     """q · scale in float32, returned as `dtype`; grouping read from the scale's last dim."""
     if q.dtype != FP8_DTYPE:
         raise TypeError(f"fp8_dequantize expects a {FP8_DTYPE} tensor, got {q.dtype}")
-    qg = _grouped(q.float(), _groups_in(scale))
+    qg = grouped(q.float(), _groups_in(scale))
     return (qg * scale.float().unsqueeze(-1)).reshape(q.shape).to(dtype)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Clipping search (SPEC §2 "optional clipping search")
-# ---------------------------------------------------------------------------------------------------
-
-DEFAULT_CLIP_GRID = tuple(round(1.0 - 0.025 * i, 3) for i in range(21))  # 1.0, 0.975, ..., 0.5
-
-
-def clip_search(
-    weight: torch.Tensor,
-    bits: int,
-    group_size: int | None,
-    symmetric: bool,
-    x: torch.Tensor | None = None,
-    grid: tuple[float, ...] = DEFAULT_CLIP_GRID,
-    *,
-    per_layer: bool = False,
-) -> torch.Tensor:
-    """Clip ratios for `compute_qparams(weight, ..., clip_ratio=...)` found by grid search.
-
-    The error is the layer's output MSE on inputs `x` (..., in) when given, else the weight MSE.
-    Returns float32 ratios of shape (out, G), or (1, 1) with `per_layer`. 1.0 (no clipping) is always a
-    candidate, and each output row keeps 1.0 everywhere if its chosen ratios do worse on the full-row
-    output error, so the result is never worse than no clipping. Group errors use the per-group Gram
-    matrices of x (cross-group terms are ignored while choosing, then checked per row).
-    """
-    if weight.ndim != 2:
-        raise ValueError(f"clip_search expects a 2-D weight (out, in), got shape {tuple(weight.shape)}")
-    check_bits(bits)
-    out_features, in_features = weight.shape
-    n_groups = n_groups_of(in_features, group_size)
-    w = weight.detach().float()
-    ratios = sorted({float(r) for r in grid} | {1.0}, reverse=True)
-    _check_clip(torch.tensor(ratios))
-
-    gram = gram_groups = None
-    if x is not None:
-        if x.shape[-1] != in_features:
-            raise ValueError(f"x has last dim {x.shape[-1]} but the weight has in_features={in_features}")
-        xf = x.detach().reshape(-1, in_features).float()
-        gram = xf.T @ xf / xf.shape[0]  # (in, in)
-        g = in_features // n_groups
-        idx = torch.arange(n_groups, device=w.device)
-        gram_groups = gram.reshape(n_groups, g, n_groups, g)[idx, :, idx, :]  # (G, g, g)
-
-    def residual(ratio: torch.Tensor | float) -> torch.Tensor:
-        scale, zero = compute_qparams(w, bits, group_size, symmetric, ratio)
-        return w - dequantize(quantize(w, scale, zero, bits, symmetric), scale, zero, group_size)
-
-    def group_error(d: torch.Tensor) -> torch.Tensor:  # (out, G)
-        dg = _grouped(d, n_groups)
-        if gram_groups is None:
-            return dg.square().sum(-1)
-        return torch.einsum("ogi,gij,ogj->og", dg, gram_groups, dg)
-
-    def row_error(d: torch.Tensor) -> torch.Tensor:  # (out,)
-        return d.square().sum(-1) if gram is None else ((d @ gram) * d).sum(-1)
-
-    if per_layer:
-        errors = torch.stack([row_error(residual(r)).sum() for r in ratios])
-        return torch.full((1, 1), ratios[int(errors.argmin())], device=w.device)
-
-    best = torch.ones(out_features, n_groups, device=w.device)
-    best_err = group_error(residual(1.0))
-    for r in ratios[1:]:
-        err = group_error(residual(r))
-        better = err < best_err
-        best = torch.where(better, torch.full_like(best, r), best)
-        best_err = torch.where(better, err, best_err)
-    if gram is not None and n_groups > 1:
-        worse = row_error(residual(best)) > row_error(residual(1.0))
-        best[worse] = 1.0
-    return best

@@ -13,14 +13,7 @@ from ditq.quant.fakequant import FakeQuantLinear, set_served_bits
 from ditq.quant.primitives import fake_quantize
 from ditq.quant.spec import QuantSpec
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on one thread: OpenMP hand-offs cost more than the work on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 INT4_G32 = QuantSpec(w_bits=4, group_size=32)

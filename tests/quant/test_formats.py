@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ditq.quant.clip_search import clip_search
 from ditq.quant.primitives import (
     FP8_DTYPE,
-    clip_search,
     compute_qparams,
     dequantize,
     fp8_cast,
