@@ -20,7 +20,7 @@ from ditq.models import build, create
 from ditq.qat import QAT, convert, prepare
 from ditq.quant.fakequant import FakeQuantLinear
 from ditq.train import TrainConfig, build_parser, config_from_args, export_fp16, main, read_weights, train
-from ditq.training import loop
+from ditq.training import loop, schedules
 from ditq.training.checkpoint import load_train_state
 from ditq.training.losses import DistillLoss
 
@@ -401,13 +401,13 @@ def test_config_round_trips_through_json() -> None:
 
 def test_lr_warmup_and_cosine_and_ema_warmup() -> None:
     cfg = TrainConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10, steps=110, lr_schedule="cosine")
-    assert loop.lr_at(cfg, 0) == pytest.approx(1e-4) and loop.lr_at(cfg, 9) == pytest.approx(1e-3)
-    assert loop.lr_at(cfg, 10) == pytest.approx(1e-3) and loop.lr_at(cfg, 60) == pytest.approx(5.5e-4)
-    assert loop.lr_at(cfg, 110) == pytest.approx(1e-4)
-    assert loop.lr_at(TrainConfig(lr=3e-4), 5000) == 3e-4
-    assert loop.ema_decay_at(TrainConfig(), 0) == pytest.approx(0.1)
-    assert loop.ema_decay_at(TrainConfig(), 10**6) == 0.9999
-    assert loop.ema_decay_at(TrainConfig(ema_warmup=False), 1) == 0.9999
+    assert schedules.lr_at(cfg, 0) == pytest.approx(1e-4) and schedules.lr_at(cfg, 9) == pytest.approx(1e-3)
+    assert schedules.lr_at(cfg, 10) == pytest.approx(1e-3) and schedules.lr_at(cfg, 60) == pytest.approx(5.5e-4)
+    assert schedules.lr_at(cfg, 110) == pytest.approx(1e-4)
+    assert schedules.lr_at(TrainConfig(lr=3e-4), 5000) == 3e-4
+    assert schedules.ema_decay_at(TrainConfig(), 0) == pytest.approx(0.1)
+    assert schedules.ema_decay_at(TrainConfig(), 10**6) == 0.9999
+    assert schedules.ema_decay_at(TrainConfig(ema_warmup=False), 1) == 0.9999
 
 
 def test_cli_flags_map_to_config() -> None:

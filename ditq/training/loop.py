@@ -18,7 +18,6 @@ import copy
 import json
 import logging
 import math
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,47 +41,16 @@ from ditq.training.checkpoint import TrainState, load_train_state, save_train_st
 from ditq.training.config import RESUME_FIXED, TrainConfig
 from ditq.training.data import load_dataset
 from ditq.training.distributed import DistEnv, check_ranks_agree, setup_distributed
+from ditq.training.log import LogMeter, trim_log
 from ditq.training.losses import DiffusionLoss, DistillLoss, Loss, ModelFn
 from ditq.training.rng import capture_rng, restore_rng, seed_rank
+from ditq.training.schedules import ema_decay_at, lr_at, update_ema
 
 log = logging.getLogger("ditq.train")
 
 CHECKPOINT_NAME = "checkpoints/last.safetensors"
 EMA_NAME = "ema.safetensors"
 LOG_NAME = "log.jsonl"
-
-# --------------------------------------------------------------------------------------------
-# Schedules, EMA
-# --------------------------------------------------------------------------------------------
-
-
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Learning rate of the 0-based optimizer step `step`: linear warm-up, then constant or cosine."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def ema_decay_at(cfg: TrainConfig, done: int) -> float:
-    """EMA decay after `done` steps. The warm-up keeps a 0.9999 EMA of a short run from being
-    mostly its random initialisation: the average covers ~10% of the steps taken so far."""
-    if cfg.ema_warmup:
-        return min(cfg.ema_decay, (1.0 + done) / (10.0 + done))
-    return cfg.ema_decay
-
-
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema ← decay·ema + (1 − decay)·model for every parameter (frozen ones are equal anyway)."""
-    ema_params = list(ema.parameters())
-    model_params = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
-    for b_ema, b_model in zip(ema.buffers(), model.buffers(), strict=True):
-        b_ema.copy_(b_model)
-
 
 # --------------------------------------------------------------------------------------------
 # Model, objective, data
@@ -280,7 +248,7 @@ def announce(run: Run) -> None:
     (run.out / "checkpoints").mkdir(parents=True, exist_ok=True)
     (run.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     if run.resumed:
-        _trim_log(log_path, run.start)
+        trim_log(log_path, run.start)
     else:
         log_path.write_text("")
     n_params = sum(p.numel() for p in run.model.parameters())
@@ -322,41 +290,6 @@ def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor
     grad_norm = torch.nn.utils.clip_grad_norm_(run.params, clip)
     run.opt.step()
     return total, grad_norm
-
-
-class LogMeter:
-    """Loss and grad-norm sums since the last log line, kept on the device (no per-step sync)."""
-
-    def __init__(self, device: torch.device, elapsed_before: float) -> None:
-        self.sums = torch.zeros(2, device=device)
-        self.count, self.elapsed_before = 0, elapsed_before
-        self.t_start = self.t_last = time.perf_counter()
-
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        self.sums += torch.stack([loss, grad_norm.detach().to(self.sums.device)])
-        self.count += 1
-
-    def elapsed(self) -> float:
-        return self.elapsed_before + time.perf_counter() - self.t_start
-
-    def record(self, run: Run, done: int, lr: float) -> dict[str, Any]:
-        """The log line for `done` steps (means over ranks and steps), then reset the sums."""
-        stats = self.sums / self.count
-        if run.env.world_size > 1:
-            dist.all_reduce(stats)
-            stats /= run.env.world_size
-        mean_loss, mean_norm = stats.tolist()
-        if not math.isfinite(mean_loss):
-            raise FloatingPointError(f"loss is {mean_loss} at step {done}: lower lr or check the data")
-        now = time.perf_counter()
-        record = {
-            "step": done, "epoch": (done - 1) // run.batches.steps_per_epoch, "loss": mean_loss,
-            "grad_norm": mean_norm, "lr": lr, "ema_decay": ema_decay_at(run.cfg, done),
-            "steps_per_s": self.count / (now - self.t_last), "elapsed_s": self.elapsed(),
-        }  # fmt: skip
-        self.sums.zero_()
-        self.count, self.t_last = 0, now
-        return record
 
 
 def save_checkpoint(run: Run, done: int, elapsed: float) -> None:
@@ -443,20 +376,6 @@ def _check_resumable(cfg: TrainConfig, state: TrainState, env: DistEnv, path: Pa
         raise ValueError(
             f"cannot resume {path}: it was written by {state.world_size} processes, this run has {env.world_size}"
         )
-
-
-def _trim_log(path: Path, last_step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (they will be written again)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= last_step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line cut short by the crash
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 def train(cfg: TrainConfig) -> Path:
