@@ -126,6 +126,9 @@ def _fits(value: Any, hint: Any) -> bool:
         return any(_fits(value, arg) for arg in typing.get_args(hint))
     if origin is Literal:
         return value in typing.get_args(hint)
+    if origin is tuple:  # tuple[X, ...]
+        item = typing.get_args(hint)[0]
+        return isinstance(value, tuple) and all(_fits(v, item) for v in value)
     if hint is type(None):
         return value is None
     if hint is bool:
@@ -143,6 +146,8 @@ def _describe(hint: Any) -> str:
         return " or ".join(_describe(arg) for arg in typing.get_args(hint))
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin is tuple:
+        return f"a tuple of {_describe(typing.get_args(hint)[0])}"
     return "None" if hint is type(None) else hint.__name__
 
 
@@ -254,3 +259,14 @@ PRESETS: dict[str, Recipe] = {
     "w4a16": RTN(w_bits=4, group_size=128, a_bits=None),
     "w4a4": RTN(w_bits=4, group_size=64, a_bits=4, a_group_size=64),
 }
+
+
+def register_preset(name: str, recipe: Recipe) -> Recipe:
+    """Add a named recipe (`ditq quantize --recipe NAME`); each method file registers its own presets."""
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"preset {name!r} must be a recipe, got {type(recipe).__name__}")
+    key = name.lower()
+    if key in PRESETS:
+        raise ValueError(f"a preset named {key!r} already exists")
+    PRESETS[key] = recipe
+    return recipe
