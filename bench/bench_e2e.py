@@ -6,14 +6,17 @@ line per run goes to stdout. `bench/e2e_table.py` turns the lines into the commi
     python bench/bench_e2e.py --batch 64 --config bf16
     python bench/bench_e2e.py --batch 2 --config w4a8 --cuda-graphs
 
-Configs: `bf16` (the model as is), or an RTN preset (`w4a8`, `w4a16`, `w4a4`, `w8a8`) through the
-"dequantized" evaluation backend. Timing: CUDA events around each forward after warm-up, median of the
+Configs: `bf16` (the model as is), an RTN preset (`w4a8`, `w4a16`, `w4a4`, `w8a8`), or one of the FP8-path
+recipes below (per-channel int4 or ternary weights, per-token FP8 activations), run through `--backend`
+("dequantized" by default; "fp8" / "fp8-cached" for the Triton + cuBLAS FP8 path). `--all-linears` also
+quantizes the adaLN modulation Linears (the presets keep them 16-bit). Timing: CUDA events around each forward after warm-up, median of the
 repeats; batch counts the CFG-doubled batch the model sees.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -21,10 +24,16 @@ import torch
 
 import ditq
 from ditq.models import create
-from ditq.recipes import PRESETS
+from ditq.recipes import PRESETS, RTN
+
+FP8_RECIPES = {
+    "w4a8fp8": RTN(w_bits=4, a_bits=8, a_format="fp8"),
+    "ternary-a8fp8": RTN(w_bits=2, w_format="ternary", a_bits=8, a_format="fp8"),
+}
+EMBEDDERS_AND_FINAL = ("x_embedder*", "t_embedder*", "y_embedder*", "final_layer*")
 
 
-def build(config: str, device: str) -> torch.nn.Module:
+def build(config: str, device: str, backend: str, all_linears: bool) -> torch.nn.Module:
     torch.manual_seed(0)
     model = create("DiT-XL/2").to(device)
     with torch.no_grad():  # leave adaLN-zero's zeros: nothing should be timed on zero weights
@@ -32,8 +41,11 @@ def build(config: str, device: str) -> torch.nn.Module:
             p.add_(torch.randn_like(p) * 0.02)
     model = model.to(torch.bfloat16).eval()
     if config != "bf16":
-        ditq.quantize(model, PRESETS[config])
-        ditq.prepare_for_inference(model, "dequantized", dtype=torch.bfloat16)
+        recipe = FP8_RECIPES.get(config) or PRESETS[config]
+        if all_linears:
+            recipe = dataclasses.replace(recipe, skip=EMBEDDERS_AND_FINAL)
+        ditq.quantize(model, recipe)
+        ditq.prepare_for_inference(model, backend, dtype=torch.bfloat16)
     return model
 
 
@@ -55,12 +67,15 @@ def time_forward(fn, args, warmup: int, repeats: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, required=True)
-    parser.add_argument("--config", required=True, choices=["bf16", *sorted(PRESETS)])
+    parser.add_argument("--config", required=True, choices=["bf16", *sorted(PRESETS), *FP8_RECIPES])
+    parser.add_argument("--backend", default="dequantized", help="kernel backend of the quantized layers")
+    parser.add_argument("--all-linears", action="store_true", help="quantize the adaLN Linears too")
     parser.add_argument("--cuda-graphs", action="store_true", help="compile with mode='reduce-overhead'")
     parser.add_argument("--repeats", type=int, default=50)
     args = parser.parse_args()
     device = "cuda"
-    model = build(args.config, device)
+    model = build(args.config, device, args.backend, args.all_linears)
+    weight_bytes = ditq.io.model_size_bytes(model, torch.bfloat16)
     g = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(args.batch, 4, 32, 32, device=device, generator=g, dtype=torch.bfloat16)
     t = torch.randint(0, 1000, (args.batch,), device=device, generator=g)
@@ -76,7 +91,9 @@ def main() -> None:
     times.sort()
     rel = float((out - eager).norm() / eager.norm())
     print(json.dumps({
-        "config": args.config, "batch": args.batch, "cuda_graphs": args.cuda_graphs,
+        "config": args.config, "backend": "—" if args.config == "bf16" else args.backend,
+        "all_linears": args.all_linears, "weight_bytes": weight_bytes,
+        "batch": args.batch, "cuda_graphs": args.cuda_graphs,
         "median_ms": times[len(times) // 2], "min_ms": times[0], "max_ms": times[-1], "repeats": len(times),
         "compile_s": round(compile_s, 1), "compiled_vs_eager_rel_err": rel,
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

@@ -219,13 +219,16 @@ def _read_recipe_file(path: Path) -> Any:
 
 @dataclass(frozen=True, kw_only=True)
 class RTN(Recipe):
-    """Round-to-nearest: weights quantized once from their own range, activations on the fly."""
+    """Round-to-nearest: weights quantized once from their own range (ternary: absmean, no training),
+    activations on the fly (int, or FP8 e4m3 for the Hopper path)."""
 
     method: ClassVar[str] = "rtn"
     w_bits: int = 8
+    w_format: Literal["int", "ternary"] = "int"
     group_size: int | None = None
     symmetric: bool = True
     a_bits: int | None = 8
+    a_format: Literal["int", "fp8"] = "int"
     a_group_size: int | None = None
     a_symmetric: bool = True
     a_dynamic: bool = True
@@ -242,9 +245,11 @@ class RTN(Recipe):
     def spec(self) -> QuantSpec:
         return QuantSpec(
             w_bits=self.w_bits,
+            w_format=self.w_format,
             group_size=self.group_size,
             symmetric=self.symmetric,
             a_bits=self.a_bits,
+            a_format=self.a_format,
             a_group_size=self.a_group_size,
             a_symmetric=self.a_symmetric,
             a_dynamic=self.a_dynamic,

@@ -1,7 +1,15 @@
-import pytest
+"""Shared fixtures. Without a GPU, Triton kernels run in its interpreter (set before any kernel is defined)."""
+
+import os
+
 import torch
 
-from tests.tiny import make_tiny_dit
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from tests.tiny import make_tiny_dit  # noqa: E402
 
 
 @pytest.fixture

@@ -13,6 +13,8 @@ Backends here:
 - `"dequantized"`: keeps Ŵ dequantized in the compute dtype (a non-persistent buffer) and runs the
   activation fake-quant as ordinary ops that the compiler fuses. For search and evaluation, where speed
   matters and memory does not; outputs equal the reference up to matmul rounding.
+- `"fp8"` / `"fp8-cached"` (`ditq.kernels.fp8`): W4A8-FP8 through Triton + cuBLAS FP8 on sm_89+, for
+  per-channel int2–int4 or ternary weights with dynamic per-token FP8 activations.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ditq.kernels import ops
+from ditq.kernels import fp8, ops
 from ditq.kernels.reference import group_linear, linear_reference, quantize_activations
 from ditq.quant.qlinear import BACKEND_FORWARDS, QuantLinear
 
@@ -121,3 +123,7 @@ register_backend(Backend(
     "dequantized", _dequantized_forward,
     convert=lambda m, dtype: {"weight_dq": m.dequantized_weight(dtype)},
 ))
+register_backend(Backend("fp8", fp8.per_call_forward, supports=fp8.fp8_support,
+                         convert=lambda m, dtype: fp8.weight_scale(m)))
+register_backend(Backend("fp8-cached", fp8.cached_forward, supports=fp8.fp8_support,
+                         convert=lambda m, dtype: fp8.expanded_weight(m)))

@@ -1,0 +1,55 @@
+"""Packed int codes → FP8 e4m3 (N, K): the weight operand of cuBLAS's FP8 GEMM, expanded in one pass.
+
+Signed codes |q| ≤ 8 (int2–int4, ternary) are exact in e4m3, so the expansion loses nothing; the per-channel
+scale is applied by the GEMM (`scale_b`). Reads the canonical packing of `ditq.quant.packing`: with a slot of
+`SLOT` bits, byte j of a row holds columns (8 / SLOT)·j + k in bits SLOT·k … SLOT·k + SLOT − 1, stored as
+q + OFFSET.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ditq.quant.packing import packed_cols, signed_offset, slot_bits
+
+__all__ = ["expand_to_fp8", "expand_to_fp8_reference"]
+
+
+@triton.jit
+def _expand_kernel(packed, out, n_rows, n_cols, n_bytes, SLOT: tl.constexpr, OFFSET: tl.constexpr,
+                   BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+    byte = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # (BLOCK_B,)
+    inside = (rows[:, None] < n_rows) & (byte[None, :] < n_bytes)
+    b = tl.load(packed + rows[:, None] * n_bytes + byte[None, :], mask=inside, other=0).to(tl.int32)
+    PER_BYTE: tl.constexpr = 8 // SLOT
+    MASK: tl.constexpr = (1 << SLOT) - 1
+    for k in tl.static_range(PER_BYTE):
+        col = byte * PER_BYTE + k
+        code = ((b >> (SLOT * k)) & MASK) - OFFSET
+        keep = inside & (col[None, :] < n_cols)
+        tl.store(out + rows[:, None] * n_cols + col[None, :], code.to(tl.float32).to(tl.float8e4nv), mask=keep)
+
+
+def expand_to_fp8(qweight: torch.Tensor, bits: int, n_cols: int, *, ternary: bool = False) -> torch.Tensor:
+    """(N, n_cols) float8_e4m3fn codes from a packed uint8 (N, packed_cols) weight (symmetric or ternary)."""
+    slot = slot_bits(bits)
+    if slot == 8:
+        raise ValueError(f"expand_to_fp8 takes 2–4-bit codes; got bits={bits}")
+    n_rows, n_bytes = qweight.shape
+    if n_bytes != packed_cols(n_cols, bits):
+        raise ValueError(f"qweight has {n_bytes} bytes per row; {n_cols} {bits}-bit codes need {packed_cols(n_cols, bits)}")
+    out = torch.empty(n_rows, n_cols, dtype=torch.float8_e4m3fn, device=qweight.device)
+    grid = (triton.cdiv(n_rows, 32), triton.cdiv(n_bytes, 64))
+    _expand_kernel[grid](qweight, out, n_rows, n_cols, n_bytes, SLOT=slot, OFFSET=signed_offset(bits, ternary),
+                         BLOCK_R=32, BLOCK_B=64)
+    return out
+
+
+def expand_to_fp8_reference(qweight: torch.Tensor, bits: int, n_cols: int, *, ternary: bool = False) -> torch.Tensor:
+    """The same in PyTorch: unpack, undo the offset, cast."""
+    from ditq.quant.packing import to_signed, unpack
+
+    return to_signed(unpack(qweight, bits, n_cols), bits, ternary=ternary).float().to(torch.float8_e4m3fn)

@@ -1,0 +1,121 @@
+"""The FP8 path: Triton kernels against their PyTorch references (interpreter on CPU), the backends against
+the oracle, opcheck, and compile. Shapes are small and odd on purpose (M not a multiple of anything, K past
+a block edge)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from ditq.kernels import prepare_for_inference
+from ditq.kernels.fp8 import fp8_support
+from ditq.kernels.triton.act_quant import quantize_rows_fp8, quantize_rows_fp8_reference
+from ditq.kernels.triton.expand import expand_to_fp8, expand_to_fp8_reference
+from ditq.quant.packing import pack, to_unsigned
+from ditq.quant.qlinear import QuantLinear
+from ditq.quant.spec import QuantSpec
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.parametrize(("bits", "ternary"), [(4, False), (3, False), (2, False), (2, True)],
+                         ids=["int4", "int3", "int2", "ternary"])
+@pytest.mark.parametrize("cols", [16, 50, 131])
+def test_expansion_is_exact(bits, ternary, cols):
+    g = torch.Generator().manual_seed(cols)
+    lo, hi = (-1, 1) if ternary else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    codes = torch.randint(lo, hi + 1, (37, cols), generator=g, dtype=torch.int8)
+    packed = pack(to_unsigned(codes, bits, ternary=ternary), bits).to(DEVICE)
+    out = expand_to_fp8(packed, bits, cols, ternary=ternary)
+    assert out.dtype == torch.float8_e4m3fn and out.shape == (37, cols)
+    assert torch.equal(out.float().cpu(), codes.float())
+    assert torch.equal(out.float(), expand_to_fp8_reference(packed, bits, cols, ternary=ternary).float())
+
+
+@pytest.mark.parametrize("smooth", [False, True], ids=["plain", "smoothed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("cols", [48, 1100])
+def test_row_quantization_matches_the_reference_bit_for_bit(smooth, dtype, cols):
+    if INTERPRETED and smooth and dtype == torch.bfloat16:
+        pytest.skip("Triton's CPU interpreter truncates float32 → bfloat16 casts (the GPU rounds to nearest)")
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(7, cols, generator=g) * torch.rand(cols, generator=g) * 5).to(dtype).to(DEVICE)
+    x[3] = 0  # an all-zero row takes the scale floor
+    s = (torch.rand(cols, generator=g) + 0.5).to(DEVICE) if smooth else None
+    codes, scales = quantize_rows_fp8(x, s)
+    ref_codes, ref_scales = quantize_rows_fp8_reference(x, s)
+    assert torch.equal(scales, ref_scales)
+    assert torch.equal(codes.float(), ref_codes.float())
+
+
+SPECS = {
+    "int4": QuantSpec(w_bits=4, a_bits=8, a_format="fp8"),
+    "int2": QuantSpec(w_bits=2, a_bits=8, a_format="fp8"),
+    "ternary": QuantSpec(w_bits=2, w_format="ternary", a_bits=8, a_format="fp8"),
+    "int4_smooth_rank4": QuantSpec(w_bits=4, a_bits=8, a_format="fp8", smooth=True, rank=4),
+}
+
+
+def layer(spec: QuantSpec, dtype: torch.dtype = torch.float32) -> QuantLinear:
+    g = torch.Generator().manual_seed(1)
+    linear = torch.nn.Linear(48, 32)
+    kw = {}
+    if spec.smooth:
+        kw["smooth"] = torch.rand(48, generator=g) + 0.5
+    if spec.rank:
+        kw["lowrank_down"] = torch.randn(48, spec.rank, generator=g) * 0.1
+        kw["lowrank_up"] = torch.randn(spec.rank, 32, generator=g) * 0.1
+    return QuantLinear.from_linear(linear, spec, **kw).to(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("backend", ["fp8", "fp8-cached"])
+@pytest.mark.parametrize("name", list(SPECS))
+def test_fp8_backends_compute_the_reference(name, backend):
+    m = layer(SPECS[name])
+    x = torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    ref = m(x)
+    prepare_for_inference(m, backend)
+    assert m.backend == backend
+    out = m(x)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    # exact fp8 products summed in fp32 and scaled once, against fp32 dequantized operands
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_inputs_stay_within_bf16_rounding_of_the_reference():
+    m = layer(SPECS["int4"], torch.bfloat16)
+    x = torch.randn(9, 48, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.bfloat16)
+    ref = m(x).float()
+    prepare_for_inference(m, "fp8")
+    out = m(x).float()
+    assert out.dtype == torch.float32 and float((out - ref).norm() / ref.norm()) < 1e-2
+
+
+def test_fp8_op_passes_opcheck_and_compiles():
+    m = prepare_for_inference(layer(SPECS["int4_smooth_rank4"]), "fp8")
+    x = torch.randn(4, 48, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    args = (x, m.qweight, None, m.fp8_scale_w, m.bias, m.smooth, m.lowrank_down, m.lowrank_up, m.spec_json)
+    torch.library.opcheck(torch.ops.ditq.fp8_linear.default, args, test_utils=("test_schema", "test_faketensor"))
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(m, fullgraph=True)(x), m(x))
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason"),
+    [
+        (QuantSpec(w_bits=4, group_size=16, a_bits=8, a_format="fp8"), "per-channel only"),
+        (QuantSpec(w_bits=8, a_bits=8, a_format="fp8"), "int2–int4"),
+        (QuantSpec(w_bits=4, symmetric=False, a_bits=8, a_format="fp8"), "symmetric"),
+        (QuantSpec(w_bits=4, a_bits=8), "dynamic per-token FP8"),
+        (QuantSpec(w_bits=4, stored_bits=8, a_bits=8, a_format="fp8"), "served at their stored bits"),
+    ],
+    ids=["groups", "int8", "asym", "int8_acts", "nested"],
+)
+def test_layers_the_fp8_path_cannot_run_keep_the_reference_and_say_why(spec, reason):
+    m = layer(spec)
+    assert reason in fp8_support(m)
+    prepare_for_inference(m, "fp8")
+    assert m.backend == "reference"
