@@ -14,13 +14,12 @@ tensor cores (sm_89+), and on the CPU under `TRITON_INTERPRET=1` (tests).
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 
 import torch
 
+from ditq.kernels import ops
 from ditq.quant.qlinear import QuantLinear
-from ditq.quant.spec import QuantSpec
 
 __all__ = ["fp8_linear", "fp8_support"]
 
@@ -43,7 +42,7 @@ def fp8_linear(
     from ditq.kernels.triton.act_quant import quantize_rows_fp8
     from ditq.kernels.triton.expand import expand_to_fp8
 
-    s = QuantSpec.from_dict(json.loads(spec))
+    s = ops.parse_spec(spec)
     n_out, k = scale_w.shape[1], x.shape[-1]
     x2 = x.reshape(-1, k)
     x_q, scale_x = quantize_rows_fp8(x2, smooth)  # (M, K) e4m3, (M, 1)

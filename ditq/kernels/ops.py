@@ -16,11 +16,12 @@ from ditq.kernels.reference import linear_reference
 from ditq.quant.qlinear import dequantize_weight
 from ditq.quant.spec import QuantSpec
 
-__all__ = ["quant_linear"]
+__all__ = ["parse_spec", "quant_linear"]
 
 
 @functools.cache
-def _spec(text: str) -> QuantSpec:
+def parse_spec(text: str) -> QuantSpec:
+    """The spec an op's `spec` string describes, parsed once per distinct spec."""
     return QuantSpec.from_dict(json.loads(text))
 
 
@@ -39,7 +40,7 @@ def quant_linear(
     spec: str,
 ) -> torch.Tensor:
     """y = QuantLinear(x) from packed codes by dequantize-then-matmul (the oracle)."""
-    s = _spec(spec)
+    s = parse_spec(spec)
     weight = dequantize_weight(qweight, scales, zeros, s, x.shape[-1], x.dtype)
     return linear_reference(x, weight, bias, smooth, lowrank_down, lowrank_up, act_scale, act_zero, s)
 
@@ -58,7 +59,7 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, grad: torch.Tensor):
     """Straight-through in x: d/dx of (x/s)·Ŵᵀ + (x/s)·L1·L2, activation rounding passed through."""
     qweight, scales, zeros, smooth, lowrank_down, lowrank_up = ctx.saved_tensors
-    s = _spec(ctx.spec)
+    s = parse_spec(ctx.spec)
     grad_h = grad @ dequantize_weight(qweight, scales, zeros, s, ctx.in_features, grad.dtype)  # (..., in)
     if lowrank_down is not None:
         grad_h = grad_h + (grad @ lowrank_up.to(grad.dtype).T) @ lowrank_down.to(grad.dtype).T

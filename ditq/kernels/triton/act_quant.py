@@ -3,7 +3,7 @@
 Computes what `ditq.kernels.reference.quantize_activations` does for a dynamic per-token FP8 spec
 (h = x / smooth in x's dtype; scale = max(absmax(h) / 448, SCALE_FLOOR); codes = e4m3(clamp(h / scale))),
 but returns the codes and scales for an FP8 GEMM instead of their dequantized product. Each program owns
-one row and reads it twice (absmax, then codes). Values are rounded to the e4m3 grid (nearest, ties to
+one row and reads it once. Values are rounded to the e4m3 grid (nearest, ties to
 even) in float32 before the cast, so the cast is exact on every backend (Triton's CPU interpreter
 mis-rounds some values that sit between two e4m3 binades).
 """
@@ -29,27 +29,22 @@ def _round_to_e4m3(v):
 
 
 @triton.jit
-def _row_quant_kernel(x, smooth, codes, scales, n_cols: tl.constexpr, HAS_SMOOTH: tl.constexpr, FP8_LIMIT: tl.constexpr,
+def _row_quant_kernel(x, smooth, codes, scales, n_cols, HAS_SMOOTH: tl.constexpr, FP8_LIMIT: tl.constexpr,
                       FLOOR: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
-    amax = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(0, n_cols, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        h = tl.load(x + row * n_cols + cols, mask=cols < n_cols, other=0.0)
-        if HAS_SMOOTH:  # x / smooth rounded to x's dtype, as the reference computes it
-            s = tl.load(smooth + cols, mask=cols < n_cols, other=1.0).to(h.dtype).to(tl.float32)
-            h = (h.to(tl.float32) / s).to(h.dtype)
-        amax = tl.maximum(amax, tl.abs(h.to(tl.float32)))
-    scale = tl.maximum(tl.max(amax, axis=0) / FP8_LIMIT, FLOOR)
+    """One row per program, read once: BLOCK ≥ n_cols holds the whole row. Divisions are IEEE-rounded
+    (`div_rn`), as PyTorch's are, so codes and scales match the reference bit for bit."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    inside = cols < n_cols
+    h = tl.load(x + row * n_cols + cols, mask=inside, other=0.0)
+    if HAS_SMOOTH:  # x / smooth rounded to x's dtype, as the reference computes it
+        s = tl.load(smooth + cols, mask=inside, other=1.0).to(h.dtype).to(tl.float32)
+        h = tl.math.div_rn(h.to(tl.float32), s).to(h.dtype)
+    h = h.to(tl.float32)
+    scale = tl.maximum(tl.math.div_rn(tl.max(tl.abs(h), axis=0), FP8_LIMIT), FLOOR)
     tl.store(scales + row, scale)
-    for start in range(0, n_cols, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        h = tl.load(x + row * n_cols + cols, mask=cols < n_cols, other=0.0)
-        if HAS_SMOOTH:  # x / smooth rounded to x's dtype, as the reference computes it
-            s = tl.load(smooth + cols, mask=cols < n_cols, other=1.0).to(h.dtype).to(tl.float32)
-            h = (h.to(tl.float32) / s).to(h.dtype)
-        q = tl.minimum(tl.maximum(h.to(tl.float32) / scale, -FP8_LIMIT), FP8_LIMIT)
-        tl.store(codes + row * n_cols + cols, _round_to_e4m3(q).to(tl.float8e4nv), mask=cols < n_cols)
+    q = tl.minimum(tl.maximum(tl.math.div_rn(h, scale), -FP8_LIMIT), FP8_LIMIT)
+    tl.store(codes + row * n_cols + cols, _round_to_e4m3(q).to(tl.float8e4nv), mask=inside)
 
 
 def quantize_rows_fp8(x: torch.Tensor, smooth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,9 +55,10 @@ def quantize_rows_fp8(x: torch.Tensor, smooth: torch.Tensor | None = None) -> tu
     n_rows, n_cols = x.shape
     codes = torch.empty(n_rows, n_cols, dtype=torch.float8_e4m3fn, device=x.device)
     scales = torch.empty(n_rows, 1, dtype=torch.float32, device=x.device)
-    block = min(1024, triton.next_power_of_2(max(n_cols, 16)))
+    block = triton.next_power_of_2(max(n_cols, 16))
     _row_quant_kernel[(n_rows,)](x, x if smooth is None else smooth.contiguous(), codes, scales, n_cols,
-                                 HAS_SMOOTH=smooth is not None, FP8_LIMIT=FP8_MAX, FLOOR=SCALE_FLOOR, BLOCK=block)
+                                 HAS_SMOOTH=smooth is not None, FP8_LIMIT=FP8_MAX, FLOOR=SCALE_FLOOR, BLOCK=block,
+                                 num_warps=min(16, max(4, block // 512)))
     return codes, scales
 
 

@@ -19,18 +19,17 @@ __all__ = ["expand_to_fp8", "expand_to_fp8_reference"]
 
 @triton.jit
 def _expand_kernel(packed, out, n_rows, n_cols, n_bytes, SLOT: tl.constexpr, OFFSET: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
-    byte = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)  # (BLOCK_B,)
-    inside = (rows[:, None] < n_rows) & (byte[None, :] < n_bytes)
-    b = tl.load(packed + rows[:, None] * n_bytes + byte[None, :], mask=inside, other=0).to(tl.int32)
+                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One (BLOCK_R, BLOCK_C) tile of the output per program: each column reads its byte (neighbours share
+    it through the cache) and the stores are contiguous."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # (BLOCK_R,)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,)
+    inside = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     PER_BYTE: tl.constexpr = 8 // SLOT
-    MASK: tl.constexpr = (1 << SLOT) - 1
-    for k in tl.static_range(PER_BYTE):
-        col = byte * PER_BYTE + k
-        code = ((b >> (SLOT * k)) & MASK) - OFFSET
-        keep = inside & (col[None, :] < n_cols)
-        tl.store(out + rows[:, None] * n_cols + col[None, :], code.to(tl.float32).to(tl.float8e4nv), mask=keep)
+    byte = tl.load(packed + rows[:, None] * n_bytes + (cols // PER_BYTE)[None, :], mask=inside, other=0)
+    shift = ((cols % PER_BYTE) * SLOT).to(tl.uint8)
+    code = ((byte >> shift[None, :]) & ((1 << SLOT) - 1)).to(tl.int32) - OFFSET
+    tl.store(out + rows[:, None] * n_cols + cols[None, :], code.to(tl.float32).to(tl.float8e4nv), mask=inside)
 
 
 def expand_to_fp8(qweight: torch.Tensor, bits: int, n_cols: int, *, ternary: bool = False) -> torch.Tensor:
@@ -42,9 +41,9 @@ def expand_to_fp8(qweight: torch.Tensor, bits: int, n_cols: int, *, ternary: boo
     if n_bytes != packed_cols(n_cols, bits):
         raise ValueError(f"qweight has {n_bytes} bytes per row; {n_cols} {bits}-bit codes need {packed_cols(n_cols, bits)}")
     out = torch.empty(n_rows, n_cols, dtype=torch.float8_e4m3fn, device=qweight.device)
-    grid = (triton.cdiv(n_rows, 32), triton.cdiv(n_bytes, 64))
+    grid = (triton.cdiv(n_rows, 16), triton.cdiv(n_cols, 256))
     _expand_kernel[grid](qweight, out, n_rows, n_cols, n_bytes, SLOT=slot, OFFSET=signed_offset(bits, ternary),
-                         BLOCK_R=32, BLOCK_B=64)
+                         BLOCK_R=16, BLOCK_C=256)
     return out
 
 
