@@ -3,7 +3,9 @@
 `prepare` swaps every Linear the recipe targets for a `FakeQuantLinear` (latent FP weights, straight-through
 gradients); the model trains like any other and saves/loads with `ditq.save`/`ditq.load`. `convert` swaps
 each `FakeQuantLinear` for the packed `QuantLinear` that serves the same weights. TerDiT (SPEC §5) is
-`QAT(w_format="ternary", w_bits=2, learnable_scale=True)`; MatQuant (SPEC §6) is
+`QAT(w_format="ternary", w_bits=2, learnable_scale=True)` (preset `terdit`, `ditq.methods.terdit`); a
+fused Linear that a model declares in a module's `fused_linears` ({child name: parts}, e.g. DiT's
+`qkv` in 3) gets one ternary scale per part (`split_fused`); MatQuant (SPEC §6) is
 `QAT(w_bits=4, stored_bits=8, nested_bits=(8, 4, 2))`, trained on the sum of the losses at each served
 bit-width (`ditq.training`) and served at any of them (`set_served_bits`).
 """
@@ -23,7 +25,7 @@ from ditq.quant.qlinear import QuantLinear
 from ditq.quant.spec import QuantSpec
 from ditq.recipes import Recipe
 
-__all__ = ["QAT", "FakeQuantLinear", "convert", "prepare", "set_served_bits"]
+__all__ = ["QAT", "FakeQuantLinear", "convert", "fused_linears", "prepare", "set_served_bits"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +45,7 @@ class QAT(Recipe):
     learnable_scale: bool = False
     stored_bits: int | None = None  # None = w_bits; MatQuant stores 8
     nested_bits: tuple = ()  # served bit-widths trained jointly, e.g. (8, 4, 2); () = w_bits alone
+    split_fused: bool = True  # ternary: one γ/α per part of a fused Linear (q, k, v of `qkv`)
 
     def __post_init__(self) -> None:
         if isinstance(self.nested_bits, list):  # JSON gives lists back
@@ -105,11 +108,16 @@ def prepare(model: nn.Module, recipe: QAT) -> nn.Module:
             f"{type(model).__name__} already holds quantized layers; prepare the full-precision model"
         )
     built = {}
+    fused = fused_linears(model)
     for name, module_recipe in plan(model, recipe).items():
         linear = model.get_submodule(name)
+        split = module_recipe.split_fused and module_recipe.w_format == "ternary"
         try:
             built[name] = FakeQuantLinear.from_linear(
-                linear, module_recipe.spec(), learnable_scale=module_recipe.learnable_scale
+                linear,
+                module_recipe.spec(),
+                learnable_scale=module_recipe.learnable_scale,
+                chunks=fused.get(name, 1) if split else 1,
             )
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from err
@@ -117,6 +125,16 @@ def prepare(model: nn.Module, recipe: QAT) -> nn.Module:
         model.set_submodule(name, module)
     model.ditq_recipe = recipe.to_dict()
     return model
+
+
+def fused_linears(model: nn.Module) -> dict[str, int]:
+    """Name → number of equal output parts, for every Linear that fuses several projections (a module's
+    `fused_linears` attribute, e.g. `{"qkv": 3}` on DiT's Attention)."""
+    found = {}
+    for name, module in model.named_modules():
+        for child, parts in getattr(module, "fused_linears", {}).items():
+            found[f"{name}.{child}" if name else child] = parts
+    return found
 
 
 @torch.no_grad()

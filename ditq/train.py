@@ -8,11 +8,11 @@ Several GPUs of one host (DDP; the batch is split over ranks)::
 
     torchrun --nproc_per_node 4 -m ditq.train --steps 20000 --batch-size 1024 --out runs/dit-mnist
 
-Quantization-aware training (a QAT recipe, inline JSON or a JSON/YAML file), here TerDiT-style ternary
-weights fine-tuned from the bundled weights by distillation from them::
+Quantization-aware training (a QAT recipe: a preset name, inline JSON or a JSON/YAML file), here TerDiT
+(ternary weights, the adaLN RMSNorm, a large lr dropped late) fine-tuned from the bundled weights::
 
-    python -m ditq.train --recipe '{"method": "qat", "w_format": "ternary", "w_bits": 2, "learnable_scale": true}' \
-        --init-from DiT-MNIST --loss distill --teacher DiT-MNIST --steps 2000 --out runs/dit-mnist-ternary
+    python -m ditq.train --recipe terdit --set adaln_norm=true --init-from DiT-MNIST --lr 5e-4 \
+        --lr-schedule step --lr-decay-step 1500 --steps 2000 --out runs/dit-mnist-terdit
 
 The run writes ``log.jsonl``, ``checkpoints/last.safetensors`` (continue with ``--resume``) and
 ``ema.safetensors``, the fp32 EMA weights with the model's arch and config in their header (a QAT run's
@@ -40,6 +40,7 @@ __all__ = ["TrainConfig", "train", "export_fp16", "read_weights", "main", "build
 _FIELDS = {
     "model": "model", "data_dir": "data_dir", "out": "out_dir", "steps": "steps",
     "batch_size": "global_batch_size", "lr": "lr", "lr_schedule": "lr_schedule", "min_lr": "min_lr",
+    "lr_decay_step": "lr_decay_step", "lr_decay_factor": "lr_decay_factor",
     "warmup_steps": "warmup_steps", "weight_decay": "weight_decay", "betas": "betas",
     "ema_decay": "ema_decay", "num_timesteps": "num_timesteps", "mixed_precision": "mixed_precision",
     "seed": "seed", "device": "device", "log_every": "log_every", "ckpt_every": "ckpt_every",
@@ -63,7 +64,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
 
 
 def _parse_recipe(text: str) -> dict[str, Any]:
-    """``--recipe``: an inline JSON object, or a JSON/YAML recipe file, as plain data for TrainConfig."""
+    """``--recipe``: a preset name, an inline JSON object, or a JSON/YAML recipe file, as plain data."""
     if text.lstrip().startswith("{"):
         try:
             data = json.loads(text)
@@ -98,7 +99,7 @@ def build_parser(prog: str = "python -m ditq.train") -> argparse.ArgumentParser:
     a(
         "--recipe",
         type=_parse_recipe,
-        help="QAT recipe: inline JSON or a JSON/YAML file (default: FP training)",
+        help="QAT recipe: a preset (terdit, terdit-a8), inline JSON or a JSON/YAML file (default: FP training)",
     )
     a("--loss", choices=LOSSES, help="diffusion (default) or distill (needs --teacher)")
     a("--teacher", help="distill: zoo name with bundled weights or ditq checkpoint of the FP teacher")
@@ -110,6 +111,8 @@ def build_parser(prog: str = "python -m ditq.train") -> argparse.ArgumentParser:
     a("--lr", type=float, help="peak learning rate (default 1e-4, as DiT)")
     a("--lr-schedule", choices=LR_SCHEDULES, help="after warm-up (default constant)")
     a("--min-lr", type=float, help="final lr of the cosine schedule (default 0)")
+    a("--lr-decay-step", type=int, help="step schedule: the 0-based step the lr drops at")
+    a("--lr-decay-factor", type=float, help="step schedule: lr multiplier from --lr-decay-step on (default 0.1)")
     a("--warmup-steps", type=int, help="linear lr warm-up steps (default 0)")
     a("--weight-decay", type=float, help="AdamW weight decay (default 0)")
     a("--betas", type=float, nargs=2, metavar=("B1", "B2"), help="AdamW betas (default 0.9 0.999)")

@@ -3,7 +3,8 @@
 ``create(name)`` builds a zoo entry; ``build(arch, config)`` rebuilds a model from the ``arch`` and
 ``config`` a checkpoint saved. Sizes are the papers': DiT S/B/L/XL (hidden/depth/heads 384/12/6,
 768/12/12, 1024/24/16, 1152/28/16) × patch 2/4/8 at ``input_size=32`` (256 px through the SD VAE;
-pass ``input_size=64`` for 512 px), Large-DiT 600M and 4.2B with TerDiT's adaLN RMSNorm, and two
+pass ``input_size=64`` for 512 px), Large-DiT 600M and 4.2B with TerDiT's adaLN RMSNorm, TerDiT's
+released networks (``TerDiT-600M``, ``TerDiT-4.2B``: the release's key layout, `models/terdit.py`), and two
 small pixel-space MNIST models (1×32×32, 10 classes) that train and sample on a CPU.
 """
 
@@ -16,8 +17,9 @@ import torch.nn as nn
 
 from ditq.models.dit import DiT
 from ditq.models.large_dit import LargeDiT
+from ditq.models.terdit import LlamaDiT
 
-ARCHS: dict[str, type[nn.Module]] = {DiT.arch: DiT, LargeDiT.arch: LargeDiT}
+ARCHS: dict[str, type[nn.Module]] = {DiT.arch: DiT, LargeDiT.arch: LargeDiT, LlamaDiT.arch: LlamaDiT}
 
 _DIT_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
 
@@ -43,6 +45,10 @@ MODEL_CONFIGS: dict[str, dict[str, Any]] = {
     "LargeDiT-4.2B": dict(
         arch="large_dit", hidden_size=3072, depth=32, num_heads=32, patch_size=2, adaln_norm=True
     ),
+    # TerDiT's released networks (Lucky-Lance/TerDiT `DiT_Llama_600M_patch2`, `DiT_Llama_3B_patch2`); the
+    # "3B" code name is the model the paper calls 4.2B. input_size=64 for the 512 px release.
+    "TerDiT-600M": dict(arch="llama_dit", hidden_size=1536, depth=16, num_heads=32, patch_size=2),
+    "TerDiT-4.2B": dict(arch="llama_dit", hidden_size=3072, depth=32, num_heads=32, patch_size=2),
     # multiple_of=64 keeps the SwiGLU width at 704 (not 768) so the fp16 weights stay under 20 MB.
     "LargeDiT-MNIST": dict(arch="large_dit", **_MNIST, multiple_of=64, adaln_norm=True),
 }

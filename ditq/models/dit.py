@@ -12,10 +12,13 @@ Shapes use N = batch, C = channels, H/W = spatial size, T = tokens, D = hidden s
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+ADALN_NORM_EPS = 1e-5  # TerDiT's RMSNorm eps (its Large-DiT norm_eps)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -139,8 +142,11 @@ class Attention(nn.Module):
 
     ``qkv`` output rows are laid out [q | k | v], each of D rows split into heads of D/H
     consecutive rows (the timm layout of the official weights). ``qk_norm`` (Large-DiT) adds a
-    LayerNorm over the full width of q and of k before the split into heads.
+    LayerNorm over the full width of q and of k before the split into heads. `fused_linears` tells
+    quantization that `qkv` holds three projections (TerDiT keeps one ternary scale for each).
     """
+
+    fused_linears: ClassVar[dict[str, int]] = {"qkv": 3}
 
     def __init__(self, dim: int, num_heads: int, bias: bool = True, qk_norm: bool = False):
         super().__init__()
@@ -178,15 +184,22 @@ class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero: the condition sets shift/scale/gate of both branches.
 
     ``adaLN_modulation`` = (SiLU, Linear D→6D); its zero init makes every block start as identity.
+    ``adaln_norm`` (TerDiT) appends an RMSNorm with a learnable gain and one RMS over the whole 6·D
+    modulation vector, which keeps the shift/scale/gate of a ternary adaLN Linear in the FP range.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0):
+    def __init__(
+        self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, adaln_norm: bool = False
+    ):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, bias=True)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        modulation = [nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size)]
+        if adaln_norm:
+            modulation.append(nn.RMSNorm(6 * hidden_size, eps=ADALN_NORM_EPS))  # one RMS over all six chunks
+        self.adaLN_modulation = nn.Sequential(*modulation)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
@@ -319,6 +332,7 @@ class DiT(ConditionalTransformer):
         class_dropout_prob: float = 0.1,
         num_classes: int = 1000,
         learn_sigma: bool = True,
+        adaln_norm: bool = False,
     ):
         super().__init__()
         config = dict(
@@ -333,7 +347,12 @@ class DiT(ConditionalTransformer):
             num_classes=num_classes,
             learn_sigma=bool(learn_sigma),
         )
+        if adaln_norm:  # recorded only when on, so configs (and files) of plain DiTs are unchanged
+            config["adaln_norm"] = True
+        self.adaln_norm = bool(adaln_norm)
         self._embedders(config, cond_size=hidden_size)
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            DiTBlock(hidden_size, num_heads, mlp_ratio, adaln_norm) for _ in range(depth)
+        )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()

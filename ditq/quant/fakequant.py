@@ -9,12 +9,22 @@ into the `QuantLinear` that computes the same outputs from packed codes.
 |--------------------------------|-------------------------------------------------------------------------|
 | int, `w_bits=b`                | s·(clamp(round(W/s) + z) − z), s and z per row/group from W's range      |
 | int, `stored_bits=B > w_bits`  | s·S(q, b), q the symmetric B-bit codes, S the MatQuant slice (`slice_codes`)|
-| ternary                        | γ·clamp(round(W/(γ+ε)), −1, 1), γ = mean|W| (BitNet b1.58 absmean)      |
+| ternary                        | s·W̃, W̃ = clamp(round(W/(γ+ε)), −1, 1), γ = mean|W| (absmean, ε = 1e-6) |
 
-With `learnable_scale`, s is a parameter `scale` of shape (out, n_groups) initialised from the weight's
-range, trained LSQ-style (gradient through round by STE, scaled by 1/√(g·qmax)); for ternary it is one
-α per layer (shape (1,)) initialised to γ, its gradient scaled by 1/√(out·in). `spec.w_bits` is the served bit-width: `set_served_bits`
-moves a whole model between the nested slices that share one set of stored codes.
+Ternary (TerDiT, SPEC §5): s is γ (BitNet b1.58), or with `learnable_scale` TerDiT's learned α, one per
+layer, initialised to γ (positive; the reference code draws it from N(0, 1)). The STE is the identity on
+W̃ (TerDiT's `ternary.backward`): ∂L/∂W = α·∂L/∂Ŵ and ∂L/∂α = Σ ∂L/∂Ŵ ⊙ W̃, the latter scaled by 1/√N
+as LSQ scales a step size shared by N weights, so that α does not dominate the clipped gradient norm.
+An all-zero weight (adaLN-Zero) has γ = 0; α then starts at the absmean of a Xavier-uniform weight of
+that shape, √(6/(in+out))/2, because α = 0 would give neither α nor W a gradient, ever.
+`chunks = c` splits the output rows into c equal parts with their own γ and α: the q, k and v of a fused
+`qkv` Linear keep the scales they would have as separate layers. The converted `QuantLinear` repeats
+each part's scale over its rows (its scales are per row), so conversion stays exact.
+
+With `learnable_scale`, int scales are a parameter `scale` of shape (out, n_groups) initialised from the
+weight's range, trained LSQ-style (gradient through round by STE, scaled by 1/√(g·qmax)).
+`spec.w_bits` is the served bit-width: `set_served_bits` moves a whole model between the nested slices
+that share one set of stored codes.
 """
 
 from __future__ import annotations
@@ -41,7 +51,6 @@ from ditq.quant.primitives import (
     quantize,
     slice_codes,
     straight_through,
-    ternary_absmean,
 )
 from ditq.quant.spec import QuantSpec
 
@@ -51,6 +60,7 @@ TERNARY_EPS = 1e-6
 """ε of the absmean quantizer: codes = clamp(round(W / (γ + ε)), −1, 1)."""
 
 _ENTRY_KEYS = ("spec", "bias", "learnable_scale")
+_OPTIONAL_KEYS = {"chunks": 1}  # absent in checkpoints written before per-chunk ternary scales
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -85,10 +95,12 @@ class FakeQuantLinear(nn.Module):
         bias: bool = True,
         *,
         learnable_scale: bool = False,
+        chunks: int = 1,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        _check_chunks(chunks, spec, out_features)
         _check_spec(spec)
         spec.check_fits(in_features, out_features)
         if not isinstance(learnable_scale, bool):
@@ -96,18 +108,18 @@ class FakeQuantLinear(nn.Module):
         if learnable_scale and spec.w_format == "int" and not spec.symmetric:
             raise ValueError("learnable_scale trains symmetric scales only; got symmetric=False")
         self.in_features, self.out_features, self.spec = in_features, out_features, spec
-        self.learnable_scale = learnable_scale
+        self.learnable_scale, self.chunks = learnable_scale, chunks
         kw = dict(device=device, dtype=torch.float32 if dtype is None else dtype)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw))
         self.bias = nn.Parameter(torch.zeros(out_features, **kw)) if bias else None
         self.scale = None
         if learnable_scale:
-            shape = (1,) if spec.w_format == "ternary" else (out_features, spec.n_groups(in_features))
+            shape = (chunks,) if spec.w_format == "ternary" else (out_features, spec.n_groups(in_features))
             self.scale = nn.Parameter(torch.ones(shape, device=device, dtype=torch.float32))
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, spec: QuantSpec, *, learnable_scale: bool = False
+        cls, linear: nn.Linear, spec: QuantSpec, *, learnable_scale: bool = False, chunks: int = 1
     ) -> FakeQuantLinear:
         """Start from `linear`'s weights; a learnable scale starts where round-to-nearest would put it."""
         w = linear.weight
@@ -117,6 +129,7 @@ class FakeQuantLinear(nn.Module):
             spec,
             linear.bias is not None,
             learnable_scale=learnable_scale,
+            chunks=chunks,
             device=w.device,
             dtype=w.dtype,
         )
@@ -131,9 +144,12 @@ class FakeQuantLinear(nn.Module):
     # ---- the served weight ----------------------------------------------------------------------
 
     def initial_scale(self) -> torch.Tensor:
-        """γ = mean|W| (ternary, shape (1,)) or absmax/qmax per row/group at the stored bits (int)."""
+        """Ternary: γ = mean|W| per chunk, shape (chunks,), with the Xavier absmean where γ = 0 (see
+        the module docstring); int: absmax/qmax per row/group at the stored bits."""
         if self.spec.w_format == "ternary":
-            return ternary_absmean(self.weight, TERNARY_EPS)[1].reshape(1)
+            gamma = self.ternary_codes()[1]
+            fallback = math.sqrt(6.0 / (self.in_features + self.out_features)) / 2
+            return torch.where(gamma > 0, gamma, torch.full_like(gamma, fallback))
         return compute_qparams(self.weight, self.spec.code_bits, self.spec.group_size, True)[0]
 
     def codes_and_scales(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -144,9 +160,7 @@ class FakeQuantLinear(nn.Module):
         spec = self.spec
         with torch.no_grad():
             if spec.w_format == "ternary":
-                codes, gamma = ternary_absmean(self.weight, TERNARY_EPS)
-                alpha = gamma if self.scale is None else self.scale.float().reshape(())
-                return codes, alpha.expand(self.out_features, spec.n_groups(self.in_features)).clone(), None
+                return self._ternary_codes_and_scales()
             scale, zero = self._int_qparams()
             return (
                 quantize(self.weight, scale.detach(), zero, spec.code_bits, spec.symmetric),
@@ -173,16 +187,37 @@ class FakeQuantLinear(nn.Module):
             return self.scale.float().clamp_min(SCALE_FLOOR), None
         return compute_qparams(self.weight, self.spec.code_bits, self.spec.group_size, self.spec.symmetric)
 
+    def ternary_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W̃ = clamp(round(W/(γ+ε)), −1, 1) (int8, (out, in)) and γ = mean|W| per chunk (float32, (chunks,))."""
+        w = self.weight.detach().float().reshape(self.chunks, -1, self.in_features)  # (c, out/c, in)
+        gamma = w.abs().mean(dim=(1, 2))  # (c,)
+        codes = torch.round(w / (gamma[:, None, None] + TERNARY_EPS)).clamp(-1, 1)
+        return codes.reshape(self.out_features, self.in_features).to(torch.int8), gamma
+
+    def _rows(self, per_chunk: torch.Tensor) -> torch.Tensor:
+        """(chunks,) → (out, 1): each chunk's value repeated over its rows."""
+        return per_chunk.repeat_interleave(self.out_features // self.chunks).unsqueeze(1)
+
     def _ternary_weight(self) -> torch.Tensor:
-        codes, gamma = ternary_absmean(self.weight, TERNARY_EPS)
+        codes, gamma = self.ternary_codes()
         w = self.weight.float()
-        if self.scale is None:
-            return straight_through(w, gamma * codes.float())
-        # d Ŵ / d W = α / (γ + ε) ≈ 1 (BitNet's STE at the scale the weight is served at); d Ŵ / d α = codes,
-        # scaled as LSQ scales a step size shared by N weights of qmax = 1 (1/√N), so that α's gradient does
-        # not dominate the global gradient norm that training clips.
-        alpha = _ScaleGrad.apply(self.scale.float(), 1.0 / math.sqrt(w.numel()))
-        return alpha * straight_through(w / (gamma + TERNARY_EPS), codes.float())
+        if self.scale is None:  # BitNet b1.58: Ŵ = γ·W̃, identity STE on Ŵ
+            return straight_through(w, self._rows(gamma) * codes.float())
+        # TerDiT: Ŵ = α·W̃ with the identity STE on W̃, so ∂L/∂W = α·∂L/∂Ŵ; ∂L/∂α = Σ ∂L/∂Ŵ ⊙ W̃ over the
+        # chunk, scaled by 1/√N (N weights share α, qmax = 1: LSQ's factor) to keep it from dominating the
+        # clipped global gradient norm.
+        alpha = _ScaleGrad.apply(self.scale.float(), 1.0 / math.sqrt(w.numel() // self.chunks))
+        return self._rows(alpha) * straight_through(w, codes.float())
+
+    def _ternary_codes_and_scales(self) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """Codes and per-row positive scales that serve exactly Ŵ: a negative α serves −α·(−W̃), and a
+        zero α (Ŵ = 0) zero codes with scale 1."""
+        codes, gamma = self.ternary_codes()
+        scale = gamma if self.scale is None else self.scale.detach().float()
+        sign = self._rows(torch.sign(scale)).to(torch.int8)  # (out, 1)
+        magnitude = torch.where(scale != 0, scale.abs(), torch.ones_like(scale))
+        n_groups = self.spec.n_groups(self.in_features)
+        return codes * sign, self._rows(magnitude).expand(self.out_features, n_groups).contiguous(), None
 
     def _lsq_weight(self) -> torch.Tensor:
         """LSQ: q = clamp(round(W/s)), Ŵ = s·q; round passes gradients straight through, clamp stops them."""
@@ -222,11 +257,13 @@ class FakeQuantLinear(nn.Module):
             "spec": self.spec.to_dict(),
             "bias": self.bias is not None,
             "learnable_scale": self.learnable_scale,
+            "chunks": self.chunks,
         }
 
     @classmethod
     def skeleton(cls, linear: nn.Linear, entry: dict[str, Any]) -> FakeQuantLinear:
-        unknown = sorted(set(entry) - set(_ENTRY_KEYS))
+        entry = {**_OPTIONAL_KEYS, **entry}
+        unknown = sorted(set(entry) - set(_ENTRY_KEYS) - set(_OPTIONAL_KEYS))
         missing = sorted(set(_ENTRY_KEYS) - set(entry))
         if unknown or missing:
             raise ValueError(f"fake_quant_linear entry: unknown fields {unknown}, missing fields {missing}")
@@ -239,6 +276,7 @@ class FakeQuantLinear(nn.Module):
             spec,
             entry["bias"],
             learnable_scale=entry["learnable_scale"],
+            chunks=entry["chunks"],
             device=linear.weight.device,
             dtype=linear.weight.dtype,
         )
@@ -247,6 +285,7 @@ class FakeQuantLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"spec={self.spec}, learnable_scale={self.learnable_scale}"
+            + (f", chunks={self.chunks}" if self.chunks > 1 else "")
         )
 
 
@@ -275,6 +314,15 @@ def set_served_bits(model: nn.Module, bits: int, pattern: str = "*") -> int:
     for _, module in chosen:
         module.spec = replace(module.spec, w_bits=bits)
     return len(chosen)
+
+
+def _check_chunks(chunks: int, spec: QuantSpec, out_features: int) -> None:
+    if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+        raise ValueError(f"chunks={chunks!r} must be an int >= 1")
+    if chunks > 1 and spec.w_format != "ternary":
+        raise ValueError(f"chunks={chunks} splits ternary's per-tensor scale; int scales are per row already")
+    if out_features % chunks:
+        raise ValueError(f"chunks={chunks} does not divide out_features={out_features}")
 
 
 def _check_spec(spec: QuantSpec) -> None:

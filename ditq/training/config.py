@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 MIXED_PRECISION = ("auto", "bf16", "no")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "step")
 LOSSES = ("diffusion", "distill")
 
 # Fields that decide which samples, noise, model and objective a step sees: a resume must not change
@@ -46,8 +46,10 @@ class TrainConfig:
     steps: int = 10_000
     global_batch_size: int = 256  # summed over ranks; each rank gets global / world_size
     lr: float = 1e-4
-    lr_schedule: str = "constant"  # "constant" (DiT) or "cosine" (decays to min_lr at `steps`)
+    lr_schedule: str = "constant"  # "constant" (DiT), "cosine" (to min_lr at `steps`) or "step" (TerDiT)
     min_lr: float = 0.0
+    lr_decay_step: int | None = None  # "step": from this 0-based step on, lr · lr_decay_factor
+    lr_decay_factor: float = 0.1
     warmup_steps: int = 0  # linear ramp from 0 to lr over the first warmup_steps steps
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -105,6 +107,7 @@ class TrainConfig:
             raise ValueError(f"ema_decay={self.ema_decay!r} must lie in [0, 1)")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule={self.lr_schedule!r} is not one of {LR_SCHEDULES}")
+        self._check_step_schedule()
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(f"mixed_precision={self.mixed_precision!r} is not one of {MIXED_PRECISION}")
         if not self.out_dir:
@@ -136,6 +139,18 @@ class TrainConfig:
                 setattr(self, name, value)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"{name}={value!r} must be a zoo name or a checkpoint path")
+
+    def _check_step_schedule(self) -> None:
+        """TerDiT's schedule: a large initial lr, reduced once late in training."""
+        if self.lr_schedule != "step":
+            if self.lr_decay_step is not None:
+                raise ValueError(f"lr_decay_step={self.lr_decay_step} needs lr_schedule='step'")
+            return
+        if self.lr_decay_step is None:
+            raise ValueError("lr_schedule='step' needs lr_decay_step (the step the lr drops at)")
+        _check_int("lr_decay_step", self.lr_decay_step, minimum=max(1, self.warmup_steps))
+        if not (_is_real(self.lr_decay_factor) and 0.0 < self.lr_decay_factor <= 1.0):
+            raise ValueError(f"lr_decay_factor={self.lr_decay_factor!r} must lie in (0, 1]")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready copy (tuples become lists)."""

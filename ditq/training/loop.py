@@ -41,6 +41,7 @@ from ditq.training.checkpoint import TrainState, load_train_state, save_train_st
 from ditq.training.config import RESUME_FIXED, TrainConfig
 from ditq.training.data import load_dataset
 from ditq.training.distributed import DistEnv, check_ranks_agree, setup_distributed
+from ditq.training.init import load_init_weights
 from ditq.training.log import LogMeter, trim_log
 from ditq.training.losses import DiffusionLoss, DistillLoss, Loss, ModelFn
 from ditq.training.rng import capture_rng, restore_rng, seed_rank
@@ -78,18 +79,10 @@ def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
             raise ValueError(
                 f"init_from={cfg.init_from!r} holds quantized layers; start from full-precision weights"
             )
-        ours, theirs = model.state_dict(), source.state_dict()
-        misfit = sorted(
-            k
-            for k in ours.keys() | theirs.keys()
-            if k not in ours or k not in theirs or ours[k].shape != theirs[k].shape
-        )
-        if misfit:
-            raise ValueError(
-                f"init_from={cfg.init_from!r} does not fit {cfg.model} with model_overrides="
-                f"{cfg.model_overrides}: tensors {misfit[:5]} are missing or shaped differently"
-            )
-        model.load_state_dict(theirs)
+        what = f"{cfg.model} with model_overrides={cfg.model_overrides}"
+        gains = load_init_weights(model, source, cfg.init_from, what, cfg.num_timesteps)
+        if gains:
+            log.info("init_from: %d adaLN RMSNorm gains set to the FP modulation RMS", len(gains))
     if cfg.recipe is not None:
         prepare(model, recipe_from_dict(cfg.recipe))
     return model

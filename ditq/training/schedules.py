@@ -12,13 +12,15 @@ from ditq.training.config import TrainConfig
 __all__ = ["ema_decay_at", "lr_at", "update_ema"]
 
 
-
 def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Learning rate of the 0-based optimizer step `step`: linear warm-up, then constant or cosine."""
+    """Learning rate of the 0-based optimizer step `step`: linear warm-up, then constant, cosine, or
+    step (lr until `lr_decay_step`, lr·`lr_decay_factor` from there on: TerDiT's late reduction)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     if cfg.lr_schedule == "constant":
         return cfg.lr
+    if cfg.lr_schedule == "step":
+        return cfg.lr * (cfg.lr_decay_factor if step >= cfg.lr_decay_step else 1.0)
     progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 

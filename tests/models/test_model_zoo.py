@@ -19,7 +19,9 @@ def shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 def test_zoo_names():
     dit = {f"DiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)}
-    assert set(MODEL_CONFIGS) == dit | {"DiT-MNIST", "LargeDiT-600M", "LargeDiT-4.2B", "LargeDiT-MNIST"}
+    assert set(MODEL_CONFIGS) == dit | {
+        "DiT-MNIST", "LargeDiT-600M", "LargeDiT-4.2B", "LargeDiT-MNIST", "TerDiT-600M", "TerDiT-4.2B"
+    }
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_CONFIGS))
@@ -105,8 +107,8 @@ def test_unknown_override_is_named():
     with pytest.raises(ValueError, match=r"unknown overrides \['hidden'\]") as info:
         create("DiT-S/2", hidden=64)
     assert "hidden_size" in str(info.value)
-    with pytest.raises(ValueError, match="adaln_norm"):
-        create("DiT-S/2", adaln_norm=True)  # a Large-DiT option is not a DiT option
+    with pytest.raises(ValueError, match="qk_norm"):
+        create("DiT-S/2", qk_norm=True)  # a Large-DiT option is not a DiT option
 
 
 def test_build_errors():

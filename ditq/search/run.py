@@ -1,0 +1,237 @@
+"""Q-DiT's automatic granularity allocation: an evolutionary search over per-layer group sizes.
+
+    population ← the uniform baseline (e.g. g128 everywhere) + random genomes within budget
+    for each generation:
+        evaluate every new genome: requantize the FP model with it (the final model's quantizer, GPTQ
+            memoised per layer and group size), sample, score (fitness cache keyed by the genome)
+        parents ← top-k of everything evaluated so far
+        population ← crossover and mutation children of the parents (within budget, unseen) + random refill
+        save the state (atomically)
+    best ← the genome of lowest fitness → a QDiT recipe file
+
+Evaluations are split over torch.distributed ranks when a process group is up (rank r takes every r-th new
+genome; results are all-gathered), so every rank selects the same parents and the search ends as it does in
+one process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch.distributed as dist
+from torch import nn
+from tqdm.auto import tqdm
+
+from ditq.api import requantize
+from ditq.atomic import write_text
+from ditq.calib import CalibData
+from ditq.kernels import prepare_for_inference
+from ditq.methods.qdit import QDiT, gptq_cache
+from ditq.search.fitness import FITNESSES, Fitness, FitnessSettings, make_fitness
+from ditq.search.genetic import next_population, random_genome, top_k
+from ditq.search.space import (
+    DEFAULT_CANDIDATES,
+    Genome,
+    SearchSpace,
+    genome_from_key,
+    genome_key,
+    parse_group,
+)
+from ditq.search.state import append_evaluation, load_state, logged_fitness, save_state
+
+RECIPE_FILE = "recipe.json"
+RESULT_FILE = "result.json"
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The genetic algorithm's settings (Q-DiT used population 50, top 10, 25 + 25 children, 10 generations)."""
+
+    generations: int = 4
+    population: int = 16
+    top_k: int = 4
+    n_crossover: int = 6
+    n_mutation: int = 6
+    mutation_prob: float = 0.1
+    candidates: tuple[int | None, ...] = DEFAULT_CANDIDATES
+    budget: str | float = "g128"
+    fitness: str = "psnr"
+    fitness_settings: FitnessSettings = field(default_factory=FitnessSettings)
+    seed: int = 0
+    backend: str = "dequantized"
+
+    def __post_init__(self) -> None:
+        for name in ("generations", "population", "top_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"search {name} must be a positive int, got {value!r}")
+        for name in ("n_crossover", "n_mutation", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"search {name} must be an int >= 0, got {value!r}")
+        if self.top_k > self.population:
+            raise ValueError(f"top_k={self.top_k} exceeds the population ({self.population})")
+        if not 0 < self.mutation_prob <= 1:
+            raise ValueError(f"mutation_prob={self.mutation_prob!r} must lie in (0, 1]")
+        if self.fitness not in FITNESSES:
+            raise ValueError(f"fitness {self.fitness!r} is not one of {FITNESSES}")
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    best: dict[str, int | None]  # layer → group size
+    best_key: str
+    best_fitness: float
+    best_bits: float  # average bits per weight of the best assignment
+    budget_bits: float
+    recipe: QDiT
+    evaluations: int  # distinct genomes evaluated (over all runs of a resumed search)
+    seconds: float  # wall time of the search (over all runs of a resumed search)
+    history: list[dict[str, Any]]
+
+
+def run_search(
+    fp_model: nn.Module,
+    base: QDiT,
+    config: SearchConfig,
+    out_dir: str | Path,
+    *,
+    calib: CalibData | None = None,
+    fitness: Fitness | None = None,
+    progress: bool = True,
+) -> SearchResult:
+    """Search group sizes for `base`'s layers; resumes from `out_dir` when it holds this search's state.
+
+    Writes `state.json`, `evaluations.jsonl`, `recipe.json` (the best assignment as a QDiT recipe) and
+    `result.json` under `out_dir`. `fitness` replaces the built-in one named by `config.fitness`.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    space = SearchSpace.build(fp_model, base, config.candidates, config.budget)
+    settings = _settings(space, base, config, fitness)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    state = load_state(out)
+    if state is None:
+        rng = np.random.default_rng(config.seed)
+        state = {"settings": settings, "generation": 0, "fitness": {}, "history": [], "seconds": 0.0,
+                 "population": [genome_key(g) for g in _initial(space, config, rng)]}  # fmt: skip
+    else:
+        _check_same(out, state["settings"], settings)
+        rng = np.random.default_rng()
+        rng.bit_generator.state = state["rng"]
+    cache: dict[str, float] = dict(state["fitness"]) | logged_fitness(out, digest)
+    fitness = fitness or make_fitness(config.fitness, fp_model, config.fitness_settings)
+    start, spent = time.perf_counter(), float(state.get("seconds", 0.0))
+    population = [genome_from_key(k) for k in state["population"]]
+    bar = tqdm(total=config.generations, initial=state["generation"], desc=f"search ({config.fitness})",
+               disable=not progress or rank != 0)  # fmt: skip
+    with gptq_cache():
+        for generation in range(state["generation"], config.generations):
+            pending = [g for g in population if genome_key(g) not in cache]
+            cache |= _evaluate(fp_model, space, pending, fitness, calib, config.backend, out, digest, generation)
+            parents = top_k(cache, config.top_k)
+            state["history"].append({"generation": generation, "best_key": parents[0],
+                                     "best_fitness": cache[parents[0]], "evaluated": len(cache)})  # fmt: skip
+            population = [] if generation + 1 == config.generations else next_population(
+                space, [genome_from_key(k) for k in parents], rng, size=config.population,
+                n_crossover=config.n_crossover, n_mutation=config.n_mutation, prob=config.mutation_prob,
+                seen=set(cache),
+            )  # fmt: skip
+            state |= {"generation": generation + 1, "population": [genome_key(g) for g in population],
+                      "fitness": cache, "rng": rng.bit_generator.state,
+                      "seconds": spent + time.perf_counter() - start}  # fmt: skip
+            if rank == 0:
+                save_state(out, state)
+            bar.update(1)
+            bar.set_postfix(best=f"{cache[parents[0]]:.4g}", evaluated=len(cache))
+    bar.close()
+    best_key = top_k(cache, 1)[0]
+    best = genome_from_key(best_key)
+    result = SearchResult(
+        best=space.assignment(best), best_key=best_key, best_fitness=cache[best_key],
+        best_bits=space.average_bits(best), budget_bits=space.budget, recipe=space.recipe(best),
+        evaluations=len(cache), seconds=float(state.get("seconds", spent + time.perf_counter() - start)),
+        history=state["history"],
+    )  # fmt: skip
+    if rank == 0:
+        write_text(out / RECIPE_FILE, json.dumps(result.recipe.to_dict(), indent=1) + "\n")
+        summary = {k: v for k, v in asdict(result).items() if k != "recipe"}
+        write_text(out / RESULT_FILE, json.dumps(summary | {"settings": settings}, indent=1) + "\n")
+    if world > 1:
+        dist.barrier()
+    return result
+
+
+def quantize_candidate(
+    fp_model: nn.Module, space: SearchSpace, genome: Genome, calib: CalibData | None, backend: str = "dequantized"
+) -> nn.Module:
+    """The FP model with `genome`'s group sizes, built by `requantize` exactly as `ditq quantize` builds it."""
+    recipe = space.recipe(genome)
+    model = requantize(fp_model, dict.fromkeys(space.names, recipe), calib)
+    return prepare_for_inference(model, backend)
+
+
+def _evaluate(
+    fp_model: nn.Module, space: SearchSpace, pending: list[Genome], fitness: Fitness, calib: CalibData | None,
+    backend: str, out: Path, digest: str, generation: int,
+) -> dict[str, float]:
+    """Fitness of each pending genome; with several ranks each takes its share and all get every result."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    found: dict[str, float] = {}
+    for genome in pending[rank::world]:
+        began = time.perf_counter()
+        value = float(fitness(quantize_candidate(fp_model, space, genome, calib, backend)))
+        key = genome_key(genome)
+        found[key] = value
+        append_evaluation(out, {"settings": digest, "key": key, "fitness": value, "generation": generation,
+                                "bits": space.average_bits(genome), "rank": rank,
+                                "seconds": round(time.perf_counter() - began, 4)})  # fmt: skip
+    if world > 1:
+        gathered: list[dict[str, float] | None] = [None] * world
+        dist.all_gather_object(gathered, found)
+        found = {k: v for part in gathered for k, v in (part or {}).items()}
+    return found
+
+
+def _initial(space: SearchSpace, config: SearchConfig, rng: np.random.Generator) -> list[Genome]:
+    """The uniform baseline of the budget (when it names one) plus distinct random genomes."""
+    population: list[Genome] = []
+    if isinstance(config.budget, str) and (config.budget.startswith("g") or config.budget == "ch"):
+        baseline = space.uniform(None if config.budget == "ch" else parse_group(config.budget[1:]))
+        if space.within_budget(baseline):
+            population.append(baseline)
+    keys = {genome_key(g) for g in population}
+    for _ in range(config.population * 20):
+        if len(population) >= config.population:
+            break
+        genome = random_genome(space, rng)
+        if genome_key(genome) not in keys:
+            keys.add(genome_key(genome))
+            population.append(genome)
+    return population
+
+
+def _settings(space: SearchSpace, base: QDiT, config: SearchConfig, fitness: Fitness | None) -> dict[str, Any]:
+    data = asdict(config)
+    data["candidates"] = [c for c in config.candidates]
+    data["fitness"] = config.fitness if fitness is None else f"custom:{type(fitness).__name__}"
+    return {"config": data, "base": base.to_dict(), "layers": list(space.names), "budget_bits": space.budget}
+
+
+def _check_same(out: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """A resumed search must be the same search; name what differs."""
+    saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(now))
+    for part in ("config", "base"):
+        for key in sorted(set(saved.get(part, {})) | set(now[part])):
+            if saved.get(part, {}).get(key) != now[part].get(key):
+                raise ValueError(f"{out}: the saved search has {part}.{key}={saved.get(part, {}).get(key)!r}, "
+                                 f"this one {now[part].get(key)!r}; use another --out or the same settings")  # fmt: skip
+    if saved != now:
+        raise ValueError(f"{out}: the saved search ran on other layers or another budget; use another --out")

@@ -1,0 +1,152 @@
+"""Group-size search: space and budget, genetic operators, fitness cache, kill/resume, recipe, CLI, ranks."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+import ditq
+from ditq.api import shallow_clone
+from ditq.methods.qdit import QDiT
+from ditq.search import (
+    FitnessSettings,
+    SearchConfig,
+    SearchSpace,
+    genome_key,
+    main,
+    quantize_candidate,
+    run_search,
+)
+from ditq.search.fitness import Fitness, make_fitness
+from ditq.search.genetic import crossover, mutate, next_population, random_genome, repair, top_k
+from tests.tiny import make_tiny_mnist_dit
+
+CANDIDATES = (32, 64, 128, 256, None)
+
+
+@pytest.fixture(scope="module")
+def fp_and_calib():
+    model = make_tiny_mnist_dit()
+    return model, ditq.calibrate(model, n_samples=2, steps=3, rows_per_layer=128)
+
+
+@pytest.fixture(scope="module")
+def space(fp_and_calib):
+    return SearchSpace.build(fp_and_calib[0], QDiT(w_bits=4), CANDIDATES, "g128")
+
+
+def test_space_offers_only_dividing_candidates_and_budget_is_the_uniform_baseline(space, fp_and_calib):
+    fp = fp_and_calib[0]
+    for name, allowed in zip(space.names, space.choices, strict=True):
+        width = fp.get_submodule(name).in_features
+        assert all(g is None or (width % g == 0 and g < width) for g in allowed)
+        assert None in allowed
+    assert space.choices[space.names.index("blocks.0.attn.qkv")] == (32, 64, None)  # 128 = one group = per channel
+    assert space.choices[space.names.index("blocks.0.mlp.fc2")] == (32, 64, 128, 256, None)
+    assert space.budget == space.average_bits(space.uniform(128))
+    with pytest.raises(ValueError, match="below the cheapest"):
+        SearchSpace.build(fp, QDiT(w_bits=4), CANDIDATES, 4.0)
+    with pytest.raises(ValueError, match="no candidate group size"):
+        SearchSpace.build(fp, QDiT(w_bits=4), (96,), "g32")
+    with pytest.raises(ValueError, match="budget 'g96'.*blocks.0.attn.qkv"):
+        SearchSpace.build(fp, QDiT(w_bits=4), CANDIDATES, "g96")
+
+
+def test_genetic_operators_stay_in_the_space_and_within_budget(space):
+    rng = np.random.default_rng(0)
+    parents = [random_genome(space, rng) for _ in range(4)]
+    children = parents + [crossover(space, parents[0], parents[1], rng) for _ in range(30)]
+    children += [mutate(space, parents[2], rng, 0.5) for _ in range(30)]
+    finest = tuple(c[0] for c in space.choices)  # g32 everywhere: far over budget
+    assert not space.within_budget(finest)
+    children.append(repair(space, finest, rng))
+    for child in children:
+        space.check(child)  # every gene allowed for its layer
+        assert space.within_budget(child)
+    assert len({genome_key(c) for c in children}) > 10  # the operators do explore
+    seen = {genome_key(p) for p in parents}
+    new = next_population(space, parents, rng, size=12, n_crossover=4, n_mutation=4, prob=0.3, seen=seen)
+    keys = [genome_key(c) for c in new]
+    assert len(new) == 12 and len(set(keys)) == 12 and not seen & set(keys)
+    assert top_k({"b": 1.0, "a": 1.0, "c": 0.5}, 2) == ["c", "a"]
+
+
+class Counting(Fitness):
+    """The `output` fitness, counting its calls; `die_after` simulates a kill mid-generation."""
+
+    def __init__(self, fp, die_after=None):
+        self.inner = make_fitness("output", fp, FitnessSettings(samples=2, steps=2))
+        self.calls, self.die_after = 0, die_after
+
+    def __call__(self, model):
+        if self.die_after is not None and self.calls >= self.die_after:
+            raise KeyboardInterrupt("killed")
+        self.calls += 1
+        return self.inner(model)
+
+
+CONFIG = SearchConfig(generations=3, population=6, top_k=2, n_crossover=3, n_mutation=3, seed=3)
+
+
+def test_cache_kill_and_resume_give_the_uninterrupted_result(fp_and_calib, tmp_path, one_thread):
+    fp, calib = fp_and_calib
+    base = QDiT(w_bits=3)
+    whole = Counting(fp)
+    expected = run_search(fp, base, CONFIG, tmp_path / "whole", calib=calib, fitness=whole, progress=False)
+    assert whole.calls == expected.evaluations  # each genome evaluated once: the cache answers repeats
+    assert expected.evaluations > CONFIG.population  # later generations added new genomes
+    lines = (tmp_path / "whole" / "evaluations.jsonl").read_text().splitlines()
+    assert len(lines) == expected.evaluations
+
+    with pytest.raises(KeyboardInterrupt):  # killed in the middle of generation 1
+        run_search(fp, base, CONFIG, tmp_path / "cut", calib=calib, fitness=Counting(fp, die_after=8), progress=False)
+    with open(tmp_path / "cut" / "evaluations.jsonl", "a") as log:
+        log.write('{"torn": ')  # a line cut short by the kill
+    resumed = Counting(fp)
+    result = run_search(fp, base, CONFIG, tmp_path / "cut", calib=calib, fitness=resumed, progress=False)
+    assert resumed.calls == expected.evaluations - 8  # nothing evaluated twice
+    assert (result.best_key, result.best_fitness, result.history) == (
+        expected.best_key, expected.best_fitness, expected.history)  # fmt: skip
+    assert json.loads((tmp_path / "cut" / "state.json").read_text())["fitness"] == json.loads(
+        (tmp_path / "whole" / "state.json").read_text())["fitness"]  # fmt: skip
+    again = Counting(fp)
+    run_search(fp, base, CONFIG, tmp_path / "cut", calib=calib, fitness=again, progress=False)
+    assert again.calls == 0  # a finished search only reports
+    with pytest.raises(ValueError, match="config.seed=3"):
+        run_search(fp, base, replace(CONFIG, seed=4), tmp_path / "cut", calib=calib, fitness=again, progress=False)
+
+    # the recipe file builds, through `ditq.quantize`, the very model the search scored
+    recipe = ditq.load_recipe(tmp_path / "whole" / "recipe.json")
+    assert recipe == expected.recipe and recipe.w_bits == 3
+    final = ditq.prepare_for_inference(ditq.quantize(shallow_clone(fp), recipe, calib), "dequantized")
+    space = SearchSpace.build(fp, base, CONFIG.candidates, CONFIG.budget)
+    searched = quantize_candidate(fp, space, space.genome(expected.best), calib)
+    x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([10, 500]), torch.tensor([1, 2])
+    assert torch.equal(final(x, t, y), searched(x, t, y))
+    assert Counting(fp)(final) == pytest.approx(expected.best_fitness, rel=1e-6)
+    assert expected.best_bits <= expected.budget_bits + 1e-9
+
+
+def test_fitnesses_rank_a_bad_model_below_a_good_one(fp_and_calib, one_thread):
+    fp, calib = fp_and_calib
+    space = SearchSpace.build(fp, QDiT(w_bits=4), CANDIDATES, "g128")
+    good = quantize_candidate(fp, space, space.uniform(None), calib)
+    bad = quantize_candidate(fp, SearchSpace.build(fp, QDiT(w_bits=2), CANDIDATES, "g128"), space.uniform(None), calib)
+    for name in ("psnr", "output"):
+        fitness = make_fitness(name, fp, FitnessSettings(samples=2, steps=2))
+        assert fitness(fp) <= fitness(good) < fitness(bad)
+
+
+def test_cli_writes_a_recipe_and_names_bad_input(tmp_path, capsys, monkeypatch, one_thread):
+    monkeypatch.setattr("ditq.bundled.open_model", lambda *a, **k: (make_tiny_mnist_dit(), "tiny"))
+    flags = ["--calib-samples", "2", "--calib-steps", "2", "--fitness-samples", "2", "--fitness-steps", "2",
+             "--generations", "1", "--population", "3", "--top-k", "1", "--no-progress", "--device", "cpu"]
+    assert main(["--out", str(tmp_path / "s"), "--fitness", "output", "--w-bits", "3", *flags]) == 0
+    assert isinstance(ditq.load_recipe(tmp_path / "s" / "recipe.json"), QDiT)
+    assert "bits per weight" in capsys.readouterr().out
+    assert main(["--out", str(tmp_path / "t"), "--budget", "g96", *flags]) == 2
+    assert "g96" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "u"), "--candidates", "32,x", *flags]) == 2
+    assert "'x'" in capsys.readouterr().err
