@@ -1,5 +1,5 @@
 """Quantization methods; importing this package registers every one of them."""
 
-from ditq.methods import gptq, qdit, rtn, terdit
+from ditq.methods import qdit, rtn, svdquant, terdit
 
-__all__ = ["gptq", "qdit", "rtn", "terdit"]
+__all__ = ["qdit", "rtn", "svdquant", "terdit"]

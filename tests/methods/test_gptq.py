@@ -10,6 +10,8 @@ from ditq.methods.gptq import gptq, hessian
 from ditq.quant.qlinear import QuantLinear
 from ditq.quant.spec import QuantSpec
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _correlated(rows: int = 512, dim: int = 128, seed: int = 0) -> torch.Tensor:
     """Inputs whose channels are strongly correlated and unequal in scale, as a Linear's inputs are."""
