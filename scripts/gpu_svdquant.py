@@ -185,7 +185,9 @@ def timing_xl(args: argparse.Namespace) -> None:
     calib = ditq.calibrate(model, **sizes, seed=1, progress=not tiny)
     report["calibration"] = sizes
     report["capture_s"] = round(time.perf_counter() - t0, 1)
+    print(f"capture: {report['capture_s']} s", flush=True)
     variants = [("svdquant-w4a4", {}), ("svdquant-w4a4 + GPTQ", {"gptq": True}), ("svdquant-w4a8", {})]
+    variants = [v for v in variants if args.xl_variants is None or v[0] in args.xl_variants.split(",")]
     for name, change in variants:
         preset = ditq.recipes.load_recipe(name.split(" ")[0])
         recipe = replace(preset, **change, **({"alphas": (0.0, 0.5)} if tiny else {}))
@@ -225,6 +227,7 @@ def main() -> None:
     p.add_argument("--grid", type=int, default=20, help="α grid points in [0, 1) (the recipes' default is 20)")
     p.add_argument("--tiny", action="store_true", help="CPU smoke-test sizes")
     p.add_argument("--timing-xl", action="store_true", help="time calibration at DiT-XL/2 size instead of the table")
+    p.add_argument("--xl-variants", help="comma-separated subset of the timed recipes (default: all three)")
     args = p.parse_args()
     if torch.device(args.device).type == "cpu":
         torch.set_num_threads(1 if args.tiny else torch.get_num_threads())
