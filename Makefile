@@ -8,7 +8,7 @@ TORCH   := torch==2.13.0
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,diffusers]'
 	touch $(STAMP)
 
 demo: $(STAMP)

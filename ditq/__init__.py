@@ -9,14 +9,19 @@ from ditq._version import __version__
 from ditq.api import quantize
 from ditq.calib import CalibData, calibrate
 from ditq.fileformat import CheckpointError
+from ditq.integrations import diffusers as _diffusers  # noqa: F401  (registers its adapters; no diffusers import)
 from ditq.io import load, save
 from ditq.kernels import prepare_for_inference
 from ditq.qat import QAT, convert, prepare
+from ditq.methods.qdit import QDiT
+from ditq.methods.svdquant import SVDQuant
 from ditq.recipes import RTN, Recipe, load_recipe
 
 __all__ = [
     "QAT",
+    "QDiT",
     "RTN",
+    "SVDQuant",
     "CalibData",
     "CheckpointError",
     "Recipe",

@@ -38,6 +38,10 @@ def main(argv: list[str] | None = None) -> int:
         from ditq.train import main as train_main
 
         return train_main(argv[1:]) or 0
+    if argv and argv[0] == "search":  # the Q-DiT group-size search owns its flags (and runs under torchrun)
+        from ditq.search import main as search_main
+
+        return search_main(argv[1:]) or 0
     try:
         args = _parser().parse_args(argv)
     except UsageError as err:
@@ -83,9 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="train a zoo model (see `ditq train --help`)", add_help=False)
+    sub.add_parser("search", help="Q-DiT per-layer group-size search (see `ditq search --help`)", add_help=False)
 
     q = sub.add_parser("quantize", parents=[common], help="quantize a model with a recipe and save a checkpoint")
     _model_args(q)
+    _pipeline_args(q, "calibrate on")
     q.add_argument("--recipe", required=True, help="preset (w8a8, w6a8, w4a8, w4a16, w4a4) or a JSON/YAML file")
     q.add_argument("--out", required=True, type=Path, help="checkpoint path (.safetensors)")
     _calib_args(q)
@@ -94,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", parents=[common], help="sample an image grid from a zoo model or a checkpoint")
     _model_args(s)
+    _pipeline_args(s, "sample")
+    s.add_argument("--vae", help="local diffusers AutoencoderKL folder: decode a latent zoo DiT (DiT-XL/2)")
     _sampling_args(s, samples=16)
     s.add_argument("--out", required=True, type=Path, help="PNG path of the grid")
     s.set_defaults(run=_sample)
@@ -110,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive_int, default=250)
     e.add_argument("--out", type=Path, default=Path("out/eval"), help="folder for report.json and report.md")
     e.add_argument("--device", type=_device, default=_default_device())
+    e.add_argument("--vae", help="ImageNet protocol: local AutoencoderKL folder decoding the latents")
+    e.add_argument("--inception", help="ImageNet protocol: FID Inception weights (pt_inception-2015-12-05 .pth)")
+    e.add_argument("--ref-batch", help="ImageNet protocol: ADM reference batch (.npz); torchrun shards samples")
     e.set_defaults(run=_eval)
 
     d = sub.add_parser("demo", parents=[common], help="the main job on the bundled DiT-MNIST: quantize, sample, report")
@@ -122,10 +133,34 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="zoo name (e.g. DiT-MNIST, DiT-S/2) or a ditq checkpoint")
+    p.add_argument("--model", help="zoo name (e.g. DiT-MNIST, DiT-S/2) or a ditq checkpoint (with --pipeline: "
+                   "a quantized transformer checkpoint)")
     p.add_argument("--weights", help="weights for a zoo model (.pt official layout or .safetensors)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling")
     p.add_argument("--device", type=_device, default=_default_device())
+
+
+def _pipeline_args(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument("--pipeline", help=f"local diffusers pipeline folder whose transformer to {verb}")
+    p.add_argument("--prompt", action="append", default=[], help="prompt for a text pipeline (repeatable)")
+    p.add_argument("--class-label", action="append", type=int, default=[], help="class for DiTPipeline (repeatable)")
+
+
+def _check_model_or_pipeline(args: argparse.Namespace, model_needed: bool) -> bool:
+    """True for the pipeline path; exactly one way of naming the model is accepted."""
+    if args.pipeline is None:
+        if args.model is None:
+            raise ValueError("give --model (zoo name or checkpoint) or --pipeline (a diffusers pipeline folder)")
+        if args.prompt or args.class_label:
+            raise ValueError("--prompt and --class-label apply to --pipeline")
+        return False
+    if not Path(args.pipeline).is_dir():
+        raise ValueError(f"--pipeline {args.pipeline} is not a folder")
+    if model_needed and args.model is not None:
+        raise ValueError("--pipeline quantizes the pipeline's own transformer; drop --model")
+    if args.weights is not None:
+        raise ValueError("--weights applies to zoo models, not to --pipeline")
+    return True
 
 
 def _sampling_args(p: argparse.ArgumentParser, samples: int) -> None:
@@ -262,11 +297,17 @@ def _quantize(args: argparse.Namespace) -> None:
     from ditq.quant.modules import is_quantized
 
     check_output_file(args.out, "--out")
-    check_steps(args.calib_steps, "ddim", "--calib-steps")
+    pipeline = _check_model_or_pipeline(args, model_needed=True)
+    if not pipeline:
+        check_steps(args.calib_steps, "ddim", "--calib-steps")
     if args.report is not None:
         check_output_file(args.report, "--report")
         if args.report.absolute() == args.out.absolute():
             raise ValueError(f"--report and --out are the same file ({args.out})")
+    if pipeline:
+        from ditq.integrations.commands import quantize_pipeline
+
+        return quantize_pipeline(args)
     if Path(args.model).absolute() == args.out.absolute():
         raise ValueError(f"--out {args.out} would overwrite the --model checkpoint; choose another path")
     recipe = _load_recipe(args.recipe)
@@ -299,9 +340,19 @@ def _sample(args: argparse.Namespace) -> None:
     from ditq.grid import make_grid, save_image
 
     check_output_file(args.out, "--out")
+    if _check_model_or_pipeline(args, model_needed=False):
+        if args.vae is not None:
+            raise ValueError("--vae applies to zoo latent DiTs; a pipeline has its own VAE")
+        from ditq.integrations.commands import sample_pipeline
+
+        return sample_pipeline(args)
     check_steps(args.steps, args.sampler, "--steps")
     model, source = open_model(args.model, weights=args.weights, seed=args.seed, device=args.device)
     print(f"model: {source}")
+    if args.vae is not None:
+        from ditq.integrations.commands import sample_latent_dit
+
+        return sample_latent_dit(args, model)
     labels = torch.arange(args.samples) % model.num_classes
     images = sample_images(model, labels, steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg,
                            seed=args.seed, progress=True)
@@ -342,6 +393,11 @@ def _eval(args: argparse.Namespace) -> None:
         models[name], sizes[name] = result.model, result.quant_size_bytes
     for name, path in checkpoints.items():
         models[name], sizes[name] = loaded[name], os.path.getsize(path)
+    if args.vae is not None:
+        from ditq.integrations.commands import eval_imagenet
+
+        eval_imagenet(args, models, sizes, args.out)
+        return
     results, _ = evaluate(models, settings, progress=True, sizes=sizes)
     results["fp_model"] = source
     results["calibration"] = {"samples": calib_settings.samples, "steps": calib_settings.steps,

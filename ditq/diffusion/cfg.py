@@ -24,17 +24,19 @@ def _param_device(model: nn.Module) -> torch.device:
     return torch.device("cpu") if first is None else first.device
 
 
-def guided(model: nn.Module, cfg_scale: float) -> ModelFn:
+def guided(model: nn.Module, cfg_scale: float, guide_channels: int | None = None) -> ModelFn:
     """model_fn(x, t, y) that applies classifier-free guidance with scale s = `cfg_scale`.
 
-    ε̂ = ε̂(x, ∅) + s · (ε̂(x, y) − ε̂(x, ∅)) on the first `model.in_channels` output channels
-    (one model call on the doubled batch [x, x] with labels [y, null], null = `model.num_classes`);
-    the variance channels, if any, come from the conditional half. s = 1 is the plain conditional
-    call. (The official DiT guides only the first 3 channels; here every ε channel is guided.)
-    Inputs are cast to the model's dtype and outputs back to x's, so a half-precision model can
-    run under a float32 sampler.
+    ε̂ = ε̂(x, ∅) + s · (ε̂(x, y) − ε̂(x, ∅)) on the first `guide_channels` output channels (default:
+    all `model.in_channels` ε channels; the official DiT sampler guides only the first 3 of the 4
+    latent channels, which its FID numbers depend on, so the ImageNet protocol passes 3), in one model
+    call on the doubled batch [x, x] with labels [y, null], null = `model.num_classes`; the other
+    channels come from the conditional half. s = 1 is the plain conditional call. Inputs are cast to
+    the model's dtype and outputs back to x's, so a half-precision model can run under a float32 sampler.
     """
-    channels = int(model.in_channels)
+    channels = int(model.in_channels) if guide_channels is None else int(guide_channels)
+    if not 0 < channels <= int(model.in_channels):
+        raise ValueError(f"guide_channels must be in 1..{int(model.in_channels)}, got {guide_channels}")
     null_class = int(model.num_classes)
     dtype = _param_dtype(model)
 
@@ -76,13 +78,17 @@ def sample_images(
     seed: int = 0,
     batch_size: int | None = None,
     progress: bool = False,
+    guide_channels: int | None = None,
+    first_index: int = 0,
 ) -> Tensor:
     """Class-conditional samples (N, C, H, W) in [−1, 1] on the model's device.
 
     Runs `steps` respaced steps ("ddim{steps}" for DDIM, "{steps}" for DDPM) of the model's
     1000-step diffusion with guidance `cfg_scale`. Sample k draws x_T and all later noise from its
     own generator seeded by (seed, k), so images depend on the seed but not on `batch_size` (up to
-    the batch-invariance of the model's own kernels). The model runs in eval mode under no_grad;
+    the batch-invariance of the model's own kernels); `first_index` numbers the first sample, so a
+    shard of a larger run (one rank of a data-parallel evaluation) draws the same noise as the whole
+    run would. `guide_channels`: see `guided`. The model runs in eval mode under no_grad;
     its training flag is restored afterwards.
     """
     if sampler not in SAMPLERS:
@@ -101,7 +107,9 @@ def sample_images(
     diffusion = create_diffusion(
         f"ddim{steps}" if sampler == "ddim" else str(steps), learn_sigma=model.learn_sigma
     )
-    model_fn = guided(model, cfg_scale)
+    if first_index < 0:
+        raise ValueError(f"first_index must be >= 0, got {first_index}")
+    model_fn = guided(model, cfg_scale, guide_channels)
     batch_size = batch_size or n
     was_training = model.training
     model.eval()
@@ -110,7 +118,7 @@ def sample_images(
         with torch.no_grad():
             for start in range(0, n, batch_size):
                 stop = min(n, start + batch_size)
-                generators = [sample_generator(seed, k) for k in range(start, stop)]
+                generators = [sample_generator(seed, first_index + k) for k in range(start, stop)]
                 shape = (stop - start, *sample_shape)
                 x_T = standard_normal(shape, generators, device)
                 x_0 = diffusion.sample(

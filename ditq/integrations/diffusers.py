@@ -1,0 +1,298 @@
+"""diffusers transformers as ditq architectures, and calibration from a pipeline's own denoising loop.
+
+Four families get an adapter: DiT, PixArt-α/Σ, SD3 and FLUX. Each knows
+- which modules stay in high precision by default (patch/time/text embedders, the adaLN modulation
+  Linears, the output norm and projection: what Q-DiT, PTQ4DiT and SVDQuant keep in 16 bits);
+- how to rebuild the transformer from its diffusers config alone, so a ditq checkpoint of a quantized
+  transformer loads with `ditq.load(path)` without the original weights (parameters are built on the meta
+  device; buffers that the config computes, such as sin-cos position tables, are built for real);
+- how to drive it on random inputs of the right shapes (`run`), which is what `trace_input_groups` uses to
+  find the Linears that read one tensor: q/k/v, FLUX's add_q/k/v_proj, its single blocks' q/k/v + proj_mlp.
+
+diffusers itself is imported on first use only. Three lines quantize a pipeline's transformer:
+
+    calib = calibrate_pipeline(pipe, prompts=["a cat", "a city at night"], steps=20)
+    ditq.quantize(pipe.transformer, ditq.RTN(w_bits=8, a_bits=8), calib=calib)
+    ditq.save(pipe.transformer, "transformer-w8a8.safetensors")
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ditq.adapters import ADAPTERS, Adapter, RunFn, register_adapter, trace_input_groups
+from ditq.calib import CalibData, calibrate
+
+__all__ = ["DiffusersAdapter", "calibrate_pipeline", "diffusers_adapter", "load_pipeline", "SUPPORTED"]
+
+
+@dataclass(frozen=True)
+class DiffusersAdapter(Adapter):
+    """One diffusers transformer class. Subclasses say how to make a forward call's inputs."""
+
+    class_name: str = ""
+    timestep_scale: float = 1.0  # what one unit of the model's `timestep` is in 1000-step units
+
+    def handles(self, model: nn.Module) -> bool:
+        cls = type(model)
+        return cls.__name__ == self.class_name and cls.__module__.startswith("diffusers.")
+
+    def config(self, model: nn.Module) -> dict[str, Any]:
+        """The diffusers config (its public keys, JSON types) plus `_class_name`."""
+        public = {k: _jsonable(v) for k, v in model.config.items() if not k.startswith("_")}
+        return {"_class_name": self.class_name, **public}
+
+    def build(self, config: dict[str, Any]) -> nn.Module:
+        """The transformer a config describes, parameters on meta (filled by `load_state_dict(assign=True)`)."""
+        import diffusers
+
+        name = config.get("_class_name", self.class_name)
+        if name != self.class_name:
+            raise ValueError(f"config names class {name!r}, the {self.name!r} adapter builds {self.class_name}")
+        cls = getattr(diffusers, self.class_name)
+        kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        unknown = sorted(set(kwargs) - accepted)
+        if unknown:
+            raise ValueError(f"{self.class_name} (diffusers {diffusers.__version__}) takes no config fields "
+                             f"{unknown}; was the file written with another diffusers version?")
+        with _parameters_on_meta():
+            return cls(**kwargs).eval()
+
+    def step_timestep(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
+        """The call's `timestep` in the 0..1000 scale every family's scheduler counts in."""
+        t = kwargs.get("timestep")
+        if not isinstance(t, torch.Tensor) or not t.numel():
+            return None
+        return int(round(float(t.reshape(-1)[0]) * self.timestep_scale))
+
+    def run(self, model: nn.Module, *, batch: int = 1, steps: int = 1, seed: int = 0, size: int | None = None,
+            text_tokens: int = 8) -> torch.Tensor:
+        """Call the model `steps` times on seeded random inputs (timesteps spread from noisy to clean);
+        returns the last output. `size` is the latent side (default: the config's sample size)."""
+        if batch <= 0 or steps <= 0 or text_tokens <= 0:
+            raise ValueError(f"batch, steps and text_tokens must be positive, got {batch}, {steps}, {text_tokens}")
+        param = next(model.parameters())
+        gen = torch.Generator().manual_seed(seed)
+        size = size or self.default_size(model)
+        out = None
+        with torch.no_grad():
+            for i in range(steps):
+                t = 1.0 - i / steps  # in (0, 1]
+                inputs = self.example_inputs(model, batch, size, text_tokens, t, gen)
+                inputs = {k: _to(v, param) for k, v in inputs.items()}
+                out = model(**inputs, return_dict=False)[0]
+        return out
+
+    def default_size(self, model: nn.Module) -> int:
+        return int(model.config.sample_size)
+
+    def example_inputs(self, model: nn.Module, batch: int, size: int, text_tokens: int, t: float,
+                       gen: torch.Generator) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def input_groups(self, model: nn.Module, run: RunFn | None = None) -> list[tuple[str, ...]]:
+        """Linears reading one tensor, traced on one small random call unless `run` is given."""
+        return trace_input_groups(model, run or (lambda m: self.run(m, size=self.trace_size(m))))
+
+    def trace_size(self, model: nn.Module) -> int:
+        return min(self.default_size(model), 2 * int(model.config.patch_size))
+
+
+def _latent(batch: int, channels: int, size: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.randn(batch, channels, size, size, generator=gen)  # (B, C, H, W)
+
+
+@dataclass(frozen=True)
+class DiTAdapter(DiffusersAdapter):
+    def example_inputs(self, model, batch, size, text_tokens, t, gen):
+        c = model.config
+        labels = torch.randint(0, int(c.num_embeds_ada_norm), (batch,), generator=gen)
+        return {"hidden_states": _latent(batch, c.in_channels, size, gen),
+                "timestep": torch.full((batch,), int(t * 999)), "class_labels": labels}
+
+
+@dataclass(frozen=True)
+class PixArtAdapter(DiffusersAdapter):
+    def example_inputs(self, model, batch, size, text_tokens, t, gen):
+        c = model.config
+        inputs = {"hidden_states": _latent(batch, c.in_channels, size, gen),
+                  "encoder_hidden_states": torch.randn(batch, text_tokens, c.caption_channels, generator=gen),
+                  "timestep": torch.full((batch,), int(t * 999))}
+        if model.use_additional_conditions:
+            side = float(size * 8)
+            inputs["added_cond_kwargs"] = {"resolution": torch.tensor([[side, side]] * batch),
+                                           "aspect_ratio": torch.ones(batch, 1)}
+        else:
+            inputs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+        return inputs
+
+
+@dataclass(frozen=True)
+class SD3Adapter(DiffusersAdapter):
+    def example_inputs(self, model, batch, size, text_tokens, t, gen):
+        c = model.config
+        return {"hidden_states": _latent(batch, c.in_channels, size, gen),
+                "encoder_hidden_states": torch.randn(batch, text_tokens, c.joint_attention_dim, generator=gen),
+                "pooled_projections": torch.randn(batch, c.pooled_projection_dim, generator=gen),
+                "timestep": torch.full((batch,), t * 1000.0)}
+
+
+@dataclass(frozen=True)
+class FluxAdapter(DiffusersAdapter):
+    """FLUX sees packed latents: `size`×`size` tokens of `in_channels` (2×2 patches of 16 VAE channels)."""
+
+    def default_size(self, model: nn.Module) -> int:
+        return 64  # 1024 px: 128×128 latents packed 2×2 → 64×64 = 4096 tokens
+
+    def trace_size(self, model: nn.Module) -> int:
+        return 2
+
+    def example_inputs(self, model, batch, size, text_tokens, t, gen):
+        c = model.config
+        rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+        img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()  # (HW, 3)
+        inputs = {"hidden_states": torch.randn(batch, size * size, c.in_channels, generator=gen),
+                  "encoder_hidden_states": torch.randn(batch, text_tokens, c.joint_attention_dim, generator=gen),
+                  "pooled_projections": torch.randn(batch, c.pooled_projection_dim, generator=gen),
+                  "timestep": torch.full((batch,), t), "img_ids": img_ids,
+                  "txt_ids": torch.zeros(text_tokens, 3)}
+        if c.guidance_embeds:
+            inputs["guidance"] = torch.full((batch,), 3.5)
+        return inputs
+
+
+# Patterns each match at least one module of their family (a recipe's skip patterns must).
+_DIT_SKIP = ("pos_embed", "transformer_blocks.*.norm1*", "proj_out_1", "proj_out_2")
+_PIXART_SKIP = ("pos_embed", "adaln_single*", "caption_projection*", "proj_out")
+_SD3_SKIP = ("pos_embed", "time_text_embed*", "context_embedder", "transformer_blocks.*.norm1*", "norm_out*",
+             "proj_out")
+_FLUX_SKIP = ("x_embedder", "context_embedder", "time_text_embed*", "transformer_blocks.*.norm1*",
+              "single_transformer_blocks.*.norm", "norm_out*", "proj_out")
+
+SUPPORTED: dict[str, DiffusersAdapter] = {
+    a.class_name: a
+    for a in (
+        DiTAdapter("diffusers_dit", _DIT_SKIP, class_name="DiTTransformer2DModel"),
+        PixArtAdapter("diffusers_pixart", _PIXART_SKIP, class_name="PixArtTransformer2DModel"),
+        SD3Adapter("diffusers_sd3", _SD3_SKIP, class_name="SD3Transformer2DModel"),
+        FluxAdapter("diffusers_flux", _FLUX_SKIP, class_name="FluxTransformer2DModel", timestep_scale=1000.0),
+    )
+}
+for _adapter in SUPPORTED.values():
+    if _adapter.name not in ADAPTERS:  # a re-import (importlib test mode) must not register twice
+        register_adapter(_adapter)
+
+
+def diffusers_adapter(model: nn.Module) -> DiffusersAdapter:
+    """The adapter of a supported diffusers transformer; anything else is refused naming what is supported."""
+    for adapter in SUPPORTED.values():
+        if adapter.handles(model):
+            return adapter
+    raise ValueError(f"{type(model).__name__} is not a supported diffusers transformer; ditq supports "
+                     f"{', '.join(SUPPORTED)}")
+
+
+# ---- pipelines --------------------------------------------------------------------------------------
+
+
+def calibrate_pipeline(
+    pipe: Any,
+    *,
+    prompts: Sequence[str] | None = None,
+    class_labels: Sequence[int] | None = None,
+    steps: int = 20,
+    guidance_scale: float | None = None,
+    seed: int = 0,
+    rows_per_layer: int = 2048,
+    progress: bool = False,
+    **call_kwargs: Any,
+) -> CalibData:
+    """CalibData for `pipe.transformer`, recorded while the pipeline denoises `prompts` (text pipelines)
+    or `class_labels` (DiTPipeline) for `steps` steps: the inputs the transformer sees in real use,
+    guidance included. Extra keyword arguments go to the pipeline call (height, width, ...)."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None:
+        raise ValueError(f"{type(pipe).__name__} has no transformer (UNet pipelines are not supported); "
+                         f"ditq supports {', '.join(SUPPORTED)}")
+    diffusers_adapter(transformer)
+    if (prompts is None) == (class_labels is None):
+        raise ValueError("give exactly one of prompts= (text-to-image pipelines) or class_labels= (DiTPipeline)")
+    conditions = list(prompts if prompts is not None else class_labels)
+    if not conditions:
+        raise ValueError("calibration needs at least one prompt or class label")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    call = dict(call_kwargs, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed))
+    if guidance_scale is not None:
+        call["guidance_scale"] = guidance_scale
+    if prompts is not None:
+        call |= {"prompt": [str(p) for p in conditions], "output_type": "latent"}
+    else:
+        call |= {"class_labels": [int(c) for c in conditions], "output_type": "np"}
+    pipe.set_progress_bar_config(disable=not progress)
+
+    def run(_model: nn.Module) -> Any:
+        return pipe(**call)
+
+    data = calibrate(transformer, run=run, rows_per_layer=rows_per_layer, seed=seed)
+    data.n_samples = len(conditions)
+    return data
+
+
+def load_pipeline(path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
+    """A pipeline saved with `save_pretrained` in a local folder (nothing is downloaded)."""
+    from pathlib import Path
+
+    from diffusers import DiffusionPipeline
+
+    folder = Path(path)
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"--pipeline {path}: not a diffusers pipeline folder (no model_index.json)")
+    pipe = DiffusionPipeline.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+    return pipe.to(device)
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _parameters_on_meta():
+    """Build modules with parameters on the meta device but real buffers: a skeleton that
+    `load_state_dict(assign=True)` fills, whose computed buffers (not in any state dict) are real."""
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        with torch.device("cpu"):  # inside ditq.io's meta context, buffers still need real storage
+            yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _to(value: Any, like: torch.Tensor) -> Any:
+    if isinstance(value, dict):
+        return {k: _to(v, like) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        return value.to(like.device, like.dtype if value.is_floating_point() else value.dtype)
+    return value

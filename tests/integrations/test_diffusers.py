@@ -1,0 +1,96 @@
+"""diffusers transformers (tiny random configs of the four families) through calibrate → quantize →
+save → load, input-group tracing, pipeline calibration and the `--pipeline` CLI."""
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+import ditq  # noqa: E402
+from ditq.cli import main  # noqa: E402
+from ditq.integrations.diffusers import SUPPORTED, calibrate_pipeline, diffusers_adapter  # noqa: E402
+from ditq.quant.qlinear import QuantLinear  # noqa: E402
+from tests.integrations.tiny_diffusers import make_dit_pipeline, make_transformer  # noqa: E402
+
+FAMILIES = list(SUPPORTED)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def quantized(request, tmp_path_factory):
+    """(family, FP model, its W8A8 copy calibrated on two random steps, the saved file)."""
+    name = request.param
+    fp = make_transformer(name)
+    adapter = diffusers_adapter(fp)
+    calib = ditq.calibrate(fp, run=lambda m: adapter.run(m, steps=2, seed=1))
+    q = ditq.quantize(make_transformer(name), ditq.RTN(w_bits=8, a_bits=8), calib=calib)
+    path = ditq.save(q, tmp_path_factory.mktemp(name) / "q.safetensors")
+    return name, fp, q, path
+
+
+def test_w8a8_close_to_fp_and_skips_kept(quantized):
+    name, fp, q, _ = quantized
+    adapter = diffusers_adapter(fp)
+    ref, out = adapter.run(fp, seed=5), adapter.run(q, seed=5)
+    assert (out - ref).norm() / ref.norm() < 0.02
+    names = {n for n, m in q.named_modules() if isinstance(m, QuantLinear)}
+    assert names and not any("embed" in n or "norm" in n for n in names)  # embedders, adaLN stay FP
+    assert "proj_out" not in names
+
+
+def test_save_load_into_model_built_from_config(quantized):
+    name, _, q, path = quantized
+    loaded = ditq.load(path)  # rebuilt from the diffusers config in the header: no original weights
+    assert type(loaded).__name__ == name
+    adapter = diffusers_adapter(q)
+    assert torch.equal(adapter.run(loaded, seed=7), adapter.run(q, seed=7))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_input_groups_found_by_tracing(name):
+    model = make_transformer(name)
+    groups = {frozenset(g) for g in diffusers_adapter(model).input_groups(model)}
+    block = "transformer_blocks.0.attn" + ("1" if name in ("DiTTransformer2DModel", "PixArtTransformer2DModel")
+                                           else "")
+    assert frozenset(f"{block}.to_{x}" for x in "qkv") in groups
+    if name == "FluxTransformer2DModel":
+        assert frozenset(f"transformer_blocks.0.attn.add_{x}_proj" for x in "qkv") in groups
+        assert frozenset(["single_transformer_blocks.1.proj_mlp",
+                          *(f"single_transformer_blocks.1.attn.to_{x}" for x in "qkv")]) in groups
+    assert not any("to_out" in n for g in groups for n in g)
+
+
+def test_unsupported_model_and_unmatched_pattern_refused():
+    with pytest.raises(ValueError, match="not a supported diffusers transformer.*FluxTransformer2DModel"):
+        diffusers_adapter(torch.nn.Linear(2, 2))
+    model = make_transformer("SD3Transformer2DModel")
+    with pytest.raises(ValueError, match="'single_blocks.\\*' matches no module of SD3Transformer2DModel"):
+        ditq.quantize(model, ditq.RTN(w_bits=8, skip=("single_blocks.*",)))
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_calibration_through_the_pipeline_loop():
+    pipe = make_dit_pipeline()
+    calib = calibrate_pipeline(pipe, class_labels=[1, 2], steps=3, guidance_scale=4.0)
+    assert calib.steps == 3 and calib.n_samples == 2 and len(calib.timesteps) == 3
+    assert calib.timesteps[0] > calib.timesteps[-1]  # noisy to clean, as the scheduler runs
+    rows = calib.inputs["transformer_blocks.0.attn1.to_q"]
+    assert rows.shape[0] == 3 * 4 * 16  # 3 steps × (2 labels + 2 unconditional) × 16 tokens
+    ditq.quantize(pipe.transformer, ditq.RTN(w_bits=8, a_bits=8), calib=calib)
+    with pytest.raises(ValueError, match="exactly one of prompts"):
+        calibrate_pipeline(pipe, steps=2)
+
+
+def test_cli_quantize_and_sample_a_pipeline_folder(tmp_path, capsys):
+    folder = tmp_path / "pipe"
+    make_dit_pipeline().save_pretrained(folder)
+    out = tmp_path / "t.safetensors"
+    assert main(["quantize", "--pipeline", str(folder), "--recipe", "w8a8", "--out", str(out),
+                 "--calib-steps", "2", "--class-label", "3", "--device", "cpu"]) == 0
+    assert isinstance(ditq.load(out).transformer_blocks[0].attn1.to_q, QuantLinear)
+    grid = tmp_path / "g.png"
+    assert main(["sample", "--pipeline", str(folder), "--model", str(out), "--samples", "2", "--steps", "2",
+                 "--class-label", "3", "--out", str(grid), "--device", "cpu"]) == 0
+    assert grid.stat().st_size > 0
+    assert main(["quantize", "--pipeline", str(folder), "--recipe", "w8a8", "--out", str(out),
+                 "--prompt", "a cat", "--device", "cpu"]) == 2
+    assert "class-conditional; use --class-label" in capsys.readouterr().err
