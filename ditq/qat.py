@@ -78,17 +78,7 @@ class QAT(Recipe):
             )
 
     def spec(self) -> QuantSpec:
-        return QuantSpec(
-            w_bits=self.w_bits,
-            w_format=self.w_format,
-            group_size=self.group_size,
-            symmetric=self.symmetric,
-            a_bits=self.a_bits,
-            a_format=self.a_format,
-            a_group_size=self.a_group_size,
-            a_symmetric=self.a_symmetric,
-            stored_bits=self.stored_bits,
-        )
+        return self.quant_spec()
 
     @property
     def served_bits(self) -> tuple[int, ...]:

@@ -59,6 +59,11 @@ class Recipe:
     def tunable_fields(cls) -> set[str]:
         return {f.name for f in fields(cls)} - {"skip", "overrides"}
 
+    def quant_spec(self, **changes: Any) -> QuantSpec:
+        """The `QuantSpec` made of this recipe's fields that a spec has, with `changes` on top."""
+        names = {f.name for f in fields(QuantSpec)}
+        return QuantSpec(**({n: getattr(self, n) for n in names if hasattr(self, n)} | changes))
+
     def for_module(self, name: str) -> Recipe:
         """The recipe with every override whose pattern matches `name` applied, in order."""
         changes: dict[str, Any] = {}
@@ -243,17 +248,7 @@ class RTN(Recipe):
             raise ValueError("a_dynamic=False supports symmetric activations only (a_symmetric=True)")
 
     def spec(self) -> QuantSpec:
-        return QuantSpec(
-            w_bits=self.w_bits,
-            w_format=self.w_format,
-            group_size=self.group_size,
-            symmetric=self.symmetric,
-            a_bits=self.a_bits,
-            a_format=self.a_format,
-            a_group_size=self.a_group_size,
-            a_symmetric=self.a_symmetric,
-            a_dynamic=self.a_dynamic,
-        )
+        return self.quant_spec()
 
 
 # The baseline rows every method is compared against (issue 4's table).

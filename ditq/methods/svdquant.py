@@ -102,10 +102,7 @@ class SVDQuant(Recipe):
             seen |= set(group)
 
     def spec(self, input_group: str | None = None) -> QuantSpec:
-        return QuantSpec(
-            w_bits=self.w_bits, group_size=self.group_size, a_bits=self.a_bits, a_format=self.a_format,
-            a_group_size=self.a_group_size, rank=self.rank, smooth=self.smooth, input_group=input_group,
-        )
+        return self.quant_spec(input_group=input_group)
 
 
 # ---- the algorithm for one input group --------------------------------------------------------------
