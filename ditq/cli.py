@@ -125,7 +125,8 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", parents=[common], help="the main job on the bundled DiT-MNIST: quantize, sample, report")
     d.add_argument("--out", type=Path, default=Path("out"), help="folder for grid.png, reports and the checkpoint")
-    d.add_argument("--recipe", default="w4a8")
+    d.add_argument("--recipe", help="recipe to show (default: SVDQuant + GPTQ W4A8-FP8 on a CPU-sized α grid)")
+    d.add_argument("--baseline", default="w4a8", help="recipe shown beside it ('none' for no baseline row)")
     d.add_argument("--samples", type=_positive_int, default=100)
     d.add_argument("--steps", type=_positive_int, default=25)
     d.set_defaults(run=_demo)
@@ -416,11 +417,18 @@ def _demo(args: argparse.Namespace) -> None:
     check_output_dir(args.out, "--out")
     check_steps(args.steps, "ddim", "--steps")
     settings = SampleSettings(samples=args.samples, steps=args.steps, batch_size=args.samples)
-    report = run_demo(args.out, recipe=_load_recipe(args.recipe), settings=settings)
-    fp, q = report["fp"], report["quant"]
+    from ditq.demo import DEMO_RECIPE
+
+    recipe = DEMO_RECIPE if args.recipe is None else _load_recipe(args.recipe)
+    baseline = None if args.baseline.lower() == "none" else _load_recipe(args.baseline)
+    report = run_demo(args.out, recipe=recipe, baseline=baseline, settings=settings)
+    fp = report["fp"]
     print(f"FP:    FID {fp['fid']:.2f}  class acc {fp['class_acc']:.3f}  size {fp['size_bytes']:,} B (16-bit)")
-    print(f"{report['recipe_label']}: FID {q['fid']:.2f}  class acc {q['class_acc']:.3f}  "
-          f"size {q['size_bytes']:,} B on disk  PSNR vs FP {q['psnr_vs_fp']:.2f} dB")
+    for key, label in (("baseline", report.get("baseline_label")), ("quant", report["recipe_label"])):
+        if key in report:
+            q = report[key]
+            print(f"{label}: FID {q['fid']:.2f}  class acc {q['class_acc']:.3f}  size {q['size_bytes']:,} B  "
+                  f"PSNR vs FP {q['psnr_vs_fp']:.2f} dB")
     print(f"{report['samples']} samples per model, {report['seconds']} s; wrote {args.out}/grid.png, "
           f"report.md, report.json, {report['checkpoint']}")
 

@@ -19,14 +19,16 @@ def test_demo_writes_grid_reports_and_checkpoint(tmp_path):
     assert saved == json.loads(json.dumps(report))
     for key in ("model", "recipe", "samples", "seconds", "fp", "quant", "layers", "calibration", "checkpoint"):
         assert key in saved
-    for side in ("fp", "quant"):
+    for side in ("fp", "baseline", "quant"):
         assert {"size_bytes", "fid", "class_acc"} <= set(saved[side])
-    assert "psnr_vs_fp" in saved["quant"]
+    assert "psnr_vs_fp" in saved["quant"] and "psnr_vs_fp" in saved["baseline"]
+    assert saved["recipe"]["method"] == "svdquant" and saved["baseline_recipe"]["method"] == "rtn"
     # the demo calibrates as `ditq quantize` does by default, and reports the bytes it wrote
     assert saved["calibration"] == {"samples": CalibSettings().samples, "steps": CalibSettings().steps, "seed": 1}
     quantized = tmp_path / "out" / "quantized.safetensors"
     assert saved["quant"]["size_bytes"] == os.path.getsize(quantized) < saved["fp"]["size_bytes"]
-    assert sum(isinstance(m, QuantLinear) for m in ditq.load(quantized).modules()) == len(saved["layers"]) == 8
+    # SVDQuant covers the blocks (4 Linears each) and the adaLN modulation (1 each): 2 blocks
+    assert sum(isinstance(m, QuantLinear) for m in ditq.load(quantized).modules()) == len(saved["layers"]) == 10
     assert saved["samples"] == 20
-    assert Image.open(tmp_path / "out" / "grid.png").size[1] > 2 * 64  # two rows of 2×-scaled 32px tiles
+    assert Image.open(tmp_path / "out" / "grid.png").size[1] > 3 * 64  # three rows of 2×-scaled 32px tiles
     assert "20 samples" in (tmp_path / "out" / "report.md").read_text()
