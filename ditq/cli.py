@@ -7,16 +7,24 @@ ends in one line, `ditq <command>: error: …`, with exit code 2; `--debug` show
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
-import math
 import os
 import re
 import sys
 from pathlib import Path
 
 import torch
+
+from ditq.cli_checks import (
+    check_output_dir,
+    check_output_file,
+    check_steps,
+    default_device,
+    device_arg,
+    finite_float,
+    positive_int,
+)
 
 # Errors that bad input (a flag, a file, a recipe) raises; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, TypeError, KeyError, OSError)
@@ -115,9 +123,9 @@ def _parser() -> argparse.ArgumentParser:
     _sampling_args(e, samples=1000)
     _calib_args(e)
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--batch-size", type=_positive_int, default=250)
+    e.add_argument("--batch-size", type=positive_int, default=250)
     e.add_argument("--out", type=Path, default=Path("out/eval"), help="folder for report.json and report.md")
-    e.add_argument("--device", type=_device, default=_default_device())
+    e.add_argument("--device", type=device_arg, default=default_device())
     e.add_argument("--vae", help="ImageNet protocol: local AutoencoderKL folder decoding the latents")
     e.add_argument("--inception", help="ImageNet protocol: FID Inception weights (pt_inception-2015-12-05 .pth)")
     e.add_argument("--ref-batch", help="ImageNet protocol: ADM reference batch (.npz); torchrun shards samples")
@@ -127,8 +135,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=Path("out"), help="folder for grid.png, reports and the checkpoint")
     d.add_argument("--recipe", help="recipe to show (default: SVDQuant + GPTQ W4A8-FP8 on a CPU-sized α grid)")
     d.add_argument("--baseline", default="w4a8", help="recipe shown beside it ('none' for no baseline row)")
-    d.add_argument("--samples", type=_positive_int, default=100)
-    d.add_argument("--steps", type=_positive_int, default=25)
+    d.add_argument("--samples", type=positive_int, default=100)
+    d.add_argument("--steps", type=positive_int, default=25)
     d.set_defaults(run=_demo)
     return parser
 
@@ -138,7 +146,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    "a quantized transformer checkpoint)")
     p.add_argument("--weights", help="weights for a zoo model (.pt official layout or .safetensors)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling")
-    p.add_argument("--device", type=_device, default=_default_device())
+    p.add_argument("--device", type=device_arg, default=default_device())
 
 
 def _pipeline_args(p: argparse.ArgumentParser, verb: str) -> None:
@@ -165,9 +173,9 @@ def _check_model_or_pipeline(args: argparse.Namespace, model_needed: bool) -> bo
 
 
 def _sampling_args(p: argparse.ArgumentParser, samples: int) -> None:
-    p.add_argument("--samples", type=_positive_int, default=samples)
-    p.add_argument("--steps", type=_positive_int, default=50)
-    p.add_argument("--cfg", type=_finite_float, default=1.5, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--samples", type=positive_int, default=samples)
+    p.add_argument("--steps", type=positive_int, default=50)
+    p.add_argument("--cfg", type=finite_float, default=1.5, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
 
 
@@ -175,101 +183,9 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     from ditq.pipeline import CalibSettings
 
     default = CalibSettings()
-    p.add_argument("--calib-samples", type=_positive_int, default=default.samples,
+    p.add_argument("--calib-samples", type=positive_int, default=default.samples,
                    help="images sampled to capture calibration inputs")
-    p.add_argument("--calib-steps", type=_positive_int, default=default.steps)
-
-
-# ---- argument types: refused at parse time, before anything is loaded -----------------------------------
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
-
-
-def _finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
-def _device(text: str) -> str:
-    from ditq.fileformat import check_device
-
-    try:
-        check_device(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
-
-
-def _default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-# ---- paths: checked before the work, nothing created ------------------------------------------------
-
-
-def check_output_file(path: Path, flag: str) -> None:
-    """Refuse a file path that cannot be written (a directory, a path under a file, no permission)."""
-    if path.is_dir():
-        raise ValueError(f"{flag} {path} is a directory; give a file path")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ValueError(f"{flag} {path} is not writable")
-    _check_parents(path, flag)
-
-
-def check_output_dir(path: Path, flag: str) -> None:
-    """Refuse a folder path that cannot be created or written into."""
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{flag} {path} is a file; give a folder")
-    if path.is_dir() and not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {path} is not writable")
-    _check_parents(path, flag)
-
-
-def _check_parents(path: Path, flag: str) -> None:
-    """The nearest existing folder above `path` must be a writable folder (the rest is created)."""
-    for parent in path.absolute().parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"{flag} {path}: {parent} is a file, not a folder")
-            if not os.access(parent, os.W_OK | os.X_OK):
-                raise ValueError(f"{flag} {path}: folder {parent} is not writable")
-            return
-
-
-def check_steps(steps: int, sampler: str, flag: str) -> None:
-    """Refuse a step count the sampler cannot respace 1000 diffusion steps to, naming workable ones."""
-    from ditq.diffusion.samplers import create_diffusion
-
-    try:
-        create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps))
-    except ValueError as err:
-        by_distance = sorted(range(1, 1001), key=lambda n: (abs(n - steps), n))
-        near = sorted(itertools.islice((n for n in by_distance if _respaces(n, sampler)), 2))
-        raise ValueError(f"{flag} {steps}: {err} ({sampler}); the nearest that work: "
-                         f"{' and '.join(map(str, near))}") from None
-
-
-def _respaces(steps: int, sampler: str) -> bool:
-    from ditq.diffusion.samplers import create_diffusion
-
-    try:
-        create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps))
-    except ValueError:
-        return False
-    return True
+    p.add_argument("--calib-steps", type=positive_int, default=default.steps)
 
 
 def _load_recipe(source: str):
