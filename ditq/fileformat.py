@@ -28,7 +28,7 @@ from ditq.atomic import atomic_path
 
 FORMAT = "ditq"
 FORMAT_VERSION = 2
-KINDS = ("checkpoint", "calibration", "train_state")
+KINDS = ("checkpoint", "calibration", "train_state", "method_state")
 HEADER_KEY = "ditq"
 HEADER_HASH_KEY = "ditq_header_sha256"
 STORABLE_DTYPES = frozenset({

@@ -25,7 +25,7 @@ from ditq.fileformat import CheckpointError, header_field, read_file, tensors_di
 
 __all__ = ["LayerwiseState", "unit_fingerprint"]
 
-_KIND = "calibration"  # a state file is a calibration product; its header key tells it from CalibData files
+_KIND = "method_state"
 _KEY = "layerwise"
 
 
