@@ -54,6 +54,7 @@ class Backend:
     forward: Callable[[QuantLinear, torch.Tensor], torch.Tensor]
     supports: Callable[[QuantLinear], str | None] = lambda module: None
     convert: Callable[[QuantLinear, torch.dtype], dict[str, torch.Tensor]] = lambda module, dtype: {}
+    fixed_dtype_buffers: tuple[str, ...] = ()  # buffers `.to(dtype)` must not cast (FP8 codes, float32 scales)
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -95,6 +96,7 @@ def prepare_for_inference(model: nn.Module, backend: str = "reference", *, dtype
         for buffer, tensor in extra.items():
             module.register_buffer(buffer, tensor, persistent=False)
         module.kernel_buffers = tuple(extra)
+        module.fixed_dtype_buffers = tuple(b for b in target.fixed_dtype_buffers if b in extra)
         module.backend = target.name
     for reason, count in declined.items():
         logger.warning("backend %r cannot run %d layer(s) (%s); they keep the reference", name, count, reason)
@@ -124,6 +126,7 @@ register_backend(Backend(
     convert=lambda m, dtype: {"weight_dq": m.dequantized_weight(dtype)},
 ))
 register_backend(Backend("fp8", fp8.per_call_forward, supports=fp8.fp8_support,
-                         convert=lambda m, dtype: fp8.weight_scale(m)))
+                         convert=lambda m, dtype: fp8.weight_scale(m), fixed_dtype_buffers=("fp8_scale_w",)))
 register_backend(Backend("fp8-cached", fp8.cached_forward, supports=fp8.fp8_support,
-                         convert=lambda m, dtype: fp8.expanded_weight(m)))
+                         convert=lambda m, dtype: fp8.expanded_weight(m),
+                         fixed_dtype_buffers=("fp8_scale_w", "weight_fp8")))

@@ -56,6 +56,7 @@ class QuantLinear(nn.Module):
 
     kind = "quant_linear"
     backend = "reference"  # set per instance by ditq.prepare_for_inference
+    fixed_dtype_buffers: tuple[str, ...] = ()  # kernel buffers whose dtype is part of the kernel's format
 
     def __init__(
         self,
@@ -245,8 +246,10 @@ class QuantLinear(nn.Module):
         )
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantLinear:
-        """Let device moves through but keep the float32 format buffers float32 under dtype casts."""
-        kept = {n: self._buffers[n] for n in _FLOAT32_BUFFERS if self._buffers.get(n) is not None}
+        """Let device moves through but keep format buffers (float32 scales, a kernel's FP8 weights) in their
+        dtype under dtype casts."""
+        names = _FLOAT32_BUFFERS + self.fixed_dtype_buffers
+        kept = {n: self._buffers[n] for n in names if self._buffers.get(n) is not None}
         super()._apply(fn, recurse)
         for name, old in kept.items():
             new = self._buffers[name]

@@ -119,3 +119,11 @@ def test_layers_the_fp8_path_cannot_run_keep_the_reference_and_say_why(spec, rea
     assert reason in fp8_support(m)
     prepare_for_inference(m, "fp8")
     assert m.backend == "reference"
+
+
+def test_a_dtype_cast_after_prepare_keeps_the_kernel_format():
+    m = prepare_for_inference(layer(SPECS["int4"]), "fp8-cached").to(torch.bfloat16)
+    assert m.weight_fp8.dtype == torch.float8_e4m3fn and m.fp8_scale_w.dtype == torch.float32
+    assert m.bias.dtype == torch.bfloat16
+    x = torch.randn(5, 48, generator=torch.Generator().manual_seed(5)).to(DEVICE, torch.bfloat16)
+    assert m(x).dtype == torch.bfloat16
