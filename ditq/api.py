@@ -113,6 +113,12 @@ def shallow_clone(model: nn.Module) -> nn.Module:
     never reaches the original; shared submodules stay shared.
     """
     memo: dict[int, nn.Module] = {}
+    params: dict[int, nn.Parameter] = {}
+
+    def parameter(p: nn.Parameter) -> nn.Parameter:  # tied parameters stay tied in the clone
+        if id(p) not in params:
+            params[id(p)] = nn.Parameter(p.detach(), requires_grad=p.requires_grad)
+        return params[id(p)]
 
     def clone(module: nn.Module) -> nn.Module:
         if id(module) in memo:
@@ -122,10 +128,7 @@ def shallow_clone(model: nn.Module) -> nn.Module:
         for key, value in vars(module).items():
             if isinstance(value, (dict, set, list)):
                 new.__dict__[key] = copy.copy(value)  # hook dicts, config dicts: the clone's own
-        new._parameters = {
-            k: None if p is None else nn.Parameter(p.detach(), requires_grad=p.requires_grad)
-            for k, p in module._parameters.items()
-        }
+        new._parameters = {k: None if p is None else parameter(p) for k, p in module._parameters.items()}
         new._buffers = {k: None if b is None else b.detach() for k, b in module._buffers.items()}
         new._modules = {k: None if m is None else clone(m) for k, m in module._modules.items()}
         return new

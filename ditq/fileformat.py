@@ -68,10 +68,24 @@ def write_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], *, 
     except (TypeError, ValueError) as err:
         raise ValueError(f"{path}: the header is not plain JSON data: {err}") from err
     metadata = {HEADER_KEY: text, HEADER_HASH_KEY: _sha256_text(text)}
+    _check_not_tied(path, cpu)
     with atomic_path(path) as tmp:
         save_file(cpu, str(tmp), metadata=metadata)
         _read(tmp, kind, shown=path, with_tensors=True)  # what readers will see, before it replaces anything
     return path
+
+
+def _check_not_tied(path: Path, tensors: Mapping[str, torch.Tensor]) -> None:
+    """safetensors stores each tensor's own bytes: tensors that share memory (tied weights) are refused."""
+    owners: dict[int, str] = {}
+    for key, t in sorted(tensors.items()):
+        if t.numel() == 0:
+            continue
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in owners:
+            raise ValueError(f"{path}: tensors {owners[ptr]!r} and {key!r} share memory (tied weights); "
+                             "untie them (e.g. clone one) before saving")
+        owners[ptr] = key
 
 
 def read_file(path: str | os.PathLike, *, kind: str, device: str | torch.device = "cpu"

@@ -75,21 +75,34 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, model: 
     tensors, header = read_file(path, kind="checkpoint")
     header, tensors = _upgrade(header, tensors, path)
     groups = header_field(path, header, "input_groups", dict)
-    originals = {} if model is None else {n: m for n, m in model.named_modules() if n in header.get("modules", {})}
+    # the caller's model leaves as it came on any error: its modules and their tensor dicts, by reference
+    originals = {} if model is None else {n: (m, dict(m._parameters), dict(m._buffers))
+                                          for n, m in model.named_modules()}
     skeleton = _skeleton(header, path, model)
     try:
         _check_fits(skeleton, tensors, groups, path)
-        skeleton.load_state_dict(_expand_groups(tensors, groups), assign=True)
+        try:
+            skeleton.load_state_dict(_expand_groups(tensors, groups), assign=True)
+        except RuntimeError as err:
+            reason = " ".join(str(err).split())  # torch's message spans lines
+            raise CheckpointError(f"{path}: the tensors do not load into the model: {reason}") from err
+        leftovers = [n for n, b in skeleton.named_buffers() if b.is_meta]
+        if leftovers:
+            raise CheckpointError(f"{path}: buffers {leftovers} are not stored in the checkpoint")
     except BaseException:
-        for name, original in originals.items():  # the caller's model leaves as it came
-            skeleton.set_submodule(name, original)
+        for name, (module, params, buffers) in originals.items():
+            module._parameters.clear()
+            module._parameters.update(params)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+            if name:
+                skeleton.set_submodule(name, module)
         raise
-    leftovers = [n for n, b in skeleton.named_buffers() if b.is_meta]
-    if leftovers:
-        raise CheckpointError(f"{path}: buffers {leftovers} are not stored in the checkpoint")
     if header.get("recipe") is not None:
         skeleton.ditq_recipe = header["recipe"]
-    return skeleton.to(device).eval()
+    skeleton = skeleton.to(device).eval()
+    _share_group_tensors(skeleton, groups)  # `.to` copies each member's tensors apart
+    return skeleton
 
 
 def stored_tensors(model: nn.Module, float_dtype: torch.dtype | None = None
@@ -190,6 +203,17 @@ def _expand_groups(tensors: Mapping[str, torch.Tensor], groups: Mapping[str, lis
     return out
 
 
+def _share_group_tensors(model: nn.Module, groups: Mapping[str, list[str]]) -> None:
+    """Give every member of an input group its lead's tensor objects for the buffers the group shares."""
+    for members in groups.values():
+        lead = model.get_submodule(members[0])
+        for name in members[1:]:
+            member = model.get_submodule(name)
+            for buffer in INPUT_GROUP_BUFFERS:
+                if getattr(lead, buffer, None) is not None:
+                    member._buffers[buffer] = lead._buffers[buffer]
+
+
 def _upgrade(header: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path
              ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read a v1 (ditq 0.1) checkpoint as v2: modules gain their kind, lora_* buffers their real names."""
@@ -197,9 +221,13 @@ def _upgrade(header: dict[str, Any], tensors: dict[str, torch.Tensor], path: Pat
         return header, tensors
     modules = header_field(path, header, "modules", dict)
     header = {**header, "input_groups": {}, "modules": {}}
+    v2_only = {"kind", "input_group", "stored_bits", "layout"}
     for name, entry in modules.items():
         if not isinstance(entry, dict):
             raise CheckpointError(f"{path}: header field 'modules.{name}' must be a mapping")
+        spec = entry.get("spec") if isinstance(entry.get("spec"), dict) else {}
+        if v2_only & (set(entry) | set(spec)):  # ditq 0.1 never wrote these: a relabelled (edited) v2 file
+            raise CheckpointError(f"{path}: header field 'modules.{name}' has fields of format v2 in a v1 file")
         header["modules"][name] = {"kind": "quant_linear", **entry}
     renames = {".lora_down": ".lowrank_down", ".lora_up": ".lowrank_up"}
     renamed = {}

@@ -197,3 +197,13 @@ def test_clip_search_uses_calibration_rows(tiny_dit):
     err_clip = sum(r["output_rel_err"] for r in layer_errors(tiny_dit, clipped, calib.inputs))
     assert err_clip < err_plain * 0.99
     assert isinstance(tiny_dit.get_submodule("blocks.0.attn.qkv"), nn.Linear)
+
+
+def test_a_structural_clone_keeps_tied_parameters_tied():
+    from ditq.api import shallow_clone
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].weight = model[0].weight
+    clone = shallow_clone(model)
+    assert clone[0].weight is clone[1].weight and clone[0].weight is not model[0].weight
+    assert clone[0].weight.data_ptr() == model[0].weight.data_ptr()

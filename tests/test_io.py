@@ -7,7 +7,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import ditq
 from ditq.fileformat import tensors_digest
@@ -237,6 +237,8 @@ def test_input_group_tensors_are_stored_once_and_shared_after_load(tmp_path):
     assert not {"0.q.smooth", "0.k.lowrank_down"} & keys
     loaded = ditq.load(path, model=_generic_model())
     assert loaded[0].q.smooth is loaded[0].k.smooth is loaded[0].v.smooth
+    moved = ditq.load(path, device="meta", model=_generic_model())  # `.to(device)` copies tensors one by one
+    assert moved[0].q.lowrank_down is moved[0].v.lowrank_down and moved[0].q.smooth.is_meta
     x = torch.randn(2, 5, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
@@ -294,3 +296,39 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_tensor_that_does_not_load_leaves_the_callers_model_as_it_came(tmp_path):
+    model = ditq.quantize(_generic_model(), RTN(w_bits=4, group_size=16))
+    path = ditq.save(model, tmp_path / "g.safetensors")
+    wrong_dtype = {k: (v.to(torch.int8) if k == "1.fc2.qweight" else v) for k, v in load_file(str(path)).items()}
+    header = json.loads(safe_open(str(path), "pt").metadata()["ditq"])
+    header["sha256"] = tensors_digest(wrong_dtype)
+    bad = tmp_path / "bad.safetensors"
+    text = json.dumps(header, sort_keys=True)
+    save_file(wrong_dtype, str(bad), metadata={"ditq": text, "ditq_header_sha256": hashlib.sha256(text.encode()).hexdigest()})
+    skeleton = _generic_model()
+    before = {k: v.clone() for k, v in skeleton.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"bad\.safetensors: the tensors do not load.*1\.fc2\.qweight.*uint8"):
+        ditq.load(bad, model=skeleton)
+    after = skeleton.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_a_v1_label_on_a_v2_file_does_not_bypass_the_header_hash(saved):
+    def relabel(h):
+        h.update(format_version=1)
+        h.pop("kind")
+        h["modules"]["blocks.0.attn.qkv"]["spec"]["w_bits"] = 3
+
+    _rewrite_header(saved, relabel, resign=False)
+    with pytest.raises(CheckpointError, match="fields of format v2 in a v1 file"):
+        ditq.load(saved)
+
+
+def test_tied_weights_are_refused_with_the_file_and_tensor_names(tmp_path):
+    tied = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(ValueError, match=r"t\.safetensors: tensors '0\.weight' and '1\.weight' share memory"):
+        ditq.save(tied, tmp_path / "t.safetensors")
+    assert not list(tmp_path.iterdir())

@@ -86,7 +86,8 @@ class _Recorder:
             self.timesteps.append(self.step_timestep(args, kwargs))
 
         self.handles.append(self.model.register_forward_pre_hook(count_step, with_kwargs=True))
-        self.handles += [m.register_forward_pre_hook(self._hook(name)) for name, m in self.linears.items()]
+        self.handles += [m.register_forward_pre_hook(self._hook(name), with_kwargs=True)
+                         for name, m in self.linears.items()]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -94,8 +95,11 @@ class _Recorder:
             handle.remove()
 
     def _hook(self, name: str) -> Callable:
-        def record(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].detach()
+        def record(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = args[0] if args else kwargs.get("input")
+            if not isinstance(x, torch.Tensor):
+                raise ValueError(f"calibration: layer {name!r} was called without an input tensor")
+            x = x.detach()
             x = x.reshape(-1, x.shape[-1])  # (rows, in)
             absmax = x.abs().amax(dim=0).float().cpu() if x.shape[0] else torch.zeros(x.shape[-1])
             if not bool(torch.isfinite(absmax).all()):

@@ -86,8 +86,7 @@ def prepare_for_inference(model: nn.Module, backend: str = "reference", *, dtype
     for module in model.modules():
         if not isinstance(module, QuantLinear):
             continue
-        for buffer in getattr(module, "kernel_buffers", ()):
-            delattr(module, buffer)
+        module.drop_kernel_buffers()
         reason = chosen.supports(module)
         if reason is not None:
             declined[reason] += 1

@@ -173,6 +173,7 @@ class QuantLinear(nn.Module):
         ternary specs, uint8 codes plus uint8 `zeros` for asymmetric ones, at `spec.code_bits`; scales
         (out, n_groups), finite and positive."""
         spec = self.spec
+        self.drop_kernel_buffers()  # they were computed from the old codes
         _check_finite(scales, "scales")
         if scales.numel() and not bool((scales > 0).all()):
             raise ValueError("scales must be positive")
@@ -200,6 +201,12 @@ class QuantLinear(nn.Module):
             _copy_checked(self.zeros, zeros, "zeros")
         self.qweight.copy_(pack(stored.to(self.qweight.device), spec.code_bits))
         _copy_checked(self.scales, scales, "scales")
+
+    def drop_kernel_buffers(self) -> None:
+        """Forget what a kernel backend precomputed and fall back to the reference (new codes, new backend)."""
+        for name in getattr(self, "kernel_buffers", ()):
+            delattr(self, name)
+        self.kernel_buffers, self.fixed_dtype_buffers, self.backend = (), (), "reference"
 
     # ---- the quantized weight -----------------------------------------------------------------------
 

@@ -130,3 +130,17 @@ def test_missing_or_foreign_calibration_files_name_the_path(tmp_path):
 def test_require_names_the_module():
     with pytest.raises(ValueError, match="no entry for module 'blocks.9.attn.qkv'"):
         CalibData().require("blocks.9.attn.qkv")
+
+
+def test_a_linear_called_with_a_keyword_input_is_captured():
+    class KeywordCall(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.a(input=x)
+
+    model = KeywordCall()
+    data = ditq.calibrate(model, run=lambda m: m(torch.randn(4, 8)), rows_per_layer=3)
+    assert data.inputs["a"].shape == (3, 8)

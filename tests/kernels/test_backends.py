@@ -143,3 +143,13 @@ def test_input_group_outputs_come_from_one_quantized_input():
     members[1].smooth.mul_(2)
     with pytest.raises(ValueError, match="input group 'qkv' hold different 'smooth'"):
         group_linear(x, members)
+
+
+def test_new_codes_drop_what_a_backend_precomputed():
+    m = prepare_for_inference(layer(SPECS["w4g32_a8"]), "dequantized")
+    m.quantize_weight_(torch.randn(OUT, IN) * 0.3)
+    assert m.backend == "reference" and not hasattr(m, "weight_dq")
+    x = inputs(2, 3)
+    ref = m(x)
+    prepare_for_inference(m, "dequantized")
+    torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
