@@ -234,6 +234,7 @@ class RTN(Recipe):
     symmetric: bool = True
     a_bits: int | None = 8
     a_format: Literal["int", "fp8"] = "int"
+    scale_dtype: Literal["float32", "float16"] = "float32"
     a_group_size: int | None = None
     a_symmetric: bool = True
     a_dynamic: bool = True

@@ -95,6 +95,7 @@ def gptq(
                 cols = position[g * gsize:(g + 1) * gsize]  # sweep positions of the group's columns
                 current = _current_columns(w, wb, errors[:, :i], u, b0, b1, i, cols)
                 s, z = compute_qparams(current, bits, None, symmetric)  # (out, 1)
+                s = spec.store_scale(s)  # codes against the scale as stored
                 scales[:, g] = s[:, 0]
                 if zeros is not None:
                     zeros[:, g] = z[:, 0]

@@ -68,6 +68,7 @@ class SVDQuant(Recipe):
     a_format: Literal["int", "fp8"] = "int"
     a_group_size: int | None = 64
     rank: int = 32
+    scale_dtype: Literal["float32", "float16"] = "float32"  # "float16": half the scales' bytes
     smooth: bool = True
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
     weight_exponent: WeightExponent = "both"
@@ -160,8 +161,8 @@ def svdquant_group(weights: Sequence[torch.Tensor], x: torch.Tensor, act_absmax:
     err_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     def residual_codes(r: torch.Tensor) -> torch.Tensor:  # RTN Q(R), dequantized
-        scale, zero = compute_qparams(r, spec.w_bits, spec.group_size, True)
-        return dequantize(quantize(r, scale, zero, spec.w_bits, True), scale, zero, spec.group_size)
+        scale = spec.store_scale(compute_qparams(r, spec.w_bits, spec.group_size, True)[0])
+        return dequantize(quantize(r, scale, None, spec.w_bits, True), scale, None, spec.group_size)
 
     def branch(ws: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return low_rank_branch(ws, recipe.rank, recipe.svd, seed) if recipe.rank else (None, None)
@@ -209,7 +210,7 @@ def svdquant_group(weights: Sequence[torch.Tensor], x: torch.Tensor, act_absmax:
         if recipe.gptq:
             codes.append(gptq(r_i, h_gptq, member_spec))
         else:
-            scale, _ = compute_qparams(r_i, spec.w_bits, spec.group_size, True)
+            scale = spec.store_scale(compute_qparams(r_i, spec.w_bits, spec.group_size, True)[0])
             codes.append((quantize(r_i, scale, None, spec.w_bits, True), scale, None))
     ups = [None] * len(weights) if up is None else list(up.split(splits, dim=1))
     return GroupResult(smooth=s, down=down, ups=ups, codes=codes, info=info)

@@ -5,7 +5,7 @@ The state_dict *is* the checkpoint content, in the canonical layout of `ditq.qua
 | buffer       | dtype        | shape                         | present when                                   |
 |--------------|--------------|-------------------------------|------------------------------------------------|
 | `qweight`    | uint8        | (out, packed_cols(in, code_bits)) | always (stored codes: signed + 2^(b-1), ternary + 1) |
-| `scales`     | float32      | (out, n_groups)               | always (ternary: γ or α, repeated per row/group)  |
+| `scales`     | `spec.scale_dtype` (float32) | (out, n_groups) | always (ternary: γ or α, repeated per row/group)  |
 | `zeros`      | uint8        | (out, n_groups)               | `not spec.symmetric`                           |
 | `bias`       | `dtype`      | (out,)                        | `bias=True`                                    |
 | `smooth`     | float32      | (in,)                         | `spec.smooth` (forward divides x by it)        |
@@ -83,7 +83,7 @@ class QuantLinear(nn.Module):
 
         u8, f32 = torch.uint8, torch.float32
         self.register_buffer("qweight", buf((out_features, packed_cols(in_features, spec.code_bits)), u8))
-        self.register_buffer("scales", buf((out_features, n_groups), f32, 1.0))
+        self.register_buffer("scales", buf((out_features, n_groups), spec.scale_torch_dtype, 1.0))
         self.register_buffer("zeros", None if spec.symmetric else buf((out_features, n_groups), u8))
         self.register_buffer("bias", buf((out_features,), dtype) if bias else None)
         self.register_buffer("smooth", buf((in_features,), f32, 1.0) if spec.smooth else None)
@@ -160,11 +160,12 @@ class QuantLinear(nn.Module):
             if clip_ratio is not None:
                 raise ValueError("clip_ratio does not apply to ternary (absmean) weights")
             codes, gamma = ternary_absmean(weight)
-            self.set_codes(codes, gamma.expand(self.out_features, spec.n_groups(self.in_features)))
+            self.set_codes(codes, spec.store_scale(gamma).expand(self.out_features, spec.n_groups(self.in_features)))
             return
         ratio = 1.0 if clip_ratio is None else clip_ratio
         bits = spec.code_bits
         scale, zero = compute_qparams(weight, bits, spec.group_size, spec.symmetric, ratio)
+        scale = spec.store_scale(scale)  # codes against the scale as stored
         self.set_codes(quantize(weight, scale, zero, bits, spec.symmetric), scale, zero)
 
     @torch.no_grad()

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+import torch
+
 from ditq.quant.packing import LAYOUTS, slot_bits
 
 WeightFormat = Literal["int", "ternary"]
@@ -16,7 +18,8 @@ ActFormat = Literal["int", "fp8"]
 
 WEIGHT_FORMATS = ("int", "ternary")
 ACT_FORMATS = ("int", "fp8")
-SCALE_BITS = 32  # scales, smoothing vectors and static activation scales are stored as float32
+SCALE_BITS = 32  # smoothing vectors and static activation scales are stored as float32
+SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16}  # weight scales: `QuantSpec.scale_dtype`
 ZERO_BITS = 8  # zero points are uint8
 
 
@@ -34,7 +37,9 @@ class QuantSpec:
     `input_group` names the layers that read the same input tensor (q/k/v): they share one smoothing
     vector, one activation quantization and one low-rank down-projection.
     `layout` names how `qweight` is packed: checkpoints always hold "canonical"; a kernel converter may
-    re-pack a loaded model in place and records its layout here.
+    re-pack a loaded model in place and records its layout here. `scale_dtype` is how the weight scales are
+    stored: "float16" halves their cost (0.25 instead of 0.5 bit per weight at g64); codes are computed
+    against the rounded scales.
     """
 
     w_bits: int = 8
@@ -51,6 +56,7 @@ class QuantSpec:
     input_group: str | None = None
     stored_bits: int | None = None
     layout: str = "canonical"
+    scale_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _check_choice("w_format", self.w_format, WEIGHT_FORMATS)
@@ -80,6 +86,7 @@ class QuantSpec:
         if self.input_group is not None and (not isinstance(self.input_group, str) or not self.input_group):
             raise ValueError(f"input_group={self.input_group!r} must be a non-empty string or None")
         _check_choice("layout", self.layout, tuple(LAYOUTS))
+        _check_choice("scale_dtype", self.scale_dtype, tuple(SCALE_DTYPES))
 
     @property
     def quantizes_activations(self) -> bool:
@@ -89,6 +96,15 @@ class QuantSpec:
     def code_bits(self) -> int:
         """Bits of the stored codes (`stored_bits`, else `w_bits`)."""
         return self.w_bits if self.stored_bits is None else self.stored_bits
+
+    @property
+    def scale_torch_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+    def store_scale(self, scale: torch.Tensor) -> torch.Tensor:
+        """`scale` (float32) rounded as it will be stored, floored at the stored dtype's smallest normal."""
+        dtype = self.scale_torch_dtype
+        return scale.clamp_min(torch.finfo(dtype).tiny).to(dtype).float()
 
     def check_fits(self, in_features: int, out_features: int) -> None:
         """Raise if this spec cannot describe a Linear of the given size."""
@@ -109,14 +125,15 @@ class QuantSpec:
     def bits_per_weight(self, in_features: int, out_features: int, float_bits: int = 16) -> float:
         """Stored bits per weight of an (out, in) layer: codes, scales, zeros, smoothing and low-rank factors.
 
-        Codes count at their packed slot width (5–7-bit codes take a byte), scales and the smoothing
-        vector at 32 bits, zero points at 8, the low-rank factors at `float_bits`. The bias is not a
+        Codes count at their packed slot width (5–7-bit codes take a byte), scales at `scale_dtype`, the
+        smoothing vector at 32 bits, zero points at 8, the low-rank factors at `float_bits`. The bias is not a
         weight and is left out.
         """
         self.check_fits(in_features, out_features)
         groups = out_features * self.n_groups(in_features)
         total = in_features * out_features * slot_bits(self.code_bits)
-        total += groups * (SCALE_BITS + (0 if self.symmetric else ZERO_BITS))
+        scale_bits = torch.finfo(self.scale_torch_dtype).bits
+        total += groups * (scale_bits + (0 if self.symmetric else ZERO_BITS))
         total += in_features * SCALE_BITS if self.smooth else 0
         total += self.rank * (in_features + out_features) * float_bits
         return total / (in_features * out_features)

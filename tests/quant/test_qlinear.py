@@ -287,3 +287,27 @@ def test_set_codes_validation():
 def test_spec_type_is_checked():
     with pytest.raises(TypeError, match="QuantSpec"):
         QuantLinear(64, 8, {"w_bits": 4})
+
+
+def test_float16_scales_halve_their_cost_and_codes_use_the_stored_scale(tmp_path):
+    import ditq
+
+    spec = QuantSpec(w_bits=4, group_size=64, scale_dtype="float16")
+    assert spec.bits_per_weight(128, 256) == 4.25 and QuantSpec(w_bits=4, group_size=64).bits_per_weight(128, 256) == 4.5
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(128, 32)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(32, 128, generator=g) * 0.05)
+    q = QuantLinear.from_linear(lin, spec)
+    assert q.scales.dtype == torch.float16
+    codes = q.weight_codes().float().reshape(32, 2, 64)
+    assert torch.equal(q.dequantized_weight(), (codes * q.scales.float().unsqueeze(-1)).reshape(32, 128))
+    # rounding the scale before rounding the weights keeps every code the nearest one for the stored scale
+    nearest = torch.round(lin.weight.detach().reshape(32, 2, 64) / q.scales.float().unsqueeze(-1)).clamp(-8, 7)
+    assert torch.equal(codes, nearest)
+    model = torch.nn.Sequential(q)
+    path = ditq.save(model, tmp_path / "f16.safetensors")
+    loaded = ditq.load(path, model=torch.nn.Sequential(torch.nn.Linear(128, 32)))
+    assert loaded[0].scales.dtype == torch.float16 and torch.equal(loaded[0].scales, q.scales)
+    with pytest.raises(ValueError, match="scale_dtype='bfloat16' is not one of"):
+        QuantSpec(w_bits=4, scale_dtype="bfloat16")
