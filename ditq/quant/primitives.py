@@ -322,13 +322,17 @@ def ternary_absmean(w: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, t
 
 
 def fp8_scale(x: torch.Tensor, group_size: int | None = None, *, per_tensor: bool = False) -> torch.Tensor:
-    """absmax / 448 per group of the last dim (None = per row/token), or per tensor; float32."""
+    """absmax / 448 per group of the last dim (None = per row/token), or per tensor; float32.
+
+    Computed as absmax · (1/448) with the float32 reciprocal, which is how PyTorch's CUDA kernels divide by a
+    scalar, so the CPU, CUDA and the Triton kernel give the same scales bit for bit.
+    """
     xf = x.detach().float()
     if per_tensor:
         amax = xf.abs().amax().reshape((1,) * max(x.ndim, 1))
     else:
         amax = grouped(xf, n_groups_of(x.shape[-1], group_size)).abs().amax(-1)
-    return (amax / FP8_MAX).clamp_min(SCALE_FLOOR)
+    return (amax * (1.0 / FP8_MAX)).clamp_min(SCALE_FLOOR)
 
 
 def fp8_cast(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

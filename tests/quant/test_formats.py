@@ -56,7 +56,7 @@ def test_fp8_scale_is_absmax_over_448(group_size):
     q, scale = fp8_quantize(x, group_size)
     g = 64 if group_size is None else group_size
     amax = x.reshape(4, 64 // g, g).abs().amax(-1)
-    assert torch.equal(scale, amax / 448.0)
+    assert torch.equal(scale, amax * (1 / 448.0))
     assert q.float().abs().max() == 448.0
     x_hat = fp8_dequantize(q, scale, torch.bfloat16)
     assert x_hat.dtype == torch.bfloat16
@@ -67,7 +67,7 @@ def test_fp8_per_tensor_and_zero_rows():
     x = torch.randn(3, 2, 32)
     x[1] = 0
     q, scale = fp8_quantize(x, per_tensor=True)
-    assert scale.shape == (1, 1, 1) and torch.equal(scale.flatten(), (x.abs().max() / 448.0).reshape(1))
+    assert scale.shape == (1, 1, 1) and torch.equal(scale.flatten(), (x.abs().max() * (1 / 448.0)).reshape(1))
     q_rows, s_rows = fp8_quantize(x)
     assert torch.isfinite(fp8_dequantize(q_rows, s_rows)).all()
     assert torch.equal(fp8_dequantize(q_rows, s_rows)[1], torch.zeros(2, 32))
