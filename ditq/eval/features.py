@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from ditq.atomic import atomic_path
 
 FORMAT = "ditq-feature-net"
 FORMAT_VERSION = 1
@@ -237,7 +237,8 @@ def save_feature_net(net: FeatureNet, path: str | Path, extra: dict | None = Non
     header = {"format": FORMAT, "version": FORMAT_VERSION, "config": net.config, "info": extra or {}}
     meta = {"ditq": json.dumps(header, sort_keys=True)}
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
 
 
 def load_feature_net(path: str | Path | None = None, device: str | torch.device = "cpu") -> FeatureNet:
@@ -285,7 +286,8 @@ def save_real_stats(path: str | Path, arrays: dict[str, np.ndarray]) -> None:
         with open(tmp, "wb") as f:
             np.savez_compressed(f, **arrays)
 
-    _atomic_write(Path(path), write)
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 
 
 def load_real_stats(path: str | Path | None = None) -> dict[str, np.ndarray]:
@@ -307,19 +309,3 @@ def load_real_stats(path: str | Path | None = None) -> dict[str, np.ndarray]:
     if missing:
         raise ValueError(f"{path} lacks {sorted(missing)}")
     return stats
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 (and writers may recreate it); keep assets readable
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -14,37 +14,14 @@ their outputs from one quantized input and one down-projection. Functions here t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from ditq.quant.primitives import fake_quantize, fp8_cast, fp8_dequantize, fp8_scale, straight_through
+from ditq.quant.qlinear import QuantLinear, quantize_activations
 from ditq.quant.spec import QuantSpec
 
-if TYPE_CHECKING:
-    from ditq.quant.qlinear import QuantLinear
-
 __all__ = ["group_linear", "linear_reference", "quantize_activations"]
-
-
-def quantize_activations(
-    h: torch.Tensor, spec: QuantSpec, act_scale: torch.Tensor | None = None, act_zero: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Fake-quantize the (already smoothed) input per `spec`; returns h's dtype and shape.
-
-    Dynamic scales are per token (`a_group_size=None`) or per token per channel group; static scales
-    come from `act_scale` (and, asymmetric, `act_zero`): shape (1,) = one per tensor,
-    (in // a_group_size,) = one per channel group shared by all tokens. FP8 is symmetric by nature
-    (scale = absmax / 448), so `a_symmetric` does not apply to it. Gradients pass straight through.
-    """
-    if spec.a_bits is None:
-        return h
-    if spec.a_format == "fp8":
-        scale = fp8_scale(h, spec.a_group_size) if spec.a_dynamic else act_scale
-        return straight_through(h, fp8_dequantize(fp8_cast(h, scale), scale, h.dtype))
-    qparams = None if spec.a_dynamic else (act_scale, act_zero)
-    return fake_quantize(h, spec.a_bits, spec.a_group_size, spec.a_symmetric, qparams=qparams)
 
 
 def linear_reference(

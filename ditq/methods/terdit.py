@@ -43,7 +43,6 @@ __all__ = [
     "load_released",
     "released_config",
     "unpack_hqq_2bit",
-    "weight_bytes",
 ]
 
 # FP by default: the embedders and the final layer (norms are not Linears and are never quantized).
@@ -172,8 +171,3 @@ def export_packed(model: nn.Module, path: str | os.PathLike[str], *, info: dict[
     (FP layers in `float_dtype`); `ditq.load(path)` gives it back."""
     convert(model)
     return io.save(model, path, info=info, float_dtype=float_dtype)
-
-
-def weight_bytes(model: nn.Module, float_dtype: torch.dtype | None = None) -> int:
-    """Bytes of every tensor the model keeps (parameters and persistent buffers) as `ditq.save` stores them."""
-    return io.model_size_bytes(model, float_dtype)

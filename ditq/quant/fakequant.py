@@ -43,15 +43,12 @@ from ditq.quant.primitives import (
     SCALE_FLOOR,
     compute_qparams,
     dequantize,
-    fake_quantize,
-    fp8_cast,
-    fp8_dequantize,
-    fp8_scale,
     qrange,
     quantize,
     slice_codes,
     straight_through,
 )
+from ditq.quant.qlinear import quantize_activations
 from ditq.quant.spec import QuantSpec
 
 __all__ = ["FakeQuantLinear", "set_served_bits"]
@@ -237,14 +234,8 @@ class FakeQuantLinear(nn.Module):
     # ---- forward ----------------------------------------------------------------------------------
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Dynamic per-token (or per-token-group) activation fake quant, as the converted layer runs it."""
-        spec = self.spec
-        if spec.a_bits is None:
-            return x
-        if spec.a_format == "fp8":
-            scale = fp8_scale(x, spec.a_group_size)
-            return straight_through(x, fp8_dequantize(fp8_cast(x, scale), scale, x.dtype))
-        return fake_quantize(x, spec.a_bits, spec.a_group_size, spec.a_symmetric)
+        """Dynamic activation fake quant, exactly as the converted layer runs it."""
+        return quantize_activations(x, self.spec)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)

@@ -40,10 +40,21 @@ from torch import nn
 
 from ditq.quant.modules import register_quant_module
 from ditq.quant.packing import pack, packed_cols, to_signed, to_unsigned, unpack
-from ditq.quant.primitives import compute_qparams, dequantize, quantize, slice_codes, ternary_absmean
+from ditq.quant.primitives import (
+    compute_qparams,
+    dequantize,
+    fake_quantize,
+    fp8_cast,
+    fp8_dequantize,
+    fp8_scale,
+    quantize,
+    slice_codes,
+    straight_through,
+    ternary_absmean,
+)
 from ditq.quant.spec import QuantSpec
 
-__all__ = ["INPUT_GROUP_BUFFERS", "QuantLinear", "describe_spec"]
+__all__ = ["INPUT_GROUP_BUFFERS", "QuantLinear", "dequantize_weight", "describe_spec", "quantize_activations"]
 
 _FLOAT32_BUFFERS = ("scales", "smooth", "act_scale")
 _UINT8_BUFFERS = ("qweight", "zeros", "act_zero")
@@ -321,6 +332,25 @@ def dequantize_weight(
     if spec.code_bits != spec.w_bits:
         codes = slice_codes(codes, spec.code_bits, spec.w_bits)
     return dequantize(codes, scales, zeros, spec.group_size, dtype=dtype)
+
+
+def quantize_activations(
+    h: torch.Tensor, spec: QuantSpec, act_scale: torch.Tensor | None = None, act_zero: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Fake-quantize the (already smoothed) input per `spec`; returns h's dtype and shape.
+
+    Dynamic scales are per token (`a_group_size=None`) or per token per channel group; static scales
+    come from `act_scale` (and, asymmetric, `act_zero`): shape (1,) = one per tensor,
+    (in // a_group_size,) = one per channel group shared by all tokens. FP8 is symmetric by nature
+    (scale = absmax / 448), so `a_symmetric` does not apply to it. Gradients pass straight through.
+    """
+    if spec.a_bits is None:
+        return h
+    if spec.a_format == "fp8":
+        scale = fp8_scale(h, spec.a_group_size) if spec.a_dynamic else act_scale
+        return straight_through(h, fp8_dequantize(fp8_cast(h, scale), scale, h.dtype))
+    qparams = None if spec.a_dynamic else (act_scale, act_zero)
+    return fake_quantize(h, spec.a_bits, spec.a_group_size, spec.a_symmetric, qparams=qparams)
 
 
 def _check_finite(t: torch.Tensor, name: str) -> None:
