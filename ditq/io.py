@@ -108,13 +108,28 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, model: 
 def stored_tensors(model: nn.Module, float_dtype: torch.dtype | None = None
                    ) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
     """(tensors as a checkpoint stores them, input group id → member names); shared tensors once."""
+    tensors, dtypes, groups = _storage_plan(model, float_dtype)
+    return {k: t.to(dtypes[k]) for k, t in tensors.items()}, groups
+
+
+def model_size_bytes(model: nn.Module, float_dtype: torch.dtype | None = None) -> int:
+    """Bytes of the tensors `save(model, float_dtype=...)` writes (the header's few kB not counted).
+
+    Counted from the storage plan, without casting (a copy of every weight) just to measure it."""
+    tensors, dtypes, _ = _storage_plan(model, float_dtype)
+    return sum(t.numel() * dtypes[k].itemsize for k, t in tensors.items())
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+
+
+def _storage_plan(model: nn.Module, float_dtype: torch.dtype | None
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.dtype], dict[str, list[str]]]:
+    """(uncast tensors by stored key, each key's stored dtype, input groups): what `save` writes."""
     keep32 = _format_float_keys(model)
-    tensors = {}
-    for key, t in model.state_dict().items():
-        t = t.detach()
-        if float_dtype is not None and t.is_floating_point() and key not in keep32:
-            t = t.to(float_dtype)
-        tensors[key] = t
+    tensors = {k: t.detach() for k, t in model.state_dict().items()}
+    dtypes = {k: float_dtype if float_dtype is not None and t.is_floating_point() and k not in keep32 else t.dtype
+              for k, t in tensors.items()}
     groups: dict[str, list[str]] = {}
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear) and m.spec.input_group is not None:
@@ -126,19 +141,11 @@ def stored_tensors(model: nn.Module, float_dtype: torch.dtype | None = None
                 continue
             if len(keys) != len(members) or any(not torch.equal(tensors[keys[0]], tensors[k]) for k in keys):
                 raise ValueError(f"input group {gid!r}: layers {members} must hold one equal {buffer!r} tensor")
-            tensors[f"{GROUP_PREFIX}{gid}.{buffer}"] = tensors[keys[0]]
+            shared = f"{GROUP_PREFIX}{gid}.{buffer}"
+            tensors[shared], dtypes[shared] = tensors[keys[0]], dtypes[keys[0]]
             for k in keys:
-                del tensors[k]
-    return tensors, groups
-
-
-def model_size_bytes(model: nn.Module, float_dtype: torch.dtype | None = None) -> int:
-    """Bytes of the tensors `save(model, float_dtype=...)` writes (the header's few kB not counted)."""
-    tensors, _ = stored_tensors(model, float_dtype)
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-# ---- helpers ---------------------------------------------------------------------------------------
+                del tensors[k], dtypes[k]
+    return tensors, dtypes, groups
 
 
 def _format_float_keys(model: nn.Module) -> set[str]:
