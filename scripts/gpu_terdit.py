@@ -104,7 +104,9 @@ def main() -> None:
 
     # Post-training ternary: the same layers, absmean γ per (q, k, v) part, no training.
     ptq = prepare(ditq.load(init, device=args.device), QAT(w_format="ternary", w_bits=2, skip=TERDIT.skip))
-    ptq_file = ditq.save(convert(ptq), args.work / "ptq.safetensors", float_dtype=torch.float16).stat().st_size
+    ptq_file = (
+        ditq.save(convert(ptq), args.work / "ptq.safetensors", float_dtype=torch.float16).stat().st_size
+    )
     models = {"fp": fp, "ptq-ternary": ptq}
     files = {"fp": fp16_file, "ptq-ternary": ptq_file}
     for name, run in runs.items():
@@ -121,9 +123,14 @@ def main() -> None:
     for name, model in models.items():
         fids = [r[name]["fid"] for r in per_seed]
         accs = [r[name]["class_acc"] for r in per_seed]
-        curve = [] if name in ("fp", "ptq-ternary") else [
-            (r["step"], r["loss"]) for r in map(json.loads, (runs[name] / "log.jsonl").read_text().splitlines())
-        ]
+        curve = (
+            []
+            if name in ("fp", "ptq-ternary")
+            else [
+                (r["step"], r["loss"])
+                for r in map(json.loads, (runs[name] / "log.jsonl").read_text().splitlines())
+            ]
+        )
         rows[name] = {
             "fid_mean": statistics.mean(fids), "fid_spread": max(fids) - min(fids), "fids": fids,
             "class_acc": statistics.mean(accs), "file_bytes": files[name],
@@ -180,8 +187,10 @@ def markdown(result: dict, args: argparse.Namespace) -> str:
             f"| {name} | {r['fid_mean']:.2f} ± {r['fid_spread'] / 2:.2f} | {r['class_acc']:.3f} | "
             f"{r['file_bytes'] / 2**20:.2f} MiB | {fp32 / r['file_bytes']:.1f} | {r['weight_bytes'] / 2**20:.2f} MiB | {loss} |"
         )
-    lines.append(f"\nFP32 weights {fp32 / 2**20:.2f} MiB, FP16 {result['fp16_bytes'] / 2**20:.2f} MiB; "
-                 f"training {result['train_seconds']} s, total {result['total_seconds']} s.")
+    lines.append(
+        f"\nFP32 weights {fp32 / 2**20:.2f} MiB, FP16 {result['fp16_bytes'] / 2**20:.2f} MiB; "
+        f"training {result['train_seconds']} s, total {result['total_seconds']} s."
+    )
     return "\n".join(lines) + "\n"
 
 
