@@ -6,7 +6,7 @@ line per run goes to stdout. `bench/e2e_table.py` turns the lines into the commi
     python bench/bench_e2e.py --batch 64 --config bf16
     python bench/bench_e2e.py --batch 2 --config w4a8 --cuda-graphs
 
-Configs: `bf16` (the model as is), an RTN preset (`w4a8`, `w4a16`, `w4a4`, `w8a8`), or one of the FP8-path
+Configs: `bf16` (the model as is), `torchao-fp8-row` (torchao's float8 row-wise, the peer), an RTN preset (`w4a8`, `w4a16`, `w4a4`, `w8a8`), or one of the FP8-path
 recipes below (per-channel int4 or ternary weights, per-token FP8 activations), run through `--backend`
 ("dequantized" by default; "fp8" / "fp8-cached" for the Triton + cuBLAS FP8 path). `--all-linears` also
 quantizes the adaLN modulation Linears (the presets keep them 16-bit). Timing: CUDA events around each forward after warm-up, median of the
@@ -23,13 +23,20 @@ import time
 import torch
 
 import ditq
+from ditq.methods.svdquant import SVDQuant
 from ditq.models import create
 from ditq.recipes import PRESETS, RTN
 
 FP8_RECIPES = {
     "w4a8fp8": RTN(w_bits=4, a_bits=8, a_format="fp8"),
     "ternary-a8fp8": RTN(w_bits=2, w_format="ternary", a_bits=8, a_format="fp8"),
+    # SVDQuant's layer structure (shared smoothing, rank-32 branch) with per-channel int4: one α, calibrated
+    # on two short trajectories, since only the timing is measured here
+    "svdquant-w4a8fp8-r32": SVDQuant(
+        group_size=None, a_bits=8, a_format="fp8", a_group_size=None, rank=32, alphas=(0.5,)
+    ),
 }
+TORCHAO = "torchao-fp8-row"  # torchao's float8 dynamic activation + weight, row-wise scales (the peer)
 EMBEDDERS_AND_FINAL = ("x_embedder*", "t_embedder*", "y_embedder*", "final_layer*")
 
 
@@ -40,11 +47,25 @@ def build(config: str, device: str, backend: str, all_linears: bool) -> torch.nn
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     model = model.to(torch.bfloat16).eval()
-    if config != "bf16":
+    if config == TORCHAO:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+        def in_blocks(module: torch.nn.Module, name: str) -> bool:
+            return (
+                isinstance(module, torch.nn.Linear)
+                and name.startswith("blocks.")
+                and (all_linears or "adaLN" not in name)
+            )
+
+        quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=in_blocks)
+    elif config != "bf16":
         recipe = FP8_RECIPES.get(config) or PRESETS[config]
         if all_linears:
             recipe = dataclasses.replace(recipe, skip=EMBEDDERS_AND_FINAL)
-        ditq.quantize(model, recipe)
+        calib = None
+        if recipe.method == "svdquant":
+            calib = ditq.calibrate(model, n_samples=2, steps=2, rows_per_layer=512)
+        ditq.quantize(model, recipe, calib)
         ditq.prepare_for_inference(model, backend, dtype=torch.bfloat16)
     return model
 
@@ -67,7 +88,7 @@ def time_forward(fn, args, warmup: int, repeats: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, required=True)
-    parser.add_argument("--config", required=True, choices=["bf16", *sorted(PRESETS), *FP8_RECIPES])
+    parser.add_argument("--config", required=True, choices=["bf16", TORCHAO, *sorted(PRESETS), *FP8_RECIPES])
     parser.add_argument("--backend", default="dequantized", help="kernel backend of the quantized layers")
     parser.add_argument("--all-linears", action="store_true", help="quantize the adaLN Linears too")
     parser.add_argument("--cuda-graphs", action="store_true", help="compile with mode='reduce-overhead'")
@@ -75,7 +96,7 @@ def main() -> None:
     args = parser.parse_args()
     device = "cuda"
     model = build(args.config, device, args.backend, args.all_linears)
-    weight_bytes = ditq.io.model_size_bytes(model, torch.bfloat16)
+    weight_bytes = None if args.config == TORCHAO else ditq.io.model_size_bytes(model, torch.bfloat16)
     g = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(args.batch, 4, 32, 32, device=device, generator=g, dtype=torch.bfloat16)
     t = torch.randint(0, 1000, (args.batch,), device=device, generator=g)
@@ -90,15 +111,29 @@ def main() -> None:
         times = time_forward(lambda *a: compiled(*a), (x, t, y), warmup=10, repeats=args.repeats)
     times.sort()
     rel = float((out - eager).norm() / eager.norm())
-    print(json.dumps({
-        "config": args.config, "backend": "—" if args.config == "bf16" else args.backend,
-        "all_linears": args.all_linears, "weight_bytes": weight_bytes,
-        "batch": args.batch, "cuda_graphs": args.cuda_graphs,
-        "median_ms": times[len(times) // 2], "min_ms": times[0], "max_ms": times[-1], "repeats": len(times),
-        "compile_s": round(compile_s, 1), "compiled_vs_eager_rel_err": rel,
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "triton": __import__("triton").__version__, "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "config": args.config,
+                "backend": "—" if args.config in ("bf16", TORCHAO) else args.backend,
+                "all_linears": args.all_linears,
+                "weight_bytes": weight_bytes,
+                "batch": args.batch,
+                "cuda_graphs": args.cuda_graphs,
+                "median_ms": times[len(times) // 2],
+                "min_ms": times[0],
+                "max_ms": times[-1],
+                "repeats": len(times),
+                "compile_s": round(compile_s, 1),
+                "compiled_vs_eager_rel_err": rel,
+                "gpu": torch.cuda.get_device_name(),
+                "torch": torch.__version__,
+                "triton": __import__("triton").__version__,
+                "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ def main(lines_path: str, out_stem: str) -> None:
         f"# DiT-XL/2 forward, compiled (fullgraph), {first['gpu']}, torch {first['torch']}, Triton {first['triton']}",
         "",
         "Random weights (675M params), 256×256 latents (32×32×4), batch = images the model sees (CFG doubled).",
-        "Quantized rows: RTN recipes through the named kernel backend. Median of the repeats,",
+        "Quantized rows: ditq recipes through the named kernel backend, or torchao's float8 row-wise (the peer,",
+        "weight bytes not counted). Median of the repeats,",
         "CUDA events, after warm-up; ratios are against the bf16 row of the same batch in the same run.",
         "",
         "| batch | CUDA graphs | config | backend | adaLN quantized | weight MB | median ms | × bf16 speed | compile s | compiled vs eager rel. err |",
@@ -26,7 +27,7 @@ def main(lines_path: str, out_stem: str) -> None:
     ]
     for r in sorted(rows, key=lambda r: (-r["batch"], r["config"] != "bf16", r["config"])):
         ratio = "—" if r["speed_vs_bf16"] is None else f"{r['speed_vs_bf16']:.2f}×"
-        weights = f"{r['weight_bytes'] / 1e6:.0f}" if "weight_bytes" in r else "—"
+        weights = f"{r['weight_bytes'] / 1e6:.0f}" if r.get("weight_bytes") else "—"
         lines.append(f"| {r['batch']} | {'yes' if r['cuda_graphs'] else 'no'} | {r['config']} | "
                      f"{r.get('backend', 'dequantized' if r['config'] != 'bf16' else '—')} | "
                      f"{'yes' if r.get('all_linears') else 'no'} | {weights} | "

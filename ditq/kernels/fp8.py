@@ -1,12 +1,16 @@
 """W4A8-FP8 on Hopper: int2–int4 or ternary weights expanded to FP8 e4m3, per-token FP8 activations, cuBLAS FP8.
 
-    x ──(one Triton pass: ÷smooth, row absmax, e4m3 codes)──► X_q, s_x ┐
-    packed codes ──(Triton: exact e4m3 expansion)──► W_q ────────────────┼─► _scaled_mm(X_q, W_qᵀ, s_x, s_w) + b
-    (x ÷ smooth) · L1 · L2  (low-rank branch, bf16) ─────────────────────┘
+    x ──(÷smooth, row absmax, e4m3 codes: ordinary ops)──► X_q, s_x ───┐
+    packed codes ──(Triton op `ditq::expand_fp8`: exact e4m3)──► W_q ──┼─► _scaled_mm(X_q, W_qᵀ, s_x, s_w) + b
+    (x ÷ smooth) · L1 · L2  (low-rank branch, in x's dtype) ──────────┘
 
+The activation quantization is left as ordinary PyTorch ops on purpose: under `torch.compile` they fuse
+into the kernel that produces x (LayerNorm + adaLN modulate, GELU, ...), so quantizing costs no extra
+pass over the activations — a separate quantization kernel (the first version of this backend, and
+torchao's float8) re-reads every activation once more, which cost more than the FP8 GEMMs saved.
 Per-channel weight scales only: |q| ≤ 8 is exact in e4m3 and the scale goes to the GEMM's `scale_b`
 (per-group scales need a fused kernel). Two backends: `"fp8"` expands the codes on every call (weights stay
-4-bit in memory; the expansion costs a few µs per layer), `"fp8-cached"` expands once in
+2–4-bit in memory; the expansion costs a few µs per layer), `"fp8-cached"` expands once in
 `prepare_for_inference` (8-bit weights in memory, no per-call expansion). Both run on CUDA devices with FP8
 tensor cores (sm_89+), and on the CPU under `TRITON_INTERPRET=1` (tests).
 """
@@ -18,50 +22,46 @@ import os
 
 import torch
 
-from ditq.kernels import ops
+from ditq.quant.primitives import fp8_cast, fp8_scale
 from ditq.quant.qlinear import QuantLinear
 
-__all__ = ["fp8_linear", "fp8_support"]
+__all__ = ["expand_fp8", "fp8_support"]
 
 MIN_CAPABILITY = (8, 9)
 
 
-@torch.library.custom_op("ditq::fp8_linear", mutates_args=())
-def fp8_linear(
-    x: torch.Tensor,
-    qweight: torch.Tensor,
-    weight_fp8: torch.Tensor | None,
-    scale_w: torch.Tensor,
-    bias: torch.Tensor | None,
-    smooth: torch.Tensor | None,
-    lowrank_down: torch.Tensor | None,
-    lowrank_up: torch.Tensor | None,
-    spec: str,
-) -> torch.Tensor:
-    """y = QuantLinear(x) through an FP8 GEMM; `weight_fp8` (N, K) when expanded ahead, else from `qweight`."""
-    from ditq.kernels.triton.act_quant import quantize_rows_fp8
+@torch.library.custom_op("ditq::expand_fp8", mutates_args=())
+def expand_fp8(qweight: torch.Tensor, bits: int, n_cols: int, ternary: bool) -> torch.Tensor:
+    """(N, n_cols) float8_e4m3fn codes from packed uint8 (N, packed_cols) symmetric int or ternary codes."""
     from ditq.kernels.triton.expand import expand_to_fp8
 
-    s = ops.parse_spec(spec)
-    n_out, k = scale_w.shape[1], x.shape[-1]
-    x2 = x.reshape(-1, k)
-    x_q, scale_x = quantize_rows_fp8(x2, smooth)  # (M, K) e4m3, (M, 1)
-    if weight_fp8 is None:
-        weight_fp8 = expand_to_fp8(qweight, s.w_bits, k, ternary=s.w_format == "ternary")  # (N, K)
-    fused_bias = bias is not None and x.dtype in (torch.bfloat16, torch.float16)
-    y = torch._scaled_mm(x_q, weight_fp8.t(), scale_a=scale_x, scale_b=scale_w,
-                         bias=bias.to(x.dtype) if fused_bias else None, out_dtype=x.dtype)  # (M, N)
-    if bias is not None and not fused_bias:
-        y = y + bias.to(x.dtype)
-    if lowrank_down is not None:
-        h = x2 if smooth is None else x2 / smooth.to(x.dtype)
-        y = y + (h @ lowrank_down.to(x.dtype)) @ lowrank_up.to(x.dtype)
-    return y.reshape(*x.shape[:-1], n_out)
+    return expand_to_fp8(qweight, bits, n_cols, ternary=ternary)
 
 
-@fp8_linear.register_fake
-def _(x, qweight, weight_fp8, scale_w, bias, smooth, lowrank_down, lowrank_up, spec):
-    return x.new_empty((*x.shape[:-1], scale_w.shape[1]))
+@expand_fp8.register_fake
+def _(qweight, bits, n_cols, ternary):
+    return qweight.new_empty((qweight.shape[0], n_cols), dtype=torch.float8_e4m3fn)
+
+
+def fp8_linear(m: QuantLinear, x: torch.Tensor, weight_fp8: torch.Tensor) -> torch.Tensor:
+    """y = m(x) through one FP8 GEMM with row-wise scales on both sides; `weight_fp8` (N, K) e4m3 codes."""
+    k = x.shape[-1]
+    h = (x if m.smooth is None else x / m.smooth.to(x.dtype)).reshape(-1, k)  # (M, K)
+    scale_x = fp8_scale(h)  # (M, 1) float32
+    fused_bias = m.bias is not None and x.dtype in (torch.bfloat16, torch.float16)
+    y = torch._scaled_mm(
+        fp8_cast(h, scale_x),
+        weight_fp8.t(),
+        scale_a=scale_x,
+        scale_b=m.fp8_scale_w,
+        bias=m.bias.to(x.dtype) if fused_bias else None,
+        out_dtype=x.dtype,
+    )  # (M, N)
+    if m.bias is not None and not fused_bias:
+        y = y + m.bias.to(x.dtype)
+    if m.lowrank_down is not None:
+        y = y + (h @ m.lowrank_down.to(x.dtype)) @ m.lowrank_up.to(x.dtype)
+    return y.reshape(*x.shape[:-1], m.out_features)
 
 
 def fp8_support(m: QuantLinear) -> str | None:
@@ -87,12 +87,11 @@ def fp8_support(m: QuantLinear) -> str | None:
 
 
 def per_call_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    return fp8_linear(x, m.qweight, None, m.fp8_scale_w, m.bias, m.smooth, m.lowrank_down, m.lowrank_up, m.spec_json)
+    return fp8_linear(m, x, expand_fp8(m.qweight, m.spec.w_bits, m.in_features, m.spec.w_format == "ternary"))
 
 
 def cached_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    return fp8_linear(x, m.qweight, m.weight_fp8, m.fp8_scale_w, m.bias, m.smooth, m.lowrank_down, m.lowrank_up,
-                      m.spec_json)
+    return fp8_linear(m, x, m.weight_fp8)
 
 
 def weight_scale(m: QuantLinear) -> dict[str, torch.Tensor]:
@@ -101,7 +100,5 @@ def weight_scale(m: QuantLinear) -> dict[str, torch.Tensor]:
 
 
 def expanded_weight(m: QuantLinear) -> dict[str, torch.Tensor]:
-    from ditq.kernels.triton.expand import expand_to_fp8
-
     ternary = m.spec.w_format == "ternary"
-    return weight_scale(m) | {"weight_fp8": expand_to_fp8(m.qweight, m.spec.w_bits, m.in_features, ternary=ternary)}
+    return weight_scale(m) | {"weight_fp8": expand_fp8(m.qweight, m.spec.w_bits, m.in_features, ternary)}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The FP8 path's GPU measurements, in two parts that each fit one 10-minute device call; every part has its
+# own bf16 rows, so its ratios are measured side by side. Results go to $OUT (JSON lines + tables).
+#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh kernels   # GPU tests, GEMM table, batch-64 forward (W4, torchao)
+#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh models    # SVDQuant r32, ternary, adaLN quantized; batch 2 + graphs
+set -u
+out=${OUT:?set OUT to the results folder}
+e2e() { python bench/bench_e2e.py "$@" >>"$out/e2e_$part.jsonl" 2>>"$out/log_$part.txt" || echo "failed: $*" >>"$out/log_$part.txt"; }
+part=${1:?kernels or models}
+case $part in
+  kernels)
+    python -m pytest -q -p no:cacheprovider tests/kernels >"$out/gpu_tests.txt" 2>&1
+    tail -3 "$out/gpu_tests.txt"
+    python bench/bench_kernels.py --out "$out/kernels_fp8_v3" >>"$out/log_$part.txt" 2>&1
+    e2e --batch 64 --config bf16
+    e2e --batch 64 --config torchao-fp8-row
+    e2e --batch 64 --config w4a8fp8 --backend fp8
+    e2e --batch 64 --config w4a8fp8 --backend fp8-cached ;;
+  models)
+    e2e --batch 64 --config bf16
+    e2e --batch 64 --config svdquant-w4a8fp8-r32 --backend fp8
+    e2e --batch 64 --config ternary-a8fp8 --backend fp8 --all-linears
+    e2e --batch 64 --config w4a8fp8 --backend fp8 --all-linears
+    e2e --batch 2 --config bf16 --cuda-graphs
+    e2e --batch 2 --config w4a8fp8 --backend fp8 --cuda-graphs
+    e2e --batch 2 --config w4a8fp8 --backend fp8-cached --cuda-graphs ;;
+  *) echo "unknown part $part (kernels or models)"; exit 2 ;;
+esac
+python bench/e2e_table.py "$out/e2e_$part.jsonl" "$out/e2e_fp8_v3_$part"
