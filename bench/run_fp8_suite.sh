@@ -11,11 +11,11 @@ case $part in
   kernels)
     python -m pytest -q -p no:cacheprovider tests/kernels >"$out/gpu_tests.txt" 2>&1
     tail -3 "$out/gpu_tests.txt"
-    python bench/bench_kernels.py --out "$out/kernels_fp8_v3" >>"$out/log_$part.txt" 2>&1
     e2e --batch 64 --config bf16
     e2e --batch 64 --config torchao-fp8-row
     e2e --batch 64 --config w4a8fp8 --backend fp8
-    e2e --batch 64 --config w4a8fp8 --backend fp8-cached ;;
+    e2e --batch 64 --config w4a8fp8 --backend fp8-cached
+    python bench/bench_kernels.py --out "$out/kernels_fp8_v3" >>"$out/log_$part.txt" 2>&1 ;;
   models)
     e2e --batch 64 --config bf16
     e2e --batch 64 --config svdquant-w4a8fp8-r32 --backend fp8

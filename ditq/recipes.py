@@ -259,6 +259,8 @@ PRESETS: dict[str, Recipe] = {
     "w4a8": RTN(w_bits=4, group_size=128, a_bits=8),
     "w4a16": RTN(w_bits=4, group_size=128, a_bits=None),
     "w4a4": RTN(w_bits=4, group_size=64, a_bits=4, a_group_size=64),
+    # per-channel int4 + per-token FP8 activations: the layout the "fp8" kernel backends run on Hopper
+    "w4a8-fp8": RTN(w_bits=4, a_bits=8, a_format="fp8"),
 }
 
 

@@ -1,14 +1,15 @@
 """FLUX.1-dev-size transformer (random weights, bf16, 1024 px): memory and per-step time, bf16 vs 4-bit.
 
 One run measures, on the same GPU and inputs: the bf16 FluxTransformer2DModel (19 double + 38 single
-blocks, hidden 3072; 4096 image tokens + 512 text tokens, batch 1) and the same transformer quantized with
-each recipe (default: RTN W4A8 g128 with dynamic activations; any 4-bit preset registered when run can be
-named with --recipes) on the `dequantized` backend, both under torch.compile. Per-step time: median of
-timed forwards after warm-up, with a sync before the clock. Memory: peak allocated during a step, and
-the model's tensors as ditq stores them. Also: the relative error of the quantized output vs bf16.
+blocks, hidden 3072; 4096 image tokens + 512 text tokens, batch 1) and the same transformer (rebuilt from
+the same seed) quantized in place with each `RECIPE@BACKEND` of --recipes (default: per-channel W4 with
+FP8 activations on the `fp8` kernels, which keep the weights 4-bit, and on `fp8-cached`), all under
+torch.compile. Per-step time: median of timed forwards after warm-up, with a sync before the clock.
+Memory: what is allocated once the model is ready (weights and kernel buffers), the peak during a step,
+and the model's tensors as ditq stores them. Also: the relative error of the quantized output vs bf16.
 
     PYTHONPATH=. python scripts/gpu_diffusers.py --out $OUT             # H100, ≤ 8 minutes
-    PYTHONPATH=. python scripts/gpu_diffusers.py --out /tmp/x --device cpu --tiny --no-compile
+    TRITON_INTERPRET=1 PYTHONPATH=. python scripts/gpu_diffusers.py --out /tmp/x --device cpu --tiny --no-compile
 """
 
 from __future__ import annotations
@@ -22,16 +23,32 @@ from pathlib import Path
 import torch
 
 import ditq
-from ditq.api import shallow_clone
 from ditq.integrations.diffusers import SUPPORTED
 from ditq.io import model_size_bytes
 from ditq.recipes import load_recipe
 
-FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
-                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
-                axes_dims_rope=(16, 56, 56))
-TINY = dict(FLUX_DEV, num_layers=1, num_single_layers=2, attention_head_dim=64, num_attention_heads=2,
-            joint_attention_dim=128, pooled_projection_dim=32, axes_dims_rope=(16, 24, 24))
+FLUX_DEV = dict(
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
+TINY = dict(
+    FLUX_DEV,
+    num_layers=1,
+    num_single_layers=2,
+    attention_head_dim=64,
+    num_attention_heads=2,
+    joint_attention_dim=128,
+    pooled_projection_dim=32,
+    axes_dims_rope=(16, 24, 24),
+)
 
 
 def build(config: dict, device: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -74,7 +91,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--recipes", default="w4a8", help="comma-separated presets or recipe files (4-bit)")
+    parser.add_argument(
+        "--recipes",
+        default="w4a8-fp8@fp8,w4a8-fp8@fp8-cached",
+        help="comma-separated RECIPE@BACKEND (presets or recipe files; backend default 'fp8')",
+    )
     parser.add_argument("--tiny", action="store_true", help="a two-block FLUX for a CPU check")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--iters", type=int, default=5)
@@ -85,47 +106,74 @@ def main() -> None:
     tokens = 4 if args.tiny else 64  # latent side in packed tokens: 64×64 = 4096 (1024 px)
     text = 8 if args.tiny else 512
     adapter = SUPPORTED["FluxTransformer2DModel"]
+    on_cuda = args.device.startswith("cuda")
 
-    fp = build(config, args.device, dtype)
+    model = build(config, args.device, dtype)
     gen = torch.Generator().manual_seed(0)
-    inputs = adapter.example_inputs(fp, 1, tokens, text, 0.5, gen)
+    inputs = adapter.example_inputs(model, 1, tokens, text, 0.5, gen)
     inputs = {k: v.to(args.device, dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
     compile_ = (lambda m: m) if args.no_compile else (lambda m: torch.compile(m))
-    rows, outputs = [], {}
+    rows, reference = [], None
 
-    def measure(label: str, model: torch.nn.Module, size: int) -> None:
+    def measure(label: str, model: torch.nn.Module, **extra: object) -> None:
+        nonlocal reference
+        resident = torch.cuda.memory_allocated() if on_cuda else 0
         start = time.perf_counter()
-        seconds, peak, out = time_steps(compile_(model), inputs, warmup=2, iters=args.iters, device=args.device)
-        outputs[label] = out.float()
-        row = {"model": label, "step_ms": round(seconds * 1000, 2), "peak_alloc_GiB": round(peak / 2**30, 2),
-               "stored_GiB": round(size / 2**30, 3), "wall_s": round(time.perf_counter() - start, 1)}
-        if label != "bf16":
-            ref = outputs["bf16"]
-            row["rel_err_vs_bf16"] = round(float((out.float() - ref).norm() / ref.norm()), 4)
+        seconds, peak, out = time_steps(
+            compile_(model), inputs, warmup=2, iters=args.iters, device=args.device
+        )
+        row = {"model": label, "step_ms": round(seconds * 1000, 2), "resident_GiB": round(resident / 2**30, 2),
+               "peak_alloc_GiB": round(peak / 2**30, 2),
+               "stored_GiB": round(model_size_bytes(model, dtype) / 2**30, 3),
+               "wall_s": round(time.perf_counter() - start, 1), **extra}  # fmt: skip
+        if reference is None:
+            reference = out.float()
+        else:
+            row["rel_err_vs_bf16"] = round(float((out.float() - reference).norm() / reference.norm()), 4)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    measure("bf16", fp, model_size_bytes(fp))
-    for name in [r for r in args.recipes.split(",") if r]:
-        recipe = load_recipe(name)
-        start = time.perf_counter()
-        q = ditq.quantize(shallow_clone(fp), recipe)
-        quantize_s = time.perf_counter() - start
-        ditq.prepare_for_inference(q, "dequantized", dtype=dtype)
-        measure(f"{name} (dequantized)", q, model_size_bytes(q, dtype))
-        rows[-1]["quantize_s"] = round(quantize_s, 1)
-        del q
-        if args.device.startswith("cuda"):
+    measure("bf16", model)
+    for entry in [r for r in args.recipes.split(",") if r]:
+        name, _, backend = entry.partition("@")
+        del model
+        if on_cuda:
+            torch._dynamo.reset()
             torch.cuda.empty_cache()
+        model = build(config, args.device, dtype)  # the same weights: the FP tensors are replaced, not kept
+        start = time.perf_counter()
+        ditq.quantize(model, load_recipe(name))
+        ditq.prepare_for_inference(model, backend or "fp8", dtype=dtype)
+        measure(f"{name} ({backend or 'fp8'})", model, quantize_s=round(time.perf_counter() - start, 1))
 
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    meta = {"device": device_name, "torch": torch.__version__, "config": config, "image_tokens": tokens * tokens,
-            "text_tokens": text, "dtype": "bfloat16", "compiled": not args.no_compile, "rows": rows}
+    device_name = torch.cuda.get_device_name() if on_cuda else "cpu"
+    meta = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "config": config,
+        "image_tokens": tokens * tokens,
+        "text_tokens": text,
+        "dtype": "bfloat16",
+        "compiled": not args.no_compile,
+        "rows": rows,
+    }
     (args.out / "diffusers_flux.json").write_text(json.dumps(meta, indent=2) + "\n")
-    keys = ["model", "step_ms", "peak_alloc_GiB", "stored_GiB", "rel_err_vs_bf16", "quantize_s"]
-    lines = [f"FLUX.1-dev-size transformer, random weights, {tokens * tokens}+{text} tokens, batch 1, "
-             f"{device_name}, torch {torch.__version__}, compiled={not args.no_compile}", "",
-             "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    keys = [
+        "model",
+        "step_ms",
+        "resident_GiB",
+        "peak_alloc_GiB",
+        "stored_GiB",
+        "rel_err_vs_bf16",
+        "quantize_s",
+    ]
+    lines = [
+        f"FLUX.1-dev-size transformer, random weights, {tokens * tokens}+{text} tokens, batch 1, "
+        f"{device_name}, torch {torch.__version__}, compiled={not args.no_compile}",
+        "",
+        "| " + " | ".join(keys) + " |",
+        "|" + "---|" * len(keys),
+    ]
     lines += ["| " + " | ".join(str(r.get(k, "–")) for k in keys) + " |" for r in rows]
     table = "\n".join(lines) + "\n"
     (args.out / "diffusers_flux.md").write_text(table)
