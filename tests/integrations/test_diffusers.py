@@ -94,3 +94,46 @@ def test_cli_quantize_and_sample_a_pipeline_folder(tmp_path, capsys):
     assert main(["quantize", "--pipeline", str(folder), "--recipe", "w8a8", "--out", str(out),
                  "--prompt", "a cat", "--device", "cpu"]) == 2
     assert "class-conditional; use --class-label" in capsys.readouterr().err
+
+
+def test_from_pretrained_with_a_ditq_config_quantizes_as_ditq_quantize(tmp_path):
+    import diffusers
+
+    from ditq.integrations.diffusers_quantizer import DitqConfig
+
+    fp = make_transformer("DiTTransformer2DModel")
+    fp.save_pretrained(tmp_path / "fp")
+    q = diffusers.DiTTransformer2DModel.from_pretrained(tmp_path / "fp", quantization_config=DitqConfig("w8a8"))
+    expected = ditq.quantize(make_transformer("DiTTransformer2DModel"), ditq.load_recipe("w8a8"))
+    names = {n for n, m in q.named_modules() if isinstance(m, QuantLinear)}
+    assert names == {n for n, m in expected.named_modules() if isinstance(m, QuantLinear)} and names
+    adapter = diffusers_adapter(q)
+    assert torch.equal(adapter.run(q, seed=3), adapter.run(expected, seed=3))
+    with pytest.raises(ValueError, match="not serializable"):  # diffusers' save would drop the quantized layout
+        q.save_pretrained(tmp_path / "q")
+
+
+def test_ditq_config_refuses_bad_fields_versions_and_prequantized_configs(tmp_path, monkeypatch):
+    import json
+
+    import diffusers
+
+    from ditq.integrations import diffusers_quantizer
+    from ditq.integrations.diffusers_quantizer import DitqConfig
+
+    with pytest.raises(FileNotFoundError, match="'w9a9' is neither a preset"):
+        DitqConfig("w9a9")
+    with pytest.raises(ValueError, match="backend 'nope'"):
+        DitqConfig("w8a8", backend="nope")
+    with pytest.raises(ValueError, match="unknown fields"):
+        DitqConfig("w8a8", bits=4)
+    fp = make_transformer("DiTTransformer2DModel")
+    fp.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = DitqConfig("w8a8").to_diff_dict()
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"ditq.load\(path, model=...\)"):
+        diffusers.DiTTransformer2DModel.from_pretrained(tmp_path)
+    monkeypatch.setattr(diffusers, "__version__", "0.50.0")
+    with pytest.raises(ImportError, match="0.50.0 is installed"):
+        diffusers_quantizer._register()
