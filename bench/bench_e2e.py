@@ -30,6 +30,7 @@ from ditq.recipes import PRESETS, RTN
 FP8_RECIPES = {
     "w4a8fp8": RTN(w_bits=4, a_bits=8, a_format="fp8"),
     "ternary-a8fp8": RTN(w_bits=2, w_format="ternary", a_bits=8, a_format="fp8"),
+    "ternary-a16": RTN(w_bits=2, w_format="ternary", a_bits=None),
     # SVDQuant's layer structure (shared smoothing, rank-32 branch) with per-channel int4: one α, calibrated
     # on two short trajectories, since only the timing is measured here
     "svdquant-w4a8fp8-r32": SVDQuant(

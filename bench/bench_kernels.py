@@ -23,6 +23,7 @@ import triton
 
 from ditq.kernels import prepare_for_inference
 from ditq.kernels.triton.expand import expand_to_fp8
+from ditq.kernels.triton.lowbit_gemm import lowbit_linear
 from ditq.quant.primitives import fp8_cast, fp8_scale
 from ditq.quant.qlinear import QuantLinear
 from ditq.quant.spec import QuantSpec
@@ -68,15 +69,47 @@ def measure(name: str, m: int, k: int, n: int) -> dict:
         lambda: torch._scaled_mm(x_q, w_q.t(), scale_a=s_x, scale_b=s_w, bias=bias, out_dtype=torch.bfloat16)
     )
     row["expand_ms"] = bench(lambda: expand_to_fp8(layer.qweight, 4, k))
-    for backend in ("fp8", "fp8-cached"):
+    for backend in ("fp8", "fp8-cached", "lowbit"):
         prepare_for_inference(layer, backend)
         torch._dynamo.reset()
         fn = torch.compile(lambda x: layer(F.layer_norm(x, (k,))), fullgraph=True, dynamic=False)
         row[f"{backend}_rel_err"] = float((fn(x).float() - ref).norm() / ref.norm())
         row[f"{backend}_ms"] = bench(functools.partial(fn, x))
-    for key in ("cublas_fp8", "fp8", "fp8-cached"):
+    for key in ("cublas_fp8", "fp8", "fp8-cached", "lowbit"):
         row[f"{key}_x_bf16"] = row["bf16_ms"] / row[f"{key}_ms"]
     return row
+
+
+LOWBIT_CONFIGS = [(bn, bk, 4, st) for bn in (32, 64, 128) for bk in (128, 256) for st in (3, 4)]
+
+
+def tune_lowbit() -> list[dict]:
+    """Raw lowbit GEMM time per launch config at the few-row shapes it serves (int4 per channel, bf16)."""
+    results = []
+    for m in (2, 64, 128, 512):
+        for k, n in ((1152, 6912), (1152, 3456), (4608, 1152)):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            q = QuantLinear.from_linear(torch.nn.Linear(k, n, device="cuda"), QuantSpec(w_bits=4))
+            timed = []
+            for bn, bk, warps, stages in LOWBIT_CONFIGS:
+                fn = functools.partial(
+                    lowbit_linear,
+                    x,
+                    q.qweight,
+                    q.scales,
+                    None,
+                    None,
+                    bits=4,
+                    offset=8,
+                    group_size=None,
+                    block_n=bn,
+                    block_k=bk,
+                    num_warps=warps,
+                    num_stages=stages,
+                )
+                timed.append(((bn, bk, warps, stages), triton.testing.do_bench(fn, warmup=10, rep=40)))
+            results.append({"M": m, "K": k, "N": n, "best": sorted(timed, key=lambda t: t[1])[:4]})
+    return results
 
 
 def main() -> None:
@@ -93,18 +126,34 @@ def main() -> None:
         "together (the activation quantization fuses into the LayerNorm); `fp8` expands int4 → FP8 per call,",
         "`fp8-cached` ahead (8-bit weights in memory). cuBLAS FP8 = the GEMM alone on pre-quantized operands.",
         "",
+        "`lowbit` = the Triton GEMM that reads the int4 codes directly (activations fake-quantized to FP8 first);",
+        "the FP8 backends hand it calls of ≤ 128 rows.",
+        "",
         "| shape | M×K×N | LN+bf16 µs | cuBLAS FP8 GEMM µs (×) | expand µs | LN+fp8 µs (×) | LN+fp8-cached µs (×) "
-        "| rel err |",
-        "|---|---|---|---|---|---|---|---|",
+        "| LN+lowbit µs (×) | rel err fp8 / lowbit |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['shape']} | {r['M']}×{r['K']}×{r['N']} | {1e3 * r['bf16_ms']:.1f} | "
             f"{1e3 * r['cublas_fp8_ms']:.1f} ({r['cublas_fp8_x_bf16']:.2f}×) | "
             f"{1e3 * r['expand_ms']:.1f} | {1e3 * r['fp8_ms']:.1f} ({r['fp8_x_bf16']:.2f}×) | "
-            f"{1e3 * r['fp8-cached_ms']:.1f} ({r['fp8-cached_x_bf16']:.2f}×) | {r['fp8_rel_err']:.1e} |"
+            f"{1e3 * r['fp8-cached_ms']:.1f} ({r['fp8-cached_x_bf16']:.2f}×) | "
+            f"{1e3 * r['lowbit_ms']:.1f} ({r['lowbit_x_bf16']:.2f}×) | {r['fp8_rel_err']:.1e} / {r['lowbit_rel_err']:.1e} |"
         )
-    Path(args.out + ".json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
+    tuning = tune_lowbit()
+    lines += [
+        "",
+        "Lowbit kernel launch configs (block_n, block_k, warps, stages), raw GEMM µs, best first:",
+        "",
+    ]
+    lines += [
+        f"- M={t['M']} K={t['K']} N={t['N']}: " + ", ".join(f"{c} {1e3 * ms:.1f}" for c, ms in t["best"])
+        for t in tuning
+    ]
+    Path(args.out + ".json").write_text(
+        json.dumps({"env": env, "rows": rows, "lowbit_tuning": tuning}, indent=2) + "\n"
+    )
     Path(args.out + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

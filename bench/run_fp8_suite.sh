@@ -3,6 +3,7 @@
 # own bf16 rows, so its ratios are measured side by side. Results go to $OUT (JSON lines + tables).
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh kernels   # GPU tests, GEMM table, batch-64 forward (W4, torchao)
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh models    # SVDQuant r32, ternary, adaLN quantized; batch 2 + graphs
+#   (bench_kernels.py, in the first part, also times the lowbit kernel's launch configs)
 set -u
 out=${OUT:?set OUT to the results folder}
 e2e() { python bench/bench_e2e.py "$@" >>"$out/e2e_$part.jsonl" 2>>"$out/log_$part.txt" || echo "failed: $*" >>"$out/log_$part.txt"; }
@@ -22,8 +23,9 @@ case $part in
     e2e --batch 64 --config ternary-a8fp8 --backend fp8 --all-linears
     e2e --batch 64 --config w4a8fp8 --backend fp8 --all-linears
     e2e --batch 2 --config bf16 --cuda-graphs
-    e2e --batch 2 --config w4a8fp8 --backend fp8 --cuda-graphs
-    e2e --batch 2 --config w4a8fp8 --backend fp8-cached --cuda-graphs ;;
+    e2e --batch 2 --config w4a8fp8 --backend fp8 --cuda-graphs --all-linears
+    e2e --batch 2 --config w4a8fp8 --backend fp8-cached --cuda-graphs --all-linears
+    e2e --batch 2 --config ternary-a16 --backend lowbit --cuda-graphs --all-linears ;;
   *) echo "unknown part $part (kernels or models)"; exit 2 ;;
 esac
 python bench/e2e_table.py "$out/e2e_$part.jsonl" "$out/e2e_fp8_v3_$part"

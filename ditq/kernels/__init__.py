@@ -13,8 +13,12 @@ Backends here:
 - `"dequantized"`: keeps Ŵ dequantized in the compute dtype (a non-persistent buffer) and runs the
   activation fake-quant as ordinary ops that the compiler fuses. For search and evaluation, where speed
   matters and memory does not; outputs equal the reference up to matmul rounding.
+- `"lowbit"` (`ditq.kernels.lowbit`): a Triton GEMM that reads the packed int2–int4/ternary codes directly
+  (any group size, any activation spec); weights stay 2–4-bit in memory. Fastest where a GEMM is bound by
+  its weight bytes (few tokens); sm_80+.
 - `"fp8"` / `"fp8-cached"` (`ditq.kernels.fp8`): W4A8-FP8 through Triton + cuBLAS FP8 on sm_89+, for
-  per-channel int2–int4 or ternary weights with dynamic per-token FP8 activations.
+  per-channel int2–int4 or ternary weights with dynamic per-token FP8 activations; few-row calls go to
+  the lowbit kernel.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ditq.kernels import fp8, ops
+from ditq.kernels import fp8, lowbit, ops
 from ditq.kernels.reference import group_linear, linear_reference, quantize_activations
 from ditq.quant.qlinear import BACKEND_FORWARDS, QuantLinear
 
@@ -124,6 +128,7 @@ register_backend(Backend(
     "dequantized", _dequantized_forward,
     convert=lambda m, dtype: {"weight_dq": m.dequantized_weight(dtype)},
 ))
+register_backend(Backend("lowbit", lowbit.lowbit_forward, supports=lowbit.lowbit_support))
 register_backend(Backend("fp8", fp8.per_call_forward, supports=fp8.fp8_support,
                          convert=lambda m, dtype: fp8.weight_scale(m), fixed_dtype_buffers=("fp8_scale_w",)))
 register_backend(Backend("fp8-cached", fp8.cached_forward, supports=fp8.fp8_support,

@@ -11,7 +11,9 @@ torchao's float8) re-reads every activation once more, which cost more than the 
 Per-channel weight scales only: |q| ≤ 8 is exact in e4m3 and the scale goes to the GEMM's `scale_b`
 (per-group scales need a fused kernel). Two backends: `"fp8"` expands the codes on every call (weights stay
 2–4-bit in memory; the expansion costs a few µs per layer), `"fp8-cached"` expands once in
-`prepare_for_inference` (8-bit weights in memory, no per-call expansion). Both run on CUDA devices with FP8
+`prepare_for_inference` (8-bit weights in memory, no per-call expansion). Calls of at most `LOWBIT_MAX_ROWS`
+rows, bound by weight bytes, go to the `"lowbit"` kernel instead, which reads the packed codes directly
+(with the activations fake-quantized to the same FP8 values). Both run on CUDA devices with FP8
 tensor cores (sm_89+), and on the CPU under `TRITON_INTERPRET=1` (tests).
 """
 
@@ -22,6 +24,7 @@ import os
 
 import torch
 
+from ditq.kernels.lowbit import LOWBIT_MAX_ROWS, lowbit_forward
 from ditq.quant.primitives import fp8_cast, fp8_scale
 from ditq.quant.qlinear import QuantLinear
 
@@ -87,11 +90,18 @@ def fp8_support(m: QuantLinear) -> str | None:
 
 
 def per_call_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    if _few_rows(x):
+        return lowbit_forward(m, x)
     return fp8_linear(m, x, expand_fp8(m.qweight, m.spec.w_bits, m.in_features, m.spec.w_format == "ternary"))
 
 
 def cached_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    return fp8_linear(m, x, m.weight_fp8)
+    return lowbit_forward(m, x) if _few_rows(x) else fp8_linear(m, x, m.weight_fp8)
+
+
+def _few_rows(x: torch.Tensor) -> bool:
+    """Few-token GEMMs are bound by weight bytes: the packed codes, read directly, beat any FP8 GEMM there."""
+    return x.numel() <= LOWBIT_MAX_ROWS * x.shape[-1]
 
 
 def weight_scale(m: QuantLinear) -> dict[str, torch.Tensor]:

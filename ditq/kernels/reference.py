@@ -13,7 +13,7 @@ their outputs from one quantized input and one down-projection. Functions here t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ditq.quant.qlinear import QuantLinear, quantize_activations
 from ditq.quant.spec import QuantSpec
 
-__all__ = ["group_linear", "linear_reference", "quantize_activations"]
+__all__ = ["group_linear", "linear_reference", "linear_with", "quantize_activations"]
 
 
 def linear_reference(
@@ -36,9 +36,25 @@ def linear_reference(
     spec: QuantSpec,
 ) -> torch.Tensor:
     """y for a dense (dequantized) weight Ŵ (out, in): smoothing, activation quant, low-rank branch."""
+    bias = None if bias is None else bias.to(x.dtype)
+    return linear_with(lambda h_q: F.linear(h_q, weight.to(x.dtype), bias), x, smooth, lowrank_down, lowrank_up,
+                       act_scale, act_zero, spec)  # fmt: skip
+
+
+def linear_with(
+    matmul: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    smooth: torch.Tensor | None,
+    lowrank_down: torch.Tensor | None,
+    lowrank_up: torch.Tensor | None,
+    act_scale: torch.Tensor | None,
+    act_zero: torch.Tensor | None,
+    spec: QuantSpec,
+) -> torch.Tensor:
+    """The oracle around any `matmul` of the quantized input (h_q ↦ h_q·Ŵᵀ + bias): what a kernel backend
+    that multiplies by the packed weight itself reuses for smoothing, activations and the low-rank branch."""
     h = x if smooth is None else x / smooth.to(x.dtype)  # (..., in)
-    h_q = quantize_activations(h, spec, act_scale, act_zero)  # (..., in)
-    y = F.linear(h_q, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))  # (..., out)
+    y = matmul(quantize_activations(h, spec, act_scale, act_zero))  # (..., out)
     if lowrank_down is not None:
         y = y + (h @ lowrank_down.to(x.dtype)) @ lowrank_up.to(x.dtype)  # (..., out)
     return y

@@ -60,7 +60,7 @@ def test_custom_op_passes_opcheck(name):
     torch.library.opcheck(torch.ops.ditq.quant_linear.default, args)
 
 
-@pytest.mark.parametrize("backend", ["reference", "dequantized"])
+@pytest.mark.parametrize("backend", ["reference", "dequantized", "lowbit"])
 @pytest.mark.parametrize("name", list(SPECS))
 def test_fullgraph_compile_equals_eager(name, backend):
     torch._dynamo.reset()
@@ -98,7 +98,7 @@ def test_a_tiny_quantized_dit_compiles_fullgraph_with_every_backend(tiny_dit):
 
     ditq.quantize(tiny_dit, ditq.RTN(w_bits=4, group_size=64, a_bits=8))
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 10])
-    for backend in ("reference", "dequantized"):
+    for backend in ("reference", "dequantized", "lowbit"):
         torch._dynamo.reset()
         prepare_for_inference(tiny_dit, backend)
         with torch.no_grad():

@@ -1,0 +1,79 @@
+"""The `"lowbit"` backend: GEMMs that read the packed 2–4-bit codes themselves (Triton), weights never expanded.
+
+For few-token GEMMs (adaLN modulation, small batches) the weight bytes are the cost, and this path reads a
+quarter (int4) or an eighth (ternary) of bf16's. Any activation spec works: smoothing, activation
+quantization and the low-rank branch are the oracle's own ops around the kernel (`linear_with`), so under
+`torch.compile` they fuse with their neighbours. Runs on CUDA GPUs with bf16 tensor cores (sm_80+: also
+the Ampere path) and on the CPU under `TRITON_INTERPRET=1` (tests). The FP8 backends send their
+few-row calls here too (`LOWBIT_MAX_ROWS`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+
+from ditq.kernels.reference import linear_with
+from ditq.quant.packing import signed_offset
+from ditq.quant.qlinear import QuantLinear
+
+__all__ = ["LOWBIT_MAX_ROWS", "lowbit_forward", "lowbit_gemm", "lowbit_support"]
+
+LOWBIT_MAX_ROWS = 128  # up to this many rows a GEMM is bound by its weight bytes (measured on H100: bench/)
+MIN_CAPABILITY = (8, 0)
+
+
+@torch.library.custom_op("ditq::lowbit_gemm", mutates_args=())
+def lowbit_gemm(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    offset: int,
+    group_size: int,
+) -> torch.Tensor:
+    """x (..., K) · Ŵᵀ + bias from packed codes; Ŵ = scales · (codes − offset − zeros); group_size 0 = per channel."""
+    from ditq.kernels.triton.lowbit_gemm import lowbit_linear
+
+    k = x.shape[-1]
+    y = lowbit_linear(x.reshape(-1, k), qweight, scales, zeros, bias, bits=bits, offset=offset,
+                      group_size=group_size or None)  # fmt: skip
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+@lowbit_gemm.register_fake
+def _(x, qweight, scales, zeros, bias, bits, offset, group_size):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def lowbit_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    spec = m.spec
+    offset = signed_offset(spec.w_bits, spec.w_format == "ternary") if spec.symmetric else 0
+    bias = None if m.bias is None else m.bias.to(x.dtype)
+
+    def matmul(h_q: torch.Tensor) -> torch.Tensor:
+        return lowbit_gemm(h_q, m.qweight, m.scales, m.zeros, bias, spec.w_bits, offset, spec.group_size or 0)
+
+    return linear_with(matmul, x, m.smooth, m.lowrank_down, m.lowrank_up, m.act_scale, m.act_zero, spec)
+
+
+def lowbit_support(m: QuantLinear) -> str | None:
+    """None when the lowbit kernel can run `m`, else why not."""
+    spec = m.spec
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    device = m.qweight.device
+    if device.type == "cuda":
+        if torch.cuda.get_device_capability(device) < MIN_CAPABILITY:
+            return "bf16 tensor cores need compute capability 8.0+"
+    elif not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return f"no Triton kernels on {device.type}"
+    if spec.w_bits > 4 or spec.code_bits != spec.w_bits:
+        return "weights must be int2–int4 (or ternary), served at their stored bits"
+    if spec.group_size is not None and spec.group_size % 16:
+        return "group sizes must be multiples of 16"
+    return None

@@ -1,0 +1,117 @@
+"""y = x · Ŵᵀ (+ bias) straight from packed 2–4-bit codes, for the few-token GEMMs that are bound by weight bytes.
+
+At M ≤ 128 rows (the adaLN modulation Linears see one row per sample; small batches) a GEMM streams its
+weights once and does little arithmetic, so reading 4-bit (or ternary 2-bit) codes instead of bf16 weights
+is what makes it faster. Each program owns a (BLOCK_M, BLOCK_N) output tile and walks K: it loads packed
+bytes of BLOCK_N weight rows (contiguous along K), splits them into codes in registers, and multiplies the
+activation tile by the integer codes — exact in bf16 — so the scale (and zero point) is applied once per
+group of K to the fp32 partial sum, or once at the end for per-channel scales:
+
+    acc[m, n] = Σ_groups s[n, g] · Σ_{k ∈ g} x[m, k] · (q[n, k] − z[n, g])
+
+Works for any activation spec: the activations are fake-quantized by ordinary ops before the call (under
+`torch.compile` fused into their producer). Reads the canonical packing of `ditq.quant.packing`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ditq.quant.packing import packed_cols, slot_bits
+
+__all__ = ["lowbit_linear", "lowbit_linear_reference"]
+
+
+@triton.jit
+def _unpack_tile(byte, SLOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_N, BLOCK_K // per_byte) uint8 → (BLOCK_N, BLOCK_K) int32 codes in column order."""
+    mask: tl.constexpr = (1 << SLOT) - 1
+    if SLOT == 4:
+        codes = tl.join(byte & mask, byte >> 4)
+    else:  # four codes per byte: join(join(c0, c2), join(c1, c3)) flattens to c0, c1, c2, c3
+        codes = tl.join(tl.join(byte & mask, (byte >> 4) & mask), tl.join((byte >> 2) & mask, byte >> 6))
+    return tl.reshape(codes, (BLOCK_N, BLOCK_K)).to(tl.int32)
+
+
+@triton.jit
+def _lowbit_gemm_kernel(x, packed, scales, zeros, bias, out, M, N, K: tl.constexpr, n_bytes, n_groups, stride_xm,
+                        stride_om,
+                        SLOT: tl.constexpr, OFFSET: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """GROUP = 0: one scale per output channel; else K-columns per scale group, a multiple of BLOCK_K. K is a
+    compile-time constant (a layer's width; also what Triton's CPU interpreter needs for a loop bound).
+    FP32_DOT: multiply in IEEE float32 (float32 inputs, and the interpreter, whose bf16 dot is wrong)."""
+    PER_BYTE: tl.constexpr = 8 // SLOT
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rb = tl.arange(0, BLOCK_K // PER_BYTE)
+    rk = tl.arange(0, BLOCK_K)
+    row_ok, col_ok = rm < M, rn < N
+    x_rows = x + rm.to(tl.int64)[:, None] * stride_xm
+    w_rows = packed + rn.to(tl.int64)[:, None] * n_bytes
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(x_rows + (k0 + rk)[None, :], mask=row_ok[:, None] & (k0 + rk < K)[None, :], other=0.0)
+        byte = tl.load(w_rows + (k0 // PER_BYTE + rb)[None, :],
+                       mask=col_ok[:, None] & (k0 // PER_BYTE + rb < n_bytes)[None, :], other=0)
+        q = _unpack_tile(byte, SLOT, BLOCK_N, BLOCK_K) - OFFSET  # (BLOCK_N, BLOCK_K)
+        w = q.to(tl.float32)
+        if HAS_ZEROS:
+            g = 0 if GROUP == 0 else k0 // GROUP
+            w -= tl.load(zeros + rn * n_groups + g, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+        if FP32_DOT:
+            part = tl.dot(a.to(tl.float32), tl.trans(w), input_precision="ieee", out_dtype=tl.float32)
+        else:
+            part = tl.dot(a, tl.trans(w.to(a.dtype)), out_dtype=tl.float32)
+        if GROUP == 0:
+            acc += part
+        else:
+            s = tl.load(scales + rn * n_groups + k0 // GROUP, mask=col_ok, other=0.0).to(tl.float32)
+            acc += part * s[None, :]
+    if GROUP == 0:
+        acc *= tl.load(scales + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out + rm.to(tl.int64)[:, None] * stride_om + rn[None, :], acc.to(out.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+def lowbit_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                  bias: torch.Tensor | None, *, bits: int, offset: int, group_size: int | None,
+                  block_n: int = 64, block_k: int = 128, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+    """x (M, K) · Ŵᵀ + bias in x's dtype; Ŵ = scales · (codes − offset − zeros) from the packed uint8 codes."""
+    if x.ndim != 2:
+        raise ValueError(f"lowbit_linear takes a 2-D (tokens, channels) x, got shape {tuple(x.shape)}")
+    slot = slot_bits(bits)
+    if slot == 8:
+        raise ValueError(f"lowbit_linear takes 2–4-bit codes; got bits={bits}")
+    m, k = x.shape
+    n, n_bytes = qweight.shape
+    if n_bytes != packed_cols(k, bits):
+        raise ValueError(f"qweight has {n_bytes} bytes per row; {k} {bits}-bit codes need {packed_cols(k, bits)}")
+    block_k = min(block_k, group_size) if group_size else block_k
+    if group_size and group_size % block_k:
+        raise ValueError(f"group_size={group_size} must be a multiple of the K block ({block_k})")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_m = max(16, min(64, triton.next_power_of_2(m)))
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
+    _lowbit_gemm_kernel[grid](
+        x, qweight, scales, scales if zeros is None else zeros, x if bias is None else bias, out, m, n, k, n_bytes,
+        scales.shape[1], x.stride(0), out.stride(0), SLOT=slot, OFFSET=offset, GROUP=group_size or 0,
+        HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
+        FP32_DOT=x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return out
+
+
+def lowbit_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The same with the dequantized weight Ŵ (N, K), in float32."""
+    y = x.float() @ weight.float().t()
+    return (y if bias is None else y + bias.float()).to(x.dtype)

@@ -1,0 +1,99 @@
+"""The lowbit GEMM (packed codes read directly) against its reference and the oracle; the FP8 backends'
+few-row route through it. Triton runs under `TRITON_INTERPRET=1` on the CPU: shapes are small and odd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ditq.kernels import prepare_for_inference
+from ditq.kernels.lowbit import LOWBIT_MAX_ROWS, lowbit_gemm, lowbit_support
+from ditq.kernels.triton.lowbit_gemm import lowbit_linear, lowbit_linear_reference
+from ditq.quant.packing import signed_offset
+from ditq.quant.qlinear import QuantLinear
+from ditq.quant.spec import QuantSpec
+from tests.kernels.test_backends import SPECS, inputs, layer
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+KERNEL_CASES = {  # (spec, K, M): every slot width, sym/asym, per channel and every group size, odd M and K
+    "int4 per-channel K131": (QuantSpec(w_bits=4), 131, 5),
+    "int4 g16": (QuantSpec(w_bits=4, group_size=16), 96, 17),
+    "int4 g32 asym": (QuantSpec(w_bits=4, group_size=32, symmetric=False), 128, 33),
+    "int3 g64": (QuantSpec(w_bits=3, group_size=64), 192, 1),
+    "int3 asym per-channel": (QuantSpec(w_bits=3, symmetric=False), 70, 70),
+    "int2 g128": (QuantSpec(w_bits=2, group_size=128), 256, 3),
+    "ternary K70": (QuantSpec(w_bits=2, w_format="ternary"), 70, 129),
+}
+
+
+@pytest.mark.parametrize("case", list(KERNEL_CASES))
+def test_kernel_matches_the_dequantized_reference(case):
+    spec, k, m = KERNEL_CASES[case]
+    g = torch.Generator().manual_seed(k + m)
+    q = QuantLinear.from_linear(torch.nn.Linear(k, 40), spec).to(DEVICE)
+    x = torch.randn(m, k, generator=g).to(DEVICE)
+    offset = signed_offset(spec.w_bits, spec.w_format == "ternary") if spec.symmetric else 0
+    out = lowbit_linear(x, q.qweight, q.scales, q.zeros, q.bias, bits=spec.w_bits, offset=offset,
+                        group_size=spec.group_size, block_n=16, block_k=32)
+    ref = lowbit_linear_reference(x, q.dequantized_weight(torch.float32), q.bias)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_refuses_what_it_cannot_read():
+    q = QuantLinear.from_linear(torch.nn.Linear(64, 16), QuantSpec(w_bits=4, group_size=32))
+    with pytest.raises(ValueError, match="2-D"):
+        lowbit_linear(torch.randn(2, 3, 64), q.qweight, q.scales, None, None, bits=4, offset=8, group_size=32)
+    with pytest.raises(ValueError, match="bytes per row"):
+        lowbit_linear(torch.randn(2, 62), q.qweight, q.scales, None, None, bits=4, offset=8, group_size=32)
+    with pytest.raises(ValueError, match="2–4-bit"):
+        lowbit_linear(torch.randn(2, 64), q.qweight, q.scales, None, None, bits=8, offset=8, group_size=32)
+
+
+SUPPORTED = [name for name in SPECS if lowbit_support(layer(SPECS[name])) is None]
+
+
+def test_the_backend_takes_every_2_to_4_bit_spec_served_at_its_bits():
+    assert set(SPECS) - set(SUPPORTED) == {"w5_a4g16_asym", "w8_a8_static", "w4_of_8"}
+
+
+@pytest.mark.parametrize("name", SUPPORTED)
+def test_backend_computes_the_oracle(name):
+    m = layer(SPECS[name])
+    x = inputs(3, 7)
+    ref = m(x)
+    prepare_for_inference(m, "lowbit")
+    assert m.backend == "lowbit"
+    torch.testing.assert_close(m(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_op_passes_opcheck():
+    m = layer(SPECS["w3_asym"])
+    args = (inputs(2, 5), m.qweight, m.scales, m.zeros, m.bias, 3, 0, 0)
+    torch.library.opcheck(lowbit_gemm, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize(("spec", "reason"), [
+    (QuantSpec(w_bits=8), "int2–int4"),
+    (QuantSpec(w_bits=4, stored_bits=8), "served at their stored bits"),
+    (QuantSpec(w_bits=4, group_size=8), "multiples of 16"),
+], ids=["int8", "nested", "g8"])  # fmt: skip
+def test_layers_it_cannot_run_keep_the_reference_and_say_why(spec, reason):
+    m = QuantLinear.from_linear(torch.nn.Linear(64, 16), spec)
+    assert reason in lowbit_support(m)
+    prepare_for_inference(m, "lowbit")
+    assert m.backend == "reference"
+
+
+@pytest.mark.parametrize("backend", ["fp8", "fp8-cached"])
+def test_fp8_backends_send_few_rows_to_the_lowbit_kernel(backend):
+    spec = QuantSpec(w_bits=4, a_bits=8, a_format="fp8")
+    m = QuantLinear.from_linear(torch.nn.Linear(48, 32), spec).to(DEVICE)
+    few = torch.randn(LOWBIT_MAX_ROWS, 48, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    lowbit = prepare_for_inference(QuantLinear.from_linear(torch.nn.Linear(48, 32), spec), "lowbit").to(DEVICE)
+    lowbit.load_state_dict(m.state_dict())
+    prepare_for_inference(m, backend)
+    assert torch.equal(m(few), lowbit(few))
+    many = torch.cat([few, few[:1]])  # one row more: the FP8 GEMM, same values up to its rounding
+    assert not torch.equal(m(many)[:-1], lowbit(few))
+    torch.testing.assert_close(m(many)[:-1], lowbit(few), rtol=1e-4, atol=1e-5)
