@@ -28,10 +28,12 @@ def main(lines_path: str, out_stem: str) -> None:
     for r in sorted(rows, key=lambda r: (-r["batch"], r["config"] != "bf16", r["config"])):
         ratio = "—" if r["speed_vs_bf16"] is None else f"{r['speed_vs_bf16']:.2f}×"
         weights = f"{r['weight_bytes'] / 1e6:.0f}" if r.get("weight_bytes") else "—"
-        lines.append(f"| {r['batch']} | {'yes' if r['cuda_graphs'] else 'no'} | {r['config']} | "
-                     f"{r.get('backend', 'dequantized' if r['config'] != 'bf16' else '—')} | "
-                     f"{'yes' if r.get('all_linears') else 'no'} | {weights} | "
-                     f"{r['median_ms']:.2f} | {ratio} | {r['compile_s']} | {r['compiled_vs_eager_rel_err']:.1e} |")
+        lines.append(
+            f"| {r['batch']} | {'yes' if r['cuda_graphs'] else 'no'} | {r['config']} | "
+            f"{r.get('backend', 'dequantized' if r['config'] != 'bf16' else '—')} | "
+            f"{'yes' if r.get('all_linears') else 'no'} | {weights} | "
+            f"{r['median_ms']:.2f} | {ratio} | {r['compile_s']} | {r['compiled_vs_eager_rel_err']:.1e} |"
+        )
     Path(out_stem + ".json").write_text(json.dumps(rows, indent=2) + "\n")
     Path(out_stem + ".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -67,8 +67,10 @@ def test_fp8_backends_compute_the_reference(name, backend):
     assert m.backend == backend
     out = m(x)
     assert out.shape == ref.shape and out.dtype == ref.dtype
-    # exact fp8 products summed in fp32 and scaled once, against fp32 dequantized operands
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    # exact fp8 products summed in fp32 and scaled once, against fp32 dequantized operands; Hopper's FP8 tensor
+    # cores accumulate with fewer mantissa bits than float32 (a few 1e-5 absolute at these sizes)
+    tol = dict(rtol=1e-3, atol=2e-4) if out.is_cuda else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, ref, **tol)
 
 
 def test_bf16_inputs_stay_within_bf16_rounding_of_the_reference():
