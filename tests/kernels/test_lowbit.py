@@ -50,7 +50,7 @@ def test_kernel_refuses_what_it_cannot_read():
         lowbit_linear(torch.randn(2, 64), q.qweight, q.scales, None, None, bits=8, offset=8, group_size=32)
 
 
-SUPPORTED = [name for name in SPECS if lowbit_support(layer(SPECS[name])) is None]
+SUPPORTED = [name for name in SPECS if lowbit_support(layer(SPECS[name]).to(DEVICE)) is None]
 
 
 def test_the_backend_takes_every_2_to_4_bit_spec_served_at_its_bits():
@@ -59,8 +59,8 @@ def test_the_backend_takes_every_2_to_4_bit_spec_served_at_its_bits():
 
 @pytest.mark.parametrize("name", SUPPORTED)
 def test_backend_computes_the_oracle(name):
-    m = layer(SPECS[name])
-    x = inputs(3, 7)
+    m = layer(SPECS[name]).to(DEVICE)
+    x = inputs(3, 7).to(DEVICE)
     ref = m(x)
     prepare_for_inference(m, "lowbit")
     assert m.backend == "lowbit"
@@ -68,8 +68,8 @@ def test_backend_computes_the_oracle(name):
 
 
 def test_op_passes_opcheck():
-    m = layer(SPECS["w3_asym"])
-    args = (inputs(2, 5), m.qweight, m.scales, m.zeros, m.bias, 3, 0, 0)
+    m = layer(SPECS["w3_asym"]).to(DEVICE)
+    args = (inputs(2, 5).to(DEVICE), m.qweight, m.scales, m.zeros, m.bias, 3, 0, 0)
     torch.library.opcheck(lowbit_gemm, args, test_utils=("test_schema", "test_faketensor"))
 
 
@@ -79,7 +79,7 @@ def test_op_passes_opcheck():
     (QuantSpec(w_bits=4, group_size=8), "multiples of 16"),
 ], ids=["int8", "nested", "g8"])  # fmt: skip
 def test_layers_it_cannot_run_keep_the_reference_and_say_why(spec, reason):
-    m = QuantLinear.from_linear(torch.nn.Linear(64, 16), spec)
+    m = QuantLinear.from_linear(torch.nn.Linear(64, 16), spec).to(DEVICE)
     assert reason in lowbit_support(m)
     prepare_for_inference(m, "lowbit")
     assert m.backend == "reference"
@@ -90,8 +90,9 @@ def test_fp8_backends_send_few_rows_to_the_lowbit_kernel(backend):
     spec = QuantSpec(w_bits=4, a_bits=8, a_format="fp8")
     m = QuantLinear.from_linear(torch.nn.Linear(48, 32), spec).to(DEVICE)
     few = torch.randn(LOWBIT_MAX_ROWS, 48, generator=torch.Generator().manual_seed(0)).to(DEVICE)
-    lowbit = prepare_for_inference(QuantLinear.from_linear(torch.nn.Linear(48, 32), spec), "lowbit").to(DEVICE)
+    lowbit = QuantLinear.from_linear(torch.nn.Linear(48, 32), spec).to(DEVICE)
     lowbit.load_state_dict(m.state_dict())
+    prepare_for_inference(lowbit, "lowbit")
     prepare_for_inference(m, backend)
     assert torch.equal(m(few), lowbit(few))
     many = torch.cat([few, few[:1]])  # one row more: the FP8 GEMM, same values up to its rounding
