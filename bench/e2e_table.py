@@ -9,7 +9,11 @@ from pathlib import Path
 
 def main(lines_path: str, out_stem: str) -> None:
     rows = [json.loads(line) for line in Path(lines_path).read_text().splitlines() if line.startswith("{")]
-    base = {(r["batch"], r["cuda_graphs"]): r["median_ms"] for r in rows if r["config"] == "bf16"}
+    base: dict[tuple, float] = {}  # the fastest bf16 of each (batch, graphs): the baseline to beat
+    for r in rows:
+        if r["config"].startswith("bf16"):
+            key = (r["batch"], r["cuda_graphs"])
+            base[key] = min(base.get(key, r["median_ms"]), r["median_ms"])
     for r in rows:
         key = (r["batch"], r["cuda_graphs"])
         r["speed_vs_bf16"] = base[key] / r["median_ms"] if key in base else None
@@ -20,12 +24,12 @@ def main(lines_path: str, out_stem: str) -> None:
         "Random weights (675M params), 256×256 latents (32×32×4), batch = images the model sees (CFG doubled).",
         "Quantized rows: ditq recipes through the named kernel backend, or torchao's float8 row-wise (the peer,",
         "weight bytes not counted). Median of the repeats,",
-        "CUDA events, after warm-up; ratios are against the bf16 row of the same batch in the same run.",
+        "CUDA events, after warm-up; ratios are against the fastest bf16 row of the same batch in the same run.",
         "",
         "| batch | CUDA graphs | config | backend | adaLN quantized | weight MB | median ms | × bf16 speed | compile s | compiled vs eager rel. err |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: (-r["batch"], r["config"] != "bf16", r["config"])):
+    for r in sorted(rows, key=lambda r: (-r["batch"], not r["config"].startswith("bf16"), r["config"])):
         ratio = "—" if r["speed_vs_bf16"] is None else f"{r['speed_vs_bf16']:.2f}×"
         weights = f"{r['weight_bytes'] / 1e6:.0f}" if r.get("weight_bytes") else "—"
         lines.append(

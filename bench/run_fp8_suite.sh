@@ -26,6 +26,13 @@ case $part in
     e2e --batch 2 --config bf16 --cuda-graphs
     e2e --batch 2 --config w4a8fp8 --backend fp8 --cuda-graphs --all-linears
     e2e --batch 2 --config ternary-a16 --backend lowbit --cuda-graphs --all-linears ;;
-  *) echo "unknown part $part (kernels or models)"; exit 2 ;;
+  fusion)  # how the activation quantization fuses under inductor (batch 64, fp8-cached)
+    e2e --batch 64 --config bf16
+    e2e --batch 64 --config bf16 --multi-kernel
+    e2e --batch 64 --config w4a8fp8 --backend fp8-cached
+    e2e --batch 64 --config w4a8fp8 --backend fp8-cached --chunked-amax
+    e2e --batch 64 --config w4a8fp8 --backend fp8-cached --multi-kernel
+    e2e --batch 64 --config w4a8fp8 --backend fp8 --multi-kernel ;;
+  *) echo "unknown part $part (kernels, models or fusion)"; exit 2 ;;
 esac
 python bench/e2e_table.py "$out/e2e_$part.jsonl" "$out/e2e_fp8_v3_$part" && rm "$out/e2e_$part.jsonl"
