@@ -25,7 +25,6 @@ import torch
 import ditq
 from ditq.methods.svdquant import SVDQuant
 from ditq.models import create
-from ditq.quant.primitives import FP8_MAX, SCALE_FLOOR, fp8_scale
 from ditq.recipes import PRESETS, RTN
 
 FP8_RECIPES = {
@@ -100,27 +99,9 @@ def main() -> None:
         action="store_true",
         help="inductor's multi_kernel=1: persistent reductions for rows up to 16k, picked by timing",
     )
-    parser.add_argument(
-        "--chunked-amax",
-        action="store_true",
-        help="experiment: per-token absmax as a max over 128-column chunks (inner reductions)",
-    )
     args = parser.parse_args()
     if args.multi_kernel:
         torch._inductor.config.triton.multi_kernel = 1
-    if args.chunked_amax:
-        import ditq.kernels.fp8 as fp8_path
-
-        def chunked_scale(h: torch.Tensor) -> torch.Tensor:
-            k = h.shape[-1]
-            if k % 128:
-                return fp8_scale(h)
-            amax = (
-                h.detach().float().abs().reshape(*h.shape[:-1], k // 128, 128).amax(-1).amax(-1, keepdim=True)
-            )
-            return (amax * (1.0 / FP8_MAX)).clamp_min(SCALE_FLOOR)
-
-        fp8_path.fp8_scale = chunked_scale
     device = "cuda"
     model = build(args.config, device, args.backend, args.all_linears)
     weight_bytes = None if args.config == TORCHAO else ditq.io.model_size_bytes(model, torch.bfloat16)
@@ -141,7 +122,7 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "config": args.config,
+                "config": args.config + ("+multikernel" if args.multi_kernel else ""),
                 "backend": "—" if args.config in ("bf16", TORCHAO) else args.backend,
                 "all_linears": args.all_linears,
                 "weight_bytes": weight_bytes,

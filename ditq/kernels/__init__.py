@@ -58,7 +58,9 @@ class Backend:
     forward: Callable[[QuantLinear, torch.Tensor], torch.Tensor]
     supports: Callable[[QuantLinear], str | None] = lambda module: None
     convert: Callable[[QuantLinear, torch.dtype], dict[str, torch.Tensor]] = lambda module, dtype: {}
-    fixed_dtype_buffers: tuple[str, ...] = ()  # buffers `.to(dtype)` must not cast (FP8 codes, float32 scales)
+    fixed_dtype_buffers: tuple[
+        str, ...
+    ] = ()  # buffers `.to(dtype)` must not cast (FP8 codes, float32 scales)
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -74,8 +76,9 @@ def register_backend(backend: Backend, *, replace: bool = False) -> None:
     BACKEND_FORWARDS[backend.name] = backend.forward
 
 
-def prepare_for_inference(model: nn.Module, backend: str = "reference", *, dtype: torch.dtype | None = None
-                          ) -> nn.Module:
+def prepare_for_inference(
+    model: nn.Module, backend: str = "reference", *, dtype: torch.dtype | None = None
+) -> nn.Module:
     """Choose `backend` for every QuantLinear of `model` and convert it; returns the model.
 
     `dtype` is the compute dtype of buffers a backend precomputes (default: each layer's float dtype,
@@ -114,23 +117,51 @@ def _float_dtype(module: QuantLinear) -> torch.dtype:
 
 
 def _reference_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    return ops.quant_linear(x, m.qweight, m.scales, m.zeros, m.bias, m.smooth, m.lowrank_down, m.lowrank_up,
-                            m.act_scale, m.act_zero, m.spec_json)
+    return ops.quant_linear(
+        x,
+        m.qweight,
+        m.scales,
+        m.zeros,
+        m.bias,
+        m.smooth,
+        m.lowrank_down,
+        m.lowrank_up,
+        m.act_scale,
+        m.act_zero,
+        m.spec_json,
+    )
 
 
 def _dequantized_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    return linear_reference(x, m.weight_dq, m.bias, m.smooth, m.lowrank_down, m.lowrank_up, m.act_scale,
-                            m.act_zero, m.spec)
+    return linear_reference(
+        x, m.weight_dq, m.bias, m.smooth, m.lowrank_down, m.lowrank_up, m.act_scale, m.act_zero, m.spec
+    )
 
 
 register_backend(Backend("reference", _reference_forward))
-register_backend(Backend(
-    "dequantized", _dequantized_forward,
-    convert=lambda m, dtype: {"weight_dq": m.dequantized_weight(dtype)},
-))
+register_backend(
+    Backend(
+        "dequantized",
+        _dequantized_forward,
+        convert=lambda m, dtype: {"weight_dq": m.dequantized_weight(dtype)},
+    )
+)
 register_backend(Backend("lowbit", lowbit.lowbit_forward, supports=lowbit.lowbit_support))
-register_backend(Backend("fp8", fp8.per_call_forward, supports=fp8.fp8_support,
-                         convert=lambda m, dtype: fp8.weight_scale(m), fixed_dtype_buffers=("fp8_scale_w",)))
-register_backend(Backend("fp8-cached", fp8.cached_forward, supports=fp8.fp8_support,
-                         convert=lambda m, dtype: fp8.expanded_weight(m),
-                         fixed_dtype_buffers=("fp8_scale_w", "weight_fp8")))
+register_backend(
+    Backend(
+        "fp8",
+        fp8.per_call_forward,
+        supports=fp8.fp8_support,
+        convert=lambda m, dtype: fp8.weight_scale(m),
+        fixed_dtype_buffers=("fp8_scale_w",),
+    )
+)
+register_backend(
+    Backend(
+        "fp8-cached",
+        fp8.cached_forward,
+        supports=fp8.fp8_support,
+        convert=lambda m, dtype: fp8.expanded_weight(m),
+        fixed_dtype_buffers=("fp8_scale_w", "weight_fp8"),
+    )
+)

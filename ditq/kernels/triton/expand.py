@@ -18,8 +18,17 @@ __all__ = ["expand_to_fp8", "expand_to_fp8_reference"]
 
 
 @triton.jit
-def _expand_kernel(packed, out, n_rows, n_cols, n_bytes, SLOT: tl.constexpr, OFFSET: tl.constexpr,
-                   BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _expand_kernel(
+    packed,
+    out,
+    n_rows,
+    n_cols,
+    n_bytes,
+    SLOT: tl.constexpr,
+    OFFSET: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """One (BLOCK_R, BLOCK_C) tile of the output per program: each column reads its byte (neighbours share
     it through the cache) and the stores are contiguous."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # (BLOCK_R,)
@@ -39,15 +48,28 @@ def expand_to_fp8(qweight: torch.Tensor, bits: int, n_cols: int, *, ternary: boo
         raise ValueError(f"expand_to_fp8 takes 2–4-bit codes; got bits={bits}")
     n_rows, n_bytes = qweight.shape
     if n_bytes != packed_cols(n_cols, bits):
-        raise ValueError(f"qweight has {n_bytes} bytes per row; {n_cols} {bits}-bit codes need {packed_cols(n_cols, bits)}")
+        raise ValueError(
+            f"qweight has {n_bytes} bytes per row; {n_cols} {bits}-bit codes need {packed_cols(n_cols, bits)}"
+        )
     out = torch.empty(n_rows, n_cols, dtype=torch.float8_e4m3fn, device=qweight.device)
     grid = (triton.cdiv(n_rows, 16), triton.cdiv(n_cols, 256))
-    _expand_kernel[grid](qweight, out, n_rows, n_cols, n_bytes, SLOT=slot, OFFSET=signed_offset(bits, ternary),
-                         BLOCK_R=16, BLOCK_C=256)
+    _expand_kernel[grid](
+        qweight,
+        out,
+        n_rows,
+        n_cols,
+        n_bytes,
+        SLOT=slot,
+        OFFSET=signed_offset(bits, ternary),
+        BLOCK_R=16,
+        BLOCK_C=256,
+    )
     return out
 
 
-def expand_to_fp8_reference(qweight: torch.Tensor, bits: int, n_cols: int, *, ternary: bool = False) -> torch.Tensor:
+def expand_to_fp8_reference(
+    qweight: torch.Tensor, bits: int, n_cols: int, *, ternary: bool = False
+) -> torch.Tensor:
     """The same in PyTorch: unpack, undo the offset, cast."""
     from ditq.quant.packing import to_signed, unpack
 

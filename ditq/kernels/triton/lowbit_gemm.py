@@ -38,11 +38,30 @@ def _unpack_tile(byte, SLOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.co
 
 
 @triton.jit
-def _lowbit_gemm_kernel(x, packed, scales, zeros, bias, out, M, N, K: tl.constexpr, n_bytes, n_groups, stride_xm,
-                        stride_om,
-                        SLOT: tl.constexpr, OFFSET: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
-                        HAS_BIAS: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _lowbit_gemm_kernel(
+    x,
+    packed,
+    scales,
+    zeros,
+    bias,
+    out,
+    M,
+    N,
+    K: tl.constexpr,
+    n_bytes,
+    n_groups,
+    stride_xm,
+    stride_om,
+    SLOT: tl.constexpr,
+    OFFSET: tl.constexpr,
+    GROUP: tl.constexpr,
+    HAS_ZEROS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """GROUP = 0: one scale per output channel; else K-columns per scale group, a multiple of BLOCK_K. K is a
     compile-time constant (a layer's width; also what Triton's CPU interpreter needs for a loop bound).
     FP32_DOT: multiply in IEEE float32 (float32 inputs, and the interpreter, whose bf16 dot is wrong)."""
@@ -57,8 +76,11 @@ def _lowbit_gemm_kernel(x, packed, scales, zeros, bias, out, M, N, K: tl.constex
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(x_rows + (k0 + rk)[None, :], mask=row_ok[:, None] & (k0 + rk < K)[None, :], other=0.0)
-        byte = tl.load(w_rows + (k0 // PER_BYTE + rb)[None, :],
-                       mask=col_ok[:, None] & (k0 // PER_BYTE + rb < n_bytes)[None, :], other=0)
+        byte = tl.load(
+            w_rows + (k0 // PER_BYTE + rb)[None, :],
+            mask=col_ok[:, None] & (k0 // PER_BYTE + rb < n_bytes)[None, :],
+            other=0,
+        )
         q = _unpack_tile(byte, SLOT, BLOCK_N, BLOCK_K) - OFFSET  # (BLOCK_N, BLOCK_K)
         w = q.to(tl.float32)
         if HAS_ZEROS:
@@ -77,13 +99,28 @@ def _lowbit_gemm_kernel(x, packed, scales, zeros, bias, out, M, N, K: tl.constex
         acc *= tl.load(scales + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(out + rm.to(tl.int64)[:, None] * stride_om + rn[None, :], acc.to(out.dtype.element_ty),
-             mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(
+        out + rm.to(tl.int64)[:, None] * stride_om + rn[None, :],
+        acc.to(out.dtype.element_ty),
+        mask=row_ok[:, None] & col_ok[None, :],
+    )
 
 
-def lowbit_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                  bias: torch.Tensor | None, *, bits: int, offset: int, group_size: int | None,
-                  block_n: int = 64, block_k: int = 128, num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+def lowbit_linear(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    *,
+    bits: int,
+    offset: int,
+    group_size: int | None,
+    block_n: int = 64,
+    block_k: int = 128,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> torch.Tensor:
     """x (M, K) · Ŵᵀ + bias in x's dtype; Ŵ = scales · (codes − offset − zeros) from the packed uint8 codes."""
     if x.ndim != 2:
         raise ValueError(f"lowbit_linear takes a 2-D (tokens, channels) x, got shape {tuple(x.shape)}")
@@ -93,7 +130,9 @@ def lowbit_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     m, k = x.shape
     n, n_bytes = qweight.shape
     if n_bytes != packed_cols(k, bits):
-        raise ValueError(f"qweight has {n_bytes} bytes per row; {k} {bits}-bit codes need {packed_cols(k, bits)}")
+        raise ValueError(
+            f"qweight has {n_bytes} bytes per row; {k} {bits}-bit codes need {packed_cols(k, bits)}"
+        )
     block_k = min(block_k, group_size) if group_size else block_k
     if group_size and group_size % block_k:
         raise ValueError(f"group_size={group_size} must be a multiple of the K block ({block_k})")
