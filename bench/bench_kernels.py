@@ -138,7 +138,7 @@ def main() -> None:
         "`fp8-cached` ahead (8-bit weights in memory). cuBLAS FP8 = the GEMM alone on pre-quantized operands.",
         "",
         "`lowbit` = the Triton GEMM that reads the int4 codes directly (activations fake-quantized to FP8 first);",
-        "the FP8 backends hand it calls of ≤ 128 rows.",
+        "the `fp8` backend hands it calls of ≤ 128 rows.",
         "",
         "| shape | M×K×N | LN+bf16 µs | cuBLAS FP8 GEMM µs (×) | expand µs | LN+fp8 µs (×) | LN+fp8-cached µs (×) "
         "| LN+lowbit µs (×) | rel err fp8 / lowbit |",

@@ -17,8 +17,8 @@ Backends here:
   (any group size, any activation spec); weights stay 2–4-bit in memory. Fastest where a GEMM is bound by
   its weight bytes (few tokens); sm_80+.
 - `"fp8"` / `"fp8-cached"` (`ditq.kernels.fp8`): W4A8-FP8 through Triton + cuBLAS FP8 on sm_89+, for
-  per-channel int2–int4 or ternary weights with dynamic per-token FP8 activations; few-row calls go to
-  the lowbit kernel.
+  per-channel int2–int4 or ternary weights with dynamic per-token FP8 activations; `"fp8"` sends few-row
+  calls to the lowbit kernel.
 """
 
 from __future__ import annotations

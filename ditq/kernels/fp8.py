@@ -11,9 +11,9 @@ torchao's float8) re-reads every activation once more, which cost more than the 
 Per-channel weight scales only: |q| ≤ 8 is exact in e4m3 and the scale goes to the GEMM's `scale_b`
 (per-group scales need a fused kernel). Two backends: `"fp8"` expands the codes on every call (weights stay
 2–4-bit in memory; the expansion costs a few µs per layer), `"fp8-cached"` expands once in
-`prepare_for_inference` (8-bit weights in memory, no per-call expansion). Calls of at most `LOWBIT_MAX_ROWS`
-rows, bound by weight bytes, go to the `"lowbit"` kernel instead, which reads the packed codes directly
-(with the activations fake-quantized to the same FP8 values). Both run on CUDA devices with FP8
+`prepare_for_inference` (8-bit weights in memory, no per-call expansion). `"fp8"` sends calls of at most
+`LOWBIT_MAX_ROWS` rows, bound by weight bytes, to the `"lowbit"` kernel instead, which reads the packed codes
+directly (activations fake-quantized to the same FP8 values) rather than expanding them. Both run on CUDA devices with FP8
 tensor cores (sm_89+), and on the CPU under `TRITON_INTERPRET=1` (tests).
 """
 
@@ -107,11 +107,12 @@ def per_call_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 def cached_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    return lowbit_forward(m, x) if _few_rows(x) else fp8_linear(m, x, m.weight_fp8)
+    return fp8_linear(m, x, m.weight_fp8)
 
 
 def _few_rows(x: torch.Tensor) -> bool:
-    """Few-token GEMMs are bound by weight bytes: the packed codes, read directly, beat any FP8 GEMM there."""
+    """Few-token GEMMs are bound by weight bytes: reading the packed codes directly beats expanding them first
+    (H100, adaLN 64×1152×6912: lowbit 15.7 µs; expansion 16.4 µs + FP8 GEMM 12.7 µs)."""
     return x.numel() <= LOWBIT_MAX_ROWS * x.shape[-1]
 
 

@@ -4,8 +4,8 @@ For few-token GEMMs (adaLN modulation, small batches) the weight bytes are the c
 quarter (int4) or an eighth (ternary) of bf16's. Any activation spec works: smoothing, activation
 quantization and the low-rank branch are the oracle's own ops around the kernel (`linear_with`), so under
 `torch.compile` they fuse with their neighbours. Runs on CUDA GPUs with bf16 tensor cores (sm_80+: also
-the Ampere path) and on the CPU under `TRITON_INTERPRET=1` (tests). The FP8 backends send their
-few-row calls here too (`LOWBIT_MAX_ROWS`).
+the Ampere path) and on the CPU under `TRITON_INTERPRET=1` (tests). The `"fp8"` backend sends its few-row
+calls here too (`LOWBIT_MAX_ROWS`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from ditq.quant.qlinear import QuantLinear
 
 __all__ = ["LOWBIT_MAX_ROWS", "lowbit_forward", "lowbit_gemm", "lowbit_support"]
 
-LOWBIT_MAX_ROWS = 128  # up to this many rows a GEMM is bound by its weight bytes (measured on H100: bench/)
+LOWBIT_MAX_ROWS = (
+    128  # few-row GEMMs are weight-bound; at 512 rows this kernel is 2–3× slower than cuBLAS (H100)
+)
 MIN_CAPABILITY = (8, 0)
 
 

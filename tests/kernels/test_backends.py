@@ -55,8 +55,19 @@ def inputs(*shape: int) -> torch.Tensor:
 def test_custom_op_passes_opcheck(name):
     m = layer(SPECS[name])
     x = inputs(2, 5).requires_grad_(True)
-    args = (x, m.qweight, m.scales, m.zeros, m.bias, m.smooth, m.lowrank_down, m.lowrank_up, m.act_scale,
-            m.act_zero, m.spec_json)
+    args = (
+        x,
+        m.qweight,
+        m.scales,
+        m.zeros,
+        m.bias,
+        m.smooth,
+        m.lowrank_down,
+        m.lowrank_up,
+        m.act_scale,
+        m.act_zero,
+        m.spec_json,
+    )
     torch.library.opcheck(torch.ops.ditq.quant_linear.default, args)
 
 
@@ -102,8 +113,9 @@ def test_a_tiny_quantized_dit_compiles_fullgraph_with_every_backend(tiny_dit):
         torch._dynamo.reset()
         prepare_for_inference(tiny_dit, backend)
         with torch.no_grad():
-            torch.testing.assert_close(torch.compile(tiny_dit, fullgraph=True)(x, t, y), tiny_dit(x, t, y),
-                                       rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                torch.compile(tiny_dit, fullgraph=True)(x, t, y), tiny_dit(x, t, y), rtol=1e-4, atol=1e-5
+            )
 
 
 def test_unknown_backend_is_refused_with_the_choices():
@@ -112,8 +124,11 @@ def test_unknown_backend_is_refused_with_the_choices():
 
 
 def test_a_backend_that_declines_a_layer_leaves_it_on_the_reference_and_says_why(caplog):
-    picky = Backend("picky", forward=BACKENDS["reference"].forward,
-                    supports=lambda m: None if m.spec.w_bits == 4 else "only 4-bit weights")
+    picky = Backend(
+        "picky",
+        forward=BACKENDS["reference"].forward,
+        supports=lambda m: None if m.spec.w_bits == 4 else "only 4-bit weights",
+    )
     register_backend(picky)
     try:
         model = torch.nn.Sequential(layer(SPECS["w4g32_a8"]), torch.nn.Linear(OUT, IN), layer(SPECS["w2"]))
@@ -129,14 +144,23 @@ def test_a_backend_that_declines_a_layer_leaves_it_on_the_reference_and_says_why
 
 
 def test_input_group_outputs_come_from_one_quantized_input():
-    spec = QuantSpec(w_bits=4, group_size=16, a_bits=4, a_group_size=16, smooth=True, rank=4, input_group="qkv")
+    spec = QuantSpec(
+        w_bits=4, group_size=16, a_bits=4, a_group_size=16, smooth=True, rank=4, input_group="qkv"
+    )
     g = torch.Generator().manual_seed(3)
     smooth, down = torch.rand(IN, generator=g) + 0.5, torch.randn(IN, 4, generator=g) * 0.1
     members = []
     for _ in range(3):
         linear = torch.nn.Linear(IN, OUT)
-        members.append(QuantLinear.from_linear(linear, spec, smooth=smooth, lowrank_down=down,
-                                               lowrank_up=torch.randn(4, OUT, generator=g) * 0.1))
+        members.append(
+            QuantLinear.from_linear(
+                linear,
+                spec,
+                smooth=smooth,
+                lowrank_down=down,
+                lowrank_up=torch.randn(4, OUT, generator=g) * 0.1,
+            )
+        )
     x = inputs(2, 6)
     for together, alone in zip(group_linear(x, members), members, strict=True):
         torch.testing.assert_close(together, alone(x), rtol=1e-6, atol=1e-6)

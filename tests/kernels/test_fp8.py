@@ -61,7 +61,9 @@ def layer(spec: QuantSpec, dtype: torch.dtype = torch.float32) -> QuantLinear:
 @pytest.mark.parametrize("name", list(SPECS))
 def test_fp8_backends_compute_the_reference(name, backend):
     m = layer(SPECS[name])
-    x = torch.randn(3, 47, 48, generator=torch.Generator().manual_seed(2)).to(DEVICE)  # > LOWBIT_MAX_ROWS rows
+    x = torch.randn(3, 47, 48, generator=torch.Generator().manual_seed(2)).to(
+        DEVICE
+    )  # > LOWBIT_MAX_ROWS rows
     ref = m(x)
     prepare_for_inference(m, backend)
     assert m.backend == backend

@@ -34,8 +34,18 @@ def test_kernel_matches_the_dequantized_reference(case):
     q = QuantLinear.from_linear(torch.nn.Linear(k, 40), spec).to(DEVICE)
     x = torch.randn(m, k, generator=g).to(DEVICE)
     offset = signed_offset(spec.w_bits, spec.w_format == "ternary") if spec.symmetric else 0
-    out = lowbit_linear(x, q.qweight, q.scales, q.zeros, q.bias, bits=spec.w_bits, offset=offset,
-                        group_size=spec.group_size, block_n=16, block_k=32)
+    out = lowbit_linear(
+        x,
+        q.qweight,
+        q.scales,
+        q.zeros,
+        q.bias,
+        bits=spec.w_bits,
+        offset=offset,
+        group_size=spec.group_size,
+        block_n=16,
+        block_k=32,
+    )
     ref = lowbit_linear_reference(x, q.dequantized_weight(torch.float32), q.bias)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -85,16 +95,18 @@ def test_layers_it_cannot_run_keep_the_reference_and_say_why(spec, reason):
     assert m.backend == "reference"
 
 
-@pytest.mark.parametrize("backend", ["fp8", "fp8-cached"])
-def test_fp8_backends_send_few_rows_to_the_lowbit_kernel(backend):
+def test_the_per_call_fp8_backend_sends_few_rows_to_the_lowbit_kernel():
     spec = QuantSpec(w_bits=4, a_bits=8, a_format="fp8")
     m = QuantLinear.from_linear(torch.nn.Linear(48, 32), spec).to(DEVICE)
     few = torch.randn(LOWBIT_MAX_ROWS, 48, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     lowbit = QuantLinear.from_linear(torch.nn.Linear(48, 32), spec).to(DEVICE)
     lowbit.load_state_dict(m.state_dict())
     prepare_for_inference(lowbit, "lowbit")
-    prepare_for_inference(m, backend)
+    prepare_for_inference(m, "fp8")
     assert torch.equal(m(few), lowbit(few))
     many = torch.cat([few, few[:1]])  # one row more: the FP8 GEMM, same values up to its rounding
     assert not torch.equal(m(many)[:-1], lowbit(few))
-    torch.testing.assert_close(m(many)[:-1], lowbit(few), rtol=1e-4, atol=1e-5)
+    tol = (
+        dict(rtol=1e-3, atol=2e-4) if few.is_cuda else dict(rtol=1e-4, atol=1e-5)
+    )  # Hopper's FP8 accumulation
+    torch.testing.assert_close(m(many)[:-1], lowbit(few), **tol)
