@@ -7,6 +7,7 @@ ends in one line, `ditq <command>: error: …`, with exit code 2; `--debug` show
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -130,6 +131,20 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--inception", help="ImageNet protocol: FID Inception weights (pt_inception-2015-12-05 .pth)")
     e.add_argument("--ref-batch", help="ImageNet protocol: ADM reference batch (.npz); torchrun shards samples")
     e.set_defaults(run=_eval)
+
+    b = sub.add_parser("bench", parents=[common],
+                       help="time a model's forward pass (and its FP source's, same run): ms and the speed ratio")
+    _model_args(b)
+    b.add_argument("--fp", help="full-precision model to time beside it (zoo name or checkpoint)")
+    b.add_argument("--backend", default="dequantized", help="kernel backend of the quantized layers")
+    b.add_argument("--batch", type=positive_int, default=8, help="images per forward (CFG doubling included)")
+    b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: bfloat16 on CUDA, float32 on the CPU)")
+    b.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True) both models")
+    b.add_argument("--cuda-graphs", action="store_true", help="compile with CUDA graphs (mode='reduce-overhead')")
+    b.add_argument("--repeats", type=positive_int, default=20)
+    b.add_argument("--out", type=Path, help="write the timings as JSON here")
+    b.set_defaults(run=_bench)
 
     d = sub.add_parser("demo", parents=[common], help="the main job on the bundled DiT-MNIST: quantize, sample, report")
     d.add_argument("--out", type=Path, default=Path("out"), help="folder for grid.png, reports and the checkpoint")
@@ -324,6 +339,53 @@ def _eval(args: argparse.Namespace) -> None:
     table = render_table(results)
     write_text(args.out / "report.md", table)
     print(table)
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from ditq.atomic import write_text
+    from ditq.bundled import open_model
+    from ditq.eval.speed import SpeedSettings, time_forward
+    from ditq.io import model_size_bytes
+    from ditq.kernels import ALIASES, BACKENDS, prepare_for_inference
+    from ditq.models.dit import ConditionalTransformer
+    from ditq.quant.modules import is_quantized
+
+    if args.out is not None:
+        check_output_file(args.out, "--out")
+    if args.backend not in BACKENDS and args.backend not in ALIASES:
+        raise ValueError(f"--backend {args.backend!r} is not one of {sorted([*BACKENDS, *ALIASES])}")
+    if args.cuda_graphs and torch.device(args.device).type != "cuda":
+        raise ValueError(f"--cuda-graphs needs a CUDA --device, got {args.device}")
+    dtype = args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32")
+    settings = SpeedSettings(batch=args.batch, dtype=dtype, compile=args.compile or args.cuda_graphs,
+                             cuda_graphs=args.cuda_graphs, repeats=args.repeats, seed=args.seed)  # fmt: skip
+    if args.model is None:
+        raise ValueError("give --model (zoo name or checkpoint)")
+    refs = {"model": (args.model, args.weights)} | ({} if args.fp is None else {"fp": (args.fp, None)})
+    rows = {}
+    for role, (ref, weights) in reversed(refs.items()):  # the FP model first, as the baseline
+        model, source = open_model(ref, weights=weights, seed=args.seed, device=args.device)
+        if not isinstance(model, ConditionalTransformer):
+            raise ValueError(f"ditq bench times zoo transformers (DiT, Large-DiT); {source} is a {type(model).__name__}")
+        model = model.to(getattr(torch, dtype))
+        if is_quantized(model):
+            prepare_for_inference(model, args.backend, dtype=getattr(torch, dtype))
+        timing = time_forward(model, settings)
+        rows[role] = {"source": source, "quantized": is_quantized(model), "weight_bytes": model_size_bytes(model),
+                      **timing}  # fmt: skip
+        del model
+    if "fp" in rows:
+        rows["model"]["speed_vs_fp"] = rows["fp"]["median_ms"] / rows["model"]["median_ms"]
+    for role, row in rows.items():
+        ratio = f"  ({row['speed_vs_fp']:.2f}× the FP model's speed)" if "speed_vs_fp" in row else ""
+        backend = f", backend {args.backend}" if row["quantized"] else ""
+        print(f"{role}: {row['source']}{backend}: {row['median_ms']:.2f} ms per forward (median of {row['repeats']}), "
+              f"weights {row['weight_bytes']:,} B{ratio}")
+    device = torch.cuda.get_device_name(args.device) if torch.device(args.device).type == "cuda" else "cpu"
+    if args.out is not None:
+        report = {"device": device, "torch": torch.__version__, "backend": args.backend,
+                  "settings": dataclasses.asdict(settings), "rows": rows}  # fmt: skip
+        write_text(args.out, json.dumps(report, indent=2) + "\n")
 
 
 def _demo(args: argparse.Namespace) -> None:

@@ -505,6 +505,11 @@ CLI_CASES = [
     ("unknown_flag", ["sample", "--model", "{d}/fp.safetensors", "--out", "{d}/g.png", "--smaples", "4"], ["--smaples"]),
     ("unknown_command", ["quantise"], ["quantise"]),
     ("unknown_sampler", ["sample", "--model", "{d}/fp.safetensors", "--out", "{d}/g.png", "--sampler", "euler"], ["--sampler", "euler"]),
+    # bench
+    ("bench_unknown_backend", ["bench", "--model", "{d}/q.safetensors", "--backend", "triton"], ["--backend", "triton", "lowbit"]),
+    ("bench_cuda_graphs_on_cpu", ["bench", "--model", "{d}/q.safetensors", "--cuda-graphs", *CPU], ["--cuda-graphs", "cpu"]),
+    ("bench_zero_batch", ["bench", "--model", "{d}/q.safetensors", "--batch", "0"], ["--batch"]),
+    ("bench_out_is_a_directory", ["bench", "--model", "{d}/q.safetensors", "--out", "{d}"], ["--out", "directory"]),
 ]
 
 

@@ -125,3 +125,18 @@ def test_error_lines_hide_temporary_names_and_python_quoting():
         "/x/q.safetensors: No space left on device")
     assert error_line(KeyError("layer 'blocks.0' missing")) == "layer 'blocks.0' missing"
     assert error_line(ValueError("first\n  second")) == "first second"
+
+
+def test_bench_times_the_model_beside_its_fp_source(fp_ckpt, tmp_path, capsys):
+    q = ditq.save(ditq.quantize(ditq.load(fp_ckpt), PRESETS["w8a8"]), tmp_path / "q.safetensors")
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", str(q), "--fp", str(fp_ckpt), "--batch", "2", "--repeats", "3",
+                 "--backend", "dequantized", "--out", str(out), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    fp, model = report["rows"]["fp"], report["rows"]["model"]
+    assert not fp["quantized"] and model["quantized"] and model["weight_bytes"] < fp["weight_bytes"]
+    assert model["speed_vs_fp"] == pytest.approx(fp["median_ms"] / model["median_ms"])
+    assert model["min_ms"] <= model["median_ms"] <= model["max_ms"] and model["repeats"] == 3
+    assert report["settings"]["batch"] == 2 and report["backend"] == "dequantized"
+    assert f"{model['speed_vs_fp']:.2f}× the FP model's speed" in printed and "backend dequantized" in printed

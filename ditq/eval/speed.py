@@ -1,0 +1,88 @@
+"""Forward-pass timing of a zoo transformer, as `ditq bench` reports it: medians of repeats after warm-up.
+
+A quantized model is only worth its bits if it also runs fast, and speed claims are only comparable when
+measured side by side: `ditq bench` times the full-precision model and the quantized one in one process on
+the same inputs, each prepared the same way (dtype, `torch.compile`, CUDA graphs), and reports the ratio.
+On CUDA the clock is a pair of CUDA events around each forward; on the CPU, wall time.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["SpeedSettings", "time_forward"]
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """How a forward pass is timed; reported next to every timing."""
+
+    batch: int = 8
+    dtype: str = "float32"
+    compile: bool = False
+    cuda_graphs: bool = False  # torch.compile(mode="reduce-overhead"); implies compile
+    repeats: int = 20
+    warmup: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("batch", "repeats", "warmup"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+def time_forward(model: nn.Module, settings: SpeedSettings) -> dict[str, Any]:
+    """Median/min/max milliseconds of `model(x, t, y)` on random latents, timesteps and labels of the model's
+    own sizes; `model` must already be on its device in `settings.dtype`."""
+    device = next(model.parameters()).device
+    if settings.cuda_graphs and device.type != "cuda":
+        raise ValueError(f"CUDA graphs need a CUDA device; the model is on {device}")
+    g = torch.Generator(device=device).manual_seed(settings.seed)
+    dtype = getattr(torch, settings.dtype)
+    shape = (settings.batch, model.in_channels, model.input_size, model.input_size)
+    x = torch.randn(shape, generator=g, device=device).to(dtype)
+    t = torch.randint(0, 1000, (settings.batch,), generator=g, device=device)
+    y = torch.randint(0, model.num_classes + 1, (settings.batch,), generator=g, device=device)
+    forward = model
+    compile_s = None
+    with torch.no_grad():
+        if settings.compile or settings.cuda_graphs:
+            torch._dynamo.reset()
+            mode = "reduce-overhead" if settings.cuda_graphs else None
+            forward = torch.compile(model, fullgraph=True, dynamic=False, mode=mode)
+            start = time.perf_counter()
+            forward(x, t, y)
+            _sync(device)
+            compile_s = round(time.perf_counter() - start, 1)
+        for _ in range(settings.warmup):
+            forward(x, t, y)
+        times = [_timed(forward, (x, t, y), device) for _ in range(settings.repeats)]
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
+            "repeats": settings.repeats, "compile_s": compile_s}  # fmt: skip
+
+
+def _timed(forward: Any, args: tuple, device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        forward(*args)
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    start_s = time.perf_counter()
+    forward(*args)
+    return (time.perf_counter() - start_s) * 1000
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
