@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The FP8 path's GPU measurements, in two parts that each fit one 10-minute device call; every part has its
+# The FP8 path's GPU measurements, in parts that each fit one 10-minute device call; every part has its
 # own bf16 rows, so its ratios are measured side by side. Results go to $OUT (JSON lines + tables).
 # torchao's float8 row-wise (the peer) is `bench_e2e.py --config torchao-fp8-row`, left out here: its compile
 # took 337 s on the H100.

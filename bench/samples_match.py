@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument(
-        "--device", default="cuda", help="cpu runs the kernels under TRITON_INTERPRET=1 (slow)"
+        "--device", default="cuda", help="cpu needs TRITON_INTERPRET=1 exported for the kernels (slow)"
     )
     args = parser.parse_args()
     settings = SampleSettings(samples=args.samples, steps=25, batch_size=args.samples)

@@ -367,6 +367,8 @@ def _bench(args: argparse.Namespace) -> None:
         model, source = open_model(ref, weights=weights, seed=args.seed, device=args.device)
         if not isinstance(model, ConditionalTransformer):
             raise ValueError(f"ditq bench times zoo transformers (DiT, Large-DiT); {source} is a {type(model).__name__}")
+        if role == "fp" and is_quantized(model):
+            raise ValueError(f"--fp {ref} is a quantized checkpoint; give the full-precision model it came from")
         model = model.to(getattr(torch, dtype))
         if is_quantized(model):
             prepare_for_inference(model, args.backend, dtype=getattr(torch, dtype))

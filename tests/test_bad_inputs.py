@@ -509,6 +509,7 @@ CLI_CASES = [
     ("bench_unknown_backend", ["bench", "--model", "{d}/q.safetensors", "--backend", "triton"], ["--backend", "triton", "lowbit"]),
     ("bench_cuda_graphs_on_cpu", ["bench", "--model", "{d}/q.safetensors", "--cuda-graphs", *CPU], ["--cuda-graphs", "cpu"]),
     ("bench_zero_batch", ["bench", "--model", "{d}/q.safetensors", "--batch", "0"], ["--batch"]),
+    ("bench_fp_is_quantized", ["bench", "--model", "{d}/q.safetensors", "--fp", "{d}/q.safetensors", *CPU], ["--fp", "{d}/q.safetensors", "quantized"]),
     ("bench_out_is_a_directory", ["bench", "--model", "{d}/q.safetensors", "--out", "{d}"], ["--out", "directory"]),
 ]
 

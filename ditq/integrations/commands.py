@@ -25,8 +25,9 @@ def pipeline_conditions(args: argparse.Namespace, pipe) -> dict:
         raise ValueError(f"{type(pipe).__name__} takes prompts; use --prompt, not --class-label")
     if is_class_pipe:
         n_classes = int(pipe.transformer.config.num_embeds_ada_norm)
-        labels = args.class_label or list(range(min(args.calib_samples if hasattr(args, "calib_samples")
-                                                    else args.samples, n_classes)))
+        labels = args.class_label or list(
+            range(min(args.calib_samples if hasattr(args, "calib_samples") else args.samples, n_classes))
+        )
         bad = [c for c in labels if not 0 <= c < n_classes]
         if bad:
             raise ValueError(f"--class-label {bad} outside 0..{n_classes - 1}")
@@ -46,19 +47,31 @@ def quantize_pipeline(args: argparse.Namespace) -> None:
     recipe = _load_recipe(args.recipe)
     pipe = load_pipeline(args.pipeline, device=args.device)
     conditions = pipeline_conditions(args, pipe)
-    print(f"pipeline: {type(pipe).__name__} from {args.pipeline}; transformer {type(pipe.transformer).__name__}")
+    print(
+        f"pipeline: {type(pipe).__name__} from {args.pipeline}; transformer {type(pipe.transformer).__name__}"
+    )
     calib = calibrate_pipeline(pipe, steps=args.calib_steps, seed=args.seed + 1, progress=True, **conditions)
     result = post_training_quantize(pipe.transformer, recipe, calib=calib)
-    io.save(result.model, args.out, float_dtype=result.float_dtype,
-            info={"pipeline": str(args.pipeline), "calibration": {**conditions, "steps": args.calib_steps}})
+    io.save(
+        result.model,
+        args.out,
+        float_dtype=result.float_dtype,
+        info={"pipeline": str(args.pipeline), "calibration": {**conditions, "steps": args.calib_steps}},
+    )
     on_disk = os.path.getsize(args.out)
-    print(f"{len(result.layers)} layers quantized; size: FP16 {result.fp16_size_bytes:,} B → {on_disk:,} B on disk "
-          f"({result.fp16_size_bytes / on_disk:.2f}×); saved {args.out}")
+    print(
+        f"{len(result.layers)} layers quantized; size: FP16 {result.fp16_size_bytes:,} B → {on_disk:,} B on disk "
+        f"({result.fp16_size_bytes / on_disk:.2f}×); saved {args.out}"
+    )
     if args.report is not None:
         from ditq.atomic import write_text
 
-        report = {"pipeline": str(args.pipeline), "checkpoint": str(args.out), "file_bytes": on_disk,
-                  **result.report()}
+        report = {
+            "pipeline": str(args.pipeline),
+            "checkpoint": str(args.out),
+            "file_bytes": on_disk,
+            **result.report(),
+        }
         write_text(args.report, json.dumps(report, indent=2) + "\n")
 
 
@@ -72,8 +85,12 @@ def sample_pipeline(args: argparse.Namespace) -> None:
     if args.model is not None:
         pipe.transformer = io.load(args.model, device=args.device).float()
     conditions = pipeline_conditions(args, pipe)
-    call = {"num_inference_steps": args.steps, "guidance_scale": args.cfg, "output_type": "np",
-            "generator": torch.Generator().manual_seed(args.seed)}
+    call = {
+        "num_inference_steps": args.steps,
+        "guidance_scale": args.cfg,
+        "output_type": "np",
+        "generator": torch.Generator().manual_seed(args.seed),
+    }
     if "class_labels" in conditions:
         labels = conditions["class_labels"]
         call["class_labels"] = [labels[i % len(labels)] for i in range(args.samples)]
@@ -81,9 +98,11 @@ def sample_pipeline(args: argparse.Namespace) -> None:
         call["prompt"] = [conditions["prompts"][i % len(conditions["prompts"])] for i in range(args.samples)]
     images = torch.from_numpy(pipe(**call).images).permute(0, 3, 1, 2) * 2 - 1  # (N, 3, H, W) in [-1, 1]
     per_row = min(args.samples, 8)
-    save_image(make_grid([("", images[i: i + per_row]) for i in range(0, args.samples, per_row)]), args.out)
-    print(f"wrote {args.out} ({args.samples} samples from {args.pipeline}"
-          f"{' with ' + str(args.model) if args.model else ''}, {args.steps} steps, guidance {args.cfg})")
+    save_image(make_grid([("", images[i : i + per_row]) for i in range(0, args.samples, per_row)]), args.out)
+    print(
+        f"wrote {args.out} ({args.samples} samples from {args.pipeline}"
+        f"{' with ' + str(args.model) if args.model else ''}, {args.steps} steps, guidance {args.cfg})"
+    )
 
 
 def sample_latent_dit(args: argparse.Namespace, model: torch.nn.Module) -> None:
@@ -93,15 +112,24 @@ def sample_latent_dit(args: argparse.Namespace, model: torch.nn.Module) -> None:
     from ditq.grid import make_grid, save_image
 
     vae = load_vae(args.vae, device=args.device)
-    settings = SampleSettings(samples=args.samples, steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler,
-                              seed=args.seed, batch_size=min(args.samples, 32))
+    settings = SampleSettings(
+        samples=args.samples,
+        steps=args.steps,
+        cfg_scale=args.cfg,
+        sampler=args.sampler,
+        seed=args.seed,
+        batch_size=min(args.samples, 32),
+    )
     images = sample_decoded(model, vae, settings, range(args.samples), progress=True)  # (N, H, W, 3) uint8
     images = images.permute(0, 3, 1, 2).float() / 127.5 - 1
     per_row = min(args.samples, 8)
-    save_image(make_grid([("", images[i: i + per_row]) for i in range(0, args.samples, per_row)], scale=1),
-               args.out)
-    print(f"wrote {args.out} ({args.samples} samples, {args.sampler} {args.steps} steps, cfg {args.cfg} on "
-          f"3 latent channels, decoded by {args.vae})")
+    save_image(
+        make_grid([("", images[i : i + per_row]) for i in range(0, args.samples, per_row)], scale=1), args.out
+    )
+    print(
+        f"wrote {args.out} ({args.samples} samples, {args.sampler} {args.steps} steps, cfg {args.cfg} on "
+        f"3 latent channels, decoded by {args.vae})"
+    )
 
 
 def eval_imagenet(args: argparse.Namespace, models: dict, sizes: dict, out: Path) -> dict:
@@ -112,28 +140,49 @@ def eval_imagenet(args: argparse.Namespace, models: dict, sizes: dict, out: Path
     from ditq.eval.runner import SampleSettings
     from ditq.training.distributed import setup_distributed
 
-    missing = [flag for flag, value in (("--inception", args.inception), ("--ref-batch", args.ref_batch))
-               if value is None]
+    missing = [
+        flag
+        for flag, value in (("--inception", args.inception), ("--ref-batch", args.ref_batch))
+        if value is None
+    ]
     if missing:
         raise ValueError(f"--vae (the ImageNet protocol) also needs {' and '.join(missing)}")
     env = setup_distributed(args.device)
     try:
-        settings = SampleSettings(samples=args.samples, steps=args.steps, cfg_scale=args.cfg,
-                                  sampler=args.sampler, seed=args.seed, batch_size=args.batch_size)
+        settings = SampleSettings(
+            samples=args.samples,
+            steps=args.steps,
+            cfg_scale=args.cfg,
+            sampler=args.sampler,
+            seed=args.seed,
+            batch_size=args.batch_size,
+        )
         reference = load_reference_stats(args.ref_batch)
         vae = load_vae(args.vae, device=env.device)
         inception = load_inception(args.inception, device=env.device)
         models = {name: m.to(env.device) for name, m in models.items()}
-        results = evaluate_imagenet(models, settings, vae=vae, inception=inception, reference=reference, env=env,
-                                    sizes=sizes, progress=True)
+        results = evaluate_imagenet(
+            models,
+            settings,
+            vae=vae,
+            inception=inception,
+            reference=reference,
+            env=env,
+            sizes=sizes,
+            progress=True,
+        )
         if env.is_main:
             write_text(out / "report.json", json.dumps(results, indent=2) + "\n")
             lines = ["| model | FID | sFID | IS | precision | recall |", "|---|---|---|---|---|---|"]
             for name in models:
                 r = results[name]
-                lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" if k in r else "–"
-                                                         for k in ("fid", "sfid", "is", "precision", "recall"))
-                             + " |")
+                lines.append(
+                    f"| {name} | "
+                    + " | ".join(
+                        f"{r[k]:.3f}" if k in r else "–" for k in ("fid", "sfid", "is", "precision", "recall")
+                    )
+                    + " |"
+                )
             table = "\n".join(lines) + "\n"
             write_text(out / "report.md", table)
             print(table)

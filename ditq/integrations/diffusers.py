@@ -55,14 +55,18 @@ class DiffusersAdapter(Adapter):
 
         name = config.get("_class_name", self.class_name)
         if name != self.class_name:
-            raise ValueError(f"config names class {name!r}, the {self.name!r} adapter builds {self.class_name}")
+            raise ValueError(
+                f"config names class {name!r}, the {self.name!r} adapter builds {self.class_name}"
+            )
         cls = getattr(diffusers, self.class_name)
         kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
         accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
         unknown = sorted(set(kwargs) - accepted)
         if unknown:
-            raise ValueError(f"{self.class_name} (diffusers {diffusers.__version__}) takes no config fields "
-                             f"{unknown}; was the file written with another diffusers version?")
+            raise ValueError(
+                f"{self.class_name} (diffusers {diffusers.__version__}) takes no config fields "
+                f"{unknown}; was the file written with another diffusers version?"
+            )
         with _parameters_on_meta():
             return cls(**kwargs).eval()
 
@@ -73,12 +77,22 @@ class DiffusersAdapter(Adapter):
             return None
         return int(round(float(t.reshape(-1)[0]) * self.timestep_scale))
 
-    def run(self, model: nn.Module, *, batch: int = 1, steps: int = 1, seed: int = 0, size: int | None = None,
-            text_tokens: int = 8) -> torch.Tensor:
+    def run(
+        self,
+        model: nn.Module,
+        *,
+        batch: int = 1,
+        steps: int = 1,
+        seed: int = 0,
+        size: int | None = None,
+        text_tokens: int = 8,
+    ) -> torch.Tensor:
         """Call the model `steps` times on seeded random inputs (timesteps spread from noisy to clean);
         returns the last output. `size` is the latent side (default: the config's sample size)."""
         if batch <= 0 or steps <= 0 or text_tokens <= 0:
-            raise ValueError(f"batch, steps and text_tokens must be positive, got {batch}, {steps}, {text_tokens}")
+            raise ValueError(
+                f"batch, steps and text_tokens must be positive, got {batch}, {steps}, {text_tokens}"
+            )
         param = next(model.parameters())
         gen = torch.Generator().manual_seed(seed)
         size = size or self.default_size(model)
@@ -94,8 +108,9 @@ class DiffusersAdapter(Adapter):
     def default_size(self, model: nn.Module) -> int:
         return int(model.config.sample_size)
 
-    def example_inputs(self, model: nn.Module, batch: int, size: int, text_tokens: int, t: float,
-                       gen: torch.Generator) -> dict[str, Any]:
+    def example_inputs(
+        self, model: nn.Module, batch: int, size: int, text_tokens: int, t: float, gen: torch.Generator
+    ) -> dict[str, Any]:
         raise NotImplementedError
 
     def input_groups(self, model: nn.Module, run: RunFn | None = None) -> list[tuple[str, ...]]:
@@ -115,21 +130,28 @@ class DiTAdapter(DiffusersAdapter):
     def example_inputs(self, model, batch, size, text_tokens, t, gen):
         c = model.config
         labels = torch.randint(0, int(c.num_embeds_ada_norm), (batch,), generator=gen)
-        return {"hidden_states": _latent(batch, c.in_channels, size, gen),
-                "timestep": torch.full((batch,), int(t * 999)), "class_labels": labels}
+        return {
+            "hidden_states": _latent(batch, c.in_channels, size, gen),
+            "timestep": torch.full((batch,), int(t * 999)),
+            "class_labels": labels,
+        }
 
 
 @dataclass(frozen=True)
 class PixArtAdapter(DiffusersAdapter):
     def example_inputs(self, model, batch, size, text_tokens, t, gen):
         c = model.config
-        inputs = {"hidden_states": _latent(batch, c.in_channels, size, gen),
-                  "encoder_hidden_states": torch.randn(batch, text_tokens, c.caption_channels, generator=gen),
-                  "timestep": torch.full((batch,), int(t * 999))}
+        inputs = {
+            "hidden_states": _latent(batch, c.in_channels, size, gen),
+            "encoder_hidden_states": torch.randn(batch, text_tokens, c.caption_channels, generator=gen),
+            "timestep": torch.full((batch,), int(t * 999)),
+        }
         if model.use_additional_conditions:
             side = float(size * 8)
-            inputs["added_cond_kwargs"] = {"resolution": torch.tensor([[side, side]] * batch),
-                                           "aspect_ratio": torch.ones(batch, 1)}
+            inputs["added_cond_kwargs"] = {
+                "resolution": torch.tensor([[side, side]] * batch),
+                "aspect_ratio": torch.ones(batch, 1),
+            }
         else:
             inputs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
         return inputs
@@ -139,10 +161,12 @@ class PixArtAdapter(DiffusersAdapter):
 class SD3Adapter(DiffusersAdapter):
     def example_inputs(self, model, batch, size, text_tokens, t, gen):
         c = model.config
-        return {"hidden_states": _latent(batch, c.in_channels, size, gen),
-                "encoder_hidden_states": torch.randn(batch, text_tokens, c.joint_attention_dim, generator=gen),
-                "pooled_projections": torch.randn(batch, c.pooled_projection_dim, generator=gen),
-                "timestep": torch.full((batch,), t * 1000.0)}
+        return {
+            "hidden_states": _latent(batch, c.in_channels, size, gen),
+            "encoder_hidden_states": torch.randn(batch, text_tokens, c.joint_attention_dim, generator=gen),
+            "pooled_projections": torch.randn(batch, c.pooled_projection_dim, generator=gen),
+            "timestep": torch.full((batch,), t * 1000.0),
+        }
 
 
 @dataclass(frozen=True)
@@ -159,11 +183,14 @@ class FluxAdapter(DiffusersAdapter):
         c = model.config
         rows, cols = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
         img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()  # (HW, 3)
-        inputs = {"hidden_states": torch.randn(batch, size * size, c.in_channels, generator=gen),
-                  "encoder_hidden_states": torch.randn(batch, text_tokens, c.joint_attention_dim, generator=gen),
-                  "pooled_projections": torch.randn(batch, c.pooled_projection_dim, generator=gen),
-                  "timestep": torch.full((batch,), t), "img_ids": img_ids,
-                  "txt_ids": torch.zeros(text_tokens, 3)}
+        inputs = {
+            "hidden_states": torch.randn(batch, size * size, c.in_channels, generator=gen),
+            "encoder_hidden_states": torch.randn(batch, text_tokens, c.joint_attention_dim, generator=gen),
+            "pooled_projections": torch.randn(batch, c.pooled_projection_dim, generator=gen),
+            "timestep": torch.full((batch,), t),
+            "img_ids": img_ids,
+            "txt_ids": torch.zeros(text_tokens, 3),
+        }
         if c.guidance_embeds:
             inputs["guidance"] = torch.full((batch,), 3.5)
         return inputs
@@ -172,10 +199,23 @@ class FluxAdapter(DiffusersAdapter):
 # Patterns each match at least one module of their family (a recipe's skip patterns must).
 _DIT_SKIP = ("pos_embed", "transformer_blocks.*.norm1*", "proj_out_1", "proj_out_2")
 _PIXART_SKIP = ("pos_embed", "adaln_single*", "caption_projection*", "proj_out")
-_SD3_SKIP = ("pos_embed", "time_text_embed*", "context_embedder", "transformer_blocks.*.norm1*", "norm_out*",
-             "proj_out")
-_FLUX_SKIP = ("x_embedder", "context_embedder", "time_text_embed*", "transformer_blocks.*.norm1*",
-              "single_transformer_blocks.*.norm", "norm_out*", "proj_out")
+_SD3_SKIP = (
+    "pos_embed",
+    "time_text_embed*",
+    "context_embedder",
+    "transformer_blocks.*.norm1*",
+    "norm_out*",
+    "proj_out",
+)
+_FLUX_SKIP = (
+    "x_embedder",
+    "context_embedder",
+    "time_text_embed*",
+    "transformer_blocks.*.norm1*",
+    "single_transformer_blocks.*.norm",
+    "norm_out*",
+    "proj_out",
+)
 
 SUPPORTED: dict[str, DiffusersAdapter] = {
     a.class_name: a
@@ -196,8 +236,10 @@ def diffusers_adapter(model: nn.Module) -> DiffusersAdapter:
     for adapter in SUPPORTED.values():
         if adapter.handles(model):
             return adapter
-    raise ValueError(f"{type(model).__name__} is not a supported diffusers transformer; ditq supports "
-                     f"{', '.join(SUPPORTED)}")
+    raise ValueError(
+        f"{type(model).__name__} is not a supported diffusers transformer; ditq supports "
+        f"{', '.join(SUPPORTED)}"
+    )
 
 
 # ---- pipelines --------------------------------------------------------------------------------------
@@ -220,11 +262,15 @@ def calibrate_pipeline(
     guidance included. Extra keyword arguments go to the pipeline call (height, width, ...)."""
     transformer = getattr(pipe, "transformer", None)
     if transformer is None:
-        raise ValueError(f"{type(pipe).__name__} has no transformer (UNet pipelines are not supported); "
-                         f"ditq supports {', '.join(SUPPORTED)}")
+        raise ValueError(
+            f"{type(pipe).__name__} has no transformer (UNet pipelines are not supported); "
+            f"ditq supports {', '.join(SUPPORTED)}"
+        )
     diffusers_adapter(transformer)
     if (prompts is None) == (class_labels is None):
-        raise ValueError("give exactly one of prompts= (text-to-image pipelines) or class_labels= (DiTPipeline)")
+        raise ValueError(
+            "give exactly one of prompts= (text-to-image pipelines) or class_labels= (DiTPipeline)"
+        )
     conditions = list(prompts if prompts is not None else class_labels)
     if not conditions:
         raise ValueError("calibration needs at least one prompt or class label")

@@ -27,12 +27,15 @@ from packaging.version import Version
 from torch import nn
 
 from ditq.api import quantize
-from ditq.kernels import BACKENDS, prepare_for_inference
+from ditq.kernels import ALIASES, BACKENDS, prepare_for_inference
 from ditq.recipes import load_recipe
 
 __all__ = ["DitqConfig", "DitqQuantizer", "TESTED_VERSIONS"]
 
-TESTED_VERSIONS = (Version("0.35"), Version("0.43"))  # [lowest, highest): the quantizer tables read from these
+TESTED_VERSIONS = (
+    Version("0.35"),
+    Version("0.43"),
+)  # [lowest, highest): the quantizer tables read from these
 
 
 class Method(str, Enum):
@@ -44,20 +47,26 @@ class Method(str, Enum):
 class DitqConfig(QuantizationConfigMixin):
     """A ditq recipe (preset name, recipe file or mapping) and the kernel backend to prepare the layers for."""
 
-    def __init__(self, recipe: str | dict[str, Any] = "w8a8", backend: str = "reference", **kwargs: Any) -> None:
+    def __init__(
+        self, recipe: str | dict[str, Any] = "w8a8", backend: str = "reference", **kwargs: Any
+    ) -> None:
         if kwargs:
             raise ValueError(f"DitqConfig takes recipe and backend; unknown fields {sorted(kwargs)}")
         load_recipe(recipe)  # a bad recipe fails here, before any weight is read
-        if backend not in BACKENDS and backend != "emulated":
-            raise ValueError(f"backend {backend!r} is not one of {sorted(BACKENDS)}")
+        if ALIASES.get(backend, backend) not in BACKENDS:
+            raise ValueError(f"backend {backend!r} is not one of {sorted([*BACKENDS, *ALIASES])}")
         self.quant_method = Method.DITQ
         self.recipe = recipe if isinstance(recipe, str) else dict(recipe)
         self.backend = backend
 
     @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any) -> DitqConfig:
-        fields = {k: v for k, v in config_dict.items() if k != "quant_method"}
-        return cls(**fields)
+    def from_dict(
+        cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs: Any
+    ) -> DitqConfig | tuple[DitqConfig, dict[str, Any]]:
+        """The config a model's `quantization_config` entry describes; `kwargs` are diffusers' loading options,
+        none of which a ditq config takes (returned unused when asked, as diffusers' contract says)."""
+        config = cls(**{k: v for k, v in config_dict.items() if k != "quant_method"})
+        return (config, kwargs) if return_unused_kwargs else config
 
     def to_diff_dict(self) -> dict[str, Any]:
         """What diffusers prints and stores in the model's config: every field (there are two)."""

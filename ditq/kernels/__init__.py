@@ -58,9 +58,8 @@ class Backend:
     forward: Callable[[QuantLinear, torch.Tensor], torch.Tensor]
     supports: Callable[[QuantLinear], str | None] = lambda module: None
     convert: Callable[[QuantLinear, torch.dtype], dict[str, torch.Tensor]] = lambda module, dtype: {}
-    fixed_dtype_buffers: tuple[
-        str, ...
-    ] = ()  # buffers `.to(dtype)` must not cast (FP8 codes, float32 scales)
+    # buffers `.to(dtype)` must not cast (FP8 codes, float32 scales)
+    fixed_dtype_buffers: tuple[str, ...] = ()
 
 
 BACKENDS: dict[str, Backend] = {}

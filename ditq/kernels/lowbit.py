@@ -21,9 +21,8 @@ from ditq.quant.qlinear import QuantLinear
 
 __all__ = ["LOWBIT_MAX_ROWS", "lowbit_forward", "lowbit_gemm", "lowbit_support"]
 
-LOWBIT_MAX_ROWS = (
-    128  # few-row GEMMs are weight-bound; at 512 rows this kernel is 2–3× slower than cuBLAS (H100)
-)
+# Few-row GEMMs are weight-bound; at 512 rows this kernel is 2–3× slower than cuBLAS (H100).
+LOWBIT_MAX_ROWS = 128
 MIN_CAPABILITY = (8, 0)
 
 

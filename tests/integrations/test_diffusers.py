@@ -134,6 +134,11 @@ def test_ditq_config_refuses_bad_fields_versions_and_prequantized_configs(tmp_pa
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"ditq.load\(path, model=...\)"):
         diffusers.DiTTransformer2DModel.from_pretrained(tmp_path)
-    monkeypatch.setattr(diffusers, "__version__", "0.50.0")
-    with pytest.raises(ImportError, match="0.50.0 is installed"):
-        diffusers_quantizer._register()
+    for version in ("0.50.0", "0.34.2"):
+        monkeypatch.setattr(diffusers, "__version__", version)
+        with pytest.raises(ImportError, match=f"{version} is installed"):
+            diffusers_quantizer._register()
+    with pytest.raises(ValueError, match="backend 'nope' is not one of .*emulated"):
+        DitqConfig("w8a8", backend="nope")
+    config, unused = DitqConfig.from_dict({"quant_method": "ditq", "recipe": "w8a8"}, True, low_cpu_mem_usage=True)
+    assert config.recipe == "w8a8" and unused == {"low_cpu_mem_usage": True}

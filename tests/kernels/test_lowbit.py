@@ -50,6 +50,32 @@ def test_kernel_matches_the_dequantized_reference(case):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(("group", "k"), [(48, 96), (96, 192), (192, 384), (None, 300)])
+def test_kernel_at_its_default_launch_config(group, k):
+    """Group sizes that are not powers of two, and a per-channel K over one block but not a multiple of it."""
+    spec = QuantSpec(w_bits=4, group_size=group)
+    q = QuantLinear.from_linear(torch.nn.Linear(k, 40), spec).to(DEVICE)
+    x = torch.randn(3, k, generator=torch.Generator().manual_seed(k)).to(DEVICE)
+    out = lowbit_linear(x, q.qweight, q.scales, q.zeros, q.bias, bits=4, offset=8, group_size=group)
+    ref = lowbit_linear_reference(x, q.dequantized_weight(torch.float32), q.bias)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_refuses_operands_that_do_not_fit():
+    q = QuantLinear.from_linear(torch.nn.Linear(64, 16), QuantSpec(w_bits=4, group_size=32))
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match=r"scales must be contiguous \(16, 1\) for group_size=None"):
+        lowbit_linear(x, q.qweight, q.scales, None, None, bits=4, offset=8, group_size=None)
+    with pytest.raises(ValueError, match=r"scales must be contiguous \(16, 1\) for group_size=64"):
+        lowbit_linear(x, q.qweight, q.scales, None, None, bits=4, offset=8, group_size=64)
+    with pytest.raises(ValueError, match="multiple of 16 that divides K=64"):
+        lowbit_linear(x, q.qweight, q.scales, None, None, bits=4, offset=8, group_size=24)
+    with pytest.raises(ValueError, match=r"bias must have shape \(16,\)"):
+        lowbit_linear(x, q.qweight, q.scales, None, torch.zeros(8), bits=4, offset=8, group_size=32)
+    with pytest.raises(ValueError, match="uint8"):
+        lowbit_linear(x, q.qweight.to(torch.int8), q.scales, None, None, bits=4, offset=8, group_size=32)
+
+
 def test_kernel_refuses_what_it_cannot_read():
     q = QuantLinear.from_linear(torch.nn.Linear(64, 16), QuantSpec(w_bits=4, group_size=32))
     with pytest.raises(ValueError, match="2-D"):

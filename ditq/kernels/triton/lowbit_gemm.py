@@ -66,8 +66,8 @@ def _lowbit_gemm_kernel(
     compile-time constant (a layer's width; also what Triton's CPU interpreter needs for a loop bound).
     FP32_DOT: multiply in IEEE float32 (float32 inputs, and the interpreter, whose bf16 dot is wrong)."""
     PER_BYTE: tl.constexpr = 8 // SLOT
-    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rb = tl.arange(0, BLOCK_K // PER_BYTE)
     rk = tl.arange(0, BLOCK_K)
     row_ok, col_ok = rm < M, rn < N
@@ -116,38 +116,72 @@ def lowbit_linear(
     bits: int,
     offset: int,
     group_size: int | None,
-    block_n: int = 64,
-    block_k: int = 128,
+    block_n: int = 32,
+    block_k: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> torch.Tensor:
-    """x (M, K) · Ŵᵀ + bias in x's dtype; Ŵ = scales · (codes − offset − zeros) from the packed uint8 codes."""
-    if x.ndim != 2:
-        raise ValueError(f"lowbit_linear takes a 2-D (tokens, channels) x, got shape {tuple(x.shape)}")
-    slot = slot_bits(bits)
-    if slot == 8:
+    """x (M, K) · Ŵᵀ + bias in x's dtype; Ŵ = scales · (codes − offset − zeros) from the packed uint8 codes.
+
+    The default launch config is the best of a sweep at DiT-XL/2's few-row shapes on an H100
+    (`bench/results/lowbit_tuning_h100.json`): 32 output channels per program, K blocks of 256 for K ≥ 4096 and
+    of 128 below (never more than the largest power of two dividing the group size), 4 warps, 3 stages.
+    """
+    m, k, n = _check_operands(x, qweight, scales, zeros, bias, bits, group_size)
+    block_k = block_k or (256 if k >= 4096 else 128)
+    if group_size:
+        block_k = min(block_k, group_size & -group_size)  # a power of two dividing the group: ≥ 16 here
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    block_m = max(16, min(64, triton.next_power_of_2(m)))
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))  # rows on axis 0: no 65,535-block limit
+    _lowbit_gemm_kernel[grid](
+        x, qweight, scales, scales if zeros is None else zeros, x if bias is None else bias, out, m, n, k,
+        qweight.shape[1], scales.shape[1], x.stride(0), out.stride(0), SLOT=slot_bits(bits), OFFSET=offset,
+        GROUP=group_size or 0, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
+        FP32_DOT=x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return out
+
+
+def _check_operands(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int | None,
+) -> tuple[int, int, int]:
+    """(M, K, N), or a ValueError naming the operand that does not fit: the kernel would read it wrongly."""
+    if x.ndim != 2 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"lowbit_linear takes a 2-D float x (tokens, channels), got {x.dtype} {tuple(x.shape)}"
+        )
+    if slot_bits(bits) == 8:
         raise ValueError(f"lowbit_linear takes 2–4-bit codes; got bits={bits}")
     m, k = x.shape
+    if qweight.dtype != torch.uint8 or qweight.ndim != 2 or not qweight.is_contiguous():
+        raise ValueError(
+            f"qweight must be a contiguous 2-D uint8 tensor, got {qweight.dtype} {tuple(qweight.shape)}"
+        )
     n, n_bytes = qweight.shape
     if n_bytes != packed_cols(k, bits):
         raise ValueError(
             f"qweight has {n_bytes} bytes per row; {k} {bits}-bit codes need {packed_cols(k, bits)}"
         )
-    block_k = min(block_k, group_size) if group_size else block_k
-    if group_size and group_size % block_k:
-        raise ValueError(f"group_size={group_size} must be a multiple of the K block ({block_k})")
-    x = x if x.stride(-1) == 1 else x.contiguous()
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_m = max(16, min(64, triton.next_power_of_2(m)))
-    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m))
-    _lowbit_gemm_kernel[grid](
-        x, qweight, scales, scales if zeros is None else zeros, x if bias is None else bias, out, m, n, k, n_bytes,
-        scales.shape[1], x.stride(0), out.stride(0), SLOT=slot, OFFSET=offset, GROUP=group_size or 0,
-        HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
-        FP32_DOT=x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
-    )  # fmt: skip
-    return out
+    if group_size is not None and (group_size % 16 or k % group_size):
+        raise ValueError(f"group_size={group_size} must be a multiple of 16 that divides K={k}")
+    groups = k // group_size if group_size else 1
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if t is not None and (tuple(t.shape) != (n, groups) or not t.is_contiguous()):
+            raise ValueError(
+                f"{name} must be contiguous ({n}, {groups}) for group_size={group_size}, got {tuple(t.shape)}"
+            )
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    return m, k, n
 
 
 def lowbit_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
