@@ -325,13 +325,20 @@ def fp8_scale(x: torch.Tensor, group_size: int | None = None, *, per_tensor: boo
     """absmax / 448 per group of the last dim (None = per row/token), or per tensor; float32.
 
     Computed as absmax · (1/448) with the float32 reciprocal, which is how PyTorch's CUDA kernels divide by a
-    scalar, so the CPU, CUDA and the Triton kernel give the same scales bit for bit.
+    scalar, so the CPU, CUDA and the Triton kernel give the same scales bit for bit. A group wider than 128
+    columns (and a multiple of them) takes its absmax over 128-column chunks first: the same value (a max is
+    exact in any order), but `torch.compile` then fuses short inner reductions into the kernel producing x
+    instead of looping twice over a long row (DiT-XL/2 W4A8-FP8 at batch 64: 1.05× vs 0.99× bf16, same run).
     """
     xf = x.detach().float()
     if per_tensor:
         amax = xf.abs().amax().reshape((1,) * max(x.ndim, 1))
     else:
-        amax = grouped(xf, n_groups_of(x.shape[-1], group_size)).abs().amax(-1)
+        groups = grouped(xf, n_groups_of(x.shape[-1], group_size)).abs()  # (..., G, W)
+        width = groups.shape[-1]
+        if width > 128 and width % 128 == 0:
+            groups = groups.reshape(*groups.shape[:-1], width // 128, 128).amax(-1)
+        amax = groups.amax(-1)
     return (amax * (1.0 / FP8_MAX)).clamp_min(SCALE_FLOOR)
 
 

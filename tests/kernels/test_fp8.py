@@ -122,12 +122,3 @@ def test_a_dtype_cast_after_prepare_keeps_the_kernel_format():
     assert m.bias.dtype == torch.bfloat16
     x = torch.randn(131, 48, generator=torch.Generator().manual_seed(5)).to(DEVICE, torch.bfloat16)
     assert m(x).dtype == torch.bfloat16
-
-
-def test_token_scale_equals_the_primitive_for_chunked_and_plain_widths():
-    from ditq.kernels.fp8 import token_scale
-    from ditq.quant.primitives import fp8_scale
-
-    for k in (256, 200):
-        h = torch.randn(3, 7, k, generator=torch.Generator().manual_seed(k))
-        assert torch.equal(token_scale(h), fp8_scale(h))

@@ -7,10 +7,12 @@ import pytest
 import torch
 
 from ditq.quant.primitives import (
+    FP8_MAX,
     SCALE_FLOOR,
     compute_qparams,
     dequantize,
     fake_quantize,
+    fp8_scale,
     per_tensor_qparams,
     qrange,
     quantize,
@@ -229,3 +231,12 @@ def test_straight_through_value_is_exact():
     assert torch.equal(y, x_hat)
     y.sum().backward()
     assert torch.equal(x.grad, torch.ones(10))
+
+
+@pytest.mark.parametrize(("k", "group_size"), [(512, None), (512, 256), (200, None), (128, None), (384, 128)])
+def test_fp8_scale_is_the_group_absmax_over_448_whatever_the_chunking(k, group_size):
+    x = torch.randn(3, 5, k, generator=torch.Generator().manual_seed(k)) * torch.rand(k) * 4
+    x[1, 2] = 0  # an all-zero row takes the floor
+    groups = 1 if group_size is None else k // group_size
+    amax = x.reshape(3, 5, groups, k // groups).abs().amax(-1)
+    assert torch.equal(fp8_scale(x, group_size), (amax * (1.0 / FP8_MAX)).clamp_min(SCALE_FLOOR))
