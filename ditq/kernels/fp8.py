@@ -19,12 +19,10 @@ tensor cores (sm_89+), and on the CPU under `TRITON_INTERPRET=1` (tests).
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
 from ditq.kernels.lowbit import LOWBIT_MAX_ROWS, lowbit_forward
+from ditq.kernels.triton import device_support
 from ditq.quant.primitives import fp8_cast, fp8_scale
 from ditq.quant.qlinear import QuantLinear
 
@@ -70,14 +68,9 @@ def fp8_linear(m: QuantLinear, x: torch.Tensor, weight_fp8: torch.Tensor) -> tor
 def fp8_support(m: QuantLinear) -> str | None:
     """None when the FP8 backends can run `m`, else why not."""
     spec = m.spec
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed"
-    device = m.qweight.device
-    if device.type == "cuda":
-        if torch.cuda.get_device_capability(device) < MIN_CAPABILITY:
-            return "FP8 tensor cores need compute capability 8.9+"
-    elif not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        return f"no FP8 kernels on {device.type}"
+    unsupported = device_support(m.qweight.device, MIN_CAPABILITY, "FP8 tensor cores", "FP8")
+    if unsupported:
+        return unsupported
     if spec.w_format == "int" and not (spec.symmetric and spec.w_bits <= 4 and spec.code_bits == spec.w_bits):
         return "weights must be symmetric int2–int4 (or ternary), served at their stored bits"
     if spec.group_size is not None:

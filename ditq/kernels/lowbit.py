@@ -10,12 +10,10 @@ calls here too (`LOWBIT_MAX_ROWS`).
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
 from ditq.kernels.reference import linear_with
+from ditq.kernels.triton import device_support
 from ditq.quant.packing import signed_offset
 from ditq.quant.qlinear import QuantLinear
 
@@ -65,14 +63,9 @@ def lowbit_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 def lowbit_support(m: QuantLinear) -> str | None:
     """None when the lowbit kernel can run `m`, else why not."""
     spec = m.spec
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed"
-    device = m.qweight.device
-    if device.type == "cuda":
-        if torch.cuda.get_device_capability(device) < MIN_CAPABILITY:
-            return "bf16 tensor cores need compute capability 8.0+"
-    elif not (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        return f"no Triton kernels on {device.type}"
+    unsupported = device_support(m.qweight.device, MIN_CAPABILITY, "bf16 tensor cores", "Triton")
+    if unsupported:
+        return unsupported
     if spec.w_bits > 4 or spec.code_bits != spec.w_bits:
         return "weights must be int2–int4 (or ternary), served at their stored bits"
     if spec.group_size is not None and spec.group_size % 16:

@@ -15,12 +15,11 @@ Works for any activation spec: the activations are fake-quantized by ordinary op
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from ditq.kernels.triton import interpreted
 from ditq.quant.packing import packed_cols, slot_bits
 
 __all__ = ["lowbit_linear", "lowbit_linear_reference"]
@@ -139,7 +138,7 @@ def lowbit_linear(
         x, qweight, scales, scales if zeros is None else zeros, x if bias is None else bias, out, m, n, k,
         qweight.shape[1], scales.shape[1], x.stride(0), out.stride(0), SLOT=slot_bits(bits), OFFSET=offset,
         GROUP=group_size or 0, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
-        FP32_DOT=x.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
+        FP32_DOT=x.dtype == torch.float32 or interpreted(),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
