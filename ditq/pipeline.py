@@ -15,6 +15,7 @@ from torch import nn
 
 from ditq.api import plan, quantize, shallow_clone
 from ditq.calib import CalibData, calibrate
+from ditq.checks import check_counts
 from ditq.eval.layers import layer_errors
 from ditq.io import model_size_bytes
 from ditq.recipes import Recipe
@@ -33,10 +34,7 @@ class CalibSettings:
     seed: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("samples", "steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"calibration {name} must be a positive integer, got {value!r}")
+        check_counts(self, ("samples", "steps"), what="calibration ")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ditq.checks import check_counts
 from ditq.diffusion import sample_images
 from ditq.eval.features import features_and_logits, load_feature_net, load_real_stats
 from ditq.eval.layers import model_size_bytes
@@ -43,10 +44,7 @@ class SampleSettings:
     batch_size: int = 100
 
     def __post_init__(self) -> None:
-        for name in ("samples", "steps", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_counts(self, ("samples", "steps", "batch_size"))
         if not math.isfinite(self.cfg_scale):
             raise ValueError(f"cfg_scale must be a finite number, got {self.cfg_scale!r}")
 

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ditq.checks import check_counts
+
 __all__ = ["SpeedSettings", "time_forward"]
 
 
@@ -32,10 +34,7 @@ class SpeedSettings:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("batch", "repeats", "warmup"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_counts(self, ("batch", "repeats", "warmup"))
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 

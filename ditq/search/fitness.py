@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ditq.checks import check_counts
 from ditq.diffusion import sample_images
 
 FITNESSES = ("fid", "psnr", "output")
@@ -35,10 +36,7 @@ class FitnessSettings:
     batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("samples", "steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"fitness {name} must be a positive int, got {value!r}")
+        check_counts(self, ("samples", "steps"), what="fitness ")
 
     def labels(self, model: nn.Module) -> torch.Tensor:
         return torch.arange(self.samples) % int(model.num_classes)

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ditq.api import requantize
 from ditq.atomic import write_text
 from ditq.calib import CalibData
+from ditq.checks import check_counts
 from ditq.kernels import prepare_for_inference
 from ditq.methods.qdit import QDiT, gptq_cache
 from ditq.search.fitness import FITNESSES, Fitness, FitnessSettings, make_fitness
@@ -67,14 +68,8 @@ class SearchConfig:
     backend: str = "dequantized"
 
     def __post_init__(self) -> None:
-        for name in ("generations", "population", "top_k"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"search {name} must be a positive int, got {value!r}")
-        for name in ("n_crossover", "n_mutation", "seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"search {name} must be an int >= 0, got {value!r}")
+        check_counts(self, ("generations", "population", "top_k"), what="search ")
+        check_counts(self, ("n_crossover", "n_mutation", "seed"), minimum=0, what="search ")
         if self.top_k > self.population:
             raise ValueError(f"top_k={self.top_k} exceeds the population ({self.population})")
         if not 0 < self.mutation_prob <= 1:
