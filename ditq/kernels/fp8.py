@@ -85,7 +85,7 @@ def fp8_support(m: QuantLinear) -> str | None:
 def per_call_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     if _few_rows(x):
         return lowbit_forward(m, x)
-    return fp8_linear(m, x, expand_fp8(m.qweight, m.spec.w_bits, m.in_features, m.spec.w_format == "ternary"))
+    return fp8_linear(m, x, _expanded(m))
 
 
 def cached_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
@@ -104,5 +104,9 @@ def weight_scale(m: QuantLinear) -> dict[str, torch.Tensor]:
 
 
 def expanded_weight(m: QuantLinear) -> dict[str, torch.Tensor]:
-    ternary = m.spec.w_format == "ternary"
-    return weight_scale(m) | {"weight_fp8": expand_fp8(m.qweight, m.spec.w_bits, m.in_features, ternary)}
+    return weight_scale(m) | {"weight_fp8": _expanded(m)}
+
+
+def _expanded(m: QuantLinear) -> torch.Tensor:
+    """The layer's codes as e4m3 (N, K)."""
+    return expand_fp8(m.qweight, m.spec.w_bits, m.in_features, m.spec.w_format == "ternary")
