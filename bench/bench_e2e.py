@@ -23,6 +23,7 @@ import time
 import torch
 
 import ditq
+from ditq.eval.speed import time_calls
 from ditq.methods.svdquant import SVDQuant
 from ditq.models import create
 from ditq.recipes import PRESETS, RTN
@@ -71,21 +72,6 @@ def build(config: str, device: str, backend: str, all_linears: bool) -> torch.nn
     return model
 
 
-def time_forward(fn, args, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn(*args)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(*args)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, required=True)
@@ -116,7 +102,7 @@ def main() -> None:
         start = time.perf_counter()
         out = compiled(x, t, y).float()
         compile_s = time.perf_counter() - start
-        times = time_forward(lambda *a: compiled(*a), (x, t, y), warmup=10, repeats=args.repeats)
+        times = time_calls(compiled, (x, t, y), torch.device(device), warmup=10, repeats=args.repeats)
     times.sort()
     rel = float((out - eager).norm() / eager.norm())
     print(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from ditq.checks import check_counts
 
-__all__ = ["SpeedSettings", "time_forward"]
+__all__ = ["SpeedSettings", "time_calls", "time_forward"]
 
 
 @dataclass(frozen=True)
@@ -62,14 +63,21 @@ def time_forward(model: nn.Module, settings: SpeedSettings) -> dict[str, Any]:
             forward(x, t, y)
             _sync(device)
             compile_s = round(time.perf_counter() - start, 1)
-        for _ in range(settings.warmup):
-            forward(x, t, y)
-        times = [_timed(forward, (x, t, y), device) for _ in range(settings.repeats)]
+        times = time_calls(forward, (x, t, y), device, warmup=settings.warmup, repeats=settings.repeats)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
             "repeats": settings.repeats, "compile_s": compile_s}  # fmt: skip
 
 
-def _timed(forward: Any, args: tuple, device: torch.device) -> float:
+def time_calls(fn: Callable[..., Any], args: tuple, device: torch.device, *, warmup: int, repeats: int
+               ) -> list[float]:
+    """Milliseconds of each of `repeats` calls `fn(*args)` after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn(*args)
+    _sync(device)
+    return [_timed(fn, args, device) for _ in range(repeats)]
+
+
+def _timed(forward: Callable[..., Any], args: tuple, device: torch.device) -> float:
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
