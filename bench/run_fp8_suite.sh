@@ -5,11 +5,12 @@
 # took 337 s on the H100.
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh kernels   # GPU tests, samples vs reference, batch-64 forward, GEMM table
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh models    # SVDQuant r32, ternary, adaLN quantized; batch 2 + graphs
+#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh prepass   # GPU tests, the Triton input pre-pass, batch-64 forward
 #   (bench_kernels.py, in the first part, also times the lowbit kernel's launch configs)
 set -u
 out=${OUT:?set OUT to the results folder}
 e2e() { python bench/bench_e2e.py "$@" >>"$out/e2e_$part.jsonl" 2>>"$out/log_$part.txt" || echo "failed: $*" >>"$out/log_$part.txt"; }
-part=${1:?kernels or models}
+part=${1:?kernels, models, fusion or prepass}
 case $part in
   kernels)
     python -m pytest -q -p no:cacheprovider tests/kernels/test_fp8.py tests/kernels/test_lowbit.py >"$out/gpu_tests.txt" 2>&1
@@ -33,6 +34,14 @@ case $part in
     e2e --batch 64 --config w4a8fp8 --backend fp8-cached
     e2e --batch 64 --config w4a8fp8 --backend fp8-cached --multi-kernel
     e2e --batch 64 --config w4a8fp8 --backend fp8 --multi-kernel ;;
-  *) echo "unknown part $part (kernels, models or fusion)"; exit 2 ;;
+  prepass)  # the GELU moved into fc2 and quantized by the Triton pre-pass (ditq.kernels.fusion, triton/rowquant)
+    python -m pytest -q -p no:cacheprovider tests/kernels/test_rowquant.py tests/kernels/test_fp8.py \
+      tests/kernels/test_lowbit.py >"$out/gpu_tests.txt" 2>&1
+    tail -3 "$out/gpu_tests.txt"
+    python bench/bench_prepass.py --out "$out/prepass_h100" >>"$out/log_$part.txt" 2>&1
+    e2e --batch 64 --config bf16
+    e2e --batch 64 --config w4a8fp8 --backend fp8-cached
+    e2e --batch 64 --config w4a8fp8 --backend fp8 ;;
+  *) echo "unknown part $part (kernels, models, fusion or prepass)"; exit 2 ;;
 esac
 python bench/e2e_table.py "$out/e2e_$part.jsonl" "$out/e2e_fp8_v3_$part" && rm "$out/e2e_$part.jsonl"

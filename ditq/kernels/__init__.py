@@ -18,7 +18,8 @@ Backends here:
   its weight bytes (few tokens); sm_80+.
 - `"fp8"` / `"fp8-cached"` (`ditq.kernels.fp8`): W4A8-FP8 through Triton + cuBLAS FP8 on sm_89+, for
   per-channel int2–int4 or ternary weights with dynamic per-token FP8 activations; `"fp8"` sends few-row
-  calls to the lowbit kernel.
+  calls to the lowbit kernel. Both first move each MLP's GELU into its second Linear
+  (`ditq.kernels.fusion`), whose input they then quantize in one Triton pass.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import torch
 from torch import nn
 
 from ditq.kernels import fp8, lowbit, ops
-from ditq.kernels.reference import group_linear, linear_reference, quantize_activations
+from ditq.kernels.fusion import fuse_input_activations
+from ditq.kernels.reference import activate, group_linear, linear_reference, quantize_activations
 from ditq.quant.qlinear import BACKEND_FORWARDS, QuantLinear
 
 __all__ = [
@@ -60,6 +62,8 @@ class Backend:
     convert: Callable[[QuantLinear, torch.dtype], dict[str, torch.Tensor]] = lambda module, dtype: {}
     # buffers `.to(dtype)` must not cast (FP8 codes, float32 scales)
     fixed_dtype_buffers: tuple[str, ...] = ()
+    # whether `prepare_for_inference` first moves MLP activations into the next Linear (`ditq.kernels.fusion`)
+    fuses_input_activations: bool = False
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -88,6 +92,8 @@ def prepare_for_inference(
     if name not in BACKENDS:
         raise ValueError(f"kernel backend {backend!r} is not one of {sorted([*BACKENDS, *ALIASES])}")
     chosen = BACKENDS[name]
+    if chosen.fuses_input_activations:
+        logger.info("moved %d MLP activation(s) into the next Linear", fuse_input_activations(model))
     declined: Counter[str] = Counter()
     for module in model.modules():
         if not isinstance(module, QuantLinear):
@@ -117,7 +123,7 @@ def _float_dtype(module: QuantLinear) -> torch.dtype:
 
 def _reference_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return ops.quant_linear(
-        x,
+        activate(x, m.input_activation),
         m.qweight,
         m.scales,
         m.zeros,
@@ -133,7 +139,7 @@ def _reference_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 def _dequantized_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return linear_reference(
-        x, m.weight_dq, m.bias, m.smooth, m.lowrank_down, m.lowrank_up, m.act_scale, m.act_zero, m.spec
+        activate(x, m.input_activation), m.weight_dq, m.bias, m.smooth, m.lowrank_down, m.lowrank_up, m.act_scale, m.act_zero, m.spec
     )
 
 
@@ -153,6 +159,7 @@ register_backend(
         supports=fp8.fp8_support,
         convert=lambda m, dtype: fp8.weight_scale(m),
         fixed_dtype_buffers=("fp8_scale_w",),
+        fuses_input_activations=True,
     )
 )
 register_backend(
@@ -162,5 +169,6 @@ register_backend(
         supports=fp8.fp8_support,
         convert=lambda m, dtype: fp8.expanded_weight(m),
         fixed_dtype_buffers=("fp8_scale_w", "weight_fp8"),
+        fuses_input_activations=True,
     )
 )

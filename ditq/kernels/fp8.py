@@ -5,9 +5,12 @@
     (x ÷ smooth) · L1 · L2  (low-rank branch, in x's dtype) ──────────┘
 
 The activation quantization is left as ordinary PyTorch ops on purpose: under `torch.compile` they fuse
-into the kernel that produces x (LayerNorm + adaLN modulate, GELU, ...), so quantizing costs no extra
-pass over the activations — a separate quantization kernel (the first version of this backend, and
-torchao's float8) re-reads every activation once more, which cost more than the FP8 GEMMs saved.
+into the kernel that produces x (LayerNorm + adaLN modulate, ...), so quantizing costs no extra pass over
+the activations — a separate quantization kernel (the first version of this backend, and torchao's float8)
+re-reads every activation once more, which cost more than the FP8 GEMMs saved. The exception is a layer
+with an `input_activation` (an MLP's GELU moved into its second Linear, `ditq.kernels.fusion`): its x is a
+GEMM's output that nothing else reads, and the Triton op `ditq::quantize_rows_fp8` applies the GELU, the
+smoothing and the row scale in one read of each row, with the low-rank down-projection on the way.
 Per-channel weight scales only: |q| ≤ 8 is exact in e4m3 and the scale goes to the GEMM's `scale_b`
 (per-group scales need a fused kernel). Two backends: `"fp8"` expands the codes on every call (weights stay
 2–4-bit in memory; the expansion costs a few µs per layer), `"fp8-cached"` expands once in
@@ -26,7 +29,7 @@ from ditq.kernels.triton import device_support
 from ditq.quant.primitives import fp8_cast, fp8_scale
 from ditq.quant.qlinear import QuantLinear
 
-__all__ = ["expand_fp8", "fp8_support"]
+__all__ = ["expand_fp8", "fp8_support", "quantize_rows"]
 
 MIN_CAPABILITY = (8, 9)
 
@@ -44,14 +47,40 @@ def _(qweight, bits, n_cols, ternary):
     return qweight.new_empty((qweight.shape[0], n_cols), dtype=torch.float8_e4m3fn)
 
 
+@torch.library.custom_op("ditq::quantize_rows_fp8", mutates_args=())
+def quantize_rows(
+    x: torch.Tensor, smooth: torch.Tensor | None, lowrank_down: torch.Tensor | None, activation: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(e4m3 codes (M, K), float32 row scales (M, 1), down (M, rank; rank 0 without L1)) of
+    h = activation(x) [/ smooth], x (M, K), in one Triton pass."""
+    from ditq.kernels.triton.rowquant import quantize_rows_fp8
+
+    codes, scales, down = quantize_rows_fp8(x, smooth, lowrank_down, activation)
+    return codes, scales, x.new_empty((x.shape[0], 0)) if down is None else down
+
+
+@quantize_rows.register_fake
+def _(x, smooth, lowrank_down, activation):
+    rank = 0 if lowrank_down is None else lowrank_down.shape[1]
+    return (x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty((x.shape[0], 1), dtype=torch.float32),
+            x.new_empty((x.shape[0], rank)))  # fmt: skip
+
+
 def fp8_linear(m: QuantLinear, x: torch.Tensor, weight_fp8: torch.Tensor) -> torch.Tensor:
     """y = m(x) through one FP8 GEMM with row-wise scales on both sides; `weight_fp8` (N, K) e4m3 codes."""
     k = x.shape[-1]
-    h = (x if m.smooth is None else x / m.smooth.to(x.dtype)).reshape(-1, k)  # (M, K)
-    scale_x = fp8_scale(h)  # (M, 1) float32
+    down_weight = None if m.lowrank_down is None else m.lowrank_down.to(x.dtype)
+    if m.input_activation is None:  # ordinary ops, fused by the compiler into x's producer
+        h = (x if m.smooth is None else x / m.smooth.to(x.dtype)).reshape(-1, k)  # (M, K)
+        scale_x = fp8_scale(h)  # (M, 1) float32
+        codes = fp8_cast(h, scale_x)
+        down = None if down_weight is None else h @ down_weight  # (M, rank)
+    else:
+        codes, scale_x, down = quantize_rows(x.reshape(-1, k), m.smooth, down_weight, m.input_activation)
+        down = None if down_weight is None else down
     fused_bias = m.bias is not None and x.dtype in (torch.bfloat16, torch.float16)
     y = torch._scaled_mm(
-        fp8_cast(h, scale_x),
+        codes,
         weight_fp8.t(),
         scale_a=scale_x,
         scale_b=m.fp8_scale_w,
@@ -60,8 +89,8 @@ def fp8_linear(m: QuantLinear, x: torch.Tensor, weight_fp8: torch.Tensor) -> tor
     )  # (M, N)
     if m.bias is not None and not fused_bias:
         y = y + m.bias.to(x.dtype)
-    if m.lowrank_down is not None:
-        y = y + (h @ m.lowrank_down.to(x.dtype)) @ m.lowrank_up.to(x.dtype)
+    if down is not None:
+        y = y + down @ m.lowrank_up.to(x.dtype)
     return y.reshape(*x.shape[:-1], m.out_features)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ditq.kernels.reference import linear_with
+from ditq.kernels.reference import activate, linear_with
 from ditq.kernels.triton import device_support
 from ditq.quant.packing import signed_offset
 from ditq.quant.qlinear import QuantLinear
@@ -57,7 +57,8 @@ def lowbit_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     def matmul(h_q: torch.Tensor) -> torch.Tensor:
         return lowbit_gemm(h_q, m.qweight, m.scales, m.zeros, bias, spec.w_bits, offset, spec.group_size or 0)
 
-    return linear_with(matmul, x, m.smooth, m.lowrank_down, m.lowrank_up, m.act_scale, m.act_zero, spec)
+    h = activate(x, m.input_activation)
+    return linear_with(matmul, h, m.smooth, m.lowrank_down, m.lowrank_up, m.act_scale, m.act_zero, spec)
 
 
 def lowbit_support(m: QuantLinear) -> str | None:

@@ -21,7 +21,10 @@ import torch.nn.functional as F
 from ditq.quant.qlinear import QuantLinear, quantize_activations
 from ditq.quant.spec import QuantSpec
 
-__all__ = ["group_linear", "linear_reference", "linear_with", "quantize_activations"]
+__all__ = ["INPUT_ACTIVATIONS", "activate", "group_linear", "linear_reference", "linear_with", "quantize_activations"]
+
+# what `QuantLinear.input_activation` may name: an activation applied to x before anything else
+INPUT_ACTIVATIONS = ("none", "gelu", "gelu_tanh")
 
 
 def linear_reference(
@@ -87,6 +90,15 @@ def group_linear(x: torch.Tensor, members: Sequence[QuantLinear]) -> list[torch.
             y = y + down @ m.lowrank_up.to(x.dtype)
         outputs.append(y)
     return outputs
+
+
+def activate(x: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """x through a layer's input activation (`QuantLinear.input_activation`, None = none), in x's dtype."""
+    if activation in (None, "none"):
+        return x
+    if activation not in INPUT_ACTIVATIONS:
+        raise ValueError(f"input activation {activation!r} is not one of {INPUT_ACTIVATIONS}")
+    return F.gelu(x, approximate="tanh" if activation == "gelu_tanh" else "none")
 
 
 def _act_part(spec: QuantSpec) -> tuple:

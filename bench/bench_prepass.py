@@ -1,0 +1,92 @@
+"""The FP8 input pre-pass (`ditq::quantize_rows_fp8`) against what `torch.compile` builds for the same work,
+at DiT-XL/2 batch-64 shapes, same run. Medians of `triton.testing.do_bench` (µs).
+
+    python bench/bench_prepass.py --out bench/results/prepass_h100
+
+Rows: fc2's input (16,384 × 4,608, GELU-tanh, optionally SVDQuant's smoothing + rank-32 down-projection) and a
+plain 1,152-wide row (the attention output). "inductor" compiles the PyTorch reference (the FP8 backend without
+the kernel); "bf16 gelu" is what bf16 spends on the activation alone. The one-pass kernel's launch configs are
+swept; every kernel output is checked against the reference first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import triton
+
+from ditq.kernels.reference import activate
+from ditq.kernels.triton.rowquant import quantize_rows_fp8, quantize_rows_fp8_reference
+
+CASES = [  # (name, M, K, activation, smooth + rank)
+    ("fc2 in, gelu_tanh", 16384, 4608, "gelu_tanh", 0),
+    ("fc2 in, gelu_tanh, smooth + r32", 16384, 4608, "gelu_tanh", 32),
+    ("attn out, none", 16384, 1152, "none", 0),
+    ("fc2 in B2, gelu_tanh", 512, 4608, "gelu_tanh", 0),
+]
+LAUNCHES = [(e, w) for e in (2048, 4096, 8192) for w in (4, 8, 16)]
+
+
+def bench(fn) -> float:
+    return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def measure(name: str, m: int, k: int, activation: str, rank: int) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16) * 2
+    smooth = torch.rand(k, device="cuda", generator=g) + 0.5 if rank else None
+    down = torch.randn(k, rank, device="cuda", generator=g, dtype=torch.bfloat16) * 0.05 if rank else None
+    ref_codes, ref_scales, ref_down = quantize_rows_fp8_reference(x, smooth, down, activation)
+    codes, scales, out_down = quantize_rows_fp8(x, smooth, down, activation)
+    row = {
+        "case": name, "M": m, "K": k, "activation": activation, "rank": rank,
+        "codes_differing": float((codes.float() != ref_codes.float()).float().mean()),
+        "scales_max_rel_diff": float(((scales - ref_scales).abs() / ref_scales).max()),
+        "down_rel_err": None if rank == 0 else float((out_down.float() - ref_down.float()).norm() / ref_down.float().norm()),
+    }  # fmt: skip
+    compiled = torch.compile(quantize_rows_fp8_reference, fullgraph=True, dynamic=False)
+    row["inductor_us"] = bench(lambda: compiled(x, smooth, down, activation))
+    if activation != "none":
+        gelu = torch.compile(lambda t: activate(t, activation), fullgraph=True, dynamic=False)
+        row["bf16_gelu_us"] = bench(lambda: gelu(x))
+    if rank:
+        row["kernel_us"] = bench(lambda: quantize_rows_fp8(x, smooth, down, activation))
+    else:
+        row["launches"] = {
+            f"{e} elements, {w} warps": bench(
+                lambda e=e, w=w: quantize_rows_fp8(x, smooth, None, activation, row_elements=e, num_warps=w)
+            )
+            for e, w in LAUNCHES
+        }
+        row["kernel_us"] = bench(lambda: quantize_rows_fp8(x, smooth, None, activation))  # the default launch
+    row["ideal_us_at_3tbps"] = (m * k * 3 + m * 4 + m * rank * 2) / 3.0e12 * 1e6
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="path stem for .json and .md")
+    args = parser.parse_args()
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    rows = []
+    for case in CASES:
+        rows.append(measure(*case))
+        print(json.dumps(rows[-1]), flush=True)
+        args.out.with_suffix(".json").write_text(json.dumps(meta | {"rows": rows}, indent=1))  # partial kept
+    lines = [f"# FP8 input pre-pass, {meta['gpu']}, torch {meta['torch']}, Triton {meta['triton']}", "",
+             "| case | inductor µs | kernel µs | × inductor | bf16 GELU µs | ideal µs | codes ≠ ref |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(
+            f"| {r['case']} ({r['M']}×{r['K']}) | {r['inductor_us']:.1f} | {r['kernel_us']:.1f} | "
+            f"{r['inductor_us'] / r['kernel_us']:.2f} | {r.get('bf16_gelu_us', float('nan')):.1f} | "
+            f"{r['ideal_us_at_3tbps']:.1f} | {r['codes_differing']:.1e} |"
+        )
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""Per-token FP8 quantization of a wide activation in one read, with its activation function and SVDQuant's
+down-projection fused in: the input pre-pass of an FP8 GEMM whose input no compiler can fuse.
+
+    x (M, K) ──► h = act(x) [/ smooth] ──► s = max|h| / 448 per row, codes = e4m3(h / s)   (+ down = h · L1)
+
+The input of an MLP's second Linear is GELU(fc1(x)): `torch.compile` fuses the GELU, the row absmax and the
+cast into one reduction kernel, but over rows wider than 1,024 it loops twice and recomputes the GELU (DiT-XL/2
+fc2, 16,384 × 4,608: 316 µs on an H100 against 106 µs for bf16's GELU alone). Here each program holds whole
+rows in registers — a power-of-two head tile plus a tail tile, so a row of 4,608 = 4,096 + 512 columns wastes
+no lanes — reads x once and writes codes and scales once. With a low-rank branch the down-projection needs
+tensor-core tiles of 16 rows, too many to hold, so that kernel takes two passes over K: absmax and h · L1
+first, the cast second (so do rows too wide to hold). Every value is rounded where the PyTorch reference rounds it (the activation and the
+smoothing in x's dtype; scale = absmax · (1/448), floored; codes round to nearest even).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ditq.kernels.reference import activate
+from ditq.kernels.triton import interpreted
+from ditq.quant.primitives import FP8_MAX, SCALE_FLOOR, fp8_cast, fp8_scale
+
+__all__ = ["quantize_rows_fp8", "quantize_rows_fp8_reference"]
+
+ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}  # kernel codes of `reference.INPUT_ACTIVATIONS`
+ROW_ELEMENTS = 4096  # elements one program of the one-pass kernel holds (rows × padded width), 8 warps
+MAX_RESIDENT = 16384  # wider rows (padded) take the two-pass kernel: registers would spill
+_FP8_MAX = tl.constexpr(FP8_MAX)
+_SCALE_FLOOR = tl.constexpr(SCALE_FLOOR)
+
+
+@triton.jit
+def _rounded(h, dtype: tl.constexpr, EMULATE: tl.constexpr):
+    """float32 h rounded to nearest even in `dtype` (bf16, fp16 or e4m3), returned as float32. EMULATE: by
+    integer arithmetic, for Triton's CPU interpreter, whose float casts round half up and drop the carry."""
+    if not EMULATE:
+        return h.to(dtype).to(tl.float32)
+    MANT: tl.constexpr = dtype.fp_mantissa_width
+    MIN_EXP: tl.constexpr = 1 - dtype.exponent_bias  # smallest normal exponent
+    DROP: tl.constexpr = 23 - MANT
+    bits = h.to(tl.uint32, bitcast=True)
+    KEEP: tl.constexpr = 0xFFFFFFFF ^ ((1 << DROP) - 1)
+    bits = (bits + ((1 << (DROP - 1)) - 1) + ((bits >> DROP) & 1)) & KEEP
+    normal = bits.to(tl.float32, bitcast=True)
+    magic = tl.exp2(tl.full(h.shape, MIN_EXP - MANT + 23, tl.float32))  # adding it rounds to subnormal steps
+    tiny = (tl.abs(h) + magic) - magic
+    return tl.where(tl.abs(h) < tl.exp2(tl.full(h.shape, MIN_EXP, tl.float32)), tl.where(h < 0, -tiny, tiny), normal)
+
+
+@triton.jit
+def _activated(
+    x, smooth, rows, cols, row_ok, K, stride_xm, ACT: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr
+):
+    """(rows, cols) tile of act(x) [/ smooth] in float32, each step rounded to x's dtype; 0 outside."""
+    inside = row_ok[:, None] & (cols < K)[None, :]
+    v = tl.load(x + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=inside, other=0.0)
+    dtype: tl.constexpr = v.dtype
+    h = v.to(tl.float32)
+    if ACT == 1:  # exact GELU
+        h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    if ACT == 2:  # tanh approximation, tanh(u) = 1 − 2 / (e^{2u} + 1)
+        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        h = 0.5 * h * (2.0 - 2.0 / (tl.exp(tl.minimum(2.0 * u, 80.0)) + 1.0))
+    if dtype != tl.float32:
+        h = _rounded(h, dtype, EMULATE)
+    if HAS_SMOOTH:
+        s = tl.load(smooth + cols, mask=cols < K, other=1.0).to(tl.float32)
+        if dtype != tl.float32:
+            s = _rounded(s, dtype, EMULATE)  # the reference divides by smooth cast to x's dtype
+            h = _rounded(tl.math.div_rn(h, s[None, :]), dtype, EMULATE)
+        else:
+            h = tl.math.div_rn(h, s[None, :])
+    return h
+
+
+@triton.jit
+def _row_scale(amax):
+    return tl.maximum(amax * (1.0 / _FP8_MAX), _SCALE_FLOOR)
+
+
+@triton.jit
+def _store_codes(codes, h, scale, rows, cols, row_ok, K, stride_cm, EMULATE: tl.constexpr):
+    q = tl.minimum(tl.maximum(tl.math.div_rn(h, scale[:, None]), -_FP8_MAX), _FP8_MAX)
+    q = _rounded(q, tl.float8e4nv, EMULATE)
+    tl.store(codes + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :], q.to(tl.float8e4nv),
+             mask=row_ok[:, None] & (cols < K)[None, :])  # fmt: skip
+
+
+@triton.jit
+def _rows_one_pass_kernel(
+    x, smooth, codes, scales, M, K, stride_xm, stride_cm,
+    ACT: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
+):  # fmt: skip
+    """BLOCK_M whole rows per program: columns [0, HEAD) and [HEAD, HEAD + TAIL), both powers of two."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    head_cols = tl.arange(0, HEAD)
+    head = _activated(x, smooth, rows, head_cols, row_ok, K, stride_xm, ACT, HAS_SMOOTH, EMULATE)
+    amax = tl.max(tl.abs(head), axis=1)
+    if TAIL > 0:
+        tail_cols = HEAD + tl.arange(0, TAIL)
+        tail = _activated(x, smooth, rows, tail_cols, row_ok, K, stride_xm, ACT, HAS_SMOOTH, EMULATE)
+        amax = tl.maximum(amax, tl.max(tl.abs(tail), axis=1))
+    scale = _row_scale(amax)
+    tl.store(scales + rows, scale, mask=row_ok)
+    _store_codes(codes, head, scale, rows, head_cols, row_ok, K, stride_cm, EMULATE)
+    if TAIL > 0:
+        _store_codes(codes, tail, scale, rows, tail_cols, row_ok, K, stride_cm, EMULATE)
+
+
+@triton.jit
+def _rows_two_pass_kernel(
+    x, smooth, lowrank_down, codes, scales, down, M, K: tl.constexpr, R, stride_xm, stride_cm,
+    ACT: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr, HAS_DOWN: tl.constexpr, FP32_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    """Pass 1 over K: row absmax (and down = h · L1 on tensor cores, fp32 accumulation); pass 2: the codes.
+    K is a compile-time constant (a layer's width; also what Triton's CPU interpreter needs for a loop bound)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rk, rr = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_R)
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        h = _activated(x, smooth, rows, k0 + rk, row_ok, K, stride_xm, ACT, HAS_SMOOTH, EMULATE)
+        amax = tl.maximum(amax, tl.max(tl.abs(h), axis=1))
+        if HAS_DOWN:
+            l1 = tl.load(lowrank_down + (k0 + rk).to(tl.int64)[:, None] * R + rr[None, :],
+                         mask=(k0 + rk < K)[:, None] & (rr < R)[None, :], other=0.0)  # fmt: skip
+            if FP32_DOT:
+                acc += tl.dot(h, l1.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
+            else:
+                acc += tl.dot(h.to(l1.dtype), l1, out_dtype=tl.float32)
+    scale = _row_scale(amax)
+    tl.store(scales + rows, scale, mask=row_ok)
+    if HAS_DOWN:
+        tl.store(down + rows.to(tl.int64)[:, None] * R + rr[None, :], acc.to(down.dtype.element_ty),
+                 mask=row_ok[:, None] & (rr < R)[None, :])  # fmt: skip
+    for k0 in range(0, K, BLOCK_K):
+        h = _activated(x, smooth, rows, k0 + rk, row_ok, K, stride_xm, ACT, HAS_SMOOTH, EMULATE)
+        _store_codes(codes, h, scale, rows, k0 + rk, row_ok, K, stride_cm, EMULATE)
+
+
+def quantize_rows_fp8(
+    x: torch.Tensor,
+    smooth: torch.Tensor | None = None,
+    lowrank_down: torch.Tensor | None = None,
+    activation: str = "none",
+    *,
+    row_elements: int = ROW_ELEMENTS,
+    num_warps: int = 8,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(e4m3 codes (M, K), float32 scales (M, 1), down (M, R) or None) of h = activation(x) [/ smooth].
+
+    `row_elements` (rows × padded width held per program) and `num_warps` set the one-pass kernel's launch.
+    """
+    m, k = _check_operands(x, smooth, lowrank_down, activation)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    codes = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    common = dict(ACT=ACTIVATIONS[activation], HAS_SMOOTH=smooth is not None, EMULATE=interpreted())
+    smooth_arg = x if smooth is None else smooth
+    head = 1 << (k.bit_length() - 1)
+    tail = triton.next_power_of_2(k - head) if k > head else 0
+    if lowrank_down is None and head + tail <= MAX_RESIDENT:
+        fits = max(1, row_elements // (head + tail))
+        block_m = min(1 << (fits.bit_length() - 1), triton.next_power_of_2(m))  # powers of two
+        _rows_one_pass_kernel[(triton.cdiv(m, block_m),)](
+            x, smooth_arg, codes, scales, m, k, x.stride(0), codes.stride(0),
+            BLOCK_M=block_m, HEAD=head, TAIL=tail, num_warps=num_warps, **common,
+        )  # fmt: skip
+        return codes, scales, None
+    rank = 0 if lowrank_down is None else lowrank_down.shape[1]
+    down = torch.empty(m, rank, dtype=x.dtype, device=x.device)
+    block_m = 16
+    _rows_two_pass_kernel[(triton.cdiv(m, block_m),)](
+        x, smooth_arg, x if lowrank_down is None else lowrank_down.contiguous(), codes, scales, down, m, k, rank,
+        x.stride(0), codes.stride(0), HAS_DOWN=lowrank_down is not None,
+        FP32_DOT=x.dtype == torch.float32 or interpreted(), BLOCK_M=block_m, BLOCK_K=128,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=4, **common,
+    )  # fmt: skip
+    return codes, scales, None if lowrank_down is None else down
+
+
+def _check_operands(
+    x: torch.Tensor, smooth: torch.Tensor | None, lowrank_down: torch.Tensor | None, activation: str
+) -> tuple[int, int]:
+    """(M, K), or a ValueError naming what the kernel would read wrongly."""
+    if x.ndim != 2 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"quantize_rows_fp8 takes a 2-D float x (tokens, channels), got {x.dtype} {tuple(x.shape)}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
+    m, k = x.shape
+    if smooth is not None and (tuple(smooth.shape) != (k,) or not smooth.is_contiguous()):
+        raise ValueError(f"smooth must be contiguous ({k},), got {tuple(smooth.shape)}")
+    if lowrank_down is not None and (lowrank_down.ndim != 2 or lowrank_down.shape[0] != k):
+        raise ValueError(f"lowrank_down must be ({k}, rank), got {tuple(lowrank_down.shape)}")
+    if lowrank_down is not None and lowrank_down.dtype != x.dtype:
+        raise ValueError(f"lowrank_down must be in x's dtype {x.dtype}, got {lowrank_down.dtype}")
+    return m, k
+
+
+def quantize_rows_fp8_reference(
+    x: torch.Tensor,
+    smooth: torch.Tensor | None = None,
+    lowrank_down: torch.Tensor | None = None,
+    activation: str = "none",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The same in PyTorch, as the FP8 backend computes it without the kernel."""
+    h = activate(x, activation)
+    h = h if smooth is None else h / smooth.to(h.dtype)
+    scales = fp8_scale(h)
+    down = None if lowrank_down is None else h @ lowrank_down.to(h.dtype)
+    return fp8_cast(h, scales), scales, down
+
