@@ -141,7 +141,9 @@ def _read(path: Path, kind: str, *, shown: Path, with_tensors: bool
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             header = _parse_header(shown, metadata, kind)
-            tensors = {k: f.get_tensor(k) for k in f.keys()} if with_tensors else {}
+            # own, aligned copies: safetensors may hand out views into the mapped file at unaligned offsets,
+            # and CPU matmul kernels pick their code path by alignment (the last bit would differ)
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()} if with_tensors else {}
     except (SafetensorError, OSError, RuntimeError) as err:
         raise CheckpointError(f"{shown}: not a readable safetensors file (truncated or not safetensors): {err}"
                               ) from err

@@ -104,7 +104,8 @@ def test_from_pretrained_with_a_ditq_config_quantizes_as_ditq_quantize(tmp_path)
     fp = make_transformer("DiTTransformer2DModel")
     fp.save_pretrained(tmp_path / "fp")
     q = diffusers.DiTTransformer2DModel.from_pretrained(tmp_path / "fp", quantization_config=DitqConfig("w8a8"))
-    expected = ditq.quantize(make_transformer("DiTTransformer2DModel"), ditq.load_recipe("w8a8"))
+    # the same loader on both sides: CPU kernels may round differently on the loader's memory than on fresh tensors
+    expected = ditq.quantize(diffusers.DiTTransformer2DModel.from_pretrained(tmp_path / "fp"), ditq.load_recipe("w8a8"))
     names = {n for n, m in q.named_modules() if isinstance(m, QuantLinear)}
     assert names == {n for n, m in expected.named_modules() if isinstance(m, QuantLinear)} and names
     adapter = diffusers_adapter(q)

@@ -1,0 +1,105 @@
+"""Few-row GEMMs (the adaLN modulation Linears: one row per sample) timed as kernels alone, bf16 cuBLAS against
+the lowbit kernel on int4 and ternary codes, same run.
+
+    python bench/bench_weight_bound.py --out bench/results/weight_bound_h200
+
+These GEMMs are bound by their weight bytes, so two things would make a naive timing lie: Python launch time
+(tens of µs, more than the kernel) and the L2 cache (a 16 MB bf16 weight fits in it, so repeated calls on one
+weight read the cache). Each timing therefore replays a CUDA graph that runs `LAYERS` layers with distinct
+weights in sequence (more bytes than the L2 holds, as in a model that streams 28 blocks' weights) and
+reports the time per layer: the median over replays (`triton.testing.do_bench_cudagraph`). Every lowbit
+output is checked against the dequantized reference first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from ditq.kernels.triton.lowbit_gemm import lowbit_linear
+from ditq.quant.packing import signed_offset
+from ditq.quant.qlinear import QuantLinear
+from ditq.quant.spec import QuantSpec
+
+SHAPES = [  # (name, M, K, N)
+    ("DiT-XL/2 adaLN, batch 2", 2, 1152, 6912),
+    ("DiT-XL/2 adaLN, batch 64", 64, 1152, 6912),
+    ("DiT-XL/2 adaLN, batch 128", 128, 1152, 6912),
+    ("FLUX adaLN, batch 2", 2, 3072, 18432),
+]
+WEIGHTS = {"int4": QuantSpec(w_bits=4), "ternary": QuantSpec(w_bits=2, w_format="ternary")}
+CONFIGS = [(bn, bk, 4, st) for bn in (16, 32, 64) for bk in (128, 256) for st in (3, 4)]
+LAYERS = 8
+
+
+def per_layer_us(fn) -> float:
+    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") / LAYERS
+
+
+def measure(name: str, m: int, k: int, n: int) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    linears = [torch.nn.Linear(k, n, device="cuda") for _ in range(LAYERS)]
+    weights = [(lin.weight.to(torch.bfloat16), lin.bias.to(torch.bfloat16)) for lin in linears]
+    row = {"shape": name, "M": m, "K": k, "N": n, "bf16_weight_bytes": 2 * k * n}
+    row["bf16_us"] = per_layer_us(lambda: [F.linear(x, w, b) for w, b in weights])
+    for fmt, spec in WEIGHTS.items():
+        layers = [QuantLinear.from_linear(lin, spec).to(torch.bfloat16) for lin in linears]
+        row |= {f"{fmt}_{key}": value for key, value in time_lowbit(x, layers, spec).items()}
+    return row
+
+
+def time_lowbit(x: torch.Tensor, layers: list[QuantLinear], spec: QuantSpec) -> dict:
+    offset = signed_offset(spec.w_bits, spec.w_format == "ternary")
+
+    def run(layer: QuantLinear, config: tuple = (32, None, 4, 3)) -> torch.Tensor:
+        bn, bk, warps, stages = config
+        return lowbit_linear(x, layer.qweight, layer.scales, None, layer.bias, bits=spec.w_bits, offset=offset,
+                             group_size=None, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)  # fmt: skip
+
+    ref = F.linear(x.float(), layers[0].dequantized_weight(torch.float32), layers[0].bias.float())
+    out = {"rel_err": float((run(layers[0]).float() - ref).norm() / ref.norm())}
+    out["weight_bytes"] = layers[0].qweight.numel()
+    out["default_us"] = per_layer_us(lambda: [run(layer) for layer in layers])
+    timed = {}
+    for config in CONFIGS:
+        try:
+            timed[str(config)] = per_layer_us(lambda c=config: [run(layer, c) for layer in layers])
+        except triton.runtime.errors.OutOfResources:
+            continue
+    best = min(timed, key=timed.get)
+    return out | {"configs_us": timed, "best": best, "best_us": timed[best]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="path stem for .json and .md")
+    args = parser.parse_args()
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "layers_per_graph": LAYERS}  # fmt: skip
+    rows = []
+    for shape in SHAPES:
+        rows.append(measure(*shape))
+        print(json.dumps({k: v for k, v in rows[-1].items() if not k.endswith("configs_us")}), flush=True)
+        args.out.with_suffix(".json").write_text(json.dumps(meta | {"rows": rows}, indent=1))  # partial kept
+    lines = [f"# Weight-bound GEMMs, kernels alone — {meta['gpu']}, torch {meta['torch']}, Triton {meta['triton']}",
+             "", f"µs per layer, median of CUDA-graph replays over {LAYERS} layers with distinct weights; "
+             "× = bf16 / lowbit, same run. Best = the best launch config (block_n, block_k, warps, stages).", "",
+             "| shape | M×K×N | bf16 µs | int4 default µs (×) | int4 best µs (×) | ternary default µs (×) "
+             "| ternary best µs (×) | best configs int4 / ternary |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        cells = [f"{r[f'{fmt}_{kind}_us']:.2f} ({r['bf16_us'] / r[f'{fmt}_{kind}_us']:.2f}×)"
+                 for fmt in WEIGHTS for kind in ("default", "best")]  # fmt: skip
+        lines.append(f"| {r['shape']} | {r['M']}×{r['K']}×{r['N']} | {r['bf16_us']:.2f} | " + " | ".join(cells)
+                     + f" | {r['int4_best']} / {r['ternary_best']} |")  # fmt: skip
+    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
