@@ -93,7 +93,7 @@ def prepare_for_inference(
         raise ValueError(f"kernel backend {backend!r} is not one of {sorted([*BACKENDS, *ALIASES])}")
     chosen = BACKENDS[name]
     if chosen.fuses_input_activations:
-        logger.info("moved %d MLP activation(s) into the next Linear", fuse_input_activations(model))
+        logger.info("moved %d activation(s) and norm(s) into the next Linear", fuse_input_activations(model))
     declined: Counter[str] = Counter()
     for module in model.modules():
         if not isinstance(module, QuantLinear):

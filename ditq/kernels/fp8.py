@@ -25,13 +25,15 @@ from __future__ import annotations
 import torch
 
 from ditq.kernels.lowbit import LOWBIT_MAX_ROWS, lowbit_forward
+from ditq.kernels.reference import Modulation
 from ditq.kernels.triton import device_support
 from ditq.quant.primitives import fp8_cast, fp8_scale
 from ditq.quant.qlinear import QuantLinear
 
-__all__ = ["expand_fp8", "fp8_support", "quantize_rows"]
+__all__ = ["FP8_BACKENDS", "expand_fp8", "fp8_support", "modulated_fp8_linear", "quantize_rows", "uses_few_row_path"]
 
 MIN_CAPABILITY = (8, 9)
+FP8_BACKENDS = ("fp8", "fp8-cached")
 
 
 @torch.library.custom_op("ditq::expand_fp8", mutates_args=())
@@ -49,18 +51,27 @@ def _(qweight, bits, n_cols, ternary):
 
 @torch.library.custom_op("ditq::quantize_rows_fp8", mutates_args=())
 def quantize_rows(
-    x: torch.Tensor, smooth: torch.Tensor | None, lowrank_down: torch.Tensor | None, activation: str
+    x: torch.Tensor,
+    smooth: torch.Tensor | None,
+    lowrank_down: torch.Tensor | None,
+    activation: str,
+    shift: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    tokens: int = 1,
+    eps: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(e4m3 codes (M, K), float32 row scales (M, 1), down (M, rank; rank 0 without L1)) of
-    h = activation(x) [/ smooth], x (M, K), in one Triton pass."""
+    h = activation(x), or modulate(LayerNorm(x), shift, scale) with a shift, [/ smooth], x (M, K), in one
+    Triton pass."""
     from ditq.kernels.triton.rowquant import quantize_rows_fp8
 
-    codes, scales, down = quantize_rows_fp8(x, smooth, lowrank_down, activation)
+    modulation = None if shift is None else Modulation(shift, scale, tokens, eps)
+    codes, scales, down = quantize_rows_fp8(x, smooth, lowrank_down, activation, modulation)
     return codes, scales, x.new_empty((x.shape[0], 0)) if down is None else down
 
 
 @quantize_rows.register_fake
-def _(x, smooth, lowrank_down, activation):
+def _(x, smooth, lowrank_down, activation, shift=None, scale=None, tokens=1, eps=0.0):
     rank = 0 if lowrank_down is None else lowrank_down.shape[1]
     return (x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty((x.shape[0], 1), dtype=torch.float32),
             x.new_empty((x.shape[0], rank)))  # fmt: skip
@@ -77,21 +88,36 @@ def fp8_linear(m: QuantLinear, x: torch.Tensor, weight_fp8: torch.Tensor) -> tor
         down = None if down_weight is None else h @ down_weight  # (M, rank)
     else:
         codes, scale_x, down = quantize_rows(x.reshape(-1, k), m.smooth, down_weight, m.input_activation)
-        down = None if down_weight is None else down
-    fused_bias = m.bias is not None and x.dtype in (torch.bfloat16, torch.float16)
+    return _scaled_gemm(m, codes, scale_x, down, weight_fp8, x.dtype).reshape(*x.shape[:-1], m.out_features)
+
+
+def modulated_fp8_linear(m: QuantLinear, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+                         ) -> torch.Tensor:  # fmt: skip
+    """m(modulate(LayerNorm(x), shift, scale)) for x (samples, tokens, K), the LayerNorm and modulation done
+    by the input pre-pass; `m` runs on an FP8 backend."""
+    n, t, k = x.shape
+    down_weight = None if m.lowrank_down is None else m.lowrank_down.to(x.dtype)
+    codes, scale_x, down = quantize_rows(x.reshape(-1, k), m.smooth, down_weight, "none", shift, scale, t, eps)
+    return _scaled_gemm(m, codes, scale_x, down, _weight_codes(m), x.dtype).reshape(n, t, m.out_features)
+
+
+def _scaled_gemm(m: QuantLinear, codes: torch.Tensor, scale_x: torch.Tensor, down: torch.Tensor | None,
+                 weight_fp8: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """(M, N) = s_x·s_w·(codes · weight_fp8ᵀ) + bias (+ down · L2) in `dtype`."""
+    fused_bias = m.bias is not None and dtype in (torch.bfloat16, torch.float16)
     y = torch._scaled_mm(
         codes,
         weight_fp8.t(),
         scale_a=scale_x,
         scale_b=m.fp8_scale_w,
-        bias=m.bias.to(x.dtype) if fused_bias else None,
-        out_dtype=x.dtype,
+        bias=m.bias.to(dtype) if fused_bias else None,
+        out_dtype=dtype,
     )  # (M, N)
     if m.bias is not None and not fused_bias:
-        y = y + m.bias.to(x.dtype)
-    if down is not None:
-        y = y + down @ m.lowrank_up.to(x.dtype)
-    return y.reshape(*x.shape[:-1], m.out_features)
+        y = y + m.bias.to(dtype)
+    if m.lowrank_up is not None:
+        y = y + down @ m.lowrank_up.to(dtype)
+    return y
 
 
 def fp8_support(m: QuantLinear) -> str | None:
@@ -112,7 +138,7 @@ def fp8_support(m: QuantLinear) -> str | None:
 
 
 def per_call_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    if _few_rows(x):
+    if uses_few_row_path(m, x):
         return lowbit_forward(m, x)
     return fp8_linear(m, x, _expanded(m))
 
@@ -121,10 +147,11 @@ def cached_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return fp8_linear(m, x, m.weight_fp8)
 
 
-def _few_rows(x: torch.Tensor) -> bool:
-    """Few-token GEMMs are bound by weight bytes: reading the packed codes directly beats expanding them first
-    (H100, adaLN 64×1152×6912: lowbit 15.7 µs; expansion 16.4 µs + FP8 GEMM 12.7 µs)."""
-    return x.numel() <= LOWBIT_MAX_ROWS * x.shape[-1]
+def uses_few_row_path(m: QuantLinear, x: torch.Tensor) -> bool:
+    """Whether the "fp8" backend hands `m(x)` to the lowbit kernel: few-token GEMMs are bound by weight bytes,
+    and reading the packed codes directly beats expanding them first (H100, adaLN 64×1152×6912: lowbit
+    15.7 µs; expansion 16.4 µs + FP8 GEMM 12.7 µs)."""
+    return m.backend == "fp8" and x.numel() <= LOWBIT_MAX_ROWS * x.shape[-1]
 
 
 def weight_scale(m: QuantLinear) -> dict[str, torch.Tensor]:
@@ -134,6 +161,11 @@ def weight_scale(m: QuantLinear) -> dict[str, torch.Tensor]:
 
 def expanded_weight(m: QuantLinear) -> dict[str, torch.Tensor]:
     return weight_scale(m) | {"weight_fp8": _expanded(m)}
+
+
+def _weight_codes(m: QuantLinear) -> torch.Tensor:
+    """The layer's e4m3 weight: kept by "fp8-cached", expanded per call by "fp8"."""
+    return m.weight_fp8 if m.backend == "fp8-cached" else _expanded(m)
 
 
 def _expanded(m: QuantLinear) -> torch.Tensor:

@@ -1,19 +1,23 @@
-"""Moving an MLP's GELU into its second Linear, so an FP8 backend applies it while quantizing that Linear's input.
+"""Moving what produces a Linear's input into that Linear, so an FP8 backend computes it while quantizing it.
 
-Under `torch.compile` the GELU between two GEMMs fuses with the next GEMM's per-token absmax and FP8 cast into
-one reduction kernel which, over rows wider than 1,024, reads each row twice and computes the GELU twice; the
-Triton pre-pass (`ditq.kernels.triton.rowquant`) applies it while reading the row once. Only blocks whose
-forward is known are rewritten: the zoo's `Mlp` (fc2(act(fc1(x)))) and diffusers' `FeedForward` whose first
-module is its `GELU` (proj, then gelu; PixArt, FLUX, SD3) with dropout 0. Outputs stay equal: the activation
-becomes an identity and the Linear after it takes the activation as `QuantLinear.input_activation`, which
-every backend honours.
+Two producers are moved, each where a compiler fuses it badly with the per-token absmax and FP8 cast that
+follow (`ditq.kernels.triton.rowquant` says why and what it costs):
+- an MLP's GELU, into its second Linear: the zoo's `Mlp` (fc2(act(fc1(x)))) and diffusers' `FeedForward` whose
+  first module is its `GELU` (proj, then gelu; PixArt, FLUX, SD3) with dropout 0. The activation becomes an
+  identity and the Linear takes it as `QuantLinear.input_activation`, which every backend honours;
+- a zoo `DiTBlock`'s two LayerNorm + adaLN modulate steps, into qkv and fc1: the block's forward hands x, shift
+  and scale to the FP8 pre-pass when the Linear runs on an FP8 backend, and computes the norm as before
+  otherwise (any backend, any mix of layers).
+Only blocks whose forward is known are rewritten, and outputs stay equal.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from ditq.models.dit import Mlp
+from ditq.kernels.fp8 import FP8_BACKENDS, modulated_fp8_linear, uses_few_row_path
+from ditq.models.dit import DiTBlock, Mlp, modulate
 from ditq.quant.qlinear import QuantLinear
 
 __all__ = ["fuse_input_activations"]
@@ -22,7 +26,8 @@ _GELU_NAMES = {"none": "gelu", "tanh": "gelu_tanh"}
 
 
 def fuse_input_activations(model: nn.Module) -> int:
-    """Rewrite every recognised GELU MLP of `model` whose second Linear is a QuantLinear; returns how many."""
+    """Rewrite every recognised GELU MLP and DiT block of `model` whose Linears are QuantLinears; returns how
+    many were rewritten."""
     fused = 0
     for module in list(model.modules()):
         if isinstance(module, Mlp) and _fusable(module.act, module.fc2):
@@ -34,7 +39,33 @@ def fuse_input_activations(model: nn.Module) -> int:
             out.input_activation = _GELU_NAMES[gelu.approximate]
             module.net[0] = gelu.proj
             fused += 1
+        if type(module) is DiTBlock and any(isinstance(m, QuantLinear) for m in (module.attn.qkv, module.mlp.fc1)):
+            module.__class__ = NormFusedDiTBlock
+            fused += 1
     return fused
+
+
+class NormFusedDiTBlock(DiTBlock):
+    """A `DiTBlock` whose LayerNorm + modulate steps run inside qkv's and fc1's FP8 input pre-pass."""
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
+            6, dim=1
+        )  # 6 × (N, D)
+        qkv = _modulated_linear(self.attn.qkv, self.norm1, x, shift_msa, scale_msa)  # (N, T, 3·D)
+        x = x + gate_msa.unsqueeze(1) * self.attn.attend(qkv)  # (N, T, D)
+        hidden = _modulated_linear(self.mlp.fc1, self.norm2, x, shift_mlp, scale_mlp)  # (N, T, F)
+        x = x + gate_mlp.unsqueeze(1) * self.mlp.fc2(self.mlp.act(hidden))  # (N, T, D)
+        return x
+
+
+def _modulated_linear(
+    linear: nn.Module, norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """linear(modulate(norm(x), shift, scale)), in the FP8 pre-pass where `linear` runs on an FP8 backend."""
+    if isinstance(linear, QuantLinear) and linear.backend in FP8_BACKENDS and not uses_few_row_path(linear, x):
+        return modulated_fp8_linear(linear, x, shift, scale, norm.eps)
+    return linear(modulate(norm(x), shift, scale))
 
 
 def _fusable(activation: nn.Module, linear: nn.Module) -> bool:

@@ -14,14 +14,25 @@ their outputs from one quantized input and one down-projection. Functions here t
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from ditq.models.dit import modulate
 from ditq.quant.qlinear import QuantLinear, quantize_activations
 from ditq.quant.spec import QuantSpec
 
-__all__ = ["INPUT_ACTIVATIONS", "activate", "group_linear", "linear_reference", "linear_with", "quantize_activations"]
+__all__ = [
+    "INPUT_ACTIVATIONS",
+    "Modulation",
+    "activate",
+    "group_linear",
+    "linear_reference",
+    "linear_with",
+    "modulated",
+    "quantize_activations",
+]
 
 # what `QuantLinear.input_activation` may name: an activation applied to x before anything else
 INPUT_ACTIVATIONS = ("none", "gelu", "gelu_tanh")
@@ -103,3 +114,20 @@ def activate(x: torch.Tensor, activation: str | None) -> torch.Tensor:
 
 def _act_part(spec: QuantSpec) -> tuple:
     return (spec.a_bits, spec.a_format, spec.a_group_size, spec.a_symmetric, spec.a_dynamic, spec.smooth)
+
+
+class Modulation(NamedTuple):
+    """adaLN's input transform, modulate(LayerNorm(x), shift, scale): LayerNorm without affine over each row,
+    then x·(1 + scale) + shift with `shift`, `scale` (samples, K) per sample of `tokens` consecutive rows."""
+
+    shift: torch.Tensor
+    scale: torch.Tensor
+    tokens: int
+    eps: float
+
+
+def modulated(x: torch.Tensor, modulation: Modulation) -> torch.Tensor:
+    """modulate(LayerNorm(x), shift, scale) for x (samples · tokens, K), as the zoo's DiT block computes it."""
+    k = x.shape[-1]
+    h = F.layer_norm(x, (k,), eps=modulation.eps).unflatten(0, (-1, modulation.tokens))  # (samples, tokens, K)
+    return modulate(h, modulation.shift, modulation.scale).flatten(0, 1)

@@ -159,8 +159,12 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape
-        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 × (N, T, D)
+        return self.attend(self.qkv(x))
+
+    def attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """Everything after the qkv projection: (N, T, 3·D) → (N, T, D)."""
+        n, t, d = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
+        q, k, v = qkv.chunk(3, dim=-1)  # 3 × (N, T, D)
         q, k = self.q_norm(q), self.k_norm(k)  # (N, T, D)
         q, k, v = (z.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for z in (q, k, v))  # (N, H, T, D/H)
         out = F.scaled_dot_product_attention(q, k, v)  # (N, H, T, D/H)

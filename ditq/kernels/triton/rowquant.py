@@ -1,16 +1,21 @@
-"""Per-token FP8 quantization of a wide activation in one read, with its activation function and SVDQuant's
-down-projection fused in: the input pre-pass of an FP8 GEMM whose input no compiler can fuse.
+"""Per-token FP8 quantization of a wide activation in one read, with what produces it fused in: the input
+pre-pass of an FP8 GEMM whose input no compiler fuses well.
 
-    x (M, K) ──► h = act(x) [/ smooth] ──► s = max|h| / 448 per row, codes = e4m3(h / s)   (+ down = h · L1)
+    x (M, K) ──► h = act(x) or modulate(LayerNorm(x), shift, scale) [/ smooth]
+             ──► s = max|h| / 448 per row, codes = e4m3(h / s)   (+ down = h · L1)
 
-The input of an MLP's second Linear is GELU(fc1(x)): `torch.compile` fuses the GELU, the row absmax and the
-cast into one reduction kernel, but over rows wider than 1,024 it loops twice and recomputes the GELU (DiT-XL/2
-fc2, 16,384 × 4,608: 316 µs on an H100 against 106 µs for bf16's GELU alone). Here each program holds whole
-rows in registers — a power-of-two head tile plus a tail tile, so a row of 4,608 = 4,096 + 512 columns wastes
-no lanes — reads x once and writes codes and scales once. With a low-rank branch the down-projection needs
-tensor-core tiles of 16 rows, too many to hold, so that kernel takes two passes over K: absmax and h · L1
-first, the cast second (so do rows too wide to hold). Every value is rounded where the PyTorch reference rounds it (the activation and the
-smoothing in x's dtype; scale = absmax · (1/448), floored; codes round to nearest even).
+Two producers are fused. The input of an MLP's second Linear is GELU(fc1(x)): `torch.compile` fuses the GELU,
+the row absmax and the cast into one reduction kernel, but over rows wider than 1,024 it loops twice and
+recomputes the GELU (DiT-XL/2 fc2, 16,384 × 4,608: 316 µs on an H100 against 106 µs for bf16's GELU alone).
+The input of a DiT block's qkv and fc1 is adaLN's modulate(LayerNorm(x)) (no affine; shift and scale per
+sample, rows = samples × `tokens` tokens): inductor's kernel for it loops over each row once per reduction
+(mean and variance, then absmax) before the cast. Here each program holds whole rows in registers — a
+power-of-two head tile plus a tail tile, so a row of 4,608 = 4,096 + 512 columns wastes no lanes — reads x
+once and writes codes and scales once. With a low-rank branch the down-projection needs tensor-core tiles of
+16 rows, too many to hold, so that kernel walks K again for each step (the LayerNorm's statistics, absmax and
+h · L1, the cast); so do rows too wide to hold. Every value is rounded where the PyTorch reference rounds it
+(the activation, the LayerNorm, each modulate op and the smoothing in x's dtype; scale = absmax · (1/448),
+floored; codes round to nearest even).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ditq.kernels.reference import activate
+from ditq.kernels.reference import Modulation, activate, modulated
 from ditq.kernels.triton import interpreted
 from ditq.quant.primitives import FP8_MAX, SCALE_FLOOR, fp8_cast, fp8_scale
 
@@ -51,29 +56,55 @@ def _rounded(h, dtype: tl.constexpr, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _activated(
-    x, smooth, rows, cols, row_ok, K, stride_xm, ACT: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr
-):
-    """(rows, cols) tile of act(x) [/ smooth] in float32, each step rounded to x's dtype; 0 outside."""
+def _load_rows(x, rows, cols, row_ok, K, stride_xm):
+    """(rows, cols) tile of x in its own dtype; 0 outside."""
     inside = row_ok[:, None] & (cols < K)[None, :]
-    v = tl.load(x + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=inside, other=0.0)
+    return tl.load(x + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=inside, other=0.0)
+
+
+@triton.jit
+def _transformed(
+    v, mean, rstd, shift, scale_mod, smooth, rows, cols, row_ok, K, tokens, stride_mod,
+    ACT: tl.constexpr, NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr,
+):  # fmt: skip
+    """A tile of x (as loaded) → act(x) or modulate(LayerNorm(x)) [/ smooth] in float32, each step rounded to
+    x's dtype as PyTorch's ops round it; 0 outside. NORM: `mean`, `rstd` are the rows' statistics."""
     dtype: tl.constexpr = v.dtype
+    ROUND: tl.constexpr = dtype != tl.float32
     h = v.to(tl.float32)
+    if NORM:
+        inside = row_ok[:, None] & (cols < K)[None, :]
+        h = (h - mean[:, None]) * rstd[:, None]
+        offsets = (rows // tokens).to(tl.int64)[:, None] * stride_mod + cols[None, :]  # each row's sample
+        gain = 1.0 + tl.load(scale_mod + offsets, mask=inside, other=0.0).to(tl.float32)
+        bias = tl.load(shift + offsets, mask=inside, other=0.0).to(tl.float32)
+        if ROUND:
+            h = _rounded(h, dtype, EMULATE)
+            h = _rounded(_rounded(h * _rounded(gain, dtype, EMULATE), dtype, EMULATE) + bias, dtype, EMULATE)
+        else:
+            h = h * gain + bias
+        h = tl.where(inside, h, 0.0)
     if ACT == 1:  # exact GELU
         h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
     if ACT == 2:  # tanh approximation, tanh(u) = 1 − 2 / (e^{2u} + 1)
         u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
         h = 0.5 * h * (2.0 - 2.0 / (tl.exp(tl.minimum(2.0 * u, 80.0)) + 1.0))
-    if dtype != tl.float32:
+    if ROUND and ACT != 0:
         h = _rounded(h, dtype, EMULATE)
     if HAS_SMOOTH:
         s = tl.load(smooth + cols, mask=cols < K, other=1.0).to(tl.float32)
-        if dtype != tl.float32:
+        if ROUND:
             s = _rounded(s, dtype, EMULATE)  # the reference divides by smooth cast to x's dtype
             h = _rounded(tl.math.div_rn(h, s[None, :]), dtype, EMULATE)
         else:
             h = tl.math.div_rn(h, s[None, :])
     return h
+
+
+@triton.jit
+def _rstd(m2, K, eps):
+    """1 / sqrt(biased variance + eps), correctly rounded like PyTorch's LayerNorm."""
+    return tl.math.div_rn(tl.full(m2.shape, 1.0, tl.float32), tl.sqrt_rn(m2 / K + eps))
 
 
 @triton.jit
@@ -91,18 +122,37 @@ def _store_codes(codes, h, scale, rows, cols, row_ok, K, stride_cm, EMULATE: tl.
 
 @triton.jit
 def _rows_one_pass_kernel(
-    x, smooth, codes, scales, M, K, stride_xm, stride_cm,
-    ACT: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
+    x, smooth, shift, scale_mod, codes, scales, M, K, tokens, eps, stride_xm, stride_cm, stride_mod,
+    ACT: tl.constexpr, NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_M whole rows per program: columns [0, HEAD) and [HEAD, HEAD + TAIL), both powers of two."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     head_cols = tl.arange(0, HEAD)
-    head = _activated(x, smooth, rows, head_cols, row_ok, K, stride_xm, ACT, HAS_SMOOTH, EMULATE)
-    amax = tl.max(tl.abs(head), axis=1)
+    head_x = _load_rows(x, rows, head_cols, row_ok, K, stride_xm)
     if TAIL > 0:
         tail_cols = HEAD + tl.arange(0, TAIL)
-        tail = _activated(x, smooth, rows, tail_cols, row_ok, K, stride_xm, ACT, HAS_SMOOTH, EMULATE)
+        tail_x = _load_rows(x, rows, tail_cols, row_ok, K, stride_xm)
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    rstd = mean
+    if NORM:  # both tiles are in registers: mean first, then the centred sum of squares
+        total = tl.sum(head_x.to(tl.float32), axis=1)
+        if TAIL > 0:
+            total += tl.sum(tail_x.to(tl.float32), axis=1)
+        mean = total / K
+        centred = tl.where((head_cols < K)[None, :], head_x.to(tl.float32) - mean[:, None], 0.0)
+        m2 = tl.sum(centred * centred, axis=1)
+        if TAIL > 0:
+            centred = tl.where((tail_cols < K)[None, :], tail_x.to(tl.float32) - mean[:, None], 0.0)
+            m2 += tl.sum(centred * centred, axis=1)
+        rstd = _rstd(m2, K, eps)
+    head = _transformed(head_x, mean, rstd, shift, scale_mod, smooth, rows, head_cols, row_ok, K, tokens,
+                        stride_mod, ACT, NORM, HAS_SMOOTH, EMULATE)  # fmt: skip
+    amax = tl.max(tl.abs(head), axis=1)
+    if TAIL > 0:
+        tail = _transformed(tail_x, mean, rstd, shift, scale_mod, smooth, rows, tail_cols, row_ok, K, tokens,
+                            stride_mod, ACT, NORM, HAS_SMOOTH, EMULATE)  # fmt: skip
         amax = tl.maximum(amax, tl.max(tl.abs(tail), axis=1))
     scale = _row_scale(amax)
     tl.store(scales + rows, scale, mask=row_ok)
@@ -112,20 +162,38 @@ def _rows_one_pass_kernel(
 
 
 @triton.jit
-def _rows_two_pass_kernel(
-    x, smooth, lowrank_down, codes, scales, down, M, K: tl.constexpr, R, stride_xm, stride_cm,
-    ACT: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr, HAS_DOWN: tl.constexpr, FP32_DOT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+def _rows_multi_pass_kernel(
+    x, smooth, shift, scale_mod, lowrank_down, codes, scales, down, M, K: tl.constexpr, R, tokens, eps,
+    stride_xm, stride_cm, stride_mod,
+    ACT: tl.constexpr, NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr,
+    HAS_DOWN: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    """Pass 1 over K: row absmax (and down = h · L1 on tensor cores, fp32 accumulation); pass 2: the codes.
-    K is a compile-time constant (a layer's width; also what Triton's CPU interpreter needs for a loop bound)."""
+    """Walks K once per step: (NORM) the rows' mean and variance, merged chunk by chunk (Chan et al.); the row
+    absmax, and down = h · L1 on tensor cores with fp32 accumulation; the codes. K is a compile-time constant
+    (a layer's width; also what Triton's CPU interpreter needs for a loop bound)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rk, rr = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_R)
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    rstd = mean
+    if NORM:
+        m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            v = _load_rows(x, rows, k0 + rk, row_ok, K, stride_xm).to(tl.float32)
+            n_seen = k0 * 1.0
+            n_chunk = tl.minimum(K - k0, BLOCK_K) * 1.0
+            chunk_mean = tl.sum(v, axis=1) / n_chunk
+            centred = tl.where((k0 + rk < K)[None, :], v - chunk_mean[:, None], 0.0)
+            delta = chunk_mean - mean
+            mean += delta * (n_chunk / (n_seen + n_chunk))
+            m2 += tl.sum(centred * centred, axis=1) + delta * delta * (n_seen * n_chunk / (n_seen + n_chunk))
+        rstd = _rstd(m2, K, eps)
     amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        h = _activated(x, smooth, rows, k0 + rk, row_ok, K, stride_xm, ACT, HAS_SMOOTH, EMULATE)
+        h = _transformed(_load_rows(x, rows, k0 + rk, row_ok, K, stride_xm), mean, rstd, shift, scale_mod, smooth,
+                         rows, k0 + rk, row_ok, K, tokens, stride_mod, ACT, NORM, HAS_SMOOTH, EMULATE)  # fmt: skip
         amax = tl.maximum(amax, tl.max(tl.abs(h), axis=1))
         if HAS_DOWN:
             l1 = tl.load(lowrank_down + (k0 + rk).to(tl.int64)[:, None] * R + rr[None, :],
@@ -140,7 +208,8 @@ def _rows_two_pass_kernel(
         tl.store(down + rows.to(tl.int64)[:, None] * R + rr[None, :], acc.to(down.dtype.element_ty),
                  mask=row_ok[:, None] & (rr < R)[None, :])  # fmt: skip
     for k0 in range(0, K, BLOCK_K):
-        h = _activated(x, smooth, rows, k0 + rk, row_ok, K, stride_xm, ACT, HAS_SMOOTH, EMULATE)
+        h = _transformed(_load_rows(x, rows, k0 + rk, row_ok, K, stride_xm), mean, rstd, shift, scale_mod, smooth,
+                         rows, k0 + rk, row_ok, K, tokens, stride_mod, ACT, NORM, HAS_SMOOTH, EMULATE)  # fmt: skip
         _store_codes(codes, h, scale, rows, k0 + rk, row_ok, K, stride_cm, EMULATE)
 
 
@@ -149,19 +218,24 @@ def quantize_rows_fp8(
     smooth: torch.Tensor | None = None,
     lowrank_down: torch.Tensor | None = None,
     activation: str = "none",
+    modulation: Modulation | None = None,
     *,
     row_elements: int = ROW_ELEMENTS,
     num_warps: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(e4m3 codes (M, K), float32 scales (M, 1), down (M, R) or None) of h = activation(x) [/ smooth].
+    """(e4m3 codes (M, K), float32 scales (M, 1), down (M, R) or None) of h = activation(x) or
+    modulate(LayerNorm(x)) [/ smooth].
 
     `row_elements` (rows × padded width held per program) and `num_warps` set the one-pass kernel's launch.
     """
-    m, k = _check_operands(x, smooth, lowrank_down, activation)
+    m, k = _check_operands(x, smooth, lowrank_down, activation, modulation)
     x = x if x.stride(-1) == 1 else x.contiguous()
     codes = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     scales = torch.empty(m, 1, dtype=torch.float32, device=x.device)
-    common = dict(ACT=ACTIVATIONS[activation], HAS_SMOOTH=smooth is not None, EMULATE=interpreted())
+    shift, scale_mod = (x, x) if modulation is None else (modulation.shift.contiguous(), modulation.scale.contiguous())
+    common = dict(ACT=ACTIVATIONS[activation], NORM=modulation is not None, HAS_SMOOTH=smooth is not None,
+                  EMULATE=interpreted())  # fmt: skip
+    norm_args = (1, 0.0) if modulation is None else (modulation.tokens, float(modulation.eps))
     smooth_arg = x if smooth is None else smooth
     head = 1 << (k.bit_length() - 1)
     tail = triton.next_power_of_2(k - head) if k > head else 0
@@ -169,24 +243,28 @@ def quantize_rows_fp8(
         fits = max(1, row_elements // (head + tail))
         block_m = min(1 << (fits.bit_length() - 1), triton.next_power_of_2(m))  # powers of two
         _rows_one_pass_kernel[(triton.cdiv(m, block_m),)](
-            x, smooth_arg, codes, scales, m, k, x.stride(0), codes.stride(0),
-            BLOCK_M=block_m, HEAD=head, TAIL=tail, num_warps=num_warps, **common,
+            x, smooth_arg, shift, scale_mod, codes, scales, m, k, *norm_args, x.stride(0), codes.stride(0),
+            shift.stride(0), BLOCK_M=block_m, HEAD=head, TAIL=tail, num_warps=num_warps, **common,
         )  # fmt: skip
         return codes, scales, None
     rank = 0 if lowrank_down is None else lowrank_down.shape[1]
     down = torch.empty(m, rank, dtype=x.dtype, device=x.device)
     block_m = 16
-    _rows_two_pass_kernel[(triton.cdiv(m, block_m),)](
-        x, smooth_arg, x if lowrank_down is None else lowrank_down.contiguous(), codes, scales, down, m, k, rank,
-        x.stride(0), codes.stride(0), HAS_DOWN=lowrank_down is not None,
-        FP32_DOT=x.dtype == torch.float32 or interpreted(), BLOCK_M=block_m, BLOCK_K=128,
-        BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=4, **common,
+    _rows_multi_pass_kernel[(triton.cdiv(m, block_m),)](
+        x, smooth_arg, shift, scale_mod, x if lowrank_down is None else lowrank_down.contiguous(), codes, scales,
+        down, m, k, rank, *norm_args, x.stride(0), codes.stride(0), shift.stride(0),
+        HAS_DOWN=lowrank_down is not None, FP32_DOT=x.dtype == torch.float32 or interpreted(), BLOCK_M=block_m,
+        BLOCK_K=128, BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=4, **common,
     )  # fmt: skip
     return codes, scales, None if lowrank_down is None else down
 
 
 def _check_operands(
-    x: torch.Tensor, smooth: torch.Tensor | None, lowrank_down: torch.Tensor | None, activation: str
+    x: torch.Tensor,
+    smooth: torch.Tensor | None,
+    lowrank_down: torch.Tensor | None,
+    activation: str,
+    modulation: Modulation | None,
 ) -> tuple[int, int]:
     """(M, K), or a ValueError naming what the kernel would read wrongly."""
     if x.ndim != 2 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -200,6 +278,17 @@ def _check_operands(
         raise ValueError(f"lowrank_down must be ({k}, rank), got {tuple(lowrank_down.shape)}")
     if lowrank_down is not None and lowrank_down.dtype != x.dtype:
         raise ValueError(f"lowrank_down must be in x's dtype {x.dtype}, got {lowrank_down.dtype}")
+    if modulation is not None:
+        if activation != "none":
+            raise ValueError(f"a modulation takes activation 'none' (LayerNorm first), got {activation!r}")
+        if modulation.tokens < 1 or m % modulation.tokens:
+            raise ValueError(f"{m} rows are not whole samples of modulation.tokens={modulation.tokens}")
+        samples = m // modulation.tokens
+        for name in ("shift", "scale"):
+            t = getattr(modulation, name)
+            if tuple(t.shape) != (samples, k) or t.dtype != x.dtype:
+                raise ValueError(f"modulation {name} must be ({samples}, {k}) in {x.dtype} for {m} rows of "
+                                 f"{modulation.tokens} tokens, got {t.dtype} {tuple(t.shape)}")  # fmt: skip
     return m, k
 
 
@@ -208,11 +297,11 @@ def quantize_rows_fp8_reference(
     smooth: torch.Tensor | None = None,
     lowrank_down: torch.Tensor | None = None,
     activation: str = "none",
+    modulation: Modulation | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The same in PyTorch, as the FP8 backend computes it without the kernel."""
-    h = activate(x, activation)
+    h = activate(x, activation) if modulation is None else modulated(x, modulation)
     h = h if smooth is None else h / smooth.to(h.dtype)
     scales = fp8_scale(h)
     down = None if lowrank_down is None else h @ lowrank_down.to(h.dtype)
     return fp8_cast(h, scales), scales, down
-
