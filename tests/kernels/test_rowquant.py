@@ -4,14 +4,18 @@ feeds it (`ditq.kernels.fusion`). Triton runs under `TRITON_INTERPRET=1` on the 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from ditq.kernels import prepare_for_inference
 from ditq.kernels.fp8 import quantize_rows
+from ditq.kernels.fusion import NormFusedDiTBlock
+from ditq.kernels.reference import Modulation
 from ditq.kernels.triton import rowquant
 from ditq.kernels.triton.rowquant import quantize_rows_fp8, quantize_rows_fp8_reference
-from ditq.models.dit import Mlp
+from ditq.models.dit import DiTBlock, Mlp
 from ditq.quant.qlinear import QuantLinear
 from ditq.quant.spec import QuantSpec
 
@@ -26,13 +30,13 @@ def operands(m: int, k: int, dtype: torch.dtype, smooth: bool, rank: int, seed: 
     return x, s, down
 
 
-def assert_codes_match(codes, scales, ref_codes, ref_scales, exact: bool):
+def assert_codes_match(codes, scales, ref_codes, ref_scales, exact: bool, scale_rtol: float = 2e-7):
     """Exact where both sides compute the same float32 values; else (GELU: libm against the kernel's erf/exp,
     one ulp apart) a rare code one e4m3 step off and scales one float32 ulp off."""
     if exact:
         assert torch.equal(scales, ref_scales) and torch.equal(codes.float(), ref_codes.float())
         return
-    torch.testing.assert_close(scales, ref_scales, rtol=2e-7, atol=0)
+    torch.testing.assert_close(scales, ref_scales, rtol=scale_rtol, atol=0)
     a, b = codes.float() * scales, ref_codes.float() * ref_scales
     torch.testing.assert_close(a, b, rtol=2**-3, atol=float(scales.max()) * 2**-9)
     assert (codes.float() != ref_codes.float()).float().mean() < 0.02
@@ -52,6 +56,29 @@ def test_pre_pass_computes_the_reference(m, k, smooth, rank, activation, dtype):
         torch.testing.assert_close(down, ref_down, **(dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else {}))
     else:
         assert down is None
+
+
+def modulation(samples: int, tokens: int, k: int, dtype: torch.dtype, seed: int = 0) -> Modulation:
+    g = torch.Generator().manual_seed(seed)
+    shift, scale = ((torch.randn(samples, k, generator=g) * 0.5).to(DEVICE, dtype) for _ in "ab")
+    return Modulation(shift, scale, tokens, 1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("smooth", "rank"), [(False, 0), (True, 0), (True, 4)], ids=["plain", "smooth", "lowrank"])
+@pytest.mark.parametrize(("samples", "tokens", "k"), [(2, 7, 48), (3, 5, 131), (2, 35, 96)])
+def test_pre_pass_applies_layer_norm_and_modulate_per_sample(samples, tokens, k, smooth, rank, dtype):
+    x, s, down_weight = operands(samples * tokens, k, dtype, smooth, rank, seed=k)
+    x = x + 2.0  # a mean far from zero: the variance must be centred
+    mod = modulation(samples, tokens, k, dtype, seed=k)
+    codes, scales, down = quantize_rows_fp8(x, s, down_weight, "none", mod)
+    ref_codes, ref_scales, ref_down = quantize_rows_fp8_reference(x, s, down_weight, "none", mod)
+    # the kernel's mean and variance are a float32 ulp off PyTorch's at places (another summation order)
+    assert_codes_match(codes, scales, ref_codes, ref_scales, exact=False, scale_rtol=1e-6)
+    if rank:
+        torch.testing.assert_close(down, ref_down, **(dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else {}))
+    rows_of_other_samples = quantize_rows_fp8(x, s, None, "none", mod._replace(shift=mod.shift.flip(0)))[0]
+    assert not torch.equal(rows_of_other_samples.float(), codes.float())  # each row reads its own sample
 
 
 def test_rows_too_wide_to_hold_take_the_two_pass_kernel(monkeypatch):
@@ -79,8 +106,12 @@ def test_a_zero_row_gets_the_scale_floor_and_zero_codes():
         (dict(smooth=torch.ones(5)), r"smooth must be contiguous \(4,\)"),
         (dict(lowrank_down=torch.zeros(5, 2)), r"lowrank_down must be \(4, rank\)"),
         (dict(lowrank_down=torch.zeros(4, 2, dtype=torch.float64)), "lowrank_down must be in x's dtype"),
+        (dict(modulation=Modulation(torch.zeros(1, 4), torch.zeros(1, 4), 3, 1e-6)), "not whole samples"),
+        (dict(modulation=Modulation(torch.zeros(2, 4), torch.zeros(2, 5), 1, 1e-6)), r"scale must be \(2, 4\)"),
+        (dict(modulation=Modulation(torch.zeros(2, 4), torch.zeros(2, 4), 1, 1e-6), activation="gelu"),
+         "takes activation 'none'"),
     ],
-    ids=["3d", "int", "activation", "smooth", "down_shape", "down_dtype"],
+    ids=["3d", "int", "activation", "smooth", "down_shape", "down_dtype", "tokens", "mod_shape", "mod_act"],
 )
 def test_bad_operands_are_refused_by_name(kwargs, message):
     args = dict(x=torch.zeros(2, 4), smooth=None, lowrank_down=None, activation="none") | kwargs
@@ -92,6 +123,10 @@ def test_pre_pass_op_passes_opcheck():
     for smooth, rank in ((False, 0), (True, 4)):
         x, s, down = operands(5, 48, torch.float32, smooth, rank)
         torch.library.opcheck(quantize_rows, (x, s, down, "gelu_tanh"), test_utils=("test_schema", "test_faketensor"))
+    x, s, down = operands(6, 48, torch.float32, True, 4)
+    mod = modulation(2, 3, 48, torch.float32)
+    torch.library.opcheck(quantize_rows, (x, s, down, "none", mod.shift, mod.scale, 3, 1e-6),
+                          test_utils=("test_schema", "test_faketensor"))  # fmt: skip
 
 
 # ---- the MLP rewrite --------------------------------------------------------------------------------------
@@ -137,6 +172,34 @@ def test_a_fused_mlp_compiles_fullgraph_to_what_eager_computes():
         torch.testing.assert_close(torch.compile(mlp, fullgraph=True)(x), mlp(x), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("svdquant", [False, True], ids=["rtn", "smooth+lowrank"])
+def test_fp8_backends_move_the_block_norms_into_qkv_and_fc1_and_every_backend_keeps_the_output(svdquant):
+    torch.manual_seed(0)
+    block = DiTBlock(48, 4, mlp_ratio=2.0)
+    for p in block.parameters():
+        p.data.normal_(0, 0.2)
+    for parent, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"), (block.mlp, "fc2")):
+        lin = getattr(parent, name)
+        k, n = lin.in_features, lin.out_features
+        extras = dict(smooth=torch.rand(k) + 0.5, lowrank_down=torch.randn(k, 4) * 0.1, lowrank_up=torch.randn(4, n) * 0.1)
+        setattr(parent, name, QuantLinear.from_linear(lin, SPEC if svdquant else dataclasses.replace(SPEC, smooth=False, rank=0),
+                                                      **(extras if svdquant else {})))  # fmt: skip
+    block = block.to(DEVICE).eval()
+    x = torch.randn(3, 50, 48, generator=torch.Generator().manual_seed(1)).to(DEVICE)  # > LOWBIT_MAX_ROWS rows
+    c = torch.randn(3, 48, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    with torch.no_grad():
+        ref = block(x, c)
+        prepare_for_inference(block, "fp8-cached")
+        assert type(block) is NormFusedDiTBlock
+        for backend in ("fp8-cached", "fp8", "reference", "dequantized", "lowbit"):
+            prepare_for_inference(block, backend)
+            assert float((block(x, c) - ref).norm() / ref.norm()) < 1e-3, backend
+            assert block(x[:, :2], c).shape == (3, 2, 48)  # few rows: the fp8 backend's lowbit route
+        prepare_for_inference(block, "fp8-cached")
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(block, fullgraph=True)(x, c), block(x, c), rtol=1e-5, atol=1e-5)
+
+
 def test_a_fused_tiny_dit_saves_and_loads_as_the_unfused_model(tmp_path, tiny_dit):
     import ditq
 
@@ -145,11 +208,11 @@ def test_a_fused_tiny_dit_saves_and_loads_as_the_unfused_model(tmp_path, tiny_di
     with torch.no_grad():
         ref = tiny_dit(x, t, y)
         prepare_for_inference(tiny_dit, "fp8")
-        assert all(isinstance(b.mlp.act, torch.nn.Identity) for b in tiny_dit.blocks)
+        assert all(isinstance(b.mlp.act, torch.nn.Identity) and type(b) is NormFusedDiTBlock for b in tiny_dit.blocks)
         assert float((tiny_dit(x, t, y) - ref).norm() / ref.norm()) < 1e-3
         ditq.save(tiny_dit, tmp_path / "q.safetensors")
         loaded = ditq.load(tmp_path / "q.safetensors")
-        assert all(isinstance(b.mlp.act, torch.nn.GELU) for b in loaded.blocks)
+        assert all(isinstance(b.mlp.act, torch.nn.GELU) and type(b) is DiTBlock for b in loaded.blocks)
         torch.testing.assert_close(loaded(x, t, y), ref)
 
 
