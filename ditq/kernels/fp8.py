@@ -115,8 +115,8 @@ def _scaled_gemm(m: QuantLinear, codes: torch.Tensor, scale_x: torch.Tensor, dow
     )  # (M, N)
     if m.bias is not None and not fused_bias:
         y = y + m.bias.to(dtype)
-    if m.lowrank_up is not None:
-        y = y + down @ m.lowrank_up.to(dtype)
+    if m.lowrank_up is not None:  # one GEMM that reads y as its C: no separate (M, N) product to add
+        y = torch.addmm(y, down, m.lowrank_up.to(dtype))
     return y
 
 
