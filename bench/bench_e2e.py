@@ -79,11 +79,6 @@ def main() -> None:
     parser.add_argument("--backend", default="dequantized", help="kernel backend of the quantized layers")
     parser.add_argument("--all-linears", action="store_true", help="quantize the adaLN Linears too")
     parser.add_argument("--cuda-graphs", action="store_true", help="compile with mode='reduce-overhead'")
-    parser.add_argument(
-        "--prepass-attn-out",
-        action="store_true",
-        help="experiment: quantize each attention output with the Triton pre-pass instead of inductor's fusion",
-    )
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument(
         "--multi-kernel",
@@ -95,9 +90,6 @@ def main() -> None:
         torch._inductor.config.triton.multi_kernel = 1
     device = "cuda"
     model = build(args.config, device, args.backend, args.all_linears)
-    if args.prepass_attn_out:  # an explicit identity activation routes the layer's input through the pre-pass
-        for block in model.blocks:
-            block.attn.proj.input_activation = "none"
     weight_bytes = None if args.config == TORCHAO else ditq.io.model_size_bytes(model, torch.bfloat16)
     g = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(args.batch, 4, 32, 32, device=device, generator=g, dtype=torch.bfloat16)

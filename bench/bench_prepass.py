@@ -31,7 +31,8 @@ CASES = [  # (name, M, K, activation or "modulate", smooth + rank)
     ("fc2 in B2, gelu_tanh", 512, 4608, "gelu_tanh", 0),
 ]
 TOKENS = 256  # DiT-XL/2 at 256×256: rows are samples × 256 tokens
-LAUNCHES = [(e, w) for e in (2048, 4096, 8192) for w in (4, 8)]
+LAUNCHES = [(e, w) for e in (4096, 8192, 16384) for w in (2, 4, 8)]
+MULTI_PASS_LAUNCHES = [(bm, bk, w) for bm in (16, 32, 64) for bk in (64, 128) for w in (4, 8)]
 
 
 def bench(fn) -> float:
@@ -65,6 +66,12 @@ def measure(name: str, m: int, k: int, transform: str, rank: int) -> dict:
                               dynamic=False)  # fmt: skip
         row["bf16_producer_us"] = bench(lambda: alone(x))
     if rank:
+        row["multi_pass_launches"] = {
+            str(launch): bench(
+                lambda launch=launch: quantize_rows_fp8(x, smooth, down, activation, mod, multi_pass=launch)
+            )
+            for launch in MULTI_PASS_LAUNCHES
+        }
         row["kernel_us"] = bench(lambda: quantize_rows_fp8(x, smooth, down, activation, mod))
     else:
         row["launches"] = {

@@ -4,7 +4,7 @@
 # torchao's float8 row-wise (the peer) is `bench_e2e.py --config torchao-fp8-row`, left out here: its compile
 # took 337 s on the H100.
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh kernels   # GPU tests, samples vs reference, batch-64 forward, GEMM table
-#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh models    # SVDQuant r32, ternary, adaLN quantized; batch 2 + graphs
+#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh models    # SVDQuant r32, ternary; batch 2 + graphs; samples; pre-pass
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh prepass   # GPU tests, the Triton input pre-pass, batch-64 forward
 #   (bench_kernels.py, in the first part, also times the lowbit kernel's launch configs)
 set -u
@@ -22,13 +22,15 @@ case $part in
     e2e --batch 64 --config w4a8fp8 --backend fp8
     e2e --batch 64 --config w4a8fp8 --backend fp8-cached
     python bench/bench_kernels.py --out "$out/kernels_fp8_v3" >>"$out/log_$part.txt" 2>&1 ;;
-  models)
+  models)  # every FP8-path model against bf16 (b64), batch 2 under CUDA graphs, samples vs the reference backend
     e2e --batch 64 --config bf16
-    e2e --batch 64 --config svdquant-w4a8fp8-r32 --backend fp8
-    e2e --batch 64 --config ternary-a8fp8 --backend fp8 --all-linears
+    e2e --batch 64 --config w4a8fp8 --backend fp8-cached
+    e2e --batch 64 --config svdquant-w4a8fp8-r32 --backend fp8-cached
+    e2e --batch 64 --config ternary-a8fp8 --backend fp8-cached --all-linears
     e2e --batch 2 --config bf16 --cuda-graphs
     e2e --batch 2 --config w4a8fp8 --backend fp8 --cuda-graphs --all-linears
-    e2e --batch 2 --config ternary-a16 --backend lowbit --cuda-graphs --all-linears ;;
+    timeout "$(left)" python bench/samples_match.py --out "$out/samples_match.json" >>"$out/log_$part.txt" 2>&1
+    timeout "$(left)" python bench/bench_prepass.py --out "$out/prepass" >>"$out/log_$part.txt" 2>&1 ;;
   fusion)  # how the activation quantization fuses under inductor (batch 64). Run on 2026-11-25 with one more
            # row, fp8-cached with the per-token absmax over 128-column chunks: since adopted in ditq.kernels.fp8
     e2e --batch 64 --config bf16

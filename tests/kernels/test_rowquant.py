@@ -134,17 +134,26 @@ def test_pre_pass_op_passes_opcheck():
 SPEC = QuantSpec(w_bits=4, a_bits=8, a_format="fp8", smooth=True, rank=4)
 
 
-def quantized_mlp(approximate: str = "tanh") -> Mlp:
+def quantized_mlp(approximate: str = "tanh", lowrank: bool = False) -> Mlp:
+    """fc1 with smoothing and a low-rank branch; fc2 with smoothing, and the branch if `lowrank`."""
     torch.manual_seed(0)
     mlp = Mlp(48, 96)
     mlp.act = torch.nn.GELU(approximate=approximate)
     for name in ("fc1", "fc2"):
         lin = getattr(mlp, name)
         k, n = lin.in_features, lin.out_features
-        setattr(mlp, name, QuantLinear.from_linear(lin, SPEC, smooth=torch.rand(k) + 0.5,
-                                                   lowrank_down=torch.randn(k, 4) * 0.1,
-                                                   lowrank_up=torch.randn(4, n) * 0.1))  # fmt: skip
+        if name == "fc1" or lowrank:
+            q = QuantLinear.from_linear(lin, SPEC, smooth=torch.rand(k) + 0.5, lowrank_down=torch.randn(k, 4) * 0.1,
+                                        lowrank_up=torch.randn(4, n) * 0.1)  # fmt: skip
+        else:
+            q = QuantLinear.from_linear(lin, dataclasses.replace(SPEC, rank=0), smooth=torch.rand(k) + 0.5)
+        setattr(mlp, name, q)
     return mlp.to(DEVICE).eval()
+
+
+def test_a_gelu_before_a_low_rank_branch_stays_where_it_is():
+    mlp = prepare_for_inference(quantized_mlp(lowrank=True), "fp8")
+    assert isinstance(mlp.act, torch.nn.GELU) and mlp.fc2.input_activation is None
 
 
 @pytest.mark.parametrize("approximate", ["tanh", "none"])

@@ -31,7 +31,7 @@ from ditq.quant.primitives import FP8_MAX, SCALE_FLOOR, fp8_cast, fp8_scale
 __all__ = ["quantize_rows_fp8", "quantize_rows_fp8_reference"]
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}  # kernel codes of `reference.INPUT_ACTIVATIONS`
-ROW_ELEMENTS = 4096  # elements one program of the one-pass kernel holds (rows × padded width), 8 warps
+ROW_ELEMENTS = 8192  # elements one program of the one-pass kernel holds (rows × padded width), 4 warps
 MAX_RESIDENT = 16384  # wider rows (padded) take the two-pass kernel: registers would spill
 _FP8_MAX = tl.constexpr(FP8_MAX)
 _SCALE_FLOOR = tl.constexpr(SCALE_FLOOR)
@@ -221,12 +221,15 @@ def quantize_rows_fp8(
     modulation: Modulation | None = None,
     *,
     row_elements: int = ROW_ELEMENTS,
-    num_warps: int = 8,
+    num_warps: int = 4,
+    multi_pass: tuple[int, int, int] = (16, 128, 4),
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(e4m3 codes (M, K), float32 scales (M, 1), down (M, R) or None) of h = activation(x) or
     modulate(LayerNorm(x)) [/ smooth].
 
-    `row_elements` (rows × padded width held per program) and `num_warps` set the one-pass kernel's launch.
+    Launch: `row_elements` (rows × padded width held per program) and `num_warps` for the one-pass kernel
+    (the best of a sweep on an H200 at DiT-XL/2 batch-64 shapes, `bench/results/prepass_h200.json`);
+    `multi_pass` = (rows per program, K block, warps) for the multi-pass kernel.
     """
     m, k = _check_operands(x, smooth, lowrank_down, activation, modulation)
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -249,12 +252,12 @@ def quantize_rows_fp8(
         return codes, scales, None
     rank = 0 if lowrank_down is None else lowrank_down.shape[1]
     down = torch.empty(m, rank, dtype=x.dtype, device=x.device)
-    block_m = 16
+    block_m, block_k, warps = multi_pass
     _rows_multi_pass_kernel[(triton.cdiv(m, block_m),)](
         x, smooth_arg, shift, scale_mod, x if lowrank_down is None else lowrank_down.contiguous(), codes, scales,
         down, m, k, rank, *norm_args, x.stride(0), codes.stride(0), shift.stride(0),
         HAS_DOWN=lowrank_down is not None, FP32_DOT=x.dtype == torch.float32 or interpreted(), BLOCK_M=block_m,
-        BLOCK_K=128, BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=4, **common,
+        BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=warps, **common,
     )  # fmt: skip
     return codes, scales, None if lowrank_down is None else down
 
