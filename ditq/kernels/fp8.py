@@ -7,10 +7,11 @@
 The activation quantization is left as ordinary PyTorch ops on purpose: under `torch.compile` they fuse
 into the kernel that produces x (LayerNorm + adaLN modulate, ...), so quantizing costs no extra pass over
 the activations — a separate quantization kernel (the first version of this backend, and torchao's float8)
-re-reads every activation once more, which cost more than the FP8 GEMMs saved. The exception is a layer
-with an `input_activation` (an MLP's GELU moved into its second Linear, `ditq.kernels.fusion`): its x is a
-GEMM's output that nothing else reads, and the Triton op `ditq::quantize_rows_fp8` applies the GELU, the
-smoothing and the row scale in one read of each row, with the low-rank down-projection on the way.
+re-reads every activation once more, which cost more than the FP8 GEMMs saved. The exceptions are the
+producers inductor fuses badly with a row reduction (`ditq.kernels.fusion` moves them): a layer's
+`input_activation` (an MLP's GELU moved into its second Linear) and a DiT block's LayerNorm + adaLN modulate
+(`modulated_fp8_linear`). There the Triton op `ditq::quantize_rows_fp8` applies the producer, the smoothing
+and the row scale in one read of each row, with the low-rank down-projection on the way.
 Per-channel weight scales only: |q| ≤ 8 is exact in e4m3 and the scale goes to the GEMM's `scale_b`
 (per-group scales need a fused kernel). Two backends: `"fp8"` expands the codes on every call (weights stay
 2–4-bit in memory; the expansion costs a few µs per layer), `"fp8-cached"` expands once in

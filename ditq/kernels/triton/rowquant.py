@@ -66,18 +66,25 @@ def _load_rows(x, rows, cols, row_ok, K, stride_xm):
 def _transformed(
     v, mean, rstd, shift, scale_mod, smooth, rows, cols, row_ok, K, tokens, stride_mod,
     ACT: tl.constexpr, NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr,
+    ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """A tile of x (as loaded) → act(x) or modulate(LayerNorm(x)) [/ smooth] in float32, each step rounded to
-    x's dtype as PyTorch's ops round it; 0 outside. NORM: `mean`, `rstd` are the rows' statistics."""
+    x's dtype as PyTorch's ops round it; 0 outside. NORM: `mean`, `rstd` are the rows' statistics;
+    ONE_SAMPLE: the program's BLOCK_M rows are tokens of one sample (one shift and scale row for all)."""
     dtype: tl.constexpr = v.dtype
     ROUND: tl.constexpr = dtype != tl.float32
     h = v.to(tl.float32)
     if NORM:
         inside = row_ok[:, None] & (cols < K)[None, :]
         h = (h - mean[:, None]) * rstd[:, None]
-        offsets = (rows // tokens).to(tl.int64)[:, None] * stride_mod + cols[None, :]  # each row's sample
-        gain = 1.0 + tl.load(scale_mod + offsets, mask=inside, other=0.0).to(tl.float32)
-        bias = tl.load(shift + offsets, mask=inside, other=0.0).to(tl.float32)
+        if ONE_SAMPLE:
+            offsets = ((tl.program_id(0) * BLOCK_M) // tokens).to(tl.int64) * stride_mod + cols
+            gain = 1.0 + tl.load(scale_mod + offsets, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+            bias = tl.load(shift + offsets, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+        else:
+            offsets = (rows // tokens).to(tl.int64)[:, None] * stride_mod + cols[None, :]  # each row's sample
+            gain = 1.0 + tl.load(scale_mod + offsets, mask=inside, other=0.0).to(tl.float32)
+            bias = tl.load(shift + offsets, mask=inside, other=0.0).to(tl.float32)
         if ROUND:
             h = _rounded(h, dtype, EMULATE)
             h = _rounded(_rounded(h * _rounded(gain, dtype, EMULATE), dtype, EMULATE) + bias, dtype, EMULATE)
@@ -124,7 +131,7 @@ def _store_codes(codes, h, scale, rows, cols, row_ok, K, stride_cm, EMULATE: tl.
 def _rows_one_pass_kernel(
     x, smooth, shift, scale_mod, codes, scales, M, K, tokens, eps, stride_xm, stride_cm, stride_mod,
     ACT: tl.constexpr, NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
+    ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_M whole rows per program: columns [0, HEAD) and [HEAD, HEAD + TAIL), both powers of two."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -148,11 +155,11 @@ def _rows_one_pass_kernel(
             m2 += tl.sum(centred * centred, axis=1)
         rstd = _rstd(m2, K, eps)
     head = _transformed(head_x, mean, rstd, shift, scale_mod, smooth, rows, head_cols, row_ok, K, tokens,
-                        stride_mod, ACT, NORM, HAS_SMOOTH, EMULATE)  # fmt: skip
+                        stride_mod, ACT, NORM, HAS_SMOOTH, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
     amax = tl.max(tl.abs(head), axis=1)
     if TAIL > 0:
         tail = _transformed(tail_x, mean, rstd, shift, scale_mod, smooth, rows, tail_cols, row_ok, K, tokens,
-                            stride_mod, ACT, NORM, HAS_SMOOTH, EMULATE)  # fmt: skip
+                            stride_mod, ACT, NORM, HAS_SMOOTH, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
         amax = tl.maximum(amax, tl.max(tl.abs(tail), axis=1))
     scale = _row_scale(amax)
     tl.store(scales + rows, scale, mask=row_ok)
@@ -166,7 +173,8 @@ def _rows_multi_pass_kernel(
     x, smooth, shift, scale_mod, lowrank_down, codes, scales, down, M, K: tl.constexpr, R, tokens, eps,
     stride_xm, stride_cm, stride_mod,
     ACT: tl.constexpr, NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr,
-    HAS_DOWN: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    ONE_SAMPLE: tl.constexpr, HAS_DOWN: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """Walks K once per step: (NORM) the rows' mean and variance, merged chunk by chunk (Chan et al.); the row
@@ -193,7 +201,8 @@ def _rows_multi_pass_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         h = _transformed(_load_rows(x, rows, k0 + rk, row_ok, K, stride_xm), mean, rstd, shift, scale_mod, smooth,
-                         rows, k0 + rk, row_ok, K, tokens, stride_mod, ACT, NORM, HAS_SMOOTH, EMULATE)  # fmt: skip
+                         rows, k0 + rk, row_ok, K, tokens, stride_mod, ACT, NORM, HAS_SMOOTH, EMULATE,
+                         ONE_SAMPLE, BLOCK_M)  # fmt: skip
         amax = tl.maximum(amax, tl.max(tl.abs(h), axis=1))
         if HAS_DOWN:
             l1 = tl.load(lowrank_down + (k0 + rk).to(tl.int64)[:, None] * R + rr[None, :],
@@ -209,7 +218,8 @@ def _rows_multi_pass_kernel(
                  mask=row_ok[:, None] & (rr < R)[None, :])  # fmt: skip
     for k0 in range(0, K, BLOCK_K):
         h = _transformed(_load_rows(x, rows, k0 + rk, row_ok, K, stride_xm), mean, rstd, shift, scale_mod, smooth,
-                         rows, k0 + rk, row_ok, K, tokens, stride_mod, ACT, NORM, HAS_SMOOTH, EMULATE)  # fmt: skip
+                         rows, k0 + rk, row_ok, K, tokens, stride_mod, ACT, NORM, HAS_SMOOTH, EMULATE,
+                         ONE_SAMPLE, BLOCK_M)  # fmt: skip
         _store_codes(codes, h, scale, rows, k0 + rk, row_ok, K, stride_cm, EMULATE)
 
 
@@ -247,7 +257,8 @@ def quantize_rows_fp8(
         block_m = min(1 << (fits.bit_length() - 1), triton.next_power_of_2(m))  # powers of two
         _rows_one_pass_kernel[(triton.cdiv(m, block_m),)](
             x, smooth_arg, shift, scale_mod, codes, scales, m, k, *norm_args, x.stride(0), codes.stride(0),
-            shift.stride(0), BLOCK_M=block_m, HEAD=head, TAIL=tail, num_warps=num_warps, **common,
+            shift.stride(0), ONE_SAMPLE=norm_args[0] % block_m == 0, BLOCK_M=block_m, HEAD=head, TAIL=tail,
+            num_warps=num_warps, **common,
         )  # fmt: skip
         return codes, scales, None
     rank = 0 if lowrank_down is None else lowrank_down.shape[1]
@@ -256,7 +267,8 @@ def quantize_rows_fp8(
     _rows_multi_pass_kernel[(triton.cdiv(m, block_m),)](
         x, smooth_arg, shift, scale_mod, x if lowrank_down is None else lowrank_down.contiguous(), codes, scales,
         down, m, k, rank, *norm_args, x.stride(0), codes.stride(0), shift.stride(0),
-        HAS_DOWN=lowrank_down is not None, FP32_DOT=x.dtype == torch.float32 or interpreted(), BLOCK_M=block_m,
+        ONE_SAMPLE=norm_args[0] % block_m == 0, HAS_DOWN=lowrank_down is not None,
+        FP32_DOT=x.dtype == torch.float32 or interpreted(), BLOCK_M=block_m,
         BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=warps, **common,
     )  # fmt: skip
     return codes, scales, None if lowrank_down is None else down
