@@ -28,7 +28,7 @@ case $part in
     e2e --batch 64 --config svdquant-w4a8fp8-r32 --backend fp8-cached
     e2e --batch 64 --config ternary-a8fp8 --backend fp8-cached --all-linears
     e2e --batch 2 --config bf16 --cuda-graphs
-    e2e --batch 2 --config w4a8fp8 --backend fp8 --cuda-graphs --all-linears
+    e2e --batch 2 --config w4a8fp8 --backend fp8-cached --cuda-graphs --all-linears
     timeout "$(left)" python bench/samples_match.py --out "$out/samples_match.json" >>"$out/log_$part.txt" 2>&1
     timeout "$(left)" python bench/bench_prepass.py --out "$out/prepass" >>"$out/log_$part.txt" 2>&1 ;;
   fusion)  # how the activation quantization fuses under inductor (batch 64). Run on 2026-11-25 with one more
