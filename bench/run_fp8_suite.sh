@@ -30,6 +30,9 @@ case $part in
     e2e --batch 2 --config bf16 --cuda-graphs
     e2e --batch 2 --config w4a8fp8 --backend fp8-cached --cuda-graphs --all-linears
     timeout "$(left)" python bench/samples_match.py --out "$out/samples_match.json" >>"$out/log_$part.txt" 2>&1
+    timeout "$(left)" python -m pytest -q -p no:cacheprovider tests/kernels/test_rowquant.py tests/kernels/test_fp8.py \
+      tests/kernels/test_lowbit.py >"$out/gpu_tests.txt" 2>&1
+    tail -3 "$out/gpu_tests.txt"
     timeout "$(left)" python bench/bench_prepass.py --out "$out/prepass" >>"$out/log_$part.txt" 2>&1 ;;
   fusion)  # how the activation quantization fuses under inductor (batch 64). Run on 2026-11-25 with one more
            # row, fp8-cached with the per-token absmax over 128-column chunks: since adopted in ditq.kernels.fp8
