@@ -108,9 +108,7 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "config": args.config
-                + ("+multikernel" if args.multi_kernel else "")
-                + ("+prepass-attn-out" if args.prepass_attn_out else ""),
+                "config": args.config + ("+multikernel" if args.multi_kernel else ""),
                 "backend": "—" if args.config in ("bf16", TORCHAO) else args.backend,
                 "all_linears": args.all_linears,
                 "weight_bytes": weight_bytes,

@@ -20,6 +20,10 @@ from ditq.quant.qlinear import QuantLinear
 from ditq.quant.spec import QuantSpec
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# a backend's output against the reference's: a rare activation code one e4m3 step off (the kernel's GELU is a
+# float32 ulp off PyTorch's at places), and on Hopper the FP8 tensor cores' reduced-precision accumulation
+# (seen on an H200: 1.2e-3 through an MLP, 5.7e-3 through a block, where attention amplifies it)
+BACKEND_TOL = 1e-2 if DEVICE == "cuda" else 1e-3
 
 
 def operands(m: int, k: int, dtype: torch.dtype, smooth: bool, rank: int, seed: int = 0):
@@ -168,8 +172,7 @@ def test_fp8_backends_move_the_gelu_into_fc2_and_every_backend_keeps_the_output(
         assert mlp.fc1.input_activation is None and "input_activation=gelu" in repr(mlp.fc2)
         for backend in ("fp8", "fp8-cached", "reference", "dequantized", "lowbit"):
             prepare_for_inference(mlp, backend)
-            # the kernel's GELU is a float32 ulp off PyTorch's at places, which moves a rare code one e4m3 step
-            assert float((mlp(x) - ref).norm() / ref.norm()) < 1e-3
+            assert float((mlp(x) - ref).norm() / ref.norm()) < BACKEND_TOL
             assert mlp(x[:, :2]).shape == (3, 2, 48)  # few rows: the fp8 backend's lowbit route applies it too
 
 
@@ -202,7 +205,7 @@ def test_fp8_backends_move_the_block_norms_into_qkv_and_fc1_and_every_backend_ke
         assert type(block) is NormFusedDiTBlock
         for backend in ("fp8-cached", "fp8", "reference", "dequantized", "lowbit"):
             prepare_for_inference(block, backend)
-            assert float((block(x, c) - ref).norm() / ref.norm()) < 1e-3, backend
+            assert float((block(x, c) - ref).norm() / ref.norm()) < BACKEND_TOL, backend
             assert block(x[:, :2], c).shape == (3, 2, 48)  # few rows: the fp8 backend's lowbit route
         prepare_for_inference(block, "fp8-cached")
         torch._dynamo.reset()

@@ -246,8 +246,10 @@ def quantize_rows_fp8(
     codes = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
     scales = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     shift, scale_mod = (x, x) if modulation is None else (modulation.shift.contiguous(), modulation.scale.contiguous())
+    # fp fusion off with a modulation: the compiler otherwise narrows round(round(h·g) + b) to bf16 and fuses it
+    # into one bf16 FMA, which rounds once where PyTorch rounds twice (3.8% of the codes off, seen on an H200)
     common = dict(ACT=ACTIVATIONS[activation], NORM=modulation is not None, HAS_SMOOTH=smooth is not None,
-                  EMULATE=interpreted())  # fmt: skip
+                  EMULATE=interpreted(), enable_fp_fusion=modulation is None)  # fmt: skip
     norm_args = (1, 0.0) if modulation is None else (modulation.tokens, float(modulation.eps))
     smooth_arg = x if smooth is None else smooth
     head = 1 << (k.bit_length() - 1)
