@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ditq.kernels.reference import Modulation, modulated
+from ditq.kernels.reference import Modulation
 from ditq.kernels.triton import rowquant
 from ditq.kernels.triton.rowquant import quantize_rows_fp8, quantize_rows_fp8_reference
 from ditq.models.dit import modulate
@@ -28,7 +28,9 @@ def differing(a: torch.Tensor, b: torch.Tensor) -> float:
 def compare(m: int, k: int, tokens: int, seed: int, trivial: bool) -> None:
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16) * 2 + 1
-    shift, scale = (torch.randn(m // tokens, k, device="cuda", generator=g, dtype=torch.bfloat16) for _ in "ab")
+    shift, scale = (
+        torch.randn(m // tokens, k, device="cuda", generator=g, dtype=torch.bfloat16) for _ in "ab"
+    )
     if trivial:
         shift, scale = shift * 0, scale * 0
     mod = Modulation(shift, scale, tokens, 1e-6)
