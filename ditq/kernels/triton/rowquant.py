@@ -174,8 +174,7 @@ def _rows_multi_pass_kernel(
     stride_xm, stride_cm, stride_mod,
     ACT: tl.constexpr, NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr,
     ONE_SAMPLE: tl.constexpr, HAS_DOWN: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     """Walks K once per step: (NORM) the rows' mean and variance, merged chunk by chunk (Chan et al.); the row
     absmax, and down = h · L1 on tensor cores with fp32 accumulation; the codes. K is a compile-time constant
@@ -238,7 +237,7 @@ def quantize_rows_fp8(
     modulate(LayerNorm(x)) [/ smooth].
 
     Launch: `row_elements` (rows × padded width held per program) and `num_warps` for the one-pass kernel
-    (the best of a sweep on an H200 at DiT-XL/2 batch-64 shapes, `bench/results/prepass_h200.json`);
+    (the best of a sweep on an H200 at DiT-XL/2 batch-64 shapes, `bench/results/prepass_v1_h200.json`);
     `multi_pass` = (rows per program, K block, warps) for the multi-pass kernel.
     """
     m, k = _check_operands(x, smooth, lowrank_down, activation, modulation)
@@ -259,7 +258,7 @@ def quantize_rows_fp8(
         block_m = min(1 << (fits.bit_length() - 1), triton.next_power_of_2(m))  # powers of two
         _rows_one_pass_kernel[(triton.cdiv(m, block_m),)](
             x, smooth_arg, shift, scale_mod, codes, scales, m, k, *norm_args, x.stride(0), codes.stride(0),
-            shift.stride(0), ONE_SAMPLE=norm_args[0] % block_m == 0, BLOCK_M=block_m, HEAD=head, TAIL=tail,
+            shift.stride(0), ONE_SAMPLE=_one_sample(modulation, block_m), BLOCK_M=block_m, HEAD=head, TAIL=tail,
             num_warps=num_warps, **common,
         )  # fmt: skip
         return codes, scales, None
@@ -269,11 +268,16 @@ def quantize_rows_fp8(
     _rows_multi_pass_kernel[(triton.cdiv(m, block_m),)](
         x, smooth_arg, shift, scale_mod, x if lowrank_down is None else lowrank_down.contiguous(), codes, scales,
         down, m, k, rank, *norm_args, x.stride(0), codes.stride(0), shift.stride(0),
-        ONE_SAMPLE=norm_args[0] % block_m == 0, HAS_DOWN=lowrank_down is not None,
+        ONE_SAMPLE=_one_sample(modulation, block_m), HAS_DOWN=lowrank_down is not None,
         FP32_DOT=x.dtype == torch.float32 or interpreted(), BLOCK_M=block_m,
         BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=warps, **common,
     )  # fmt: skip
     return codes, scales, None if lowrank_down is None else down
+
+
+def _one_sample(modulation: Modulation | None, block_m: int) -> bool:
+    """Whether every program's `block_m` rows are tokens of one sample (one row of shift and scale for all)."""
+    return modulation is not None and modulation.tokens % block_m == 0
 
 
 def _check_operands(
