@@ -6,7 +6,8 @@ entry (`ditq.quant.modules`), the input groups, the recipe, the float storage dt
 Tensors that the layers of one input group share are stored once, under `input_groups.<id>.<buffer>`.
 
 Loading builds the skeleton on the meta device (or takes the caller's `model=` for models no adapter can
-rebuild), swaps the quantized modules in and assigns the tensors, so nothing is allocated twice.
+rebuild), swaps the quantized modules in and assigns the tensors read from the file, so no model-sized
+tensor is allocated twice.
 """
 
 from __future__ import annotations

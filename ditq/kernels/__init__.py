@@ -18,8 +18,9 @@ Backends here:
   its weight bytes (few tokens); sm_80+.
 - `"fp8"` / `"fp8-cached"` (`ditq.kernels.fp8`): W4A8-FP8 through Triton + cuBLAS FP8 on sm_89+, for
   per-channel int2–int4 or ternary weights with dynamic per-token FP8 activations; `"fp8"` sends few-row
-  calls to the lowbit kernel. Both first move each MLP's GELU into its second Linear
-  (`ditq.kernels.fusion`), whose input they then quantize in one Triton pass.
+  calls to the lowbit kernel. Both first move each MLP's GELU into its second Linear and each zoo DiT block's
+  LayerNorm + modulate into qkv and fc1 (`ditq.kernels.fusion`), whose inputs they then quantize in the
+  Triton pre-pass.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class Backend:
     convert: Callable[[QuantLinear, torch.dtype], dict[str, torch.Tensor]] = lambda module, dtype: {}
     # buffers `.to(dtype)` must not cast (FP8 codes, float32 scales)
     fixed_dtype_buffers: tuple[str, ...] = ()
-    # whether `prepare_for_inference` first moves MLP activations into the next Linear (`ditq.kernels.fusion`)
+    # whether `prepare_for_inference` first moves GELUs and DiT-block norms into the next Linear (`ditq.kernels.fusion`)
     fuses_input_activations: bool = False
 
 
@@ -86,7 +87,8 @@ def prepare_for_inference(
 
     `dtype` is the compute dtype of buffers a backend precomputes (default: each layer's float dtype,
     the dtype of its bias or low-rank factors, else float32). Calling it again switches backends and
-    drops what the previous one added.
+    drops the kernel buffers the previous one added; the FP8 backends' rewrites of GELUs and DiT blocks
+    (`ditq.kernels.fusion`) stay, since every backend computes the same outputs through them.
     """
     name = ALIASES.get(backend, backend)
     if name not in BACKENDS:

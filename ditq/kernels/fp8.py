@@ -11,7 +11,7 @@ re-reads every activation once more, which cost more than the FP8 GEMMs saved. T
 producers inductor fuses badly with a row reduction (`ditq.kernels.fusion` moves them): a layer's
 `input_activation` (an MLP's GELU moved into its second Linear) and a DiT block's LayerNorm + adaLN modulate
 (`modulated_fp8_linear`). There the Triton op `ditq::quantize_rows_fp8` applies the producer, the smoothing
-and the row scale in one read of each row, with the low-rank down-projection on the way.
+and the row scale in one read of each row (several, with a low-rank down-projection on the way).
 Per-channel weight scales only: |q| ≤ 8 is exact in e4m3 and the scale goes to the GEMM's `scale_b`
 (per-group scales need a fused kernel). Two backends: `"fp8"` expands the codes on every call (weights stay
 2–4-bit in memory; the expansion costs a few µs per layer), `"fp8-cached"` expands once in
@@ -62,8 +62,8 @@ def quantize_rows(
     eps: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(e4m3 codes (M, K), float32 row scales (M, 1), down (M, rank; rank 0 without L1)) of
-    h = activation(x), or modulate(LayerNorm(x), shift, scale) with a shift, [/ smooth], x (M, K), in one
-    Triton pass."""
+    h = activation(x), or modulate(LayerNorm(x), shift, scale) with a shift, [/ smooth], x (M, K), by the
+    Triton pre-pass."""
     from ditq.kernels.triton.rowquant import quantize_rows_fp8
 
     modulation = None if shift is None else Modulation(shift, scale, tokens, eps)

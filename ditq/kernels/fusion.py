@@ -8,7 +8,9 @@ follow (`ditq.kernels.triton.rowquant` says why and what it costs):
 - a zoo `DiTBlock`'s two LayerNorm + adaLN modulate steps, into qkv and fc1: the block's forward hands x, shift
   and scale to the FP8 pre-pass when the Linear runs on an FP8 backend, and computes the norm as before
   otherwise (any backend, any mix of layers).
-Only blocks whose forward is known are rewritten, and outputs stay equal.
+Only blocks whose forward is known are rewritten, and outputs stay equal. The rewrites stay when the backend is
+switched (every backend computes the same outputs through them) and are not saved: parameter names are kept,
+and a loaded model is the plain one.
 """
 
 from __future__ import annotations
@@ -37,12 +39,23 @@ def fuse_input_activations(model: nn.Module) -> int:
         elif _is_diffusers_gelu_feed_forward(module):
             gelu, _dropout, out = module.net[:3]
             out.input_activation = _GELU_NAMES[gelu.approximate]
-            module.net[0] = gelu.proj
+            module.net[0] = Projection(gelu.proj)  # keeps the parameter names (net.0.proj.*): files still load
             fused += 1
         if type(module) is DiTBlock and any(isinstance(m, QuantLinear) for m in (module.attn.qkv, module.mlp.fc1)):
             module.__class__ = NormFusedDiTBlock
             fused += 1
     return fused
+
+
+class Projection(nn.Module):
+    """diffusers' GELU module without its activation: `proj` alone, under the same name."""
+
+    def __init__(self, proj: nn.Module):
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
 
 
 class NormFusedDiTBlock(DiTBlock):
@@ -62,8 +75,12 @@ class NormFusedDiTBlock(DiTBlock):
 def _modulated_linear(
     linear: nn.Module, norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
 ) -> torch.Tensor:
-    """linear(modulate(norm(x), shift, scale)), in the FP8 pre-pass where `linear` runs on an FP8 backend."""
-    if isinstance(linear, QuantLinear) and linear.backend in FP8_BACKENDS and not uses_few_row_path(linear, x):
+    """linear(modulate(norm(x), shift, scale)), in the FP8 pre-pass where `linear` runs on an FP8 backend and the
+    modulation is one (D,) row per sample in x's dtype (else as the plain block computes it: broadcasting,
+    promoting); module hooks on `linear` do not run on the pre-pass path."""
+    per_sample = all(t.shape == (x.shape[0], x.shape[-1]) and t.dtype == x.dtype for t in (shift, scale))
+    if (isinstance(linear, QuantLinear) and linear.backend in FP8_BACKENDS and per_sample
+            and not uses_few_row_path(linear, x)):  # fmt: skip
         return modulated_fp8_linear(linear, x, shift, scale, norm.eps)
     return linear(modulate(norm(x), shift, scale))
 
