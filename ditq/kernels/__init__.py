@@ -167,7 +167,7 @@ register_backend(
 register_backend(
     Backend(
         "fp8-cached",
-        fp8.cached_forward,
+        fp8.fp8_linear,
         supports=fp8.fp8_support,
         convert=lambda m, dtype: fp8.expanded_weight(m),
         fixed_dtype_buffers=("fp8_scale_w", "weight_fp8"),

@@ -10,7 +10,7 @@ the activations — a separate quantization kernel (the first version of this ba
 re-reads every activation once more, which cost more than the FP8 GEMMs saved. The exceptions are the
 producers inductor fuses badly with a row reduction (`ditq.kernels.fusion` moves them): a layer's
 `input_activation` (an MLP's GELU moved into its second Linear) and a DiT block's LayerNorm + adaLN modulate
-(`modulated_fp8_linear`). There the Triton op `ditq::quantize_rows_fp8` applies the producer, the smoothing
+(`fp8_linear` with a `Modulation`). There the Triton op `ditq::quantize_rows_fp8` applies the producer, the smoothing
 and the row scale in one read of each row (several, with a low-rank down-projection on the way).
 Per-channel weight scales only: |q| ≤ 8 is exact in e4m3 and the scale goes to the GEMM's `scale_b`
 (per-group scales need a fused kernel). Two backends: `"fp8"` expands the codes on every call (weights stay
@@ -31,7 +31,7 @@ from ditq.kernels.triton import device_support
 from ditq.quant.primitives import fp8_cast, fp8_scale
 from ditq.quant.qlinear import QuantLinear
 
-__all__ = ["FP8_BACKENDS", "expand_fp8", "fp8_support", "modulated_fp8_linear", "quantize_rows", "uses_few_row_path"]
+__all__ = ["FP8_BACKENDS", "expand_fp8", "fp8_linear", "fp8_support", "quantize_rows", "uses_few_row_path"]
 
 MIN_CAPABILITY = (8, 9)
 FP8_BACKENDS = ("fp8", "fp8-cached")
@@ -78,47 +78,33 @@ def _(x, smooth, lowrank_down, activation, shift=None, scale=None, tokens=1, eps
             x.new_empty((x.shape[0], rank)))  # fmt: skip
 
 
-def fp8_linear(m: QuantLinear, x: torch.Tensor, weight_fp8: torch.Tensor) -> torch.Tensor:
-    """y = m(x) through one FP8 GEMM with row-wise scales on both sides; `weight_fp8` (N, K) e4m3 codes."""
+def fp8_linear(m: QuantLinear, x: torch.Tensor, modulation: Modulation | None = None) -> torch.Tensor:
+    """y = m(x), or m(modulate(LayerNorm(x), shift, scale)) with a `modulation`, through one FP8 GEMM with
+    row-wise scales on both sides; `m` runs on an FP8 backend."""
     k = x.shape[-1]
     down_weight = None if m.lowrank_down is None else m.lowrank_down.to(x.dtype)
-    if m.input_activation is None:  # ordinary ops, fused by the compiler into x's producer
+    if m.input_activation is None and modulation is None:  # ordinary ops, fused by the compiler into x's producer
         h = (x if m.smooth is None else x / m.smooth.to(x.dtype)).reshape(-1, k)  # (M, K)
         scale_x = fp8_scale(h)  # (M, 1) float32
         codes = fp8_cast(h, scale_x)
         down = None if down_weight is None else h @ down_weight  # (M, rank)
     else:
-        codes, scale_x, down = quantize_rows(x.reshape(-1, k), m.smooth, down_weight, m.input_activation)
-    return _scaled_gemm(m, codes, scale_x, down, weight_fp8, x.dtype).reshape(*x.shape[:-1], m.out_features)
-
-
-def modulated_fp8_linear(m: QuantLinear, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
-                         ) -> torch.Tensor:  # fmt: skip
-    """m(modulate(LayerNorm(x), shift, scale)) for x (samples, tokens, K), the LayerNorm and modulation done
-    by the input pre-pass; `m` runs on an FP8 backend."""
-    n, t, k = x.shape
-    down_weight = None if m.lowrank_down is None else m.lowrank_down.to(x.dtype)
-    codes, scale_x, down = quantize_rows(x.reshape(-1, k), m.smooth, down_weight, "none", shift, scale, t, eps)
-    return _scaled_gemm(m, codes, scale_x, down, _weight_codes(m), x.dtype).reshape(n, t, m.out_features)
-
-
-def _scaled_gemm(m: QuantLinear, codes: torch.Tensor, scale_x: torch.Tensor, down: torch.Tensor | None,
-                 weight_fp8: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
-    """(M, N) = s_x·s_w·(codes · weight_fp8ᵀ) + bias (+ down · L2) in `dtype`."""
-    fused_bias = m.bias is not None and dtype in (torch.bfloat16, torch.float16)
+        codes, scale_x, down = quantize_rows(x.reshape(-1, k), m.smooth, down_weight, m.input_activation or "none",
+                                             *(modulation or ()))  # fmt: skip
+    fused_bias = m.bias is not None and x.dtype in (torch.bfloat16, torch.float16)
     y = torch._scaled_mm(
         codes,
-        weight_fp8.t(),
+        _weight_codes(m).t(),
         scale_a=scale_x,
         scale_b=m.fp8_scale_w,
-        bias=m.bias.to(dtype) if fused_bias else None,
-        out_dtype=dtype,
+        bias=m.bias.to(x.dtype) if fused_bias else None,
+        out_dtype=x.dtype,
     )  # (M, N)
     if m.bias is not None and not fused_bias:
-        y = y + m.bias.to(dtype)
+        y = y + m.bias.to(x.dtype)
     if m.lowrank_up is not None:  # one GEMM that reads y as its C: no separate (M, N) product to add
-        y = torch.addmm(y, down, m.lowrank_up.to(dtype))
-    return y
+        y = torch.addmm(y, down, m.lowrank_up.to(x.dtype))
+    return y.reshape(*x.shape[:-1], m.out_features)
 
 
 def fp8_support(m: QuantLinear) -> str | None:
@@ -141,11 +127,7 @@ def fp8_support(m: QuantLinear) -> str | None:
 def per_call_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     if uses_few_row_path(m, x):
         return lowbit_forward(m, x)
-    return fp8_linear(m, x, _expanded(m))
-
-
-def cached_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
-    return fp8_linear(m, x, m.weight_fp8)
+    return fp8_linear(m, x)
 
 
 def uses_few_row_path(m: QuantLinear, x: torch.Tensor) -> bool:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ditq.kernels.fp8 import FP8_BACKENDS, modulated_fp8_linear, uses_few_row_path
+from ditq.kernels.fp8 import FP8_BACKENDS, fp8_linear, uses_few_row_path
+from ditq.kernels.reference import Modulation
 from ditq.models.dit import DiTBlock, Mlp, modulate
 from ditq.quant.qlinear import QuantLinear
 
@@ -81,7 +82,7 @@ def _modulated_linear(
     per_sample = all(t.shape == (x.shape[0], x.shape[-1]) and t.dtype == x.dtype for t in (shift, scale))
     if (isinstance(linear, QuantLinear) and linear.backend in FP8_BACKENDS and per_sample
             and not uses_few_row_path(linear, x)):  # fmt: skip
-        return modulated_fp8_linear(linear, x, shift, scale, norm.eps)
+        return fp8_linear(linear, x, Modulation(shift, scale, x.shape[1], norm.eps))
     return linear(modulate(norm(x), shift, scale))
 
 
