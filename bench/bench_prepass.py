@@ -4,11 +4,13 @@ at DiT-XL/2 batch-64 shapes, same run. Medians of `triton.testing.do_bench` (µs
     python bench/bench_prepass.py --out bench/results/prepass_h200
 
 Rows: fc2's input (16,384 × 4,608, GELU-tanh) and qkv's and fc1's (16,384 × 1,152, LayerNorm + adaLN modulate), each
-also with SVDQuant's smoothing + rank-32 down-projection. (An earlier run also timed a plain 1,152-wide row, the
-attention output: `bench/results/prepass_v1_h200.md`.)
+also with SVDQuant's smoothing + rank-32 branch (the op `ditq::quantize_rows_fp8` then also appends the low-rank
+codes: `ditq.kernels.triton.lowrank`). (An earlier run also timed a
+plain 1,152-wide row, the attention output, and the multi-pass down-projection kernel since removed:
+`bench/results/prepass_v1_h200.md`.)
 "inductor" compiles the PyTorch reference (the FP8 backend without the kernel); "bf16 producer alone" is what bf16
-spends on the GELU or LayerNorm + modulate alone. The one-pass kernel's launch configs are
-swept; every kernel output is compared with the reference first (the differences are recorded in the rows).
+spends on the GELU or LayerNorm + modulate alone. The one-pass kernel's launch configs are swept; every kernel
+output is compared with the reference first (the differences are recorded in the rows).
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from pathlib import Path
 import torch
 import triton
 
+from ditq.kernels.fp8 import quantize_rows
 from ditq.kernels.reference import Modulation, activate, modulated
+from ditq.kernels.triton.lowrank import append_lowrank_codes_reference
 from ditq.kernels.triton.rowquant import quantize_rows_fp8, quantize_rows_fp8_reference
+from ditq.quant.primitives import fp8_quantize
 
 CASES = [  # (name, M, K, activation or "modulate", smooth + rank)
     ("fc2 in, gelu_tanh", 16384, 4608, "gelu_tanh", 0),
@@ -30,19 +35,33 @@ CASES = [  # (name, M, K, activation or "modulate", smooth + rank)
     ("qkv/fc1 in, LayerNorm + modulate, smooth + r32", 16384, 1152, "modulate", 32),
 ]
 TOKENS = 256  # DiT-XL/2 at 256×256: rows are samples × 256 tokens
-LAUNCHES = [(e, w) for e in (4096, 8192, 16384) for w in (2, 4)]
-MULTI_PASS_LAUNCHES = [(bm, bk, w) for bm in (16, 32, 64) for bk in (64, 128) for w in (4, 8)]
+LAUNCHES = [(e, w) for e in (4096, 8192, 16384) for w in (2, 4, 8)]
 
 
 def bench(fn) -> float:
     return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
+def reference(x, smooth, activation, mod, lowrank):
+    """The op's work in PyTorch: the reference codes, then the low-rank codes appended."""
+    codes, scales = quantize_rows_fp8_reference(x, smooth, activation, mod)
+    if lowrank:
+        spare = torch.empty_like(
+            codes[:, : 2 * lowrank[0].shape[1]]
+        )  # as bytes: inductor's e4m3 cat fails on Triton 3.6
+        codes = torch.cat([codes.view(torch.uint8), spare.view(torch.uint8)], dim=1).view(torch.float8_e4m3fn)
+        append_lowrank_codes_reference(codes, *lowrank)
+    return codes, scales
+
+
 def measure(name: str, m: int, k: int, transform: str, rank: int) -> dict:
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16) * 2
     smooth = torch.rand(k, device="cuda", generator=g) + 0.5 if rank else None
-    down = torch.randn(k, rank, device="cuda", generator=g, dtype=torch.bfloat16) * 0.05 if rank else None
+    lowrank = ()
+    if rank:  # as `ditq.kernels.fp8._lowrank_parts` makes them
+        down, _ = fp8_quantize(torch.randn(rank, k, device="cuda", generator=g) * 0.05)
+        lowrank = (down.t().contiguous(), 1 / down.float().abs().sum(1).reshape(1, -1))
     mod = None
     if transform == "modulate":
         shift, scale = (
@@ -50,39 +69,27 @@ def measure(name: str, m: int, k: int, transform: str, rank: int) -> dict:
         )
         mod = Modulation(shift, scale, TOKENS, 1e-6)
     activation = "none" if mod else transform
-    ref_codes, ref_scales, ref_down = quantize_rows_fp8_reference(x, smooth, down, activation, mod)
-    codes, scales, out_down = quantize_rows_fp8(x, smooth, down, activation, mod)
+    op_args = (x, smooth, activation, *(mod or (None, None, 1, 0.0)), *lowrank)
+    ref_codes, ref_scales = reference(x, smooth, activation, mod, lowrank)
+    codes, scales = quantize_rows(*op_args)
     row = {
         "case": name, "M": m, "K": k, "transform": transform, "rank": rank,
         "codes_differing": float((codes.float() != ref_codes.float()).float().mean()),
         "scales_max_rel_diff": float(((scales - ref_scales).abs() / ref_scales).max()),
-        "down_rel_err": None if rank == 0 else float((out_down.float() - ref_down.float()).norm() / ref_down.float().norm()),
     }  # fmt: skip
-    compiled = torch.compile(quantize_rows_fp8_reference, fullgraph=True, dynamic=False)
-    row["inductor_us"] = bench(lambda: compiled(x, smooth, down, activation, mod))
+    compiled = torch.compile(reference, fullgraph=True, dynamic=False)
+    row["inductor_us"] = bench(lambda: compiled(x, smooth, activation, mod, lowrank))
     alone = torch.compile(lambda t: activate(t, activation) if mod is None else modulated(t, mod), fullgraph=True,
                           dynamic=False)  # fmt: skip
     row["bf16_producer_us"] = bench(lambda: alone(x))  # what bf16 spends on the producer alone
-    if rank:
-        row["multi_pass_launches"] = {
-            str(launch): bench(
-                lambda launch=launch: quantize_rows_fp8(x, smooth, down, activation, mod, multi_pass=launch)
-            )
-            for launch in MULTI_PASS_LAUNCHES
-        }
-        row["kernel_us"] = bench(lambda: quantize_rows_fp8(x, smooth, down, activation, mod))
-    else:
+    if not rank:
         row["launches"] = {
             f"{e} elements, {w} warps": bench(
-                lambda e=e, w=w: quantize_rows_fp8(
-                    x, smooth, None, activation, mod, row_elements=e, num_warps=w
-                )
+                lambda e=e, w=w: quantize_rows_fp8(x, smooth, activation, mod, row_elements=e, num_warps=w)
             )
             for e, w in LAUNCHES
         }
-        row["kernel_us"] = bench(
-            lambda: quantize_rows_fp8(x, smooth, None, activation, mod)
-        )  # the default launch
+    row["kernel_us"] = bench(lambda: quantize_rows(*op_args))  # the default launch
     row["ideal_us_at_4.3tbps"] = (m * k * 3 + m * 4 + m * rank * 2) / 4.3e12 * 1e6  # H200 copy bandwidth
     return row
 

@@ -34,8 +34,8 @@ def compare(m: int, k: int, tokens: int, seed: int, trivial: bool) -> None:
     if trivial:
         shift, scale = shift * 0, scale * 0
     mod = Modulation(shift, scale, tokens, 1e-6)
-    ref_codes, ref_scales, _ = quantize_rows_fp8_reference(x, None, None, "none", mod)
-    codes, scales, _ = quantize_rows_fp8(x, None, None, "none", mod)
+    ref_codes, ref_scales, _ = quantize_rows_fp8_reference(x, None, "none", mod)
+    codes, scales = quantize_rows_fp8(x, None, "none", mod)
     xf = x.double()
     mean = xf.mean(-1, keepdim=True)
     ln = ((xf - mean) / torch.sqrt(((xf - mean) ** 2).mean(-1, keepdim=True) + 1e-6)).float().bfloat16()
@@ -43,7 +43,7 @@ def compare(m: int, k: int, tokens: int, seed: int, trivial: bool) -> None:
     codes64 = fp8_cast(h64, fp8_scale(h64))
     rowquant.interpreted = lambda: True  # integer rounding (the interpreter's path) on the GPU
     try:
-        emulated, _, _ = quantize_rows_fp8(x, None, None, "none", mod)
+        emulated, _ = quantize_rows_fp8(x, None, "none", mod)
     finally:
         rowquant.interpreted = lambda: False
     print(

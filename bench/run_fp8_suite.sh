@@ -4,13 +4,13 @@
 # torchao's float8 row-wise (the peer) is `bench_e2e.py --config torchao-fp8-row`, left out here: its compile
 # took 337 s on the H100.
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh kernels   # GPU tests, samples vs reference, batch-64 forward, GEMM table
-#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh models    # SVDQuant r32, ternary; batch 2 + graphs; samples; pre-pass
-#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh prepass   # GPU tests, the Triton input pre-pass, batch-64 forward
+#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh models    # GPU tests; every FP8-path model at batch 64; pre-pass
+#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh small     # batch 2 under CUDA graphs; samples; few-row GEMMs
 #   (bench_kernels.py, in the first part, also times the lowbit kernel's launch configs)
 set -u
 out=${OUT:?set OUT to the results folder}
 e2e() { timeout "$(left)" python bench/bench_e2e.py "$@" >>"$out/e2e_$part.jsonl" 2>>"$out/log_$part.txt" || echo "failed: $*" >>"$out/log_$part.txt"; }
-part=${1:?kernels, models, fusion or prepass}
+part=${1:?kernels, models, small or fusion}
 deadline=$(( $(date +%s) + ${SUITE_SECONDS:-570} ))  # one device call: steps that would run past it are cut
 left() { echo $(( deadline - $(date +%s) > 1 ? deadline - $(date +%s) : 1 )); }
 case $part in
@@ -22,18 +22,24 @@ case $part in
     e2e --batch 64 --config w4a8fp8 --backend fp8
     e2e --batch 64 --config w4a8fp8 --backend fp8-cached
     python bench/bench_kernels.py --out "$out/kernels_fp8_v3" >>"$out/log_$part.txt" 2>&1 ;;
-  models)  # every FP8-path model against bf16 (b64), batch 2 under CUDA graphs, samples vs the reference backend
+  models)  # every FP8-path model against bf16 at batch 64, and the pre-pass against inductor (its first version's
+           # run, 2026-12-03, also timed the attention output through the pre-pass: 0.86×, dropped)
+    nvidia-smi -L
+    timeout 180 python -m pytest -q -p no:cacheprovider tests/kernels/test_rowquant.py tests/kernels/test_fp8.py \
+      tests/kernels/test_lowbit.py >"$out/gpu_tests.txt" 2>&1
+    tail -3 "$out/gpu_tests.txt"
     e2e --batch 64 --config bf16
     e2e --batch 64 --config w4a8fp8 --backend fp8-cached
     e2e --batch 64 --config svdquant-w4a8fp8-r32 --backend fp8-cached
     e2e --batch 64 --config ternary-a8fp8 --backend fp8-cached --all-linears
+    timeout "$(left)" python bench/bench_prepass.py --out "$out/prepass" >>"$out/log_$part.txt" 2>&1 ;;
+  small)  # batch 2 under CUDA graphs, samples vs the reference backend, few-row GEMMs as kernels alone
     e2e --batch 2 --config bf16 --cuda-graphs
     e2e --batch 2 --config w4a8fp8 --backend fp8-cached --cuda-graphs --all-linears
+    e2e --batch 2 --config w4a8fp8 --backend fp8 --cuda-graphs --all-linears
+    e2e --batch 2 --config ternary-a8fp8 --backend fp8 --cuda-graphs --all-linears
     timeout "$(left)" python bench/samples_match.py --out "$out/samples_match.json" >>"$out/log_$part.txt" 2>&1
-    timeout "$(left)" python -m pytest -q -p no:cacheprovider tests/kernels/test_rowquant.py tests/kernels/test_fp8.py \
-      tests/kernels/test_lowbit.py >"$out/gpu_tests.txt" 2>&1
-    tail -3 "$out/gpu_tests.txt"
-    timeout "$(left)" python bench/bench_prepass.py --out "$out/prepass" >>"$out/log_$part.txt" 2>&1 ;;
+    timeout "$(left)" python bench/bench_weight_bound.py --out "$out/weight_bound" >>"$out/log_$part.txt" 2>&1 ;;
   fusion)  # how the activation quantization fuses under inductor (batch 64). Run on 2026-11-25 with one more
            # row, fp8-cached with the per-token absmax over 128-column chunks: since adopted in ditq.kernels.fp8
     e2e --batch 64 --config bf16
@@ -41,16 +47,6 @@ case $part in
     e2e --batch 64 --config w4a8fp8 --backend fp8-cached
     e2e --batch 64 --config w4a8fp8 --backend fp8-cached --multi-kernel
     e2e --batch 64 --config w4a8fp8 --backend fp8 --multi-kernel ;;
-  prepass)  # the Triton pre-pass (ditq.kernels.fusion, triton/rowquant) at batch 64; few-row GEMMs as kernels
-            # alone. Run on 2026-12-03 with one more row, the attention output through the pre-pass (0.86×, dropped)
-    nvidia-smi -L
-    e2e --batch 64 --config bf16
-    e2e --batch 64 --config w4a8fp8 --backend fp8-cached
-    timeout "$(left)" python bench/bench_prepass.py --out "$out/prepass" >>"$out/log_$part.txt" 2>&1
-    timeout "$(left)" python bench/bench_weight_bound.py --out "$out/weight_bound" >>"$out/log_$part.txt" 2>&1
-    timeout "$(left)" python -m pytest -q -x -p no:cacheprovider tests/kernels/test_rowquant.py \
-      tests/kernels/test_fp8.py tests/kernels/test_lowbit.py >>"$out/log_$part.txt" 2>&1
-    tail -3 "$out/log_$part.txt" ;;
-  *) echo "unknown part $part (kernels, models, fusion or prepass)"; exit 2 ;;
+  *) echo "unknown part $part (kernels, models, small or fusion)"; exit 2 ;;
 esac
 python bench/e2e_table.py "$out/e2e_$part.jsonl" "$out/e2e_$part" && rm "$out/e2e_$part.jsonl"

@@ -160,7 +160,7 @@ register_backend(
         fp8.per_call_forward,
         supports=fp8.fp8_support,
         convert=lambda m, dtype: fp8.weight_scale(m),
-        fixed_dtype_buffers=("fp8_scale_w",),
+        fixed_dtype_buffers=("fp8_scale_w", *fp8.LOWRANK_BUFFERS, "lowrank_up_fp8", "weight_row_shift"),
         fuses_input_activations=True,
     )
 )
@@ -170,7 +170,7 @@ register_backend(
         fp8.fp8_linear,
         supports=fp8.fp8_support,
         convert=lambda m, dtype: fp8.expanded_weight(m),
-        fixed_dtype_buffers=("fp8_scale_w", "weight_fp8"),
+        fixed_dtype_buffers=("fp8_scale_w", "weight_fp8", *fp8.LOWRANK_BUFFERS),
         fuses_input_activations=True,
     )
 )

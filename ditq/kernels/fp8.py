@@ -1,8 +1,9 @@
 """W4A8-FP8 on Hopper: int2–int4 or ternary weights expanded to FP8 e4m3, per-token FP8 activations, cuBLAS FP8.
 
-    x ──(÷smooth, row absmax, e4m3 codes: ordinary ops)──► X_q, s_x ───┐
-    packed codes ──(Triton op `ditq::expand_fp8`: exact e4m3)──► W_q ──┼─► _scaled_mm(X_q, W_qᵀ, s_x, s_w) + b
-    (x ÷ smooth) · L1 · L2  (low-rank branch, in x's dtype) ──────────┘
+    x ──(÷smooth, row absmax, e4m3 codes: ordinary ops or the pre-pass)──► X_q, s_x ─────────┐
+    X_q · L1_q (SVDQuant's down-projection: a small FP8 GEMM) ──► e4m3 P, behind X_q's columns ─┤
+    packed codes ──(Triton op `ditq::expand_fp8`: exact e4m3)──► W_q, and U behind them ─────┼─► _scaled_mm
+    ([X_q | P], [W_q | U]ᵀ, s_x, s_w) + b: the main product and the low-rank branch in ONE GEMM ──┘
 
 The activation quantization is left as ordinary PyTorch ops on purpose: under `torch.compile` they fuse
 into the kernel that produces x (LayerNorm + adaLN modulate, ...), so quantizing costs no extra pass over
@@ -11,24 +12,31 @@ re-reads every activation once more, which cost more than the FP8 GEMMs saved. T
 producers inductor fuses badly with a row reduction (`ditq.kernels.fusion` moves them): a layer's
 `input_activation` (an MLP's GELU moved into its second Linear) and a DiT block's LayerNorm + adaLN modulate
 (`fp8_linear` with a `Modulation`). There the Triton op `ditq::quantize_rows_fp8` applies the producer, the smoothing
-and the row scale in one read of each row (several, with a low-rank down-projection on the way).
+and the row scale in one read of each row; so it does for every layer with a low-rank branch.
 Per-channel weight scales only: |q| ≤ 8 is exact in e4m3 and the scale goes to the GEMM's `scale_b`
-(per-group scales need a fused kernel). Two backends: `"fp8"` expands the codes on every call (weights stay
-2–4-bit in memory; the expansion costs a few µs per layer), `"fp8-cached"` expands once in
-`prepare_for_inference` (8-bit weights in memory, no per-call expansion). `"fp8"` sends calls of at most
-`LOWBIT_MAX_ROWS` rows, bound by weight bytes, to the `"lowbit"` kernel instead, which reads the packed codes
-directly (activations fake-quantized to the same FP8 values) rather than expanding them. Both run on CUDA devices with FP8
-tensor cores (sm_89+), and on the CPU under `TRITON_INTERPRET=1` (tests).
+(per-group scales need a fused kernel). SVDQuant's branch (x/smooth)·L1·L2 rides in the same GEMM as 2·rank more
+columns of K (`_lowrank_parts`): its operands are e4m3 too, so it carries about the error FP8 W8A8 gives any
+layer (a few % of the branch) where the other backends keep it in x's dtype; a separate 16-bit up-projection
+would re-read and re-write every output (DiT-XL/2 SVDQuant r32 at batch 64 on an H200: 0.71× bf16 that way,
+1.08× this way under CUDA graphs; without graphs the forward is bound by the CPU's launches, 0.60×).
+
+Two backends: `"fp8"` expands the codes on every call (weights stay 2–4-bit in memory; the expansion costs a
+few µs per layer), `"fp8-cached"` expands once in `prepare_for_inference` (8-bit weights in memory, no
+per-call expansion). `"fp8"` sends calls of at most `LOWBIT_MAX_ROWS` rows, bound by weight bytes, to the
+`"lowbit"` kernel instead, which reads the packed codes directly (activations fake-quantized to the same FP8
+values, a low-rank branch in x's dtype) rather than expanding them. Both run on CUDA devices with FP8 tensor
+cores (sm_89+), and on the CPU under `TRITON_INTERPRET=1` (tests).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ditq.kernels.lowbit import LOWBIT_MAX_ROWS, lowbit_forward
 from ditq.kernels.reference import Modulation
 from ditq.kernels.triton import device_support
-from ditq.quant.primitives import fp8_cast, fp8_scale
+from ditq.quant.primitives import FP8_MAX, fp8_cast, fp8_quantize, fp8_scale
 from ditq.quant.qlinear import QuantLinear
 
 __all__ = ["FP8_BACKENDS", "expand_fp8", "fp8_linear", "fp8_support", "quantize_rows", "uses_few_row_path"]
@@ -54,43 +62,51 @@ def _(qweight, bits, n_cols, ternary):
 def quantize_rows(
     x: torch.Tensor,
     smooth: torch.Tensor | None,
-    lowrank_down: torch.Tensor | None,
     activation: str,
     shift: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     tokens: int = 1,
     eps: float = 0.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(e4m3 codes (M, K), float32 row scales (M, 1), down (M, rank; rank 0 without L1)) of
-    h = activation(x), or modulate(LayerNorm(x), shift, scale) with a shift, [/ smooth], x (M, K), by the
-    Triton pre-pass."""
+    lowrank_down: torch.Tensor | None = None,
+    lowrank_down_scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 codes (M, K [+ 2·rank]), float32 row scales (M, 1)) of h = activation(x), or modulate(LayerNorm(x),
+    shift, scale) with a shift, [/ smooth], x (M, K), by the Triton pre-pass; with SVDQuant's down-projection
+    (`_lowrank_parts`) its e4m3 activations P follow, twice (`ditq.kernels.triton.lowrank`)."""
     from ditq.kernels.triton.rowquant import quantize_rows_fp8
 
     modulation = None if shift is None else Modulation(shift, scale, tokens, eps)
-    codes, scales, down = quantize_rows_fp8(x, smooth, lowrank_down, activation, modulation)
-    return codes, scales, x.new_empty((x.shape[0], 0)) if down is None else down
+    extra = 0 if lowrank_down is None else 2 * lowrank_down.shape[1]
+    out = torch.empty(x.shape[0], x.shape[1] + extra, dtype=torch.float8_e4m3fn, device=x.device)
+    codes, scales = quantize_rows_fp8(x, smooth, activation, modulation, out=out)
+    if extra:
+        from ditq.kernels.triton.lowrank import append_lowrank_codes
+
+        append_lowrank_codes(codes, lowrank_down, lowrank_down_scale)
+    return codes, scales
 
 
 @quantize_rows.register_fake
-def _(x, smooth, lowrank_down, activation, shift=None, scale=None, tokens=1, eps=0.0):
-    rank = 0 if lowrank_down is None else lowrank_down.shape[1]
-    return (x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty((x.shape[0], 1), dtype=torch.float32),
-            x.new_empty((x.shape[0], rank)))  # fmt: skip
+def _(x, smooth, activation, shift=None, scale=None, tokens=1, eps=0.0, lowrank_down=None, lowrank_down_scale=None):
+    extra = 0 if lowrank_down is None else 2 * lowrank_down.shape[1]
+    return (x.new_empty((x.shape[0], x.shape[1] + extra), dtype=torch.float8_e4m3fn),
+            x.new_empty((x.shape[0], 1), dtype=torch.float32))  # fmt: skip
 
 
 def fp8_linear(m: QuantLinear, x: torch.Tensor, modulation: Modulation | None = None) -> torch.Tensor:
     """y = m(x), or m(modulate(LayerNorm(x), shift, scale)) with a `modulation`, through one FP8 GEMM with
-    row-wise scales on both sides; `m` runs on an FP8 backend."""
+    row-wise scales on both sides (SVDQuant's up-projection rides in it as 2·rank more columns of K); `m`
+    runs on an FP8 backend."""
     k = x.shape[-1]
-    down_weight = None if m.lowrank_down is None else m.lowrank_down.to(x.dtype)
-    if m.input_activation is None and modulation is None:  # ordinary ops, fused by the compiler into x's producer
+    if m.input_activation is None and modulation is None and m.lowrank_up is None:
+        # ordinary ops, fused by the compiler into x's producer
         h = (x if m.smooth is None else x / m.smooth.to(x.dtype)).reshape(-1, k)  # (M, K)
         scale_x = fp8_scale(h)  # (M, 1) float32
         codes = fp8_cast(h, scale_x)
-        down = None if down_weight is None else h @ down_weight  # (M, rank)
     else:
-        codes, scale_x, down = quantize_rows(x.reshape(-1, k), m.smooth, down_weight, m.input_activation or "none",
-                                             *(modulation or ()))  # fmt: skip
+        lowrank = () if m.lowrank_up is None else (m.lowrank_down_fp8, m.lowrank_down_scale)
+        codes, scale_x = quantize_rows(x.reshape(-1, k), m.smooth, m.input_activation or "none",
+                                       *(modulation or (None, None, 1, 0.0)), *lowrank)  # fmt: skip
     fused_bias = m.bias is not None and x.dtype in (torch.bfloat16, torch.float16)
     y = torch._scaled_mm(
         codes,
@@ -102,8 +118,6 @@ def fp8_linear(m: QuantLinear, x: torch.Tensor, modulation: Modulation | None = 
     )  # (M, N)
     if m.bias is not None and not fused_bias:
         y = y + m.bias.to(x.dtype)
-    if m.lowrank_up is not None:  # one GEMM that reads y as its C: no separate (M, N) product to add
-        y = torch.addmm(y, down, m.lowrank_up.to(x.dtype))
     return y.reshape(*x.shape[:-1], m.out_features)
 
 
@@ -121,6 +135,8 @@ def fp8_support(m: QuantLinear) -> str | None:
         return "activations must be dynamic per-token FP8"
     if m.in_features % 16 or m.out_features % 16:
         return "FP8 GEMMs need in/out features divisible by 16"
+    if m.lowrank_up is not None and _lowrank_parts(m)[3].max() > MAX_ROW_SHIFT:
+        return LOWRANK_RANGE
     return None
 
 
@@ -138,17 +154,77 @@ def uses_few_row_path(m: QuantLinear, x: torch.Tensor) -> bool:
 
 
 def weight_scale(m: QuantLinear) -> dict[str, torch.Tensor]:
-    """The per-channel scales as cuBLAS's row-wise `scale_b` (1, N)."""
-    return {"fp8_scale_w": m.scales.reshape(1, m.out_features).float().contiguous()}
+    """The per-channel scales as cuBLAS's row-wise `scale_b` (1, N), and SVDQuant's branch if `m` has one."""
+    scale = m.scales.detach().reshape(1, m.out_features).float()
+    if m.lowrank_up is None:
+        return {"fp8_scale_w": scale.contiguous()}
+    up_codes, down_codes, down_scale, shift = _lowrank_parts(m)
+    if shift.max() > MAX_ROW_SHIFT:
+        raise ValueError(LOWRANK_RANGE)
+    high = up_codes.to(torch.float8_e4m3fn)
+    low = (up_codes - high.float()).to(torch.float8_e4m3fn)  # what one e4m3 rounding of U leaves
+    return {"fp8_scale_w": (scale * shift.reshape(1, -1)).contiguous(), "lowrank_down_fp8": down_codes,
+            "lowrank_down_scale": down_scale, "lowrank_up_fp8": _bytes_cat(high, low),
+            "weight_row_shift": (1 / shift).reshape(-1, 1)}  # fmt: skip
 
 
 def expanded_weight(m: QuantLinear) -> dict[str, torch.Tensor]:
-    return weight_scale(m) | {"weight_fp8": _expanded(m)}
+    buffers = weight_scale(m)
+    if m.lowrank_up is None:
+        return buffers | {"weight_fp8": _expanded(m)}
+    return buffers | {"weight_fp8": _with_lowrank(_expanded(m), buffers.pop("weight_row_shift"),
+                                                  buffers.pop("lowrank_up_fp8"))}  # fmt: skip
+
+
+MAX_ROW_SHIFT = 2.0**9  # q · 2^-j stays exact in e4m3 for |q| ≤ 8 while j ≤ 9 (subnormals are steps of 2^-9)
+LOWRANK_BUFFERS = ("lowrank_down_fp8", "lowrank_down_scale")  # what both FP8 backends keep of the branch
+LOWRANK_RANGE = "the low-rank branch needs more than 2^9 of headroom beside the weight's channel scales"
+
+
+def _lowrank_parts(m: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVDQuant's branch y += (x/smooth) · L1 · L2 as e4m3 operands of the layer's FP8 GEMMs, its rank padded
+    with zeros to a power of two ≥ 16 (tensor-core tiles): (U (N, rank) float32, L1 codes (K, rank), 1/‖L1_q‖₁
+    (1, rank), shift (N,) powers of two ≥ 1).
+
+    L1 is quantized with a scale s per rank column; P = X_q · L1_q / ‖L1_q‖₁ is then within ±448 whatever
+    X_q holds (|X_q| ≤ 448), so its e4m3 codes never saturate (`ditq.kernels.triton.lowrank`). U = a·L2ᵀ/(s_w·shift) with a = s·‖L1_q‖₁, so that the GEMM's
+    s_x·(s_w·shift)·(P · Uᵀ) is (x/smooth)·L1·L2 up to the e4m3 roundings. A row of U that would pass 448
+    moves its channel scale up by `shift` (the weight codes of that row divide by it, exactly). U enters the
+    GEMM as two e4m3 parts, U_high + U_low, each multiplied by P: one rounding of U alone cost 1.8 dB PSNR on
+    DiT-MNIST (a fixed error on the layer's dominant directions), the roundings of L1 and P ±0.3 dB.
+    """
+    rank = m.lowrank_down.shape[1]
+    pad = max(16, 1 << (rank - 1).bit_length()) - rank
+    down = F.pad(m.lowrank_down.detach().float().t(), (0, 0, 0, pad))  # (rank, K)
+    up = F.pad(m.lowrank_up.detach().float(), (0, 0, 0, pad))  # (rank, N)
+    down_codes, s = fp8_quantize(down)  # (rank, K), (rank, 1)
+    l1 = down_codes.float().abs().sum(1)  # (rank,)
+    down_scale = (1 / torch.where(l1 > 0, l1, 1.0)).reshape(1, -1)
+    up = up.t() * (s.squeeze(1) * l1) / m.scales.detach().float().reshape(-1, 1)  # (N, rank)
+    need = up.abs().amax(1) / FP8_MAX  # (N,)
+    shift = torch.exp2(torch.ceil(torch.log2(need.clamp_min(1.0))))
+    shift = torch.where(need > shift, 2 * shift, shift)  # log2's rounding at exact powers of two
+    return up / shift.reshape(-1, 1), down_codes.t().contiguous(), down_scale, shift
+
+
+def _with_lowrank(codes: torch.Tensor, row_shift: torch.Tensor, up_codes: torch.Tensor) -> torch.Tensor:
+    """The (N, K + 2·rank) e4m3 weight: the codes' rows divided by their shift (exact), then U's high and low
+    parts behind them."""
+    return _bytes_cat((codes.float() * row_shift).to(torch.float8_e4m3fn), up_codes)
+
+
+def _bytes_cat(*codes: torch.Tensor) -> torch.Tensor:
+    """e4m3 tensors side by side (dim 1), joined as bytes: inductor's concatenation of e4m3 tensors fails on
+    Triton 3.6 (no `get_fp8e4nv`)."""
+    return torch.cat([c.view(torch.uint8) for c in codes], dim=1).view(torch.float8_e4m3fn)
 
 
 def _weight_codes(m: QuantLinear) -> torch.Tensor:
-    """The layer's e4m3 weight: kept by "fp8-cached", expanded per call by "fp8"."""
-    return m.weight_fp8 if m.backend == "fp8-cached" else _expanded(m)
+    """The layer's e4m3 weight (N, K [+ rank]): kept by "fp8-cached", expanded per call by "fp8"."""
+    if m.backend == "fp8-cached":
+        return m.weight_fp8
+    codes = _expanded(m)
+    return codes if m.lowrank_up is None else _with_lowrank(codes, m.weight_row_shift, m.lowrank_up_fp8)
 
 
 def _expanded(m: QuantLinear) -> torch.Tensor:

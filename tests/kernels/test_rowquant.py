@@ -26,12 +26,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKEND_TOL = 1e-2 if DEVICE == "cuda" else 1e-3
 
 
-def operands(m: int, k: int, dtype: torch.dtype, smooth: bool, rank: int, seed: int = 0):
+def operands(m: int, k: int, dtype: torch.dtype, smooth: bool, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = (torch.randn(m, k, generator=g) * 3).to(DEVICE, dtype)
     s = (torch.rand(k, generator=g) + 0.5).to(DEVICE) if smooth else None
-    down = (torch.randn(k, rank, generator=g) * 0.1).to(DEVICE, dtype) if rank else None
-    return x, s, down
+    return x, s
 
 
 def assert_codes_match(codes, scales, ref_codes, ref_scales, exact: bool, scale_rtol: float = 2e-7):
@@ -48,18 +47,24 @@ def assert_codes_match(codes, scales, ref_codes, ref_scales, exact: bool, scale_
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("activation", ["none", "gelu", "gelu_tanh"])
-@pytest.mark.parametrize(("smooth", "rank"), [(False, 0), (True, 0), (True, 4)], ids=["plain", "smooth", "lowrank"])
+@pytest.mark.parametrize("smooth", [False, True], ids=["plain", "smooth"])
 @pytest.mark.parametrize(("m", "k"), [(7, 48), (7, 50), (7, 131), (70, 96)])
-def test_pre_pass_computes_the_reference(m, k, smooth, rank, activation, dtype):
-    x, s, down_weight = operands(m, k, dtype, smooth, rank, seed=k)
-    codes, scales, down = quantize_rows_fp8(x, s, down_weight, activation)
-    ref_codes, ref_scales, ref_down = quantize_rows_fp8_reference(x, s, down_weight, activation)
+def test_pre_pass_computes_the_reference(m, k, smooth, activation, dtype):
+    x, s = operands(m, k, dtype, smooth, seed=k)
+    codes, scales = quantize_rows_fp8(x, s, activation)
+    ref_codes, ref_scales = quantize_rows_fp8_reference(x, s, activation)
     assert codes.dtype == torch.float8_e4m3fn and codes.shape == x.shape and scales.shape == (m, 1)
     assert_codes_match(codes, scales, ref_codes, ref_scales, exact=activation == "none")
-    if rank:
-        torch.testing.assert_close(down, ref_down, **(dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else {}))
-    else:
-        assert down is None
+
+
+def test_pre_pass_writes_into_the_first_columns_of_out():
+    x, s = operands(9, 50, torch.bfloat16, True)
+    out = torch.full((9, 66), 3.0, device=DEVICE).to(torch.float8_e4m3fn)
+    codes, scales = quantize_rows_fp8(x, s, "gelu_tanh", out=out)
+    assert codes.data_ptr() == out.data_ptr()
+    ref_codes, ref_scales = quantize_rows_fp8(x, s, "gelu_tanh")
+    assert torch.equal(out[:, :50].float(), ref_codes.float()) and torch.equal(scales, ref_scales)
+    assert out[:, 50:].float().eq(3.0).all()  # the columns behind are the caller's
 
 
 def modulation(samples: int, tokens: int, k: int, dtype: torch.dtype, seed: int = 0) -> Modulation:
@@ -69,42 +74,42 @@ def modulation(samples: int, tokens: int, k: int, dtype: torch.dtype, seed: int 
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize(("smooth", "rank"), [(False, 0), (True, 0), (True, 4)], ids=["plain", "smooth", "lowrank"])
+@pytest.mark.parametrize("smooth", [False, True], ids=["plain", "smooth"])
 @pytest.mark.parametrize(("samples", "tokens", "k"), [(2, 7, 48), (3, 5, 131), (2, 35, 96), (2, 64, 131), (2, 32, 50)])
-def test_pre_pass_applies_layer_norm_and_modulate_per_sample(samples, tokens, k, smooth, rank, dtype):
-    x, s, down_weight = operands(samples * tokens, k, dtype, smooth, rank, seed=k)
+def test_pre_pass_applies_layer_norm_and_modulate_per_sample(samples, tokens, k, smooth, dtype):
+    x, s = operands(samples * tokens, k, dtype, smooth, seed=k)
     x = x + 2.0  # a mean far from zero: the variance must be centred
     mod = modulation(samples, tokens, k, dtype, seed=k)
-    codes, scales, down = quantize_rows_fp8(x, s, down_weight, "none", mod)
-    ref_codes, ref_scales, ref_down = quantize_rows_fp8_reference(x, s, down_weight, "none", mod)
+    codes, scales = quantize_rows_fp8(x, s, "none", mod)
+    ref_codes, ref_scales = quantize_rows_fp8_reference(x, s, "none", mod)
     # the kernel's mean and variance are a float32 ulp off PyTorch's at places (another summation order)
     assert_codes_match(codes, scales, ref_codes, ref_scales, exact=False, scale_rtol=1e-6)
-    if rank:
-        torch.testing.assert_close(down, ref_down, **(dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else {}))
-    rows_of_other_samples = quantize_rows_fp8(x, s, None, "none", mod._replace(shift=mod.shift.flip(0)))[0]
+    rows_of_other_samples = quantize_rows_fp8(x, s, "none", mod._replace(shift=mod.shift.flip(0)))[0]
     assert not torch.equal(rows_of_other_samples.float(), codes.float())  # each row reads its own sample
 
 
-def test_rows_too_wide_to_hold_take_the_two_pass_kernel(monkeypatch):
+def test_rows_too_wide_to_hold_take_the_multi_pass_kernel(monkeypatch):
     monkeypatch.setattr(rowquant, "MAX_RESIDENT", 32)
-    x, s, _ = operands(5, 131, torch.bfloat16, smooth=True, rank=0)
-    codes, scales, down = quantize_rows_fp8(x, s, None, "none")
-    ref_codes, ref_scales, _ = quantize_rows_fp8_reference(x, s, None, "none")
-    assert down is None
+    x, s = operands(5, 131, torch.bfloat16, smooth=True)
+    codes, scales = quantize_rows_fp8(x, s, "none")
+    ref_codes, ref_scales = quantize_rows_fp8_reference(x, s, "none")
     assert_codes_match(codes, scales, ref_codes, ref_scales, exact=True)
+    mod = modulation(1, 5, 131, torch.bfloat16)
+    codes, scales = quantize_rows_fp8(x + 2.0, s, "none", mod)
+    ref_codes, ref_scales = quantize_rows_fp8_reference(x + 2.0, s, "none", mod)
+    assert_codes_match(codes, scales, ref_codes, ref_scales, exact=False, scale_rtol=1e-6)
 
 
-@pytest.mark.parametrize("rank", [0, 4])
-def test_an_empty_batch_gives_empty_outputs(rank):
-    x, s, down_weight = operands(0, 48, torch.float32, True, rank)
-    codes, scales, down = quantize_rows_fp8(x, s, down_weight, "none", modulation(0, 3, 48, torch.float32))
-    assert codes.shape == (0, 48) and scales.shape == (0, 1) and (down is None) == (rank == 0)
+def test_an_empty_batch_gives_empty_outputs():
+    x, s = operands(0, 48, torch.float32, True)
+    codes, scales = quantize_rows_fp8(x, s, "none", modulation(0, 3, 48, torch.float32))
+    assert codes.shape == (0, 48) and scales.shape == (0, 1)
 
 
 def test_a_zero_row_gets_the_scale_floor_and_zero_codes():
     x = torch.zeros(3, 50, device=DEVICE)
     x[1] = 1.0
-    codes, scales, _ = quantize_rows_fp8(x, None, None, "gelu")
+    codes, scales = quantize_rows_fp8(x, None, "gelu")
     assert scales[0].item() == torch.tensor(1e-8).item() and not codes[0].float().any() and codes[1].float().eq(448).all()
 
 
@@ -115,29 +120,35 @@ def test_a_zero_row_gets_the_scale_floor_and_zero_codes():
         (dict(x=torch.zeros(2, 4, dtype=torch.int32)), "2-D float x"),
         (dict(activation="relu"), "activation 'relu' is not one of"),
         (dict(smooth=torch.ones(5)), r"smooth must be contiguous \(4,\)"),
-        (dict(lowrank_down=torch.zeros(5, 2)), r"lowrank_down must be \(4, rank\)"),
-        (dict(lowrank_down=torch.zeros(4, 2, dtype=torch.float64)), "lowrank_down must be in x's dtype"),
+        (dict(out=torch.zeros(2, 3, dtype=torch.float8_e4m3fn)), r"out must be e4m3 \(2, >= 4\)"),
+        (dict(out=torch.zeros(2, 4)), "out must be e4m3"),
+        (dict(out=torch.zeros(4, 2, dtype=torch.float8_e4m3fn).t()), "unit column stride"),
         (dict(modulation=Modulation(torch.zeros(1, 4), torch.zeros(1, 4), 3, 1e-6)), "not whole samples"),
         (dict(modulation=Modulation(torch.zeros(2, 4), torch.zeros(2, 5), 1, 1e-6)), r"scale must be \(2, 4\)"),
         (dict(modulation=Modulation(torch.zeros(2, 4), torch.zeros(2, 4), 1, 1e-6), activation="gelu"),
          "takes activation 'none'"),
     ],
-    ids=["3d", "int", "activation", "smooth", "down_shape", "down_dtype", "tokens", "mod_shape", "mod_act"],
+    ids=["3d", "int", "activation", "smooth", "out_shape", "out_dtype", "out_stride", "tokens", "mod_shape", "mod_act"],
 )
 def test_bad_operands_are_refused_by_name(kwargs, message):
-    args = dict(x=torch.zeros(2, 4), smooth=None, lowrank_down=None, activation="none") | kwargs
+    args = dict(x=torch.zeros(2, 4), smooth=None, activation="none") | kwargs
     with pytest.raises(ValueError, match=message):
         quantize_rows_fp8(**args)
 
 
 def test_pre_pass_op_passes_opcheck():
-    for smooth, rank in ((False, 0), (True, 4)):
-        x, s, down = operands(5, 48, torch.float32, smooth, rank)
-        torch.library.opcheck(quantize_rows, (x, s, down, "gelu_tanh"), test_utils=("test_schema", "test_faketensor"))
-    x, s, down = operands(6, 48, torch.float32, True, 4)
+    g = torch.Generator().manual_seed(0)
+    down = (torch.randn(48, 16, generator=g) * 50).to(DEVICE).to(torch.float8_e4m3fn)  # (K, rank)
+    down_scale = torch.rand(1, 16, generator=g).to(DEVICE) / 448
+    x, s = operands(6, 48, torch.float32, True)
     mod = modulation(2, 3, 48, torch.float32)
-    torch.library.opcheck(quantize_rows, (x, s, down, "none", mod.shift, mod.scale, 3, 1e-6),
-                          test_utils=("test_schema", "test_faketensor"))  # fmt: skip
+    for args, utils in (
+        ((x, None, "gelu_tanh"), ("test_schema", "test_faketensor")),
+        ((x, s, "none", mod.shift, mod.scale, 3, 1e-6), ("test_schema", "test_faketensor")),
+        # opcheck's schema test cannot handle float8 inputs ("mul" is not implemented for them)
+        ((x, s, "none", mod.shift, mod.scale, 3, 1e-6, down, down_scale), ("test_faketensor",)),
+    ):
+        torch.library.opcheck(quantize_rows, args, test_utils=utils)
 
 
 # ---- the MLP rewrite --------------------------------------------------------------------------------------
@@ -146,20 +157,26 @@ SPEC = QuantSpec(w_bits=4, a_bits=8, a_format="fp8", smooth=True, rank=4)
 
 
 def quantized_mlp(approximate: str = "tanh", lowrank: bool = False) -> Mlp:
-    """fc1 with smoothing and a low-rank branch; fc2 with smoothing, and the branch if `lowrank`."""
+    """fc1 and fc2 with smoothing, and SVDQuant's low-rank branch if `lowrank`."""
     torch.manual_seed(0)
     mlp = Mlp(48, 96)
     mlp.act = torch.nn.GELU(approximate=approximate)
     for name in ("fc1", "fc2"):
         lin = getattr(mlp, name)
         k, n = lin.in_features, lin.out_features
-        if name == "fc1" or lowrank:
+        if lowrank:
             q = QuantLinear.from_linear(lin, SPEC, smooth=torch.rand(k) + 0.5, lowrank_down=torch.randn(k, 4) * 0.1,
                                         lowrank_up=torch.randn(4, n) * 0.1)  # fmt: skip
         else:
             q = QuantLinear.from_linear(lin, dataclasses.replace(SPEC, rank=0), smooth=torch.rand(k) + 0.5)
         setattr(mlp, name, q)
     return mlp.to(DEVICE).eval()
+
+
+def tolerance(backend: str, lowrank: bool) -> float:
+    """A backend's relative distance to the reference: FP8 backends carry a low-rank branch in e4m3, a few %
+    of it (`tests/kernels/test_fp8.py` checks them exactly against that computation)."""
+    return 0.05 if lowrank and backend in fp8.FP8_BACKENDS else BACKEND_TOL
 
 
 def test_group_linear_applies_the_members_input_activation():
@@ -170,14 +187,10 @@ def test_group_linear_applies_the_members_input_activation():
         torch.testing.assert_close(group_linear(x, [mlp.fc2])[0], mlp.fc2(x))
 
 
-def test_a_gelu_before_a_low_rank_branch_stays_where_it_is():
-    mlp = prepare_for_inference(quantized_mlp(lowrank=True), "fp8")
-    assert isinstance(mlp.act, torch.nn.GELU) and mlp.fc2.input_activation is None
-
-
+@pytest.mark.parametrize("lowrank", [False, True], ids=["smooth", "smooth+lowrank"])
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
-def test_fp8_backends_move_the_gelu_into_fc2_and_every_backend_keeps_the_output(approximate):
-    mlp = quantized_mlp(approximate)
+def test_fp8_backends_move_the_gelu_into_fc2_and_every_backend_keeps_the_output(approximate, lowrank):
+    mlp = quantized_mlp(approximate, lowrank)
     x = torch.randn(3, 50, 48, generator=torch.Generator().manual_seed(1)).to(DEVICE)  # > LOWBIT_MAX_ROWS rows
     with torch.no_grad():
         ref = mlp(x)
@@ -187,7 +200,7 @@ def test_fp8_backends_move_the_gelu_into_fc2_and_every_backend_keeps_the_output(
         assert mlp.fc1.input_activation is None and "input_activation=gelu" in repr(mlp.fc2)
         for backend in ("fp8", "fp8-cached", "reference", "dequantized", "lowbit"):
             prepare_for_inference(mlp, backend)
-            assert float((mlp(x) - ref).norm() / ref.norm()) < BACKEND_TOL
+            assert float((mlp(x) - ref).norm() / ref.norm()) < tolerance(backend, lowrank)
             assert mlp(x[:, :2]).shape == (3, 2, 48)  # few rows: the fp8 backend's lowbit route applies it too
 
 
@@ -215,7 +228,7 @@ def test_fp8_backends_move_the_block_norms_into_qkv_and_fc1_and_every_backend_ke
     x = torch.randn(3, 50, 48, generator=torch.Generator().manual_seed(1)).to(DEVICE)  # > LOWBIT_MAX_ROWS rows
     c = torch.randn(3, 48, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     calls = []
-    monkeypatch.setattr(fp8, "quantize_rows", lambda *args: calls.append(len(args) > 4) or quantize_rows(*args))
+    monkeypatch.setattr(fp8, "quantize_rows", lambda *args: calls.append(args[3] is not None) or quantize_rows(*args))
     with torch.no_grad():
         ref = block(x, c)
         prepare_for_inference(block, "fp8-cached")
@@ -224,7 +237,7 @@ def test_fp8_backends_move_the_block_norms_into_qkv_and_fc1_and_every_backend_ke
         assert calls.count(True) == 2  # qkv's and fc1's inputs went through the modulated pre-pass
         for backend in ("fp8-cached", "fp8", "reference", "dequantized", "lowbit"):
             prepare_for_inference(block, backend)
-            assert float((block(x, c) - ref).norm() / ref.norm()) < BACKEND_TOL, backend
+            assert float((block(x, c) - ref).norm() / ref.norm()) < tolerance(backend, svdquant), backend
             assert block(x[:, :2], c).shape == (3, 2, 48)  # few rows: the fp8 backend's lowbit route
         prepare_for_inference(block, "fp8-cached")
         torch._dynamo.reset()

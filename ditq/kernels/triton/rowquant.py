@@ -2,7 +2,7 @@
 pre-pass of an FP8 GEMM whose input no compiler fuses well.
 
     x (M, K) ──► h = act(x) or modulate(LayerNorm(x), shift, scale) [/ smooth]
-             ──► s = max|h| / 448 per row, codes = e4m3(h / s)   (+ down = h · L1)
+             ──► s = max|h| / 448 per row, codes = e4m3(h · (1/s))
 
 Two producers are fused. The input of an MLP's second Linear is GELU(fc1(x)): `torch.compile` fuses the GELU,
 the row absmax and the cast into one reduction kernel, but over rows wider than 1,024 it loops twice and
@@ -11,11 +11,10 @@ The input of a DiT block's qkv and fc1 is adaLN's modulate(LayerNorm(x)) (no aff
 sample, rows = samples × `tokens` tokens): inductor's kernel for it loops over each row once per reduction
 (mean and variance, then absmax) before the cast. Here each program holds whole rows in registers — a
 power-of-two head tile plus a tail tile, so a row of 4,608 = 4,096 + 512 columns wastes no lanes — reads x
-once and writes codes and scales once. With a low-rank branch the down-projection needs tensor-core tiles of
-16 rows, too many to hold, so that kernel walks K again for each step (the LayerNorm's statistics, absmax and
-h · L1, the cast); so do rows too wide to hold. Every value is rounded where the PyTorch reference rounds it
+once and writes codes and scales once; rows too wide to hold take a kernel that walks K again for each step
+(the LayerNorm's statistics, the absmax, the cast). Every value is rounded where the PyTorch reference rounds it
 (the activation, the LayerNorm, each modulate op and the smoothing in x's dtype; scale = absmax · (1/448),
-floored; codes round to nearest even).
+floored; codes = e4m3(h · (1/scale)), round to nearest even).
 """
 
 from __future__ import annotations
@@ -123,7 +122,8 @@ def _row_scale(amax):
 
 @triton.jit
 def _store_codes(codes, h, scale, rows, cols, row_ok, K, stride_cm, EMULATE: tl.constexpr):
-    q = tl.minimum(tl.maximum(tl.math.div_rn(h, scale[:, None]), -_FP8_MAX), _FP8_MAX)
+    inverse = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)  # once per row (see `fp8_cast`)
+    q = tl.minimum(tl.maximum(h * inverse[:, None], -_FP8_MAX), _FP8_MAX)
     q = _rounded(q, tl.float8e4nv, EMULATE)
     tl.store(codes + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :], q.to(tl.float8e4nv),
              mask=row_ok[:, None] & (cols < K)[None, :])  # fmt: skip
@@ -172,18 +172,16 @@ def _rows_one_pass_kernel(
 
 @triton.jit
 def _rows_multi_pass_kernel(
-    x, smooth, shift, scale_mod, lowrank_down, codes, scales, down, M, K: tl.constexpr, R, tokens, eps,
-    stride_xm, stride_cm, stride_mod,
+    x, smooth, shift, scale_mod, codes, scales, M, K: tl.constexpr, tokens, eps, stride_xm, stride_cm, stride_mod,
     ACT: tl.constexpr, NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr,
-    ONE_SAMPLE: tl.constexpr, HAS_DOWN: tl.constexpr, FP32_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """Walks K once per step: (NORM) the rows' mean and variance, merged chunk by chunk (Chan et al.); the row
-    absmax, and down = h · L1 on tensor cores with fp32 accumulation; the codes. K is a compile-time constant
-    (a layer's width; also what Triton's CPU interpreter needs for a loop bound)."""
+    """For rows too wide to hold, walks K once per step: (NORM) the rows' mean and variance, merged chunk by
+    chunk (Chan et al.); the row absmax; the codes. K is a compile-time constant (a layer's width; also what
+    Triton's CPU interpreter needs for a loop bound)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    rk, rr = tl.arange(0, BLOCK_K), tl.arange(0, BLOCK_R)
+    rk = tl.arange(0, BLOCK_K)
     mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
     rstd = mean
     if NORM:
@@ -199,24 +197,13 @@ def _rows_multi_pass_kernel(
             m2 += tl.sum(centred * centred, axis=1) + delta * delta * (n_seen * n_chunk / (n_seen + n_chunk))
         rstd = _rstd(m2, K, eps)
     amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         h = _transformed(_load_rows(x, rows, k0 + rk, row_ok, K, stride_xm), mean, rstd, shift, scale_mod, smooth,
                          rows, k0 + rk, row_ok, K, tokens, stride_mod, ACT, NORM, HAS_SMOOTH, EMULATE,
                          ONE_SAMPLE, BLOCK_M)  # fmt: skip
         amax = tl.maximum(amax, tl.max(tl.abs(h), axis=1))
-        if HAS_DOWN:
-            l1 = tl.load(lowrank_down + (k0 + rk).to(tl.int64)[:, None] * R + rr[None, :],
-                         mask=(k0 + rk < K)[:, None] & (rr < R)[None, :], other=0.0)  # fmt: skip
-            if FP32_DOT:
-                acc += tl.dot(h, l1.to(tl.float32), input_precision="ieee", out_dtype=tl.float32)
-            else:
-                acc += tl.dot(h.to(l1.dtype), l1, out_dtype=tl.float32)
     scale = _row_scale(amax)
     tl.store(scales + rows, scale, mask=row_ok)
-    if HAS_DOWN:
-        tl.store(down + rows.to(tl.int64)[:, None] * R + rr[None, :], acc.to(down.dtype.element_ty),
-                 mask=row_ok[:, None] & (rr < R)[None, :])  # fmt: skip
     for k0 in range(0, K, BLOCK_K):
         h = _transformed(_load_rows(x, rows, k0 + rk, row_ok, K, stride_xm), mean, rstd, shift, scale_mod, smooth,
                          rows, k0 + rk, row_ok, K, tokens, stride_mod, ACT, NORM, HAS_SMOOTH, EMULATE,
@@ -227,56 +214,52 @@ def _rows_multi_pass_kernel(
 def quantize_rows_fp8(
     x: torch.Tensor,
     smooth: torch.Tensor | None = None,
-    lowrank_down: torch.Tensor | None = None,
     activation: str = "none",
     modulation: Modulation | None = None,
     *,
+    out: torch.Tensor | None = None,
     row_elements: int = ROW_ELEMENTS,
     num_warps: int = 4,
-    multi_pass: tuple[int, int, int] = (16, 128, 4),
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(e4m3 codes (M, K), float32 scales (M, 1), down (M, R) or None) of h = activation(x) or
-    modulate(LayerNorm(x)) [/ smooth].
+    multi_pass: tuple[int, int] = (16, 128),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 codes (M, K), float32 scales (M, 1)) of h = activation(x) or modulate(LayerNorm(x)) [/ smooth].
 
+    `out`: an e4m3 (M, ≥ K) tensor, unit column stride, whose first K columns receive the codes (the FP8 path
+    appends SVDQuant's low-rank activations behind them); it is returned as the codes.
     Launch: `row_elements` (rows × padded width held per program) and `num_warps` for the one-pass kernel
     (the best of a sweep on an H200 at DiT-XL/2 batch-64 shapes, `bench/results/prepass_v1_h200.json`);
-    `multi_pass` = (rows per program, K block, warps) for the multi-pass kernel.
+    `multi_pass` = (rows per program, K block) for the multi-pass kernel, 4 warps.
     """
-    m, k = _check_operands(x, smooth, lowrank_down, activation, modulation)
+    m, k = _check_operands(x, smooth, activation, modulation, out)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    codes = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    codes = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device) if out is None else out
     scales = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    if m == 0:  # an empty batch: nothing to launch
+        return codes, scales
     shift, scale_mod = (x, x) if modulation is None else (modulation.shift.contiguous(), modulation.scale.contiguous())
     # fp fusion off with a modulation: the compiler otherwise narrows round(round(h·g) + b) to bf16 and fuses it
     # into one bf16 FMA, which rounds once where PyTorch rounds twice (3.8% of the codes off, seen on an H200)
     common = dict(ACT=ACTIVATIONS[activation], NORM=modulation is not None, HAS_SMOOTH=smooth is not None,
                   EMULATE=interpreted(), enable_fp_fusion=modulation is None)  # fmt: skip
-    norm_args = (1, 0.0) if modulation is None else (modulation.tokens, float(modulation.eps))
-    if m == 0:  # an empty batch: nothing to launch
-        return codes, scales, None if lowrank_down is None else x.new_empty((0, lowrank_down.shape[1]))
-    smooth_arg = x if smooth is None else smooth
+    args = (x, x if smooth is None else smooth, shift, scale_mod, codes, scales, m, k,
+            *((1, 0.0) if modulation is None else (modulation.tokens, float(modulation.eps))),
+            x.stride(0), codes.stride(0), shift.stride(0))  # fmt: skip
     head = 1 << (k.bit_length() - 1)
     tail = triton.next_power_of_2(k - head) if k > head else 0
-    if lowrank_down is None and head + tail <= MAX_RESIDENT:
+    if head + tail <= MAX_RESIDENT:
         fits = max(1, row_elements // (head + tail))
         block_m = min(1 << (fits.bit_length() - 1), triton.next_power_of_2(m))  # powers of two
         _rows_one_pass_kernel[(triton.cdiv(m, block_m),)](
-            x, smooth_arg, shift, scale_mod, codes, scales, m, k, *norm_args, x.stride(0), codes.stride(0),
-            shift.stride(0), ONE_SAMPLE=_one_sample(modulation, block_m), BLOCK_M=block_m, HEAD=head, TAIL=tail,
+            *args, ONE_SAMPLE=_one_sample(modulation, block_m), BLOCK_M=block_m, HEAD=head, TAIL=tail,
             num_warps=num_warps, **common,
         )  # fmt: skip
-        return codes, scales, None
-    rank = 0 if lowrank_down is None else lowrank_down.shape[1]
-    down = torch.empty(m, rank, dtype=x.dtype, device=x.device)
-    block_m, block_k, warps = multi_pass
-    _rows_multi_pass_kernel[(triton.cdiv(m, block_m),)](
-        x, smooth_arg, shift, scale_mod, x if lowrank_down is None else lowrank_down.contiguous(), codes, scales,
-        down, m, k, rank, *norm_args, x.stride(0), codes.stride(0), shift.stride(0),
-        ONE_SAMPLE=_one_sample(modulation, block_m), HAS_DOWN=lowrank_down is not None,
-        FP32_DOT=x.dtype == torch.float32 or interpreted(), BLOCK_M=block_m,
-        BLOCK_K=block_k, BLOCK_R=max(16, triton.next_power_of_2(rank)), num_warps=warps, **common,
-    )  # fmt: skip
-    return codes, scales, None if lowrank_down is None else down
+    else:
+        block_m, block_k = multi_pass
+        _rows_multi_pass_kernel[(triton.cdiv(m, block_m),)](
+            *args, ONE_SAMPLE=_one_sample(modulation, block_m), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
+            **common,
+        )  # fmt: skip
+    return codes, scales
 
 
 def _one_sample(modulation: Modulation | None, block_m: int) -> bool:
@@ -287,11 +270,11 @@ def _one_sample(modulation: Modulation | None, block_m: int) -> bool:
 def _check_operands(
     x: torch.Tensor,
     smooth: torch.Tensor | None,
-    lowrank_down: torch.Tensor | None,
     activation: str,
     modulation: Modulation | None,
+    out: torch.Tensor | None,
 ) -> tuple[int, int]:
-    """(M, K), or a ValueError naming what the kernel would read wrongly."""
+    """(M, K), or a ValueError naming what the kernel would read or write wrongly."""
     if x.ndim != 2 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"quantize_rows_fp8 takes a 2-D float x (tokens, channels), got {x.dtype} {tuple(x.shape)}")
     if activation not in ACTIVATIONS:
@@ -299,10 +282,10 @@ def _check_operands(
     m, k = x.shape
     if smooth is not None and (tuple(smooth.shape) != (k,) or not smooth.is_contiguous()):
         raise ValueError(f"smooth must be contiguous ({k},), got {tuple(smooth.shape)}")
-    if lowrank_down is not None and (lowrank_down.ndim != 2 or lowrank_down.shape[0] != k):
-        raise ValueError(f"lowrank_down must be ({k}, rank), got {tuple(lowrank_down.shape)}")
-    if lowrank_down is not None and lowrank_down.dtype != x.dtype:
-        raise ValueError(f"lowrank_down must be in x's dtype {x.dtype}, got {lowrank_down.dtype}")
+    if out is not None and (out.dtype != torch.float8_e4m3fn or out.ndim != 2 or out.shape[0] != m
+                            or out.shape[1] < k or out.stride(1) != 1):  # fmt: skip
+        raise ValueError(f"out must be e4m3 ({m}, >= {k}) with unit column stride, got {out.dtype} "
+                         f"{tuple(out.shape)} strides {out.stride()}")  # fmt: skip
     if modulation is not None:
         if activation != "none":
             raise ValueError(f"a modulation takes activation 'none' (LayerNorm first), got {activation!r}")
@@ -320,13 +303,11 @@ def _check_operands(
 def quantize_rows_fp8_reference(
     x: torch.Tensor,
     smooth: torch.Tensor | None = None,
-    lowrank_down: torch.Tensor | None = None,
     activation: str = "none",
     modulation: Modulation | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The same in PyTorch, as the FP8 backend computes it without the kernel."""
     h = activate(x, activation) if modulation is None else modulated(x, modulation)
     h = h if smooth is None else h / smooth.to(h.dtype)
     scales = fp8_scale(h)
-    down = None if lowrank_down is None else h @ lowrank_down.to(h.dtype)
-    return fp8_cast(h, scales), scales, down
+    return fp8_cast(h, scales), scales
