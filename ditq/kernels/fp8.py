@@ -15,8 +15,8 @@ producers inductor fuses badly with a row reduction (`ditq.kernels.fusion` moves
 and the row scale in one read of each row; so it does for every layer with a low-rank branch.
 Per-channel weight scales only: |q| ≤ 8 is exact in e4m3 and the scale goes to the GEMM's `scale_b`
 (per-group scales need a fused kernel). SVDQuant's branch (x/smooth)·L1·L2 rides in the same GEMM as 2·rank more
-columns of K (`_lowrank_parts`): its operands are e4m3 too, so it carries about the error FP8 W8A8 gives any
-layer (a few % of the branch) where the other backends keep it in x's dtype; a separate 16-bit up-projection
+columns of K (`_lowrank_parts`): its operands are e4m3 too (a few % of the branch off where the other backends
+keep it in x's dtype, no loss of sample quality seen: `bench/lowrank_precision.py`); a separate 16-bit up-projection
 would re-read and re-write every output (DiT-XL/2 SVDQuant r32 at batch 64 on an H200: 0.71× bf16 that way,
 1.08× this way under CUDA graphs; without graphs the forward is bound by the CPU's launches, 0.60×).
 
@@ -190,8 +190,9 @@ def _lowrank_parts(m: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     X_q holds (|X_q| ≤ 448), so its e4m3 codes never saturate (`ditq.kernels.triton.lowrank`). U = a·L2ᵀ/(s_w·shift) with a = s·‖L1_q‖₁, so that the GEMM's
     s_x·(s_w·shift)·(P · Uᵀ) is (x/smooth)·L1·L2 up to the e4m3 roundings. A row of U that would pass 448
     moves its channel scale up by `shift` (the weight codes of that row divide by it, exactly). U enters the
-    GEMM as two e4m3 parts, U_high + U_low, each multiplied by P: one rounding of U alone cost 1.8 dB PSNR on
-    DiT-MNIST (a fixed error on the layer's dominant directions), the roundings of L1 and P ±0.3 dB.
+    GEMM as two e4m3 parts, U_high + U_low, each multiplied by P: one rounding of U alone costs 1–1.7 dB PSNR on
+    DiT-MNIST (a fixed error on the layer's dominant directions), the roundings of L1 and P do not show
+    (`bench/lowrank_precision.py`).
     """
     rank = m.lowrank_down.shape[1]
     pad = max(16, 1 << (rank - 1).bit_length()) - rank
