@@ -1,9 +1,9 @@
 """W4A8-FP8 on Hopper: int2–int4 or ternary weights expanded to FP8 e4m3, per-token FP8 activations, cuBLAS FP8.
 
-    x ──(÷smooth, row absmax, e4m3 codes: ordinary ops or the pre-pass)──► X_q, s_x ─────────┐
-    X_q · L1_q (SVDQuant's down-projection: a small FP8 GEMM) ──► e4m3 P, behind X_q's columns ─┤
-    packed codes ──(Triton op `ditq::expand_fp8`: exact e4m3)──► W_q, and U behind them ─────┼─► _scaled_mm
-    ([X_q | P], [W_q | U]ᵀ, s_x, s_w) + b: the main product and the low-rank branch in ONE GEMM ──┘
+    x ──(÷smooth, row absmax, e4m3 codes: ordinary ops or the pre-pass)──► X_q, s_x ──────────────┐
+    X_q · L1_q (SVDQuant's down-projection, a Triton kernel) ──► e4m3 P, twice behind X_q's columns ─┤
+    packed codes ──(Triton op `ditq::expand_fp8`: exact e4m3)──► W_q, then U_high, U_low ─────────┼─► _scaled_mm
+    ([X_q | P | P], [W_q | U_high | U_low]ᵀ, s_x, s_w) + b: main product and low-rank branch in ONE GEMM ─┘
 
 The activation quantization is left as ordinary PyTorch ops on purpose: under `torch.compile` they fuse
 into the kernel that produces x (LayerNorm + adaLN modulate, ...), so quantizing costs no extra pass over
@@ -135,7 +135,7 @@ def fp8_support(m: QuantLinear) -> str | None:
         return "activations must be dynamic per-token FP8"
     if m.in_features % 16 or m.out_features % 16:
         return "FP8 GEMMs need in/out features divisible by 16"
-    if m.lowrank_up is not None and _lowrank_parts(m)[3].max() > MAX_ROW_SHIFT:
+    if m.lowrank_up is not None and not _shifts_fit(_lowrank_parts(m)[3]):
         return LOWRANK_RANGE
     return None
 
@@ -159,26 +159,27 @@ def weight_scale(m: QuantLinear) -> dict[str, torch.Tensor]:
     if m.lowrank_up is None:
         return {"fp8_scale_w": scale.contiguous()}
     up_codes, down_codes, down_scale, shift = _lowrank_parts(m)
-    if shift.max() > MAX_ROW_SHIFT:
+    if not _shifts_fit(shift):
         raise ValueError(LOWRANK_RANGE)
     high = up_codes.to(torch.float8_e4m3fn)
     low = (up_codes - high.float()).to(torch.float8_e4m3fn)  # what one e4m3 rounding of U leaves
-    return {"fp8_scale_w": (scale * shift.reshape(1, -1)).contiguous(), "lowrank_down_fp8": down_codes,
-            "lowrank_down_scale": down_scale, "lowrank_up_fp8": _bytes_cat(high, low),
-            "weight_row_shift": (1 / shift).reshape(-1, 1)}  # fmt: skip
+    buffers = {"fp8_scale_w": (scale * shift.reshape(1, -1)).contiguous(), "lowrank_down_fp8": down_codes,
+               "lowrank_down_scale": down_scale, "lowrank_up_fp8": _bytes_cat(high, low)}  # fmt: skip
+    # only where a row moved: "fp8" divides its expanded codes by it on every call
+    return buffers | ({"weight_row_shift": (1 / shift).reshape(-1, 1)} if (shift > 1).any() else {})
 
 
 def expanded_weight(m: QuantLinear) -> dict[str, torch.Tensor]:
     buffers = weight_scale(m)
     if m.lowrank_up is None:
         return buffers | {"weight_fp8": _expanded(m)}
-    return buffers | {"weight_fp8": _with_lowrank(_expanded(m), buffers.pop("weight_row_shift"),
+    return buffers | {"weight_fp8": _with_lowrank(_expanded(m), buffers.pop("weight_row_shift", None),
                                                   buffers.pop("lowrank_up_fp8"))}  # fmt: skip
 
 
 MAX_ROW_SHIFT = 2.0**9  # q · 2^-j stays exact in e4m3 for |q| ≤ 8 while j ≤ 9 (subnormals are steps of 2^-9)
 LOWRANK_BUFFERS = ("lowrank_down_fp8", "lowrank_down_scale")  # what both FP8 backends keep of the branch
-LOWRANK_RANGE = "the low-rank branch needs more than 2^9 of headroom beside the weight's channel scales"
+LOWRANK_RANGE = "the low-rank branch needs more than 2^9 of headroom beside the weight's channel scales (or one is 0)"
 
 
 def _lowrank_parts(m: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -208,10 +209,16 @@ def _lowrank_parts(m: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return up / shift.reshape(-1, 1), down_codes.t().contiguous(), down_scale, shift
 
 
-def _with_lowrank(codes: torch.Tensor, row_shift: torch.Tensor, up_codes: torch.Tensor) -> torch.Tensor:
-    """The (N, K + 2·rank) e4m3 weight: the codes' rows divided by their shift (exact), then U's high and low
-    parts behind them."""
-    return _bytes_cat((codes.float() * row_shift).to(torch.float8_e4m3fn), up_codes)
+def _shifts_fit(shift: torch.Tensor) -> bool:
+    """Whether every row shift is finite and at most 2^9 (a zero channel scale makes U infinite or NaN)."""
+    return bool((shift <= MAX_ROW_SHIFT).all())
+
+
+def _with_lowrank(codes: torch.Tensor, row_shift: torch.Tensor | None, up_codes: torch.Tensor) -> torch.Tensor:
+    """The (N, K + 2·rank) e4m3 weight: the codes' rows divided by their shift (exact; None: no row moved),
+    then U's high and low parts behind them."""
+    shifted = codes if row_shift is None else (codes.float() * row_shift).to(torch.float8_e4m3fn)
+    return _bytes_cat(shifted, up_codes)
 
 
 def _bytes_cat(*codes: torch.Tensor) -> torch.Tensor:
@@ -221,11 +228,13 @@ def _bytes_cat(*codes: torch.Tensor) -> torch.Tensor:
 
 
 def _weight_codes(m: QuantLinear) -> torch.Tensor:
-    """The layer's e4m3 weight (N, K [+ rank]): kept by "fp8-cached", expanded per call by "fp8"."""
+    """The layer's e4m3 weight (N, K [+ 2·rank]): kept by "fp8-cached", expanded per call by "fp8"."""
     if m.backend == "fp8-cached":
         return m.weight_fp8
     codes = _expanded(m)
-    return codes if m.lowrank_up is None else _with_lowrank(codes, m.weight_row_shift, m.lowrank_up_fp8)
+    if m.lowrank_up is None:
+        return codes
+    return _with_lowrank(codes, getattr(m, "weight_row_shift", None), m.lowrank_up_fp8)
 
 
 def _expanded(m: QuantLinear) -> torch.Tensor:
