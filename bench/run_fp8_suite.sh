@@ -26,12 +26,14 @@ case $part in
            # run, 2026-12-03, also timed the attention output through the pre-pass: 0.86×, dropped)
     nvidia-smi -L
     timeout 180 python -m pytest -q -p no:cacheprovider tests/kernels/test_rowquant.py tests/kernels/test_fp8.py \
-      tests/kernels/test_lowbit.py >"$out/gpu_tests.txt" 2>&1
+      tests/kernels/test_lowrank.py tests/kernels/test_lowbit.py >"$out/gpu_tests.txt" 2>&1
     tail -3 "$out/gpu_tests.txt"
     e2e --batch 64 --config bf16
     e2e --batch 64 --config w4a8fp8 --backend fp8-cached
     e2e --batch 64 --config svdquant-w4a8fp8-r32 --backend fp8-cached
     e2e --batch 64 --config ternary-a8fp8 --backend fp8-cached --all-linears
+    e2e --batch 64 --config bf16 --cuda-graphs  # SVDQuant is launch-bound without graphs
+    e2e --batch 64 --config svdquant-w4a8fp8-r32 --backend fp8-cached --cuda-graphs
     timeout "$(left)" python bench/bench_prepass.py --out "$out/prepass" >>"$out/log_$part.txt" 2>&1 ;;
   small)  # batch 2 under CUDA graphs, samples vs the reference backend, few-row GEMMs as kernels alone
     e2e --batch 2 --config bf16 --cuda-graphs
