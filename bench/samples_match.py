@@ -6,7 +6,9 @@ reference backend's, from the same noise, on one GPU.
 The bundled model quantized with per-channel int4 + FP8 activations on every block Linear and the adaLN
 (`w4a8-fp8`, embedders and final layer 16-bit), in bf16, sampled eagerly (DDIM 25, cfg 1.5) through the
 `reference` backend (dequantize, then matmul), `fp8`, `fp8-cached` and `lowbit`; the FP model beside them
-says how far quantization itself moves the images.
+says how far quantization itself moves the images. Then the same for per-channel SVDQuant W4A8-FP8 rank 32
+(the recipe of `bench/lowrank_precision.py`), whose FP8 backends run the low-rank branch in e4m3 where the
+reference keeps it in bf16.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import torch
 
 import ditq
 from ditq.bundled import bundled_path
+from ditq.demo import DEMO_RECIPE
 from ditq.eval.runner import SampleSettings, compare_pixels, draw
+from ditq.pipeline import CalibSettings, post_training_quantize
 from ditq.recipes import PRESETS
 
 
@@ -28,28 +32,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=25, help="DDIM steps (a CPU smoke run: --samples 1 --steps 2)")
     parser.add_argument(
         "--device", default="cuda", help="cpu needs TRITON_INTERPRET=1 exported for the kernels (slow)"
     )
     args = parser.parse_args()
-    settings = SampleSettings(samples=args.samples, steps=25, batch_size=args.samples)
+    settings = SampleSettings(samples=args.samples, steps=args.steps, batch_size=args.samples)
     fp = ditq.load(bundled_path("DiT-MNIST"), device=args.device).to(torch.bfloat16).eval()
-    recipe = dataclasses.replace(
-        PRESETS["w4a8-fp8"], skip=("x_embedder*", "t_embedder*", "y_embedder*", "final_layer*")
-    )
-    quantized = ditq.quantize(
-        ditq.load(bundled_path("DiT-MNIST"), device=args.device).to(torch.bfloat16), recipe
-    ).eval()
-    with torch.no_grad():
-        images = {"fp": draw(fp, settings)[0]}
-        for backend in ("reference", "fp8", "fp8-cached", "lowbit"):
-            ditq.prepare_for_inference(quantized, backend, dtype=torch.bfloat16)
-            images[backend] = draw(quantized, settings)[0]
-    rows = {
-        name: compare_pixels(im, images["reference"]) for name, im in images.items() if name != "reference"
+    embedders_and_final = ("x_embedder*", "t_embedder*", "y_embedder*", "final_layer*")  # kept 16-bit
+    recipes = {
+        "w4a8-fp8": dataclasses.replace(PRESETS["w4a8-fp8"], skip=embedders_and_final),
+        "svdquant-w4a8-fp8-r32": dataclasses.replace(DEMO_RECIPE, group_size=None, a_group_size=None, gptq=False),
     }
+    models = {}
+    with torch.no_grad():
+        images_fp = draw(fp, settings)[0]
+    for name, recipe in recipes.items():
+        model = ditq.load(bundled_path("DiT-MNIST"), device=args.device)  # quantized in float32, run in bf16
+        ptq = post_training_quantize(model, recipe, settings=CalibSettings(seed=1))
+        quantized = ptq.model.to(torch.bfloat16).eval()
+        with torch.no_grad():
+            images = {"fp": images_fp}
+            for backend in ("reference", "fp8", "fp8-cached", "lowbit"):
+                ditq.prepare_for_inference(quantized, backend, dtype=torch.bfloat16)
+                images[backend] = draw(quantized, settings)[0]
+        models[name] = {b: compare_pixels(im, images["reference"]) for b, im in images.items() if b != "reference"}
     result = {"gpu": torch.cuda.get_device_name() if args.device == "cuda" else args.device, "torch": torch.__version__, "settings": dataclasses.asdict(settings),
-              "vs_reference_backend": rows}  # fmt: skip
+              "vs_reference_backend": models}  # fmt: skip
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
