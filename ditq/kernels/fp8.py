@@ -188,8 +188,9 @@ def _lowrank_parts(m: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     (1, rank), shift (N,) powers of two ≥ 1).
 
     L1 is quantized with a scale s per rank column; P = X_q · L1_q / ‖L1_q‖₁ is then within ±448 whatever
-    X_q holds (|X_q| ≤ 448), so its e4m3 codes never saturate (`ditq.kernels.triton.lowrank`). U = a·L2ᵀ/(s_w·shift) with a = s·‖L1_q‖₁, so that the GEMM's
-    s_x·(s_w·shift)·(P · Uᵀ) is (x/smooth)·L1·L2 up to the e4m3 roundings. A row of U that would pass 448
+    X_q holds (|X_q| ≤ 448), so its e4m3 codes never saturate (`ditq.kernels.triton.lowrank`).
+    U = a·L2ᵀ/(s_w·shift) with a = s·‖L1_q‖₁, so that the GEMM's s_x·(s_w·shift)·(P · Uᵀ) is
+    (x/smooth)·L1·L2 up to the e4m3 roundings. A row of U that would pass 448
     moves its channel scale up by `shift` (the weight codes of that row divide by it, exactly). U enters the
     GEMM as two e4m3 parts, U_high + U_low, each multiplied by P: one rounding of U alone costs 1–1.7 dB PSNR on
     DiT-MNIST (a fixed error on the layer's dominant directions), the roundings of L1 and P do not show

@@ -32,6 +32,7 @@ __all__ = ["quantize_rows_fp8", "quantize_rows_fp8_reference"]
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}  # kernel codes of `reference.INPUT_ACTIVATIONS`
 ROW_ELEMENTS = 8192  # elements one program of the one-pass kernel holds (rows × padded width), 4 warps
 MAX_RESIDENT = 16384  # wider rows (padded) take the multi-pass kernel: registers would spill
+MULTI_PASS_BLOCKS = (16, 128)  # its (rows per program, K block), 4 warps
 _FP8_MAX = tl.constexpr(FP8_MAX)
 _SCALE_FLOOR = tl.constexpr(SCALE_FLOOR)
 
@@ -220,15 +221,13 @@ def quantize_rows_fp8(
     out: torch.Tensor | None = None,
     row_elements: int = ROW_ELEMENTS,
     num_warps: int = 4,
-    multi_pass: tuple[int, int] = (16, 128),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 codes (M, K), float32 scales (M, 1)) of h = activation(x) or modulate(LayerNorm(x)) [/ smooth].
 
     `out`: an e4m3 (M, ≥ K) tensor, unit column stride, whose first K columns receive the codes (the FP8 path
     appends SVDQuant's low-rank activations behind them); it is returned as the codes.
     Launch: `row_elements` (rows × padded width held per program) and `num_warps` for the one-pass kernel
-    (the best of a sweep on an H200 at DiT-XL/2 batch-64 shapes, `bench/results/prepass_v1_h200.json`);
-    `multi_pass` = (rows per program, K block) for the multi-pass kernel, 4 warps.
+    (the best of a sweep on an H200 at DiT-XL/2 batch-64 shapes, `bench/results/prepass_v1_h200.json`).
     """
     m, k = _check_operands(x, smooth, activation, modulation, out)
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -254,7 +253,7 @@ def quantize_rows_fp8(
             num_warps=num_warps, **common,
         )  # fmt: skip
     else:
-        block_m, block_k = multi_pass
+        block_m, block_k = MULTI_PASS_BLOCKS
         _rows_multi_pass_kernel[(triton.cdiv(m, block_m),)](
             *args, ONE_SAMPLE=_one_sample(modulation, block_m), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
             **common,
