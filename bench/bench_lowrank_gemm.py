@@ -2,15 +2,18 @@
 cost at DiT-XL/2 batch-64 shapes, same run. Medians of `triton.testing.do_bench` (µs).
 
     python bench/bench_lowrank_gemm.py --out bench/results/lowrank_gemm_h200
+    python bench/bench_lowrank_gemm.py --sweep --out bench/results/lowrank_sweep_h200
 
 Per layer shape (M = 16,384 tokens): the main `_scaled_mm` at K and at K + extra columns (how cuBLAS takes a K
 that is no multiple of 128; the branch adds 2·rank), and the kernel that appends the low-rank codes
-(`ditq.kernels.triton.lowrank`), against bf16's GEMM.
+(`ditq.kernels.triton.lowrank`), against bf16's GEMM. `--sweep` times that kernel's launch configurations instead
+(rank 32, K = 1,152 and 4,608), the fastest first.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -51,9 +54,29 @@ def measure(name: str, k: int, n: int) -> dict:
     return row
 
 
+def sweep(k: int, rank: int = 32) -> list[dict]:
+    codes, down = fp8(M, k + 2 * rank), fp8(k, rank)
+    scale = torch.rand(1, rank, device="cuda") / (448 * k)
+    rows = []
+    for block_m, block_k, warps, stages in itertools.product((32, 64, 128), (128, 256), (4, 8), (2, 3)):
+        launch = dict(block_m=block_m, block_k=block_k, num_warps=warps, num_stages=stages)
+        try:
+            # under a CUDA graph: launched directly, the kernel goes through torch's traceable wrapper
+            # (`wrap_triton`, ~100 µs of host time), which an eager loop would time instead of the kernel
+            us = 1e3 * triton.testing.do_bench_cudagraph(
+                lambda launch=launch: append_lowrank_codes(codes, down, scale, **launch), rep=100
+            )
+        except Exception as error:  # a config the compiler cannot build (shared memory, registers)
+            print(f"K={k} {launch}: {type(error).__name__}", flush=True)
+            continue
+        rows.append({"K": k, "rank": rank, **launch, "us": us})
+    return sorted(rows, key=lambda r: r["us"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="path stem for .json and .md")
+    parser.add_argument("--sweep", action="store_true", help="the low-rank kernel's launch configurations")
     args = parser.parse_args()
     meta = {
         "gpu": torch.cuda.get_device_name(),
@@ -61,6 +84,19 @@ def main() -> None:
         "triton": triton.__version__,
         "M": M,
     }
+    if args.sweep:
+        rows = [r for k in (1152, 4608) for r in sweep(k)]
+        args.out.with_suffix(".json").write_text(json.dumps(meta | {"rows": rows}, indent=1) + "\n")
+        lines = [f"# The low-rank codes kernel's launches, {meta['gpu']}, M = {M}, rank 32, µs of CUDA-graph replays "
+            "(10 fastest per K)", "",
+                 "| K | block_m | block_k | warps | stages | µs |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for k in (1152, 4608):
+            for r in [r for r in rows if r["K"] == k][:10]:
+                lines.append(
+                    f"| {k} | {r['block_m']} | {r['block_k']} | {r['num_warps']} | {r['num_stages']} | {r['us']:.1f} |"
+                )
+        args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        return
     rows = []
     for shape in SHAPES:
         rows.append(measure(*shape))

@@ -3,7 +3,9 @@
     python bench/profile_e2e.py --batch 64 --configs bf16,w4a8fp8:fp8-cached --out OUT
 
 Each config (`name` or `name:backend`, as `bench_e2e.py` builds them) is compiled fullgraph, warmed up, and
-five forwards are profiled; `OUT/profile_<config>.txt` lists the kernels by total CUDA time.
+five forwards are profiled; `OUT/profile_<config>.txt` lists the kernels by total CUDA time. `--cpu` also
+records the host side and appends the operators by self CPU time (where a forward that is bound by its
+launches spends them).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--configs", default="bf16,w4a8fp8:fp8-cached")
     parser.add_argument("--all-linears", action="store_true")
+    parser.add_argument("--cpu", action="store_true", help="also profile the host's operators")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -37,11 +40,16 @@ def main() -> None:
             for _ in range(3):
                 compiled(x, t, y)
             torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            activities = [ProfilerActivity.CUDA, *([ProfilerActivity.CPU] if args.cpu else [])]
+            with profile(activities=activities) as prof:
                 for _ in range(5):
                     compiled(x, t, y)
                 torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+        if args.cpu:
+            table += "\n" + prof.key_averages().table(
+                sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=90
+            )
         (args.out / f"profile_{entry.replace(':', '_')}.txt").write_text(table + "\n")
         print(entry, "\n", table[:6000], flush=True)
         del model, compiled

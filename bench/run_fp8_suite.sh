@@ -6,11 +6,12 @@
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh kernels   # GPU tests, samples vs reference, batch-64 forward, GEMM table
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh models    # GPU tests; every FP8-path model at batch 64; pre-pass
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh small     # batch 2 under CUDA graphs; samples; few-row GEMMs
+#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh profile   # GPU tests; low-rank kernel launch sweep; kernel profiles
 #   (bench_kernels.py, in the first part, also times the lowbit kernel's launch configs)
 set -u
 out=${OUT:?set OUT to the results folder}
 e2e() { timeout "$(left)" python bench/bench_e2e.py "$@" >>"$out/e2e_$part.jsonl" 2>>"$out/log_$part.txt" || echo "failed: $*" >>"$out/log_$part.txt"; }
-part=${1:?kernels, models, small or fusion}
+part=${1:?kernels, models, small, profile or fusion}
 deadline=$(( $(date +%s) + ${SUITE_SECONDS:-570} ))  # one device call: steps that would run past it are cut
 left() { echo $(( deadline - $(date +%s) > 1 ? deadline - $(date +%s) : 1 )); }
 case $part in
@@ -42,6 +43,15 @@ case $part in
     e2e --batch 2 --config ternary-a8fp8 --backend fp8 --cuda-graphs --all-linears
     timeout "$(left)" python bench/samples_match.py --out "$out/samples_match.json" >>"$out/log_$part.txt" 2>&1
     timeout "$(left)" python bench/bench_weight_bound.py --out "$out/weight_bound" >>"$out/log_$part.txt" 2>&1 ;;
+  profile)  # where batch 64 spends its time: per-kernel GPU tables (SVDQuant's with the host's operators too)
+    nvidia-smi -L
+    timeout 200 python -m pytest -q -p no:cacheprovider tests/kernels/test_rowquant.py tests/kernels/test_fp8.py \
+      tests/kernels/test_lowrank.py tests/kernels/test_lowbit.py >"$out/gpu_tests.txt" 2>&1
+    tail -3 "$out/gpu_tests.txt"
+    timeout 90 python bench/bench_lowrank_gemm.py --sweep --out "$out/lowrank_sweep" >>"$out/log_$part.txt" 2>&1
+    timeout "$(left)" python bench/profile_e2e.py --cpu --configs svdquant-w4a8fp8-r32:fp8-cached,w4a8fp8:fp8-cached \
+      --out "$out" >>"$out/log_$part.txt" 2>&1
+    exit 0 ;;
   fusion)  # how the activation quantization fuses under inductor (batch 64). Run on 2026-11-25 with one more
            # row, fp8-cached with the per-token absmax over 128-column chunks: since adopted in ditq.kernels.fp8
     e2e --batch 64 --config bf16
@@ -49,6 +59,6 @@ case $part in
     e2e --batch 64 --config w4a8fp8 --backend fp8-cached
     e2e --batch 64 --config w4a8fp8 --backend fp8-cached --multi-kernel
     e2e --batch 64 --config w4a8fp8 --backend fp8 --multi-kernel ;;
-  *) echo "unknown part $part (kernels, models, small or fusion)"; exit 2 ;;
+  *) echo "unknown part $part (kernels, models, small, profile or fusion)"; exit 2 ;;
 esac
 python bench/e2e_table.py "$out/e2e_$part.jsonl" "$out/e2e_$part" && rm "$out/e2e_$part.jsonl"

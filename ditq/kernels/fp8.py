@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from ditq.kernels.lowbit import LOWBIT_MAX_ROWS, lowbit_forward
 from ditq.kernels.reference import Modulation
-from ditq.kernels.triton import device_support
+from ditq.kernels.triton import device_support, kernel_op
 from ditq.quant.primitives import FP8_MAX, fp8_cast, fp8_quantize, fp8_scale
 from ditq.quant.qlinear import QuantLinear
 
@@ -45,7 +45,11 @@ MIN_CAPABILITY = (8, 9)
 FP8_BACKENDS = ("fp8", "fp8-cached")
 
 
-@torch.library.custom_op("ditq::expand_fp8", mutates_args=())
+def _expanded_fake(qweight, bits, n_cols, ternary):
+    return qweight.new_empty((qweight.shape[0], n_cols), dtype=torch.float8_e4m3fn)
+
+
+@kernel_op("ditq::expand_fp8", fake=_expanded_fake)
 def expand_fp8(qweight: torch.Tensor, bits: int, n_cols: int, ternary: bool) -> torch.Tensor:
     """(N, n_cols) float8_e4m3fn codes from packed uint8 (N, packed_cols) symmetric int or ternary codes."""
     from ditq.kernels.triton.expand import expand_to_fp8
@@ -53,12 +57,14 @@ def expand_fp8(qweight: torch.Tensor, bits: int, n_cols: int, ternary: bool) -> 
     return expand_to_fp8(qweight, bits, n_cols, ternary=ternary)
 
 
-@expand_fp8.register_fake
-def _(qweight, bits, n_cols, ternary):
-    return qweight.new_empty((qweight.shape[0], n_cols), dtype=torch.float8_e4m3fn)
+def _quantized_rows_fake(x, smooth, activation, shift=None, scale=None, tokens=1, eps=0.0, lowrank_down=None,
+                         lowrank_down_scale=None):  # fmt: skip
+    extra = 0 if lowrank_down is None else 2 * lowrank_down.shape[1]
+    return (x.new_empty((x.shape[0], x.shape[1] + extra), dtype=torch.float8_e4m3fn),
+            x.new_empty((x.shape[0], 1), dtype=torch.float32))  # fmt: skip
 
 
-@torch.library.custom_op("ditq::quantize_rows_fp8", mutates_args=())
+@kernel_op("ditq::quantize_rows_fp8", fake=_quantized_rows_fake)
 def quantize_rows(
     x: torch.Tensor,
     smooth: torch.Tensor | None,
@@ -84,13 +90,6 @@ def quantize_rows(
 
         append_lowrank_codes(codes, lowrank_down, lowrank_down_scale)
     return codes, scales
-
-
-@quantize_rows.register_fake
-def _(x, smooth, activation, shift=None, scale=None, tokens=1, eps=0.0, lowrank_down=None, lowrank_down_scale=None):
-    extra = 0 if lowrank_down is None else 2 * lowrank_down.shape[1]
-    return (x.new_empty((x.shape[0], x.shape[1] + extra), dtype=torch.float8_e4m3fn),
-            x.new_empty((x.shape[0], 1), dtype=torch.float32))  # fmt: skip
 
 
 def fp8_linear(m: QuantLinear, x: torch.Tensor, modulation: Modulation | None = None) -> torch.Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ditq.kernels.reference import activate, linear_with
-from ditq.kernels.triton import device_support
+from ditq.kernels.triton import device_support, kernel_op
 from ditq.quant.packing import signed_offset
 from ditq.quant.qlinear import QuantLinear
 
@@ -24,7 +24,11 @@ LOWBIT_MAX_ROWS = 128
 MIN_CAPABILITY = (8, 0)
 
 
-@torch.library.custom_op("ditq::lowbit_gemm", mutates_args=())
+def _lowbit_fake(x, qweight, scales, zeros, bias, bits, offset, group_size):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+@kernel_op("ditq::lowbit_gemm", fake=_lowbit_fake)
 def lowbit_gemm(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -42,11 +46,6 @@ def lowbit_gemm(
     y = lowbit_linear(x.reshape(-1, k), qweight, scales, zeros, bias, bits=bits, offset=offset,
                       group_size=group_size or None)  # fmt: skip
     return y.reshape(*x.shape[:-1], qweight.shape[0])
-
-
-@lowbit_gemm.register_fake
-def _(x, qweight, scales, zeros, bias, bits, offset, group_size):
-    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
 def lowbit_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ditq.quant.packing import packed_cols, signed_offset, slot_bits
 
@@ -53,7 +54,7 @@ def expand_to_fp8(qweight: torch.Tensor, bits: int, n_cols: int, *, ternary: boo
         )
     out = torch.empty(n_rows, n_cols, dtype=torch.float8_e4m3fn, device=qweight.device)
     grid = (triton.cdiv(n_rows, 16), triton.cdiv(n_cols, 256))
-    _expand_kernel[grid](
+    wrap_triton(_expand_kernel)[grid](
         qweight,
         out,
         n_rows,

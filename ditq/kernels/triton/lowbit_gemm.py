@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ditq.kernels.triton import interpreted
 from ditq.quant.packing import packed_cols, slot_bits
@@ -134,7 +135,7 @@ def lowbit_linear(
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     block_m = max(16, min(64, triton.next_power_of_2(m)))
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))  # rows on axis 0: no 65,535-block limit
-    _lowbit_gemm_kernel[grid](
+    wrap_triton(_lowbit_gemm_kernel)[grid](
         x, qweight, scales, scales if zeros is None else zeros, x if bias is None else bias, out, m, n, k,
         qweight.shape[1], scales.shape[1], x.stride(0), out.stride(0), SLOT=slot_bits(bits), OFFSET=offset,
         GROUP=group_size or 0, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,

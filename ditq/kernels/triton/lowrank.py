@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from ditq.kernels.triton import interpreted
 from ditq.kernels.triton.rowquant import _rounded
@@ -57,11 +58,16 @@ def append_lowrank_codes(
     down: torch.Tensor,
     down_scale: torch.Tensor,
     *,
-    block_m: int = 64,
-    block_k: int = 128,
+    block_m: int = 128,
+    block_k: int = 256,
+    num_warps: int = 4,
+    num_stages: int = 3,
 ) -> None:
     """Fill the last 2·R columns of `codes` (M, K + 2R) e4m3 with e4m3((X_q · L1_q) · `down_scale`), twice;
-    X_q = its first K columns, `down` = L1_q (K, R) e4m3, `down_scale` (1, R) float32, R a power of two ≥ 16."""
+    X_q = its first K columns, `down` = L1_q (K, R) e4m3, `down_scale` (1, R) float32, R a power of two ≥ 16.
+    The launch (`block_m`, `block_k`, `num_warps`, `num_stages`) is the best of a sweep on an H200 at 16,384 rows,
+    rank 32 (`bench/bench_lowrank_gemm.py --sweep`, `bench/results/lowrank_sweep_h200.md`: 8.7 µs at K = 1,152
+    and 34.4 µs at 4,608, against 10.1 and 41.0 µs for the launch before)."""
     k, rank = down.shape
     if down.dtype != torch.float8_e4m3fn or rank < 16 or rank & (rank - 1) or not down.is_contiguous():
         raise ValueError(f"down must be contiguous e4m3 (K, R) with R a power of two >= 16, got {down.dtype} "
@@ -81,9 +87,9 @@ def append_lowrank_codes(
     m = codes.shape[0]
     if m == 0:
         return
-    _lowrank_codes_kernel[(triton.cdiv(m, block_m),)](
+    wrap_triton(_lowrank_codes_kernel)[(triton.cdiv(m, block_m),)](
         codes, down, down_scale.contiguous(), m, codes.stride(0), K=k, R=rank, EMULATE=interpreted(),
-        BLOCK_M=block_m, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
 
 
