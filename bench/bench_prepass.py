@@ -71,7 +71,7 @@ def measure(name: str, m: int, k: int, transform: str, rank: int) -> dict:
     activation = "none" if mod else transform
     op_args = (x, smooth, activation, *(mod or (None, None, 1, 0.0)), *lowrank)
     ref_codes, ref_scales = reference(x, smooth, activation, mod, lowrank)
-    codes, scales = quantize_rows(*op_args)
+    codes, scales, _ = quantize_rows(*op_args)
     row = {
         "case": name, "M": m, "K": k, "transform": transform, "rank": rank,
         "codes_differing": float((codes.float() != ref_codes.float()).float().mean()),

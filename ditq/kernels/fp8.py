@@ -34,12 +34,20 @@ import torch
 import torch.nn.functional as F
 
 from ditq.kernels.lowbit import LOWBIT_MAX_ROWS, lowbit_forward
-from ditq.kernels.reference import Modulation
+from ditq.kernels.reference import Modulation, Residual
 from ditq.kernels.triton import device_support, kernel_op
 from ditq.quant.primitives import FP8_MAX, fp8_cast, fp8_quantize, fp8_scale
 from ditq.quant.qlinear import QuantLinear
 
-__all__ = ["FP8_BACKENDS", "expand_fp8", "fp8_linear", "fp8_support", "quantize_rows", "uses_few_row_path"]
+__all__ = [
+    "FP8_BACKENDS",
+    "expand_fp8",
+    "fp8_linear",
+    "fp8_linear_after_residual",
+    "fp8_support",
+    "quantize_rows",
+    "uses_few_row_path",
+]
 
 MIN_CAPABILITY = (8, 9)
 FP8_BACKENDS = ("fp8", "fp8-cached")
@@ -58,10 +66,10 @@ def expand_fp8(qweight: torch.Tensor, bits: int, n_cols: int, ternary: bool) -> 
 
 
 def _quantized_rows_fake(x, smooth, activation, shift=None, scale=None, tokens=1, eps=0.0, lowrank_down=None,
-                         lowrank_down_scale=None):  # fmt: skip
+                         lowrank_down_scale=None, update=None, gate=None):  # fmt: skip
     extra = 0 if lowrank_down is None else 2 * lowrank_down.shape[1]
     return (x.new_empty((x.shape[0], x.shape[1] + extra), dtype=torch.float8_e4m3fn),
-            x.new_empty((x.shape[0], 1), dtype=torch.float32))  # fmt: skip
+            x.new_empty((x.shape[0], 1), dtype=torch.float32), x.new_empty(x.shape if update is not None else 0))  # fmt: skip
 
 
 @kernel_op("ditq::quantize_rows_fp8", fake=_quantized_rows_fake)
@@ -75,37 +83,65 @@ def quantize_rows(
     eps: float = 0.0,
     lowrank_down: torch.Tensor | None = None,
     lowrank_down_scale: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3 codes (M, K [+ 2·rank]), float32 row scales (M, 1)) of h = activation(x), or modulate(LayerNorm(x),
+    update: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(e4m3 codes (M, K [+ 2·rank]), float32 row scales (M, 1), x') of h = activation(x), or modulate(LayerNorm(x),
     shift, scale) with a shift, [/ smooth], x (M, K), by the Triton pre-pass; with SVDQuant's down-projection
-    (`_lowrank_parts`) its e4m3 activations P follow, twice (`ditq.kernels.triton.lowrank`)."""
+    (`_lowrank_parts`) its e4m3 activations P follow, twice (`ditq.kernels.triton.lowrank`). With an `update`
+    (and a shift), x' = x + gate·update replaces x first and is returned; else x' is empty."""
     from ditq.kernels.triton.rowquant import quantize_rows_fp8
 
     modulation = None if shift is None else Modulation(shift, scale, tokens, eps)
+    residual = None if update is None else Residual(update, gate)
     extra = 0 if lowrank_down is None else 2 * lowrank_down.shape[1]
     out = torch.empty(x.shape[0], x.shape[1] + extra, dtype=torch.float8_e4m3fn, device=x.device)
-    codes, scales = quantize_rows_fp8(x, smooth, activation, modulation, out=out)
+    x_new = torch.empty(x.shape if residual else 0, dtype=x.dtype, device=x.device)
+    codes, scales = quantize_rows_fp8(x, smooth, activation, modulation, residual=residual,
+                                      residual_out=x_new if residual else None, out=out)  # fmt: skip
     if extra:
         from ditq.kernels.triton.lowrank import append_lowrank_codes
 
         append_lowrank_codes(codes, lowrank_down, lowrank_down_scale)
-    return codes, scales
+    return codes, scales, x_new
 
 
 def fp8_linear(m: QuantLinear, x: torch.Tensor, modulation: Modulation | None = None) -> torch.Tensor:
     """y = m(x), or m(modulate(LayerNorm(x), shift, scale)) with a `modulation`, through one FP8 GEMM with
     row-wise scales on both sides (SVDQuant's up-projection rides in it as 2·rank more columns of K); `m`
     runs on an FP8 backend."""
+    codes, scale_x, _ = _input_codes(m, x, modulation)
+    return _gemm(m, codes, scale_x, x)
+
+
+def fp8_linear_after_residual(
+    m: QuantLinear, x: torch.Tensor, residual: Residual, modulation: Modulation
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m(modulate(LayerNorm(x'), shift, scale)), x') with x' = x + gate·update: a DiT block's residual add
+    inside the pre-pass, which reads x and the update once and writes x' (the block's new residual stream)
+    beside the codes, where adding apart costs one more pass over x."""
+    codes, scale_x, x_new = _input_codes(m, x, modulation, residual)
+    return _gemm(m, codes, scale_x, x), x_new.view(x.shape)
+
+
+def _input_codes(
+    m: QuantLinear, x: torch.Tensor, modulation: Modulation | None, residual: Residual | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The GEMM's activation operand: (e4m3 codes (M, K [+ 2·rank]), row scales (M, 1), x' or None)."""
     k = x.shape[-1]
     if m.input_activation is None and modulation is None and m.lowrank_up is None:
         # ordinary ops, fused by the compiler into x's producer
         h = (x if m.smooth is None else x / m.smooth.to(x.dtype)).reshape(-1, k)  # (M, K)
         scale_x = fp8_scale(h)  # (M, 1) float32
-        codes = fp8_cast(h, scale_x)
-    else:
-        lowrank = () if m.lowrank_up is None else (m.lowrank_down_fp8, m.lowrank_down_scale)
-        codes, scale_x = quantize_rows(x.reshape(-1, k), m.smooth, m.input_activation or "none",
-                                       *(modulation or (None, None, 1, 0.0)), *lowrank)  # fmt: skip
+        return fp8_cast(h, scale_x), scale_x, None
+    lowrank = (None, None) if m.lowrank_up is None else (m.lowrank_down_fp8, m.lowrank_down_scale)
+    update = () if residual is None else (residual.update.reshape(-1, k), residual.gate)
+    return quantize_rows(x.reshape(-1, k), m.smooth, m.input_activation or "none",
+                         *(modulation or (None, None, 1, 0.0)), *lowrank, *update)  # fmt: skip
+
+
+def _gemm(m: QuantLinear, codes: torch.Tensor, scale_x: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The layer's one FP8 GEMM of x's codes: (..., out_features) in x's dtype."""
     fused_bias = m.bias is not None and x.dtype in (torch.bfloat16, torch.float16)
     y = torch._scaled_mm(
         codes,

@@ -7,7 +7,7 @@ follow (`ditq.kernels.triton.rowquant` says why and what it costs):
   identity and the Linear takes it as `QuantLinear.input_activation`, which every backend honours;
 - a zoo `DiTBlock`'s two LayerNorm + adaLN modulate steps, into qkv and fc1: the block's forward hands x, shift
   and scale to the FP8 pre-pass when the Linear runs on an FP8 backend, and computes the norm as before
-  otherwise (any backend, any mix of layers).
+  otherwise (any backend, any mix of layers). Before fc1 the attention's gated residual add goes in too.
 Only blocks whose forward is known are rewritten, and outputs stay equal. The rewrites stay when the backend is
 switched (every backend computes the same outputs through them) and are not saved: parameter names are kept,
 and a loaded model is the plain one.
@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ditq.kernels.fp8 import FP8_BACKENDS, fp8_linear, uses_few_row_path
-from ditq.kernels.reference import Modulation
+from ditq.kernels.fp8 import FP8_BACKENDS, fp8_linear, fp8_linear_after_residual, uses_few_row_path
+from ditq.kernels.reference import Modulation, Residual
 from ditq.models.dit import DiTBlock, Mlp, modulate
 from ditq.quant.qlinear import QuantLinear
 
@@ -66,24 +66,28 @@ class NormFusedDiTBlock(DiTBlock):
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
             6, dim=1
         )  # 6 × (N, D)
-        qkv = _modulated_linear(self.attn.qkv, self.norm1, x, shift_msa, scale_msa)  # (N, T, 3·D)
-        x = x + gate_msa.unsqueeze(1) * self.attn.attend(qkv)  # (N, T, D)
-        hidden = _modulated_linear(self.mlp.fc1, self.norm2, x, shift_mlp, scale_mlp)  # (N, T, F)
+        if _in_pre_pass(self.attn.qkv, x, shift_msa, scale_msa):
+            qkv = fp8_linear(self.attn.qkv, x, Modulation(shift_msa, scale_msa, x.shape[1], self.norm1.eps))
+        else:
+            qkv = self.attn.qkv(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, 3·D)
+        update = self.attn.attend(qkv)  # (N, T, D)
+        if _in_pre_pass(self.mlp.fc1, x, shift_mlp, scale_mlp, gate_msa):  # the residual add rides in it too
+            modulation = Modulation(shift_mlp, scale_mlp, x.shape[1], self.norm2.eps)
+            hidden, x = fp8_linear_after_residual(self.mlp.fc1, x, Residual(update, gate_msa), modulation)
+        else:
+            x = x + gate_msa.unsqueeze(1) * update  # (N, T, D)
+            hidden = self.mlp.fc1(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (N, T, F)
         x = x + gate_mlp.unsqueeze(1) * self.mlp.fc2(self.mlp.act(hidden))  # (N, T, D)
         return x
 
 
-def _modulated_linear(
-    linear: nn.Module, norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
-) -> torch.Tensor:
-    """linear(modulate(norm(x), shift, scale)), in the FP8 pre-pass where `linear` runs on an FP8 backend and the
-    modulation is one (D,) row per sample in x's dtype (else as the plain block computes it: broadcasting,
-    promoting); module hooks on `linear` do not run on the pre-pass path."""
-    per_sample = all(t.shape == (x.shape[0], x.shape[-1]) and t.dtype == x.dtype for t in (shift, scale))
-    if (isinstance(linear, QuantLinear) and linear.backend in FP8_BACKENDS and per_sample
-            and not uses_few_row_path(linear, x)):  # fmt: skip
-        return fp8_linear(linear, x, Modulation(shift, scale, x.shape[1], norm.eps))
-    return linear(modulate(norm(x), shift, scale))
+def _in_pre_pass(linear: nn.Module, x: torch.Tensor, *per_sample: torch.Tensor) -> bool:
+    """Whether linear(modulate(norm(x), shift, scale)) runs in the FP8 pre-pass: `linear` on an FP8 backend, not
+    on its few-row route, and adaLN's tensors one (D,) row per sample in x's dtype (else the block computes as
+    the plain one: broadcasting, promoting). Module hooks on `linear` do not run on the pre-pass path."""
+    rows_per_sample = all(t.shape == (x.shape[0], x.shape[-1]) and t.dtype == x.dtype for t in per_sample)
+    return (isinstance(linear, QuantLinear) and linear.backend in FP8_BACKENDS and rows_per_sample
+            and not uses_few_row_path(linear, x))  # fmt: skip
 
 
 def _fusable(activation: nn.Module, linear: nn.Module) -> bool:

@@ -26,12 +26,14 @@ from ditq.quant.spec import QuantSpec
 __all__ = [
     "INPUT_ACTIVATIONS",
     "Modulation",
+    "Residual",
     "activate",
     "group_linear",
     "linear_reference",
     "linear_with",
     "modulated",
     "quantize_activations",
+    "residual_added",
 ]
 
 # what `QuantLinear.input_activation` may name: an activation applied to x before anything else
@@ -134,3 +136,17 @@ def modulated(x: torch.Tensor, modulation: Modulation) -> torch.Tensor:
     k = x.shape[-1]
     h = F.layer_norm(x, (k,), eps=modulation.eps).unflatten(0, (-1, modulation.tokens))  # (samples, tokens, K)
     return modulate(h, modulation.shift, modulation.scale).flatten(0, 1)
+
+
+class Residual(NamedTuple):
+    """A DiT block's gated residual update before its next LayerNorm, x + gate·update: `update` shaped like x,
+    `gate` (samples, K) per sample (of a `Modulation`'s tokens)."""
+
+    update: torch.Tensor
+    gate: torch.Tensor
+
+
+def residual_added(x: torch.Tensor, residual: Residual, tokens: int) -> torch.Tensor:
+    """x + gate·update for x (samples · tokens, K), as the zoo's DiT block computes it."""
+    update = residual.update.unflatten(0, (-1, tokens))  # (samples, tokens, K)
+    return (x.unflatten(0, (-1, tokens)) + residual.gate.unsqueeze(1) * update).flatten(0, 1)

@@ -12,7 +12,7 @@ import torch
 from ditq.kernels import fp8, prepare_for_inference
 from ditq.kernels.fp8 import quantize_rows
 from ditq.kernels.fusion import NormFusedDiTBlock
-from ditq.kernels.reference import Modulation, group_linear
+from ditq.kernels.reference import Modulation, Residual, group_linear, residual_added
 from ditq.kernels.triton import rowquant
 from ditq.kernels.triton.rowquant import quantize_rows_fp8, quantize_rows_fp8_reference
 from ditq.models.dit import DiTBlock, Mlp
@@ -100,6 +100,41 @@ def test_rows_too_wide_to_hold_take_the_multi_pass_kernel(monkeypatch):
     assert_codes_match(codes, scales, ref_codes, ref_scales, exact=False, scale_rtol=1e-6)
 
 
+def residual(samples: int, tokens: int, k: int, dtype: torch.dtype, seed: int = 0) -> Residual:
+    g = torch.Generator().manual_seed(seed)
+    update = (torch.randn(samples * tokens, k, generator=g) * 2).to(DEVICE, dtype)
+    return Residual(update, (torch.randn(samples, k, generator=g) * 0.7).to(DEVICE, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("samples", "tokens", "k", "wide"), [(2, 7, 48, False), (3, 5, 131, False), (2, 32, 50, False),
+                                                               (1, 5, 131, True)])  # fmt: skip
+def test_pre_pass_adds_the_gated_residual_first_and_writes_the_sum(samples, tokens, k, wide, dtype, monkeypatch):
+    if wide:  # rows too wide to hold: the sum is added by PyTorch's ops, then the multi-pass kernel runs
+        monkeypatch.setattr(rowquant, "MAX_RESIDENT", 32)
+    x, s = operands(samples * tokens, k, dtype, True, seed=k)
+    mod, res = modulation(samples, tokens, k, dtype, seed=k), residual(samples, tokens, k, dtype, seed=k)
+    total = torch.full_like(x, float("nan"))
+    codes, scales = quantize_rows_fp8(x, s, "none", mod, residual=res, residual_out=total)
+    expected = residual_added(x, res, tokens)
+    assert torch.equal(total, expected)  # each product and sum rounded where PyTorch rounds them
+    if dtype == torch.bfloat16:  # one rounding fewer (a fused multiply-add) would show here
+        fused = (x.float() + res.gate.float().repeat_interleave(tokens, 0) * res.update.float()).to(dtype)
+        assert not torch.equal(fused, expected)
+    ref_codes, ref_scales = quantize_rows_fp8_reference(x, s, "none", mod, res)
+    assert_codes_match(codes, scales, ref_codes, ref_scales, exact=False, scale_rtol=1e-6)
+    assert torch.equal(codes.float(), quantize_rows_fp8(expected, s, "none", mod)[0].float())
+
+
+def test_the_residual_gate_is_read_per_sample():
+    x, _ = operands(2 * 32, 48, torch.bfloat16, False)
+    mod, res = modulation(2, 32, 48, torch.bfloat16), residual(2, 32, 48, torch.bfloat16)
+    total, swapped = torch.empty_like(x), torch.empty_like(x)
+    quantize_rows_fp8(x, None, "none", mod, residual=res, residual_out=total)
+    quantize_rows_fp8(x, None, "none", mod, residual=res._replace(gate=res.gate.flip(0)), residual_out=swapped)
+    assert torch.equal(total, residual_added(x, res, 32)) and not torch.equal(swapped, total)
+
+
 def test_an_empty_batch_gives_empty_outputs():
     x, s = operands(0, 48, torch.float32, True)
     codes, scales = quantize_rows_fp8(x, s, "none", modulation(0, 3, 48, torch.float32))
@@ -127,8 +162,19 @@ def test_a_zero_row_gets_the_scale_floor_and_zero_codes():
         (dict(modulation=Modulation(torch.zeros(2, 4), torch.zeros(2, 5), 1, 1e-6)), r"scale must be \(2, 4\)"),
         (dict(modulation=Modulation(torch.zeros(2, 4), torch.zeros(2, 4), 1, 1e-6), activation="gelu"),
          "takes activation 'none'"),
+        (dict(residual=Residual(torch.zeros(2, 4), torch.zeros(2, 4)), residual_out=torch.zeros(2, 4)),
+         "needs a modulation"),
+        (dict(modulation=Modulation(torch.zeros(2, 4), torch.zeros(2, 4), 1, 1e-6),
+              residual=Residual(torch.zeros(2, 3), torch.zeros(2, 4)), residual_out=torch.zeros(2, 4)),
+         r"residual update must be torch.float32 \(2, 4\)"),
+        (dict(modulation=Modulation(torch.zeros(2, 4), torch.zeros(2, 4), 1, 1e-6),
+              residual=Residual(torch.zeros(2, 4), torch.zeros(1, 4)), residual_out=torch.zeros(2, 4)),
+         r"residual gate must be \(2, 4\)"),
+        (dict(modulation=Modulation(torch.zeros(2, 4), torch.zeros(2, 4), 1, 1e-6),
+              residual=Residual(torch.zeros(2, 4), torch.zeros(2, 4))), "residual_out must be contiguous"),
     ],
-    ids=["3d", "int", "activation", "smooth", "out_shape", "out_dtype", "out_stride", "tokens", "mod_shape", "mod_act"],
+    ids=["3d", "int", "activation", "smooth", "out_shape", "out_dtype", "out_stride", "tokens", "mod_shape", "mod_act",
+         "res_no_mod", "res_update", "res_gate", "res_out"],  # fmt: skip
 )
 def test_bad_operands_are_refused_by_name(kwargs, message):
     args = dict(x=torch.zeros(2, 4), smooth=None, activation="none") | kwargs
@@ -147,6 +193,8 @@ def test_pre_pass_op_passes_opcheck():
         ((x, s, "none", mod.shift, mod.scale, 3, 1e-6), ("test_schema", "test_faketensor")),
         # opcheck's schema test cannot handle float8 inputs ("mul" is not implemented for them)
         ((x, s, "none", mod.shift, mod.scale, 3, 1e-6, down, down_scale), ("test_faketensor",)),
+        ((x, s, "none", mod.shift, mod.scale, 3, 1e-6, None, None, x.flip(0), mod.shift.flip(1)),
+         ("test_schema", "test_faketensor")),
     ):
         torch.library.opcheck(quantize_rows, args, test_utils=utils)
 

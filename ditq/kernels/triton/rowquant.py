@@ -25,7 +25,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 from triton.language.extra import libdevice
 
-from ditq.kernels.reference import Modulation, activate, modulated
+from ditq.kernels.reference import Modulation, Residual, activate, modulated, residual_added
 from ditq.kernels.triton import interpreted
 from ditq.quant.primitives import FP8_MAX, SCALE_FLOOR, fp8_cast, fp8_scale
 
@@ -75,6 +75,38 @@ def _load_rows(x, rows, cols, row_ok, K, stride_xm):
 
 
 @triton.jit
+def _per_sample(t, rows, cols, row_ok, K, tokens, stride_mod, ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The rows' samples' rows of a (samples, K) tensor (adaLN's shift, scale, gate) in float32, 0 outside: one
+    row broadcast over the tile when ONE_SAMPLE (the program's rows are tokens of one sample)."""
+    if ONE_SAMPLE:
+        offsets = ((tl.program_id(0) * BLOCK_M) // tokens).to(tl.int64) * stride_mod + cols
+        row = tl.load(t + offsets, mask=cols < K, other=0.0).to(tl.float32)
+        return tl.broadcast_to(row[None, :], (BLOCK_M, cols.shape[0]))  # one return type for both branches
+    offsets = (rows // tokens).to(tl.int64)[:, None] * stride_mod + cols[None, :]  # each row's sample
+    return tl.load(t + offsets, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _residual_added(
+    v, update, gate, x_out, rows, cols, row_ok, K, tokens, stride_um, stride_om, stride_mod, EMULATE: tl.constexpr,
+    ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """x + gate · update for a tile of x (as loaded), the product and the sum each rounded to x's dtype as
+    PyTorch's two ops round them; stored to `x_out` and returned in x's dtype."""
+    dtype: tl.constexpr = v.dtype
+    y = _load_rows(update, rows, cols, row_ok, K, stride_um).to(tl.float32)
+    g = _per_sample(gate, rows, cols, row_ok, K, tokens, stride_mod, ONE_SAMPLE, BLOCK_M)
+    if dtype != tl.float32:
+        total = _rounded(v.to(tl.float32) + _rounded(_product(g, y, EMULATE), dtype, EMULATE), dtype, EMULATE)
+    else:
+        total = v + _product(g, y, EMULATE)
+    total = total.to(dtype)
+    tl.store(x_out + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], total,
+             mask=row_ok[:, None] & (cols < K)[None, :])  # fmt: skip
+    return total
+
+
+@triton.jit
 def _transformed(
     v, mean, rstd, shift, scale_mod, smooth, rows, cols, row_ok, K, tokens, stride_mod,
     ACT: tl.constexpr, NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr,
@@ -89,14 +121,8 @@ def _transformed(
     if NORM:
         inside = row_ok[:, None] & (cols < K)[None, :]
         h = (h - mean[:, None]) * rstd[:, None]
-        if ONE_SAMPLE:
-            offsets = ((tl.program_id(0) * BLOCK_M) // tokens).to(tl.int64) * stride_mod + cols
-            gain = 1.0 + tl.load(scale_mod + offsets, mask=cols < K, other=0.0).to(tl.float32)[None, :]
-            bias = tl.load(shift + offsets, mask=cols < K, other=0.0).to(tl.float32)[None, :]
-        else:
-            offsets = (rows // tokens).to(tl.int64)[:, None] * stride_mod + cols[None, :]  # each row's sample
-            gain = 1.0 + tl.load(scale_mod + offsets, mask=inside, other=0.0).to(tl.float32)
-            bias = tl.load(shift + offsets, mask=inside, other=0.0).to(tl.float32)
+        gain = 1.0 + _per_sample(scale_mod, rows, cols, row_ok, K, tokens, stride_mod, ONE_SAMPLE, BLOCK_M)
+        bias = _per_sample(shift, rows, cols, row_ok, K, tokens, stride_mod, ONE_SAMPLE, BLOCK_M)
         if ROUND:
             h = _rounded(h, dtype, EMULATE)
             h = _rounded(_product(h, _rounded(gain, dtype, EMULATE), EMULATE), dtype, EMULATE)
@@ -147,17 +173,25 @@ def _store_codes(codes, h, scale, rows, cols, row_ok, K, stride_cm, EMULATE: tl.
 @triton.jit
 def _rows_one_pass_kernel(
     x, smooth, shift, scale_mod, codes, scales, M, K, tokens, eps, stride_xm, stride_cm, stride_mod,
+    update, gate, x_out, stride_um, stride_om,
     ACT: tl.constexpr, NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr,
-    ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr,
+    ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr, RESIDUAL: tl.constexpr,
 ):  # fmt: skip
-    """BLOCK_M whole rows per program: columns [0, HEAD) and [HEAD, HEAD + TAIL), both powers of two."""
+    """BLOCK_M whole rows per program: columns [0, HEAD) and [HEAD, HEAD + TAIL), both powers of two.
+    RESIDUAL: x is first replaced by x + gate · update, which is also written to `x_out`."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     head_cols = tl.arange(0, HEAD)
     head_x = _load_rows(x, rows, head_cols, row_ok, K, stride_xm)
+    if RESIDUAL:
+        head_x = _residual_added(head_x, update, gate, x_out, rows, head_cols, row_ok, K, tokens, stride_um,
+                                 stride_om, stride_mod, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
     if TAIL > 0:
         tail_cols = HEAD + tl.arange(0, TAIL)
         tail_x = _load_rows(x, rows, tail_cols, row_ok, K, stride_xm)
+        if RESIDUAL:
+            tail_x = _residual_added(tail_x, update, gate, x_out, rows, tail_cols, row_ok, K, tokens, stride_um,
+                                     stride_om, stride_mod, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
     mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
     rstd = mean
     if NORM:  # both tiles are in registers: mean first, then the centred sum of squares
@@ -232,37 +266,45 @@ def quantize_rows_fp8(
     activation: str = "none",
     modulation: Modulation | None = None,
     *,
+    residual: Residual | None = None,
+    residual_out: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     row_elements: int = ROW_ELEMENTS,
     num_warps: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 codes (M, K), float32 scales (M, 1)) of h = activation(x) or modulate(LayerNorm(x)) [/ smooth].
 
+    `residual` (with a modulation): x is first replaced by x + gate·update, the block's residual add, which is
+    written to `residual_out` (contiguous (M, K) in x's dtype): one pass over x fewer than adding it apart.
     `out`: an e4m3 (M, ≥ K) tensor, unit column stride, whose first K columns receive the codes (the FP8 path
     appends SVDQuant's low-rank activations behind them); it is returned as the codes.
     Launch: `row_elements` (rows × padded width held per program) and `num_warps` for the one-pass kernel
     (the best of a sweep on an H200 at DiT-XL/2 batch-64 shapes, `bench/results/prepass_v1_h200.json`).
     """
-    m, k = _check_operands(x, smooth, activation, modulation, out)
+    m, k = _check_operands(x, smooth, activation, modulation, out, residual, residual_out)
     x = x if x.stride(-1) == 1 else x.contiguous()
     codes = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device) if out is None else out
     scales = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     if m == 0:  # an empty batch: nothing to launch
         return codes, scales
-    shift, scale_mod = (x, x) if modulation is None else _modulation_rows(modulation)
+    shift, scale_mod, gate = (x, x, x) if modulation is None else _sample_rows(modulation, residual)
     common = dict(ACT=ACTIVATIONS[activation], NORM=modulation is not None, HAS_SMOOTH=smooth is not None,
                   EMULATE=interpreted())  # fmt: skip
+    head = 1 << (k.bit_length() - 1)
+    tail = triton.next_power_of_2(k - head) if k > head else 0
+    one_pass = head + tail <= MAX_RESIDENT
+    if residual is not None and not one_pass:  # the multi-pass kernel reads x once per step: add it first
+        x = residual_out.copy_(residual_added(x, residual, modulation.tokens))
     args = (x, x if smooth is None else smooth, shift, scale_mod, codes, scales, m, k,
             *((1, 0.0) if modulation is None else (modulation.tokens, float(modulation.eps))),
             x.stride(0), codes.stride(0), shift.stride(0))  # fmt: skip
-    head = 1 << (k.bit_length() - 1)
-    tail = triton.next_power_of_2(k - head) if k > head else 0
-    if head + tail <= MAX_RESIDENT:
+    if one_pass:
         fits = max(1, row_elements // (head + tail))
         block_m = min(1 << (fits.bit_length() - 1), triton.next_power_of_2(m))  # powers of two
+        update, x_new = (x, x) if residual is None else (residual.update.contiguous(), residual_out)
         wrap_triton(_rows_one_pass_kernel)[(triton.cdiv(m, block_m),)](
-            *args, ONE_SAMPLE=_one_sample(modulation, block_m), BLOCK_M=block_m, HEAD=head, TAIL=tail,
-            num_warps=num_warps, **common,
+            *args, update, gate, x_new, update.stride(0), x_new.stride(0), ONE_SAMPLE=_one_sample(modulation, block_m),
+            BLOCK_M=block_m, HEAD=head, TAIL=tail, RESIDUAL=residual is not None, num_warps=num_warps, **common,
         )  # fmt: skip
     else:
         block_m, block_k = MULTI_PASS_BLOCKS
@@ -273,13 +315,13 @@ def quantize_rows_fp8(
     return codes, scales
 
 
-def _modulation_rows(modulation: Modulation) -> tuple[torch.Tensor, torch.Tensor]:
-    """shift and scale with unit column stride and one row stride between them, as the kernel reads them; adaLN's
-    chunks of one tensor already are (no copy)."""
-    shift, scale = modulation.shift, modulation.scale
-    if shift.stride(1) != 1 or scale.stride(1) != 1 or shift.stride(0) != scale.stride(0):
-        return shift.contiguous(), scale.contiguous()
-    return shift, scale
+def _sample_rows(modulation: Modulation, residual: Residual | None) -> tuple[torch.Tensor, ...]:
+    """shift, scale and gate (shift again without a residual) with unit column stride and one row stride
+    between them, as the kernel reads them; adaLN's chunks of one tensor already are (no copy)."""
+    rows = (modulation.shift, modulation.scale, modulation.shift if residual is None else residual.gate)
+    if any(t.stride(1) != 1 or t.stride(0) != rows[0].stride(0) for t in rows):
+        return tuple(t.contiguous() for t in rows)
+    return rows
 
 
 def _one_sample(modulation: Modulation | None, block_m: int) -> bool:
@@ -293,6 +335,8 @@ def _check_operands(
     activation: str,
     modulation: Modulation | None,
     out: torch.Tensor | None,
+    residual: Residual | None = None,
+    residual_out: torch.Tensor | None = None,
 ) -> tuple[int, int]:
     """(M, K), or a ValueError naming what the kernel would read or write wrongly."""
     if x.ndim != 2 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -306,17 +350,27 @@ def _check_operands(
                             or out.shape[1] < k or out.stride(1) != 1):  # fmt: skip
         raise ValueError(f"out must be e4m3 ({m}, >= {k}) with unit column stride, got {out.dtype} "
                          f"{tuple(out.shape)} strides {out.stride()}")  # fmt: skip
+    if residual is not None and modulation is None:
+        raise ValueError("a residual is added before a LayerNorm: it needs a modulation")
     if modulation is not None:
         if activation != "none":
             raise ValueError(f"a modulation takes activation 'none' (LayerNorm first), got {activation!r}")
         if modulation.tokens < 1 or m % modulation.tokens:
             raise ValueError(f"{m} rows are not whole samples of modulation.tokens={modulation.tokens}")
         samples = m // modulation.tokens
-        for name in ("shift", "scale"):
-            t = getattr(modulation, name)
+        per_sample = [("modulation shift", modulation.shift), ("modulation scale", modulation.scale)]
+        for name, t in per_sample + ([] if residual is None else [("residual gate", residual.gate)]):
             if tuple(t.shape) != (samples, k) or t.dtype != x.dtype:
-                raise ValueError(f"modulation {name} must be ({samples}, {k}) in {x.dtype} for {m} rows of "
+                raise ValueError(f"{name} must be ({samples}, {k}) in {x.dtype} for {m} rows of "
                                  f"{modulation.tokens} tokens, got {t.dtype} {tuple(t.shape)}")  # fmt: skip
+    if residual is not None:
+        if residual.update.shape != x.shape or residual.update.dtype != x.dtype:
+            raise ValueError(f"residual update must be {x.dtype} {tuple(x.shape)} like x, got "
+                             f"{residual.update.dtype} {tuple(residual.update.shape)}")  # fmt: skip
+        if (residual_out is None or residual_out.shape != x.shape or residual_out.dtype != x.dtype
+                or not residual_out.is_contiguous()):  # fmt: skip
+            got = None if residual_out is None else f"{residual_out.dtype} {tuple(residual_out.shape)}"
+            raise ValueError(f"residual_out must be contiguous {x.dtype} {tuple(x.shape)} with a residual, got {got}")
     return m, k
 
 
@@ -325,8 +379,12 @@ def quantize_rows_fp8_reference(
     smooth: torch.Tensor | None = None,
     activation: str = "none",
     modulation: Modulation | None = None,
+    residual: Residual | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same in PyTorch, as the FP8 backend computes it without the kernel."""
+    """The same in PyTorch, as the FP8 backend computes it without the kernel (with a residual, of the sum
+    `residual_added` returns)."""
+    if residual is not None:
+        x = residual_added(x, residual, modulation.tokens)
     h = activate(x, activation) if modulation is None else modulated(x, modulation)
     h = h if smooth is None else h / smooth.to(h.dtype)
     scales = fp8_scale(h)
