@@ -1,5 +1,5 @@
 """SVDQuant's branch inside the FP8 GEMM (`ditq.kernels.fp8._lowrank_parts`): what the `rank` extra columns of K
-cost at DiT-XL/2 batch-64 shapes, same run. Medians of `triton.testing.do_bench` (µs).
+cost at DiT-XL/2 batch-64 shapes, same run. Medians of CUDA-graph replays (µs; `bench()` says why).
 
     python bench/bench_lowrank_gemm.py --out bench/results/lowrank_gemm_h200
     python bench/bench_lowrank_gemm.py --sweep --out bench/results/lowrank_sweep_h200
@@ -27,8 +27,10 @@ M = 16384
 EXTRA = (0, 16, 32, 64, 128)
 
 
-def bench(fn) -> float:
-    return 1e3 * triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+def bench(fn, rep: int = 200) -> float:
+    """µs per call, median of CUDA-graph replays: a kernel launched outside an op goes through torch's traceable
+    wrapper (`wrap_triton`, ~100 µs of host time), which an eager loop would time instead."""
+    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
 
 
 def fp8(*shape: int) -> torch.Tensor:
@@ -61,11 +63,7 @@ def sweep(k: int, rank: int = 32) -> list[dict]:
     for block_m, block_k, warps, stages in itertools.product((32, 64, 128), (128, 256), (4, 8), (2, 3)):
         launch = dict(block_m=block_m, block_k=block_k, num_warps=warps, num_stages=stages)
         try:
-            # under a CUDA graph: launched directly, the kernel goes through torch's traceable wrapper
-            # (`wrap_triton`, ~100 µs of host time), which an eager loop would time instead of the kernel
-            us = 1e3 * triton.testing.do_bench_cudagraph(
-                lambda launch=launch: append_lowrank_codes(codes, down, scale, **launch), rep=100
-            )
+            us = bench(lambda launch=launch: append_lowrank_codes(codes, down, scale, **launch), rep=100)
         except Exception as error:  # a config the compiler cannot build (shared memory, registers)
             print(f"K={k} {launch}: {type(error).__name__}", flush=True)
             continue
