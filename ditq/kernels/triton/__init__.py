@@ -25,10 +25,11 @@ def kernel_op(name: str, fake: Callable[..., Any]) -> Callable[[Callable[..., An
     """Register a function that launches Triton kernels (through `torch.library.wrap_triton`) as the op `name`.
 
     On GPUs it is a `triton_op`: `torch.compile` traces into it and inductor launches the kernels from its own
-    wrapper, where an opaque Python op cost about 100 µs of host time per call (DiT-XL/2 W4A8-FP8 at batch 64
-    on an H200: 23.6 ms of kernels in a 26.5 ms forward). Under Triton's CPU interpreter, whose kernels cannot
-    be traced, it is an opaque `custom_op` with `fake` as its shape function. Decided when the op is defined:
-    set `TRITON_INTERPRET` before importing ditq's kernels."""
+    wrapper, where an opaque Python op cost 160 µs of host time per call (DiT-XL/2 W4A8-FP8 at batch 64 on an
+    H200: 23.6 ms of kernels in a 26.5 ms forward). Under Triton's CPU interpreter, whose kernels cannot be
+    traced, it is an opaque `custom_op` with `fake` as its shape function. Decided when the op is defined: set
+    `TRITON_INTERPRET` before importing ditq's kernels. Kernels launched outside the op, in eager, go through
+    torch's traceable wrapper (~100 µs of host time): the library launches through the ops only."""
 
     def register(fn: Callable[..., Any]) -> Any:
         if not interpreted():
