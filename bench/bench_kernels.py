@@ -7,7 +7,7 @@ together (so the FP8 backends' activation quantization fuses into the LayerNorm 
 bf16 `F.linear`; ditq's "fp8" backend (int4 → FP8 expansion + `_scaled_mm`, quantization fused) and
 "fp8-cached" (expansion done ahead). Beside them, not compiled: cuBLAS FP8 row-wise `_scaled_mm` on
 pre-quantized operands (the GEMM's ceiling) and the expansion kernel alone. Medians of CUDA-graph replays
-(`bench()` says why); every ditq row is checked against the reference first (relative error printed).
+(`bench/timing.py` says why); every ditq row is checked against the reference first (relative error printed).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
+from timing import replay_us
 
 from ditq.kernels import prepare_for_inference
 from ditq.kernels.triton.expand import expand_to_fp8
@@ -44,9 +45,8 @@ SPEC = QuantSpec(w_bits=4, a_bits=8, a_format="fp8")
 
 
 def bench(fn, rep: int = 200) -> float:
-    """ms per call, median of CUDA-graph replays: a kernel launched outside an op goes through torch's traceable
-    wrapper (`wrap_triton`, ~100 µs of host time), which an eager loop would time instead."""
-    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
+    """ms per call (`bench/timing.py`)."""
+    return replay_us(fn, rep) / 1e3
 
 
 def measure(name: str, m: int, k: int, n: int) -> dict:

@@ -1,5 +1,5 @@
 """SVDQuant's branch inside the FP8 GEMM (`ditq.kernels.fp8._lowrank_parts`): what the `rank` extra columns of K
-cost at DiT-XL/2 batch-64 shapes, same run. Medians of CUDA-graph replays (µs; `bench()` says why).
+cost at DiT-XL/2 batch-64 shapes, same run. Medians of CUDA-graph replays (µs; `bench/timing.py` says why).
 
     python bench/bench_lowrank_gemm.py --out bench/results/lowrank_gemm_h200
     python bench/bench_lowrank_gemm.py --sweep --out bench/results/lowrank_sweep_h200
@@ -19,18 +19,13 @@ from pathlib import Path
 
 import torch
 import triton
+from timing import replay_us as bench
 
 from ditq.kernels.triton.lowrank import append_lowrank_codes
 
 SHAPES = [("qkv", 1152, 3456), ("proj", 1152, 1152), ("fc1", 1152, 4608), ("fc2", 4608, 1152)]  # (name, K, N)
 M = 16384
 EXTRA = (0, 16, 32, 64, 128)
-
-
-def bench(fn, rep: int = 200) -> float:
-    """µs per call, median of CUDA-graph replays: a kernel launched outside an op goes through torch's traceable
-    wrapper (`wrap_triton`, ~100 µs of host time), which an eager loop would time instead."""
-    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
 
 
 def fp8(*shape: int) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """The FP8 input pre-pass (`ditq::quantize_rows_fp8`) against what `torch.compile` builds for the same work,
-at DiT-XL/2 batch-64 shapes, same run. Medians of CUDA-graph replays (µs; `bench()` says why).
+at DiT-XL/2 batch-64 shapes, same run. Medians of CUDA-graph replays (µs; `bench/timing.py` says why).
 
     python bench/bench_prepass.py --out bench/results/prepass_h200
 
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import triton
+from timing import replay_us as bench
 
 from ditq.kernels.fp8 import quantize_rows
 from ditq.kernels.reference import Modulation, activate, modulated
@@ -36,12 +37,6 @@ CASES = [  # (name, M, K, activation or "modulate", smooth + rank)
 ]
 TOKENS = 256  # DiT-XL/2 at 256×256: rows are samples × 256 tokens
 LAUNCHES = [(e, w) for e in (4096, 8192, 16384) for w in (2, 4, 8)]
-
-
-def bench(fn) -> float:
-    """µs per call, median of CUDA-graph replays: a kernel launched outside an op goes through torch's traceable
-    wrapper (`wrap_triton`, ~100 µs of host time), which an eager loop would time instead."""
-    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median")
 
 
 def reference(x, smooth, activation, mod, lowrank):

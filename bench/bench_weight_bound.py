@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
+from timing import replay_us
 
 from ditq.kernels.triton.lowbit_gemm import lowbit_linear
 from ditq.quant.packing import signed_offset
@@ -40,7 +41,7 @@ LAYERS = 32
 
 
 def per_layer_us(fn) -> float:
-    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") / LAYERS
+    return replay_us(fn, rep=100) / LAYERS
 
 
 def measure(name: str, m: int, k: int, n: int) -> dict:

@@ -325,7 +325,7 @@ def _sample_rows(modulation: Modulation, residual: Residual | None) -> tuple[tor
 
 
 def _one_sample(modulation: Modulation | None, block_m: int) -> bool:
-    """Whether every program's `block_m` rows are tokens of one sample (one row of shift and scale for all)."""
+    """Whether every program's `block_m` rows are tokens of one sample (one row of shift, scale and gate for all)."""
     return modulation is not None and modulation.tokens % block_m == 0
 
 
