@@ -4,14 +4,15 @@
 # torchao's float8 row-wise (the peer) is `bench_e2e.py --config torchao-fp8-row`, left out here: its compile
 # took 337 s on the H100.
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh kernels   # GPU tests, samples vs reference, batch-64 forward, GEMM table
-#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh models    # GPU tests; every FP8-path model at batch 64; pre-pass
+#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh models    # GPU tests; every FP8-path model at batch 64, ± CUDA graphs
+#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh prepass   # the pre-pass against inductor
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh small     # batch 2 under CUDA graphs; samples; few-row GEMMs
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh profile   # GPU tests; low-rank kernel launch sweep; kernel profiles
 #   (bench_kernels.py, in the first part, also times the lowbit kernel's launch configs)
 set -u
 out=${OUT:?set OUT to the results folder}
 e2e() { timeout "$(left)" python bench/bench_e2e.py "$@" >>"$out/e2e_$part.jsonl" 2>>"$out/log_$part.txt" || echo "failed: $*" >>"$out/log_$part.txt"; }
-part=${1:?kernels, models, small, profile or fusion}
+part=${1:?kernels, models, prepass, small, profile or fusion}
 deadline=$(( $(date +%s) + ${SUITE_SECONDS:-570} ))  # one device call: steps that would run past it are cut
 left() { echo $(( deadline - $(date +%s) > 1 ? deadline - $(date +%s) : 1 )); }
 case $part in
@@ -23,19 +24,23 @@ case $part in
     e2e --batch 64 --config w4a8fp8 --backend fp8
     e2e --batch 64 --config w4a8fp8 --backend fp8-cached
     python bench/bench_kernels.py --out "$out/kernels_fp8_v3" >>"$out/log_$part.txt" 2>&1 ;;
-  models)  # every FP8-path model against bf16 at batch 64, and the pre-pass against inductor (its first version's
-           # run, 2026-12-03, also timed the attention output through the pre-pass: 0.86×, dropped)
+  models)  # every FP8-path model against bf16 at batch 64, without and with CUDA graphs (the pre-pass against
+           # inductor is the `prepass` part; its first run, 2026-12-03, also timed the attention output through
+           # the pre-pass: 0.86×, dropped)
     nvidia-smi -L
-    timeout 180 python -m pytest -q -p no:cacheprovider tests/kernels/test_rowquant.py tests/kernels/test_fp8.py \
+    timeout 150 python -m pytest -q -p no:cacheprovider tests/kernels/test_rowquant.py tests/kernels/test_fp8.py \
       tests/kernels/test_lowrank.py tests/kernels/test_lowbit.py >"$out/gpu_tests.txt" 2>&1
     tail -3 "$out/gpu_tests.txt"
     e2e --batch 64 --config bf16
     e2e --batch 64 --config w4a8fp8 --backend fp8-cached
-    e2e --batch 64 --config svdquant-w4a8fp8-r32 --backend fp8-cached
     e2e --batch 64 --config ternary-a8fp8 --backend fp8-cached --all-linears
-    e2e --batch 64 --config bf16 --cuda-graphs  # SVDQuant is launch-bound without graphs
-    e2e --batch 64 --config svdquant-w4a8fp8-r32 --backend fp8-cached --cuda-graphs
-    timeout "$(left)" python bench/bench_prepass.py --out "$out/prepass" >>"$out/log_$part.txt" 2>&1 ;;
+    e2e --batch 64 --config svdquant-w4a8fp8-r32 --backend fp8-cached
+    e2e --batch 64 --config bf16 --cuda-graphs
+    e2e --batch 64 --config w4a8fp8 --backend fp8-cached --cuda-graphs
+    e2e --batch 64 --config ternary-a8fp8 --backend fp8-cached --all-linears --cuda-graphs ;;
+  prepass)  # the pre-pass against inductor at DiT-XL/2's batch-64 inputs
+    timeout "$(left)" python bench/bench_prepass.py --out "$out/prepass" >>"$out/log_$part.txt" 2>&1
+    exit 0 ;;
   small)  # batch 2 under CUDA graphs, samples vs the reference backend, few-row GEMMs as kernels alone
     e2e --batch 2 --config bf16 --cuda-graphs
     e2e --batch 2 --config w4a8fp8 --backend fp8-cached --cuda-graphs --all-linears
@@ -59,6 +64,6 @@ case $part in
     e2e --batch 64 --config w4a8fp8 --backend fp8-cached
     e2e --batch 64 --config w4a8fp8 --backend fp8-cached --multi-kernel
     e2e --batch 64 --config w4a8fp8 --backend fp8 --multi-kernel ;;
-  *) echo "unknown part $part (kernels, models, small, profile or fusion)"; exit 2 ;;
+  *) echo "unknown part $part (kernels, models, prepass, small, profile or fusion)"; exit 2 ;;
 esac
 python bench/e2e_table.py "$out/e2e_$part.jsonl" "$out/e2e_$part" && rm "$out/e2e_$part.jsonl"
