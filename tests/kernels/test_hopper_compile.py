@@ -53,12 +53,17 @@ def _variants() -> list[tuple]:
     for slot, offset in ((4, 8), (2, 1)):
         variants.append((expand._expand_kernel, dict(packed="*u8", out="*fp8e4nv", n_rows="i32", n_cols="i32",
                          n_bytes="i32"), dict(SLOT=slot, OFFSET=offset, BLOCK_R=16, BLOCK_C=256), dict(num_warps=4)))  # fmt: skip
-    gemm = dict(x="*bf16", packed="*u8", scales="*fp32", zeros="*fp32", bias="*bf16", out="*bf16", M="i32", N="i32",
-                n_bytes="i32", n_groups="i32", stride_xm="i32", stride_om="i32")  # fmt: skip
+    gemm = dict(x="*bf16", x_scale="*fp32", packed="*u8", scales="*fp32", zeros="*fp32", bias="*bf16", out="*bf16",
+                M="i32", N="i32", n_bytes="i32", n_groups="i32", stride_xm="i32", stride_om="i32")  # fmt: skip
     for slot, offset, group, zeros in ((4, 8, 0, False), (2, 1, 0, False), (4, 0, 64, True)):
         variants.append((lowbit_gemm._lowbit_gemm_kernel, gemm, dict(K=1152, SLOT=slot, OFFSET=offset, GROUP=group,
-                         HAS_ZEROS=zeros, HAS_BIAS=True, FP32_DOT=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=64),
-                         dict(num_warps=4, num_stages=3)))  # fmt: skip
+                         HAS_ZEROS=zeros, HAS_BIAS=True, HAS_XSCALE=False, FP32_DOT=False, BLOCK_M=16, BLOCK_N=32,
+                         BLOCK_K=64), dict(num_warps=4, num_stages=3)))  # fmt: skip
+    # e4m3 activation codes (W4A8-FP8): FP8 tensor cores, per channel and per group, few and many rows
+    for slot, offset, group, block_m in ((4, 8, 0, 128), (4, 8, 128, 64), (2, 1, 0, 16)):
+        variants.append((lowbit_gemm._lowbit_gemm_kernel, gemm | {"x": "*fp8e4nv"}, dict(K=1152, SLOT=slot,
+                         OFFSET=offset, GROUP=group, HAS_ZEROS=False, HAS_BIAS=True, HAS_XSCALE=True, FP32_DOT=False,
+                         BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128), dict(num_warps=8, num_stages=3)))  # fmt: skip
     return variants
 
 

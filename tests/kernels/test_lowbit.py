@@ -10,6 +10,7 @@ from ditq.kernels import prepare_for_inference
 from ditq.kernels.lowbit import LOWBIT_MAX_ROWS, lowbit_gemm, lowbit_support
 from ditq.kernels.triton.lowbit_gemm import lowbit_linear, lowbit_linear_reference
 from ditq.quant.packing import signed_offset
+from ditq.quant.primitives import fp8_quantize
 from ditq.quant.qlinear import QuantLinear
 from ditq.quant.spec import QuantSpec
 from tests.kernels.test_backends import SPECS, inputs, layer
@@ -48,6 +49,46 @@ def test_kernel_matches_the_dequantized_reference(case):
     )
     ref = lowbit_linear_reference(x, q.dequantized_weight(torch.float32), q.bias)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+FP8_CASES = {  # symmetric codes only: every slot width, per channel and per group, odd M and K
+    "int4 per-channel K131": (QuantSpec(w_bits=4), 131, 5),
+    "int4 g32": (QuantSpec(w_bits=4, group_size=32), 128, 33),
+    "int3 g64": (QuantSpec(w_bits=3, group_size=64), 192, 1),
+    "int2 per-channel": (QuantSpec(w_bits=2), 96, 18),
+    "ternary K70": (QuantSpec(w_bits=2, w_format="ternary"), 70, 17),
+}
+
+
+@pytest.mark.parametrize("case", list(FP8_CASES))
+def test_kernel_on_e4m3_activation_codes_matches_the_reference(case):
+    """W4A8-FP8: e4m3 codes times the weight's codes, both scales in the epilogue; exact up to the float32
+    accumulation order (and Hopper's FP8 accumulation on a GPU)."""
+    spec, k, m = FP8_CASES[case]
+    g = torch.Generator().manual_seed(k + m)
+    q = QuantLinear.from_linear(torch.nn.Linear(k, 48), spec).to(DEVICE)
+    codes, scale = fp8_quantize(torch.randn(m, k, generator=g).to(DEVICE))
+    out = lowbit_linear(codes, q.qweight, q.scales, None, q.bias, bits=spec.w_bits,
+                        offset=signed_offset(spec.w_bits, spec.w_format == "ternary"), group_size=spec.group_size,
+                        x_scale=scale, out_dtype=torch.float32, block_m=16, block_n=16, block_k=32)  # fmt: skip
+    ref = (codes.float() * scale) @ q.dequantized_weight(torch.float32).t() + q.bias
+    tol = dict(rtol=2e-3, atol=2e-3) if codes.is_cuda else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, ref, **tol)
+
+
+def test_e4m3_codes_need_their_row_scales_and_symmetric_weights():
+    q = QuantLinear.from_linear(torch.nn.Linear(64, 16), QuantSpec(w_bits=4, symmetric=False))
+    codes, scale = fp8_quantize(torch.randn(3, 64))
+    with pytest.raises(ValueError, match="need their row scales"):
+        lowbit_linear(codes, q.qweight, q.scales, None, None, bits=4, offset=8, group_size=None)
+    with pytest.raises(ValueError, match="symmetric weights only"):
+        lowbit_linear(codes, q.qweight, q.scales, q.zeros, None, bits=4, offset=0, group_size=None, x_scale=scale,
+                      out_dtype=torch.bfloat16)  # fmt: skip
+    with pytest.raises(ValueError, match="3 contiguous float32 row scales"):
+        lowbit_linear(codes, q.qweight, q.scales, None, None, bits=4, offset=8, group_size=None,
+                      x_scale=scale[:2], out_dtype=torch.bfloat16)  # fmt: skip
+    with pytest.raises(ValueError, match="out_dtype must be"):
+        lowbit_linear(codes, q.qweight, q.scales, None, None, bits=4, offset=8, group_size=None, x_scale=scale)
 
 
 @pytest.mark.parametrize(("group", "k"), [(48, 96), (96, 192), (192, 384), (None, 300)])

@@ -11,6 +11,14 @@ group of K to the fp32 partial sum, or once at the end for per-channel scales:
 
 Works for any activation spec: the activations are fake-quantized by ordinary ops before the call (under
 `torch.compile` fused into their producer). Reads the canonical packing of `ditq.quant.packing`.
+
+Given FP8 e4m3 activation codes and their per-row scales instead (W4A8-FP8: the FP8 backends' pre-pass
+output), the codes are converted to e4m3 in registers — symmetric |q| ≤ 8 is exact there — and the tile
+product runs on FP8 tensor cores; the row scale joins the channel scale in the epilogue:
+
+    y[m, n] = s_x[m] · Σ_groups s[n, g] · Σ_{k ∈ g} x_q[m, k] · q[n, k]
+
+so the weights stay 2–4-bit in memory and are never expanded to an 8-bit copy.
 """
 
 from __future__ import annotations
@@ -24,6 +32,8 @@ from ditq.kernels.triton import interpreted
 from ditq.quant.packing import packed_cols, slot_bits
 
 __all__ = ["lowbit_linear", "lowbit_linear_reference"]
+
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -40,6 +50,7 @@ def _unpack_tile(byte, SLOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.co
 @triton.jit
 def _lowbit_gemm_kernel(
     x,
+    x_scale,
     packed,
     scales,
     zeros,
@@ -57,6 +68,7 @@ def _lowbit_gemm_kernel(
     GROUP: tl.constexpr,
     HAS_ZEROS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_XSCALE: tl.constexpr,
     FP32_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -64,7 +76,8 @@ def _lowbit_gemm_kernel(
 ):
     """GROUP = 0: one scale per output channel; else K-columns per scale group, a multiple of BLOCK_K. K is a
     compile-time constant (a layer's width; also what Triton's CPU interpreter needs for a loop bound).
-    FP32_DOT: multiply in IEEE float32 (float32 inputs, and the interpreter, whose bf16 dot is wrong)."""
+    FP32_DOT: multiply in IEEE float32 (float32 inputs, and the interpreter, whose bf16 dot is wrong).
+    HAS_XSCALE: x holds e4m3 codes with one scale per row; the codes are multiplied as e4m3 (no zero points)."""
     PER_BYTE: tl.constexpr = 8 // SLOT
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -86,7 +99,7 @@ def _lowbit_gemm_kernel(
         if HAS_ZEROS:
             g = 0 if GROUP == 0 else k0 // GROUP
             w -= tl.load(zeros + rn * n_groups + g, mask=col_ok, other=0.0).to(tl.float32)[:, None]
-        if FP32_DOT:
+        if FP32_DOT:  # e4m3 codes and small integers are exact in float32
             part = tl.dot(a.to(tl.float32), tl.trans(w), input_precision="ieee", out_dtype=tl.float32)
         else:
             part = tl.dot(a, tl.trans(w.to(a.dtype)), out_dtype=tl.float32)
@@ -97,6 +110,8 @@ def _lowbit_gemm_kernel(
             acc += part * s[None, :]
     if GROUP == 0:
         acc *= tl.load(scales + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_XSCALE:
+        acc *= tl.load(x_scale + rm, mask=row_ok, other=0.0)[:, None]
     if HAS_BIAS:
         acc += tl.load(bias + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(
@@ -116,29 +131,37 @@ def lowbit_linear(
     bits: int,
     offset: int,
     group_size: int | None,
+    x_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    block_m: int | None = None,
     block_n: int = 32,
     block_k: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
 ) -> torch.Tensor:
     """x (M, K) · Ŵᵀ + bias in x's dtype; Ŵ = scales · (codes − offset − zeros) from the packed uint8 codes.
+    With `x_scale` (M, 1) float32, x holds e4m3 codes of x_scale⁻¹ · x, multiplied on FP8 tensor cores, and the
+    output is `out_dtype`.
 
     The default launch config is the best of a sweep at DiT-XL/2's few-row shapes on an H100
     (`bench/results/lowbit_tuning_h100.json`): 32 output channels per program, K blocks of 256 for K ≥ 4096 and
     of 128 below (never more than the largest power of two dividing the group size), 4 warps, 3 stages.
     """
-    m, k, n = _check_operands(x, qweight, scales, zeros, bias, bits, group_size)
+    m, k, n = _check_operands(x, qweight, scales, zeros, bias, bits, group_size, x_scale)
+    if (out_dtype or x.dtype) not in FLOATS:
+        raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype or x.dtype}")
     block_k = block_k or (256 if k >= 4096 else 128)
     if group_size:
         block_k = min(block_k, group_size & -group_size)  # a power of two dividing the group: ≥ 16 here
     x = x if x.stride(-1) == 1 else x.contiguous()
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_m = max(16, min(64, triton.next_power_of_2(m)))
+    out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+    block_m = block_m or max(16, min(64, triton.next_power_of_2(m)))
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))  # rows on axis 0: no 65,535-block limit
     wrap_triton(_lowbit_gemm_kernel)[grid](
-        x, qweight, scales, scales if zeros is None else zeros, x if bias is None else bias, out, m, n, k,
-        qweight.shape[1], scales.shape[1], x.stride(0), out.stride(0), SLOT=slot_bits(bits), OFFSET=offset,
-        GROUP=group_size or 0, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None,
+        x, scales if x_scale is None else x_scale, qweight, scales, scales if zeros is None else zeros,
+        x if bias is None else bias, out, m, n, k, qweight.shape[1], scales.shape[1], x.stride(0), out.stride(0),
+        SLOT=slot_bits(bits), OFFSET=offset, GROUP=group_size or 0, HAS_ZEROS=zeros is not None,
+        HAS_BIAS=bias is not None, HAS_XSCALE=x_scale is not None,
         FP32_DOT=x.dtype == torch.float32 or interpreted(),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
@@ -153,12 +176,20 @@ def _check_operands(
     bias: torch.Tensor | None,
     bits: int,
     group_size: int | None,
+    x_scale: torch.Tensor | None,
 ) -> tuple[int, int, int]:
     """(M, K, N), or a ValueError naming the operand that does not fit: the kernel would read it wrongly."""
-    if x.ndim != 2 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(
-            f"lowbit_linear takes a 2-D float x (tokens, channels), got {x.dtype} {tuple(x.shape)}"
-        )
+    codes = x_scale is not None
+    if x.dtype == torch.float8_e4m3fn and not codes:
+        raise ValueError("e4m3 activation codes need their row scales (x_scale)")
+    if x.ndim != 2 or x.dtype not in ((torch.float8_e4m3fn,) if codes else FLOATS):
+        kind = "e4m3 codes (with x_scale)" if codes else "float"
+        raise ValueError(f"lowbit_linear takes a 2-D {kind} x (tokens, channels), got {x.dtype} {tuple(x.shape)}")
+    if codes and (x_scale.dtype != torch.float32 or x_scale.numel() != x.shape[0] or not x_scale.is_contiguous()):
+        raise ValueError(f"x_scale must be {x.shape[0]} contiguous float32 row scales, got "
+                         f"{x_scale.dtype} {tuple(x_scale.shape)}")  # fmt: skip
+    if codes and zeros is not None:
+        raise ValueError("e4m3 activation codes take symmetric weights only (zeros must be None)")
     if slot_bits(bits) == 8:
         raise ValueError(f"lowbit_linear takes 2–4-bit codes; got bits={bits}")
     m, k = x.shape
