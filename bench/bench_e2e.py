@@ -10,7 +10,9 @@ Configs: `bf16` (the model as is), `torchao-fp8-row` (torchao's float8 row-wise,
 recipes below (per-channel int4 or ternary weights, per-token FP8 activations), run through `--backend`
 ("dequantized" by default; "fp8" / "fp8-cached" for the Triton + cuBLAS FP8 path). `--all-linears` also
 quantizes the adaLN modulation Linears (the presets keep them 16-bit). Timing: CUDA events around each forward after warm-up, median of the
-repeats; batch counts the CFG-doubled batch the model sees.
+repeats; batch counts the CFG-doubled batch the model sees. `--sample-steps N` also times whole N-step DDIM
+sampling runs with classifier-free guidance (batch/2 images, the compiled model called once per step on the
+doubled batch, the sampler's own ops in eager), the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import time
 import torch
 
 import ditq
+from ditq.diffusion import create_diffusion
+from ditq.diffusion.cfg import guided
 from ditq.eval.speed import time_calls
 from ditq.methods.svdquant import SVDQuant
 from ditq.models import create
@@ -72,6 +76,24 @@ def build(config: str, device: str, backend: str, all_linears: bool) -> torch.nn
     return model
 
 
+def time_sampling(compiled: torch.nn.Module, batch: int, steps: int, device: str, repeats: int = 5) -> dict:
+    """Median ms of whole `steps`-step DDIM runs with CFG (scale 4) over batch/2 images, after one warm-up run."""
+    if batch % 2:
+        raise ValueError(f"sampling with CFG needs an even batch, got {batch}")
+    diffusion = create_diffusion(f"ddim{steps}")
+    g = torch.Generator(device=device).manual_seed(2)
+    shape = (batch // 2, compiled.in_channels, compiled.input_size, compiled.input_size)
+    noise = torch.randn(shape, device=device, generator=g, dtype=torch.bfloat16)
+    labels = torch.randint(0, compiled.num_classes, (batch // 2,), device=device, generator=g)
+    model_fn = guided(compiled, 4.0)
+
+    def run() -> torch.Tensor:
+        return diffusion.sample(model_fn, shape, noise=noise, model_kwargs={"y": labels})
+
+    times = sorted(time_calls(run, (), torch.device(device), warmup=1, repeats=repeats))
+    return {"sample_steps": steps, "sample_median_ms": times[len(times) // 2], "sample_repeats": repeats}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, required=True)
@@ -80,6 +102,7 @@ def main() -> None:
     parser.add_argument("--all-linears", action="store_true", help="quantize the adaLN Linears too")
     parser.add_argument("--cuda-graphs", action="store_true", help="compile with mode='reduce-overhead'")
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--sample-steps", type=int, default=0, help="also time N-step DDIM sampling with CFG")
     parser.add_argument(
         "--multi-kernel",
         action="store_true",
@@ -103,6 +126,7 @@ def main() -> None:
         out = compiled(x, t, y).float()
         compile_s = time.perf_counter() - start
         times = time_calls(compiled, (x, t, y), torch.device(device), warmup=10, repeats=args.repeats)
+        sampling = time_sampling(compiled, args.batch, args.sample_steps, device) if args.sample_steps else {}
     times.sort()
     rel = float((out - eager).norm() / eager.norm())
     print(
@@ -125,6 +149,7 @@ def main() -> None:
                 "triton": __import__("triton").__version__,
                 "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
             }
+            | sampling
         ),
         flush=True,
     )
