@@ -7,7 +7,9 @@ follow (`ditq.kernels.triton.rowquant` says why and what it costs):
   identity and the Linear takes it as `QuantLinear.input_activation`, which every backend honours;
 - a zoo `DiTBlock`'s two LayerNorm + adaLN modulate steps, into qkv and fc1: the block's forward hands x, shift
   and scale to the FP8 pre-pass when the Linear runs on an FP8 backend, and computes the norm as before
-  otherwise (any backend, any mix of layers). Before fc1 the attention's gated residual add goes in too.
+  otherwise (any backend, any mix of layers). The gated residual add before each norm goes in too: the
+  attention's into fc1's pre-pass, the MLP's into the next block's qkv pre-pass (a zoo `DiT` whose blocks are
+  rewritten carries it from block to block), so no pass over the residual stream is left between blocks.
 Only blocks whose forward is known are rewritten, and outputs stay equal. The rewrites stay when the backend is
 switched (every backend computes the same outputs through them) and are not saved: parameter names are kept,
 and a loaded model is the plain one.
@@ -20,7 +22,7 @@ from torch import nn
 
 from ditq.kernels.fp8 import FP8_BACKENDS, fp8_linear, fp8_linear_after_residual, uses_few_row_path
 from ditq.kernels.reference import Modulation, Residual
-from ditq.models.dit import DiTBlock, Mlp, modulate
+from ditq.models.dit import DiT, DiTBlock, Mlp, modulate
 from ditq.quant.qlinear import QuantLinear
 
 __all__ = ["fuse_input_activations"]
@@ -45,6 +47,8 @@ def fuse_input_activations(model: nn.Module) -> int:
         if type(module) is DiTBlock and any(isinstance(m, QuantLinear) for m in (module.attn.qkv, module.mlp.fc1)):
             module.__class__ = NormFusedDiTBlock
             fused += 1
+    if type(model) is DiT and any(type(block) is NormFusedDiTBlock for block in model.blocks):
+        model.__class__ = ResidualCarryingDiT
     return fused
 
 
@@ -63,22 +67,52 @@ class NormFusedDiTBlock(DiTBlock):
     """A `DiTBlock` whose LayerNorm + modulate steps run inside qkv's and fc1's FP8 input pre-pass."""
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return _added(*self.forward_deferred(x, c, None))
+
+    def forward_deferred(
+        self, x: torch.Tensor, c: torch.Tensor, pending: Residual | None
+    ) -> tuple[torch.Tensor, Residual]:
+        """(x, the MLP's gated update not yet added) from x + `pending` (the previous block's, or None): the
+        add of each is left to the pre-pass of the Linear after it, which reads x once and writes the sum."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
             6, dim=1
         )  # 6 × (N, D)
-        if _in_pre_pass(self.attn.qkv, x, shift_msa, scale_msa):
-            qkv = fp8_linear(self.attn.qkv, x, Modulation(shift_msa, scale_msa, x.shape[1], self.norm1.eps))
+        gates = () if pending is None else (pending.gate,)
+        if _in_pre_pass(self.attn.qkv, x, shift_msa, scale_msa, *gates):
+            modulation = Modulation(shift_msa, scale_msa, x.shape[1], self.norm1.eps)
+            if pending is None:
+                qkv = fp8_linear(self.attn.qkv, x, modulation)
+            else:
+                qkv, x = fp8_linear_after_residual(self.attn.qkv, x, pending, modulation)
         else:
+            x = _added(x, pending)
             qkv = self.attn.qkv(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, 3·D)
         update = self.attn.attend(qkv)  # (N, T, D)
-        if _in_pre_pass(self.mlp.fc1, x, shift_mlp, scale_mlp, gate_msa):  # the residual add rides in it too
+        if _in_pre_pass(self.mlp.fc1, x, shift_mlp, scale_mlp, gate_msa):
             modulation = Modulation(shift_mlp, scale_mlp, x.shape[1], self.norm2.eps)
             hidden, x = fp8_linear_after_residual(self.mlp.fc1, x, Residual(update, gate_msa), modulation)
         else:
-            x = x + gate_msa.unsqueeze(1) * update  # (N, T, D)
+            x = _added(x, Residual(update, gate_msa))  # (N, T, D)
             hidden = self.mlp.fc1(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (N, T, F)
-        x = x + gate_mlp.unsqueeze(1) * self.mlp.fc2(self.mlp.act(hidden))  # (N, T, D)
-        return x
+        return x, Residual(self.mlp.fc2(self.mlp.act(hidden)), gate_mlp)
+
+
+class ResidualCarryingDiT(DiT):
+    """A zoo `DiT` that hands each rewritten block's MLP residual add to the next block's qkv pre-pass."""
+
+    def run_blocks(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        pending = None
+        for block in self.blocks:
+            if type(block) is NormFusedDiTBlock:
+                x, pending = block.forward_deferred(x, c, pending)
+            else:
+                x, pending = block(_added(x, pending), c), None
+        return _added(x, pending)
+
+
+def _added(x: torch.Tensor, residual: Residual | None) -> torch.Tensor:
+    """x + gate·update for x (N, T, D) as the plain block adds it, or x when nothing is pending."""
+    return x if residual is None else x + residual.gate.unsqueeze(1) * residual.update
 
 
 def _in_pre_pass(linear: nn.Module, x: torch.Tensor, *per_sample: torch.Tensor) -> bool:

@@ -11,11 +11,11 @@ import torch
 
 from ditq.kernels import fp8, prepare_for_inference
 from ditq.kernels.fp8 import quantize_rows
-from ditq.kernels.fusion import NormFusedDiTBlock
+from ditq.kernels.fusion import NormFusedDiTBlock, ResidualCarryingDiT
 from ditq.kernels.reference import Modulation, Residual, group_linear, residual_added
 from ditq.kernels.triton import rowquant
 from ditq.kernels.triton.rowquant import quantize_rows_fp8, quantize_rows_fp8_reference
-from ditq.models.dit import DiTBlock, Mlp
+from ditq.models.dit import DiT, DiTBlock, Mlp
 from ditq.quant.qlinear import QuantLinear
 from ditq.quant.spec import QuantSpec
 
@@ -301,11 +301,46 @@ def test_a_fused_tiny_dit_saves_and_loads_as_the_unfused_model(tmp_path, tiny_di
         ref = tiny_dit(x, t, y)
         prepare_for_inference(tiny_dit, "fp8-cached")  # "fp8" would hand these few rows to the lowbit kernel
         assert all(isinstance(b.mlp.act, torch.nn.Identity) and type(b) is NormFusedDiTBlock for b in tiny_dit.blocks)
+        assert type(tiny_dit) is ResidualCarryingDiT
         assert float((tiny_dit(x, t, y) - ref).norm() / ref.norm()) < 1e-3
         ditq.save(tiny_dit, tmp_path / "q.safetensors")
         loaded = ditq.load(tmp_path / "q.safetensors")
+        assert type(loaded) is DiT
         assert all(isinstance(b.mlp.act, torch.nn.GELU) and type(b) is DiTBlock for b in loaded.blocks)
         torch.testing.assert_close(loaded(x, t, y), ref)
+
+
+def test_each_mlp_residual_add_rides_in_the_next_blocks_qkv_pre_pass_and_every_backend_keeps_the_output(monkeypatch):
+    """Blocks of a rewritten DiT hand the MLP's x + gate·update on: the next block's qkv pre-pass adds it (all but
+    the first block), the last one is added before the final layer; a block left plain takes x complete."""
+    import ditq
+    from tests.tiny import make_tiny_dit
+
+    model = make_tiny_dit(depth=4)
+    ditq.quantize(model, ditq.RTN(w_bits=4, a_bits=8, a_format="fp8", skip=("x_embedder*", "t_embedder*",
+                  "y_embedder*", "final_layer*", "*adaLN_modulation*", "blocks.2.*")))  # fmt: skip
+    model = model.to(DEVICE)
+    g = torch.Generator().manual_seed(3)
+    x, t, y = torch.randn(3, 1, 8, 8, generator=g), torch.tensor([3, 700, 999]), torch.tensor([1, 10, 4])
+    x, t, y = x.to(DEVICE), t.to(DEVICE), y.to(DEVICE)
+    added = []
+    monkeypatch.setattr(fp8, "quantize_rows", lambda *args: added.append(len(args) > 9) or quantize_rows(*args))
+    with torch.no_grad():
+        ref = model(x, t, y)
+        prepare_for_inference(model, "fp8-cached")
+        assert type(model) is ResidualCarryingDiT and type(model.blocks[2]) is DiTBlock
+        model(x, t, y)
+        # qkv, fc1 (attention's add), fc2 per fused block; qkv adds the MLP's of blocks 0 (→ 1) only: block 2 is
+        # plain, so block 1's add is done before it and block 3 starts from a complete x
+        assert added == [False, True, False, True, True, False, False, True, False]
+        for backend in ("fp8-cached", "fp8", "reference", "dequantized"):
+            prepare_for_inference(model, backend)
+            assert float((model(x, t, y) - ref).norm() / ref.norm()) < 2e-2, backend
+        prepare_for_inference(model, "reference")
+        torch.testing.assert_close(model(x, t, y), ref)  # the same ops in the same order: bit for bit
+        prepare_for_inference(model, "fp8-cached")
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(model, fullgraph=True)(x, t, y), model(x, t, y), rtol=1e-5, atol=1e-5)
 
 
 def test_diffusers_gelu_feed_forward_is_fused_keeps_its_output_and_saves(tmp_path):
