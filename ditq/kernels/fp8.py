@@ -13,8 +13,12 @@ producers inductor fuses badly with a row reduction (`ditq.kernels.fusion` moves
 `input_activation` (an MLP's GELU moved into its second Linear) and a DiT block's LayerNorm + adaLN modulate
 (`fp8_linear` with a `Modulation`). There the Triton op `ditq::quantize_rows_fp8` applies the producer, the smoothing
 and the row scale in one read of each row; so it does for every layer with a low-rank branch.
-Per-channel weight scales only: |q| ≤ 8 is exact in e4m3 and the scale goes to the GEMM's `scale_b`
-(per-group scales need a fused kernel). SVDQuant's branch (x/smooth)·L1·L2 rides in the same GEMM as 2·rank more
+Per-channel weight scales go to cuBLAS: |q| ≤ 8 is exact in e4m3 and the scale goes to the GEMM's `scale_b`.
+Per-group scales (groups of K a multiple of 32) cannot ride in `scale_b`: those layers take the lowbit GEMM's FP8
+mode instead (`ditq.kernels.triton.lowbit_gemm`), which converts the packed codes to e4m3 in registers and
+applies each group's scale to its partial sum. It keeps the weights 2–4-bit, but is 1.6–2.4× slower than cuBLAS FP8
+on an 8-bit copy at DiT-XL/2's shapes (H200, `bench/results/w4a8_gemm_h200.md`), so per-channel layers stay on
+cuBLAS at every size. SVDQuant's branch (x/smooth)·L1·L2 rides in the same GEMM as 2·rank more
 columns of K (`_lowrank_parts`): its operands are e4m3 too (a few % of the branch off where the other backends
 keep it in x's dtype, no loss of sample quality seen: `bench/lowrank_precision.py`); a separate 16-bit up-projection
 would re-read and re-write every output (DiT-XL/2 SVDQuant r32 at batch 64 on an H200: 0.71× bf16 that way,
@@ -33,9 +37,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ditq.kernels.lowbit import LOWBIT_MAX_ROWS, lowbit_forward
+from ditq.kernels.lowbit import LOWBIT_MAX_ROWS, lowbit_forward, lowbit_gemm
 from ditq.kernels.reference import Modulation, Residual
-from ditq.kernels.triton import device_support, kernel_op
+from ditq.kernels.triton import FP8_K_STEP, device_support, kernel_op
+from ditq.quant.packing import signed_offset
 from ditq.quant.primitives import FP8_MAX, fp8_cast, fp8_quantize, fp8_scale
 from ditq.quant.qlinear import QuantLinear
 
@@ -142,6 +147,11 @@ def _input_codes(
 
 def _gemm(m: QuantLinear, codes: torch.Tensor, scale_x: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The layer's one FP8 GEMM of x's codes: (..., out_features) in x's dtype."""
+    if m.spec.group_size is not None:  # the packed codes, a scale per group: the lowbit kernel's FP8 mode
+        bias = None if m.bias is None else m.bias.to(x.dtype)
+        y = lowbit_gemm(codes, m.qweight, m.scales, None, bias, m.spec.w_bits, _offset(m), m.spec.group_size,
+                        scale_x, x.dtype)  # fmt: skip
+        return y.reshape(*x.shape[:-1], m.out_features)
     fused_bias = m.bias is not None and x.dtype in (torch.bfloat16, torch.float16)
     y = torch._scaled_mm(
         codes,
@@ -164,8 +174,10 @@ def fp8_support(m: QuantLinear) -> str | None:
         return unsupported
     if spec.w_format == "int" and not (spec.symmetric and spec.w_bits <= 4 and spec.code_bits == spec.w_bits):
         return "weights must be symmetric int2–int4 (or ternary), served at their stored bits"
-    if spec.group_size is not None:
-        return "per-group weight scales need the fused kernel; per-channel only"
+    if spec.group_size is not None and m.lowrank_up is not None:
+        return GROUPED_LOWRANK
+    if spec.group_size is not None and spec.group_size % FP8_K_STEP:
+        return f"per-group weight scales need groups of a multiple of {FP8_K_STEP} columns"
     if (spec.a_bits, spec.a_format, spec.a_group_size, spec.a_dynamic) != (8, "fp8", None, True):
         return "activations must be dynamic per-token FP8"
     if m.in_features % 16 or m.out_features % 16:
@@ -189,7 +201,10 @@ def uses_few_row_path(m: QuantLinear, x: torch.Tensor) -> bool:
 
 
 def weight_scale(m: QuantLinear) -> dict[str, torch.Tensor]:
-    """The per-channel scales as cuBLAS's row-wise `scale_b` (1, N), and SVDQuant's branch if `m` has one."""
+    """The per-channel scales as cuBLAS's row-wise `scale_b` (1, N), and SVDQuant's branch if `m` has one;
+    nothing for per-group scales (the lowbit kernel reads the packed codes and the scales as they are)."""
+    if m.spec.group_size is not None:
+        return {}
     scale = m.scales.detach().reshape(1, m.out_features).float()
     if m.lowrank_up is None:
         return {"fp8_scale_w": scale.contiguous()}
@@ -206,6 +221,8 @@ def weight_scale(m: QuantLinear) -> dict[str, torch.Tensor]:
 
 def expanded_weight(m: QuantLinear) -> dict[str, torch.Tensor]:
     buffers = weight_scale(m)
+    if m.spec.group_size is not None:
+        return buffers
     if m.lowrank_up is None:
         return buffers | {"weight_fp8": _expanded(m)}
     return buffers | {"weight_fp8": _with_lowrank(_expanded(m), buffers.pop("weight_row_shift", None),
@@ -215,6 +232,7 @@ def expanded_weight(m: QuantLinear) -> dict[str, torch.Tensor]:
 MAX_ROW_SHIFT = 2.0**9  # q · 2^-j stays exact in e4m3 for |q| ≤ 8 while j ≤ 9 (subnormals are steps of 2^-9)
 LOWRANK_BUFFERS = ("lowrank_down_fp8", "lowrank_down_scale")  # what both FP8 backends keep of the branch
 LOWRANK_RANGE = "the low-rank branch needs more than 2^9 of headroom beside the weight's channel scales (or one is 0)"
+GROUPED_LOWRANK = "a low-rank branch needs per-channel weight scales (the branch rides in cuBLAS's FP8 GEMM)"
 
 
 def _lowrank_parts(m: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -271,6 +289,11 @@ def _weight_codes(m: QuantLinear) -> torch.Tensor:
     if m.lowrank_up is None:
         return codes
     return _with_lowrank(codes, getattr(m, "weight_row_shift", None), m.lowrank_up_fp8)
+
+
+def _offset(m: QuantLinear) -> int:
+    """What was added to the layer's signed codes to store them unsigned."""
+    return signed_offset(m.spec.w_bits, m.spec.w_format == "ternary")
 
 
 def _expanded(m: QuantLinear) -> torch.Tensor:

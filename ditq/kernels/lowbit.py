@@ -24,8 +24,8 @@ LOWBIT_MAX_ROWS = 128
 MIN_CAPABILITY = (8, 0)
 
 
-def _lowbit_fake(x, qweight, scales, zeros, bias, bits, offset, group_size):
-    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+def _lowbit_fake(x, qweight, scales, zeros, bias, bits, offset, group_size, x_scale=None, out_dtype=None):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]), dtype=out_dtype or x.dtype)
 
 
 @kernel_op("ditq::lowbit_gemm", fake=_lowbit_fake)
@@ -38,13 +38,16 @@ def lowbit_gemm(
     bits: int,
     offset: int,
     group_size: int,
+    x_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """x (..., K) · Ŵᵀ + bias from packed codes; Ŵ = scales · (codes − offset − zeros); group_size 0 = per channel."""
+    """x (..., K) · Ŵᵀ + bias from packed codes; Ŵ = scales · (codes − offset − zeros); group_size 0 = per channel.
+    With `x_scale` (rows, 1), x holds e4m3 codes (W4A8-FP8 on FP8 tensor cores) and the output is `out_dtype`."""
     from ditq.kernels.triton.lowbit_gemm import lowbit_linear
 
     k = x.shape[-1]
     y = lowbit_linear(x.reshape(-1, k), qweight, scales, zeros, bias, bits=bits, offset=offset,
-                      group_size=group_size or None)  # fmt: skip
+                      group_size=group_size or None, x_scale=x_scale, out_dtype=out_dtype)  # fmt: skip
     return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 

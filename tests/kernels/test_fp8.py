@@ -11,6 +11,7 @@ import torch
 
 from ditq.kernels import prepare_for_inference
 from ditq.kernels.fp8 import LOWRANK_RANGE, _lowrank_parts, expand_fp8, fp8_support
+from ditq.kernels.lowbit import lowbit_gemm
 from ditq.kernels.triton.expand import expand_to_fp8, expand_to_fp8_reference
 from ditq.quant.packing import pack, to_unsigned
 from ditq.quant.primitives import fp8_quantize
@@ -96,6 +97,37 @@ def test_fp8_backends_compute_the_reference(name, backend):
 
 
 @pytest.mark.parametrize("backend", ["fp8", "fp8-cached"])
+@pytest.mark.parametrize(
+    ("spec", "k"),
+    [(QuantSpec(w_bits=4, group_size=32, a_bits=8, a_format="fp8"), 96),
+     (QuantSpec(w_bits=4, group_size=64, a_bits=8, a_format="fp8", smooth=True), 192),
+     (QuantSpec(w_bits=2, w_format="ternary", group_size=32, a_bits=8, a_format="fp8"), 64)],
+    ids=["int4_g32", "int4_g64_smooth", "ternary_g32"],
+)  # fmt: skip
+def test_per_group_layers_run_the_packed_codes_on_fp8_tensor_cores(spec, k, backend, monkeypatch):
+    """A scale per group cannot ride in cuBLAS's row-wise scales: these layers take the lowbit kernel's FP8 mode,
+    which reads the packed codes (nothing expanded or cached), and compute the oracle up to summation order."""
+    from ditq.kernels import fp8
+
+    g = torch.Generator().manual_seed(k)
+    smooth = dict(smooth=torch.rand(k, generator=g) + 0.5) if spec.smooth else {}
+    m = QuantLinear.from_linear(torch.nn.Linear(k, 48), spec, **smooth).to(DEVICE)
+    x = torch.randn(2, 71, k, generator=g).to(DEVICE)  # > LOWBIT_MAX_ROWS rows: not the few-row route
+    ref = m(x)
+    calls = []
+    monkeypatch.setattr(fp8, "lowbit_gemm", lambda *args: calls.append(args[-2] is not None) or lowbit_gemm(*args))
+    prepare_for_inference(m, backend)
+    assert m.backend == backend and m.kernel_buffers == ()
+    out = m(x)
+    assert calls == [True]
+    tol = dict(rtol=1e-3, atol=2e-4) if out.is_cuda else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out, ref, **tol)
+    torch._dynamo.reset()
+    monkeypatch.undo()
+    torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["fp8", "fp8-cached"])
 @pytest.mark.parametrize("up_gain", [1.0, 300.0], ids=["fits", "rows_shifted"])
 def test_the_fp8_low_rank_branch_stays_within_e4m3_rounding_of_the_16_bit_one(backend, up_gain):
     """The branch rides in the GEMM as e4m3 operands; rows whose up-projection outgrows e4m3 beside the
@@ -155,13 +187,14 @@ def test_fp8_layers_compile_fullgraph_to_what_eager_computes(backend):
 @pytest.mark.parametrize(
     ("spec", "reason"),
     [
-        (QuantSpec(w_bits=4, group_size=16, a_bits=8, a_format="fp8"), "per-channel only"),
+        (QuantSpec(w_bits=4, group_size=16, a_bits=8, a_format="fp8"), "groups of a multiple of 32 columns"),
+        (QuantSpec(w_bits=4, group_size=48, a_bits=8, a_format="fp8", rank=4), "needs per-channel weight scales"),
         (QuantSpec(w_bits=8, a_bits=8, a_format="fp8"), "int2–int4"),
         (QuantSpec(w_bits=4, symmetric=False, a_bits=8, a_format="fp8"), "symmetric"),
         (QuantSpec(w_bits=4, a_bits=8), "dynamic per-token FP8"),
         (QuantSpec(w_bits=4, stored_bits=8, a_bits=8, a_format="fp8"), "served at their stored bits"),
     ],
-    ids=["groups", "int8", "asym", "int8_acts", "nested"],
+    ids=["g16", "groups_lowrank", "int8", "asym", "int8_acts", "nested"],
 )
 def test_layers_the_fp8_path_cannot_run_keep_the_reference_and_say_why(spec, reason):
     m = layer(spec)

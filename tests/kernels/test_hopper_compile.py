@@ -59,11 +59,13 @@ def _variants() -> list[tuple]:
         variants.append((lowbit_gemm._lowbit_gemm_kernel, gemm, dict(K=1152, SLOT=slot, OFFSET=offset, GROUP=group,
                          HAS_ZEROS=zeros, HAS_BIAS=True, HAS_XSCALE=False, FP32_DOT=False, BLOCK_M=16, BLOCK_N=32,
                          BLOCK_K=64), dict(num_warps=4, num_stages=3)))  # fmt: skip
-    # e4m3 activation codes (W4A8-FP8): FP8 tensor cores, per channel and per group, few and many rows
-    for slot, offset, group, block_m in ((4, 8, 0, 128), (4, 8, 128, 64), (2, 1, 0, 16)):
+    # e4m3 activation codes (W4A8-FP8, the FP8 backends' per-group layers): per group as the backends launch it
+    # (many rows, groups of 32 and 64), per channel, and few rows
+    for slot, offset, group, block_m, block_n, block_k in ((4, 8, 64, 128, 64, 64), (2, 1, 32, 128, 64, 32),
+                                                           (4, 8, 0, 128, 64, 128), (4, 8, 128, 16, 32, 128)):
         variants.append((lowbit_gemm._lowbit_gemm_kernel, gemm | {"x": "*fp8e4nv"}, dict(K=1152, SLOT=slot,
                          OFFSET=offset, GROUP=group, HAS_ZEROS=False, HAS_BIAS=True, HAS_XSCALE=True, FP32_DOT=False,
-                         BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128), dict(num_warps=8, num_stages=3)))  # fmt: skip
+                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k), dict(num_warps=4, num_stages=3)))  # fmt: skip
     return variants
 
 

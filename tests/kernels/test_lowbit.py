@@ -148,6 +148,10 @@ def test_op_passes_opcheck():
     m = layer(SPECS["w3_asym"]).to(DEVICE)
     args = (inputs(2, 5).to(DEVICE), m.qweight, m.scales, m.zeros, m.bias, 3, 0, 0)
     torch.library.opcheck(lowbit_gemm, args, test_utils=("test_schema", "test_faketensor"))
+    codes, scale = fp8_quantize(inputs(2, 5).reshape(10, -1).to(DEVICE))  # opcheck's schema test takes no float8
+    m = layer(QuantSpec(w_bits=4, group_size=32)).to(DEVICE)
+    args = (codes, m.qweight, m.scales, None, m.bias, 4, 8, 32, scale, torch.bfloat16)
+    torch.library.opcheck(lowbit_gemm, args, test_utils=("test_faketensor",))
 
 
 @pytest.mark.parametrize(("spec", "reason"), [

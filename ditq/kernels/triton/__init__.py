@@ -13,7 +13,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["device_support", "interpreted", "kernel_op"]
+__all__ = ["FP8_K_STEP", "device_support", "interpreted", "kernel_op"]
+
+FP8_K_STEP = 32  # an FP8 tensor-core product takes 32 columns of K: the least K block on e4m3 codes
 
 
 def interpreted() -> bool:

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ditq.kernels.triton import interpreted
+from ditq.kernels.triton import FP8_K_STEP, interpreted
 from ditq.quant.packing import packed_cols, slot_bits
 
 __all__ = ["lowbit_linear", "lowbit_linear_reference"]
@@ -134,7 +134,7 @@ def lowbit_linear(
     x_scale: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
     block_m: int | None = None,
-    block_n: int = 32,
+    block_n: int | None = None,
     block_k: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
@@ -145,17 +145,23 @@ def lowbit_linear(
 
     The default launch config is the best of a sweep at DiT-XL/2's few-row shapes on an H100
     (`bench/results/lowbit_tuning_h100.json`): 32 output channels per program, K blocks of 256 for K ≥ 4096 and
-    of 128 below (never more than the largest power of two dividing the group size), 4 warps, 3 stages.
+    of 128 below (never more than the largest power of two dividing the group size), 4 warps, 3 stages. On e4m3
+    codes of more than 64 rows, tiles of 128 rows × 64 channels (the best launch at 512–16,384 rows on an H200,
+    `bench/results/w4a8_gemm_h200.md`).
     """
     m, k, n = _check_operands(x, qweight, scales, zeros, bias, bits, group_size, x_scale)
     if (out_dtype or x.dtype) not in FLOATS:
         raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype or x.dtype}")
+    if x_scale is not None and block_k is not None and block_k < FP8_K_STEP:
+        raise ValueError(f"e4m3 activation codes need K blocks of at least {FP8_K_STEP}, got block_k={block_k}")
     block_k = block_k or (256 if k >= 4096 else 128)
     if group_size:
         block_k = min(block_k, group_size & -group_size)  # a power of two dividing the group: ≥ 16 here
     x = x if x.stride(-1) == 1 else x.contiguous()
     out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
-    block_m = block_m or max(16, min(64, triton.next_power_of_2(m)))
+    many_codes = x_scale is not None and m > 64
+    block_m = block_m or (128 if many_codes else max(16, min(64, triton.next_power_of_2(m))))
+    block_n = block_n or (64 if many_codes else 32)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))  # rows on axis 0: no 65,535-block limit
     wrap_triton(_lowbit_gemm_kernel)[grid](
         x, scales if x_scale is None else x_scale, qweight, scales, scales if zeros is None else zeros,
@@ -190,6 +196,8 @@ def _check_operands(
                          f"{x_scale.dtype} {tuple(x_scale.shape)}")  # fmt: skip
     if codes and zeros is not None:
         raise ValueError("e4m3 activation codes take symmetric weights only (zeros must be None)")
+    if codes and group_size is not None and group_size % FP8_K_STEP:
+        raise ValueError(f"e4m3 activation codes need group sizes that are multiples of {FP8_K_STEP}, got {group_size}")
     if slot_bits(bits) == 8:
         raise ValueError(f"lowbit_linear takes 2–4-bit codes; got bits={bits}")
     m, k = x.shape
