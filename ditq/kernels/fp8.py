@@ -14,15 +14,15 @@ producers inductor fuses badly with a row reduction (`ditq.kernels.fusion` moves
 (`fp8_linear` with a `Modulation`). There the Triton op `ditq::quantize_rows_fp8` applies the producer, the smoothing
 and the row scale in one read of each row; so it does for every layer with a low-rank branch.
 Per-channel weight scales go to cuBLAS: |q| ≤ 8 is exact in e4m3 and the scale goes to the GEMM's `scale_b`.
-Per-group scales (groups of K a multiple of 32) cannot ride in `scale_b`: those layers take the lowbit GEMM's FP8
-mode instead (`ditq.kernels.triton.lowbit_gemm`), which converts the packed codes to e4m3 in registers and
-applies each group's scale to its partial sum. It keeps the weights 2–4-bit, but is 1.6–2.4× slower than cuBLAS FP8
-on an 8-bit copy at DiT-XL/2's shapes (H200, `bench/results/w4a8_gemm_h200.md`), so per-channel layers stay on
-cuBLAS at every size. SVDQuant's branch (x/smooth)·L1·L2 rides in the same GEMM as 2·rank more
-columns of K (`_lowrank_parts`): its operands are e4m3 too (a few % of the branch off where the other backends
-keep it in x's dtype, no loss of sample quality seen: `bench/lowrank_precision.py`); a separate 16-bit up-projection
-would re-read and re-write every output (DiT-XL/2 SVDQuant r32 at batch 64 on an H200: 0.71× bf16 that way,
-1.08× this way under CUDA graphs; without graphs the forward is bound by the CPU's launches, 0.60×).
+Per-group scales (groups of K a multiple of 32) cannot ride in `scale_b`: those layers take the lowbit GEMM's
+FP8 mode instead (`ditq.kernels.triton.lowbit_gemm`), which converts the packed codes to e4m3 in registers and
+applies each group's scale to its partial sum. It keeps the weights 2–4-bit, but takes 1.4–2.7× the time of
+cuBLAS FP8 on an 8-bit copy at DiT-XL/2's shapes of 512 rows and more (H200, `bench/results/w4a8_gemm_h200.md`),
+so per-channel layers stay on cuBLAS at every size. SVDQuant's branch (x/smooth)·L1·L2 rides in the same GEMM
+as 2·rank more columns of K (`_lowrank_parts`): its operands are e4m3 too (a few % of the branch off where the
+other backends keep it in x's dtype, no loss of sample quality seen: `bench/lowrank_precision.py`); a separate
+16-bit up-projection would re-read and re-write every output (DiT-XL/2 SVDQuant r32 at batch 64 on an H200:
+0.71× bf16 that way, 1.06× this way).
 
 Two backends: `"fp8"` expands the codes on every call (weights stay 2–4-bit in memory; the expansion costs a
 few µs per layer), `"fp8-cached"` expands once in `prepare_for_inference` (8-bit weights in memory, no
