@@ -114,6 +114,8 @@ def main() -> None:
     device = "cuda"
     model = build(args.config, device, args.backend, args.all_linears)
     weight_bytes = None if args.config == TORCHAO else ditq.io.model_size_bytes(model, torch.bfloat16)
+    held = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])  # kernel copies too
+    torch.cuda.reset_peak_memory_stats()  # the bf16 model built before quantizing is not the quantized one's peak
     g = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(args.batch, 4, 32, 32, device=device, generator=g, dtype=torch.bfloat16)
     t = torch.randint(0, 1000, (args.batch,), device=device, generator=g)
@@ -147,6 +149,7 @@ def main() -> None:
                 "gpu": torch.cuda.get_device_name(),
                 "torch": torch.__version__,
                 "triton": __import__("triton").__version__,
+                "gpu_weight_bytes": held,
                 "peak_gpu_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
             }
             | sampling

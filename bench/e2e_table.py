@@ -24,24 +24,26 @@ def main(lines_path: str, out_stem: str) -> None:
         "",
         "Random weights (675M params), 256×256 latents (32×32×4), batch = images the model sees (CFG doubled).",
         "Quantized rows: ditq recipes through the named kernel backend, or torchao's float8 row-wise (the peer,",
-        "weight bytes not counted). Median of the repeats,",
+        "weight bytes not counted). Weight MB: as stored; held on GPU: every parameter and buffer, kernel copies",
+        "too (`fp8-cached`'s e4m3 weights). Median of the repeats,",
         "CUDA events, after warm-up; ratios are against the fastest bf16 row of the same batch in the same run.",
         "Sampling: whole DDIM runs with classifier-free guidance over batch/2 images (steps as given), median.",
         "",
-        "| batch | CUDA graphs | config | backend | adaLN quantized | weight MB | median ms | × bf16 speed "
-        "| sampling ms (× bf16) | compile s | compiled vs eager rel. err |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| batch | CUDA graphs | config | backend | adaLN quantized | weight MB | held on GPU MB | median ms "
+        "| × bf16 speed | sampling ms (× bf16) | compile s | compiled vs eager rel. err |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (-r["batch"], not r["config"].startswith("bf16"), r["config"])):
         ratio = "—" if r["speed_vs_bf16"] is None else f"{r['speed_vs_bf16']:.2f}×"
         weights = f"{r['weight_bytes'] / 1e6:.0f}" if r.get("weight_bytes") else "—"
+        held = f"{r['gpu_weight_bytes'] / 1e6:.0f}" if r.get("gpu_weight_bytes") else "—"
         sampling = "—"
         if r.get("sample_speed_vs_bf16") is not None:
             sampling = f"{r['sample_steps']} steps: {r['sample_median_ms']:.0f} ({r['sample_speed_vs_bf16']:.2f}×)"
         lines.append(
             f"| {r['batch']} | {'yes' if r['cuda_graphs'] else 'no'} | {r['config']} | "
             f"{r.get('backend', 'dequantized' if r['config'] != 'bf16' else '—')} | "
-            f"{'yes' if r.get('all_linears') else 'no'} | {weights} | "
+            f"{'yes' if r.get('all_linears') else 'no'} | {weights} | {held} | "
             f"{r['median_ms']:.2f} | {ratio} | {sampling} | {r['compile_s']} | {r['compiled_vs_eager_rel_err']:.1e} |"
         )
     Path(out_stem + ".json").write_text(json.dumps(rows, indent=2) + "\n")
