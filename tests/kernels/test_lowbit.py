@@ -84,7 +84,7 @@ def test_e4m3_codes_need_their_row_scales_and_symmetric_weights():
     with pytest.raises(ValueError, match="symmetric weights only"):
         lowbit_linear(codes, q.qweight, q.scales, q.zeros, None, bits=4, offset=0, group_size=None, x_scale=scale,
                       out_dtype=torch.bfloat16)  # fmt: skip
-    with pytest.raises(ValueError, match="3 contiguous float32 row scales"):
+    with pytest.raises(ValueError, match="3 float32 row scales"):
         lowbit_linear(codes, q.qweight, q.scales, None, None, bits=4, offset=8, group_size=None,
                       x_scale=scale[:2], out_dtype=torch.bfloat16)  # fmt: skip
     with pytest.raises(ValueError, match="out_dtype must be"):
