@@ -37,10 +37,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ditq.kernels.lowbit import LOWBIT_MAX_ROWS, lowbit_forward, lowbit_gemm
+from ditq.kernels.lowbit import LOWBIT_MAX_ROWS, code_offset, lowbit_forward, lowbit_gemm
 from ditq.kernels.reference import Modulation, Residual
 from ditq.kernels.triton import FP8_K_STEP, device_support, kernel_op
-from ditq.quant.packing import signed_offset
 from ditq.quant.primitives import FP8_MAX, fp8_cast, fp8_quantize, fp8_scale
 from ditq.quant.qlinear import QuantLinear
 
@@ -149,7 +148,7 @@ def _gemm(m: QuantLinear, codes: torch.Tensor, scale_x: torch.Tensor, x: torch.T
     """The layer's one FP8 GEMM of x's codes: (..., out_features) in x's dtype."""
     if m.spec.group_size is not None:  # the packed codes, a scale per group: the lowbit kernel's FP8 mode
         bias = None if m.bias is None else m.bias.to(x.dtype)
-        y = lowbit_gemm(codes, m.qweight, m.scales, None, bias, m.spec.w_bits, _offset(m), m.spec.group_size,
+        y = lowbit_gemm(codes, m.qweight, m.scales, None, bias, m.spec.w_bits, code_offset(m), m.spec.group_size,
                         scale_x, x.dtype)  # fmt: skip
         return y.reshape(*x.shape[:-1], m.out_features)
     fused_bias = m.bias is not None and x.dtype in (torch.bfloat16, torch.float16)
@@ -289,11 +288,6 @@ def _weight_codes(m: QuantLinear) -> torch.Tensor:
     if m.lowrank_up is None:
         return codes
     return _with_lowrank(codes, getattr(m, "weight_row_shift", None), m.lowrank_up_fp8)
-
-
-def _offset(m: QuantLinear) -> int:
-    """What was added to the layer's signed codes to store them unsigned."""
-    return signed_offset(m.spec.w_bits, m.spec.w_format == "ternary")
 
 
 def _expanded(m: QuantLinear) -> torch.Tensor:

@@ -17,7 +17,7 @@ from ditq.kernels.triton import device_support, kernel_op
 from ditq.quant.packing import signed_offset
 from ditq.quant.qlinear import QuantLinear
 
-__all__ = ["LOWBIT_MAX_ROWS", "lowbit_forward", "lowbit_gemm", "lowbit_support"]
+__all__ = ["LOWBIT_MAX_ROWS", "code_offset", "lowbit_forward", "lowbit_gemm", "lowbit_support"]
 
 # Few-row GEMMs are weight-bound; at 512 rows this kernel is 2–3× slower than cuBLAS (H100).
 LOWBIT_MAX_ROWS = 128
@@ -53,7 +53,7 @@ def lowbit_gemm(
 
 def lowbit_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     spec = m.spec
-    offset = signed_offset(spec.w_bits, spec.w_format == "ternary") if spec.symmetric else 0
+    offset = code_offset(m)
     bias = None if m.bias is None else m.bias.to(x.dtype)
 
     def matmul(h_q: torch.Tensor) -> torch.Tensor:
@@ -61,6 +61,12 @@ def lowbit_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
     h = activate(x, m.input_activation)
     return linear_with(matmul, h, m.smooth, m.lowrank_down, m.lowrank_up, m.act_scale, m.act_zero, spec)
+
+
+def code_offset(m: QuantLinear) -> int:
+    """What the kernels subtract from `m`'s stored codes: the signed offset of symmetric codes, else 0."""
+    spec = m.spec
+    return signed_offset(spec.w_bits, spec.w_format == "ternary") if spec.symmetric else 0
 
 
 def lowbit_support(m: QuantLinear) -> str | None:
