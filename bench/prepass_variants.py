@@ -1,0 +1,91 @@
+"""Experiment behind the pre-pass's speed: is `ditq::quantize_rows_fp8` bound by memory, by its launch, or by the
+arithmetic of matching the reference's roundings?
+
+    python bench/prepass_variants.py --out bench/results/prepass_variants_h200.json   # GPU
+
+At DiT-XL/2's batch-64 inputs (16,384 rows) it times, as kernels alone (`timing.replay_us`):
+- the library kernel over a grid of launches (rows per program × warps) for each input it serves: the attention
+  output (no producer), qkv's LayerNorm + modulate, fc1's with the residual add, fc2's GELU-tanh;
+- the same with float32 x, where the kernel rounds nothing to x's dtype: if that is faster despite reading twice
+  the bytes, the roundings (conversion instructions) bound it, not memory;
+- `x.clone()` of a bf16 x: what reading and writing the same bytes costs the GPU's own copy kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import triton
+from timing import replay_us
+
+from ditq.kernels.reference import Modulation, Residual
+from ditq.kernels.triton.rowquant import quantize_rows_fp8
+
+M, TOKENS = 16384, 256
+CASES = [  # (name, K, producer, dtype)
+    ("attn out", 1152, "none", torch.bfloat16),
+    ("qkv: LayerNorm + modulate", 1152, "modulate", torch.bfloat16),
+    ("qkv: LayerNorm + modulate, float32 x", 1152, "modulate", torch.float32),
+    ("fc1: residual + LayerNorm + modulate", 1152, "residual", torch.bfloat16),
+    ("fc2: GELU-tanh", 4608, "gelu_tanh", torch.bfloat16),
+    ("fc2: GELU-tanh, float32 x", 4608, "gelu_tanh", torch.float32),
+]
+
+
+def padded_width(k: int) -> int:
+    """The kernel's head + tail tiles for a row of k."""
+    head = 1 << (k.bit_length() - 1)
+    return head + (triton.next_power_of_2(k - head) if k > head else 0)
+
+
+def launches(k: int) -> list[tuple[int, int]]:
+    """(rows per program, warps) worth trying at width k: at most 16,384 elements, at least 4 per thread."""
+    rows = [r for r in (1, 2, 4, 8, 16) if r * padded_width(k) <= 16384]
+    return [(r, w) for r in rows for w in (1, 2, 4, 8) if r * padded_width(k) >= 32 * w * 4]
+
+
+def measure(name: str, k: int, producer: str, dtype: torch.dtype) -> dict:
+    pos, kwargs = case_inputs(k, producer, dtype)
+    row = {"case": name, "K": k, "default_us": replay_us(lambda: quantize_rows_fp8(*pos, **kwargs))}
+    for rows, warps in launches(k):
+        elements = rows * padded_width(k)
+        row[f"{rows} rows, {warps} warps"] = replay_us(
+            lambda e=elements, w=warps: quantize_rows_fp8(*pos, **kwargs, row_elements=e, num_warps=w)
+        )
+    return row
+
+
+def case_inputs(k: int, producer: str, dtype: torch.dtype) -> tuple[tuple, dict]:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(M, k, device="cuda", generator=g).to(dtype) * 2
+    if producer in ("none", "gelu_tanh"):
+        return (x, None, producer), {}
+    shift, scale, gate = torch.randn(3, M // TOKENS, k, device="cuda", generator=g).to(dtype)
+    kwargs = {}
+    if producer == "residual":
+        update = torch.randn(M, k, device="cuda", generator=g).to(dtype)
+        kwargs = {"residual": Residual(update, gate), "residual_out": torch.empty_like(x)}
+    return (x, None, "none", Modulation(shift, scale, TOKENS, 1e-6)), kwargs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "M": M,
+              "rows": []}  # fmt: skip
+    for k in (1152, 4608):
+        x = torch.randn(M, k, device="cuda", dtype=torch.bfloat16)
+        result["rows"].append({"case": f"x.clone() bf16 K={k}", "us": replay_us(x.clone)})
+    for case in CASES:
+        row = measure(*case)
+        result["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        args.out.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
