@@ -92,21 +92,16 @@ def quantize_rows(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(e4m3 codes (M, K [+ 2·rank]), float32 row scales (M, 1), x') of h = activation(x), or modulate(LayerNorm(x),
     shift, scale) with a shift, [/ smooth], x (M, K), by the Triton pre-pass; with SVDQuant's down-projection
-    (`_lowrank_parts`) its e4m3 activations P follow, twice (`ditq.kernels.triton.lowrank`). With an `update`
+    (`_lowrank_parts`) its e4m3 activations P follow, twice, from the same kernel. With an `update`
     (and a shift), x' = x + gate·update replaces x first and is returned; else x' is empty."""
     from ditq.kernels.triton.rowquant import quantize_rows_fp8
 
     modulation = None if shift is None else Modulation(shift, scale, tokens, eps)
     residual = None if update is None else Residual(update, gate)
-    extra = 0 if lowrank_down is None else 2 * lowrank_down.shape[1]
-    out = torch.empty(x.shape[0], x.shape[1] + extra, dtype=torch.float8_e4m3fn, device=x.device)
     x_new = torch.empty(x.shape if residual else 0, dtype=x.dtype, device=x.device)
+    lowrank = None if lowrank_down is None else (lowrank_down, lowrank_down_scale)
     codes, scales = quantize_rows_fp8(x, smooth, activation, modulation, residual=residual,
-                                      residual_out=x_new if residual else None, out=out)  # fmt: skip
-    if extra:
-        from ditq.kernels.triton.lowrank import append_lowrank_codes
-
-        append_lowrank_codes(codes, lowrank_down, lowrank_down_scale)
+                                      residual_out=x_new if residual else None, lowrank=lowrank)  # fmt: skip
     return codes, scales, x_new
 
 

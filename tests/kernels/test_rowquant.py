@@ -14,6 +14,7 @@ from ditq.kernels.fp8 import quantize_rows
 from ditq.kernels.fusion import NormFusedDiTBlock, ResidualCarryingDiT
 from ditq.kernels.reference import Modulation, Residual, group_linear, residual_added
 from ditq.kernels.triton import rowquant
+from ditq.kernels.triton.lowrank import append_lowrank_codes_reference
 from ditq.kernels.triton.rowquant import quantize_rows_fp8, quantize_rows_fp8_reference
 from ditq.models.dit import DiT, DiTBlock, Mlp
 from ditq.quant.qlinear import QuantLinear
@@ -124,6 +125,50 @@ def test_pre_pass_adds_the_gated_residual_first_and_writes_the_sum(samples, toke
     ref_codes, ref_scales = quantize_rows_fp8_reference(x, s, "none", mod, res)
     assert_codes_match(codes, scales, ref_codes, ref_scales, exact=False, scale_rtol=1e-6)
     assert torch.equal(codes.float(), quantize_rows_fp8(expected, s, "none", mod)[0].float())
+
+
+def low_rank_down(k: int, rank: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """L1_q and its scale as `ditq.kernels.fp8._lowrank_parts` makes them (|P| ≤ 448)."""
+    g = torch.Generator().manual_seed(seed)
+    down = (torch.randn(k, rank, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return down.to(DEVICE), (1 / down.float().abs().sum(0, keepdim=True)).to(DEVICE)
+
+
+@pytest.mark.parametrize(
+    ("samples", "tokens", "k", "row_elements", "wide"),
+    [(5, 4, 48, 96, False), (1, 7, 131, 4096, False), (2, 40, 50, 4096, False), (1, 5, 131, 4096, True)],
+    ids=["tiles_of_one_sample", "one_tile", "several_programs", "multi_pass"],
+)
+def test_pre_pass_appends_the_low_rank_codes_of_the_codes_it_wrote(samples, tokens, k, row_elements, wide,
+                                                                   monkeypatch):  # fmt: skip
+    """The one-pass kernel computes P from its own codes, its rows in tiles (2 rows × 8 tiles per program in
+    the first case, each tile its own sample); the multi-pass kernel leaves P to the low-rank kernel."""
+    if wide:
+        monkeypatch.setattr(rowquant, "MAX_RESIDENT", 32)
+    x, s = operands(samples * tokens, k, torch.bfloat16, True, seed=k)
+    mod, res = modulation(samples, tokens, k, torch.bfloat16, seed=k), residual(samples, tokens, k, torch.bfloat16)
+    down, scale = low_rank_down(k, 16, seed=k)
+    total, plain_total = torch.empty_like(x), torch.empty_like(x)
+    codes, scales = quantize_rows_fp8(x, s, "none", mod, residual=res, residual_out=total, lowrank=(down, scale),
+                                      row_elements=row_elements)  # fmt: skip
+    plain, plain_scales = quantize_rows_fp8(x, s, "none", mod, residual=res, residual_out=plain_total,
+                                            row_elements=row_elements)  # fmt: skip
+    assert codes.shape == (x.shape[0], k + 32) and torch.equal(total, plain_total)
+    assert torch.equal(codes[:, :k].float(), plain.float()) and torch.equal(scales, plain_scales)
+    expected = codes.clone()
+    append_lowrank_codes_reference(expected, down, scale)
+    a, b = codes[:, k:].float(), expected[:, k:].float()  # float32 sums in another order: rarely one step off
+    torch.testing.assert_close(a, b, rtol=2**-3, atol=2**-9)
+    assert (a != b).float().mean() < 0.02 and b.abs().max() > 8
+
+
+def test_a_low_rank_branch_needs_its_columns_in_out():
+    x, s = operands(3, 48, torch.bfloat16, True)
+    with pytest.raises(ValueError, match=r"out must have 48 \+ 2·16 columns"):
+        quantize_rows_fp8(x, s, "none", out=torch.empty(3, 48, dtype=torch.float8_e4m3fn, device=DEVICE),
+                          lowrank=low_rank_down(48, 16))  # fmt: skip
+    with pytest.raises(ValueError, match=r"down must be contiguous e4m3 \(48, R\)"):
+        quantize_rows_fp8(x, s, "none", lowrank=low_rank_down(50, 16))
 
 
 def test_the_residual_gate_is_read_per_sample():

@@ -16,26 +16,25 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ditq.kernels.triton import interpreted
-from ditq.kernels.triton.rowquant import _rounded
+from ditq.kernels.triton.rounding import rounded
 from ditq.quant.primitives import FP8_MAX
 
-__all__ = ["append_lowrank_codes", "append_lowrank_codes_reference"]
+__all__ = ["append_lowrank_codes", "append_lowrank_codes_reference", "check_lowrank", "lowrank_tile"]
 
 _FP8_MAX = tl.constexpr(FP8_MAX)
 
 
 @triton.jit
-def _lowrank_codes_kernel(
-    codes, down, down_scale, M, stride_cm, K: tl.constexpr, R: tl.constexpr, EMULATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+def lowrank_tile(
+    codes, down, down_scale, rows, row_ok, stride_cm, K, K_BOUND: tl.constexpr, R: tl.constexpr,
+    EMULATE: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """K is a compile-time constant (a layer's width; also what Triton's CPU interpreter needs for a loop
-    bound). EMULATE: fp32 dots and integer rounding, for the interpreter."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
+    """P of the given rows (≥ 16, a tensor-core tile) into their codes' columns [K, K + 2R): K is the codes' width,
+    K_BOUND a compile-time bound ≥ K for the loop (what Triton's CPU interpreter needs). EMULATE: fp32 dots and
+    integer rounding, for the interpreter."""
     rk, rr = tl.arange(0, BLOCK_K), tl.arange(0, R)
-    acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    acc = tl.zeros((rows.shape[0], R), dtype=tl.float32)
+    for k0 in range(0, K_BOUND, BLOCK_K):
         cols = k0 + rk
         a = tl.load(codes + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :],
                     mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)  # fmt: skip
@@ -47,10 +46,19 @@ def _lowrank_codes_kernel(
         else:
             acc = tl.dot(a, b, acc)
     p = acc * tl.load(down_scale + rr)[None, :]
-    p = _rounded(tl.minimum(tl.maximum(p, -_FP8_MAX), _FP8_MAX), tl.float8e4nv, EMULATE).to(tl.float8e4nv)
+    p = rounded(tl.minimum(tl.maximum(p, -_FP8_MAX), _FP8_MAX), tl.float8e4nv, EMULATE).to(tl.float8e4nv)
     out = codes + rows.to(tl.int64)[:, None] * stride_cm + K + rr[None, :]
     tl.store(out, p, mask=row_ok[:, None])
     tl.store(out + R, p, mask=row_ok[:, None])
+
+
+@triton.jit
+def _lowrank_codes_kernel(
+    codes, down, down_scale, M, stride_cm, K: tl.constexpr, R: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    lowrank_tile(codes, down, down_scale, rows, rows < M, stride_cm, K, K, R, EMULATE, BLOCK_K)
 
 
 def append_lowrank_codes(
@@ -68,10 +76,8 @@ def append_lowrank_codes(
     The launch (`block_m`, `block_k`, `num_warps`, `num_stages`) is the best of a sweep on an H200 at 16,384 rows,
     rank 32 (`bench/bench_lowrank_gemm.py --sweep`, `bench/results/lowrank_sweep_h200.md`: 8.7 µs at K = 1,152
     and 34.4 µs at 4,608, against 10.1 and 41.0 µs for the launch before)."""
-    k, rank = down.shape
-    if down.dtype != torch.float8_e4m3fn or rank < 16 or rank & (rank - 1) or not down.is_contiguous():
-        raise ValueError(f"down must be contiguous e4m3 (K, R) with R a power of two >= 16, got {down.dtype} "
-                         f"{tuple(down.shape)}")  # fmt: skip
+    k = down.shape[0]
+    rank = check_lowrank(k, down, down_scale)
     if (
         codes.dtype != torch.float8_e4m3fn
         or codes.ndim != 2
@@ -80,10 +86,6 @@ def append_lowrank_codes(
     ):
         raise ValueError(f"codes must be e4m3 (M, {k} + 2·{rank}) with unit column stride, got {codes.dtype} "
                          f"{tuple(codes.shape)}")  # fmt: skip
-    if tuple(down_scale.shape) != (1, rank) or down_scale.dtype != torch.float32:
-        raise ValueError(
-            f"down_scale must be float32 (1, {rank}), got {down_scale.dtype} {tuple(down_scale.shape)}"
-        )
     m = codes.shape[0]
     if m == 0:
         return
@@ -91,6 +93,20 @@ def append_lowrank_codes(
         codes, down, down_scale.contiguous(), m, codes.stride(0), K=k, R=rank, EMULATE=interpreted(),
         BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
+
+
+def check_lowrank(k: int, down: torch.Tensor, down_scale: torch.Tensor) -> int:
+    """The rank R of a branch over K = k input columns, or a ValueError naming what the kernels would misread."""
+    if (down.dtype != torch.float8_e4m3fn or down.ndim != 2 or down.shape[0] != k or down.shape[1] < 16
+            or down.shape[1] & (down.shape[1] - 1) or not down.is_contiguous()):  # fmt: skip
+        raise ValueError(f"down must be contiguous e4m3 ({k}, R) with R a power of two >= 16, got {down.dtype} "
+                         f"{tuple(down.shape)}")  # fmt: skip
+    rank = down.shape[1]
+    if tuple(down_scale.shape) != (1, rank) or down_scale.dtype != torch.float32:
+        raise ValueError(
+            f"down_scale must be float32 (1, {rank}), got {down_scale.dtype} {tuple(down_scale.shape)}"
+        )
+    return rank
 
 
 def append_lowrank_codes_reference(codes: torch.Tensor, down: torch.Tensor, down_scale: torch.Tensor) -> None:
