@@ -87,8 +87,11 @@ def test_e4m3_codes_need_their_row_scales_and_symmetric_weights():
     with pytest.raises(ValueError, match="3 float32 row scales"):
         lowbit_linear(codes, q.qweight, q.scales, None, None, bits=4, offset=8, group_size=None,
                       x_scale=scale[:2], out_dtype=torch.bfloat16)  # fmt: skip
-    with pytest.raises(ValueError, match="out_dtype must be"):
+    with pytest.raises(ValueError, match="e4m3 activation codes need an out_dtype"):
         lowbit_linear(codes, q.qweight, q.scales, None, None, bits=4, offset=8, group_size=None, x_scale=scale)
+    with pytest.raises(ValueError, match="out_dtype must be"):
+        lowbit_linear(codes, q.qweight, q.scales, None, None, bits=4, offset=8, group_size=None, x_scale=scale,
+                      out_dtype=torch.int32)  # fmt: skip
 
 
 @pytest.mark.parametrize(("group", "k"), [(48, 96), (96, 192), (192, 384), (None, 300)])

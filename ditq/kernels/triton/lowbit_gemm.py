@@ -146,15 +146,20 @@ def lowbit_linear(
     The default launch config is the best of a sweep at DiT-XL/2's few-row shapes on an H100
     (`bench/results/lowbit_tuning_h100.json`): 32 output channels per program, K blocks of 256 for K ≥ 4096 and
     of 128 below (never more than the largest power of two dividing the group size), 4 warps, 3 stages. On e4m3
-    codes of more than 64 rows, tiles of 128 rows × 64 channels (the best launch at 512–16,384 rows on an H200,
-    `bench/results/w4a8_gemm_h200.md`).
+    codes, K blocks of 128, and of more than 64 rows, tiles of 128 rows × 64 channels (the best launch at
+    512–16,384 rows on an H200, `bench/results/w4a8_gemm_h200.md`). The FP8 products accumulate as Triton's
+    `tl.dot` does by default on Hopper.
     """
     m, k, n = _check_operands(x, qweight, scales, zeros, bias, bits, group_size, x_scale)
+    if x_scale is not None and out_dtype is None:
+        raise ValueError("e4m3 activation codes need an out_dtype (float32, bfloat16 or float16)")
     if (out_dtype or x.dtype) not in FLOATS:
         raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype or x.dtype}")
+    if x_scale is not None and x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 9):
+        raise ValueError("e4m3 activation codes need FP8 tensor cores (compute capability 8.9+)")
     if x_scale is not None and block_k is not None and block_k < FP8_K_STEP:
         raise ValueError(f"e4m3 activation codes need K blocks of at least {FP8_K_STEP}, got block_k={block_k}")
-    block_k = block_k or (256 if k >= 4096 else 128)
+    block_k = block_k or (256 if k >= 4096 and x_scale is None else 128)  # e4m3 codes: 256 was never timed
     if group_size:
         block_k = min(block_k, group_size & -group_size)  # a power of two dividing the group: ≥ 16 here
     x = x if x.stride(-1) == 1 else x.contiguous()
