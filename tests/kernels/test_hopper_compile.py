@@ -26,10 +26,9 @@ def _variants() -> list[tuple]:
         p = "*" + dtype
         return dict(x=p, smooth="*fp32", shift=p, scale_mod=p, codes="*fp8e4nv", scales="*fp32", M="i32", K="i32",
                     tokens="i32", eps="fp32", stride_xm="i32", stride_cm="i32", stride_mod="i32", update=p, gate=p,
-                    x_out=p, stride_um="i32", stride_om="i32", down="*fp8e4nv", down_scale="*fp32")  # fmt: skip
+                    x_out=p, stride_um="i32", stride_om="i32")  # fmt: skip
 
-    one_pass = dict(EMULATE=False, HAS_SMOOTH=False, ONE_SAMPLE=False, RESIDUAL=False, BLOCK_M=4, HEAD=1024, TAIL=128,
-                    TILES=1, RANK=0, LOWRANK_BLOCK_K=128)  # fmt: skip
+    one_pass = dict(EMULATE=False, HAS_SMOOTH=False, ONE_SAMPLE=False, RESIDUAL=False, BLOCK_M=4, HEAD=1024, TAIL=128)
     cases = [  # (x dtype, what differs from one_pass)
         ("bf16", dict(ACT=2, NORM=False, BLOCK_M=1, HEAD=4096, TAIL=512)),  # fc2's GELU input
         ("bf16", dict(ACT=2, NORM=False, HAS_SMOOTH=True, BLOCK_M=1, HEAD=4096, TAIL=512)),  # ... before a branch
@@ -41,12 +40,10 @@ def _variants() -> list[tuple]:
         ("fp32", dict(ACT=0, NORM=True, RESIDUAL=True)),
     ]
     variants = [(rowquant._rows_one_pass_kernel, rows(dtype), one_pass | diff, dict(num_warps=4)) for dtype, diff in cases]
-    # with SVDQuant's P, at the default launches: 2 rows of 1,152 in one warp (8 tiles), 1 row of 4,608 in two
-    svdquant = one_pass | dict(HAS_SMOOTH=True, RANK=32, ACT=0, NORM=True, ONE_SAMPLE=True, RESIDUAL=True, BLOCK_M=2,
-                               TILES=8)  # fmt: skip
-    variants.append((rowquant._rows_one_pass_kernel, rows("bf16"), svdquant, dict(num_warps=1)))
-    variants.append((rowquant._rows_one_pass_kernel, rows("bf16"), svdquant | dict(ACT=2, NORM=False, ONE_SAMPLE=False,
-                     RESIDUAL=False, BLOCK_M=1, TILES=16, HEAD=4096, TAIL=512), dict(num_warps=2)))  # fmt: skip
+    # the default launches at DiT-XL/2's widths: 2 rows of 1,152 in one warp, 1 row of 4,608 in two
+    variants.append((rowquant._rows_one_pass_kernel, rows("bf16"), one_pass | cases[4][1] | dict(BLOCK_M=2, HAS_SMOOTH=True),
+                     dict(num_warps=1)))  # fmt: skip
+    variants.append((rowquant._rows_one_pass_kernel, rows("bf16"), one_pass | cases[1][1], dict(num_warps=2)))
     # inside a compiled model inductor launches it, passing the LayerNorm's eps as a float64
     variants.append((rowquant._rows_one_pass_kernel, rows("bf16") | {"eps": "fp64"}, one_pass | cases[4][1],
                      dict(num_warps=4)))  # fmt: skip

@@ -134,25 +134,19 @@ def low_rank_down(k: int, rank: int, seed: int = 0) -> tuple[torch.Tensor, torch
     return down.to(DEVICE), (1 / down.float().abs().sum(0, keepdim=True)).to(DEVICE)
 
 
-@pytest.mark.parametrize(
-    ("samples", "tokens", "k", "row_elements", "wide"),
-    [(5, 4, 48, 96, False), (1, 7, 131, 4096, False), (2, 40, 50, 4096, False), (1, 5, 131, 4096, True)],
-    ids=["tiles_of_one_sample", "one_tile", "several_programs", "multi_pass"],
-)
-def test_pre_pass_appends_the_low_rank_codes_of_the_codes_it_wrote(samples, tokens, k, row_elements, wide,
-                                                                   monkeypatch):  # fmt: skip
-    """The one-pass kernel computes P from its own codes, its rows in tiles (2 rows × 8 tiles per program in
-    the first case, each tile its own sample); the multi-pass kernel leaves P to the low-rank kernel."""
+@pytest.mark.parametrize(("samples", "tokens", "k", "wide"), [(5, 4, 48, False), (2, 40, 131, False), (1, 5, 131, True)],
+                         ids=["one_pass", "one_pass_odd_k", "multi_pass"])  # fmt: skip
+def test_pre_pass_appends_the_low_rank_codes_of_its_own_codes(samples, tokens, k, wide, monkeypatch):
+    """With SVDQuant's branch the pre-pass fills the codes' last 2R columns with P of the codes it wrote, after
+    either kernel; the codes, scales and the residual sum are those of the pre-pass without a branch."""
     if wide:
         monkeypatch.setattr(rowquant, "MAX_RESIDENT", 32)
     x, s = operands(samples * tokens, k, torch.bfloat16, True, seed=k)
     mod, res = modulation(samples, tokens, k, torch.bfloat16, seed=k), residual(samples, tokens, k, torch.bfloat16)
     down, scale = low_rank_down(k, 16, seed=k)
     total, plain_total = torch.empty_like(x), torch.empty_like(x)
-    codes, scales = quantize_rows_fp8(x, s, "none", mod, residual=res, residual_out=total, lowrank=(down, scale),
-                                      row_elements=row_elements)  # fmt: skip
-    plain, plain_scales = quantize_rows_fp8(x, s, "none", mod, residual=res, residual_out=plain_total,
-                                            row_elements=row_elements)  # fmt: skip
+    codes, scales = quantize_rows_fp8(x, s, "none", mod, residual=res, residual_out=total, lowrank=(down, scale))
+    plain, plain_scales = quantize_rows_fp8(x, s, "none", mod, residual=res, residual_out=plain_total)
     assert codes.shape == (x.shape[0], k + 32) and torch.equal(total, plain_total)
     assert torch.equal(codes[:, :k].float(), plain.float()) and torch.equal(scales, plain_scales)
     expected = codes.clone()

@@ -19,22 +19,23 @@ from ditq.kernels.triton import interpreted
 from ditq.kernels.triton.rounding import rounded
 from ditq.quant.primitives import FP8_MAX
 
-__all__ = ["append_lowrank_codes", "append_lowrank_codes_reference", "check_lowrank", "lowrank_tile"]
+__all__ = ["append_lowrank_codes", "append_lowrank_codes_reference", "check_lowrank"]
 
 _FP8_MAX = tl.constexpr(FP8_MAX)
 
 
 @triton.jit
-def lowrank_tile(
-    codes, down, down_scale, rows, row_ok, stride_cm, K, K_BOUND: tl.constexpr, R: tl.constexpr,
-    EMULATE: tl.constexpr, BLOCK_K: tl.constexpr,
+def _lowrank_codes_kernel(
+    codes, down, down_scale, M, stride_cm, K: tl.constexpr, R: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """P of the given rows (≥ 16, a tensor-core tile) into their codes' columns [K, K + 2R): K is the codes' width,
-    K_BOUND a compile-time bound ≥ K for the loop (what Triton's CPU interpreter needs). EMULATE: fp32 dots and
-    integer rounding, for the interpreter."""
+    """K is a compile-time constant (a layer's width; also what Triton's CPU interpreter needs for a loop
+    bound). EMULATE: fp32 dots and integer rounding, for the interpreter."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
     rk, rr = tl.arange(0, BLOCK_K), tl.arange(0, R)
-    acc = tl.zeros((rows.shape[0], R), dtype=tl.float32)
-    for k0 in range(0, K_BOUND, BLOCK_K):
+    acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
         cols = k0 + rk
         a = tl.load(codes + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :],
                     mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)  # fmt: skip
@@ -50,15 +51,6 @@ def lowrank_tile(
     out = codes + rows.to(tl.int64)[:, None] * stride_cm + K + rr[None, :]
     tl.store(out, p, mask=row_ok[:, None])
     tl.store(out + R, p, mask=row_ok[:, None])
-
-
-@triton.jit
-def _lowrank_codes_kernel(
-    codes, down, down_scale, M, stride_cm, K: tl.constexpr, R: tl.constexpr, EMULATE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    lowrank_tile(codes, down, down_scale, rows, rows < M, stride_cm, K, K, R, EMULATE, BLOCK_K)
 
 
 def append_lowrank_codes(

@@ -26,7 +26,7 @@ from torch.library import wrap_triton
 
 from ditq.kernels.reference import Modulation, Residual, activate, modulated, residual_added
 from ditq.kernels.triton import interpreted
-from ditq.kernels.triton.lowrank import append_lowrank_codes, check_lowrank, lowrank_tile
+from ditq.kernels.triton.lowrank import append_lowrank_codes, check_lowrank
 from ditq.kernels.triton.rounding import product, rounded
 from ditq.quant.primitives import FP8_MAX, SCALE_FLOOR, fp8_cast, fp8_scale
 
@@ -34,8 +34,6 @@ __all__ = ["quantize_rows_fp8", "quantize_rows_fp8_reference"]
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}  # kernel codes of `reference.INPUT_ACTIVATIONS`
 ROW_ELEMENTS = 4096  # elements one program of the one-pass kernel holds at most (rows × padded width)
-LOWRANK_ROWS = 16  # rows per program of the one-pass kernel when it also computes SVDQuant's P
-LOWRANK_BLOCK_K = 128  # its K step for P
 ELEMENTS_PER_THREAD = 72  # its warps: as few as hold the rows at about this many elements per thread
 MAX_RESIDENT = 16384  # wider rows (padded) take the multi-pass kernel: registers would spill
 MULTI_PASS_BLOCKS = (16, 128)  # its (rows per program, K block), 4 warps
@@ -51,26 +49,27 @@ def _load_rows(x, rows, cols, row_ok, K, stride_xm):
 
 
 @triton.jit
-def _per_sample(t, rows, cols, row_ok, K, tokens, stride_mod, sample, ONE_SAMPLE: tl.constexpr):
-    """The rows' samples' rows of a (samples, K) tensor (adaLN's shift, scale, gate) in float32, 0 outside: row
-    `sample` broadcast over the tile when ONE_SAMPLE (the tile's rows are tokens of that one sample)."""
+def _per_sample(t, rows, cols, row_ok, K, tokens, stride_mod, ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The rows' samples' rows of a (samples, K) tensor (adaLN's shift, scale, gate) in float32, 0 outside: one
+    row broadcast over the tile when ONE_SAMPLE (the program's rows are tokens of one sample)."""
     if ONE_SAMPLE:
-        row = tl.load(t + sample.to(tl.int64) * stride_mod + cols, mask=cols < K, other=0.0).to(tl.float32)
-        return tl.broadcast_to(row[None, :], (rows.shape[0], cols.shape[0]))  # one return type for both branches
+        offsets = ((tl.program_id(0) * BLOCK_M) // tokens).to(tl.int64) * stride_mod + cols
+        row = tl.load(t + offsets, mask=cols < K, other=0.0).to(tl.float32)
+        return tl.broadcast_to(row[None, :], (BLOCK_M, cols.shape[0]))  # one return type for both branches
     offsets = (rows // tokens).to(tl.int64)[:, None] * stride_mod + cols[None, :]  # each row's sample
     return tl.load(t + offsets, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _residual_added(
-    v, update, gate, x_out, rows, cols, row_ok, K, tokens, stride_um, stride_om, stride_mod, sample, EMULATE: tl.constexpr,
-    ONE_SAMPLE: tl.constexpr,
+    v, update, gate, x_out, rows, cols, row_ok, K, tokens, stride_um, stride_om, stride_mod, EMULATE: tl.constexpr,
+    ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """x + gate · update for a tile of x (as loaded), the product and the sum each rounded to x's dtype as
     PyTorch's two ops round them; stored to `x_out` and returned in x's dtype."""
     dtype: tl.constexpr = v.dtype
     y = _load_rows(update, rows, cols, row_ok, K, stride_um).to(tl.float32)
-    g = _per_sample(gate, rows, cols, row_ok, K, tokens, stride_mod, sample, ONE_SAMPLE)
+    g = _per_sample(gate, rows, cols, row_ok, K, tokens, stride_mod, ONE_SAMPLE, BLOCK_M)
     if dtype != tl.float32:
         total = rounded(v.to(tl.float32) + rounded(product(g, y, EMULATE), dtype, EMULATE), dtype, EMULATE)
     else:
@@ -83,21 +82,21 @@ def _residual_added(
 
 @triton.jit
 def _transformed(
-    v, mean, rstd, shift, scale_mod, smooth, rows, cols, row_ok, K, tokens, stride_mod, sample,
+    v, mean, rstd, shift, scale_mod, smooth, rows, cols, row_ok, K, tokens, stride_mod,
     ACT: tl.constexpr, NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr,
-    ONE_SAMPLE: tl.constexpr,
+    ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """A tile of x (as loaded) → act(x) or modulate(LayerNorm(x)) [/ smooth] in float32, each step rounded to
     x's dtype as PyTorch's ops round it; 0 outside. NORM: `mean`, `rstd` are the rows' statistics;
-    ONE_SAMPLE: the tile's rows are tokens of sample `sample` (one shift and scale row for all)."""
+    ONE_SAMPLE: the program's BLOCK_M rows are tokens of one sample (one shift and scale row for all)."""
     dtype: tl.constexpr = v.dtype
     ROUND: tl.constexpr = dtype != tl.float32
     h = v.to(tl.float32)
     if NORM:
         inside = row_ok[:, None] & (cols < K)[None, :]
         h = (h - mean[:, None]) * rstd[:, None]
-        gain = 1.0 + _per_sample(scale_mod, rows, cols, row_ok, K, tokens, stride_mod, sample, ONE_SAMPLE)
-        bias = _per_sample(shift, rows, cols, row_ok, K, tokens, stride_mod, sample, ONE_SAMPLE)
+        gain = 1.0 + _per_sample(scale_mod, rows, cols, row_ok, K, tokens, stride_mod, ONE_SAMPLE, BLOCK_M)
+        bias = _per_sample(shift, rows, cols, row_ok, K, tokens, stride_mod, ONE_SAMPLE, BLOCK_M)
         if ROUND:
             h = rounded(h, dtype, EMULATE)
             h = rounded(product(h, rounded(gain, dtype, EMULATE), EMULATE), dtype, EMULATE)
@@ -161,49 +160,25 @@ def _store_codes(codes, h, scale, rows, cols, row_ok, K, stride_cm, EMULATE: tl.
 @triton.jit
 def _rows_one_pass_kernel(
     x, smooth, shift, scale_mod, codes, scales, M, K, tokens, eps, stride_xm, stride_cm, stride_mod,
-    update, gate, x_out, stride_um, stride_om, down, down_scale,
-    ACT: tl.constexpr, NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr,
-    ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr, RESIDUAL: tl.constexpr,
-    TILES: tl.constexpr, RANK: tl.constexpr, LOWRANK_BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    """TILES tiles of BLOCK_M whole rows per program, one after another: columns [0, HEAD) and
-    [HEAD, HEAD + TAIL), both powers of two. RESIDUAL: x is first replaced by x + gate · update, which is also
-    written to `x_out`. RANK > 0: then SVDQuant's P of the program's TILES · BLOCK_M rows (≥ 16) from the codes
-    just written (`ditq.kernels.triton.lowrank`), where a kernel of its own re-read them from memory."""
-    first = tl.program_id(0) * (TILES * BLOCK_M)
-    for tile in tl.static_range(TILES):
-        _quantized_tile(x, smooth, shift, scale_mod, codes, scales, M, K, tokens, eps, stride_xm, stride_cm,
-                        stride_mod, update, gate, x_out, stride_um, stride_om, first + tile * BLOCK_M, ACT, NORM,
-                        HAS_SMOOTH, EMULATE, ONE_SAMPLE, BLOCK_M, HEAD, TAIL, RESIDUAL)  # fmt: skip
-    if RANK > 0:
-        tl.debug_barrier()  # every thread's codes are written (and visible to the program) before P reads them
-        rows = first + tl.arange(0, TILES * BLOCK_M)
-        lowrank_tile(codes, down, down_scale, rows, rows < M, stride_cm, K, HEAD + TAIL, RANK, EMULATE,
-                     LOWRANK_BLOCK_K)  # fmt: skip
-
-
-@triton.jit
-def _quantized_tile(
-    x, smooth, shift, scale_mod, codes, scales, M, K, tokens, eps, stride_xm, stride_cm, stride_mod,
-    update, gate, x_out, stride_um, stride_om, first_row,
+    update, gate, x_out, stride_um, stride_om,
     ACT: tl.constexpr, NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr,
     ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr, RESIDUAL: tl.constexpr,
 ):  # fmt: skip
-    """Codes and scales of rows [first_row, first_row + BLOCK_M), each row read once."""
-    rows = first_row + tl.arange(0, BLOCK_M)
+    """BLOCK_M whole rows per program: columns [0, HEAD) and [HEAD, HEAD + TAIL), both powers of two.
+    RESIDUAL: x is first replaced by x + gate · update, which is also written to `x_out`."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    sample = tl.minimum(first_row, M - 1) // tokens  # ONE_SAMPLE's row of shift, scale and gate (in bounds)
     head_cols = tl.arange(0, HEAD)
     head_x = _load_rows(x, rows, head_cols, row_ok, K, stride_xm)
     if RESIDUAL:
         head_x = _residual_added(head_x, update, gate, x_out, rows, head_cols, row_ok, K, tokens, stride_um,
-                                 stride_om, stride_mod, sample, EMULATE, ONE_SAMPLE)  # fmt: skip
+                                 stride_om, stride_mod, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
     if TAIL > 0:
         tail_cols = HEAD + tl.arange(0, TAIL)
         tail_x = _load_rows(x, rows, tail_cols, row_ok, K, stride_xm)
         if RESIDUAL:
             tail_x = _residual_added(tail_x, update, gate, x_out, rows, tail_cols, row_ok, K, tokens, stride_um,
-                                     stride_om, stride_mod, sample, EMULATE, ONE_SAMPLE)  # fmt: skip
+                                     stride_om, stride_mod, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
     mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
     rstd = mean
     if NORM:  # both tiles are in registers: mean first, then the centred sum of squares
@@ -218,11 +193,11 @@ def _quantized_tile(
             m2 += tl.sum(centred * centred, axis=1)
         rstd = _rstd(m2, K, eps)
     head = _transformed(head_x, mean, rstd, shift, scale_mod, smooth, rows, head_cols, row_ok, K, tokens,
-                        stride_mod, sample, ACT, NORM, HAS_SMOOTH, EMULATE, ONE_SAMPLE)  # fmt: skip
+                        stride_mod, ACT, NORM, HAS_SMOOTH, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
     amax = tl.max(tl.abs(head), axis=1)
     if TAIL > 0:
         tail = _transformed(tail_x, mean, rstd, shift, scale_mod, smooth, rows, tail_cols, row_ok, K, tokens,
-                            stride_mod, sample, ACT, NORM, HAS_SMOOTH, EMULATE, ONE_SAMPLE)  # fmt: skip
+                            stride_mod, ACT, NORM, HAS_SMOOTH, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
         amax = tl.maximum(amax, tl.max(tl.abs(tail), axis=1))
     scale = _row_scale(amax)
     tl.store(scales + rows, scale, mask=row_ok)
@@ -242,7 +217,6 @@ def _rows_multi_pass_kernel(
     Triton's CPU interpreter needs for a loop bound)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    sample = (tl.program_id(0) * BLOCK_M) // tokens  # ONE_SAMPLE's row of shift and scale
     rk = tl.arange(0, BLOCK_K)
     mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
     rstd = mean
@@ -261,15 +235,15 @@ def _rows_multi_pass_kernel(
     amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         h = _transformed(_load_rows(x, rows, k0 + rk, row_ok, K, stride_xm), mean, rstd, shift, scale_mod, smooth,
-                         rows, k0 + rk, row_ok, K, tokens, stride_mod, sample, ACT, NORM, HAS_SMOOTH, EMULATE,
-                         ONE_SAMPLE)  # fmt: skip
+                         rows, k0 + rk, row_ok, K, tokens, stride_mod, ACT, NORM, HAS_SMOOTH, EMULATE,
+                         ONE_SAMPLE, BLOCK_M)  # fmt: skip
         amax = tl.maximum(amax, tl.max(tl.abs(h), axis=1))
     scale = _row_scale(amax)
     tl.store(scales + rows, scale, mask=row_ok)
     for k0 in range(0, K, BLOCK_K):
         h = _transformed(_load_rows(x, rows, k0 + rk, row_ok, K, stride_xm), mean, rstd, shift, scale_mod, smooth,
-                         rows, k0 + rk, row_ok, K, tokens, stride_mod, sample, ACT, NORM, HAS_SMOOTH, EMULATE,
-                         ONE_SAMPLE)  # fmt: skip
+                         rows, k0 + rk, row_ok, K, tokens, stride_mod, ACT, NORM, HAS_SMOOTH, EMULATE,
+                         ONE_SAMPLE, BLOCK_M)  # fmt: skip
         _store_codes(codes, h, scale, rows, k0 + rk, row_ok, K, stride_cm, EMULATE)
 
 
@@ -285,7 +259,6 @@ def quantize_rows_fp8(
     lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
     row_elements: int = ROW_ELEMENTS,
     num_warps: int | None = None,
-    lowrank_rows: int = LOWRANK_ROWS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 codes (M, K [+ 2R]), float32 scales (M, 1)) of h = activation(x) or modulate(LayerNorm(x))
     [/ smooth].
@@ -294,25 +267,20 @@ def quantize_rows_fp8(
     written to `residual_out` (contiguous (M, K) in x's dtype): one pass over x fewer than adding it apart.
     `out`: an e4m3 (M, ≥ K) tensor, unit column stride, whose first K columns receive the codes (the FP8 path
     appends SVDQuant's low-rank activations behind them); it is returned as the codes.
-    `lowrank` = (L1_q (K, R) e4m3, scale (1, R) float32): SVDQuant's P = (X_q · L1_q) · scale fills the codes'
-    last 2R columns, twice (`ditq.kernels.triton.lowrank`; `out`, if given, is (M, K + 2R)). The one-pass
-    kernel computes it from the codes it has just written, `lowrank_rows` rows per program (a tensor-core tile).
+    `lowrank` = (L1_q (K, R) e4m3, scale (1, R) float32): SVDQuant's P = (X_q · L1_q) · scale then fills the
+    codes' last 2R columns, twice (the kernel of `ditq.kernels.triton.lowrank`; `out`, if given, is (M, K + 2R)).
     Launch of the one-pass kernel: `row_elements` (rows × padded width held per program at most) and `num_warps`
     (None: about `ELEMENTS_PER_THREAD` each). The defaults are the best of a sweep on an H200 at DiT-XL/2
     batch-64 inputs (`bench/prepass_variants.py`, `bench/results/prepass_variants_h200.json`): 2 rows of 1,152 in
     one warp, 1 row of 4,608 in two; a row in one warp reduces without shared memory (4 rows in 4 warps took
-    16% longer for LayerNorm + modulate, 12% with the residual add).
+    13% longer for LayerNorm + modulate, 12% with the residual add).
     """
     m, k = _check_operands(x, smooth, activation, modulation, out, residual, residual_out)
     rank = 0 if lowrank is None else check_lowrank(k, *lowrank)
     x = x if x.stride(-1) == 1 else x.contiguous()
-    if out is None:
-        out = torch.empty(m, k + 2 * rank, dtype=torch.float8_e4m3fn, device=x.device)
-    codes = out
+    codes = torch.empty(m, k + 2 * rank, dtype=torch.float8_e4m3fn, device=x.device) if out is None else out
     if rank and codes.shape[1] != k + 2 * rank:
-        raise ValueError(
-            f"out must have {k} + 2·{rank} columns with a rank-{rank} branch, got {codes.shape[1]}"
-        )
+        raise ValueError(f"out must have {k} + 2·{rank} columns with a rank-{rank} branch, got {codes.shape[1]}")
     scales = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     if m == 0:  # an empty batch: nothing to launch
         return codes, scales
@@ -332,14 +300,10 @@ def quantize_rows_fp8(
         block_m = min(1 << (fits.bit_length() - 1), triton.next_power_of_2(m))  # powers of two
         per_thread = triton.cdiv(block_m * (head + tail), 32 * ELEMENTS_PER_THREAD)
         num_warps = num_warps or min(8, triton.next_power_of_2(per_thread))
-        tiles = max(1, lowrank_rows // block_m) if rank else 1
         update, x_new = (x, x) if residual is None else (residual.update.contiguous(), residual_out)
-        down, down_scale = (x, x) if lowrank is None else (lowrank[0], lowrank[1].contiguous())
-        wrap_triton(_rows_one_pass_kernel)[(triton.cdiv(m, tiles * block_m),)](
-            *args, update, gate, x_new, update.stride(0), x_new.stride(0), down, down_scale,
-            ONE_SAMPLE=_one_sample(modulation, block_m), BLOCK_M=block_m, HEAD=head, TAIL=tail,
-            RESIDUAL=residual is not None, TILES=tiles, RANK=rank, LOWRANK_BLOCK_K=LOWRANK_BLOCK_K,
-            num_warps=num_warps, **common,
+        wrap_triton(_rows_one_pass_kernel)[(triton.cdiv(m, block_m),)](
+            *args, update, gate, x_new, update.stride(0), x_new.stride(0), ONE_SAMPLE=_one_sample(modulation, block_m),
+            BLOCK_M=block_m, HEAD=head, TAIL=tail, RESIDUAL=residual is not None, num_warps=num_warps, **common,
         )  # fmt: skip
     else:
         block_m, block_k = MULTI_PASS_BLOCKS
@@ -347,8 +311,8 @@ def quantize_rows_fp8(
             *args, ONE_SAMPLE=_one_sample(modulation, block_m), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
             **common,
         )  # fmt: skip
-        if rank:
-            append_lowrank_codes(codes, *lowrank)
+    if rank:
+        append_lowrank_codes(codes, *lowrank)
     return codes, scales
 
 
@@ -377,9 +341,7 @@ def _check_operands(
 ) -> tuple[int, int]:
     """(M, K), or a ValueError naming what the kernel would read or write wrongly."""
     if x.ndim != 2 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(
-            f"quantize_rows_fp8 takes a 2-D float x (tokens, channels), got {x.dtype} {tuple(x.shape)}"
-        )
+        raise ValueError(f"quantize_rows_fp8 takes a 2-D float x (tokens, channels), got {x.dtype} {tuple(x.shape)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
     m, k = x.shape
@@ -409,9 +371,7 @@ def _check_operands(
         if (residual_out is None or residual_out.shape != x.shape or residual_out.dtype != x.dtype
                 or not residual_out.is_contiguous()):  # fmt: skip
             got = None if residual_out is None else f"{residual_out.dtype} {tuple(residual_out.shape)}"
-            raise ValueError(
-                f"residual_out must be contiguous {x.dtype} {tuple(x.shape)} with a residual, got {got}"
-            )
+            raise ValueError(f"residual_out must be contiguous {x.dtype} {tuple(x.shape)} with a residual, got {got}")
     return m, k
 
 
