@@ -16,8 +16,9 @@ Backends here:
 - `"lowbit"` (`ditq.kernels.lowbit`): a Triton GEMM that reads the packed int2–int4/ternary codes directly
   (any group size, any activation spec); weights stay 2–4-bit in memory. Fastest where a GEMM is bound by
   its weight bytes (few tokens); sm_80+.
-- `"fp8"` / `"fp8-cached"` (`ditq.kernels.fp8`): W4A8-FP8 through Triton + cuBLAS FP8 on sm_89+, for
-  per-channel int2–int4 or ternary weights with dynamic per-token FP8 activations; `"fp8"` sends few-row
+- `"fp8"` / `"fp8-cached"` (`ditq.kernels.fp8`): W4A8-FP8 on sm_89+ for symmetric int2–int4 or ternary
+  weights with dynamic per-token FP8 activations: per-channel layers through cuBLAS FP8 on e4m3 weight codes,
+  per-group ones (groups a multiple of 32) through the lowbit kernel's FP8 mode; `"fp8"` sends few-row
   calls to the lowbit kernel. Both first move each MLP's GELU into its second Linear and each zoo DiT block's
   LayerNorm + modulate into qkv and fc1 (`ditq.kernels.fusion`), whose inputs they then quantize in the
   Triton pre-pass.

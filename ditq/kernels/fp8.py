@@ -1,4 +1,4 @@
-"""W4A8-FP8 on Hopper: int2–int4 or ternary weights expanded to FP8 e4m3, per-token FP8 activations, cuBLAS FP8.
+"""W4A8-FP8 on Hopper: int2–int4 or ternary weights as FP8 e4m3, per-token FP8 activations, FP8 tensor cores.
 
     x ──(÷smooth, row absmax, e4m3 codes: ordinary ops or the pre-pass)──► X_q, s_x ──────────────┐
     X_q · L1_q (SVDQuant's down-projection, a Triton kernel) ──► e4m3 P, twice behind X_q's columns ─┤
@@ -22,11 +22,13 @@ so per-channel layers stay on cuBLAS at every size. SVDQuant's branch (x/smooth)
 as 2·rank more columns of K (`_lowrank_parts`): its operands are e4m3 too (a few % of the branch off where the
 other backends keep it in x's dtype, no loss of sample quality seen: `bench/lowrank_precision.py`); a separate
 16-bit up-projection would re-read and re-write every output (DiT-XL/2 SVDQuant r32 at batch 64 on an H200:
-0.71× bf16 that way, 1.06× this way).
+0.71× bf16 that way, 1.06× this way; 1.10× on 2026-12-04 with the MLP residual carried,
+`bench/results/e2e_fp8_v10_models_h200.md`).
 
-Two backends: `"fp8"` expands the codes on every call (weights stay 2–4-bit in memory; the expansion costs a
-few µs per layer), `"fp8-cached"` expands once in `prepare_for_inference` (8-bit weights in memory, no
-per-call expansion). `"fp8"` sends calls of at most `LOWBIT_MAX_ROWS` rows, bound by weight bytes, to the
+Two backends, which differ for per-channel layers only (per-group layers read their packed codes in both):
+`"fp8"` expands the codes on every call (weights stay 2–4-bit in memory; the expansion costs a few µs per
+layer), `"fp8-cached"` expands once in `prepare_for_inference` (8-bit weights in memory, no per-call
+expansion). `"fp8"` sends calls of at most `LOWBIT_MAX_ROWS` rows, bound by weight bytes, to the
 `"lowbit"` kernel instead, which reads the packed codes directly (activations fake-quantized to the same FP8
 values, a low-rank branch in x's dtype) rather than expanding them. Both run on CUDA devices with FP8 tensor
 cores (sm_89+), and on the CPU under `TRITON_INTERPRET=1` (tests).

@@ -47,8 +47,9 @@ def fuse_input_activations(model: nn.Module) -> int:
         if type(module) is DiTBlock and any(isinstance(m, QuantLinear) for m in (module.attn.qkv, module.mlp.fc1)):
             module.__class__ = NormFusedDiTBlock
             fused += 1
-    if type(model) is DiT and any(type(block) is NormFusedDiTBlock for block in model.blocks):
-        model.__class__ = ResidualCarryingDiT
+    for module in model.modules():  # the model itself or a DiT inside a wrapper
+        if type(module) is DiT and any(type(block) is NormFusedDiTBlock for block in module.blocks):
+            module.__class__ = ResidualCarryingDiT
     return fused
 
 
@@ -98,16 +99,25 @@ class NormFusedDiTBlock(DiTBlock):
 
 
 class ResidualCarryingDiT(DiT):
-    """A zoo `DiT` that hands each rewritten block's MLP residual add to the next block's qkv pre-pass."""
+    """A zoo `DiT` that hands each rewritten block's MLP residual add to the next block's qkv pre-pass. A block
+    with forward hooks is called as a module instead, so that its hooks run and see its complete output."""
 
     def run_blocks(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         pending = None
         for block in self.blocks:
-            if type(block) is NormFusedDiTBlock:
+            if type(block) is NormFusedDiTBlock and not _hooked(block):
                 x, pending = block.forward_deferred(x, c, pending)
             else:
                 x, pending = block(_added(x, pending), c), None
         return _added(x, pending)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling `module` would run forward hooks of its own or global ones."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
+                or torch_module._global_forward_pre_hooks)  # fmt: skip
 
 
 def _added(x: torch.Tensor, residual: Residual | None) -> torch.Tensor:

@@ -349,6 +349,23 @@ def test_a_fused_tiny_dit_saves_and_loads_as_the_unfused_model(tmp_path, tiny_di
         torch.testing.assert_close(loaded(x, t, y), ref)
 
 
+def test_a_dit_inside_a_wrapper_carries_its_residuals_too(tiny_dit):
+    import ditq
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, dit: torch.nn.Module):
+            super().__init__()
+            self.dit = dit
+
+        def forward(self, *args):
+            return self.dit(*args)
+
+    ditq.quantize(tiny_dit, ditq.RTN(w_bits=4, a_bits=8, a_format="fp8"))
+    wrapper = Wrapper(tiny_dit)
+    prepare_for_inference(wrapper, "fp8-cached")
+    assert type(wrapper.dit) is ResidualCarryingDiT
+
+
 def test_each_mlp_residual_add_rides_in_the_next_blocks_qkv_pre_pass_and_every_backend_keeps_the_output(monkeypatch):
     """Blocks of a rewritten DiT hand the MLP's x + gate·update on: the next block's qkv pre-pass adds it (all but
     the first block), the last one is added before the final layer; a block left plain takes x complete."""
@@ -360,10 +377,17 @@ def test_each_mlp_residual_add_rides_in_the_next_blocks_qkv_pre_pass_and_every_b
                   "y_embedder*", "final_layer*", "*adaLN_modulation*", "blocks.2.*")))  # fmt: skip
     model = model.to(DEVICE)
     g = torch.Generator().manual_seed(3)
-    x, t, y = torch.randn(3, 1, 8, 8, generator=g), torch.tensor([3, 700, 999]), torch.tensor([1, 10, 4])
+    # 9 samples of 16 tokens: more rows than "fp8" hands to the lowbit kernel, so every backend runs its pre-pass
+    x = torch.randn(9, 1, 8, 8, generator=g)
+    t, y = torch.randint(0, 1000, (9,), generator=g), torch.randint(0, 10, (9,), generator=g)
     x, t, y = x.to(DEVICE), t.to(DEVICE), y.to(DEVICE)
-    added = []
-    monkeypatch.setattr(fp8, "quantize_rows", lambda *args: added.append(len(args) > 9) or quantize_rows(*args))
+    added = []  # per pre-pass: the residual update it adds (its shape and dtype), or None
+
+    def spy(*args):
+        added.append(None if len(args) <= 9 else (tuple(args[9].shape), args[9].dtype))
+        return quantize_rows(*args)
+
+    monkeypatch.setattr(fp8, "quantize_rows", spy)
     with torch.no_grad():
         ref = model(x, t, y)
         prepare_for_inference(model, "fp8-cached")
@@ -371,10 +395,19 @@ def test_each_mlp_residual_add_rides_in_the_next_blocks_qkv_pre_pass_and_every_b
         model(x, t, y)
         # qkv, fc1 (attention's add), fc2 per fused block; qkv adds the MLP's of blocks 0 (→ 1) only: block 2 is
         # plain, so block 1's add is done before it and block 3 starts from a complete x
-        assert added == [False, True, False, True, True, False, False, True, False]
+        update = ((9 * 16, 128), x.dtype)
+        assert added == [None, update, None, update, update, None, None, update, None]
         for backend in ("fp8-cached", "fp8", "reference", "dequantized"):
             prepare_for_inference(model, backend)
             assert float((model(x, t, y) - ref).norm() / ref.norm()) < 2e-2, backend
+        prepare_for_inference(model, "fp8-cached")
+        seen = []  # a hook on a rewritten block runs: that block adds its own residual and hands nothing on
+        handle = model.blocks[1].register_forward_hook(lambda module, args, out: seen.append(out))
+        added.clear()
+        hooked = model(x, t, y)
+        handle.remove()
+        assert len(seen) == 1 and added == [None, update, None, None, update, None, None, update, None]
+        torch.testing.assert_close(hooked, model(x, t, y), rtol=1e-5, atol=1e-5)
         prepare_for_inference(model, "reference")
         torch.testing.assert_close(model(x, t, y), ref)  # the same ops in the same order: bit for bit
         prepare_for_inference(model, "fp8-cached")
