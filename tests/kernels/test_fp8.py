@@ -115,11 +115,16 @@ def test_per_group_layers_run_the_packed_codes_on_fp8_tensor_cores(spec, k, back
     x = torch.randn(2, 71, k, generator=g).to(DEVICE)  # > LOWBIT_MAX_ROWS rows: not the few-row route
     ref = m(x)
     calls = []
-    monkeypatch.setattr(fp8, "lowbit_gemm", lambda *args: calls.append(args[-2] is not None) or lowbit_gemm(*args))
+
+    def spy(*args):
+        calls.append((args[0].dtype, args[1].dtype, args[-2].dtype))  # activations, weights, row scales
+        return lowbit_gemm(*args)
+
+    monkeypatch.setattr(fp8, "lowbit_gemm", spy)
     prepare_for_inference(m, backend)
     assert m.backend == backend and m.kernel_buffers == ()
     out = m(x)
-    assert calls == [True]
+    assert calls == [(torch.float8_e4m3fn, torch.uint8, torch.float32)]  # e4m3 codes, packed codes, scales
     tol = dict(rtol=1e-3, atol=2e-4) if out.is_cuda else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out, ref, **tol)
     torch._dynamo.reset()

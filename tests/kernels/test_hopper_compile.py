@@ -70,6 +70,10 @@ def _variants() -> list[tuple]:
         variants.append((lowbit_gemm._lowbit_gemm_kernel, gemm | {"x": "*fp8e4nv"}, dict(K=1152, SLOT=slot,
                          OFFSET=offset, GROUP=group, HAS_ZEROS=False, HAS_BIAS=True, HAS_XSCALE=True, FP32_DOT=False,
                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k), dict(num_warps=4, num_stages=3)))  # fmt: skip
+    # float32 output and the least launch (16 × 16 tiles, K blocks of 32), as the CPU tests run it
+    variants.append((lowbit_gemm._lowbit_gemm_kernel, gemm | {"x": "*fp8e4nv", "bias": "*fp32", "out": "*fp32"},
+                     dict(K=1152, SLOT=4, OFFSET=8, GROUP=32, HAS_ZEROS=False, HAS_BIAS=True, HAS_XSCALE=True,
+                          FP32_DOT=False, BLOCK_M=16, BLOCK_N=16, BLOCK_K=32), dict(num_warps=4, num_stages=3)))  # fmt: skip
     return variants
 
 
