@@ -46,6 +46,12 @@ CONFIGS = [
 FEW_ROW_CONFIGS = [(16, 32, 128, 4, 3), (16, 64, 128, 4, 3), (16, 32, 256, 4, 3), (16, 64, 256, 4, 4), (64, 32, 128, 4, 3)]
 
 
+def launched(config: tuple, group: int) -> tuple:
+    """A launch config as the kernel runs it at this group size: `lowbit_linear` clamps block_k into the group."""
+    bm, bn, bk, warps, stages = config
+    return bm, bn, min(bk, group & -group), warps, stages
+
+
 def per_gemm_us(fn, layers: int) -> float:
     return replay_us(fn, rep=60) / layers
 
@@ -80,7 +86,9 @@ def measure(name: str, m: int, k: int, n: int) -> dict:
                                  x_scale=s_x, out_dtype=torch.bfloat16, block_m=bm, block_n=bn, block_k=bk,
                                  num_warps=warps, num_stages=stages)  # fmt: skip
 
-        configs = ranked[:3] if group else FEW_ROW_CONFIGS if m <= 128 else CONFIGS
+        configs = FEW_ROW_CONFIGS if m <= 128 else CONFIGS
+        if group:  # the three fastest per channel, as the kernel runs them (K blocks within a group)
+            configs = list(dict.fromkeys(launched(c, group) for c in ranked[:3]))
         ref = (x_codes.float() * s_x) @ q[group][0].dequantized_weight(torch.float32).t() + linears[0].bias
         row[f"{key}_rel_err"] = float((fused(configs[0], q[group][0], bf16[0][1]).float() - ref).norm() / ref.norm())
         timed = {}

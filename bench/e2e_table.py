@@ -38,8 +38,9 @@ def main(lines_path: str, out_stem: str) -> None:
         weights = f"{r['weight_bytes'] / 1e6:.0f}" if r.get("weight_bytes") else "—"
         held = f"{r['gpu_weight_bytes'] / 1e6:.0f}" if r.get("gpu_weight_bytes") else "—"
         sampling = "—"
-        if r.get("sample_speed_vs_bf16") is not None:
-            sampling = f"{r['sample_steps']} steps: {r['sample_median_ms']:.0f} ({r['sample_speed_vs_bf16']:.2f}×)"
+        if "sample_median_ms" in r:  # without a bf16 sampling row in the run, the time alone
+            versus = "" if r["sample_speed_vs_bf16"] is None else f" ({r['sample_speed_vs_bf16']:.2f}×)"
+            sampling = f"{r['sample_steps']} steps: {r['sample_median_ms']:.0f}{versus}"
         lines.append(
             f"| {r['batch']} | {'yes' if r['cuda_graphs'] else 'no'} | {r['config']} | "
             f"{r.get('backend', 'dequantized' if r['config'] != 'bf16' else '—')} | "
