@@ -8,7 +8,8 @@ At DiT-XL/2's batch-64 inputs (16,384 rows) it times, as kernels alone (`timing.
   output (no producer), qkv's LayerNorm + modulate, fc1's with the residual add, fc2's GELU-tanh;
 - the same with float32 x, where the kernel rounds nothing to x's dtype: if that is faster despite reading twice
   the bytes, the roundings (conversion instructions) bound it, not memory;
-- `x.clone()` of a bf16 x: what reading and writing the same bytes costs the GPU's own copy kernel.
+- `x.clone()` of a bf16 x: what reading and writing the same bytes costs the GPU's own copy kernel;
+- SVDQuant's inputs (smoothed, rank-32 P appended): what the smoothing and the branch add.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from timing import replay_us
 
 from ditq.kernels.reference import Modulation, Residual
 from ditq.kernels.triton.rowquant import quantize_rows_fp8
+from ditq.quant.primitives import fp8_quantize
 
 M, TOKENS = 16384, 256
 CASES = [  # (name, K, producer, dtype)
@@ -32,6 +34,10 @@ CASES = [  # (name, K, producer, dtype)
     ("fc1: residual + LayerNorm + modulate", 1152, "residual", torch.bfloat16),
     ("fc2: GELU-tanh", 4608, "gelu_tanh", torch.bfloat16),
     ("fc2: GELU-tanh, float32 x", 4608, "gelu_tanh", torch.float32),
+    # SVDQuant's inputs: smoothed, and the branch's P appended by its own kernel
+    ("attn out, smoothed + r32", 1152, "none+svdquant", torch.bfloat16),
+    ("fc1: residual + LayerNorm + modulate, smoothed + r32", 1152, "residual+svdquant", torch.bfloat16),
+    ("fc2: GELU-tanh, smoothed + r32", 4608, "gelu_tanh+svdquant", torch.bfloat16),
 ]
 
 
@@ -59,16 +65,21 @@ def measure(name: str, k: int, producer: str, dtype: torch.dtype) -> dict:
 
 
 def case_inputs(k: int, producer: str, dtype: torch.dtype) -> tuple[tuple, dict]:
+    producer, _, svdquant = producer.partition("+")
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(M, k, device="cuda", generator=g).to(dtype) * 2
-    if producer in ("none", "gelu_tanh"):
-        return (x, None, producer), {}
-    shift, scale, gate = torch.randn(3, M // TOKENS, k, device="cuda", generator=g).to(dtype)
+    smooth = torch.rand(k, device="cuda", generator=g) + 0.5 if svdquant else None
     kwargs = {}
+    if svdquant:  # rank 32 as `ditq.kernels.fp8._lowrank_parts` makes it
+        down, _ = fp8_quantize(torch.randn(32, k, device="cuda", generator=g) * 0.05)
+        kwargs["lowrank"] = (down.t().contiguous(), 1 / down.float().abs().sum(1).reshape(1, -1))
+    if producer in ("none", "gelu_tanh"):
+        return (x, smooth, producer), kwargs
+    shift, scale, gate = torch.randn(3, M // TOKENS, k, device="cuda", generator=g).to(dtype)
     if producer == "residual":
         update = torch.randn(M, k, device="cuda", generator=g).to(dtype)
-        kwargs = {"residual": Residual(update, gate), "residual_out": torch.empty_like(x)}
-    return (x, None, "none", Modulation(shift, scale, TOKENS, 1e-6)), kwargs
+        kwargs |= {"residual": Residual(update, gate), "residual_out": torch.empty_like(x)}
+    return (x, smooth, "none", Modulation(shift, scale, TOKENS, 1e-6)), kwargs
 
 
 def main() -> None:
