@@ -5,7 +5,7 @@
 # took 337 s on the H100.
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh kernels   # GPU tests, samples vs reference, batch-64 forward, GEMM table
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh models    # GPU tests; every FP8-path model at batch 64 + sampling
-#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh prepass   # the pre-pass against inductor
+#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh prepass   # the pre-pass's launch grid and costs; against inductor
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh small     # batch 2 under CUDA graphs; samples; few-row GEMMs
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh profile   # GPU tests; low-rank kernel launch sweep; kernel profiles
 #   (bench_kernels.py, in the first part, also times the lowbit kernel's launch configs)
@@ -39,7 +39,8 @@ case $part in
     e2e --batch 64 --sample-steps 50 --config ternary-a8fp8 --backend fp8-cached --all-linears
     e2e --batch 64 --sample-steps 50 --config svdquant-w4a8fp8-r32 --backend fp8-cached
     e2e --batch 64 --sample-steps 50 --config w4a8fp8 --backend fp8 ;;  # weights 4-bit in memory, expanded per call
-  prepass)  # the pre-pass against inductor at DiT-XL/2's batch-64 inputs
+  prepass)  # the pre-pass's launches and costs at DiT-XL/2's batch-64 inputs, then against inductor
+    timeout "$(left)" python bench/prepass_variants.py --out "$out/prepass_variants.json" >>"$out/log_$part.txt" 2>&1
     timeout "$(left)" python bench/bench_prepass.py --out "$out/prepass" >>"$out/log_$part.txt" 2>&1
     exit 0 ;;
   small)  # batch 2 under CUDA graphs, samples vs the reference backend, few-row GEMMs as kernels alone
