@@ -51,10 +51,11 @@ def test_kernel_matches_the_dequantized_reference(case):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
-FP8_CASES = {  # symmetric codes only: every slot width, per channel and per group, odd M and K
+FP8_CASES = {  # symmetric codes only: every slot width, per channel and every FP8 group size, odd M and K
     "int4 per-channel K131": (QuantSpec(w_bits=4), 131, 5),
     "int4 g32": (QuantSpec(w_bits=4, group_size=32), 128, 33),
     "int3 g64": (QuantSpec(w_bits=3, group_size=64), 192, 1),
+    "int4 g128": (QuantSpec(w_bits=4, group_size=128), 384, 9),
     "int2 per-channel": (QuantSpec(w_bits=2), 96, 18),
     "ternary K70": (QuantSpec(w_bits=2, w_format="ternary"), 70, 17),
 }
