@@ -94,7 +94,7 @@ def quantize_rows(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(e4m3 codes (M, K [+ 2·rank]), float32 row scales (M, 1), x') of h = activation(x), or modulate(LayerNorm(x),
     shift, scale) with a shift, [/ smooth], x (M, K), by the Triton pre-pass; with SVDQuant's down-projection
-    (`_lowrank_parts`) its e4m3 activations P follow, twice, from the same kernel. With an `update`
+    (`_lowrank_parts`) its e4m3 activations P follow, twice (`ditq.kernels.triton.lowrank`). With an `update`
     (and a shift), x' = x + gate·update replaces x first and is returned; else x' is empty."""
     from ditq.kernels.triton.rowquant import quantize_rows_fp8
 
