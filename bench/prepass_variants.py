@@ -1,11 +1,15 @@
 """Experiment behind the pre-pass's speed: is `ditq::quantize_rows_fp8` bound by memory, by its launch, or by the
 arithmetic of matching the reference's roundings?
 
-    python bench/prepass_variants.py --out bench/results/prepass_variants_h200.json   # GPU
+    python bench/prepass_variants.py --out bench/results/prepass_variants_h200.json [--grid]   # GPU
 
 At DiT-XL/2's batch-64 inputs (16,384 rows) it times, as kernels alone (`timing.replay_us`):
-- the library kernel over a grid of launches (rows per program × warps) for each input it serves: the attention
-  output (no producer), qkv's LayerNorm + modulate, fc1's with the residual add, fc2's GELU-tanh;
+- the library kernel at its default launch (`--grid`: over a grid of launches, rows per program × warps) for
+  each input it serves: the attention output (no producer), qkv's LayerNorm + modulate, fc1's with the residual
+  add, fc2's GELU-tanh;
+- the multi-pass kernel (the one for rows too wide to hold: it walks K once per step, BLOCK_M rows × BLOCK_K
+  columns at a time) at these widths, for inputs without a residual add: whether a kernel that loops over K in
+  tiles, as one computing P in its loop would, can keep up;
 - the same with float32 x, where the kernel rounds nothing to x's dtype: if that is faster despite reading twice
   the bytes, the roundings (conversion instructions) bound it, not memory;
 - `x.clone()` of a bf16 x: what reading and writing the same bytes costs the GPU's own copy kernel;
@@ -15,6 +19,7 @@ At DiT-XL/2's batch-64 inputs (16,384 rows) it times, as kernels alone (`timing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -23,10 +28,12 @@ import triton
 from timing import replay_us
 
 from ditq.kernels.reference import Modulation, Residual
+from ditq.kernels.triton import rowquant
 from ditq.kernels.triton.rowquant import quantize_rows_fp8
 from ditq.quant.primitives import fp8_quantize
 
 M, TOKENS = 16384, 256
+MULTI_PASS_LAUNCHES = [(16, 128), (32, 128), (16, 256), (64, 64)]
 CASES = [  # (name, K, producer, dtype)
     ("attn out", 1152, "none", torch.bfloat16),
     ("qkv: LayerNorm + modulate", 1152, "modulate", torch.bfloat16),
@@ -53,15 +60,34 @@ def launches(k: int) -> list[tuple[int, int]]:
     return [(r, w) for r in rows for w in (1, 2, 4, 8) if r * padded_width(k) >= 32 * w * 4]
 
 
-def measure(name: str, k: int, producer: str, dtype: torch.dtype) -> dict:
+def measure(name: str, k: int, producer: str, dtype: torch.dtype, grid: bool) -> dict:
     pos, kwargs = case_inputs(k, producer, dtype)
     row = {"case": name, "K": k, "default_us": replay_us(lambda: quantize_rows_fp8(*pos, **kwargs))}
-    for rows, warps in launches(k):
+    if "residual" not in kwargs:
+        for blocks in MULTI_PASS_LAUNCHES:
+            with patched(rowquant, MAX_RESIDENT=0, MULTI_PASS_BLOCKS=blocks):
+                row[f"multi-pass {blocks[0]} rows × {blocks[1]} columns"] = replay_us(
+                    lambda: quantize_rows_fp8(*pos, **kwargs)
+                )
+    for rows, warps in launches(k) if grid else ():
         elements = rows * padded_width(k)
         row[f"{rows} rows, {warps} warps"] = replay_us(
             lambda e=elements, w=warps: quantize_rows_fp8(*pos, **kwargs, row_elements=e, num_warps=w)
         )
     return row
+
+
+@contextlib.contextmanager
+def patched(module, **values):
+    """The module's constants set to `values` for the block."""
+    saved = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
 
 
 def case_inputs(k: int, producer: str, dtype: torch.dtype) -> tuple[tuple, dict]:
@@ -85,6 +111,7 @@ def case_inputs(k: int, producer: str, dtype: torch.dtype) -> tuple[tuple, dict]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--grid", action="store_true", help="also time the one-pass kernel's launch grid")
     args = parser.parse_args()
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "M": M,
               "rows": []}  # fmt: skip
@@ -92,7 +119,7 @@ def main() -> None:
         x = torch.randn(M, k, device="cuda", dtype=torch.bfloat16)
         result["rows"].append({"case": f"x.clone() bf16 K={k}", "us": replay_us(x.clone)})
     for case in CASES:
-        row = measure(*case)
+        row = measure(*case, grid=args.grid)
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
         args.out.write_text(json.dumps(result, indent=1))
