@@ -216,8 +216,10 @@ def weight_scale(m: QuantLinear) -> dict[str, torch.Tensor]:
 
 
 def expanded_weight(m: QuantLinear) -> dict[str, torch.Tensor]:
+    """`weight_scale`'s buffers and the e4m3 weight cuBLAS reads (`fp8-cached`): the codes, then U's two parts
+    when `m` has a branch (the row shifts applied); per-group layers keep their packed codes, so nothing."""
     buffers = weight_scale(m)
-    if m.spec.group_size is not None:
+    if not buffers:  # per-group scales: the lowbit kernel's FP8 mode reads the packed codes
         return buffers
     if m.lowrank_up is None:
         return buffers | {"weight_fp8": _expanded(m)}
