@@ -13,7 +13,8 @@ At DiT-XL/2's batch-64 inputs (16,384 rows) it times, as kernels alone (`timing.
 - the same with float32 x, where the kernel rounds nothing to x's dtype: if that is faster despite reading twice
   the bytes, the roundings (conversion instructions) bound it, not memory;
 - `x.clone()` of a bf16 x: what reading and writing the same bytes costs the GPU's own copy kernel;
-- SVDQuant's inputs (smoothed, rank-32 P appended): what the smoothing and the branch add.
+- SVDQuant's inputs (smoothed, rank-32 P appended): what the smoothing and the branch add, with P from its own
+  kernel (the default) and from the one-pass kernel's registers (`lowrank_rows=16`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ def launches(k: int) -> list[tuple[int, int]]:
 def measure(name: str, k: int, producer: str, dtype: torch.dtype, grid: bool) -> dict:
     pos, kwargs = case_inputs(k, producer, dtype)
     row = {"case": name, "K": k, "default_us": replay_us(lambda: quantize_rows_fp8(*pos, **kwargs))}
+    if "lowrank" in kwargs:  # P from the one-pass kernel's registers, 16 rows in 8 warps (widths ≤ 1,152)
+        row["P fused, 16 rows"] = replay_us(lambda: quantize_rows_fp8(*pos, **kwargs, lowrank_rows=16))
     if "residual" not in kwargs:
         for blocks in MULTI_PASS_LAUNCHES:
             with patched(rowquant, MAX_RESIDENT=0, MULTI_PASS_BLOCKS=blocks):

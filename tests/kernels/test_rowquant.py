@@ -134,18 +134,22 @@ def low_rank_down(k: int, rank: int, seed: int = 0) -> tuple[torch.Tensor, torch
     return down.to(DEVICE), (1 / down.float().abs().sum(0, keepdim=True)).to(DEVICE)
 
 
+@pytest.mark.parametrize("lowrank_rows", [0, 16], ids=["p_kernel", "p_fused"])
 @pytest.mark.parametrize(("samples", "tokens", "k", "wide"), [(5, 4, 48, False), (2, 40, 131, False), (1, 5, 131, True)],
                          ids=["one_pass", "one_pass_odd_k", "multi_pass"])  # fmt: skip
-def test_pre_pass_appends_the_low_rank_codes_of_its_own_codes(samples, tokens, k, wide, monkeypatch):
-    """With SVDQuant's branch the pre-pass fills the codes' last 2R columns with P of the codes it wrote, after
-    either kernel; the codes, scales and the residual sum are those of the pre-pass without a branch."""
+def test_pre_pass_appends_the_low_rank_codes_of_its_own_codes(samples, tokens, k, wide, lowrank_rows, monkeypatch):
+    """With SVDQuant's branch the pre-pass fills the codes' last 2R columns with P of the codes it wrote: by the
+    low-rank kernel after either pre-pass kernel, or (`lowrank_rows`) inside the one-pass kernel, from the codes
+    in its registers (its tail of 3 columns padded to a tensor-core step); the codes, scales and the residual sum
+    are those of the pre-pass without a branch."""
     if wide:
         monkeypatch.setattr(rowquant, "MAX_RESIDENT", 32)
     x, s = operands(samples * tokens, k, torch.bfloat16, True, seed=k)
     mod, res = modulation(samples, tokens, k, torch.bfloat16, seed=k), residual(samples, tokens, k, torch.bfloat16)
     down, scale = low_rank_down(k, 16, seed=k)
     total, plain_total = torch.empty_like(x), torch.empty_like(x)
-    codes, scales = quantize_rows_fp8(x, s, "none", mod, residual=res, residual_out=total, lowrank=(down, scale))
+    codes, scales = quantize_rows_fp8(x, s, "none", mod, residual=res, residual_out=total, lowrank=(down, scale),
+                                      lowrank_rows=lowrank_rows)  # fmt: skip
     plain, plain_scales = quantize_rows_fp8(x, s, "none", mod, residual=res, residual_out=plain_total)
     assert codes.shape == (x.shape[0], k + 32) and torch.equal(total, plain_total)
     assert torch.equal(codes[:, :k].float(), plain.float()) and torch.equal(scales, plain_scales)
@@ -163,6 +167,20 @@ def test_a_low_rank_branch_needs_its_columns_in_out():
                           lowrank=low_rank_down(48, 16))  # fmt: skip
     with pytest.raises(ValueError, match=r"down must be contiguous e4m3 \(48, R\)"):
         quantize_rows_fp8(x, s, "none", lowrank=low_rank_down(50, 16))
+    with pytest.raises(ValueError, match="lowrank_rows must be 0 or a power of two >= 16, got 8"):
+        quantize_rows_fp8(x, s, "none", lowrank=low_rank_down(48, 16), lowrank_rows=8)
+
+
+def test_rows_too_wide_for_8_warps_leave_p_to_its_own_kernel(monkeypatch):
+    """16 rows of 2,048 would take 128 elements per thread: the one-pass kernel declines P, the kernel of its own
+    computes it."""
+    calls = []
+    monkeypatch.setattr(rowquant, "append_lowrank_codes", lambda *args: calls.append(args[0].shape))
+    x, s = operands(3, 2048, torch.bfloat16, True)
+    quantize_rows_fp8(x, s, "none", lowrank=low_rank_down(2048, 16), lowrank_rows=16)
+    quantize_rows_fp8(x[:, :1024].contiguous(), s[:1024].contiguous(), "none", lowrank=low_rank_down(1024, 16),
+                      lowrank_rows=16)  # fmt: skip
+    assert calls == [(3, 2048 + 32)]
 
 
 def test_the_residual_gate_is_read_per_sample():

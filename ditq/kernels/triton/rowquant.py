@@ -25,8 +25,13 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ditq.kernels.reference import Modulation, Residual, activate, modulated, residual_added
-from ditq.kernels.triton import interpreted
-from ditq.kernels.triton.lowrank import append_lowrank_codes, check_lowrank
+from ditq.kernels.triton import FP8_K_STEP, interpreted
+from ditq.kernels.triton.lowrank import (
+    append_lowrank_codes,
+    check_lowrank,
+    lowrank_product,
+    store_lowrank_codes,
+)
 from ditq.kernels.triton.rounding import product, rounded
 from ditq.quant.primitives import FP8_MAX, SCALE_FLOOR, fp8_cast, fp8_scale
 
@@ -150,22 +155,27 @@ def _row_scale(amax):
 
 @triton.jit
 def _store_codes(codes, h, scale, rows, cols, row_ok, K, stride_cm, EMULATE: tl.constexpr):
+    """The tile's e4m3 codes, stored and returned."""
     inverse = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)  # once per row (see `fp8_cast`)
     q = tl.minimum(tl.maximum(h * inverse[:, None], -_FP8_MAX), _FP8_MAX)
-    q = rounded(q, tl.float8e4nv, EMULATE)
-    tl.store(codes + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :], q.to(tl.float8e4nv),
+    q = rounded(q, tl.float8e4nv, EMULATE).to(tl.float8e4nv)
+    tl.store(codes + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :], q,
              mask=row_ok[:, None] & (cols < K)[None, :])  # fmt: skip
+    return q
 
 
 @triton.jit
 def _rows_one_pass_kernel(
     x, smooth, shift, scale_mod, codes, scales, M, K, tokens, eps, stride_xm, stride_cm, stride_mod,
-    update, gate, x_out, stride_um, stride_om,
+    update, gate, x_out, stride_um, stride_om, down, down_scale,
     ACT: tl.constexpr, NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr,
     ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr, RESIDUAL: tl.constexpr,
+    RANK: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_M whole rows per program: columns [0, HEAD) and [HEAD, HEAD + TAIL), both powers of two.
-    RESIDUAL: x is first replaced by x + gate · update, which is also written to `x_out`."""
+    RESIDUAL: x is first replaced by x + gate · update, which is also written to `x_out`. RANK > 0: SVDQuant's
+    P of the codes too, multiplied with L1_q from the registers that hold them (BLOCK_M ≥ 16, HEAD and TAIL ≥ 32
+    or TAIL 0: tensor-core tiles)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     head_cols = tl.arange(0, HEAD)
@@ -201,9 +211,15 @@ def _rows_one_pass_kernel(
         amax = tl.maximum(amax, tl.max(tl.abs(tail), axis=1))
     scale = _row_scale(amax)
     tl.store(scales + rows, scale, mask=row_ok)
-    _store_codes(codes, head, scale, rows, head_cols, row_ok, K, stride_cm, EMULATE)
+    q = _store_codes(codes, head, scale, rows, head_cols, row_ok, K, stride_cm, EMULATE)
+    if RANK > 0:
+        acc = lowrank_product(tl.zeros((BLOCK_M, RANK), dtype=tl.float32), q, down, head_cols, K, RANK, EMULATE)
     if TAIL > 0:
-        _store_codes(codes, tail, scale, rows, tail_cols, row_ok, K, stride_cm, EMULATE)
+        q = _store_codes(codes, tail, scale, rows, tail_cols, row_ok, K, stride_cm, EMULATE)
+        if RANK > 0:
+            acc = lowrank_product(acc, q, down, tail_cols, K, RANK, EMULATE)
+    if RANK > 0:
+        store_lowrank_codes(codes, acc, down_scale, rows, row_ok, stride_cm, K, RANK, EMULATE)
 
 
 @triton.jit
@@ -259,6 +275,7 @@ def quantize_rows_fp8(
     lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
     row_elements: int = ROW_ELEMENTS,
     num_warps: int | None = None,
+    lowrank_rows: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 codes (M, K [+ 2R]), float32 scales (M, 1)) of h = activation(x) or modulate(LayerNorm(x))
     [/ smooth].
@@ -269,6 +286,9 @@ def quantize_rows_fp8(
     appends SVDQuant's low-rank activations behind them); it is returned as the codes.
     `lowrank` = (L1_q (K, R) e4m3, scale (1, R) float32): SVDQuant's P = (X_q · L1_q) · scale then fills the
     codes' last 2R columns, twice (the kernel of `ditq.kernels.triton.lowrank`; `out`, if given, is (M, K + 2R)).
+    `lowrank_rows` (a power of two ≥ 16; 0: off) has the one-pass kernel compute P itself from the codes in its
+    registers, that many rows per program, where they fit in 8 warps (widths up to 1,152 at 16 rows); not yet
+    timed, so off by default (`bench/prepass_variants.py` compares it).
     Launch of the one-pass kernel: `row_elements` (rows × padded width held per program at most) and `num_warps`
     (None: about `ELEMENTS_PER_THREAD` each). The defaults are the best of a sweep on an H200 at DiT-XL/2
     batch-64 inputs (`bench/prepass_variants.py`, `bench/results/prepass_variants_h200.json`): 2 rows of 1,152 in
@@ -295,15 +315,20 @@ def quantize_rows_fp8(
     args = (x, x if smooth is None else smooth, shift, scale_mod, codes, scales, m, k,
             *((1, 0.0) if modulation is None else (modulation.tokens, float(modulation.eps))),
             x.stride(0), codes.stride(0), shift.stride(0))  # fmt: skip
+    fused = bool(rank) and _fuses_lowrank(lowrank_rows, head, tail) and one_pass
     if one_pass:
         fits = max(1, row_elements // (head + tail))
         block_m = min(1 << (fits.bit_length() - 1), triton.next_power_of_2(m))  # powers of two
+        if fused:  # tensor-core tiles: 16+ rows, K steps of 32+
+            block_m, tail = lowrank_rows, tail and max(tail, FP8_K_STEP)
         per_thread = triton.cdiv(block_m * (head + tail), 32 * ELEMENTS_PER_THREAD)
         num_warps = num_warps or min(8, triton.next_power_of_2(per_thread))
         update, x_new = (x, x) if residual is None else (residual.update.contiguous(), residual_out)
+        down, down_scale = (lowrank[0], lowrank[1].contiguous()) if fused else (x, x)
         wrap_triton(_rows_one_pass_kernel)[(triton.cdiv(m, block_m),)](
-            *args, update, gate, x_new, update.stride(0), x_new.stride(0), ONE_SAMPLE=_one_sample(modulation, block_m),
-            BLOCK_M=block_m, HEAD=head, TAIL=tail, RESIDUAL=residual is not None, num_warps=num_warps, **common,
+            *args, update, gate, x_new, update.stride(0), x_new.stride(0), down, down_scale,
+            ONE_SAMPLE=_one_sample(modulation, block_m), BLOCK_M=block_m, HEAD=head, TAIL=tail,
+            RESIDUAL=residual is not None, RANK=rank if fused else 0, num_warps=num_warps, **common,
         )  # fmt: skip
     else:
         block_m, block_k = MULTI_PASS_BLOCKS
@@ -311,9 +336,18 @@ def quantize_rows_fp8(
             *args, ONE_SAMPLE=_one_sample(modulation, block_m), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
             **common,
         )  # fmt: skip
-    if rank:
+    if rank and not fused:
         append_lowrank_codes(codes, *lowrank)
     return codes, scales
+
+
+def _fuses_lowrank(lowrank_rows: int, head: int, tail: int) -> bool:
+    """Whether the one-pass kernel computes P itself: asked to, and `lowrank_rows` rows of this width (the tail
+    padded to a tensor-core step) fit in 8 warps at `ELEMENTS_PER_THREAD`."""
+    if lowrank_rows and (lowrank_rows < 16 or lowrank_rows & (lowrank_rows - 1)):
+        raise ValueError(f"lowrank_rows must be 0 or a power of two >= 16, got {lowrank_rows}")
+    width = head + (tail and max(tail, FP8_K_STEP))
+    return bool(lowrank_rows) and head >= FP8_K_STEP and lowrank_rows * width <= 8 * 32 * ELEMENTS_PER_THREAD
 
 
 def _sample_rows(modulation: Modulation, residual: Residual | None) -> tuple[torch.Tensor, ...]:
