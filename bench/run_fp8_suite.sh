@@ -36,6 +36,7 @@ case $part in
     fi
     e2e --batch 64 --sample-steps 50 --config bf16
     e2e --batch 64 --sample-steps 50 --config w4a8fp8 --backend fp8-cached
+    e2e --batch 64 --config w4a8fp8 --backend fp8-cached --attn-out-prepass  # experiment: the attention output's pre-pass
     e2e --batch 64 --sample-steps 50 --config ternary-a8fp8 --backend fp8-cached --all-linears
     e2e --batch 64 --sample-steps 50 --config svdquant-w4a8fp8-r32 --backend fp8-cached
     e2e --batch 64 --sample-steps 50 --config w4a8fp8 --backend fp8 ;;  # weights 4-bit in memory, expanded per call
