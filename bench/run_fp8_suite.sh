@@ -8,11 +8,12 @@
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh prepass   # the pre-pass's launch grid and costs; against inductor
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh small     # batch 2 under CUDA graphs; samples; few-row GEMMs
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh profile   # GPU tests; low-rank kernel launch sweep; kernel profiles
+#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh profile-small  # kernel profiles at batch 2
 #   (bench_kernels.py, in the first part, also times the lowbit kernel's launch configs)
 set -u
 out=${OUT:?set OUT to the results folder}
 e2e() { timeout "$(left)" python bench/bench_e2e.py "$@" >>"$out/e2e_$part.jsonl" 2>>"$out/log_$part.txt" || echo "failed: $*" >>"$out/log_$part.txt"; }
-part=${1:?kernels, models, prepass, small, profile or fusion}
+part=${1:?kernels, models, prepass, small, profile, profile-small or fusion}
 deadline=$(( $(date +%s) + ${SUITE_SECONDS:-570} ))  # one device call: steps that would run past it are cut
 left() { echo $(( deadline - $(date +%s) > 1 ? deadline - $(date +%s) : 1 )); }
 case $part in
@@ -60,6 +61,11 @@ case $part in
     timeout "$(left)" python bench/profile_e2e.py --cpu --configs svdquant-w4a8fp8-r32:fp8-cached,w4a8fp8:fp8-cached \
       --out "$out" >>"$out/log_$part.txt" 2>&1
     exit 0 ;;
+  profile-small)  # where batch 2 spends its time: bf16 against W4A8 with the adaLN Linears quantized
+    nvidia-smi -L
+    timeout "$(left)" python bench/profile_e2e.py --batch 2 --all-linears --configs bf16,w4a8fp8:fp8-cached,w4a8fp8:fp8 \
+      --out "$out" >>"$out/log_$part.txt" 2>&1
+    exit 0 ;;
   fusion)  # how the activation quantization fuses under inductor (batch 64). Run on 2026-11-25 with one more
            # row, fp8-cached with the per-token absmax over 128-column chunks: since adopted in ditq.kernels.fp8
     e2e --batch 64 --config bf16
@@ -67,6 +73,6 @@ case $part in
     e2e --batch 64 --config w4a8fp8 --backend fp8-cached
     e2e --batch 64 --config w4a8fp8 --backend fp8-cached --multi-kernel
     e2e --batch 64 --config w4a8fp8 --backend fp8 --multi-kernel ;;
-  *) echo "unknown part $part (kernels, models, prepass, small, profile or fusion)"; exit 2 ;;
+  *) echo "unknown part $part (kernels, models, prepass, small, profile, profile-small or fusion)"; exit 2 ;;
 esac
 python bench/e2e_table.py "$out/e2e_$part.jsonl" "$out/e2e_$part" && rm "$out/e2e_$part.jsonl"
