@@ -24,8 +24,10 @@ import torch.nn.functional as F
 import triton
 from timing import replay_us
 
+from ditq.kernels.triton.expand import expand_to_fp8
 from ditq.kernels.triton.lowbit_gemm import lowbit_linear
 from ditq.quant.packing import signed_offset
+from ditq.quant.primitives import fp8_quantize
 from ditq.quant.qlinear import QuantLinear
 from ditq.quant.spec import QuantSpec
 
@@ -40,6 +42,7 @@ CONFIGS = [(bn, bk, 4, st) for bn in (16, 32, 64) for bk in (128, 256) for st in
 # wider K steps, so that each program has more of its weight bytes in flight at once: the 2026-12-03 H200 run
 # read int4 at 0.5 TB/s with the ones above (7.5 µs for 4 MB at batch 2), a sign of too few loads in flight
 CONFIGS += [(bn, bk, warps, 2) for bn in (16, 32) for bk in (512, 1024) for warps in (4, 8)]
+SPLITS = (2, 4, 8)
 LAYERS = 32
 
 
@@ -57,16 +60,28 @@ def measure(name: str, m: int, k: int, n: int) -> dict:
     for fmt, spec in WEIGHTS.items():
         layers = [QuantLinear.from_linear(lin, spec).to(torch.bfloat16) for lin in linears]
         row |= {f"{fmt}_{key}": value for key, value in time_lowbit(x, layers, spec).items()}
+        if fmt == "int4":
+            row["cublas_fp8_cached_us"] = time_cublas_fp8(x, layers)
     return row
+
+
+def time_cublas_fp8(x: torch.Tensor, layers: list[QuantLinear]) -> float:
+    """The FP8 path's GEMM on its cached 8-bit copy (`fp8-cached`), x already quantized."""
+    codes, s_x = fp8_quantize(x.float())
+    cached = [(expand_to_fp8(layer.qweight, 4, layer.in_features), layer.scales.reshape(1, -1).float(), layer.bias)
+              for layer in layers]  # fmt: skip
+    return per_layer_us(lambda: [torch._scaled_mm(codes, w.t(), scale_a=s_x, scale_b=s_w, bias=b,
+                                                   out_dtype=torch.bfloat16) for w, s_w, b in cached])  # fmt: skip
 
 
 def time_lowbit(x: torch.Tensor, layers: list[QuantLinear], spec: QuantSpec) -> dict:
     offset = signed_offset(spec.w_bits, spec.w_format == "ternary")
 
-    def run(layer: QuantLinear, config: tuple = (32, None, 4, 3)) -> torch.Tensor:
+    def run(layer: QuantLinear, config: tuple = (32, None, 4, 3), split_k: int = 1) -> torch.Tensor:
         bn, bk, warps, stages = config
         return lowbit_linear(x, layer.qweight, layer.scales, None, layer.bias, bits=spec.w_bits, offset=offset,
-                             group_size=None, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)  # fmt: skip
+                             group_size=None, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages,
+                             split_k=split_k)  # fmt: skip
 
     ref = F.linear(x.float(), layers[0].dequantized_weight(torch.float32), layers[0].bias.float())
     out = {"rel_err": float((run(layers[0]).float() - ref).norm() / ref.norm())}
@@ -79,7 +94,16 @@ def time_lowbit(x: torch.Tensor, layers: list[QuantLinear], spec: QuantSpec) -> 
         except triton.runtime.errors.OutOfResources:
             continue
     best = min(timed, key=timed.get)
-    return out | {"configs_us": timed, "best": best, "best_us": timed[best]}
+    out |= {"configs_us": timed, "best": best, "best_us": timed[best]}
+    fastest = sorted((c for c in CONFIGS if str(c) in timed), key=lambda c: timed[str(c)])
+    split = {}  # the three fastest launches again, K split over 2–8 programs per tile
+    for config in fastest[:3]:
+        for split_k in SPLITS:
+            split[f"{config} split {split_k}"] = per_layer_us(
+                lambda c=config, s=split_k: [run(layer, c, s) for layer in layers]
+            )
+    best_split = min(split, key=split.get)
+    return out | {"split_us": split, "best_split": best_split, "best_split_us": split[best_split]}
 
 
 def main() -> None:
@@ -95,12 +119,15 @@ def main() -> None:
         args.out.with_suffix(".json").write_text(json.dumps(meta | {"rows": rows}, indent=1))  # partial kept
     lines = [f"# Weight-bound GEMMs, kernels alone — {meta['gpu']}, torch {meta['torch']}, Triton {meta['triton']}",
              "", f"µs per layer, median of CUDA-graph replays over {LAYERS} layers with distinct weights; "
-             "× = bf16 / lowbit, same run. Best = the best launch config (block_n, block_k, warps, stages).", "",
-             "| shape | M×K×N | bf16 µs | int4 default µs (×) | int4 best µs (×) | ternary default µs (×) "
-             "| ternary best µs (×) | best configs int4 / ternary |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "× = bf16 / lowbit, same run. Best = the best launch config (block_n, block_k, warps, stages); split: "
+             "the best of the three fastest with K split over 2–8 programs. cuBLAS FP8: `_scaled_mm` on the cached "
+             "8-bit copy, x already quantized.", "",
+             "| shape | M×K×N | bf16 µs | cuBLAS FP8 µs (×) | int4 default µs (×) | int4 best µs (×) | int4 split µs (×) "
+             "| ternary default µs (×) | ternary best µs (×) | ternary split µs (×) | best configs int4 / ternary |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        cells = [f"{r[f'{fmt}_{kind}_us']:.2f} ({r['bf16_us'] / r[f'{fmt}_{kind}_us']:.2f}×)"
-                 for fmt in WEIGHTS for kind in ("default", "best")]  # fmt: skip
+        cells = [f"{r[key]:.2f} ({r['bf16_us'] / r[key]:.2f}×)" for key in ["cublas_fp8_cached_us"] + [
+                 f"{fmt}_{kind}_us" for fmt in WEIGHTS for kind in ("default", "best", "best_split")]]  # fmt: skip
         lines.append(f"| {r['shape']} | {r['M']}×{r['K']}×{r['N']} | {r['bf16_us']:.2f} | " + " | ".join(cells)
                      + f" | {r['int4_best']} / {r['ternary_best']} |")  # fmt: skip
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -62,22 +62,26 @@ def _variants() -> list[tuple]:
         variants.append((expand._expand_kernel, dict(packed="*u8", out="*fp8e4nv", n_rows="i32", n_cols="i32",
                          n_bytes="i32"), dict(SLOT=slot, OFFSET=offset, BLOCK_R=16, BLOCK_C=256), dict(num_warps=4)))  # fmt: skip
     gemm = dict(x="*bf16", x_scale="*fp32", packed="*u8", scales="*fp32", zeros="*fp32", bias="*bf16", out="*bf16",
-                M="i32", N="i32", n_bytes="i32", n_groups="i32", stride_xm="i32", stride_om="i32")  # fmt: skip
+                M="i32", N="i32", n_bytes="i32", n_groups="i32", stride_xm="i32", stride_om="i32", stride_os="i32")  # fmt: skip
     for slot, offset, group, zeros in ((4, 8, 0, False), (2, 1, 0, False), (4, 0, 64, True)):
         variants.append((lowbit_gemm._lowbit_gemm_kernel, gemm, dict(K=1152, SLOT=slot, OFFSET=offset, GROUP=group,
                          HAS_ZEROS=zeros, HAS_BIAS=True, HAS_XSCALE=False, FP32_DOT=False, BLOCK_M=16, BLOCK_N=32,
-                         BLOCK_K=64), dict(num_warps=4, num_stages=3)))  # fmt: skip
+                         BLOCK_K=64, SPLIT_K=1), dict(num_warps=4, num_stages=3)))  # fmt: skip
     # e4m3 activation codes (W4A8-FP8, the FP8 backends' per-group layers): per group as the backends launch it
     # (many rows, groups of 32 and 64), per channel, and few rows
     for slot, offset, group, block_m, block_n, block_k in ((4, 8, 64, 128, 64, 64), (2, 1, 32, 128, 64, 32),
                                                            (4, 8, 0, 128, 64, 128), (4, 8, 128, 16, 32, 128)):
         variants.append((lowbit_gemm._lowbit_gemm_kernel, gemm | {"x": "*fp8e4nv"}, dict(K=1152, SLOT=slot,
                          OFFSET=offset, GROUP=group, HAS_ZEROS=False, HAS_BIAS=True, HAS_XSCALE=True, FP32_DOT=False,
-                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k), dict(num_warps=4, num_stages=3)))  # fmt: skip
+                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=1), dict(num_warps=4, num_stages=3)))  # fmt: skip
     # float32 output and the least launch (16 × 16 tiles, K blocks of 32), as the CPU tests run it
     variants.append((lowbit_gemm._lowbit_gemm_kernel, gemm | {"x": "*fp8e4nv", "bias": "*fp32", "out": "*fp32"},
                      dict(K=1152, SLOT=4, OFFSET=8, GROUP=32, HAS_ZEROS=False, HAS_BIAS=True, HAS_XSCALE=True,
-                          FP32_DOT=False, BLOCK_M=16, BLOCK_N=16, BLOCK_K=32), dict(num_warps=4, num_stages=3)))  # fmt: skip
+                          FP32_DOT=False, BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1), dict(num_warps=4, num_stages=3)))  # fmt: skip
+    # split K for few rows (`split_k`): int4 per channel, bf16 in and out, 9 steps of 128 over 4 splits
+    variants.append((lowbit_gemm._lowbit_gemm_kernel, gemm, dict(K=1152, SLOT=4, OFFSET=8, GROUP=0, HAS_ZEROS=False,
+                     HAS_BIAS=True, HAS_XSCALE=False, FP32_DOT=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=4),
+                     dict(num_warps=4, num_stages=3)))  # fmt: skip
     return variants
 
 

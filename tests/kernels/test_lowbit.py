@@ -95,6 +95,32 @@ def test_e4m3_codes_need_their_row_scales_and_symmetric_weights():
                       out_dtype=torch.int32)  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("spec", "k", "split_k", "codes"),
+    [(QuantSpec(w_bits=4), 131, 3, False), (QuantSpec(w_bits=4, group_size=32, symmetric=False), 128, 2, False),
+     (QuantSpec(w_bits=2, w_format="ternary"), 70, 4, False), (QuantSpec(w_bits=4, group_size=32), 128, 3, True)],
+    ids=["int4_k131_3_splits", "int4_g32_asym_2_splits", "ternary_4_splits_one_past_k", "fp8_codes_g32_3_splits"],
+)  # fmt: skip
+def test_split_k_sums_its_partials_to_the_reference(spec, k, split_k, codes):
+    """K's steps split over programs (131 = 5 steps of 32 in 3 splits; 70 = 3 steps in 4 splits, the last past
+    K entirely): every partial scaled, the bias added once, the same output as one program per tile."""
+    g = torch.Generator().manual_seed(k + split_k)
+    q = QuantLinear.from_linear(torch.nn.Linear(k, 40), spec).to(DEVICE)
+    x = torch.randn(3, k, generator=g).to(DEVICE)
+    kwargs = dict(bits=spec.w_bits, offset=signed_offset(spec.w_bits, spec.w_format == "ternary") if spec.symmetric
+                  else 0, group_size=spec.group_size, block_n=16, block_k=32)  # fmt: skip
+    if codes:
+        x, scale = fp8_quantize(x)
+        kwargs |= dict(x_scale=scale, out_dtype=torch.float32, block_m=16)
+    whole = lowbit_linear(x, q.qweight, q.scales, q.zeros, q.bias, **kwargs)
+    split = lowbit_linear(x, q.qweight, q.scales, q.zeros, q.bias, **kwargs, split_k=split_k)
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-5)
+    ref = lowbit_linear_reference(x.float() * (scale if codes else 1), q.dequantized_weight(torch.float32), q.bias)
+    torch.testing.assert_close(split, ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="split_k must be at least 1"):
+        lowbit_linear(x, q.qweight, q.scales, q.zeros, q.bias, **kwargs, split_k=0)
+
+
 @pytest.mark.parametrize(("group", "k"), [(48, 96), (96, 192), (192, 384), (None, 300)])
 def test_kernel_at_its_default_launch_config(group, k):
     """Group sizes that are not powers of two, and a per-channel K over one block but not a multiple of it."""

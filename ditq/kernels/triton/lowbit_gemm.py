@@ -63,6 +63,7 @@ def _lowbit_gemm_kernel(
     n_groups,
     stride_xm,
     stride_om,
+    stride_os,
     SLOT: tl.constexpr,
     OFFSET: tl.constexpr,
     GROUP: tl.constexpr,
@@ -73,11 +74,14 @@ def _lowbit_gemm_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """GROUP = 0: one scale per output channel; else K-columns per scale group, a multiple of BLOCK_K. K is a
     compile-time constant (a layer's width; also what Triton's CPU interpreter needs for a loop bound).
     FP32_DOT: multiply in IEEE float32 (float32 inputs, and the interpreter, whose bf16 dot is wrong).
-    HAS_XSCALE: x holds e4m3 codes with one scale per row; the codes are multiplied as e4m3 (no zero points)."""
+    HAS_XSCALE: x holds e4m3 codes with one scale per row; the codes are multiplied as e4m3 (no zero points).
+    SPLIT_K > 1: program (·, ·, s) sums the s-th of SPLIT_K runs of K steps into its own float32 slice of `out`
+    (stride `stride_os`), scaled (every term is linear in it), with the bias in slice 0 only."""
     PER_BYTE: tl.constexpr = 8 // SLOT
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -87,7 +91,10 @@ def _lowbit_gemm_kernel(
     x_rows = x + rm.to(tl.int64)[:, None] * stride_xm
     w_rows = packed + rn.to(tl.int64)[:, None] * n_bytes
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    SPAN: tl.constexpr = (K + BLOCK_K * SPLIT_K - 1) // (BLOCK_K * SPLIT_K) * BLOCK_K  # K columns per split
+    split = tl.program_id(2)
+    for step in range(0, SPAN, BLOCK_K):
+        k0 = split * SPAN + step
         a = tl.load(x_rows + (k0 + rk)[None, :], mask=row_ok[:, None] & (k0 + rk < K)[None, :], other=0.0)
         byte = tl.load(
             w_rows + (k0 // PER_BYTE + rb)[None, :],
@@ -98,7 +105,7 @@ def _lowbit_gemm_kernel(
         w = q.to(tl.float32)
         if HAS_ZEROS:
             g = 0 if GROUP == 0 else k0 // GROUP
-            w -= tl.load(zeros + rn * n_groups + g, mask=col_ok, other=0.0).to(tl.float32)[:, None]
+            w -= tl.load(zeros + rn * n_groups + g, mask=col_ok & (k0 < K), other=0.0).to(tl.float32)[:, None]
         if FP32_DOT:  # e4m3 codes and small integers are exact in float32
             part = tl.dot(a.to(tl.float32), tl.trans(w), input_precision="ieee", out_dtype=tl.float32)
         else:
@@ -106,16 +113,16 @@ def _lowbit_gemm_kernel(
         if GROUP == 0:
             acc += part
         else:
-            s = tl.load(scales + rn * n_groups + k0 // GROUP, mask=col_ok, other=0.0).to(tl.float32)
+            s = tl.load(scales + rn * n_groups + k0 // GROUP, mask=col_ok & (k0 < K), other=0.0).to(tl.float32)
             acc += part * s[None, :]
     if GROUP == 0:
         acc *= tl.load(scales + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_XSCALE:
         acc *= tl.load(x_scale + rm, mask=row_ok, other=0.0)[:, None]
     if HAS_BIAS:
-        acc += tl.load(bias + rn, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias + rn, mask=col_ok & (split == 0), other=0.0).to(tl.float32)[None, :]
     tl.store(
-        out + rm.to(tl.int64)[:, None] * stride_om + rn[None, :],
+        out + split.to(tl.int64) * stride_os + rm.to(tl.int64)[:, None] * stride_om + rn[None, :],
         acc.to(out.dtype.element_ty),
         mask=row_ok[:, None] & col_ok[None, :],
     )
@@ -138,10 +145,15 @@ def lowbit_linear(
     block_k: int | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
+    split_k: int = 1,
 ) -> torch.Tensor:
     """x (M, K) · Ŵᵀ + bias in x's dtype; Ŵ = scales · (codes − offset − zeros) from the packed uint8 codes.
     With `x_scale` (M, 1) float32, x holds e4m3 codes of x_scale⁻¹ · x, multiplied on FP8 tensor cores, and the
     output is `out_dtype`.
+
+    `split_k` > 1 splits K's steps over that many programs per output tile, each writing a float32 partial that
+    one reduction sums (in a fixed order: deterministic): more weight bytes in flight when there are few rows,
+    for one more launch. Not yet timed, so 1 by default (`bench/bench_weight_bound.py` sweeps it).
 
     The default launch config is the best of a sweep at DiT-XL/2's few-row shapes on an H100
     (`bench/results/lowbit_tuning_h100.json`): 32 output channels per program, K blocks of 256 for K ≥ 4096 and
@@ -166,20 +178,25 @@ def lowbit_linear(
         block_k = min(block_k, group_size & -group_size)  # a power of two dividing the group: ≥ 16 here
     x = x if x.stride(-1) == 1 else x.contiguous()
     x_scale = None if x_scale is None else x_scale.reshape(m).contiguous()  # one float per row, in row order
-    out = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+    if split_k < 1:
+        raise ValueError(f"split_k must be at least 1, got {split_k}")
+    out_dtype = out_dtype or x.dtype
+    out = torch.empty(m, n, dtype=out_dtype, device=x.device)
+    partials = out if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
     many_codes = x_scale is not None and m > 64
     block_m = block_m or (128 if many_codes else max(16, min(64, triton.next_power_of_2(m))))
     block_n = block_n or (64 if many_codes else 32)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))  # rows on axis 0: no 65,535-block limit
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)  # rows on axis 0: no 65,535-block limit
     wrap_triton(_lowbit_gemm_kernel)[grid](
         x, scales if x_scale is None else x_scale, qweight, scales, scales if zeros is None else zeros,
-        x if bias is None else bias, out, m, n, k, qweight.shape[1], scales.shape[1], x.stride(0), out.stride(0),
-        SLOT=slot_bits(bits), OFFSET=offset, GROUP=group_size or 0, HAS_ZEROS=zeros is not None,
+        x if bias is None else bias, partials, m, n, k, qweight.shape[1], scales.shape[1], x.stride(0), n,
+        m * n, SLOT=slot_bits(bits), OFFSET=offset, GROUP=group_size or 0, HAS_ZEROS=zeros is not None,
         HAS_BIAS=bias is not None, HAS_XSCALE=x_scale is not None,
         FP32_DOT=x.dtype == torch.float32 or interpreted(),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, num_warps=num_warps,
+        num_stages=num_stages,
     )  # fmt: skip
-    return out
+    return out if split_k == 1 else out.copy_(partials.sum(0))
 
 
 def _check_operands(
