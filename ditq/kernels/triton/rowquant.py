@@ -315,7 +315,7 @@ def quantize_rows_fp8(
     args = (x, x if smooth is None else smooth, shift, scale_mod, codes, scales, m, k,
             *((1, 0.0) if modulation is None else (modulation.tokens, float(modulation.eps))),
             x.stride(0), codes.stride(0), shift.stride(0))  # fmt: skip
-    fused = bool(rank) and _fuses_lowrank(lowrank_rows, head, tail) and one_pass
+    fused = _fuses_lowrank(lowrank_rows, head, tail) and bool(rank) and one_pass
     if one_pass:
         fits = max(1, row_elements // (head + tail))
         block_m = min(1 << (fits.bit_length() - 1), triton.next_power_of_2(m))  # powers of two
