@@ -135,7 +135,8 @@ def main() -> None:
         attention_output_through_prepass(model)
     weight_bytes = None if args.config == TORCHAO else ditq.io.model_size_bytes(model, torch.bfloat16)
     # kernel copies too; torchao's tensor subclasses report their outer shape and dtype, not what they hold
-    held = None if args.config == TORCHAO else sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    tensors = [*model.parameters(), *model.buffers()]
+    held = None if args.config == TORCHAO else sum(t.numel() * t.element_size() for t in tensors)
     torch.cuda.reset_peak_memory_stats()  # the bf16 model built before quantizing is not the quantized one's peak
     g = torch.Generator(device=device).manual_seed(1)
     x = torch.randn(args.batch, 4, 32, 32, device=device, generator=g, dtype=torch.bfloat16)

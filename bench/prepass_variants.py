@@ -51,8 +51,7 @@ CASES = [  # (name, K, producer, dtype)
 
 def padded_width(k: int) -> int:
     """The kernel's head + tail tiles for a row of k."""
-    head = 1 << (k.bit_length() - 1)
-    return head + (triton.next_power_of_2(k - head) if k > head else 0)
+    return sum(rowquant.row_tiles(k))
 
 
 def launches(k: int) -> list[tuple[int, int]]:

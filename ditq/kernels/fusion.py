@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules import module as torch_module
 
 from ditq.kernels.fp8 import FP8_BACKENDS, fp8_linear, fp8_linear_after_residual, uses_few_row_path
 from ditq.kernels.reference import Modulation, Residual
@@ -114,8 +115,6 @@ class ResidualCarryingDiT(DiT):
 
 def _hooked(module: nn.Module) -> bool:
     """Whether calling `module` would run forward hooks of its own or global ones."""
-    from torch.nn.modules import module as torch_module
-
     return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
                 or torch_module._global_forward_pre_hooks)  # fmt: skip
 

@@ -167,8 +167,9 @@ def lowbit_linear(
     m, k, n = _check_operands(x, qweight, scales, zeros, bias, bits, group_size, x_scale)
     if x_scale is not None and out_dtype is None:
         raise ValueError("e4m3 activation codes need an out_dtype (float32, bfloat16 or float16)")
-    if (out_dtype or x.dtype) not in FLOATS:
-        raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype or x.dtype}")
+    out_dtype = out_dtype or x.dtype
+    if out_dtype not in FLOATS:
+        raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
     if x_scale is not None and x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 9):
         raise ValueError("e4m3 activation codes need FP8 tensor cores (compute capability 8.9+)")
     if x_scale is not None and block_k is not None and block_k < FP8_K_STEP:
@@ -180,7 +181,6 @@ def lowbit_linear(
     x_scale = None if x_scale is None else x_scale.reshape(m).contiguous()  # one float per row, in row order
     if split_k < 1:
         raise ValueError(f"split_k must be at least 1, got {split_k}")
-    out_dtype = out_dtype or x.dtype
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     partials = out if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
     many_codes = x_scale is not None and m > 64

@@ -19,7 +19,13 @@ from ditq.kernels.triton import interpreted
 from ditq.kernels.triton.rounding import rounded
 from ditq.quant.primitives import FP8_MAX
 
-__all__ = ["append_lowrank_codes", "append_lowrank_codes_reference", "check_lowrank", "lowrank_product", "store_lowrank_codes"]
+__all__ = [
+    "append_lowrank_codes",
+    "append_lowrank_codes_reference",
+    "check_lowrank",
+    "lowrank_product",
+    "store_lowrank_codes",
+]
 
 _FP8_MAX = tl.constexpr(FP8_MAX)
 

@@ -307,20 +307,20 @@ def quantize_rows_fp8(
     shift, scale_mod, gate = (x, x, x) if modulation is None else _sample_rows(modulation, residual)
     common = dict(ACT=ACTIVATIONS[activation], NORM=modulation is not None, HAS_SMOOTH=smooth is not None,
                   EMULATE=interpreted())  # fmt: skip
-    head = 1 << (k.bit_length() - 1)
-    tail = triton.next_power_of_2(k - head) if k > head else 0
+    head, tail = row_tiles(k)
     one_pass = head + tail <= MAX_RESIDENT
     if residual is not None and not one_pass:  # the multi-pass kernel reads x once per step: add it first
         x = residual_out.copy_(residual_added(x, residual, modulation.tokens))
     args = (x, x if smooth is None else smooth, shift, scale_mod, codes, scales, m, k,
             *((1, 0.0) if modulation is None else (modulation.tokens, float(modulation.eps))),
             x.stride(0), codes.stride(0), shift.stride(0))  # fmt: skip
-    fused = _fuses_lowrank(lowrank_rows, head, tail) and bool(rank) and one_pass
+    dot_tail = tail and max(tail, FP8_K_STEP)  # the tail as a tensor-core step, where P is computed in the kernel
+    fused = _fuses_lowrank(lowrank_rows, head, head + dot_tail) and bool(rank) and one_pass
     if one_pass:
         fits = max(1, row_elements // (head + tail))
         block_m = min(1 << (fits.bit_length() - 1), triton.next_power_of_2(m))  # powers of two
         if fused:  # tensor-core tiles: 16+ rows, K steps of 32+
-            block_m, tail = lowrank_rows, tail and max(tail, FP8_K_STEP)
+            block_m, tail = lowrank_rows, dot_tail
         per_thread = triton.cdiv(block_m * (head + tail), 32 * ELEMENTS_PER_THREAD)
         num_warps = num_warps or min(8, triton.next_power_of_2(per_thread))
         update, x_new = (x, x) if residual is None else (residual.update.contiguous(), residual_out)
@@ -341,12 +341,17 @@ def quantize_rows_fp8(
     return codes, scales
 
 
-def _fuses_lowrank(lowrank_rows: int, head: int, tail: int) -> bool:
-    """Whether the one-pass kernel computes P itself: asked to, and `lowrank_rows` rows of this width (the tail
-    padded to a tensor-core step) fit in 8 warps at `ELEMENTS_PER_THREAD`."""
+def row_tiles(k: int) -> tuple[int, int]:
+    """The one-pass kernel's two power-of-two column tiles for rows of k: (head, tail), tail 0 for a power of two."""
+    head = 1 << (k.bit_length() - 1)
+    return head, triton.next_power_of_2(k - head) if k > head else 0
+
+
+def _fuses_lowrank(lowrank_rows: int, head: int, width: int) -> bool:
+    """Whether the one-pass kernel computes P itself: asked to, and `lowrank_rows` rows of `width` (its head and
+    tail tiles, the tail padded to a tensor-core step) fit in 8 warps at `ELEMENTS_PER_THREAD`."""
     if lowrank_rows and (lowrank_rows < 16 or lowrank_rows & (lowrank_rows - 1)):
         raise ValueError(f"lowrank_rows must be 0 or a power of two >= 16, got {lowrank_rows}")
-    width = head + (tail and max(tail, FP8_K_STEP))
     return bool(lowrank_rows) and head >= FP8_K_STEP and lowrank_rows * width <= 8 * 32 * ELEMENTS_PER_THREAD
 
 
