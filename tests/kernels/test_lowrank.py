@@ -11,13 +11,18 @@ from ditq.kernels.triton.lowrank import append_lowrank_codes, append_lowrank_cod
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def low_rank_down(k: int, rank: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """L1_q (K, R) e4m3 and its scale as `ditq.kernels.fp8._lowrank_parts` makes them (|P| ≤ 448)."""
+    g = torch.Generator().manual_seed(seed)
+    down = (torch.randn(k, rank, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return down.to(DEVICE), (1 / down.float().abs().sum(0, keepdim=True)).to(DEVICE)
+
+
 def operands(m: int, k: int, rank: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     codes = torch.empty(m, k + 2 * rank, dtype=torch.float8_e4m3fn)
     codes[:, :k] = (torch.randn(m, k, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
-    down = (torch.randn(k, rank, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
-    scale = 1 / down.float().abs().sum(0, keepdim=True)  # |P| ≤ 448, as `_lowrank_parts` makes it
-    return codes.to(DEVICE), down.to(DEVICE), scale.to(DEVICE)
+    return codes.to(DEVICE), *low_rank_down(k, rank, seed + 1)
 
 
 @pytest.mark.parametrize(("m", "k", "rank"), [(7, 48, 16), (70, 131, 32), (1, 16, 16)])

@@ -19,6 +19,7 @@ from ditq.kernels.triton.rowquant import quantize_rows_fp8, quantize_rows_fp8_re
 from ditq.models.dit import DiT, DiTBlock, Mlp
 from ditq.quant.qlinear import QuantLinear
 from ditq.quant.spec import QuantSpec
+from tests.kernels.test_lowrank import low_rank_down
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # a backend's output against the reference's: a rare activation code one e4m3 step off (the kernel's GELU is a
@@ -125,13 +126,6 @@ def test_pre_pass_adds_the_gated_residual_first_and_writes_the_sum(samples, toke
     ref_codes, ref_scales = quantize_rows_fp8_reference(x, s, "none", mod, res)
     assert_codes_match(codes, scales, ref_codes, ref_scales, exact=False, scale_rtol=1e-6)
     assert torch.equal(codes.float(), quantize_rows_fp8(expected, s, "none", mod)[0].float())
-
-
-def low_rank_down(k: int, rank: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """L1_q and its scale as `ditq.kernels.fp8._lowrank_parts` makes them (|P| ≤ 448)."""
-    g = torch.Generator().manual_seed(seed)
-    down = (torch.randn(k, rank, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
-    return down.to(DEVICE), (1 / down.float().abs().sum(0, keepdim=True)).to(DEVICE)
 
 
 @pytest.mark.parametrize("lowrank_rows", [0, 16], ids=["p_kernel", "p_fused"])
