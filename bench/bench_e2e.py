@@ -12,8 +12,7 @@ recipes below (per-channel int4 or ternary weights, per-token FP8 activations), 
 quantizes the adaLN modulation Linears (the presets keep them 16-bit). Timing: CUDA events around each forward after warm-up, median of the
 repeats; batch counts the CFG-doubled batch the model sees. `--sample-steps N` also times whole N-step DDIM
 sampling runs with classifier-free guidance (batch/2 images, the compiled model called once per step on the
-doubled batch, the sampler's own ops in eager), the same way. `--attn-out-prepass` (experiment) quantizes each
-attention output in the FP8 pre-pass instead of inductor's ops.
+doubled batch, the sampler's own ops in eager), the same way.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ from ditq.diffusion.cfg import guided
 from ditq.eval.speed import time_calls
 from ditq.methods.svdquant import SVDQuant
 from ditq.models import create
-from ditq.quant.qlinear import QuantLinear
 from ditq.recipes import PRESETS, RTN
 
 FP8_RECIPES = {
@@ -78,17 +76,6 @@ def build(config: str, device: str, backend: str, all_linears: bool) -> torch.nn
     return model
 
 
-def attention_output_through_prepass(model: torch.nn.Module) -> None:
-    """Each block's attention projection takes the input activation "none", an identity every backend honours:
-    the FP8 backends then quantize its input in the Triton pre-pass, one read of the attention's output, rather
-    than in the two kernels inductor makes of the row absmax and the cast (no producer to fuse them into)."""
-    for block in model.blocks:
-        proj = block.attn.proj
-        if not isinstance(proj, QuantLinear) or proj.input_activation is not None:
-            raise ValueError("--attn-out-prepass needs quantized attention projections without an input activation")
-        proj.input_activation = "none"
-
-
 def time_sampling(compiled: torch.nn.Module, batch: int, steps: int, device: str, repeats: int = 5) -> dict:
     """Median ms of whole `steps`-step DDIM runs with CFG (scale 4) over batch/2 images, after one warm-up run."""
     if batch % 2:
@@ -117,11 +104,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--sample-steps", type=int, default=0, help="also time N-step DDIM sampling with CFG")
     parser.add_argument(
-        "--attn-out-prepass",
-        action="store_true",
-        help="experiment: quantize each attention output in the FP8 pre-pass (one read) instead of inductor's ops",
-    )
-    parser.add_argument(
         "--multi-kernel",
         action="store_true",
         help="inductor's multi_kernel=1: persistent reductions for rows up to 16k, picked by timing",
@@ -131,8 +113,6 @@ def main() -> None:
         torch._inductor.config.triton.multi_kernel = 1
     device = "cuda"
     model = build(args.config, device, args.backend, args.all_linears)
-    if args.attn_out_prepass:
-        attention_output_through_prepass(model)
     weight_bytes = None if args.config == TORCHAO else ditq.io.model_size_bytes(model, torch.bfloat16)
     # kernel copies too; torchao's tensor subclasses report their outer shape and dtype, not what they hold
     tensors = [*model.parameters(), *model.buffers()]
@@ -156,8 +136,7 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "config": args.config + ("+multikernel" if args.multi_kernel else "")
-                + ("+attn-out-prepass" if args.attn_out_prepass else ""),
+                "config": args.config + ("+multikernel" if args.multi_kernel else ""),
                 "backend": "—" if args.config in ("bf16", TORCHAO) else args.backend,
                 "all_linears": args.all_linears,
                 "weight_bytes": weight_bytes,

@@ -1,7 +1,7 @@
 """Experiment behind the pre-pass's speed: is `ditq::quantize_rows_fp8` bound by memory, by its launch, or by the
 arithmetic of matching the reference's roundings?
 
-    python bench/prepass_variants.py --out bench/results/prepass_variants_h200.json [--grid]   # GPU
+    python bench/prepass_variants.py --out bench/results/prepass_variants_h200.json [--grid] [--only NAME]   # GPU
 
 At DiT-XL/2's batch-64 inputs (16,384 rows) it times, as kernels alone (`timing.replay_us`):
 - the library kernel at its default launch (`--grid`: over a grid of launches, rows per program × warps) for
@@ -13,8 +13,9 @@ At DiT-XL/2's batch-64 inputs (16,384 rows) it times, as kernels alone (`timing.
 - the same with float32 x, where the kernel rounds nothing to x's dtype: if that is faster despite reading twice
   the bytes, the roundings (conversion instructions) bound it, not memory;
 - `x.clone()` of a bf16 x: what reading and writing the same bytes costs the GPU's own copy kernel;
-- SVDQuant's inputs (smoothed, rank-32 P appended): what the smoothing and the branch add, with P from its own
-  kernel (the default) and from the one-pass kernel's registers (`lowrank_rows=16`).
+- SVDQuant's inputs (smoothed, rank-32 P appended by its own kernel), and smoothed alone: what the smoothing and
+  the branch add. (P computed inside the one-pass kernel, 16 rows in 8 warps, took 84 µs against 42 for the
+  attention output and 137 against 90 for fc1's input on an H200, 2026-12-04: removed.)
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ CASES = [  # (name, K, producer, dtype)
     ("attn out, smoothed + r32", 1152, "none+svdquant", torch.bfloat16),
     ("fc1: residual + LayerNorm + modulate, smoothed + r32", 1152, "residual+svdquant", torch.bfloat16),
     ("fc2: GELU-tanh, smoothed + r32", 4608, "gelu_tanh+svdquant", torch.bfloat16),
+    # the smoothing alone (no branch): what dividing by smooth costs each input at each launch
+    ("attn out, smoothed", 1152, "none+smooth", torch.bfloat16),
+    ("qkv: LayerNorm + modulate, smoothed", 1152, "modulate+smooth", torch.bfloat16),
+    ("fc1: residual + LayerNorm + modulate, smoothed", 1152, "residual+smooth", torch.bfloat16),
+    ("fc2: GELU-tanh, smoothed", 4608, "gelu_tanh+smooth", torch.bfloat16),
 ]
 
 
@@ -60,12 +66,10 @@ def launches(k: int) -> list[tuple[int, int]]:
     return [(r, w) for r in rows for w in (1, 2, 4, 8) if r * padded_width(k) >= 32 * w * 4]
 
 
-def measure(name: str, k: int, producer: str, dtype: torch.dtype, grid: bool) -> dict:
+def measure(name: str, k: int, producer: str, dtype: torch.dtype, grid: bool, multi_pass: bool) -> dict:
     pos, kwargs = case_inputs(k, producer, dtype)
     row = {"case": name, "K": k, "default_us": replay_us(lambda: quantize_rows_fp8(*pos, **kwargs))}
-    if "lowrank" in kwargs:  # P from the one-pass kernel's registers, 16 rows in 8 warps (widths ≤ 1,152)
-        row["P fused, 16 rows"] = replay_us(lambda: quantize_rows_fp8(*pos, **kwargs, lowrank_rows=16))
-    if "residual" not in kwargs:
+    if multi_pass and "residual" not in kwargs:
         for blocks in MULTI_PASS_LAUNCHES:
             with patched(rowquant, MAX_RESIDENT=0, MULTI_PASS_BLOCKS=blocks):
                 row[f"multi-pass {blocks[0]} rows × {blocks[1]} columns"] = replay_us(
@@ -74,7 +78,7 @@ def measure(name: str, k: int, producer: str, dtype: torch.dtype, grid: bool) ->
     for rows, warps in launches(k) if grid else ():
         elements = rows * padded_width(k)
         row[f"{rows} rows, {warps} warps"] = replay_us(
-            lambda e=elements, w=warps: quantize_rows_fp8(*pos, **kwargs, row_elements=e, num_warps=w)
+            lambda e=elements, w=warps: quantize_rows_fp8(*pos, **kwargs, row_elements=e, num_warps=w), rep=50
         )
     return row
 
@@ -93,12 +97,12 @@ def patched(module, **values):
 
 
 def case_inputs(k: int, producer: str, dtype: torch.dtype) -> tuple[tuple, dict]:
-    producer, _, svdquant = producer.partition("+")
+    producer, _, smoothing = producer.partition("+")
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(M, k, device="cuda", generator=g).to(dtype) * 2
-    smooth = torch.rand(k, device="cuda", generator=g) + 0.5 if svdquant else None
+    smooth = torch.rand(k, device="cuda", generator=g) + 0.5 if smoothing else None
     kwargs = {}
-    if svdquant:  # rank 32 as `ditq.kernels.fp8._lowrank_parts` makes it
+    if smoothing == "svdquant":  # rank 32 as `ditq.kernels.fp8._lowrank_parts` makes it
         down, _ = fp8_quantize(torch.randn(32, k, device="cuda", generator=g) * 0.05)
         kwargs["lowrank"] = (down.t().contiguous(), 1 / down.float().abs().sum(1).reshape(1, -1))
     if producer in ("none", "gelu_tanh"):
@@ -114,14 +118,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--grid", action="store_true", help="also time the one-pass kernel's launch grid")
+    parser.add_argument("--no-multi-pass", action="store_true", help="leave the multi-pass kernel's rows out")
+    parser.add_argument("--only", default="", help="only the cases whose name contains this")
     args = parser.parse_args()
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__, "M": M,
               "rows": []}  # fmt: skip
     for k in (1152, 4608):
         x = torch.randn(M, k, device="cuda", dtype=torch.bfloat16)
         result["rows"].append({"case": f"x.clone() bf16 K={k}", "us": replay_us(x.clone)})
-    for case in CASES:
-        row = measure(*case, grid=args.grid)
+    for case in [case for case in CASES if args.only in case[0]]:
+        row = measure(*case, grid=args.grid, multi_pass=not args.no_multi_pass)
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
         args.out.write_text(json.dumps(result, indent=1))

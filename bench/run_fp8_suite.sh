@@ -27,8 +27,7 @@ case $part in
     python bench/bench_kernels.py --out "$out/kernels_fp8_v3" >>"$out/log_$part.txt" 2>&1 ;;
   models)  # every FP8-path model against bf16 at batch 64, with 50-step sampling (CUDA graphs gave W4A8 nothing at
            # this batch on 2026-12-04: 1.29× without, 1.26× with, e2e_fp8_v8_graphs_h200.md). The pre-pass against
-           # inductor is the `prepass` part; its first run, 2026-12-03, also timed the attention output through
-           # the pre-pass: 0.86×, dropped
+           # inductor is the `prepass` part
     nvidia-smi -L
     if [ "${SUITE_TESTS:-}" != none ]; then
       timeout 150 python -m pytest -q -p no:cacheprovider ${SUITE_TESTS:-tests/kernels/test_rowquant.py \
@@ -37,7 +36,6 @@ case $part in
     fi
     e2e --batch 64 --sample-steps 50 --config bf16
     e2e --batch 64 --sample-steps 50 --config w4a8fp8 --backend fp8-cached
-    e2e --batch 64 --config w4a8fp8 --backend fp8-cached --attn-out-prepass  # experiment: the attention output's pre-pass
     e2e --batch 64 --sample-steps 50 --config ternary-a8fp8 --backend fp8-cached --all-linears
     e2e --batch 64 --sample-steps 50 --config svdquant-w4a8fp8-r32 --backend fp8-cached
     e2e --batch 64 --sample-steps 50 --config w4a8fp8 --backend fp8 ;;  # weights 4-bit in memory, expanded per call

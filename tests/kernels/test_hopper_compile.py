@@ -26,10 +26,9 @@ def _variants() -> list[tuple]:
         p = "*" + dtype
         return dict(x=p, smooth="*fp32", shift=p, scale_mod=p, codes="*fp8e4nv", scales="*fp32", M="i32", K="i32",
                     tokens="i32", eps="fp32", stride_xm="i32", stride_cm="i32", stride_mod="i32", update=p, gate=p,
-                    x_out=p, stride_um="i32", stride_om="i32", down="*fp8e4nv", down_scale="*fp32")  # fmt: skip
+                    x_out=p, stride_um="i32", stride_om="i32")  # fmt: skip
 
-    one_pass = dict(EMULATE=False, HAS_SMOOTH=False, ONE_SAMPLE=False, RESIDUAL=False, BLOCK_M=4, HEAD=1024, TAIL=128,
-                    RANK=0)  # fmt: skip
+    one_pass = dict(EMULATE=False, HAS_SMOOTH=False, ONE_SAMPLE=False, RESIDUAL=False, BLOCK_M=4, HEAD=1024, TAIL=128)
     cases = [  # (x dtype, what differs from one_pass)
         ("bf16", dict(ACT=2, NORM=False, BLOCK_M=1, HEAD=4096, TAIL=512)),  # fc2's GELU input
         ("bf16", dict(ACT=2, NORM=False, HAS_SMOOTH=True, BLOCK_M=1, HEAD=4096, TAIL=512)),  # ... before a branch
@@ -41,13 +40,15 @@ def _variants() -> list[tuple]:
         ("fp32", dict(ACT=0, NORM=True, RESIDUAL=True)),
     ]
     variants = [(rowquant._rows_one_pass_kernel, rows(dtype), one_pass | diff, dict(num_warps=4)) for dtype, diff in cases]
-    # the default launches at DiT-XL/2's widths: 2 rows of 1,152 in one warp, 1 row of 4,608 in two
-    variants.append((rowquant._rows_one_pass_kernel, rows("bf16"), one_pass | cases[4][1] | dict(BLOCK_M=2, HAS_SMOOTH=True),
+    # the default launches at DiT-XL/2's widths: 2 rows of 1,152 in one warp, 1 row of 4,608 in two; smoothed,
+    # 8 rows of 1,152 and 2 of 4,608 in 8 warps
+    variants.append((rowquant._rows_one_pass_kernel, rows("bf16"), one_pass | cases[4][1] | dict(BLOCK_M=2),
                      dict(num_warps=1)))  # fmt: skip
-    variants.append((rowquant._rows_one_pass_kernel, rows("bf16"), one_pass | cases[1][1], dict(num_warps=2)))
-    # with SVDQuant's P from the registers (`lowrank_rows=16`): 16 rows of 1,152 in 8 warps, fc1's input
-    variants.append((rowquant._rows_one_pass_kernel, rows("bf16"), one_pass | cases[4][1] | dict(BLOCK_M=16,
-                     HAS_SMOOTH=True, RANK=32), dict(num_warps=8)))  # fmt: skip
+    variants.append((rowquant._rows_one_pass_kernel, rows("bf16"), one_pass | cases[0][1], dict(num_warps=2)))
+    variants.append((rowquant._rows_one_pass_kernel, rows("bf16"), one_pass | cases[4][1] | dict(BLOCK_M=8,
+                     HAS_SMOOTH=True), dict(num_warps=8)))  # fmt: skip
+    variants.append((rowquant._rows_one_pass_kernel, rows("bf16"), one_pass | cases[1][1] | dict(BLOCK_M=2),
+                     dict(num_warps=8)))  # fmt: skip
     # inside a compiled model inductor launches it, passing the LayerNorm's eps as a float64
     variants.append((rowquant._rows_one_pass_kernel, rows("bf16") | {"eps": "fp64"}, one_pass | cases[4][1],
                      dict(num_warps=4)))  # fmt: skip

@@ -128,22 +128,19 @@ def test_pre_pass_adds_the_gated_residual_first_and_writes_the_sum(samples, toke
     assert torch.equal(codes.float(), quantize_rows_fp8(expected, s, "none", mod)[0].float())
 
 
-@pytest.mark.parametrize("lowrank_rows", [0, 16], ids=["p_kernel", "p_fused"])
 @pytest.mark.parametrize(("samples", "tokens", "k", "wide"), [(5, 4, 48, False), (2, 40, 131, False), (1, 5, 131, True)],
                          ids=["one_pass", "one_pass_odd_k", "multi_pass"])  # fmt: skip
-def test_pre_pass_appends_the_low_rank_codes_of_its_own_codes(samples, tokens, k, wide, lowrank_rows, monkeypatch):
-    """With SVDQuant's branch the pre-pass fills the codes' last 2R columns with P of the codes it wrote: by the
-    low-rank kernel after either pre-pass kernel, or (`lowrank_rows`) inside the one-pass kernel, from the codes
-    in its registers (its tail of 3 columns padded to a tensor-core step); the codes, scales and the residual sum
-    are those of the pre-pass without a branch."""
+def test_pre_pass_appends_the_low_rank_codes_of_its_own_codes(samples, tokens, k, wide, monkeypatch):
+    """With SVDQuant's branch the pre-pass fills the codes' last 2R columns with P of the codes it wrote (the
+    low-rank kernel after either pre-pass kernel); the codes, scales and the residual sum are those of the
+    pre-pass without a branch."""
     if wide:
         monkeypatch.setattr(rowquant, "MAX_RESIDENT", 32)
     x, s = operands(samples * tokens, k, torch.bfloat16, True, seed=k)
     mod, res = modulation(samples, tokens, k, torch.bfloat16, seed=k), residual(samples, tokens, k, torch.bfloat16)
     down, scale = low_rank_down(k, 16, seed=k)
     total, plain_total = torch.empty_like(x), torch.empty_like(x)
-    codes, scales = quantize_rows_fp8(x, s, "none", mod, residual=res, residual_out=total, lowrank=(down, scale),
-                                      lowrank_rows=lowrank_rows)  # fmt: skip
+    codes, scales = quantize_rows_fp8(x, s, "none", mod, residual=res, residual_out=total, lowrank=(down, scale))
     plain, plain_scales = quantize_rows_fp8(x, s, "none", mod, residual=res, residual_out=plain_total)
     assert codes.shape == (x.shape[0], k + 32) and torch.equal(total, plain_total)
     assert torch.equal(codes[:, :k].float(), plain.float()) and torch.equal(scales, plain_scales)
@@ -161,20 +158,6 @@ def test_a_low_rank_branch_needs_its_columns_in_out():
                           lowrank=low_rank_down(48, 16))  # fmt: skip
     with pytest.raises(ValueError, match=r"down must be contiguous e4m3 \(48, R\)"):
         quantize_rows_fp8(x, s, "none", lowrank=low_rank_down(50, 16))
-    with pytest.raises(ValueError, match="lowrank_rows must be 0 or a power of two >= 16, got 8"):
-        quantize_rows_fp8(x, s, "none", lowrank=low_rank_down(48, 16), lowrank_rows=8)
-
-
-def test_rows_too_wide_for_8_warps_leave_p_to_its_own_kernel(monkeypatch):
-    """16 rows of 2,048 would take 128 elements per thread: the one-pass kernel declines P, the kernel of its own
-    computes it."""
-    calls = []
-    monkeypatch.setattr(rowquant, "append_lowrank_codes", lambda *args: calls.append(args[0].shape))
-    x, s = operands(3, 2048, torch.bfloat16, True)
-    quantize_rows_fp8(x, s, "none", lowrank=low_rank_down(2048, 16), lowrank_rows=16)
-    quantize_rows_fp8(x[:, :1024].contiguous(), s[:1024].contiguous(), "none", lowrank=low_rank_down(1024, 16),
-                      lowrank_rows=16)  # fmt: skip
-    assert calls == [(3, 2048 + 32)]
 
 
 def test_the_residual_gate_is_read_per_sample():
@@ -334,6 +317,7 @@ def test_fp8_backends_move_the_block_norms_into_qkv_and_fc1_and_every_backend_ke
         assert type(block) is NormFusedDiTBlock
         block(x, c)
         assert calls.count(True) == 2  # qkv's and fc1's inputs went through the modulated pre-pass
+        assert calls.count(False) == 2 and block.attn.proj.input_activation == "none"  # proj's and fc2's plain
         for backend in ("fp8-cached", "fp8", "reference", "dequantized", "lowbit"):
             prepare_for_inference(block, backend)
             assert float((block(x, c) - ref).norm() / ref.norm()) < tolerance(backend, svdquant), backend
@@ -405,10 +389,14 @@ def test_each_mlp_residual_add_rides_in_the_next_blocks_qkv_pre_pass_and_every_b
         prepare_for_inference(model, "fp8-cached")
         assert type(model) is ResidualCarryingDiT and type(model.blocks[2]) is DiTBlock
         model(x, t, y)
-        # qkv, fc1 (attention's add), fc2 per fused block; qkv adds the MLP's of blocks 0 (→ 1) only: block 2 is
-        # plain, so block 1's add is done before it and block 3 starts from a complete x
+        # qkv, proj, fc1 (attention's add), fc2 per fused block; qkv adds the MLP's of blocks 0 (→ 1) only: block 2
+        # is plain, so block 1's add is done before it and block 3 starts from a complete x
         update = ((9 * 16, 128), x.dtype)
-        assert added == [None, update, None, update, update, None, None, update, None]
+
+        def per_block(*qkv_adds):
+            return [add for qkv_add in qkv_adds for add in (qkv_add, None, update, None)]
+
+        assert added == per_block(None, update, None)
         for backend in ("fp8-cached", "fp8", "reference", "dequantized"):
             prepare_for_inference(model, backend)
             assert float((model(x, t, y) - ref).norm() / ref.norm()) < 2e-2, backend
@@ -418,7 +406,7 @@ def test_each_mlp_residual_add_rides_in_the_next_blocks_qkv_pre_pass_and_every_b
         added.clear()
         hooked = model(x, t, y)
         handle.remove()
-        assert len(seen) == 1 and added == [None, update, None, None, update, None, None, update, None]
+        assert len(seen) == 1 and added == per_block(None, None, None)
         torch.testing.assert_close(hooked, model(x, t, y), rtol=1e-5, atol=1e-5)
         prepare_for_inference(model, "reference")
         torch.testing.assert_close(model(x, t, y), ref)  # the same ops in the same order: bit for bit

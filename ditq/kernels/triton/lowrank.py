@@ -19,13 +19,7 @@ from ditq.kernels.triton import interpreted
 from ditq.kernels.triton.rounding import rounded
 from ditq.quant.primitives import FP8_MAX
 
-__all__ = [
-    "append_lowrank_codes",
-    "append_lowrank_codes_reference",
-    "check_lowrank",
-    "lowrank_product",
-    "store_lowrank_codes",
-]
+__all__ = ["append_lowrank_codes", "append_lowrank_codes_reference", "check_lowrank"]
 
 _FP8_MAX = tl.constexpr(FP8_MAX)
 
@@ -39,32 +33,17 @@ def _lowrank_codes_kernel(
     bound). EMULATE: fp32 dots and integer rounding, for the interpreter."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
-    rk = tl.arange(0, BLOCK_K)
+    rk, rr = tl.arange(0, BLOCK_K), tl.arange(0, R)
     acc = tl.zeros((BLOCK_M, R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + rk
         a = tl.load(codes + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :],
                     mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)  # fmt: skip
-        acc = lowrank_product(acc, a, down, cols, K, R, EMULATE)
-    store_lowrank_codes(codes, acc, down_scale, rows, row_ok, stride_cm, K, R, EMULATE)
-
-
-@triton.jit
-def lowrank_product(acc, a, down, cols, K, R: tl.constexpr, EMULATE: tl.constexpr):
-    """acc + a · L1_q[cols]: `a` the e4m3 codes (rows ≥ 16, len(cols) ≥ 32) of those input columns, on FP8 tensor
-    cores (float32 under EMULATE); rows of L1_q past K read as 0."""
-    b = tl.load(down + cols[:, None] * R + tl.arange(0, R)[None, :], mask=(cols < K)[:, None], other=0.0)
-    if EMULATE:
-        return acc + tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, acc)
-
-
-@triton.jit
-def store_lowrank_codes(
-    codes, acc, down_scale, rows, row_ok, stride_cm, K, R: tl.constexpr, EMULATE: tl.constexpr
-):  # fmt: skip
-    """e4m3(acc · scale) into the rows' columns [K, K + R) and again into [K + R, K + 2R)."""
-    rr = tl.arange(0, R)
+        b = tl.load(down + cols[:, None] * R + rr[None, :], mask=(cols < K)[:, None], other=0.0)  # (BLOCK_K, R)
+        if EMULATE:
+            acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
     p = acc * tl.load(down_scale + rr)[None, :]
     p = rounded(tl.minimum(tl.maximum(p, -_FP8_MAX), _FP8_MAX), tl.float8e4nv, EMULATE).to(tl.float8e4nv)
     out = codes + rows.to(tl.int64)[:, None] * stride_cm + K + rr[None, :]

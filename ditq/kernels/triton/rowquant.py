@@ -25,21 +25,17 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ditq.kernels.reference import Modulation, Residual, activate, modulated, residual_added
-from ditq.kernels.triton import FP8_K_STEP, interpreted
-from ditq.kernels.triton.lowrank import (
-    append_lowrank_codes,
-    check_lowrank,
-    lowrank_product,
-    store_lowrank_codes,
-)
+from ditq.kernels.triton import interpreted
+from ditq.kernels.triton.lowrank import append_lowrank_codes, check_lowrank
 from ditq.kernels.triton.rounding import product, rounded
 from ditq.quant.primitives import FP8_MAX, SCALE_FLOOR, fp8_cast, fp8_scale
 
 __all__ = ["quantize_rows_fp8", "quantize_rows_fp8_reference"]
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}  # kernel codes of `reference.INPUT_ACTIVATIONS`
-ROW_ELEMENTS = 4096  # elements one program of the one-pass kernel holds at most (rows × padded width)
-ELEMENTS_PER_THREAD = 72  # its warps: as few as hold the rows at about this many elements per thread
+# The one-pass kernel's launch: (elements one program holds at most (rows × padded width), elements per thread
+# (its warps: as few as hold the rows at about that many)), without and with smoothing (`quantize_rows_fp8`)
+LAUNCH = {False: (4096, 72), True: (9216, 36)}
 MAX_RESIDENT = 16384  # wider rows (padded) take the multi-pass kernel: registers would spill
 MULTI_PASS_BLOCKS = (16, 128)  # its (rows per program, K block), 4 warps
 _FP8_MAX = tl.constexpr(FP8_MAX)
@@ -155,27 +151,22 @@ def _row_scale(amax):
 
 @triton.jit
 def _store_codes(codes, h, scale, rows, cols, row_ok, K, stride_cm, EMULATE: tl.constexpr):
-    """The tile's e4m3 codes, stored and returned."""
     inverse = tl.math.div_rn(tl.full(scale.shape, 1.0, tl.float32), scale)  # once per row (see `fp8_cast`)
     q = tl.minimum(tl.maximum(h * inverse[:, None], -_FP8_MAX), _FP8_MAX)
     q = rounded(q, tl.float8e4nv, EMULATE).to(tl.float8e4nv)
     tl.store(codes + rows.to(tl.int64)[:, None] * stride_cm + cols[None, :], q,
              mask=row_ok[:, None] & (cols < K)[None, :])  # fmt: skip
-    return q
 
 
 @triton.jit
 def _rows_one_pass_kernel(
     x, smooth, shift, scale_mod, codes, scales, M, K, tokens, eps, stride_xm, stride_cm, stride_mod,
-    update, gate, x_out, stride_um, stride_om, down, down_scale,
+    update, gate, x_out, stride_um, stride_om,
     ACT: tl.constexpr, NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr,
     ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr, RESIDUAL: tl.constexpr,
-    RANK: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_M whole rows per program: columns [0, HEAD) and [HEAD, HEAD + TAIL), both powers of two.
-    RESIDUAL: x is first replaced by x + gate · update, which is also written to `x_out`. RANK > 0: SVDQuant's
-    P of the codes too, multiplied with L1_q from the registers that hold them (BLOCK_M ≥ 16, HEAD and TAIL ≥ 32
-    or TAIL 0: tensor-core tiles)."""
+    RESIDUAL: x is first replaced by x + gate · update, which is also written to `x_out`."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     head_cols = tl.arange(0, HEAD)
@@ -211,15 +202,9 @@ def _rows_one_pass_kernel(
         amax = tl.maximum(amax, tl.max(tl.abs(tail), axis=1))
     scale = _row_scale(amax)
     tl.store(scales + rows, scale, mask=row_ok)
-    q = _store_codes(codes, head, scale, rows, head_cols, row_ok, K, stride_cm, EMULATE)
-    if RANK > 0:
-        acc = lowrank_product(tl.zeros((BLOCK_M, RANK), dtype=tl.float32), q, down, head_cols, K, RANK, EMULATE)
+    _store_codes(codes, head, scale, rows, head_cols, row_ok, K, stride_cm, EMULATE)
     if TAIL > 0:
-        q = _store_codes(codes, tail, scale, rows, tail_cols, row_ok, K, stride_cm, EMULATE)
-        if RANK > 0:
-            acc = lowrank_product(acc, q, down, tail_cols, K, RANK, EMULATE)
-    if RANK > 0:
-        store_lowrank_codes(codes, acc, down_scale, rows, row_ok, stride_cm, K, RANK, EMULATE)
+        _store_codes(codes, tail, scale, rows, tail_cols, row_ok, K, stride_cm, EMULATE)
 
 
 @triton.jit
@@ -273,9 +258,8 @@ def quantize_rows_fp8(
     residual_out: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
-    row_elements: int = ROW_ELEMENTS,
+    row_elements: int | None = None,
     num_warps: int | None = None,
-    lowrank_rows: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 codes (M, K [+ 2R]), float32 scales (M, 1)) of h = activation(x) or modulate(LayerNorm(x))
     [/ smooth].
@@ -286,14 +270,14 @@ def quantize_rows_fp8(
     appends SVDQuant's low-rank activations behind them); it is returned as the codes.
     `lowrank` = (L1_q (K, R) e4m3, scale (1, R) float32): SVDQuant's P = (X_q · L1_q) · scale then fills the
     codes' last 2R columns, twice (the kernel of `ditq.kernels.triton.lowrank`; `out`, if given, is (M, K + 2R)).
-    `lowrank_rows` (a power of two ≥ 16; 0: off) has the one-pass kernel compute P itself from the codes in its
-    registers, that many rows per program, where they fit in 8 warps (widths up to 1,152 at 16 rows); not yet
-    timed, so off by default (`bench/prepass_variants.py` compares it).
     Launch of the one-pass kernel: `row_elements` (rows × padded width held per program at most) and `num_warps`
-    (None: about `ELEMENTS_PER_THREAD` each). The defaults are the best of a sweep on an H200 at DiT-XL/2
-    batch-64 inputs (`bench/prepass_variants.py`, `bench/results/prepass_variants_h200.json`): 2 rows of 1,152 in
-    one warp, 1 row of 4,608 in two; a row in one warp reduces without shared memory (4 rows in 4 warps took
-    13% longer for LayerNorm + modulate, 12% with the residual add).
+    (None: `LAUNCH`'s, by whether x is smoothed). The defaults are from sweeps on an H200 at DiT-XL/2's batch-64
+    inputs (`bench/prepass_variants.py --grid`, `bench/results/prepass_variants_h200.json` and
+    `prepass_smoothed_grid_h200.json`). Unsmoothed: 2 rows of 1,152 in one warp, 1 row of 4,608 in two; a row in
+    one warp reduces without shared memory (4 rows in 4 warps took 13% longer for LayerNorm + modulate).
+    Smoothed: 8 rows of 1,152 in 8 warps, 2 rows of 4,608 in 8; the smoothing's two extra vectors per column
+    (smooth and its reciprocal) want fewer elements per thread and more rows sharing them (fc2's GELU input:
+    163 µs against 258 at the unsmoothed launch).
     """
     m, k = _check_operands(x, smooth, activation, modulation, out, residual, residual_out)
     rank = 0 if lowrank is None else check_lowrank(k, *lowrank)
@@ -314,21 +298,16 @@ def quantize_rows_fp8(
     args = (x, x if smooth is None else smooth, shift, scale_mod, codes, scales, m, k,
             *((1, 0.0) if modulation is None else (modulation.tokens, float(modulation.eps))),
             x.stride(0), codes.stride(0), shift.stride(0))  # fmt: skip
-    dot_tail = tail and max(tail, FP8_K_STEP)  # the tail as a tensor-core step, where P is computed in the kernel
-    fused = _fuses_lowrank(lowrank_rows, head, head + dot_tail) and bool(rank) and one_pass
     if one_pass:
-        fits = max(1, row_elements // (head + tail))
+        default_elements, per_thread = LAUNCH[smooth is not None]
+        fits = max(1, (row_elements or default_elements) // (head + tail))
         block_m = min(1 << (fits.bit_length() - 1), triton.next_power_of_2(m))  # powers of two
-        if fused:  # tensor-core tiles: 16+ rows, K steps of 32+
-            block_m, tail = lowrank_rows, dot_tail
-        per_thread = triton.cdiv(block_m * (head + tail), 32 * ELEMENTS_PER_THREAD)
-        num_warps = num_warps or min(8, triton.next_power_of_2(per_thread))
+        warps = triton.next_power_of_2(triton.cdiv(block_m * (head + tail), 32 * per_thread))
         update, x_new = (x, x) if residual is None else (residual.update.contiguous(), residual_out)
-        down, down_scale = (lowrank[0], lowrank[1].contiguous()) if fused else (x, x)
         wrap_triton(_rows_one_pass_kernel)[(triton.cdiv(m, block_m),)](
-            *args, update, gate, x_new, update.stride(0), x_new.stride(0), down, down_scale,
+            *args, update, gate, x_new, update.stride(0), x_new.stride(0),
             ONE_SAMPLE=_one_sample(modulation, block_m), BLOCK_M=block_m, HEAD=head, TAIL=tail,
-            RESIDUAL=residual is not None, RANK=rank if fused else 0, num_warps=num_warps, **common,
+            RESIDUAL=residual is not None, num_warps=num_warps or min(8, warps), **common,
         )  # fmt: skip
     else:
         block_m, block_k = MULTI_PASS_BLOCKS
@@ -336,7 +315,7 @@ def quantize_rows_fp8(
             *args, ONE_SAMPLE=_one_sample(modulation, block_m), BLOCK_M=block_m, BLOCK_K=block_k, num_warps=4,
             **common,
         )  # fmt: skip
-    if rank and not fused:
+    if rank:
         append_lowrank_codes(codes, *lowrank)
     return codes, scales
 
@@ -345,14 +324,6 @@ def row_tiles(k: int) -> tuple[int, int]:
     """The one-pass kernel's two power-of-two column tiles for rows of k: (head, tail), tail 0 for a power of two."""
     head = 1 << (k.bit_length() - 1)
     return head, triton.next_power_of_2(k - head) if k > head else 0
-
-
-def _fuses_lowrank(lowrank_rows: int, head: int, width: int) -> bool:
-    """Whether the one-pass kernel computes P itself: asked to, and `lowrank_rows` rows of `width` (its head and
-    tail tiles, the tail padded to a tensor-core step) fit in 8 warps at `ELEMENTS_PER_THREAD`."""
-    if lowrank_rows and (lowrank_rows < 16 or lowrank_rows & (lowrank_rows - 1)):
-        raise ValueError(f"lowrank_rows must be 0 or a power of two >= 16, got {lowrank_rows}")
-    return bool(lowrank_rows) and head >= FP8_K_STEP and lowrank_rows * width <= 8 * 32 * ELEMENTS_PER_THREAD
 
 
 def _sample_rows(modulation: Modulation, residual: Residual | None) -> tuple[torch.Tensor, ...]:
