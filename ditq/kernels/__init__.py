@@ -161,7 +161,7 @@ register_backend(
         fp8.per_call_forward,
         supports=fp8.fp8_support,
         convert=lambda m, dtype: fp8.weight_scale(m),
-        fixed_dtype_buffers=("fp8_scale_w", *fp8.LOWRANK_BUFFERS, "lowrank_up_fp8", "weight_row_shift"),
+        fixed_dtype_buffers=("fp8_scale_w", *fp8.LOWRANK_BUFFERS, "lowrank_up_fp8", "weight_row_shift", "inv_smooth"),
         fuses_input_activations=True,
     )
 )
@@ -171,7 +171,7 @@ register_backend(
         fp8.fp8_linear,
         supports=fp8.fp8_support,
         convert=lambda m, dtype: fp8.expanded_weight(m),
-        fixed_dtype_buffers=("fp8_scale_w", "weight_fp8", *fp8.LOWRANK_BUFFERS),
+        fixed_dtype_buffers=("fp8_scale_w", "weight_fp8", *fp8.LOWRANK_BUFFERS, "inv_smooth"),
         fuses_input_activations=True,
     )
 )

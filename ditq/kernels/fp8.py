@@ -1,6 +1,6 @@
 """W4A8-FP8 on Hopper: int2–int4 or ternary weights as FP8 e4m3, per-token FP8 activations, FP8 tensor cores.
 
-    x ──(÷smooth, row absmax, e4m3 codes: ordinary ops or the pre-pass)──► X_q, s_x ──────────────┐
+    x ──(·inv_smooth, row absmax, e4m3 codes: ordinary ops or the pre-pass)──► X_q, s_x ──────────┐
     X_q · L1_q (SVDQuant's down-projection, a Triton kernel) ──► e4m3 P, twice behind X_q's columns ─┤
     packed codes ──(Triton op `ditq::expand_fp8`: exact e4m3)──► W_q, then U_high, U_low ─────────┼─► _scaled_mm
     ([X_q | P | P], [W_q | U_high | U_low]ᵀ, s_x, s_w) + b: main product and low-rank branch in ONE GEMM ─┘
@@ -12,7 +12,11 @@ re-reads every activation once more, which cost more than the FP8 GEMMs saved. T
 producers inductor fuses badly with a row reduction (`ditq.kernels.fusion` moves them): a layer's
 `input_activation` (an MLP's GELU moved into its second Linear) and a DiT block's LayerNorm + adaLN modulate
 (`fp8_linear` with a `Modulation`). There the Triton op `ditq::quantize_rows_fp8` applies the producer, the smoothing
-and the row scale in one read of each row; so it does for every layer with a low-rank branch.
+and the row scale in one read of each row; so it does for every layer with a low-rank branch. SVDQuant's
+smoothing x / smooth is applied as x · inv_smooth, its float32 reciprocal computed once in
+`prepare_for_inference`, the product rounded to x's dtype (at most one bf16 step from the quotient; the other
+backends divide): with the correctly rounded quotient a smoothed input's pre-pass took 1.5–2.9× the unsmoothed
+one's time on an H200 (`bench/results/prepass_smoothed_grid_h200.json`; the product is not yet timed).
 Per-channel weight scales go to cuBLAS: |q| ≤ 8 is exact in e4m3 and the scale goes to the GEMM's `scale_b`.
 Per-group scales (groups of K a multiple of 32) cannot ride in `scale_b`: those layers take the lowbit GEMM's
 FP8 mode instead (`ditq.kernels.triton.lowbit_gemm`), which converts the packed codes to e4m3 in registers and
@@ -71,7 +75,7 @@ def expand_fp8(qweight: torch.Tensor, bits: int, n_cols: int, ternary: bool) -> 
     return expand_to_fp8(qweight, bits, n_cols, ternary=ternary)
 
 
-def _quantized_rows_fake(x, smooth, activation, shift=None, scale=None, tokens=1, eps=0.0, lowrank_down=None,
+def _quantized_rows_fake(x, inv_smooth, activation, shift=None, scale=None, tokens=1, eps=0.0, lowrank_down=None,
                          lowrank_down_scale=None, update=None, gate=None):  # fmt: skip
     extra = 0 if lowrank_down is None else 2 * lowrank_down.shape[1]
     return (x.new_empty((x.shape[0], x.shape[1] + extra), dtype=torch.float8_e4m3fn),
@@ -81,7 +85,7 @@ def _quantized_rows_fake(x, smooth, activation, shift=None, scale=None, tokens=1
 @kernel_op("ditq::quantize_rows_fp8", fake=_quantized_rows_fake)
 def quantize_rows(
     x: torch.Tensor,
-    smooth: torch.Tensor | None,
+    inv_smooth: torch.Tensor | None,
     activation: str,
     shift: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
@@ -93,7 +97,7 @@ def quantize_rows(
     gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(e4m3 codes (M, K [+ 2·rank]), float32 row scales (M, 1), x') of h = activation(x), or modulate(LayerNorm(x),
-    shift, scale) with a shift, [/ smooth], x (M, K), by the Triton pre-pass; with SVDQuant's down-projection
+    shift, scale) with a shift, [· inv_smooth], x (M, K), by the Triton pre-pass; with SVDQuant's down-projection
     (`_lowrank_parts`) its e4m3 activations P follow, twice (`ditq.kernels.triton.lowrank`). With an `update`
     (and a shift), x' = x + gate·update replaces x first and is returned; else x' is empty."""
     from ditq.kernels.triton.rowquant import quantize_rows_fp8
@@ -102,7 +106,7 @@ def quantize_rows(
     residual = None if update is None else Residual(update, gate)
     x_new = torch.empty(x.shape if residual else 0, dtype=x.dtype, device=x.device)
     lowrank = None if lowrank_down is None else (lowrank_down, lowrank_down_scale)
-    codes, scales = quantize_rows_fp8(x, smooth, activation, modulation, residual=residual,
+    codes, scales = quantize_rows_fp8(x, inv_smooth, activation, modulation, residual=residual,
                                       residual_out=x_new if residual else None, lowrank=lowrank)  # fmt: skip
     return codes, scales, x_new
 
@@ -130,14 +134,15 @@ def _input_codes(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The GEMM's activation operand: (e4m3 codes (M, K [+ 2·rank]), row scales (M, 1), x' or None)."""
     k = x.shape[-1]
+    inv_smooth = None if m.smooth is None else m.inv_smooth  # float32 (K,), `weight_scale`'s
     if m.input_activation is None and modulation is None and m.lowrank_up is None:
         # ordinary ops, fused by the compiler into x's producer
-        h = (x if m.smooth is None else x / m.smooth.to(x.dtype)).reshape(-1, k)  # (M, K)
+        h = (x if inv_smooth is None else (x * inv_smooth).to(x.dtype)).reshape(-1, k)  # (M, K)
         scale_x = fp8_scale(h)  # (M, 1) float32
         return fp8_cast(h, scale_x), scale_x, None
     lowrank = (None, None) if m.lowrank_up is None else (m.lowrank_down_fp8, m.lowrank_down_scale)
     update = () if residual is None else (residual.update.reshape(-1, k), residual.gate)
-    return quantize_rows(x.reshape(-1, k), m.smooth, m.input_activation or "none",
+    return quantize_rows(x.reshape(-1, k), inv_smooth, m.input_activation or "none",
                          *(modulation or (None, None, 1, 0.0)), *lowrank, *update)  # fmt: skip
 
 
@@ -197,19 +202,21 @@ def uses_few_row_path(m: QuantLinear, x: torch.Tensor) -> bool:
 
 
 def weight_scale(m: QuantLinear) -> dict[str, torch.Tensor]:
-    """The per-channel scales as cuBLAS's row-wise `scale_b` (1, N), and SVDQuant's branch if `m` has one;
-    nothing for per-group scales (the lowbit kernel reads the packed codes and the scales as they are)."""
+    """The per-channel scales as cuBLAS's row-wise `scale_b` (1, N), SVDQuant's branch if `m` has one, and the
+    reciprocal of its smoothing (float32 (K,)) if it smooths; no scales for per-group layers (the lowbit kernel
+    reads the packed codes and the scales as they are)."""
+    smoothing = {} if m.smooth is None else {"inv_smooth": (1 / m.smooth.detach().float()).contiguous()}
     if m.spec.group_size is not None:
-        return {}
+        return smoothing
     scale = m.scales.detach().reshape(1, m.out_features).float()
     if m.lowrank_up is None:
-        return {"fp8_scale_w": scale.contiguous()}
+        return smoothing | {"fp8_scale_w": scale.contiguous()}
     up_codes, down_codes, down_scale, shift = _lowrank_parts(m)
     if not _shifts_fit(shift):
         raise ValueError(LOWRANK_RANGE)
     high = up_codes.to(torch.float8_e4m3fn)
     low = (up_codes - high.float()).to(torch.float8_e4m3fn)  # what one e4m3 rounding of U leaves
-    buffers = {"fp8_scale_w": (scale * shift.reshape(1, -1)).contiguous(), "lowrank_down_fp8": down_codes,
+    buffers = smoothing | {"fp8_scale_w": (scale * shift.reshape(1, -1)).contiguous(), "lowrank_down_fp8": down_codes,
                "lowrank_down_scale": down_scale, "lowrank_up_fp8": _bytes_cat(high, low)}  # fmt: skip
     # only where a row moved: "fp8" divides its expanded codes by it on every call
     return buffers | ({"weight_row_shift": (1 / shift).reshape(-1, 1)} if (shift > 1).any() else {})
@@ -219,7 +226,7 @@ def expanded_weight(m: QuantLinear) -> dict[str, torch.Tensor]:
     """`weight_scale`'s buffers and the e4m3 weight cuBLAS reads (`fp8-cached`): the codes, then U's two parts
     when `m` has a branch (the row shifts applied); per-group layers keep their packed codes, so nothing."""
     buffers = weight_scale(m)
-    if not buffers:  # per-group scales: the lowbit kernel's FP8 mode reads the packed codes
+    if m.spec.group_size is not None:  # the lowbit kernel's FP8 mode reads the packed codes
         return buffers
     if m.lowrank_up is None:
         return buffers | {"weight_fp8": _expanded(m)}

@@ -106,7 +106,8 @@ def test_fp8_backends_compute_the_reference(name, backend):
 )  # fmt: skip
 def test_per_group_layers_run_the_packed_codes_on_fp8_tensor_cores(spec, k, backend, monkeypatch):
     """A scale per group cannot ride in cuBLAS's row-wise scales: these layers take the lowbit kernel's FP8 mode,
-    which reads the packed codes (nothing expanded or cached), and compute the oracle up to summation order."""
+    which reads the packed codes (nothing expanded or cached but the smoothing's reciprocal), and compute the
+    oracle up to summation order."""
     from ditq.kernels import fp8
 
     g = torch.Generator().manual_seed(k)
@@ -122,7 +123,7 @@ def test_per_group_layers_run_the_packed_codes_on_fp8_tensor_cores(spec, k, back
 
     monkeypatch.setattr(fp8, "lowbit_gemm", spy)
     prepare_for_inference(m, backend)
-    assert m.backend == backend and m.kernel_buffers == ()
+    assert m.backend == backend and m.kernel_buffers == (("inv_smooth",) if spec.smooth else ())  # no weight copy
     out = m(x)
     assert calls == [(torch.float8_e4m3fn, torch.uint8, torch.float32)]  # e4m3 codes, packed codes, scales
     tol = dict(rtol=1e-3, atol=2e-4) if out.is_cuda else dict(rtol=1e-4, atol=1e-5)
@@ -130,6 +131,32 @@ def test_per_group_layers_run_the_packed_codes_on_fp8_tensor_cores(spec, k, back
     torch._dynamo.reset()
     monkeypatch.undo()
     torch.testing.assert_close(torch.compile(m, fullgraph=True)(x), m(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["fp8", "fp8-cached"])
+def test_fp8_backends_smooth_by_the_reciprocal_in_either_path(backend):
+    """x / smooth is applied as x · inv_smooth, inv_smooth = 1/smooth computed once in float32 (kept so through
+    `.to(bf16)`), the product in float32 rounded to x's dtype: the compiler's ordinary ops and the pre-pass give
+    the same codes, from values at most one bf16 step from the quotient."""
+    from ditq.kernels.fp8 import _input_codes
+    from ditq.quant.primitives import fp8_cast, fp8_scale
+
+    m = layer(QuantSpec(w_bits=4, a_bits=8, a_format="fp8", smooth=True))
+    prepare_for_inference(m, backend)
+    m.to(torch.bfloat16)
+    assert m.inv_smooth.dtype == torch.float32 and torch.equal(m.inv_smooth, 1 / m.smooth.float())
+    x = (torch.randn(139, 48, generator=torch.Generator().manual_seed(7)) * 3).to(DEVICE, torch.bfloat16)
+    product = (x * m.inv_smooth).to(torch.bfloat16)
+    quotient = x / m.smooth.to(torch.bfloat16)
+    assert 0 < (product != quotient).float().mean() < 0.5
+    torch.testing.assert_close(product, quotient, rtol=2**-7, atol=0)
+    ordinary, ordinary_scales, _ = _input_codes(m, x, None)
+    m.input_activation = "none"  # an identity, which sends x through the pre-pass
+    pre_pass, pre_pass_scales, _ = _input_codes(m, x, None)
+    expected_scales = fp8_scale(product)
+    assert torch.equal(ordinary_scales, expected_scales) and torch.equal(pre_pass_scales, expected_scales)
+    expected = fp8_cast(product, expected_scales).float()
+    assert torch.equal(ordinary.float(), expected) and torch.equal(pre_pass.float(), expected)
 
 
 @pytest.mark.parametrize("backend", ["fp8", "fp8-cached"])

@@ -24,7 +24,7 @@ def _variants() -> list[tuple]:
 
     def rows(dtype: str) -> dict[str, str]:
         p = "*" + dtype
-        return dict(x=p, smooth="*fp32", shift=p, scale_mod=p, codes="*fp8e4nv", scales="*fp32", M="i32", K="i32",
+        return dict(x=p, inv_smooth="*fp32", shift=p, scale_mod=p, codes="*fp8e4nv", scales="*fp32", M="i32", K="i32",
                     tokens="i32", eps="fp32", stride_xm="i32", stride_cm="i32", stride_mod="i32", update=p, gate=p,
                     x_out=p, stride_um="i32", stride_om="i32")  # fmt: skip
 

@@ -35,9 +35,10 @@ def operands(m: int, k: int, dtype: torch.dtype, smooth: bool, seed: int = 0):
     return x, s
 
 
-def assert_codes_match(codes, scales, ref_codes, ref_scales, exact: bool, scale_rtol: float = 2e-7):
+def assert_codes_match(codes, scales, ref_codes, ref_scales, exact: bool, scale_rtol: float = 3e-7):
     """Exact where both sides compute the same float32 values; else (GELU: libm against the kernel's erf/exp,
-    up to 7e-5 apart) a rare code one e4m3 step off and scales one float32 ulp off."""
+    up to 7e-5 apart) a rare code one e4m3 step off and scales a float32 ulp or two off (one from the GELU, one
+    more from the smoothing's product after it)."""
     if exact:
         assert torch.equal(scales, ref_scales) and torch.equal(codes.float(), ref_codes.float())
         return
@@ -188,7 +189,7 @@ def test_a_zero_row_gets_the_scale_floor_and_zero_codes():
         (dict(x=torch.zeros(2, 3, 4)), "2-D float x"),
         (dict(x=torch.zeros(2, 4, dtype=torch.int32)), "2-D float x"),
         (dict(activation="relu"), "activation 'relu' is not one of"),
-        (dict(smooth=torch.ones(5)), r"smooth must be contiguous \(4,\)"),
+        (dict(inv_smooth=torch.ones(5)), r"inv_smooth must be contiguous \(4,\)"),
         (dict(out=torch.zeros(2, 3, dtype=torch.float8_e4m3fn)), r"out must be e4m3 \(2, >= 4\)"),
         (dict(out=torch.zeros(2, 4)), "out must be e4m3"),
         (dict(out=torch.zeros(4, 2, dtype=torch.float8_e4m3fn).t()), "unit column stride"),
@@ -211,7 +212,7 @@ def test_a_zero_row_gets_the_scale_floor_and_zero_codes():
          "res_no_mod", "res_update", "res_gate", "res_out"],  # fmt: skip
 )
 def test_bad_operands_are_refused_by_name(kwargs, message):
-    args = dict(x=torch.zeros(2, 4), smooth=None, activation="none") | kwargs
+    args = dict(x=torch.zeros(2, 4), inv_smooth=None, activation="none") | kwargs
     with pytest.raises(ValueError, match=message):
         quantize_rows_fp8(**args)
 

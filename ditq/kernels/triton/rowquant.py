@@ -1,7 +1,7 @@
 """Per-token FP8 quantization of a wide activation in one read, with what produces it fused in: the input
 pre-pass of an FP8 GEMM whose input no compiler fuses well.
 
-    x (M, K) ──► h = act(x) or modulate(LayerNorm(x), shift, scale) [/ smooth]
+    x (M, K) ──► h = act(x) or modulate(LayerNorm(x), shift, scale) [· inv_smooth]
              ──► s = max|h| / 448 per row, codes = e4m3(h · (1/s))
 
 Two producers are fused. The input of an MLP's second Linear is GELU(fc1(x)): `torch.compile` fuses the GELU,
@@ -83,11 +83,11 @@ def _residual_added(
 
 @triton.jit
 def _transformed(
-    v, mean, rstd, shift, scale_mod, smooth, rows, cols, row_ok, K, tokens, stride_mod,
+    v, mean, rstd, shift, scale_mod, inv_smooth, rows, cols, row_ok, K, tokens, stride_mod,
     ACT: tl.constexpr, NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr,
     ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """A tile of x (as loaded) → act(x) or modulate(LayerNorm(x)) [/ smooth] in float32, each step rounded to
+    """A tile of x (as loaded) → act(x) or modulate(LayerNorm(x)) [· inv_smooth] in float32, each step rounded to
     x's dtype as PyTorch's ops round it; 0 outside. NORM: `mean`, `rstd` are the rows' statistics;
     ONE_SAMPLE: the program's BLOCK_M rows are tokens of one sample (one shift and scale row for all)."""
     dtype: tl.constexpr = v.dtype
@@ -114,26 +114,11 @@ def _transformed(
     if ROUND and ACT != 0:
         h = rounded(h, dtype, EMULATE)
     if HAS_SMOOTH:
-        s = tl.load(smooth + cols, mask=cols < K, other=1.0).to(tl.float32)
+        r = tl.load(inv_smooth + cols, mask=cols < K, other=1.0).to(tl.float32)[None, :]
+        h = h * r  # in float32, as x · inv_smooth promotes to (then rounded to x's dtype)
         if ROUND:
-            s = rounded(s, dtype, EMULATE)  # the reference divides by smooth cast to x's dtype
-            h = rounded(_quotient(h, s, EMULATE), dtype, EMULATE)
-        else:
-            h = _quotient(h, s, EMULATE)
+            h = rounded(h, dtype, EMULATE)
     return h
-
-
-@triton.jit
-def _quotient(h, s, EMULATE: tl.constexpr):
-    """h / s[None, :] correctly rounded, as PyTorch divides: one IEEE division per column (not per element),
-    then a product and its FMA correction per element (Markstein's: q + (h − q·s)·(1/s) is the correctly rounded
-    quotient when 1/s is, outside under- and overflow), where an IEEE division per element is a dozen
-    instructions and a branch. The interpreter has no FMA: it divides."""
-    if EMULATE:
-        return h / s[None, :]
-    r = tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), s)[None, :]
-    q = product(h, r, EMULATE)
-    return tl.fma(tl.fma(-q, s[None, :], h), r, q)
 
 
 @triton.jit
@@ -160,7 +145,7 @@ def _store_codes(codes, h, scale, rows, cols, row_ok, K, stride_cm, EMULATE: tl.
 
 @triton.jit
 def _rows_one_pass_kernel(
-    x, smooth, shift, scale_mod, codes, scales, M, K, tokens, eps, stride_xm, stride_cm, stride_mod,
+    x, inv_smooth, shift, scale_mod, codes, scales, M, K, tokens, eps, stride_xm, stride_cm, stride_mod,
     update, gate, x_out, stride_um, stride_om,
     ACT: tl.constexpr, NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr,
     ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr, RESIDUAL: tl.constexpr,
@@ -193,11 +178,11 @@ def _rows_one_pass_kernel(
             centred = tl.where((tail_cols < K)[None, :], tail_x.to(tl.float32) - mean[:, None], 0.0)
             m2 += tl.sum(centred * centred, axis=1)
         rstd = _rstd(m2, K, eps)
-    head = _transformed(head_x, mean, rstd, shift, scale_mod, smooth, rows, head_cols, row_ok, K, tokens,
+    head = _transformed(head_x, mean, rstd, shift, scale_mod, inv_smooth, rows, head_cols, row_ok, K, tokens,
                         stride_mod, ACT, NORM, HAS_SMOOTH, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
     amax = tl.max(tl.abs(head), axis=1)
     if TAIL > 0:
-        tail = _transformed(tail_x, mean, rstd, shift, scale_mod, smooth, rows, tail_cols, row_ok, K, tokens,
+        tail = _transformed(tail_x, mean, rstd, shift, scale_mod, inv_smooth, rows, tail_cols, row_ok, K, tokens,
                             stride_mod, ACT, NORM, HAS_SMOOTH, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
         amax = tl.maximum(amax, tl.max(tl.abs(tail), axis=1))
     scale = _row_scale(amax)
@@ -209,7 +194,7 @@ def _rows_one_pass_kernel(
 
 @triton.jit
 def _rows_multi_pass_kernel(
-    x, smooth, shift, scale_mod, codes, scales, M, K: tl.constexpr, tokens, eps, stride_xm, stride_cm, stride_mod,
+    x, inv_smooth, shift, scale_mod, codes, scales, M, K: tl.constexpr, tokens, eps, stride_xm, stride_cm, stride_mod,
     ACT: tl.constexpr, NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr,
     ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -235,14 +220,14 @@ def _rows_multi_pass_kernel(
         rstd = _rstd(m2, K, eps)
     amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        h = _transformed(_load_rows(x, rows, k0 + rk, row_ok, K, stride_xm), mean, rstd, shift, scale_mod, smooth,
+        h = _transformed(_load_rows(x, rows, k0 + rk, row_ok, K, stride_xm), mean, rstd, shift, scale_mod, inv_smooth,
                          rows, k0 + rk, row_ok, K, tokens, stride_mod, ACT, NORM, HAS_SMOOTH, EMULATE,
                          ONE_SAMPLE, BLOCK_M)  # fmt: skip
         amax = tl.maximum(amax, tl.max(tl.abs(h), axis=1))
     scale = _row_scale(amax)
     tl.store(scales + rows, scale, mask=row_ok)
     for k0 in range(0, K, BLOCK_K):
-        h = _transformed(_load_rows(x, rows, k0 + rk, row_ok, K, stride_xm), mean, rstd, shift, scale_mod, smooth,
+        h = _transformed(_load_rows(x, rows, k0 + rk, row_ok, K, stride_xm), mean, rstd, shift, scale_mod, inv_smooth,
                          rows, k0 + rk, row_ok, K, tokens, stride_mod, ACT, NORM, HAS_SMOOTH, EMULATE,
                          ONE_SAMPLE, BLOCK_M)  # fmt: skip
         _store_codes(codes, h, scale, rows, k0 + rk, row_ok, K, stride_cm, EMULATE)
@@ -250,7 +235,7 @@ def _rows_multi_pass_kernel(
 
 def quantize_rows_fp8(
     x: torch.Tensor,
-    smooth: torch.Tensor | None = None,
+    inv_smooth: torch.Tensor | None = None,
     activation: str = "none",
     modulation: Modulation | None = None,
     *,
@@ -262,7 +247,8 @@ def quantize_rows_fp8(
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(e4m3 codes (M, K [+ 2R]), float32 scales (M, 1)) of h = activation(x) or modulate(LayerNorm(x))
-    [/ smooth].
+    [· inv_smooth], inv_smooth (K,) the float32 reciprocal of SVDQuant's smoothing (`ditq.kernels.fp8` says why a
+    product).
 
     `residual` (with a modulation): x is first replaced by x + gate·update, the block's residual add, which is
     written to `residual_out` (contiguous (M, K) in x's dtype): one pass over x fewer than adding it apart.
@@ -275,11 +261,10 @@ def quantize_rows_fp8(
     inputs (`bench/prepass_variants.py --grid`, `bench/results/prepass_variants_h200.json` and
     `prepass_smoothed_grid_h200.json`). Unsmoothed: 2 rows of 1,152 in one warp, 1 row of 4,608 in two; a row in
     one warp reduces without shared memory (4 rows in 4 warps took 13% longer for LayerNorm + modulate).
-    Smoothed: 8 rows of 1,152 in 8 warps, 2 rows of 4,608 in 8; the smoothing's two extra vectors per column
-    (smooth and its reciprocal) want fewer elements per thread and more rows sharing them (fc2's GELU input:
-    163 µs against 258 at the unsmoothed launch).
+    Smoothed: 8 rows of 1,152 in 8 warps, 2 rows of 4,608 in 8, the best when smoothing divided (fc2's GELU
+    input: 163 µs against 258 at the unsmoothed launch); not yet swept since it multiplies.
     """
-    m, k = _check_operands(x, smooth, activation, modulation, out, residual, residual_out)
+    m, k = _check_operands(x, inv_smooth, activation, modulation, out, residual, residual_out)
     rank = 0 if lowrank is None else check_lowrank(k, *lowrank)
     x = x if x.stride(-1) == 1 else x.contiguous()
     codes = torch.empty(m, k + 2 * rank, dtype=torch.float8_e4m3fn, device=x.device) if out is None else out
@@ -289,17 +274,17 @@ def quantize_rows_fp8(
     if m == 0:  # an empty batch: nothing to launch
         return codes, scales
     shift, scale_mod, gate = (x, x, x) if modulation is None else _sample_rows(modulation, residual)
-    common = dict(ACT=ACTIVATIONS[activation], NORM=modulation is not None, HAS_SMOOTH=smooth is not None,
+    common = dict(ACT=ACTIVATIONS[activation], NORM=modulation is not None, HAS_SMOOTH=inv_smooth is not None,
                   EMULATE=interpreted())  # fmt: skip
     head, tail = row_tiles(k)
     one_pass = head + tail <= MAX_RESIDENT
     if residual is not None and not one_pass:  # the multi-pass kernel reads x once per step: add it first
         x = residual_out.copy_(residual_added(x, residual, modulation.tokens))
-    args = (x, x if smooth is None else smooth, shift, scale_mod, codes, scales, m, k,
+    args = (x, x if inv_smooth is None else inv_smooth, shift, scale_mod, codes, scales, m, k,
             *((1, 0.0) if modulation is None else (modulation.tokens, float(modulation.eps))),
             x.stride(0), codes.stride(0), shift.stride(0))  # fmt: skip
     if one_pass:
-        default_elements, per_thread = LAUNCH[smooth is not None]
+        default_elements, per_thread = LAUNCH[inv_smooth is not None]
         fits = max(1, (row_elements or default_elements) // (head + tail))
         block_m = min(1 << (fits.bit_length() - 1), triton.next_power_of_2(m))  # powers of two
         warps = triton.next_power_of_2(triton.cdiv(block_m * (head + tail), 32 * per_thread))
@@ -342,7 +327,7 @@ def _one_sample(modulation: Modulation | None, block_m: int) -> bool:
 
 def _check_operands(
     x: torch.Tensor,
-    smooth: torch.Tensor | None,
+    inv_smooth: torch.Tensor | None,
     activation: str,
     modulation: Modulation | None,
     out: torch.Tensor | None,
@@ -355,8 +340,8 @@ def _check_operands(
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
     m, k = x.shape
-    if smooth is not None and (tuple(smooth.shape) != (k,) or not smooth.is_contiguous()):
-        raise ValueError(f"smooth must be contiguous ({k},), got {tuple(smooth.shape)}")
+    if inv_smooth is not None and (tuple(inv_smooth.shape) != (k,) or not inv_smooth.is_contiguous()):
+        raise ValueError(f"inv_smooth must be contiguous ({k},), got {tuple(inv_smooth.shape)}")
     if out is not None and (out.dtype != torch.float8_e4m3fn or out.ndim != 2 or out.shape[0] != m
                             or out.shape[1] < k or out.stride(1) != 1):  # fmt: skip
         raise ValueError(f"out must be e4m3 ({m}, >= {k}) with unit column stride, got {out.dtype} "
@@ -387,7 +372,7 @@ def _check_operands(
 
 def quantize_rows_fp8_reference(
     x: torch.Tensor,
-    smooth: torch.Tensor | None = None,
+    inv_smooth: torch.Tensor | None = None,
     activation: str = "none",
     modulation: Modulation | None = None,
     residual: Residual | None = None,
@@ -397,6 +382,6 @@ def quantize_rows_fp8_reference(
     if residual is not None:
         x = residual_added(x, residual, modulation.tokens)
     h = activate(x, activation) if modulation is None else modulated(x, modulation)
-    h = h if smooth is None else h / smooth.to(h.dtype)
+    h = h if inv_smooth is None else (h * inv_smooth).to(h.dtype)
     scales = fp8_scale(h)
     return fp8_cast(h, scales), scales
