@@ -33,9 +33,10 @@ from ditq.quant.primitives import FP8_MAX, SCALE_FLOOR, fp8_cast, fp8_scale
 __all__ = ["quantize_rows_fp8", "quantize_rows_fp8_reference"]
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}  # kernel codes of `reference.INPUT_ACTIVATIONS`
-# The one-pass kernel's launch: (elements one program holds at most (rows × padded width), elements per thread
-# (its warps: as few as hold the rows at about that many)), without and with smoothing (`quantize_rows_fp8`)
-LAUNCH = {False: (4096, 72), True: (9216, 36)}
+# The one-pass kernel's launch (`quantize_rows_fp8`): (elements one program holds at most, rows × padded width;
+# elements per thread, which sets its warps: as few as hold the rows at about that many)
+UNSMOOTHED_LAUNCH = (4096, 72)
+SMOOTHED_LAUNCH = (9216, 36)
 MAX_RESIDENT = 16384  # wider rows (padded) take the multi-pass kernel: registers would spill
 MULTI_PASS_BLOCKS = (16, 128)  # its (rows per program, K block), 4 warps
 _FP8_MAX = tl.constexpr(FP8_MAX)
@@ -257,7 +258,7 @@ def quantize_rows_fp8(
     `lowrank` = (L1_q (K, R) e4m3, scale (1, R) float32): SVDQuant's P = (X_q · L1_q) · scale then fills the
     codes' last 2R columns, twice (the kernel of `ditq.kernels.triton.lowrank`; `out`, if given, is (M, K + 2R)).
     Launch of the one-pass kernel: `row_elements` (rows × padded width held per program at most) and `num_warps`
-    (None: `LAUNCH`'s, by whether x is smoothed). The defaults are from sweeps on an H200 at DiT-XL/2's batch-64
+    (None: `UNSMOOTHED_LAUNCH`'s or `SMOOTHED_LAUNCH`'s). The defaults are from sweeps on an H200 at DiT-XL/2's batch-64
     inputs (`bench/prepass_variants.py --grid`, `bench/results/prepass_variants_h200.json` and
     `prepass_smoothed_grid_h200.json`). Unsmoothed: 2 rows of 1,152 in one warp, 1 row of 4,608 in two; a row in
     one warp reduces without shared memory (4 rows in 4 warps took 13% longer for LayerNorm + modulate).
@@ -284,7 +285,7 @@ def quantize_rows_fp8(
             *((1, 0.0) if modulation is None else (modulation.tokens, float(modulation.eps))),
             x.stride(0), codes.stride(0), shift.stride(0))  # fmt: skip
     if one_pass:
-        default_elements, per_thread = LAUNCH[inv_smooth is not None]
+        default_elements, per_thread = UNSMOOTHED_LAUNCH if inv_smooth is None else SMOOTHED_LAUNCH
         fits = max(1, (row_elements or default_elements) // (head + tail))
         block_m = min(1 << (fits.bit_length() - 1), triton.next_power_of_2(m))  # powers of two
         warps = triton.next_power_of_2(triton.cdiv(block_m * (head + tail), 32 * per_thread))
