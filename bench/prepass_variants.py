@@ -47,7 +47,7 @@ CASES = [  # (name, K, producer, dtype)
     ("attn out, smoothed + r32", 1152, "none+svdquant", torch.bfloat16),
     ("fc1: residual + LayerNorm + modulate, smoothed + r32", 1152, "residual+svdquant", torch.bfloat16),
     ("fc2: GELU-tanh, smoothed + r32", 4608, "gelu_tanh+svdquant", torch.bfloat16),
-    # the smoothing alone (no branch): what dividing by smooth costs each input at each launch
+    # the smoothing alone (no branch): what it costs each input at each launch
     ("attn out, smoothed", 1152, "none+smooth", torch.bfloat16),
     ("qkv: LayerNorm + modulate, smoothed", 1152, "modulate+smooth", torch.bfloat16),
     ("fc1: residual + LayerNorm + modulate, smoothed", 1152, "residual+smooth", torch.bfloat16),
@@ -100,18 +100,18 @@ def case_inputs(k: int, producer: str, dtype: torch.dtype) -> tuple[tuple, dict]
     producer, _, smoothing = producer.partition("+")
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(M, k, device="cuda", generator=g).to(dtype) * 2
-    smooth = torch.rand(k, device="cuda", generator=g) + 0.5 if smoothing else None
+    inv_smooth = torch.rand(k, device="cuda", generator=g) + 0.5 if smoothing else None
     kwargs = {}
     if smoothing == "svdquant":  # rank 32 as `ditq.kernels.fp8._lowrank_parts` makes it
         down, _ = fp8_quantize(torch.randn(32, k, device="cuda", generator=g) * 0.05)
         kwargs["lowrank"] = (down.t().contiguous(), 1 / down.float().abs().sum(1).reshape(1, -1))
     if producer in ("none", "gelu_tanh"):
-        return (x, smooth, producer), kwargs
+        return (x, inv_smooth, producer), kwargs
     shift, scale, gate = torch.randn(3, M // TOKENS, k, device="cuda", generator=g).to(dtype)
     if producer == "residual":
         update = torch.randn(M, k, device="cuda", generator=g).to(dtype)
         kwargs |= {"residual": Residual(update, gate), "residual_out": torch.empty_like(x)}
-    return (x, smooth, "none", Modulation(shift, scale, TOKENS, 1e-6)), kwargs
+    return (x, inv_smooth, "none", Modulation(shift, scale, TOKENS, 1e-6)), kwargs
 
 
 def main() -> None:
