@@ -39,9 +39,9 @@ TOKENS = 256  # DiT-XL/2 at 256×256: rows are samples × 256 tokens
 LAUNCHES = [(e, w) for e in (4096, 8192, 16384) for w in (2, 4, 8)]
 
 
-def reference(x, smooth, activation, mod, lowrank):
+def reference(x, inv_smooth, activation, mod, lowrank):
     """The op's work in PyTorch: the reference codes, then the low-rank codes appended."""
-    codes, scales = quantize_rows_fp8_reference(x, smooth, activation, mod)
+    codes, scales = quantize_rows_fp8_reference(x, inv_smooth, activation, mod)
     if lowrank:
         spare = torch.empty_like(
             codes[:, : 2 * lowrank[0].shape[1]]
@@ -54,7 +54,7 @@ def reference(x, smooth, activation, mod, lowrank):
 def measure(name: str, m: int, k: int, transform: str, rank: int) -> dict:
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16) * 2
-    smooth = torch.rand(k, device="cuda", generator=g) + 0.5 if rank else None
+    inv_smooth = torch.rand(k, device="cuda", generator=g) + 0.5 if rank else None
     lowrank = ()
     if rank:  # as `ditq.kernels.fp8._lowrank_parts` makes them
         down, _ = fp8_quantize(torch.randn(rank, k, device="cuda", generator=g) * 0.05)
@@ -66,8 +66,8 @@ def measure(name: str, m: int, k: int, transform: str, rank: int) -> dict:
         )
         mod = Modulation(shift, scale, TOKENS, 1e-6)
     activation = "none" if mod else transform
-    op_args = (x, smooth, activation, *(mod or (None, None, 1, 0.0)), *lowrank)
-    ref_codes, ref_scales = reference(x, smooth, activation, mod, lowrank)
+    op_args = (x, inv_smooth, activation, *(mod or (None, None, 1, 0.0)), *lowrank)
+    ref_codes, ref_scales = reference(x, inv_smooth, activation, mod, lowrank)
     codes, scales, _ = quantize_rows(*op_args)
     row = {
         "case": name, "M": m, "K": k, "transform": transform, "rank": rank,
@@ -75,14 +75,14 @@ def measure(name: str, m: int, k: int, transform: str, rank: int) -> dict:
         "scales_max_rel_diff": float(((scales - ref_scales).abs() / ref_scales).max()),
     }  # fmt: skip
     compiled = torch.compile(reference, fullgraph=True, dynamic=False)
-    row["inductor_us"] = bench(lambda: compiled(x, smooth, activation, mod, lowrank))
+    row["inductor_us"] = bench(lambda: compiled(x, inv_smooth, activation, mod, lowrank))
     alone = torch.compile(lambda t: activate(t, activation) if mod is None else modulated(t, mod), fullgraph=True,
                           dynamic=False)  # fmt: skip
     row["bf16_producer_us"] = bench(lambda: alone(x))  # what bf16 spends on the producer alone
     if not rank:
         row["launches"] = {
             f"{e} elements, {w} warps": bench(
-                lambda e=e, w=w: quantize_rows_fp8(x, smooth, activation, mod, row_elements=e, num_warps=w)
+                lambda e=e, w=w: quantize_rows_fp8(x, inv_smooth, activation, mod, row_elements=e, num_warps=w)
             )
             for e, w in LAUNCHES
         }

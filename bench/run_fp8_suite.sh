@@ -44,6 +44,7 @@ case $part in
   prepass)  # the pre-pass's costs at DiT-XL/2's batch-64 inputs, the smoothed inputs' launch grid, then against inductor
     timeout "$(left)" python bench/prepass_variants.py --no-multi-pass --out "$out/prepass_variants.json" \
       >>"$out/log_$part.txt" 2>&1
+    # the grid over the four smoothed inputs and the three with P too (about 3.5 minutes on the H200)
     timeout "$(left)" python bench/prepass_variants.py --no-multi-pass --grid --only ", smoothed" \
       --out "$out/prepass_smoothed_grid.json" >>"$out/log_$part.txt" 2>&1
     timeout "$(left)" python bench/bench_prepass.py --out "$out/prepass" >>"$out/log_$part.txt" 2>&1
@@ -57,9 +58,6 @@ case $part in
     timeout "$(left)" python bench/bench_weight_bound.py --out "$out/weight_bound" >>"$out/log_$part.txt" 2>&1 ;;
   profile)  # where batch 64 spends its time: per-kernel GPU tables (SVDQuant's with the host's operators too)
     nvidia-smi -L
-    timeout 200 python -m pytest -q -p no:cacheprovider tests/kernels/test_rowquant.py tests/kernels/test_fp8.py \
-      tests/kernels/test_lowrank.py tests/kernels/test_lowbit.py >"$out/gpu_tests.txt" 2>&1
-    tail -3 "$out/gpu_tests.txt"
     timeout 90 python bench/bench_lowrank_gemm.py --sweep --out "$out/lowrank_sweep" >>"$out/log_$part.txt" 2>&1
     timeout "$(left)" python bench/profile_e2e.py --cpu --configs svdquant-w4a8fp8-r32:fp8-cached,w4a8fp8:fp8-cached \
       --out "$out" >>"$out/log_$part.txt" 2>&1

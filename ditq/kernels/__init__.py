@@ -21,7 +21,7 @@ Backends here:
   per-group ones (groups a multiple of 32) through the lowbit kernel's FP8 mode; `"fp8"` sends few-row
   calls to the lowbit kernel. Both first move each MLP's GELU into its second Linear and each zoo DiT block's
   LayerNorm + modulate into qkv and fc1 (`ditq.kernels.fusion`), whose inputs they then quantize in the
-  Triton pre-pass.
+  Triton pre-pass, as they do the block's attention output.
 """
 
 from __future__ import annotations

@@ -51,7 +51,9 @@ def lowbit_gemm(
     return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 
-def lowbit_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+def lowbit_forward(m: QuantLinear, x: torch.Tensor, inv_smooth: torch.Tensor | None = None) -> torch.Tensor:
+    """m(x) through the lowbit kernel. `inv_smooth` (float32 (in,), the FP8 backends' few-row route): smooth by
+    that product, rounded to x's dtype, instead of dividing by `m.smooth`, as the FP8 backends smooth."""
     spec = m.spec
     offset = code_offset(m)
     bias = None if m.bias is None else m.bias.to(x.dtype)
@@ -60,7 +62,10 @@ def lowbit_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         return lowbit_gemm(h_q, m.qweight, m.scales, m.zeros, bias, spec.w_bits, offset, spec.group_size or 0)
 
     h = activate(x, m.input_activation)
-    return linear_with(matmul, h, m.smooth, m.lowrank_down, m.lowrank_up, m.act_scale, m.act_zero, spec)
+    if inv_smooth is not None:
+        h = (h * inv_smooth).to(h.dtype)
+    smooth = m.smooth if inv_smooth is None else None
+    return linear_with(matmul, h, smooth, m.lowrank_down, m.lowrank_up, m.act_scale, m.act_zero, spec)
 
 
 def code_offset(m: QuantLinear) -> int:

@@ -8,11 +8,13 @@ The state_dict *is* the checkpoint content, in the canonical layout of `ditq.qua
 | `scales`     | `spec.scale_dtype` (float32) | (out, n_groups) | always (ternary: γ or α, repeated per row/group)  |
 | `zeros`      | uint8        | (out, n_groups)               | `not spec.symmetric`                           |
 | `bias`       | `dtype`      | (out,)                        | `bias=True`                                    |
-| `smooth`     | float32      | (in,)                         | `spec.smooth` (forward divides x by it)        |
+| `smooth`     | float32      | (in,)                         | `spec.smooth` (forward divides x by it)¹       |
 | `lowrank_down` | `dtype`    | (in, rank)                    | `spec.rank > 0` (X̂·L1, SVDQuant's branch)       |
 | `lowrank_up` | `dtype`      | (rank, out)                   | `spec.rank > 0` (·L2)                          |
 | `act_scale`  | float32      | (1,) or (in // a_group_size,) | static activation quant (`a_bits`, not `a_dynamic`) |
 | `act_zero`   | uint8        | like `act_scale`              | static, int, `not spec.a_symmetric`            |
+
+¹ The FP8 backends multiply x by its float32 reciprocal instead (`ditq.kernels.fp8`), within a bf16 step.
 
 n_groups = 1 (group_size None, per output channel) or in // group_size. Ternary weights keep the int
 layout (scales (out, n_groups)) so kernels need no special case. The stored weight already includes
@@ -23,9 +25,10 @@ Layers of one `spec.input_group` hold equal `smooth`, `lowrank_down`, `act_scale
 
 `forward` runs the backend chosen by `ditq.prepare_for_inference` (default: the reference oracle); the
 choice is a plain attribute set once, so the forward holds no dispatch logic that `torch.compile` must
-trace. `input_activation` ("gelu", "gelu_tanh"; None by default) is an activation the layer applies to x
+trace. `input_activation` ("gelu", "gelu_tanh", "none"; None by default) is an activation the layer applies to x
 first: `prepare_for_inference` moves an MLP's GELU into its second Linear this way for backends that fuse
-it into their input pre-pass (`ditq.kernels.fusion`); every backend honours it.
+it into their input pre-pass, and gives a DiT block's attention projection "none", an identity that sends
+its input through that pre-pass (`ditq.kernels.fusion`); every backend honours it.
 
 `.to(dtype)`/`.half()` leave the integer buffers alone (torch never casts them) and keep `scales`,
 `smooth` and `act_scale` in float32: they are part of the quantized format, not the compute dtype.

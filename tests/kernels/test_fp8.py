@@ -134,10 +134,12 @@ def test_per_group_layers_run_the_packed_codes_on_fp8_tensor_cores(spec, k, back
 
 
 @pytest.mark.parametrize("backend", ["fp8", "fp8-cached"])
-def test_fp8_backends_smooth_by_the_reciprocal_in_either_path(backend):
+def test_fp8_backends_smooth_by_the_reciprocal_in_every_path(backend, monkeypatch):
     """x / smooth is applied as x · inv_smooth, inv_smooth = 1/smooth computed once in float32 (kept so through
     `.to(bf16)`), the product in float32 rounded to x's dtype: the compiler's ordinary ops and the pre-pass give
-    the same codes, from values at most one bf16 step from the quotient."""
+    the same codes, from values at most one bf16 step from the quotient; "fp8"'s few-row route (the lowbit
+    kernel) smooths by the same product."""
+    from ditq.kernels import lowbit
     from ditq.kernels.fp8 import _input_codes
     from ditq.quant.primitives import fp8_cast, fp8_scale
 
@@ -157,6 +159,12 @@ def test_fp8_backends_smooth_by_the_reciprocal_in_either_path(backend):
     assert torch.equal(ordinary_scales, expected_scales) and torch.equal(pre_pass_scales, expected_scales)
     expected = fp8_cast(product, expected_scales).float()
     assert torch.equal(ordinary.float(), expected) and torch.equal(pre_pass.float(), expected)
+    seen = []  # what the lowbit route hands its oracle: the smoothed input, and no smooth left to divide by
+    monkeypatch.setattr(lowbit, "linear_with", lambda matmul, h, smooth, *rest: seen.append((h, smooth)) or h)
+    m(x[:5])
+    assert (backend == "fp8") == bool(seen)
+    if seen:
+        assert seen[0][1] is None and torch.equal(seen[0][0], product[:5])
 
 
 @pytest.mark.parametrize("backend", ["fp8", "fp8-cached"])

@@ -262,8 +262,9 @@ def quantize_rows_fp8(
     inputs (`bench/prepass_variants.py --grid`, `bench/results/prepass_variants_h200.json` and
     `prepass_smoothed_grid_h200.json`). Unsmoothed: 2 rows of 1,152 in one warp, 1 row of 4,608 in two; a row in
     one warp reduces without shared memory (4 rows in 4 warps took 13% longer for LayerNorm + modulate).
-    Smoothed: 8 rows of 1,152 in 8 warps, 2 rows of 4,608 in 8, the best when smoothing divided (fc2's GELU
-    input: 163 µs against 258 at the unsmoothed launch); not yet swept since it multiplies.
+    Smoothed: 8 rows of 1,152 in 8 warps, 2 rows of 4,608 in 8: fc2's GELU input's best while smoothing divided
+    (163 µs against 258 at the unsmoothed launch); at 1,152 one launch for three inputs whose bests differ (up
+    to 8.5 µs faster each). Not yet swept since it multiplies.
     """
     m, k = _check_operands(x, inv_smooth, activation, modulation, out, residual, residual_out)
     rank = 0 if lowrank is None else check_lowrank(k, *lowrank)
