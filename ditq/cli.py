@@ -381,8 +381,8 @@ def _bench(args: argparse.Namespace) -> None:
     for role, row in rows.items():
         ratio = f"  ({row['speed_vs_fp']:.2f}× the FP model's speed)" if "speed_vs_fp" in row else ""
         backend = f", backend {args.backend}" if row["quantized"] else ""
-        print(f"{role}: {row['source']}{backend}: {row['median_ms']:.2f} ms per forward (median of {row['repeats']}), "
-              f"weights {row['weight_bytes']:,} B{ratio}")
+        print(f"{role}: {row['source']}{backend}: {row['median_ms']:.2f} ms per forward (median of {row['repeats']}; "
+              f"{row['back_to_back_ms']:.2f} back to back), weights {row['weight_bytes']:,} B{ratio}")
     device = torch.cuda.get_device_name(args.device) if torch.device(args.device).type == "cuda" else "cpu"
     if args.out is not None:
         report = {"device": device, "torch": torch.__version__, "backend": args.backend,

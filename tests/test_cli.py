@@ -138,5 +138,6 @@ def test_bench_times_the_model_beside_its_fp_source(fp_ckpt, tmp_path, capsys):
     assert not fp["quantized"] and model["quantized"] and model["weight_bytes"] < fp["weight_bytes"]
     assert model["speed_vs_fp"] == pytest.approx(fp["median_ms"] / model["median_ms"])
     assert model["min_ms"] <= model["median_ms"] <= model["max_ms"] and model["repeats"] == 3
+    assert model["back_to_back_ms"] > 0 and f"{model['back_to_back_ms']:.2f} back to back" in printed
     assert report["settings"]["batch"] == 2 and report["backend"] == "dequantized"
     assert f"{model['speed_vs_fp']:.2f}× the FP model's speed" in printed and "backend dequantized" in printed

@@ -3,7 +3,10 @@
 A quantized model is only worth its bits if it also runs fast, and speed claims are only comparable when
 measured side by side: `ditq bench` times the full-precision model and the quantized one in one process on
 the same inputs, each prepared the same way (dtype, `torch.compile`, CUDA graphs), and reports the ratio.
-On CUDA the clock is a pair of CUDA events around each forward; on the CPU, wall time.
+On CUDA the clock is a pair of CUDA events around each forward; on the CPU, wall time. Beside the lone calls'
+median, `back_to_back_ms` is the time per call of `repeats` calls queued without waiting, as a sampling loop
+makes them: there the host launches a call's kernels while the GPU still runs the previous one's, where a lone
+call also pays every stretch in which launching outruns the GPU (a model of many small kernels pays more).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from torch import nn
 
 from ditq.checks import check_counts
 
-__all__ = ["SpeedSettings", "time_calls", "time_forward"]
+__all__ = ["SpeedSettings", "time_back_to_back", "time_calls", "time_forward"]
 
 
 @dataclass(frozen=True)
@@ -41,8 +44,8 @@ class SpeedSettings:
 
 
 def time_forward(model: nn.Module, settings: SpeedSettings) -> dict[str, Any]:
-    """Median/min/max milliseconds of `model(x, t, y)` on random latents, timesteps and labels of the model's
-    own sizes; `model` must already be on its device in `settings.dtype`."""
+    """Median/min/max milliseconds of lone calls `model(x, t, y)` on random latents, timesteps and labels of the
+    model's own sizes, and per call back to back; `model` must already be on its device in `settings.dtype`."""
     device = next(model.parameters()).device
     if settings.cuda_graphs and device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device; the model is on {device}")
@@ -64,8 +67,9 @@ def time_forward(model: nn.Module, settings: SpeedSettings) -> dict[str, Any]:
             _sync(device)
             compile_s = round(time.perf_counter() - start, 1)
         times = time_calls(forward, (x, t, y), device, warmup=settings.warmup, repeats=settings.repeats)
+        back_to_back = time_back_to_back(forward, (x, t, y), device, calls=settings.repeats)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
-            "repeats": settings.repeats, "compile_s": compile_s}  # fmt: skip
+            "back_to_back_ms": back_to_back, "repeats": settings.repeats, "compile_s": compile_s}  # fmt: skip
 
 
 def time_calls(fn: Callable[..., Any], args: tuple, device: torch.device, *, warmup: int, repeats: int
@@ -77,17 +81,29 @@ def time_calls(fn: Callable[..., Any], args: tuple, device: torch.device, *, war
     return [_timed(fn, args, device) for _ in range(repeats)]
 
 
-def _timed(forward: Callable[..., Any], args: tuple, device: torch.device) -> float:
+def time_back_to_back(fn: Callable[..., Any], args: tuple, device: torch.device, *, calls: int) -> float:
+    """Milliseconds per call of `calls` calls `fn(*args)` queued one after another, nothing waited for between
+    them (`fn` already warm)."""
+    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
+        raise ValueError(f"calls must be a positive integer, got {calls!r}")
+    _sync(device)
+    return _timed(fn, args, device, calls)
+
+
+def _timed(forward: Callable[..., Any], args: tuple, device: torch.device, calls: int = 1) -> float:
+    """Milliseconds per call of `calls` calls in a row, from an idle device."""
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        forward(*args)
+        for _ in range(calls):
+            forward(*args)
         end.record()
         end.synchronize()
-        return start.elapsed_time(end)
+        return start.elapsed_time(end) / calls
     start_s = time.perf_counter()
-    forward(*args)
-    return (time.perf_counter() - start_s) * 1000
+    for _ in range(calls):
+        forward(*args)
+    return (time.perf_counter() - start_s) * 1000 / calls
 
 
 def _sync(device: torch.device) -> None:
