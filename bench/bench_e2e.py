@@ -28,6 +28,7 @@ import ditq
 from ditq.diffusion import create_diffusion
 from ditq.diffusion.cfg import guided
 from ditq.eval.speed import time_back_to_back, time_calls
+from ditq.kernels import fp8
 from ditq.methods.svdquant import SVDQuant
 from ditq.models import create
 from ditq.recipes import PRESETS, RTN
@@ -104,6 +105,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--sample-steps", type=int, default=0, help="also time N-step DDIM sampling with CFG")
     parser.add_argument(
+        "--fast-accum", action="store_true", help="cuBLAS FP8 with fast accumulation (ditq.kernels.fp8.FAST_ACCUMULATION)"
+    )
+    parser.add_argument(
         "--multi-kernel",
         action="store_true",
         help="inductor's multi_kernel=1: persistent reductions for rows up to 16k, picked by timing",
@@ -111,6 +115,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.multi_kernel:
         torch._inductor.config.triton.multi_kernel = 1
+    if args.fast_accum:
+        fp8.FAST_ACCUMULATION = True
     device = "cuda"
     model = build(args.config, device, args.backend, args.all_linears)
     weight_bytes = None if args.config == TORCHAO else ditq.io.model_size_bytes(model, torch.bfloat16)
@@ -137,7 +143,8 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "config": args.config + ("+multikernel" if args.multi_kernel else ""),
+                "config": args.config + ("+multikernel" if args.multi_kernel else "")
+                + ("+fast-accum" if args.fast_accum else ""),
                 "backend": "—" if args.config in ("bf16", TORCHAO) else args.backend,
                 "all_linears": args.all_linears,
                 "weight_bytes": weight_bytes,

@@ -5,7 +5,8 @@ reference backend's, from the same noise, on one GPU.
 
 The bundled model quantized with per-channel int4 + FP8 activations on every block Linear and the adaLN
 (`w4a8-fp8`, embedders and final layer 16-bit), in bf16, sampled eagerly (DDIM 25, cfg 1.5) through the
-`reference` backend (dequantize, then matmul), `fp8`, `fp8-cached` and `lowbit`; the FP model beside them
+`reference` backend (dequantize, then matmul), `fp8`, `fp8-cached` (also with cuBLAS's fast accumulation,
+`ditq.kernels.fp8.FAST_ACCUMULATION`) and `lowbit`; the FP model beside them
 says how far quantization itself moves the images. Then the same for per-channel SVDQuant W4A8-FP8 rank 32
 (the recipe of `bench/lowrank_precision.py`), whose FP8 backends run the low-rank branch in e4m3 where the
 reference keeps it in bf16.
@@ -24,6 +25,7 @@ import ditq
 from ditq.bundled import bundled_path
 from ditq.demo import DEMO_RECIPE
 from ditq.eval.runner import SampleSettings, compare_pixels, draw
+from ditq.kernels import fp8
 from ditq.pipeline import CalibSettings, post_training_quantize
 from ditq.recipes import PRESETS
 
@@ -56,6 +58,12 @@ def main() -> None:
             for backend in ("reference", "fp8", "fp8-cached", "lowbit"):
                 ditq.prepare_for_inference(quantized, backend, dtype=torch.bfloat16)
                 images[backend] = draw(quantized, settings)[0]
+            ditq.prepare_for_inference(quantized, "fp8-cached", dtype=torch.bfloat16)
+            fp8.FAST_ACCUMULATION = True
+            try:
+                images["fp8-cached, fast accumulation"] = draw(quantized, settings)[0]
+            finally:
+                fp8.FAST_ACCUMULATION = False
         models[name] = {b: compare_pixels(im, images["reference"]) for b, im in images.items() if b != "reference"}
     result = {"gpu": torch.cuda.get_device_name() if args.device == "cuda" else args.device, "torch": torch.__version__, "settings": dataclasses.asdict(settings),
               "vs_reference_backend": models}  # fmt: skip

@@ -167,6 +167,24 @@ def test_fp8_backends_smooth_by_the_reciprocal_in_every_path(backend, monkeypatc
         assert seen[0][1] is None and torch.equal(seen[0][0], product[:5])
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_the_gemm_asks_cublas_for_fast_accumulation_only_when_set(fast, monkeypatch):
+    from ditq.kernels import fp8
+
+    m = layer(SPECS["int4"])
+    prepare_for_inference(m, "fp8-cached")
+    x = torch.randn(139, 48, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    expected = m(x)
+    asked = []
+    scaled_mm = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: asked.append(kw["use_fast_accum"]) or scaled_mm(*a, **kw))
+    monkeypatch.setattr(fp8, "FAST_ACCUMULATION", fast)
+    out = m(x)
+    assert asked == [fast]
+    if not out.is_cuda:  # the CPU has one accumulation
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", ["fp8", "fp8-cached"])
 @pytest.mark.parametrize("up_gain", [1.0, 300.0], ids=["fits", "rows_shifted"])
 def test_the_fp8_low_rank_branch_stays_within_e4m3_rounding_of_the_16_bit_one(backend, up_gain):
