@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ditq.checks import check_counts
+from ditq.checks import check_count, check_counts
 
 __all__ = ["SpeedSettings", "time_back_to_back", "time_calls", "time_forward"]
 
@@ -84,8 +84,7 @@ def time_calls(fn: Callable[..., Any], args: tuple, device: torch.device, *, war
 def time_back_to_back(fn: Callable[..., Any], args: tuple, device: torch.device, *, calls: int) -> float:
     """Milliseconds per call of `calls` calls `fn(*args)` queued one after another, nothing waited for between
     them (`fn` already warm)."""
-    if isinstance(calls, bool) or not isinstance(calls, int) or calls < 1:
-        raise ValueError(f"calls must be a positive integer, got {calls!r}")
+    check_count("calls", calls)
     _sync(device)
     return _timed(fn, args, device, calls)
 

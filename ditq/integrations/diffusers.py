@@ -29,6 +29,7 @@ from torch import nn
 
 from ditq.adapters import ADAPTERS, Adapter, RunFn, register_adapter, trace_input_groups
 from ditq.calib import CalibData, calibrate
+from ditq.checks import check_count
 
 __all__ = ["DiffusersAdapter", "calibrate_pipeline", "diffusers_adapter", "load_pipeline", "SUPPORTED"]
 
@@ -274,8 +275,7 @@ def calibrate_pipeline(
     conditions = list(prompts if prompts is not None else class_labels)
     if not conditions:
         raise ValueError("calibration needs at least one prompt or class label")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    check_count("steps", steps)
     call = dict(call_kwargs, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed))
     if guidance_scale is not None:
         call["guidance_scale"] = guidance_scale
