@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from ditq.kernels.lowbit import LOWBIT_MAX_ROWS, code_offset, lowbit_forward, lowbit_gemm
-from ditq.kernels.reference import Modulation, Residual
+from ditq.kernels.reference import Modulation, Residual, smoothed_by_reciprocal
 from ditq.kernels.triton import FP8_K_STEP, device_support, kernel_op
 from ditq.quant.primitives import FP8_MAX, fp8_cast, fp8_quantize, fp8_scale
 from ditq.quant.qlinear import QuantLinear
@@ -139,16 +139,21 @@ def _input_codes(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The GEMM's activation operand: (e4m3 codes (M, K [+ 2·rank]), row scales (M, 1), x' or None)."""
     k = x.shape[-1]
-    inv_smooth = None if m.smooth is None else m.inv_smooth  # float32 (K,), `weight_scale`'s
+    inv_smooth = _inv_smooth(m)
     if m.input_activation is None and modulation is None and m.lowrank_up is None:
         # ordinary ops, fused by the compiler into x's producer
-        h = (x if inv_smooth is None else (x * inv_smooth).to(x.dtype)).reshape(-1, k)  # (M, K)
+        h = smoothed_by_reciprocal(x, inv_smooth).reshape(-1, k)  # (M, K)
         scale_x = fp8_scale(h)  # (M, 1) float32
         return fp8_cast(h, scale_x), scale_x, None
     lowrank = (None, None) if m.lowrank_up is None else (m.lowrank_down_fp8, m.lowrank_down_scale)
     update = () if residual is None else (residual.update.reshape(-1, k), residual.gate)
     return quantize_rows(x.reshape(-1, k), inv_smooth, m.input_activation or "none",
                          *(modulation or (None, None, 1, 0.0)), *lowrank, *update)  # fmt: skip
+
+
+def _inv_smooth(m: QuantLinear) -> torch.Tensor | None:
+    """The float32 reciprocal of `m`'s smoothing that `weight_scale` keeps, or None when `m` does not smooth."""
+    return None if m.smooth is None else m.inv_smooth
 
 
 def _gemm(m: QuantLinear, codes: torch.Tensor, scale_x: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -196,7 +201,7 @@ def fp8_support(m: QuantLinear) -> str | None:
 
 def per_call_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     if uses_few_row_path(m, x):
-        return lowbit_forward(m, x, None if m.smooth is None else m.inv_smooth)
+        return lowbit_forward(m, x, _inv_smooth(m))
     return fp8_linear(m, x)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ditq.kernels.reference import activate, linear_with
+from ditq.kernels.reference import activate, linear_with, smoothed_by_reciprocal
 from ditq.kernels.triton import device_support, kernel_op
 from ditq.quant.packing import signed_offset
 from ditq.quant.qlinear import QuantLinear
@@ -61,9 +61,7 @@ def lowbit_forward(m: QuantLinear, x: torch.Tensor, inv_smooth: torch.Tensor | N
     def matmul(h_q: torch.Tensor) -> torch.Tensor:
         return lowbit_gemm(h_q, m.qweight, m.scales, m.zeros, bias, spec.w_bits, offset, spec.group_size or 0)
 
-    h = activate(x, m.input_activation)
-    if inv_smooth is not None:
-        h = (h * inv_smooth).to(h.dtype)
+    h = smoothed_by_reciprocal(activate(x, m.input_activation), inv_smooth)
     smooth = m.smooth if inv_smooth is None else None
     return linear_with(matmul, h, smooth, m.lowrank_down, m.lowrank_up, m.act_scale, m.act_zero, spec)
 

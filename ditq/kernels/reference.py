@@ -34,6 +34,7 @@ __all__ = [
     "modulated",
     "quantize_activations",
     "residual_added",
+    "smoothed_by_reciprocal",
 ]
 
 # what `QuantLinear.input_activation` may name: an activation applied to x before anything else
@@ -106,6 +107,12 @@ def group_linear(x: torch.Tensor, members: Sequence[QuantLinear]) -> list[torch.
             y = y + down @ m.lowrank_up.to(x.dtype)
         outputs.append(y)
     return outputs
+
+
+def smoothed_by_reciprocal(x: torch.Tensor, inv_smooth: torch.Tensor | None) -> torch.Tensor:
+    """x · inv_smooth (float32 (in,)) rounded to x's dtype, or x without one: the FP8 backends' smoothing, within
+    one step of x's dtype of the x / smooth the other backends compute (`ditq.kernels.fp8` says why)."""
+    return x if inv_smooth is None else (x * inv_smooth).to(x.dtype)
 
 
 def activate(x: torch.Tensor, activation: str | None) -> torch.Tensor:

@@ -24,7 +24,14 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ditq.kernels.reference import Modulation, Residual, activate, modulated, residual_added
+from ditq.kernels.reference import (
+    Modulation,
+    Residual,
+    activate,
+    modulated,
+    residual_added,
+    smoothed_by_reciprocal,
+)
 from ditq.kernels.triton import interpreted
 from ditq.kernels.triton.lowrank import append_lowrank_codes, check_lowrank
 from ditq.kernels.triton.rounding import product, rounded
@@ -384,6 +391,6 @@ def quantize_rows_fp8_reference(
     if residual is not None:
         x = residual_added(x, residual, modulation.tokens)
     h = activate(x, activation) if modulation is None else modulated(x, modulation)
-    h = h if inv_smooth is None else (h * inv_smooth).to(h.dtype)
+    h = smoothed_by_reciprocal(h, inv_smooth)
     scales = fp8_scale(h)
     return fp8_cast(h, scales), scales
