@@ -315,7 +315,30 @@ def _torchrun(out: Path, steps: int, *extra: str) -> None:
     cmd += ["--out", str(out), "--no-progress", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0 and _torn_down_after_finishing(done.stderr):
+        return  # torch's gloo teardown race; what the run wrote is checked by the caller
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def _torn_down_after_finishing(stderr: str) -> bool:
+    """Whether a rank aborted in torch's gloo teardown, after rank 0 had written the run's last file.
+
+    torch 2.13's gloo backend rarely (once in CI, never in 160 runs here) aborts one rank with
+    "terminate called without an active exception" at the very end, after the EMA file, the last
+    thing a run writes, is logged. The run's files are then complete and the caller checks them;
+    anything else that fails still fails the test.
+    """
+    finished = "EMA weights written to" in stderr
+    aborted_at_exit = "terminate called without an active exception" in stderr
+    return finished and aborted_at_exit and "Traceback" not in stderr.split("EMA weights written to")[0]
+
+
+def test_only_an_abort_after_the_last_file_counts_as_the_gloo_teardown_race() -> None:
+    abort = "terminate called without an active exception\nTraceback (most recent call last):\n"
+    assert _torn_down_after_finishing("ditq.train: EMA weights written to out/ema.safetensors\n" + abort)
+    assert not _torn_down_after_finishing(abort)  # died before the run finished
+    assert not _torn_down_after_finishing("Traceback\nValueError\nEMA weights written to x\n" + abort)
+    assert not _torn_down_after_finishing("EMA weights written to x\nRuntimeError: gloo timed out\n")
 
 
 @pytest.mark.slow
