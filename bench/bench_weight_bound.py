@@ -25,7 +25,7 @@ import triton
 from timing import replay_us
 
 from ditq.kernels.triton.expand import expand_to_fp8
-from ditq.kernels.triton.lowbit_gemm import lowbit_linear
+from ditq.kernels.triton.lowbit_gemm import effective_split, lowbit_linear
 from ditq.quant.packing import signed_offset
 from ditq.quant.primitives import fp8_quantize
 from ditq.quant.qlinear import QuantLinear
@@ -96,12 +96,15 @@ def time_lowbit(x: torch.Tensor, layers: list[QuantLinear], spec: QuantSpec) -> 
     best = min(timed, key=timed.get)
     out |= {"configs_us": timed, "best": best, "best_us": timed[best]}
     fastest = sorted((c for c in CONFIGS if str(c) in timed), key=lambda c: timed[str(c)])
-    split = {}  # the three fastest launches again, K split over 2–8 programs per tile
+    split = {}  # the three fastest launches again, K split over 2–8 programs per tile (as many as share it evenly)
+    k = x.shape[1]
     for config in fastest[:3]:
-        for split_k in SPLITS:
+        for split_k in sorted({effective_split(k, config[1], s) for s in SPLITS} - {1}):
             split[f"{config} split {split_k}"] = per_layer_us(
                 lambda c=config, s=split_k: [run(layer, c, s) for layer in layers]
             )
+    if not split:  # K in one step for each of them: nothing to split
+        return out
     best_split = min(split, key=split.get)
     return out | {"split_us": split, "best_split": best_split, "best_split_us": split[best_split]}
 
@@ -126,8 +129,9 @@ def main() -> None:
              "| ternary default µs (×) | ternary best µs (×) | ternary split µs (×) | best configs int4 / ternary |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
-        cells = [f"{r[key]:.2f} ({r['bf16_us'] / r[key]:.2f}×)" for key in ["cublas_fp8_cached_us"] + [
-                 f"{fmt}_{kind}_us" for fmt in WEIGHTS for kind in ("default", "best", "best_split")]]  # fmt: skip
+        cells = [f"{r[key]:.2f} ({r['bf16_us'] / r[key]:.2f}×)" if key in r else "—" for key in
+                 ["cublas_fp8_cached_us"] + [f"{fmt}_{kind}_us" for fmt in WEIGHTS
+                                             for kind in ("default", "best", "best_split")]]  # fmt: skip
         lines.append(f"| {r['shape']} | {r['M']}×{r['K']}×{r['N']} | {r['bf16_us']:.2f} | " + " | ".join(cells)
                      + f" | {r['int4_best']} / {r['ternary_best']} |")  # fmt: skip
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -14,8 +14,8 @@ producers inductor fuses badly with a row reduction (`ditq.kernels.fusion` moves
 (`fp8_linear` with a `Modulation`). There the Triton op `ditq::quantize_rows_fp8` applies the producer, the smoothing
 and the row scale in one read of each row; so it does for every layer with a low-rank branch. SVDQuant's
 smoothing x / smooth is applied as x · inv_smooth, its float32 reciprocal computed once in
-`prepare_for_inference`, the product rounded to x's dtype (at most one bf16 step from the quotient; the other
-backends divide): with the correctly rounded quotient a smoothed input's pre-pass took 1.3–2.9× the unsmoothed
+`prepare_for_inference`, the product kept in float32 (at most one bf16 step from the quotient the other backends
+compute; unrounded, so eager, compiled and the pre-pass give the same codes): with the correctly rounded quotient a smoothed input's pre-pass took 1.3–2.9× the unsmoothed
 one's time on an H200, from each input's best launch to the unsmoothed default (`bench/results/`
 `prepass_defaults_v12_h200.json`, `prepass_smoothed_grid_h200.json`; the product is not yet timed).
 Per-channel weight scales go to cuBLAS: |q| ≤ 8 is exact in e4m3 and the scale goes to the GEMM's `scale_b`.

@@ -110,9 +110,11 @@ def group_linear(x: torch.Tensor, members: Sequence[QuantLinear]) -> list[torch.
 
 
 def smoothed_by_reciprocal(x: torch.Tensor, inv_smooth: torch.Tensor | None) -> torch.Tensor:
-    """x · inv_smooth (float32 (in,)) rounded to x's dtype, or x without one: the FP8 backends' smoothing, within
-    one step of x's dtype of the x / smooth the other backends compute (`ditq.kernels.fp8` says why)."""
-    return x if inv_smooth is None else (x * inv_smooth).to(x.dtype)
+    """x · inv_smooth (float32 (in,)) in float32, or x without one: the FP8 backends' smoothing, within one step
+    of x's dtype of the x / smooth the other backends compute (`ditq.kernels.fp8` says why). Not rounded back to
+    x's dtype: `torch.compile` would drop that rounding inside a fused kernel (inductor keeps 16-bit
+    intermediates in float32), so eager, compiled and the pre-pass could not all give the same codes."""
+    return x if inv_smooth is None else x * inv_smooth
 
 
 def activate(x: torch.Tensor, activation: str | None) -> torch.Tensor:

@@ -38,6 +38,7 @@ its input through that pre-pass (`ditq.kernels.fusion`); every backend honours i
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -292,7 +293,9 @@ class QuantLinear(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ) -> None:
-        """Refuse, with a clear message, tensors whose dtype would be silently cast on copy."""
+        """Refuse, with a clear message, tensors whose dtype would be silently cast on copy; a kernel backend's
+        buffers, computed from the old tensors, are dropped (with a warning: the layer runs the reference until
+        `prepare_for_inference` is called again)."""
         for name in _UINT8_BUFFERS:
             t = state_dict.get(prefix + name)
             if t is not None and t.dtype != torch.uint8:
@@ -304,6 +307,13 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if getattr(self, "kernel_buffers", ()):
+            warnings.warn(
+                f"{prefix or 'QuantLinear '}: loaded tensors replace those the {self.backend!r} backend's buffers were "
+                "computed from; it runs the reference backend until prepare_for_inference is called again",
+                stacklevel=2,
+            )
+            self.drop_kernel_buffers()
 
 
 def describe_spec(spec: QuantSpec) -> str:

@@ -177,3 +177,14 @@ def test_new_codes_drop_what_a_backend_precomputed():
     ref = m(x)
     prepare_for_inference(m, "dequantized")
     torch.testing.assert_close(m(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_loaded_tensors_drop_what_a_backend_precomputed_and_say_so():
+    source = layer(SPECS["w4g32_a8"])
+    source.quantize_weight_(torch.randn(OUT, IN) * 0.3)
+    m = prepare_for_inference(layer(SPECS["w4g32_a8"]), "dequantized")
+    with pytest.warns(UserWarning, match="'dequantized' backend's buffers .* prepare_for_inference"):
+        m.load_state_dict(source.state_dict())
+    assert m.backend == "reference" and not hasattr(m, "weight_dq")
+    x = inputs(2, 3)
+    assert torch.equal(m(x), source(x))  # the loaded weights, not the stale precomputed ones

@@ -136,8 +136,8 @@ def test_per_group_layers_run_the_packed_codes_on_fp8_tensor_cores(spec, k, back
 @pytest.mark.parametrize("backend", ["fp8", "fp8-cached"])
 def test_fp8_backends_smooth_by_the_reciprocal_in_every_path(backend, monkeypatch):
     """x / smooth is applied as x · inv_smooth, inv_smooth = 1/smooth computed once in float32 (kept so through
-    `.to(bf16)`), the product in float32 rounded to x's dtype: the compiler's ordinary ops and the pre-pass give
-    the same codes, from values at most one bf16 step from the quotient; "fp8"'s few-row route (the lowbit
+    `.to(bf16)`), the product kept in float32: the compiler's ordinary ops, eager and compiled, and the pre-pass
+    give the same codes, from values at most one bf16 step from the quotient; "fp8"'s few-row route (the lowbit
     kernel) smooths by the same product."""
     from ditq.kernels import lowbit
     from ditq.kernels.fp8 import _input_codes
@@ -148,20 +148,27 @@ def test_fp8_backends_smooth_by_the_reciprocal_in_every_path(backend, monkeypatc
     m.to(torch.bfloat16)
     assert m.inv_smooth.dtype == torch.float32 and torch.equal(m.inv_smooth, 1 / m.smooth.float())
     x = (torch.randn(139, 48, generator=torch.Generator().manual_seed(7)) * 3).to(DEVICE, torch.bfloat16)
-    product = (x * m.inv_smooth).to(torch.bfloat16)
+    product = x.float() * m.inv_smooth
     quotient = x / m.smooth.to(torch.bfloat16)
-    assert 0 < (product != quotient).float().mean() < 0.5
-    torch.testing.assert_close(product, quotient, rtol=2**-7, atol=0)
+    assert 0 < (product.to(torch.bfloat16) != quotient).float().mean() < 0.5  # a product, not the quotient
+    torch.testing.assert_close(product, quotient.float(), rtol=2**-7, atol=0)
+    expected_scales = fp8_scale(product)
+    expected = fp8_cast(product, expected_scales).float()
+    assert (expected != fp8_cast(product.to(torch.bfloat16), expected_scales).float()).any()  # unrounded counts
     ordinary, ordinary_scales, _ = _input_codes(m, x, None)
+    torch._dynamo.reset()
+    compiled, compiled_scales, _ = torch.compile(lambda v: _input_codes(m, v, None), fullgraph=True)(x)
     m.input_activation = "none"  # an identity, which sends x through the pre-pass
     pre_pass, pre_pass_scales, _ = _input_codes(m, x, None)
-    expected_scales = fp8_scale(product)
-    assert torch.equal(ordinary_scales, expected_scales) and torch.equal(pre_pass_scales, expected_scales)
-    expected = fp8_cast(product, expected_scales).float()
-    assert torch.equal(ordinary.float(), expected) and torch.equal(pre_pass.float(), expected)
+    for codes, scales in ((ordinary, ordinary_scales), (compiled, compiled_scales), (pre_pass, pre_pass_scales)):
+        assert torch.equal(scales, expected_scales) and torch.equal(codes.float(), expected)
+    m.input_activation = None
+    few = x[:5]
+    y = m(few)
+    assert y.dtype == torch.bfloat16 and y.shape == (5, m.out_features)
     seen = []  # what the lowbit route hands its oracle: the smoothed input, and no smooth left to divide by
     monkeypatch.setattr(lowbit, "linear_with", lambda matmul, h, smooth, *rest: seen.append((h, smooth)) or h)
-    m(x[:5])
+    m(few)
     assert (backend == "fp8") == bool(seen)
     if seen:
         assert seen[0][1] is None and torch.equal(seen[0][0], product[:5])

@@ -79,9 +79,9 @@ def _variants() -> list[tuple]:
     variants.append((lowbit_gemm._lowbit_gemm_kernel, gemm | {"x": "*fp8e4nv", "bias": "*fp32", "out": "*fp32"},
                      dict(K=1152, SLOT=4, OFFSET=8, GROUP=32, HAS_ZEROS=False, HAS_BIAS=True, HAS_XSCALE=True,
                           FP32_DOT=False, BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, SPLIT_K=1), dict(num_warps=4, num_stages=3)))  # fmt: skip
-    # split K for few rows (`split_k`): int4 per channel, bf16 in and out, 9 steps of 128 over 4 splits
-    variants.append((lowbit_gemm._lowbit_gemm_kernel, gemm, dict(K=1152, SLOT=4, OFFSET=8, GROUP=0, HAS_ZEROS=False,
-                     HAS_BIAS=True, HAS_XSCALE=False, FP32_DOT=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=4),
+    # split K for few rows (`split_k`): int4 per channel, bf16 in, float32 partials out, 9 steps of 128 in 3 splits
+    variants.append((lowbit_gemm._lowbit_gemm_kernel, gemm | {"out": "*fp32"}, dict(K=1152, SLOT=4, OFFSET=8, GROUP=0, HAS_ZEROS=False,
+                     HAS_BIAS=True, HAS_XSCALE=False, FP32_DOT=False, BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, SPLIT_K=3),
                      dict(num_warps=4, num_stages=3)))  # fmt: skip
     return variants
 

@@ -8,7 +8,7 @@ import torch
 
 from ditq.kernels import prepare_for_inference
 from ditq.kernels.lowbit import LOWBIT_MAX_ROWS, lowbit_gemm, lowbit_support
-from ditq.kernels.triton.lowbit_gemm import lowbit_linear, lowbit_linear_reference
+from ditq.kernels.triton.lowbit_gemm import effective_split, lowbit_linear, lowbit_linear_reference
 from ditq.quant.packing import signed_offset
 from ditq.quant.primitives import fp8_quantize
 from ditq.quant.qlinear import QuantLinear
@@ -102,8 +102,8 @@ def test_e4m3_codes_need_their_row_scales_and_symmetric_weights():
     ids=["int4_k131_3_splits", "int4_g32_asym_2_splits", "ternary_4_splits_one_past_k", "fp8_codes_g32_3_splits"],
 )  # fmt: skip
 def test_split_k_sums_its_partials_to_the_reference(spec, k, split_k, codes):
-    """K's steps split over programs (131 = 5 steps of 32 in 3 splits; 70 = 3 steps in 4 splits, the last past
-    K entirely): every partial scaled, the bias added once, the same output as one program per tile."""
+    """K's steps split over programs (131 = 5 steps of 32 in 3 splits; 70 = 3 steps asked in 4 splits, run in 3):
+    every partial scaled, the bias added once, the same output as one program per tile."""
     g = torch.Generator().manual_seed(k + split_k)
     q = QuantLinear.from_linear(torch.nn.Linear(k, 40), spec).to(DEVICE)
     x = torch.randn(3, k, generator=g).to(DEVICE)
@@ -119,6 +119,13 @@ def test_split_k_sums_its_partials_to_the_reference(spec, k, split_k, codes):
     torch.testing.assert_close(split, ref, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="split_k must be at least 1"):
         lowbit_linear(x, q.qweight, q.scales, q.zeros, q.bias, **kwargs, split_k=0)
+
+
+def test_a_split_gives_every_program_an_equal_share_of_k():
+    # DiT-XL/2's adaLN, K = 1152: 9 steps of 128 in 4 → 3 programs of 3, in 8 → 5 of 2; 2 steps of 1024 stay 2
+    assert [effective_split(1152, 128, s) for s in (1, 2, 3, 4, 8, 9, 16)] == [1, 2, 3, 3, 5, 9, 9]
+    assert [effective_split(1152, 1024, s) for s in (2, 4, 8)] == [2, 2, 2]
+    assert effective_split(70, 32, 4) == 3 and effective_split(131, 32, 3) == 3
 
 
 @pytest.mark.parametrize(("group", "k"), [(48, 96), (96, 192), (192, 384), (None, 300)])

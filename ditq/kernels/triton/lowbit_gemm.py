@@ -31,7 +31,7 @@ from torch.library import wrap_triton
 from ditq.kernels.triton import FP8_K_STEP, interpreted
 from ditq.quant.packing import packed_cols, slot_bits
 
-__all__ = ["lowbit_linear", "lowbit_linear_reference"]
+__all__ = ["effective_split", "lowbit_linear", "lowbit_linear_reference"]
 
 FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -151,9 +151,11 @@ def lowbit_linear(
     With `x_scale` (M, 1) float32, x holds e4m3 codes of x_scale⁻¹ · x, multiplied on FP8 tensor cores, and the
     output is `out_dtype`.
 
-    `split_k` > 1 splits K's steps over that many programs per output tile, each writing a float32 partial that
-    one reduction sums (in a fixed order: deterministic): more weight bytes in flight when there are few rows,
-    for one more launch. Not yet timed, so 1 by default (`bench/bench_weight_bound.py` sweeps it).
+    `split_k` > 1 splits K's steps over up to that many programs per output tile, each writing a float32 partial
+    that one reduction sums (in a fixed order: deterministic): more weight bytes in flight when there are few rows,
+    for one more launch. Every program gets the same number of steps, so fewer programs than asked when they do
+    not divide (9 steps in 4 → 3 programs of 3; `effective_split`). Not yet timed, so 1 by default
+    (`bench/bench_weight_bound.py` sweeps it).
 
     The default launch config is the best of a sweep at DiT-XL/2's few-row shapes on an H100
     (`bench/results/lowbit_tuning_h100.json`): 32 output channels per program, K blocks of 256 for K ≥ 4096 and
@@ -181,6 +183,7 @@ def lowbit_linear(
     x_scale = None if x_scale is None else x_scale.reshape(m).contiguous()  # one float per row, in row order
     if split_k < 1:
         raise ValueError(f"split_k must be at least 1, got {split_k}")
+    split_k = effective_split(k, block_k, split_k)
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     partials = out if split_k == 1 else torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
     many_codes = x_scale is not None and m > 64
@@ -197,6 +200,12 @@ def lowbit_linear(
         num_stages=num_stages,
     )  # fmt: skip
     return out if split_k == 1 else out.copy_(partials.sum(0))
+
+
+def effective_split(k: int, block_k: int, split_k: int) -> int:
+    """How many programs `split_k` gives K's steps of `block_k` once each takes an equal share: none is idle."""
+    steps = triton.cdiv(k, block_k)
+    return triton.cdiv(steps, triton.cdiv(steps, split_k))
 
 
 def _check_operands(

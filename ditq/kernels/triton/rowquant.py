@@ -95,8 +95,8 @@ def _transformed(
     ACT: tl.constexpr, NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr,
     ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """A tile of x (as loaded) → act(x) or modulate(LayerNorm(x)) [· inv_smooth] in float32, each step rounded to
-    x's dtype as PyTorch's ops round it; 0 outside. NORM: `mean`, `rstd` are the rows' statistics;
+    """A tile of x (as loaded) → act(x) or modulate(LayerNorm(x)) [· inv_smooth] in float32, each step before
+    the smoothing rounded to x's dtype as PyTorch's ops round it; 0 outside. NORM: `mean`, `rstd` are the rows' statistics;
     ONE_SAMPLE: the program's BLOCK_M rows are tokens of one sample (one shift and scale row for all)."""
     dtype: tl.constexpr = v.dtype
     ROUND: tl.constexpr = dtype != tl.float32
@@ -123,9 +123,7 @@ def _transformed(
         h = rounded(h, dtype, EMULATE)
     if HAS_SMOOTH:
         r = tl.load(inv_smooth + cols, mask=cols < K, other=1.0).to(tl.float32)[None, :]
-        h = h * r  # in float32, as x · inv_smooth promotes to (then rounded to x's dtype)
-        if ROUND:
-            h = rounded(h, dtype, EMULATE)
+        h = h * r  # in float32, as x · inv_smooth promotes to, and not rounded to x's dtype
     return h
 
 
