@@ -15,8 +15,9 @@ producers inductor fuses badly with a row reduction (`ditq.kernels.fusion` moves
 and the row scale in one read of each row; so it does for every layer with a low-rank branch. SVDQuant's
 smoothing x / smooth is applied as x · inv_smooth, its float32 reciprocal computed once in
 `prepare_for_inference`, the product kept in float32 (at most one bf16 step from the quotient the other backends
-compute; unrounded, so eager, compiled and the pre-pass give the same codes): with the correctly rounded quotient a smoothed input's pre-pass took 1.3–2.9× the unsmoothed
-one's time on an H200, from each input's best launch to the unsmoothed default (`bench/results/`
+compute; unrounded, so eager, compiled and the pre-pass give the same codes): with the correctly rounded
+quotient a smoothed input's pre-pass took 1.3–2.9× the unsmoothed one's time on an H200, from each input's
+best launch to the unsmoothed default (`bench/results/`
 `prepass_defaults_v12_h200.json`, `prepass_smoothed_grid_h200.json`; the product is not yet timed).
 Per-channel weight scales go to cuBLAS: |q| ≤ 8 is exact in e4m3 and the scale goes to the GEMM's `scale_b`.
 Per-group scales (groups of K a multiple of 32) cannot ride in `scale_b`: those layers take the lowbit GEMM's
@@ -35,8 +36,8 @@ Two backends, which differ for per-channel layers only (per-group layers read th
 layer), `"fp8-cached"` expands once in `prepare_for_inference` (8-bit weights in memory, no per-call
 expansion). `"fp8"` sends calls of at most `LOWBIT_MAX_ROWS` rows, bound by weight bytes, to the
 `"lowbit"` kernel instead, which reads the packed codes directly (activations smoothed the same way and
-fake-quantized to the same FP8 values, a low-rank branch in x's dtype) rather than expanding them. Both run on CUDA devices with FP8 tensor
-cores (sm_89+), and on the CPU under `TRITON_INTERPRET=1` (tests).
+fake-quantized to the same FP8 values, a low-rank branch in float32) rather than expanding them. Both run on
+CUDA devices with FP8 tensor cores (sm_89+), and on the CPU under `TRITON_INTERPRET=1` (tests).
 """
 
 from __future__ import annotations

@@ -309,7 +309,7 @@ class QuantLinear(nn.Module):
         )
         if getattr(self, "kernel_buffers", ()):
             warnings.warn(
-                f"{prefix or 'QuantLinear '}: loaded tensors replace those the {self.backend!r} backend's buffers were "
+                f"{prefix.rstrip('.') or 'QuantLinear'}: loaded tensors replace those the {self.backend!r} backend's buffers were "
                 "computed from; it runs the reference backend until prepare_for_inference is called again",
                 stacklevel=2,
             )

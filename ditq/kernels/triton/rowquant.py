@@ -96,8 +96,8 @@ def _transformed(
     ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """A tile of x (as loaded) → act(x) or modulate(LayerNorm(x)) [· inv_smooth] in float32, each step before
-    the smoothing rounded to x's dtype as PyTorch's ops round it; 0 outside. NORM: `mean`, `rstd` are the rows' statistics;
-    ONE_SAMPLE: the program's BLOCK_M rows are tokens of one sample (one shift and scale row for all)."""
+    the smoothing rounded to x's dtype as PyTorch's ops round it; 0 outside. NORM: `mean`, `rstd` are the rows'
+    statistics; ONE_SAMPLE: the program's BLOCK_M rows are tokens of one sample (one shift and scale row for all)."""
     dtype: tl.constexpr = v.dtype
     ROUND: tl.constexpr = dtype != tl.float32
     h = v.to(tl.float32)
