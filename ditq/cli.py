@@ -203,21 +203,6 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-steps", type=positive_int, default=default.steps)
 
 
-def _load_recipe(source: str):
-    """`load_recipe`, with the file named in every error about a recipe file."""
-    import yaml
-
-    from ditq.recipes import load_recipe
-
-    try:
-        return load_recipe(source)
-    except FileNotFoundError:
-        raise
-    except (*USER_ERRORS, yaml.YAMLError) as err:  # YAML syntax errors are not ValueErrors
-        message = error_line(err)
-        raise ValueError(message if source in message else f"recipe {source}: {message}") from err
-
-
 # ---- subcommands -----------------------------------------------------------------------------------
 
 
@@ -227,6 +212,7 @@ def _quantize(args: argparse.Namespace) -> None:
     from ditq.bundled import open_model
     from ditq.pipeline import CalibSettings, post_training_quantize
     from ditq.quant.modules import is_quantized
+    from ditq.recipes import load_recipe
 
     check_output_file(args.out, "--out")
     pipeline = _check_model_or_pipeline(args, model_needed=True)
@@ -242,7 +228,7 @@ def _quantize(args: argparse.Namespace) -> None:
         return quantize_pipeline(args)
     if Path(args.model).absolute() == args.out.absolute():
         raise ValueError(f"--out {args.out} would overwrite the --model checkpoint; choose another path")
-    recipe = _load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe)
     settings = CalibSettings(samples=args.calib_samples, steps=args.calib_steps, seed=args.seed + 1)
     model, source = open_model(args.model, weights=args.weights, seed=args.seed, device=args.device)
     if is_quantized(model):
@@ -302,6 +288,7 @@ def _eval(args: argparse.Namespace) -> None:
     from ditq.eval.runner import SampleSettings, evaluate
     from ditq.io import model_size_bytes
     from ditq.pipeline import CalibSettings, post_training_quantize
+    from ditq.recipes import load_recipe
 
     check_output_dir(args.out, "--out")
     check_steps(args.steps, args.sampler, "--steps")
@@ -309,7 +296,7 @@ def _eval(args: argparse.Namespace) -> None:
         check_steps(args.calib_steps, "ddim", "--calib-steps")
     settings = SampleSettings(samples=args.samples, steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler,
                               seed=args.seed, batch_size=args.batch_size)
-    recipes = {(name.upper() if name.lower() == name else name): _load_recipe(name) for name in args.recipe}
+    recipes = {(name.upper() if name.lower() == name else name): load_recipe(name) for name in args.recipe}
     checkpoints = {Path(path).stem: Path(path) for path in args.model}
     names = ["FP", *recipes, *checkpoints]
     if len(set(names)) < len(names) or len(checkpoints) < len(args.model):
@@ -391,16 +378,15 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from ditq.demo import run_demo
+    from ditq.demo import DEMO_RECIPE, run_demo
     from ditq.eval.runner import SampleSettings
+    from ditq.recipes import load_recipe
 
     check_output_dir(args.out, "--out")
     check_steps(args.steps, "ddim", "--steps")
     settings = SampleSettings(samples=args.samples, steps=args.steps, batch_size=args.samples)
-    from ditq.demo import DEMO_RECIPE
-
-    recipe = DEMO_RECIPE if args.recipe is None else _load_recipe(args.recipe)
-    baseline = None if args.baseline.lower() == "none" else _load_recipe(args.baseline)
+    recipe = DEMO_RECIPE if args.recipe is None else load_recipe(args.recipe)
+    baseline = None if args.baseline.lower() == "none" else load_recipe(args.baseline)
     report = run_demo(args.out, recipe=recipe, baseline=baseline, settings=settings)
     fp = report["fp"]
     print(f"FP:    FID {fp['fid']:.2f}  class acc {fp['class_acc']:.3f}  size {fp['size_bytes']:,} B (16-bit)")

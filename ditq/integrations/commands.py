@@ -40,11 +40,11 @@ def pipeline_conditions(args: argparse.Namespace, pipe) -> dict:
 def quantize_pipeline(args: argparse.Namespace) -> None:
     """Calibrate on the pipeline's own denoising loop, quantize its transformer, save the transformer."""
     from ditq import io
-    from ditq.cli import _load_recipe
     from ditq.integrations.diffusers import calibrate_pipeline, load_pipeline
     from ditq.pipeline import post_training_quantize
+    from ditq.recipes import load_recipe
 
-    recipe = _load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe)
     pipe = load_pipeline(args.pipeline, device=args.device)
     conditions = pipeline_conditions(args, pipe)
     print(
