@@ -5,12 +5,12 @@ at DiT-XL/2 batch-64 shapes, same run. Medians of CUDA-graph replays (µs; `benc
 
 Rows: fc2's input (16,384 × 4,608, GELU-tanh) and qkv's and fc1's (16,384 × 1,152, LayerNorm + adaLN modulate), each
 also with SVDQuant's smoothing + rank-32 branch (the op `ditq::quantize_rows_fp8` then also appends the low-rank
-codes: `ditq.kernels.triton.lowrank`). (An earlier run also timed a
-plain 1,152-wide row, the attention output, and the multi-pass down-projection kernel since removed:
-`bench/results/prepass_v1_h200.md`.)
+codes: `ditq.kernels.triton.lowrank`).
 "inductor" compiles the PyTorch reference (the FP8 backend without the kernel); "bf16 producer alone" is what bf16
-spends on the GELU or LayerNorm + modulate alone. The one-pass kernel's launch configs are swept; every kernel
-output is compared with the reference first (the differences are recorded in the rows).
+spends on the GELU or LayerNorm + modulate alone. The one-pass kernel's launches (elements per program × warps) are
+swept for every row, smoothed ones included (without P, which has its own kernel): what `rowquant.UNSMOOTHED_LAUNCH`
+and `SMOOTHED_LAUNCH` are chosen from. Every kernel output is compared with the reference first (the differences
+are recorded in the rows).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ CASES = [  # (name, M, K, activation or "modulate", smooth + rank)
     ("qkv/fc1 in, LayerNorm + modulate, smooth + r32", 16384, 1152, "modulate", 32),
 ]
 TOKENS = 256  # DiT-XL/2 at 256×256: rows are samples × 256 tokens
-LAUNCHES = [(e, w) for e in (4096, 8192, 16384) for w in (2, 4, 8)]
+LAUNCHES = [(e, w) for e in (4096, 8192, 9216, 16384) for w in (1, 2, 4, 8)]  # the defaults among them
 
 
 def reference(x, inv_smooth, activation, mod, lowrank):
@@ -79,13 +79,12 @@ def measure(name: str, m: int, k: int, transform: str, rank: int) -> dict:
     alone = torch.compile(lambda t: activate(t, activation) if mod is None else modulated(t, mod), fullgraph=True,
                           dynamic=False)  # fmt: skip
     row["bf16_producer_us"] = bench(lambda: alone(x))  # what bf16 spends on the producer alone
-    if not rank:
-        row["launches"] = {
-            f"{e} elements, {w} warps": bench(
-                lambda e=e, w=w: quantize_rows_fp8(x, inv_smooth, activation, mod, row_elements=e, num_warps=w)
-            )
-            for e, w in LAUNCHES
-        }
+    row["launches"] = {
+        f"{e} elements, {w} warps": bench(
+            lambda e=e, w=w: quantize_rows_fp8(x, inv_smooth, activation, mod, row_elements=e, num_warps=w)
+        )
+        for e, w in LAUNCHES
+    }
     row["kernel_us"] = bench(lambda: quantize_rows(*op_args))  # the default launch
     row["ideal_us_at_4.3tbps"] = (m * k * 3 + m * 4 + m * rank * 2) / 4.3e12 * 1e6  # H200 copy bandwidth
     return row

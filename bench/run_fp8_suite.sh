@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
-# The FP8 path's GPU measurements, in parts that each fit one 10-minute device call; every part has its
-# own bf16 rows, so its ratios are measured side by side. Results go to $OUT (JSON lines + tables).
-# torchao's float8 row-wise (the peer) is `bench_e2e.py --config torchao-fp8-row`, left out here: its compile
-# took 337 s on the H100.
+# The FP8 path's GPU measurements, in parts of under ten minutes each (a part cuts the steps that would run past
+# SUITE_SECONDS, 570 by default); every part has its own bf16 rows, so its ratios are measured side by side.
+# Results go to $OUT (JSON lines + tables). torchao's float8 row-wise (the peer) is
+# `bench_e2e.py --config torchao-fp8-row`, left out here: its compile took 337 s on an H100.
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh kernels   # GPU tests, samples vs reference, batch-64 forward, GEMM table
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh tests     # the kernel tests on the GPU (they compile every variant)
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh models    # every FP8-path model at batch 64 + sampling
-#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh prepass   # the pre-pass's costs, smoothed launch grid; against inductor
+#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh prepass   # the pre-pass against inductor, its launch sweep
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh small     # batch 2 under CUDA graphs; samples; few-row GEMMs
-#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh profile   # GPU tests; low-rank kernel launch sweep; kernel profiles
+#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh gemms     # GEMMs alone: W4A8 variants, SVDQuant's extra K columns
+#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh profile   # low-rank kernel launch sweep; kernel profiles
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh profile-small  # kernel profiles at batch 2
 #   (bench_kernels.py, in the first part, also times the lowbit kernel's launch configs)
 set -u
 out=${OUT:?set OUT to the results folder}
 e2e() { timeout "$(left)" python bench/bench_e2e.py "$@" >>"$out/e2e_$part.jsonl" 2>>"$out/log_$part.txt" || echo "failed: $*" >>"$out/log_$part.txt"; }
-part=${1:?kernels, tests, models, prepass, small, profile, profile-small or fusion}
-deadline=$(( $(date +%s) + ${SUITE_SECONDS:-570} ))  # one device call: steps that would run past it are cut
+part=${1:?kernels, tests, models, prepass, small, gemms, profile or profile-small}
+deadline=$(( $(date +%s) + ${SUITE_SECONDS:-570} ))  # steps that would run past it are cut
 left() { echo $(( deadline - $(date +%s) > 1 ? deadline - $(date +%s) : 1 )); }
 case $part in
   kernels)
@@ -25,29 +26,23 @@ case $part in
     e2e --batch 64 --config bf16
     e2e --batch 64 --config w4a8fp8 --backend fp8
     e2e --batch 64 --config w4a8fp8 --backend fp8-cached
-    python bench/bench_kernels.py --out "$out/kernels_fp8_v3" >>"$out/log_$part.txt" 2>&1 ;;
-  tests)  # on the H200, 2026-12-04, three of these files took more than 150 s: a part of its own
+    python bench/bench_kernels.py --out "$out/kernels_fp8" >>"$out/log_$part.txt" 2>&1 ;;
+  tests)  # the kernel tests compile every variant: minutes on an H200, so a part of their own
     nvidia-smi -L
     timeout "$(left)" python -m pytest -q -p no:cacheprovider tests/kernels \
       --ignore=tests/kernels/test_hopper_compile.py >"$out/gpu_tests.txt" 2>&1  # that one compiles for sm_90 anywhere
     tail -3 "$out/gpu_tests.txt"
     exit 0 ;;
-  models)  # every FP8-path model against bf16 at batch 64, with 50-step sampling (CUDA graphs gave W4A8 nothing at
-           # this batch on 2026-12-04: 1.29× without, 1.26× with, e2e_fp8_v8_graphs_h200.md). The pre-pass against
-           # inductor is the `prepass` part
+  models)  # every FP8-path model against bf16 at batch 64, with 50-step sampling; no CUDA graphs (they gave W4A8
+           # nothing at this batch: 1.29× without, 1.26× with, e2e_fp8_v8_graphs_h200.md)
     nvidia-smi -L
     e2e --batch 64 --sample-steps 50 --config bf16
     e2e --batch 64 --sample-steps 50 --config svdquant-w4a8fp8-r32 --backend fp8-cached
     e2e --batch 64 --sample-steps 50 --config w4a8fp8 --backend fp8-cached
-    e2e --batch 64 --sample-steps 50 --config w4a8fp8 --backend fp8-cached --fast-accum  # not yet timed
+    e2e --batch 64 --sample-steps 50 --config w4a8fp8 --backend fp8-cached --fast-accum  # fp8.FAST_ACCUMULATION
     e2e --batch 64 --sample-steps 50 --config ternary-a8fp8 --backend fp8-cached --all-linears
     e2e --batch 64 --sample-steps 50 --config w4a8fp8 --backend fp8 ;;  # weights 4-bit in memory, expanded per call
-  prepass)  # the pre-pass's costs at DiT-XL/2's batch-64 inputs, the smoothed inputs' launch grid, then against inductor
-    timeout "$(left)" python bench/prepass_variants.py --no-multi-pass --out "$out/prepass_variants.json" \
-      >>"$out/log_$part.txt" 2>&1
-    # the grid over the four smoothed inputs and the three with P too (about 3.5 minutes on the H200)
-    timeout "$(left)" python bench/prepass_variants.py --no-multi-pass --grid --only ", smoothed" \
-      --out "$out/prepass_smoothed_grid.json" >>"$out/log_$part.txt" 2>&1
+  prepass)  # the pre-pass at DiT-XL/2's batch-64 inputs against inductor, with its launch sweep (smoothed too)
     timeout "$(left)" python bench/bench_prepass.py --out "$out/prepass" >>"$out/log_$part.txt" 2>&1
     exit 0 ;;
   small)  # batch 2 under CUDA graphs, samples vs the reference backend, few-row GEMMs as kernels alone
@@ -57,6 +52,12 @@ case $part in
     e2e --batch 2 --config ternary-a8fp8 --backend fp8 --cuda-graphs --all-linears
     timeout "$(left)" python bench/samples_match.py --out "$out/samples_match.json" >>"$out/log_$part.txt" 2>&1
     timeout "$(left)" python bench/bench_weight_bound.py --out "$out/weight_bound" >>"$out/log_$part.txt" 2>&1 ;;
+  gemms)  # DiT-XL/2's GEMMs as kernels alone: cuBLAS FP8 on the cached copy, expansion, the fused lowbit FP8 mode;
+          # then what SVDQuant's 2·rank extra columns of K cost
+    nvidia-smi -L
+    timeout "$(left)" python bench/bench_w4a8_gemm.py --out "$out/w4a8_gemm" >>"$out/log_$part.txt" 2>&1
+    timeout "$(left)" python bench/bench_lowrank_gemm.py --out "$out/lowrank_gemm" >>"$out/log_$part.txt" 2>&1
+    exit 0 ;;
   profile)  # where batch 64 spends its time: per-kernel GPU tables (SVDQuant's with the host's operators too)
     nvidia-smi -L
     timeout 90 python bench/bench_lowrank_gemm.py --sweep --out "$out/lowrank_sweep" >>"$out/log_$part.txt" 2>&1
@@ -68,13 +69,6 @@ case $part in
     timeout "$(left)" python bench/profile_e2e.py --batch 2 --all-linears --configs bf16,w4a8fp8:fp8-cached,w4a8fp8:fp8 \
       --out "$out" >>"$out/log_$part.txt" 2>&1
     exit 0 ;;
-  fusion)  # how the activation quantization fuses under inductor (batch 64). Run on 2026-11-25 with one more
-           # row, fp8-cached with the per-token absmax over 128-column chunks: since adopted in ditq.kernels.fp8
-    e2e --batch 64 --config bf16
-    e2e --batch 64 --config bf16 --multi-kernel
-    e2e --batch 64 --config w4a8fp8 --backend fp8-cached
-    e2e --batch 64 --config w4a8fp8 --backend fp8-cached --multi-kernel
-    e2e --batch 64 --config w4a8fp8 --backend fp8 --multi-kernel ;;
-  *) echo "unknown part $part (kernels, tests, models, prepass, small, profile, profile-small or fusion)"; exit 2 ;;
+  *) echo "unknown part $part (kernels, tests, models, prepass, small, gemms, profile or profile-small)"; exit 2 ;;
 esac
 python bench/e2e_table.py "$out/e2e_$part.jsonl" "$out/e2e_$part" && rm "$out/e2e_$part.jsonl"

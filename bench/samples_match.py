@@ -8,7 +8,7 @@ The bundled model quantized with per-channel int4 + FP8 activations on every blo
 `reference` backend (dequantize, then matmul), `fp8`, `fp8-cached` (also with cuBLAS's fast accumulation,
 `ditq.kernels.fp8.FAST_ACCUMULATION`) and `lowbit`; the FP model beside them
 says how far quantization itself moves the images. Then the same for per-channel SVDQuant W4A8-FP8 rank 32
-(the recipe of `bench/lowrank_precision.py`), whose FP8 backends run the low-rank branch in e4m3 where the
+(the demo's recipe per channel and without GPTQ), whose FP8 backends run the low-rank branch in e4m3 where the
 reference keeps it in bf16.
 """
 

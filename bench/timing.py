@@ -3,9 +3,10 @@
 A Triton kernel launched outside its op goes through torch's traceable wrapper (`torch.library.wrap_triton`,
 ~100 µs of host time per launch), which an eager timing loop would measure instead of the kernel; replaying a
 captured graph leaves only the GPU's time. The repeat count comes from replaying a graph of one call, not from
-eager calls as `triton.testing.do_bench_cudagraph` estimates it: the host time of eager calls made that estimate
-large, so few calls were captured and a replay's own launch cost was spread over too few of them (until
-2026-12-04; the pre-pass tables before then are suspect for it). The inputs may stay in the L2 between replays.
+eager calls as `triton.testing.do_bench_cudagraph` estimates it: the host time of eager calls makes that estimate
+large, so few calls are captured and a replay's own launch cost is spread over too few of them
+(`bench/results/prepass_v1_h200.md` and `prepass_v2_h200.md` were timed before this). The inputs may stay in the L2
+between replays.
 """
 
 from __future__ import annotations

@@ -252,7 +252,7 @@ class RTN(Recipe):
         return self.quant_spec()
 
 
-# The baseline rows every method is compared against (issue 4's table).
+# The baseline rows every method is compared against (the RTN table of docs/results.md).
 PRESETS: dict[str, Recipe] = {
     "w8a8": RTN(w_bits=8, a_bits=8),
     "w6a8": RTN(w_bits=6, a_bits=8),

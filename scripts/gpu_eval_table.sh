@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fidelity tables for the bundled DiT-MNIST (run on the device machine from the repo root; writes under $OUT):
+# Fidelity tables for the bundled DiT-MNIST (run on a GPU machine from the repo root; writes under $OUT):
 # a guidance sweep of the FP model, then the RTN baseline table every method must beat, at two seeds.
 set -euo pipefail
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"

@@ -6,7 +6,7 @@
 Rows (each with its average stored bits per weight): RTN g128 (asymmetric weights, so the same bits as
 Q-DiT's budget; dynamic per-token activations), GPTQ g128 (static calibrated activations), dynamic only (GPTQ g128 + dynamic
 per-token-group activations), search only (searched groups, static activations), Q-DiT (searched groups +
-GPTQ + dynamic). The search is deliberately small to fit the time budget (population 12, 4 generations,
+GPTQ + dynamic). The search is deliberately small so the script runs in minutes (population 12, 4 generations,
 fitness on 64 samples at 25 steps; the paper: population 50, 10 generations, FID of 800 samples); the rows are
 scored on >= 1,000 samples at 50 steps, so every searched recipe is also a 25 → 50-step transfer test.
 "search only" reuses the assignment searched with dynamic activations. Writes results.json and results.md.

@@ -1,4 +1,4 @@
-"""SVDQuant on the bundled DiT-MNIST (issue 9's evaluation table) and calibration time/memory at DiT-XL/2 size.
+"""SVDQuant on the bundled DiT-MNIST (docs/results/svdquant/) and calibration time/memory at DiT-XL/2 size.
 
     PYTHONPATH=. python scripts/gpu_svdquant.py --out $OUT                 # the table, one H100, ~5 minutes
     PYTHONPATH=. python scripts/gpu_svdquant.py --out $OUT --timing-xl     # DiT-XL/2 (random weights) calibration

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train the bundled DiT-MNIST on one GPU (run on the device machine from the repo root; writes under $OUT).
+# Train the bundled DiT-MNIST on one GPU (run on a GPU machine from the repo root; writes under $OUT).
 # Batch 1024 with torch.compile: at batch 256 the H100 is launch-bound (~28 steps/s), at 1024 it is not (~40).
 set -euo pipefail
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"
@@ -16,6 +16,6 @@ echo "$CMD" > "$OUT/train_command.txt"
 $CMD > "$OUT/train_stdout.txt" 2>&1
 cp runs/dit-mnist/log.jsonl "$OUT/train_log.jsonl"
 python scripts/ship_dit_mnist.py runs/dit-mnist/ema.safetensors runs/dit_mnist_fp16.safetensors
-# Files coming back from the device are capped at 16 MiB each: ship the checkpoint in two parts.
+# The checkpoint leaves the GPU machine in two parts of under 16 MiB each (join them with cat).
 split -n 2 -d runs/dit_mnist_fp16.safetensors "$OUT/dit_mnist_fp16.part"
 sha256sum runs/dit_mnist_fp16.safetensors | tee "$OUT/sha256.txt"

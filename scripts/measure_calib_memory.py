@@ -1,4 +1,4 @@
-"""Peak host memory of calibrating DiT-XL/2-size random weights (issue 7's closing note).
+"""Peak host memory of calibrating DiT-XL/2-size random weights (docs/results/calibration_memory/).
 
 Prints one JSON line: the process's resident memory after building the model, its peak during
 `calibrate`, and the bytes the returned calibration data holds. Run it against another checkout of ditq

@@ -18,7 +18,7 @@ smoothing x / smooth is applied as x · inv_smooth, its float32 reciprocal compu
 compute; unrounded, so eager, compiled and the pre-pass give the same codes): with the correctly rounded
 quotient a smoothed input's pre-pass took 1.3–2.9× the unsmoothed one's time on an H200, from each input's
 best launch to the unsmoothed default (`bench/results/`
-`prepass_defaults_v12_h200.json`, `prepass_smoothed_grid_h200.json`; the product is not yet timed).
+`prepass_defaults_v12_h200.json`, `prepass_smoothed_grid_h200.json`; the product's time is not measured there).
 Per-channel weight scales go to cuBLAS: |q| ≤ 8 is exact in e4m3 and the scale goes to the GEMM's `scale_b`.
 Per-group scales (groups of K a multiple of 32) cannot ride in `scale_b`: those layers take the lowbit GEMM's
 FP8 mode instead (`ditq.kernels.triton.lowbit_gemm`), which converts the packed codes to e4m3 in registers and
@@ -26,8 +26,8 @@ applies each group's scale to its partial sum. It keeps the weights 2–4-bit, b
 cuBLAS FP8 on an 8-bit copy at DiT-XL/2's shapes of 512 rows and more (H200, `bench/results/w4a8_gemm_h200.md`),
 so per-channel layers stay on cuBLAS at every size. SVDQuant's branch (x/smooth)·L1·L2 rides in the same GEMM
 as 2·rank more columns of K (`_lowrank_parts`): its operands are e4m3 too (a few % of the branch off where the
-other backends keep it in x's dtype, no loss of sample quality seen: `bench/lowrank_precision.py`); a separate
-16-bit up-projection would re-read and re-write every output (DiT-XL/2 SVDQuant r32 at batch 64 on an H200:
+other backends keep it in x's dtype, no loss of sample quality seen: `bench/results/lowrank_precision_cpu.json`);
+a separate 16-bit up-projection would re-read and re-write every output (DiT-XL/2 SVDQuant r32 at batch 64 on an H200:
 0.71× bf16 that way, 1.06× this way; 1.10× on 2026-12-04 with the MLP residual carried,
 `bench/results/e2e_fp8_v10_models_h200.md`).
 
@@ -65,7 +65,8 @@ MIN_CAPABILITY = (8, 9)
 FP8_BACKENDS = ("fp8", "fp8-cached")
 # cuBLAS FP8 GEMMs with fast accumulation: the tensor cores' partial sums are not promoted to float32 along K
 # (faster on Hopper, less exact over long K; torchao's float8 inference turns it on). Read when a forward is
-# traced; off until timed and its samples compared (`bench_e2e.py --fast-accum`, `bench/samples_match.py`).
+# traced. Off by default: its speed and its samples on a GPU are unmeasured (`bench_e2e.py --fast-accum`,
+# `bench/samples_match.py`).
 FAST_ACCUMULATION = False
 
 
@@ -264,7 +265,7 @@ def _lowrank_parts(m: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     moves its channel scale up by `shift` (the weight codes of that row divide by it, exactly). U enters the
     GEMM as two e4m3 parts, U_high + U_low, each multiplied by P: one rounding of U alone costs 1–1.7 dB PSNR on
     DiT-MNIST (a fixed error on the layer's dominant directions), the roundings of L1 and P do not show
-    (`bench/lowrank_precision.py`).
+    (`bench/results/lowrank_precision_cpu.json`).
     """
     rank = m.lowrank_down.shape[1]
     pad = max(16, 1 << (rank - 1).bit_length()) - rank

@@ -154,7 +154,7 @@ def lowbit_linear(
     `split_k` > 1 splits K's steps over up to that many programs per output tile, each writing a float32 partial
     that one reduction sums (in a fixed order: deterministic): more weight bytes in flight when there are few rows,
     for one more launch. Every program gets the same number of steps, so fewer programs than asked when they do
-    not divide (9 steps in 4 → 3 programs of 3; `effective_split`). Not yet timed, so 1 by default
+    not divide (9 steps in 4 → 3 programs of 3; `effective_split`). 1 by default: no GPU timing shows a gain yet
     (`bench/bench_weight_bound.py` sweeps it).
 
     The default launch config is the best of a sweep at DiT-XL/2's few-row shapes on an H100

@@ -264,12 +264,12 @@ def quantize_rows_fp8(
     codes' last 2R columns, twice (the kernel of `ditq.kernels.triton.lowrank`; `out`, if given, is (M, K + 2R)).
     Launch of the one-pass kernel: `row_elements` (rows × padded width held per program at most) and `num_warps`
     (None: `UNSMOOTHED_LAUNCH`'s or `SMOOTHED_LAUNCH`'s). The defaults are from sweeps on an H200 at DiT-XL/2's batch-64
-    inputs (`bench/prepass_variants.py --grid`, `bench/results/prepass_variants_h200.json` and
+    inputs (`bench/bench_prepass.py` sweeps them; `bench/results/prepass_variants_h200.json` and
     `prepass_smoothed_grid_h200.json`). Unsmoothed: 2 rows of 1,152 in one warp, 1 row of 4,608 in two; a row in
     one warp reduces without shared memory (4 rows in 4 warps took 13% longer for LayerNorm + modulate).
     Smoothed: 8 rows of 1,152 in 8 warps, 2 rows of 4,608 in 8: fc2's GELU input's best while smoothing divided
     (163 µs against 258 at the unsmoothed launch); at 1,152 one launch for three inputs whose bests differ (up
-    to 8.5 µs faster each). Not yet swept since it multiplies.
+    to 8.5 µs faster each), chosen while smoothing still divided rather than multiplied.
     """
     m, k = _check_operands(x, inv_smooth, activation, modulation, out, residual, residual_out)
     rank = 0 if lowrank is None else check_lowrank(k, *lowrank)
