@@ -46,9 +46,15 @@ class DiffusersAdapter(Adapter):
         return cls.__name__ == self.class_name and cls.__module__.startswith("diffusers.")
 
     def config(self, model: nn.Module) -> dict[str, Any]:
-        """The diffusers config (its public keys, JSON types) plus `_class_name`."""
-        public = {k: _jsonable(v) for k, v in model.config.items() if not k.startswith("_")}
-        return {"_class_name": self.class_name, **public}
+        """The config entries the class's constructor takes (JSON types), `_class_name` and the diffusers
+        version that built the model. Entries that describe how a model was loaded rather than built
+        (`quantization_config`, added by `from_pretrained(..., quantization_config=...)`) are left out: the
+        file rebuilds the full-precision skeleton and swaps its own quantized layers in."""
+        import diffusers
+
+        accepted = _constructor_fields(type(model))
+        built = {k: _jsonable(v) for k, v in model.config.items() if k in accepted}
+        return {"_class_name": self.class_name, "_diffusers_version": diffusers.__version__, **built}
 
     def build(self, config: dict[str, Any]) -> nn.Module:
         """The transformer a config describes, parameters on meta (filled by `load_state_dict(assign=True)`)."""
@@ -61,12 +67,13 @@ class DiffusersAdapter(Adapter):
             )
         cls = getattr(diffusers, self.class_name)
         kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
-        accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        unknown = sorted(set(kwargs) - accepted)
+        unknown = sorted(set(kwargs) - _constructor_fields(cls))
         if unknown:
+            written = config.get("_diffusers_version")
+            hint = "" if written in (None, diffusers.__version__) else (
+                f"; the file was written with diffusers {written}: load it with that version")
             raise ValueError(
-                f"{self.class_name} (diffusers {diffusers.__version__}) takes no config fields "
-                f"{unknown}; was the file written with another diffusers version?"
+                f"{self.class_name} (diffusers {diffusers.__version__}) takes no config fields {unknown}{hint}"
             )
         with _parameters_on_meta():
             return cls(**kwargs).eval()
@@ -326,6 +333,10 @@ def _parameters_on_meta():
             yield
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _constructor_fields(cls: type) -> set[str]:
+    return set(inspect.signature(cls.__init__).parameters) - {"self"}
 
 
 def _jsonable(value: Any) -> Any:
