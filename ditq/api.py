@@ -27,7 +27,7 @@ def quantize(model: nn.Module, recipe: Recipe, calib: CalibData | None = None) -
     """Quantize `model` in place with `recipe` and return it; on any error the model is unchanged.
 
     Every `nn.Linear` not matched by the recipe's skip patterns (None: the architecture's defaults, see
-    `ditq.adapters`) is handed to the method, each with its own recipe (overrides applied). Raises
+    `ditq.adapters`; `quantize_modulation` takes its adaLN modulation out of them) is handed to the method, each with its own recipe (overrides applied). Raises
     `ValueError` for a pattern that matches nothing, or when nothing is left to quantize.
     """
     if not isinstance(recipe, Recipe):
@@ -49,7 +49,7 @@ def plan(model: nn.Module, recipe: Recipe) -> dict[str, Recipe]:
     names = [name for name, _ in model.named_modules() if name]
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     adapter = adapter_for(model)
-    skip = adapter.default_skip if recipe.skip is None else recipe.skip
+    skip = adapter.skip(recipe.quantize_modulation) if recipe.skip is None else recipe.skip
     source = f"the {adapter.name!r} adapter's default skip pattern" if recipe.skip is None else "skip pattern"
     for pattern in skip:
         if not any(fnmatchcase(n, pattern) for n in names):

@@ -2,7 +2,8 @@
 
 A recipe says *what* to do; the method registered for its type (see `registry.py`) says *how*.
 Module selection is by fnmatch patterns over module names (`blocks.*.attn.qkv`). `skip` lists the
-modules that stay in high precision (None: the model's adapter's defaults, see `ditq.adapters`);
+modules that stay in high precision (None: the model's adapter's defaults, see `ditq.adapters`, less the
+adaLN modulation Linears when `quantize_modulation` is set: so a preset fits any model);
 `overrides` changes fields for the modules a pattern matches (later patterns win), given as a mapping
 `{"blocks.0.*": {"w_bits": 8}}` and stored as a tuple of `(pattern, ((field, value), ...))` pairs, so
 a recipe can be a dict key and the caller's dict cannot change it afterwards.
@@ -32,6 +33,7 @@ class Recipe:
 
     method: ClassVar[str] = ""
     skip: tuple[str, ...] | None = None
+    quantize_modulation: bool = False
     overrides: Overrides = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -42,6 +44,10 @@ class Recipe:
     def __post_init__(self) -> None:
         object.__setattr__(self, "skip", _patterns(self.skip))
         object.__setattr__(self, "overrides", _frozen_overrides(self.overrides))
+        _check_type(f"{type(self).__name__}.quantize_modulation", self.quantize_modulation, bool)
+        if self.quantize_modulation and self.skip is not None:
+            raise ValueError("quantize_modulation=True edits the adapter's default skips (skip=None); an explicit "
+                             "skip list says on its own what stays in high precision")
         hints = typing.get_type_hints(type(self))
         for name in self.tunable_fields():
             _check_type(f"{type(self).__name__}.{name}", getattr(self, name), hints[name])
@@ -57,7 +63,7 @@ class Recipe:
 
     @classmethod
     def tunable_fields(cls) -> set[str]:
-        return {f.name for f in fields(cls)} - {"skip", "overrides"}
+        return {f.name for f in fields(cls)} - {"skip", "quantize_modulation", "overrides"}
 
     def quant_spec(self, **changes: Any) -> QuantSpec:
         """The `QuantSpec` made of this recipe's fields that a spec has, with `changes` on top."""

@@ -204,34 +204,26 @@ class FluxAdapter(DiffusersAdapter):
         return inputs
 
 
-# Patterns each match at least one module of their family (a recipe's skip patterns must).
-_DIT_SKIP = ("pos_embed", "transformer_blocks.*.norm1*", "proj_out_1", "proj_out_2")
-_PIXART_SKIP = ("pos_embed", "adaln_single*", "caption_projection*", "proj_out")
-_SD3_SKIP = (
-    "pos_embed",
-    "time_text_embed*",
-    "context_embedder",
-    "transformer_blocks.*.norm1*",
-    "norm_out*",
-    "proj_out",
-)
-_FLUX_SKIP = (
-    "x_embedder",
-    "context_embedder",
-    "time_text_embed*",
-    "transformer_blocks.*.norm1*",
-    "single_transformer_blocks.*.norm",
-    "norm_out*",
-    "proj_out",
-)
+# Patterns each match at least one module of their family (a recipe's skip patterns must); the second
+# tuple names the blocks' adaLN modulation Linears among them (diffusers DiT's norm1 also holds the
+# timestep and class embedders; PixArt's single adaLN is shared by all blocks).
+_DIT_MODULATION = ("transformer_blocks.*.norm1.linear",)
+_DIT_SKIP = ("pos_embed", "transformer_blocks.*.norm1.emb*", *_DIT_MODULATION, "proj_out_1", "proj_out_2")
+_PIXART_MODULATION = ("adaln_single.linear",)
+_PIXART_SKIP = ("pos_embed", "adaln_single.emb*", *_PIXART_MODULATION, "caption_projection*", "proj_out")
+_SD3_MODULATION = ("transformer_blocks.*.norm1*",)
+_SD3_SKIP = ("pos_embed", "time_text_embed*", "context_embedder", *_SD3_MODULATION, "norm_out*", "proj_out")
+_FLUX_MODULATION = ("transformer_blocks.*.norm1*", "single_transformer_blocks.*.norm")
+_FLUX_SKIP = ("x_embedder", "context_embedder", "time_text_embed*", *_FLUX_MODULATION, "norm_out*", "proj_out")
 
 SUPPORTED: dict[str, DiffusersAdapter] = {
     a.class_name: a
     for a in (
-        DiTAdapter("diffusers_dit", _DIT_SKIP, class_name="DiTTransformer2DModel"),
-        PixArtAdapter("diffusers_pixart", _PIXART_SKIP, class_name="PixArtTransformer2DModel"),
-        SD3Adapter("diffusers_sd3", _SD3_SKIP, class_name="SD3Transformer2DModel"),
-        FluxAdapter("diffusers_flux", _FLUX_SKIP, class_name="FluxTransformer2DModel", timestep_scale=1000.0),
+        DiTAdapter("diffusers_dit", _DIT_SKIP, _DIT_MODULATION, class_name="DiTTransformer2DModel"),
+        PixArtAdapter("diffusers_pixart", _PIXART_SKIP, _PIXART_MODULATION, class_name="PixArtTransformer2DModel"),
+        SD3Adapter("diffusers_sd3", _SD3_SKIP, _SD3_MODULATION, class_name="SD3Transformer2DModel"),
+        FluxAdapter("diffusers_flux", _FLUX_SKIP, _FLUX_MODULATION, class_name="FluxTransformer2DModel",
+                    timestep_scale=1000.0),
     )
 }
 for _adapter in SUPPORTED.values():

@@ -48,14 +48,12 @@ from ditq.registry import register_method
 
 __all__ = ["SVDQuant", "GroupResult", "low_rank_branch", "svdquant_group", "svdquant_modules", "svdquant_quantize"]
 
-# Zoo models (DiT, Large-DiT): the paper's skips (embedders, final layer) but the adaLN modulation quantized.
-BLOCKS_AND_ADALN = ("x_embedder*", "t_embedder*", "y_embedder*", "final_layer*")
-
-
 @dataclass(frozen=True, kw_only=True)
 class SVDQuant(Recipe):
     """SVDQuant: smoothing + low-rank branch + 4-bit residual; see the module docstring for each field's role.
 
+    `a_group_size`: "auto" follows the activation format: per token for FP8 (the Hopper kernels' layout),
+    groups of 64 channels for int, nothing without activation quantization (`a_bits=None`).
     `input_groups`: layers that read one input (None: the architecture adapter's groups; generic models: none).
     `search_rows`: calibration rows per group scored in the α search (GPTQ's Hessian uses all of them).
     `svd`: "exact", "randomized" (seeded range finder) or "auto" (randomized when the smaller side > 512).
@@ -66,7 +64,7 @@ class SVDQuant(Recipe):
     group_size: int | None = 64
     a_bits: int | None = 4
     a_format: Literal["int", "fp8"] = "int"
-    a_group_size: int | None = 64
+    a_group_size: int | None | Literal["auto"] = "auto"
     rank: int = 32
     scale_dtype: Literal["float32", "float16"] = "float32"  # "float16": half the scales' bytes
     smooth: bool = True
@@ -103,7 +101,10 @@ class SVDQuant(Recipe):
             seen |= set(group)
 
     def spec(self, input_group: str | None = None) -> QuantSpec:
-        return self.quant_spec(input_group=input_group)
+        a_group_size = self.a_group_size
+        if a_group_size == "auto":
+            a_group_size = 64 if self.a_bits is not None and self.a_format == "int" else None
+        return self.quant_spec(input_group=input_group, a_group_size=a_group_size)
 
 
 # ---- the algorithm for one input group --------------------------------------------------------------
@@ -383,5 +384,6 @@ def _shared_fields(recipe: SVDQuant) -> tuple:
     return tuple(getattr(recipe, f.name) for f in fields(recipe) if f.name not in ("skip", "overrides"))
 
 
-register_preset("svdquant-w4a4", SVDQuant(skip=BLOCKS_AND_ADALN))
-register_preset("svdquant-w4a8", SVDQuant(skip=BLOCKS_AND_ADALN, a_bits=8, a_format="fp8", a_group_size=None))
+# The paper's skips (embedders, final layer) with the adaLN modulation quantized, on any architecture.
+register_preset("svdquant-w4a4", SVDQuant(quantize_modulation=True))
+register_preset("svdquant-w4a8", SVDQuant(quantize_modulation=True, a_bits=8, a_format="fp8"))
