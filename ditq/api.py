@@ -20,7 +20,7 @@ from ditq.methods.rtn import check_rtn, rtn_linear
 from ditq.quant.modules import is_quantized
 from ditq.quant.spec import QuantSpec
 from ditq.recipes import Recipe
-from ditq.registry import method_for
+from ditq.registry import PLAN_CHECKS, method_for
 
 
 def quantize(model: nn.Module, recipe: Recipe, calib: CalibData | None = None) -> nn.Module:
@@ -33,7 +33,7 @@ def quantize(model: nn.Module, recipe: Recipe, calib: CalibData | None = None) -
     if not isinstance(recipe, Recipe):
         raise TypeError(f"recipe must be a ditq recipe (e.g. ditq.RTN(...)), got {type(recipe).__name__}")
     method = method_for(recipe)
-    targets = plan(model, recipe)
+    targets = check_plan(model, recipe)
     built = method(model, targets, calib)
     _check_built(model, targets, built, type(recipe).__name__)
     for name, module in built.items():
@@ -62,6 +62,25 @@ def plan(model: nn.Module, recipe: Recipe) -> dict[str, Recipe]:
     }
     if not targets:
         raise ValueError(f"recipe leaves no Linear to quantize in {type(model).__name__} (skip={skip})")
+    return targets
+
+
+def check_plan(model: nn.Module, recipe: Recipe) -> dict[str, Recipe]:
+    """`plan`, checked as far as it can be without calibration data or weights: a method applies the recipe,
+    every target's spec fits its layer's shape, and the method's own plan check passes. Raises ValueError
+    naming the layer. Reads module names and shapes only, so callers run it before any calibration (and on
+    a skeleton whose weights are not loaded yet)."""
+    method_for(recipe)
+    targets = plan(model, recipe)
+    for name, layer_recipe in targets.items():
+        linear = model.get_submodule(name)
+        try:
+            layer_recipe.spec().check_fits(linear.in_features, linear.out_features)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+    check = PLAN_CHECKS.get(type(recipe))
+    if check is not None:
+        check(model, targets)
     return targets
 
 

@@ -32,6 +32,7 @@ class Recipe:
     """Fields every recipe shares: which modules to leave alone and per-pattern field changes."""
 
     method: ClassVar[str] = ""
+    trained: ClassVar[bool] = False  # quantization-aware training: prepare → train → convert, not `quantize`
     skip: tuple[str, ...] | None = None
     quantize_modulation: bool = False
     overrides: Overrides = ()
@@ -69,6 +70,15 @@ class Recipe:
         """The `QuantSpec` made of this recipe's fields that a spec has, with `changes` on top."""
         names = {f.name for f in fields(QuantSpec)}
         return QuantSpec(**({n: getattr(self, n) for n in names if hasattr(self, n)} | changes))
+
+    def needs_calibration(self) -> bool:
+        """Whether the method reads calibration data (`ditq.calibrate`) for some module, so that callers
+        that cannot calibrate refuse the recipe up front."""
+        return False
+
+    def variants(self) -> list[Recipe]:
+        """The recipe and each override applied on its own: every value a module's recipe can take per field."""
+        return [self, *(replace(self, overrides=(), **dict(changes)) for _, changes in self.overrides)]
 
     def for_module(self, name: str) -> Recipe:
         """The recipe with every override whose pattern matches `name` applied, in order."""
@@ -256,6 +266,9 @@ class RTN(Recipe):
 
     def spec(self) -> QuantSpec:
         return self.quant_spec()
+
+    def needs_calibration(self) -> bool:
+        return any(not r.a_dynamic for r in self.variants())  # static activation scales
 
 
 # The baseline rows every method is compared against (issue 4's table).

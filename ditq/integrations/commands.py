@@ -40,6 +40,7 @@ def pipeline_conditions(args: argparse.Namespace, pipe) -> dict:
 def quantize_pipeline(args: argparse.Namespace) -> None:
     """Calibrate on the pipeline's own denoising loop, quantize its transformer, save the transformer."""
     from ditq import io
+    from ditq.api import check_plan
     from ditq.cli import _load_recipe
     from ditq.integrations.diffusers import calibrate_pipeline, load_pipeline
     from ditq.pipeline import post_training_quantize
@@ -50,6 +51,7 @@ def quantize_pipeline(args: argparse.Namespace) -> None:
     print(
         f"pipeline: {type(pipe).__name__} from {args.pipeline}; transformer {type(pipe.transformer).__name__}"
     )
+    check_plan(pipe.transformer, recipe)  # a recipe that cannot apply costs no calibration
     calib = calibrate_pipeline(pipe, steps=args.calib_steps, seed=args.seed + 1, progress=True, **conditions)
     result = post_training_quantize(pipe.transformer, recipe, calib=calib)
     io.save(
