@@ -30,3 +30,30 @@ def test_a_config_field_the_installed_diffusers_lacks_names_the_writing_version(
         adapter.build({**config, "new_field": 1})
     with pytest.raises(ValueError, match=r"\['new_field'\]; the file was written with diffusers 9\.0\.0"):
         adapter.build({**config, "new_field": 1, "_diffusers_version": "9.0.0"})
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ("svdquant-w4a4", r"'svdquant-w4a4' needs calibration data.*calibrate_pipeline"),
+    ("qdit-w4a8", r"'qdit-w4a8' needs calibration data.*calibrate_pipeline"),  # GPTQ reads layer inputs
+    ({"method": "rtn", "a_dynamic": False}, "needs calibration data"),  # static activation scales
+    ({"method": "rtn", "overrides": {"proj_out": {"a_dynamic": False}}}, "needs calibration data"),
+    ("terdit", "QAT recipes are trained, not applied to a model: use `ditq train"),
+])
+def test_recipes_that_need_calibration_or_training_are_refused_when_the_config_is_made(recipe, message):
+    with pytest.raises(ValueError, match=message):
+        DitqConfig(recipe)
+
+
+def refuse_weights(*args, **kwargs):
+    raise AssertionError("the weights were loaded before the recipe was checked against the model")
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ({"method": "rtn", "w_bits": 4, "group_size": 48}, "group_size=48 does not divide in_features=32"),
+    ({"method": "rtn", "skip": ["x_embedder*"]}, "skip pattern 'x_embedder\\*' matches no module"),
+])
+def test_the_recipe_is_checked_against_the_skeleton_before_the_weights_load(tmp_path, monkeypatch, recipe, message):
+    make_transformer("DiTTransformer2DModel").save_pretrained(tmp_path)
+    monkeypatch.setattr(diffusers.ModelMixin, "_load_pretrained_model", classmethod(refuse_weights))
+    with pytest.raises(ValueError, match=message):
+        diffusers.DiTTransformer2DModel.from_pretrained(tmp_path, quantization_config=DitqConfig(recipe))
