@@ -63,7 +63,8 @@ def quantize_pipeline(args: argparse.Namespace) -> None:
     on_disk = os.path.getsize(args.out)
     print(
         f"{len(result.layers)} layers quantized; size: FP16 {result.fp16_size_bytes:,} B → {on_disk:,} B on disk "
-        f"({result.fp16_size_bytes / on_disk:.2f}×); saved {args.out}"
+        f"({result.fp16_size_bytes / on_disk:.2f}×), floats stored as "
+        f"{io.float_storage(result.model, result.float_dtype)}; saved {args.out}"
     )
     if args.report is not None:
         from ditq.atomic import write_text
