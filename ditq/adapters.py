@@ -1,10 +1,11 @@
 """Architecture adapters: what ditq must know about a model family to save, calibrate and quantize it.
 
 An adapter says how to rebuild the skeleton from a JSON config, which modules stay in high precision by
-default (and which of those are the adaLN modulation, which some methods quantize), how to drive the model on inputs (calibration, evaluation) and which Linears read the same input
-(SVDQuant shares one smoothing vector, one activation quantizer and one low-rank down-projection across
-such a group). Zoo models (DiT, Large-DiT) are recognised by class; any other `nn.Module` gets "generic",
-which skips nothing and needs the caller's `run(model)` to see inputs.
+default (and which of those are the adaLN modulation, which some methods quantize), how to drive the model
+on inputs (calibration, evaluation) and which Linears read the same input (SVDQuant shares one smoothing
+vector, one activation quantizer and one low-rank down-projection across such a group). Zoo models (DiT,
+Large-DiT) are recognised by class; any other `nn.Module` gets "generic", which skips nothing and needs the
+caller's `run(model)` to see inputs.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ RunFn = Callable[[nn.Module], Any]
 
 # Embedders, the final layer and the adaLN modulation stay in high precision unless a recipe says otherwise
 # (SPEC §2; Q-DiT only touches the transformer blocks' attention and MLP linears). DiT and Large-DiT share
-# these module names (large_dit.py's docstring lists them). The final layer's modulation stays with the final layer.
+# these module names (large_dit.py's docstring lists them). The final layer's modulation stays with the final
+# layer.
 _ZOO_MODULATION: tuple[str, ...] = ("*adaLN_modulation*",)
 _ZOO_SKIP: tuple[str, ...] = ("x_embedder*", "t_embedder*", "y_embedder*", "final_layer*", *_ZOO_MODULATION)
 

@@ -27,8 +27,9 @@ def quantize(model: nn.Module, recipe: Recipe, calib: CalibData | None = None) -
     """Quantize `model` in place with `recipe` and return it; on any error the model is unchanged.
 
     Every `nn.Linear` not matched by the recipe's skip patterns (None: the architecture's defaults, see
-    `ditq.adapters`; `quantize_modulation` takes its adaLN modulation out of them) is handed to the method, each with its own recipe (overrides applied). Raises
-    `ValueError` for a pattern that matches nothing, or when nothing is left to quantize.
+    `ditq.adapters`; `quantize_modulation` takes its adaLN modulation out of them) is handed to the method,
+    each with its own recipe (overrides applied). Raises `ValueError` for a pattern that matches nothing, or
+    when nothing is left to quantize.
     """
     if not isinstance(recipe, Recipe):
         raise TypeError(f"recipe must be a ditq recipe (e.g. ditq.RTN(...)), got {type(recipe).__name__}")

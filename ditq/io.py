@@ -14,7 +14,7 @@ tensor is allocated twice.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,10 +28,11 @@ from ditq.fileformat import read_header as _read_header
 from ditq.quant.modules import QUANT_MODULES, is_quantized, quant_module_entries, swap_in
 from ditq.quant.qlinear import _FLOAT32_BUFFERS, INPUT_GROUP_BUFFERS, QuantLinear
 
-__all__ = ["CheckpointError", "float_storage", "load", "model_size_bytes", "read_header", "save", "stored_tensors"]
+__all__ = ["CheckpointError", "float_storage", "load", "model_size_bytes", "read_header", "save",
+           "stored_tensors"]
 
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-WIDE_FLOAT_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # what a default save may narrow to 16 bits
+WIDE_FLOAT_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # what a default save may narrow
 GROUP_PREFIX = "input_groups."
 
 
@@ -165,9 +166,9 @@ def _storage_plan(model: nn.Module, float_dtype: torch.dtype | None) -> _Storage
     tensors = {k: t.detach() for k, t in model.state_dict().items()}
     load_floats_as = None
     if float_dtype is None:
-        float_dtype = _lossless_16bit(t for k, t in tensors.items() if t.is_floating_point() and k not in keep32)
-        if float_dtype is not None:
-            load_floats_as = next(t.dtype for k, t in tensors.items() if t.is_floating_point() and k not in keep32)
+        floats = [t for k, t in tensors.items() if t.is_floating_point() and k not in keep32]
+        float_dtype = _lossless_16bit(floats)
+        load_floats_as = None if float_dtype is None else floats[0].dtype
     dtypes = {k: float_dtype if float_dtype is not None and t.is_floating_point() and k not in keep32 else t.dtype
               for k, t in tensors.items()}
     groups: dict[str, list[str]] = {}
@@ -190,10 +191,9 @@ def _storage_plan(model: nn.Module, float_dtype: torch.dtype | None) -> _Storage
     return _StoragePlan(tensors, dtypes, groups, keep32, load_floats_as)
 
 
-def _lossless_16bit(floats: Iterable[torch.Tensor]) -> torch.dtype | None:
+def _lossless_16bit(floats: list[torch.Tensor]) -> torch.dtype | None:
     """float16, else bfloat16, when the tensors share one dtype wider than 16 bits and every value survives
     the round trip through it; None otherwise. Stops at the first tensor that does not fit."""
-    floats = list(floats)
     dtypes = {t.dtype for t in floats}
     if len(dtypes) != 1 or dtypes.pop().itemsize <= 2:
         return None

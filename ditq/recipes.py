@@ -32,7 +32,7 @@ class Recipe:
     """Fields every recipe shares: which modules to leave alone and per-pattern field changes."""
 
     method: ClassVar[str] = ""
-    trained: ClassVar[bool] = False  # quantization-aware training: prepare → train → convert, not `quantize`
+    trained: ClassVar[bool] = False  # QAT: prepare → train → convert, never `quantize`
     skip: tuple[str, ...] | None = None
     quantize_modulation: bool = False
     overrides: Overrides = ()
@@ -77,7 +77,7 @@ class Recipe:
         return False
 
     def variants(self) -> list[Recipe]:
-        """The recipe and each override applied on its own: every value a module's recipe can take per field."""
+        """The recipe and each override applied on its own: every value a module's recipe may take per field."""
         return [self, *(replace(self, overrides=(), **dict(changes)) for _, changes in self.overrides)]
 
     def for_module(self, name: str) -> Recipe:

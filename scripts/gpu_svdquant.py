@@ -119,7 +119,8 @@ def table(args: argparse.Namespace) -> None:
             start = time.perf_counter()
             model = shallow_clone(fp)
             if isinstance(recipe, SVDQuant):  # one state dir per recipe-without-skip: blocks-only rows reuse units
-                unit_settings = {k: v for k, v in recipe.to_dict().items() if k not in ("skip", "quantize_modulation")}
+                selection = ("skip", "quantize_modulation")
+                unit_settings = {k: v for k, v in recipe.to_dict().items() if k not in selection}
                 key = json.dumps(unit_settings, sort_keys=True)
                 state = state_root / hashlib.sha256(key.encode()).hexdigest()[:16]
                 chosen = svdquant_quantize(model, recipe, calib, state_dir=state, progress=False)

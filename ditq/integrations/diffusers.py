@@ -214,13 +214,15 @@ _PIXART_SKIP = ("pos_embed", "adaln_single.emb*", *_PIXART_MODULATION, "caption_
 _SD3_MODULATION = ("transformer_blocks.*.norm1*",)
 _SD3_SKIP = ("pos_embed", "time_text_embed*", "context_embedder", *_SD3_MODULATION, "norm_out*", "proj_out")
 _FLUX_MODULATION = ("transformer_blocks.*.norm1*", "single_transformer_blocks.*.norm")
-_FLUX_SKIP = ("x_embedder", "context_embedder", "time_text_embed*", *_FLUX_MODULATION, "norm_out*", "proj_out")
+_FLUX_SKIP = ("x_embedder", "context_embedder", "time_text_embed*", *_FLUX_MODULATION, "norm_out*",
+              "proj_out")
 
 SUPPORTED: dict[str, DiffusersAdapter] = {
     a.class_name: a
     for a in (
         DiTAdapter("diffusers_dit", _DIT_SKIP, _DIT_MODULATION, class_name="DiTTransformer2DModel"),
-        PixArtAdapter("diffusers_pixart", _PIXART_SKIP, _PIXART_MODULATION, class_name="PixArtTransformer2DModel"),
+        PixArtAdapter("diffusers_pixart", _PIXART_SKIP, _PIXART_MODULATION,
+                      class_name="PixArtTransformer2DModel"),
         SD3Adapter("diffusers_sd3", _SD3_SKIP, _SD3_MODULATION, class_name="SD3Transformer2DModel"),
         FluxAdapter("diffusers_flux", _FLUX_SKIP, _FLUX_MODULATION, class_name="FluxTransformer2DModel",
                     timestep_scale=1000.0),

@@ -10,9 +10,9 @@ read from (`TESTED_VERSIONS`); any other version gets an ImportError saying so, 
 quantizer. The recipe is applied once the FP weights are loaded, so only recipes that need no calibration
 fit here (RTN presets and recipe files): `DitqConfig` refuses the others when it is made, naming the way
 that fits (calibrated methods: `calibrate_pipeline` + `ditq.quantize`; QAT: `ditq train`). Skip patterns
-and group sizes are checked against the model's skeleton before its weights are loaded. Quantized models are saved with `ditq.save` and loaded with
-`ditq.load`: diffusers' `save_pretrained` would write no quantized layout, so the quantizer declares
-itself not serialisable and diffusers refuses that save.
+and group sizes are checked against the model's skeleton before its weights are loaded. Quantized models
+are saved with `ditq.save` and loaded with `ditq.load`: diffusers' `save_pretrained` would write no
+quantized layout, so the quantizer declares itself not serialisable and diffusers refuses that save.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class DitqQuantizer(DiffusersQuantizer):
             )
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        check_plan(model, load_recipe(self.quantization_config.recipe))  # skips and group sizes, on the skeleton
+        check_plan(model, load_recipe(self.quantization_config.recipe))  # names and shapes: no weights yet
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:

@@ -48,6 +48,7 @@ from ditq.registry import register_method
 
 __all__ = ["SVDQuant", "GroupResult", "low_rank_branch", "svdquant_group", "svdquant_modules", "svdquant_quantize"]
 
+
 @dataclass(frozen=True, kw_only=True)
 class SVDQuant(Recipe):
     """SVDQuant: smoothing + low-rank branch + 4-bit residual; see the module docstring for each field's role.
@@ -316,8 +317,8 @@ def svdquant_quantize(
     directory); quantizes `model` in place once every module is built. Returns what each layer's search chose."""
     if not isinstance(recipe, SVDQuant):
         raise TypeError(f"svdquant_quantize takes an SVDQuant recipe, got {type(recipe).__name__}")
-    built, report = svdquant_modules(model, check_plan(model, recipe), calib, device=device, state_dir=state_dir,
-                                     progress=progress)
+    built, report = svdquant_modules(model, check_plan(model, recipe), calib, device=device,
+                                     state_dir=state_dir, progress=progress)
     for name, module in built.items():
         model.set_submodule(name, module)
     model.ditq_recipe = recipe.to_dict()
