@@ -263,6 +263,8 @@ class RTN(Recipe):
             raise ValueError("a_dynamic=False (static activation scales) needs a_bits")
         if not self.a_dynamic and not self.a_symmetric:
             raise ValueError("a_dynamic=False supports symmetric activations only (a_symmetric=True)")
+        if self.clip_search and self.w_format == "ternary":
+            raise ValueError("clip_search does not apply to ternary (absmean) weights")
 
     def spec(self) -> QuantSpec:
         return self.quant_spec()

@@ -66,3 +66,10 @@ def test_check_plan_returns_the_plan_and_reads_no_weights():
     assert "blocks.0.adaLN_modulation.1" in targets and "final_layer.linear" not in targets
     with pytest.raises(ValueError, match="blocks.0.attn.qkv: group_size=96 does not divide"):
         check_plan(model, ditq.RTN(w_bits=4, group_size=96))
+
+
+def test_a_recipe_that_contradicts_itself_is_refused_when_it_is_made():
+    with pytest.raises(ValueError, match="clip_search does not apply to ternary"):
+        ditq.RTN(w_format="ternary", w_bits=2, clip_search=True)
+    with pytest.raises(ValueError, match="clip_search does not apply to ternary"):  # one layer's override
+        ditq.RTN(w_format="ternary", w_bits=2, overrides={"blocks.0.*": {"clip_search": True}})
