@@ -1,10 +1,11 @@
 """Architecture adapters: what ditq must know about a model family to save, calibrate and quantize it.
 
 An adapter says how to rebuild the skeleton from a JSON config, which modules stay in high precision by
-default, how to drive the model on inputs (calibration, evaluation) and which Linears read the same input
-(SVDQuant shares one smoothing vector, one activation quantizer and one low-rank down-projection across
-such a group). Zoo models (DiT, Large-DiT) are recognised by class; any other `nn.Module` gets "generic",
-which skips nothing and needs the caller's `run(model)` to see inputs.
+default (and which of those are the adaLN modulation, which some methods quantize), how to drive the model
+on inputs (calibration, evaluation) and which Linears read the same input (SVDQuant shares one smoothing
+vector, one activation quantizer and one low-rank down-projection across such a group). Zoo models (DiT,
+Large-DiT) are recognised by class; any other `nn.Module` gets "generic", which skips nothing and needs the
+caller's `run(model)` to see inputs.
 """
 
 from __future__ import annotations
@@ -25,22 +26,34 @@ RunFn = Callable[[nn.Module], Any]
 
 # Embedders, the final layer and the adaLN modulation stay in high precision unless a recipe says otherwise
 # (SPEC §2; Q-DiT only touches the transformer blocks' attention and MLP linears). DiT and Large-DiT share
-# these module names (large_dit.py's docstring lists them).
-_ZOO_SKIP: tuple[str, ...] = (
-    "x_embedder*",
-    "t_embedder*",
-    "y_embedder*",
-    "final_layer*",
-    "*adaLN_modulation*",
-)
+# these module names (large_dit.py's docstring lists them). The final layer's modulation stays with the final
+# layer.
+_ZOO_MODULATION: tuple[str, ...] = ("*adaLN_modulation*",)
+_ZOO_SKIP: tuple[str, ...] = ("x_embedder*", "t_embedder*", "y_embedder*", "final_layer*", *_ZOO_MODULATION)
 
 
 @dataclass(frozen=True)
 class Adapter:
-    """The generic adapter; zoo families subclass it. `name` is what a checkpoint stores as its "arch"."""
+    """The generic adapter; zoo families subclass it. `name` is what a checkpoint stores as its "arch".
+
+    `default_skip`: the patterns of the modules that stay in high precision unless a recipe lists its own;
+    `modulation`: those of them that name the blocks' adaLN modulation Linears, which a recipe with
+    `quantize_modulation=True` quantizes (SVDQuant and TerDiT do)."""
 
     name: str
     default_skip: tuple[str, ...] = ()
+    modulation: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        stray = sorted(set(self.modulation) - set(self.default_skip))
+        if stray:
+            raise ValueError(f"adapter {self.name!r}: modulation patterns {stray} are not default skips")
+
+    def skip(self, quantize_modulation: bool = False) -> tuple[str, ...]:
+        """The default skip patterns, without the modulation's when it is to be quantized."""
+        if not quantize_modulation:
+            return self.default_skip
+        return tuple(p for p in self.default_skip if p not in self.modulation)
 
     def handles(self, model: nn.Module) -> bool:
         return False
@@ -136,8 +149,9 @@ def register_adapter(adapter: Adapter) -> Adapter:
 
 
 GENERIC = register_adapter(Adapter("generic"))
-register_adapter(ZooAdapter("dit", _ZOO_SKIP, model_class=DiT))
-register_adapter(ZooAdapter("large_dit", _ZOO_SKIP, model_class=LargeDiT, block_groups=(("mlp.w1", "mlp.w3"),)))
+register_adapter(ZooAdapter("dit", _ZOO_SKIP, _ZOO_MODULATION, model_class=DiT))
+register_adapter(ZooAdapter("large_dit", _ZOO_SKIP, _ZOO_MODULATION, model_class=LargeDiT,
+                            block_groups=(("mlp.w1", "mlp.w3"),)))
 
 
 def adapter_for(model: nn.Module) -> Adapter:

@@ -20,20 +20,21 @@ from ditq.methods.rtn import check_rtn, rtn_linear
 from ditq.quant.modules import is_quantized
 from ditq.quant.spec import QuantSpec
 from ditq.recipes import Recipe
-from ditq.registry import method_for
+from ditq.registry import PLAN_CHECKS, method_for
 
 
 def quantize(model: nn.Module, recipe: Recipe, calib: CalibData | None = None) -> nn.Module:
     """Quantize `model` in place with `recipe` and return it; on any error the model is unchanged.
 
     Every `nn.Linear` not matched by the recipe's skip patterns (None: the architecture's defaults, see
-    `ditq.adapters`) is handed to the method, each with its own recipe (overrides applied). Raises
-    `ValueError` for a pattern that matches nothing, or when nothing is left to quantize.
+    `ditq.adapters`; `quantize_modulation` takes its adaLN modulation out of them) is handed to the method,
+    each with its own recipe (overrides applied). Raises `ValueError` for a pattern that matches nothing, or
+    when nothing is left to quantize.
     """
     if not isinstance(recipe, Recipe):
         raise TypeError(f"recipe must be a ditq recipe (e.g. ditq.RTN(...)), got {type(recipe).__name__}")
     method = method_for(recipe)
-    targets = plan(model, recipe)
+    targets = check_plan(model, recipe)
     built = method(model, targets, calib)
     _check_built(model, targets, built, type(recipe).__name__)
     for name, module in built.items():
@@ -49,7 +50,7 @@ def plan(model: nn.Module, recipe: Recipe) -> dict[str, Recipe]:
     names = [name for name, _ in model.named_modules() if name]
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     adapter = adapter_for(model)
-    skip = adapter.default_skip if recipe.skip is None else recipe.skip
+    skip = adapter.skip(recipe.quantize_modulation) if recipe.skip is None else recipe.skip
     source = f"the {adapter.name!r} adapter's default skip pattern" if recipe.skip is None else "skip pattern"
     for pattern in skip:
         if not any(fnmatchcase(n, pattern) for n in names):
@@ -62,6 +63,25 @@ def plan(model: nn.Module, recipe: Recipe) -> dict[str, Recipe]:
     }
     if not targets:
         raise ValueError(f"recipe leaves no Linear to quantize in {type(model).__name__} (skip={skip})")
+    return targets
+
+
+def check_plan(model: nn.Module, recipe: Recipe) -> dict[str, Recipe]:
+    """`plan`, checked as far as it can be without calibration data or weights: a method applies the recipe,
+    every target's spec fits its layer's shape, and the method's own plan check passes. Raises ValueError
+    naming the layer. Reads module names and shapes only, so callers run it before any calibration (and on
+    a skeleton whose weights are not loaded yet)."""
+    method_for(recipe)
+    targets = plan(model, recipe)
+    for name, layer_recipe in targets.items():
+        linear = model.get_submodule(name)
+        try:
+            layer_recipe.spec().check_fits(linear.in_features, linear.out_features)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+    check = PLAN_CHECKS.get(type(recipe))
+    if check is not None:
+        check(model, targets)
     return targets
 
 

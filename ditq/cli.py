@@ -242,7 +242,8 @@ def _quantize(args: argparse.Namespace) -> None:
               f"weight err {row['weight_rel_err']:.4f}  output err {row['output_rel_err']:.4f}  "
               f"SQNR {row['sqnr_db']:.1f} dB")
     print(f"size: FP16 {result.fp16_size_bytes:,} B → {on_disk:,} B on disk "
-          f"({result.fp16_size_bytes / on_disk:.2f}×); saved {args.out}")
+          f"({result.fp16_size_bytes / on_disk:.2f}×), floats stored as "
+          f"{io.float_storage(result.model, result.float_dtype)}; saved {args.out}")
     if args.report is not None:
         report = {"model": source, "checkpoint": str(args.out), "file_bytes": on_disk, **result.report()}
         try:

@@ -2,7 +2,8 @@
 
 The header (written by `ditq.fileformat`, which hashes tensors and header alike) names the model's
 architecture and config when an adapter can rebuild it (zoo models), every quantized module's kind and
-entry (`ditq.quant.modules`), the input groups, the recipe, the float storage dtype and free `info`.
+entry (`ditq.quant.modules`), the input groups, the recipe, `load_floats_as` (the dtype that floats a
+default save narrowed losslessly to 16 bits load back in) and free `info`.
 Tensors that the layers of one input group share are stored once, under `input_groups.<id>.<buffer>`.
 
 Loading builds the skeleton on the meta device (or takes the caller's `model=` for models no adapter can
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,11 @@ from ditq.fileformat import read_header as _read_header
 from ditq.quant.modules import QUANT_MODULES, is_quantized, quant_module_entries, swap_in
 from ditq.quant.qlinear import _FLOAT32_BUFFERS, INPUT_GROUP_BUFFERS, QuantLinear
 
-__all__ = ["CheckpointError", "load", "model_size_bytes", "read_header", "save", "stored_tensors"]
+__all__ = ["CheckpointError", "float_storage", "load", "model_size_bytes", "read_header", "save",
+           "stored_tensors"]
 
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+WIDE_FLOAT_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # what a default save may narrow
 GROUP_PREFIX = "input_groups."
 
 
@@ -36,9 +40,13 @@ def save(model: nn.Module, path: str | os.PathLike, *, info: Mapping[str, Any] |
          float_dtype: torch.dtype | None = None) -> Path:
     """Write `model` to `path` atomically and return the path.
 
-    Floats are stored in `float_dtype` (default: as they are in memory), except the quantization format's
-    own float32 buffers (scales, smoothing vectors, static activation scales). `info` is free JSON data
-    (provenance). Everything is checked before the file is written: the old file stays on any error.
+    Floats (all but the quantization format's own float32 buffers: scales, smoothing vectors, static
+    activation scales) are stored in `float_dtype` and load back in it. By default (None) they are stored as
+    small as they go without loss: when they share one dtype wider than 16 bits and every value is a float16
+    value (else a bfloat16 one), in that 16-bit dtype, and they load back in their own dtype, bit-identical
+    (a float32 model whose weights came from a 16-bit release takes half the bytes); otherwise as they are.
+    `info` is free JSON data (provenance). Everything is checked before the file is written: the old file
+    stays on any error.
     """
     path = Path(path)
     if float_dtype is not None and float_dtype not in FLOAT_DTYPES.values():
@@ -46,12 +54,15 @@ def save(model: nn.Module, path: str | os.PathLike, *, info: Mapping[str, Any] |
     if info is not None and not isinstance(info, Mapping):
         raise TypeError(f"info must be a mapping of JSON data, got {type(info).__name__}")
     adapter = adapter_for(model)
-    tensors, groups = stored_tensors(model, float_dtype)
+    plan = _storage_plan(model, float_dtype)
+    tensors = {k: t.to(plan.dtypes[k]) for k, t in plan.tensors.items()}
+    groups = plan.groups
     header = {
         "model": {"arch": adapter.name, "config": adapter.config(model)},
         "modules": quant_module_entries(model),
         "input_groups": groups,
         "recipe": getattr(model, "ditq_recipe", None),
+        "load_floats_as": None if plan.load_floats_as is None else _dtype_name(plan.load_floats_as),
         "info": dict(info or {}),
     }
     if header["model"]["config"] is not None:  # the file must rebuild what was saved, before it is written
@@ -83,7 +94,8 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, model: 
     try:
         _check_fits(skeleton, tensors, groups, path)
         try:
-            skeleton.load_state_dict(_expand_groups(tensors, groups), assign=True)
+            skeleton.load_state_dict(_widen_floats(skeleton, _expand_groups(tensors, groups), header, path),
+                                     assign=True)
         except RuntimeError as err:
             reason = " ".join(str(err).split())  # torch's message spans lines
             raise CheckpointError(f"{path}: the tensors do not load into the model: {reason}") from err
@@ -109,26 +121,54 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, model: 
 def stored_tensors(model: nn.Module, float_dtype: torch.dtype | None = None
                    ) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
     """(tensors as a checkpoint stores them, input group id → member names); shared tensors once."""
-    tensors, dtypes, groups = _storage_plan(model, float_dtype)
-    return {k: t.to(dtypes[k]) for k, t in tensors.items()}, groups
+    plan = _storage_plan(model, float_dtype)
+    return {k: t.to(plan.dtypes[k]) for k, t in plan.tensors.items()}, plan.groups
 
 
 def model_size_bytes(model: nn.Module, float_dtype: torch.dtype | None = None) -> int:
     """Bytes of the tensors `save(model, float_dtype=...)` writes (the header's few kB not counted).
 
     Counted from the storage plan, without casting (a copy of every weight) just to measure it."""
-    tensors, dtypes, _ = _storage_plan(model, float_dtype)
-    return sum(t.numel() * dtypes[k].itemsize for k, t in tensors.items())
+    plan = _storage_plan(model, float_dtype)
+    return sum(t.numel() * plan.dtypes[k].itemsize for k, t in plan.tensors.items())
+
+
+def float_storage(model: nn.Module, float_dtype: torch.dtype | None = None) -> str:
+    """How `save(model, float_dtype=...)` stores the model's floats, in words: "float16 (exact)",
+    "float16 (rounded from float32)", "float32 (as in memory)"."""
+    plan = _storage_plan(model, float_dtype)
+    floats = {k: t for k, t in plan.tensors.items() if t.is_floating_point() and k not in plan.format_keys}
+    stored = sorted({_dtype_name(plan.dtypes[k]) for k in floats})
+    held = sorted({_dtype_name(t.dtype) for t in floats.values()})
+    if stored == held:
+        return f"{', '.join(stored) or 'none'} (as in memory)"
+    exact = all(_round_trips(t, plan.dtypes[k]) for k, t in floats.items())
+    return f"{', '.join(stored)} ({'exact' if exact else 'rounded from ' + ', '.join(held)})"
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
 
 
-def _storage_plan(model: nn.Module, float_dtype: torch.dtype | None
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.dtype], dict[str, list[str]]]:
-    """(uncast tensors by stored key, each key's stored dtype, input groups): what `save` writes."""
+@dataclass(frozen=True)
+class _StoragePlan:
+    """What `save` writes: uncast tensors by stored key, each key's stored dtype, the input groups, the keys
+    of the format's own float buffers, and the dtype narrowed floats load back in (None: as stored)."""
+
+    tensors: dict[str, torch.Tensor]
+    dtypes: dict[str, torch.dtype]
+    groups: dict[str, list[str]]
+    format_keys: set[str]
+    load_floats_as: torch.dtype | None
+
+
+def _storage_plan(model: nn.Module, float_dtype: torch.dtype | None) -> _StoragePlan:
     keep32 = _format_float_keys(model)
     tensors = {k: t.detach() for k, t in model.state_dict().items()}
+    load_floats_as = None
+    if float_dtype is None:
+        floats = [t for k, t in tensors.items() if t.is_floating_point() and k not in keep32]
+        float_dtype = _lossless_16bit(floats)
+        load_floats_as = None if float_dtype is None else floats[0].dtype
     dtypes = {k: float_dtype if float_dtype is not None and t.is_floating_point() and k not in keep32 else t.dtype
               for k, t in tensors.items()}
     groups: dict[str, list[str]] = {}
@@ -146,7 +186,43 @@ def _storage_plan(model: nn.Module, float_dtype: torch.dtype | None
             tensors[shared], dtypes[shared] = tensors[keys[0]], dtypes[keys[0]]
             for k in keys:
                 del tensors[k], dtypes[k]
-    return tensors, dtypes, groups
+            if f"{members[0]}.{buffer}" in keep32:
+                keep32.add(shared)
+    return _StoragePlan(tensors, dtypes, groups, keep32, load_floats_as)
+
+
+def _lossless_16bit(floats: list[torch.Tensor]) -> torch.dtype | None:
+    """float16, else bfloat16, when the tensors share one dtype wider than 16 bits and every value survives
+    the round trip through it; None otherwise. Stops at the first tensor that does not fit."""
+    dtypes = {t.dtype for t in floats}
+    if len(dtypes) != 1 or dtypes.pop().itemsize <= 2:
+        return None
+    for narrow in (torch.float16, torch.bfloat16):
+        if all(_round_trips(t, narrow) for t in floats):
+            return narrow
+    return None
+
+
+def _round_trips(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    return t.dtype == dtype or torch.equal(t.to(dtype).to(t.dtype), t)
+
+
+def _widen_floats(model: nn.Module, tensors: dict[str, torch.Tensor], header: Mapping[str, Any], path: Path
+                  ) -> dict[str, torch.Tensor]:
+    """The floats a default `save` narrowed losslessly, back in the dtype they were saved from."""
+    name = header.get("load_floats_as")
+    if name is None:
+        return tensors
+    if name not in WIDE_FLOAT_DTYPES:
+        raise CheckpointError(f"{path}: header field 'load_floats_as' must be one of {list(WIDE_FLOAT_DTYPES)} "
+                              f"or null, got {name!r}")
+    dtype = WIDE_FLOAT_DTYPES[name]
+    keep = _format_float_keys(model)
+    return {k: t.to(dtype) if t.is_floating_point() and k not in keep else t for k, t in tensors.items()}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _format_float_keys(model: nn.Module) -> set[str]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ditq.api import plan, quantize, shallow_clone
+from ditq.api import check_plan, quantize, shallow_clone
 from ditq.calib import CalibData, calibrate
 from ditq.checks import check_counts
 from ditq.eval.layers import layer_errors
@@ -73,13 +73,15 @@ def post_training_quantize(
 ) -> PTQResult:
     """Calibrate `fp_model` (unless `calib` is given), quantize a copy with `recipe`, measure it.
 
-    `fp_model` is left untouched. The recipe's plan (patterns, an already quantized model) is checked
-    before the calibration, so a mistake costs no sampling time. Pass `calib` to quantize one FP model
-    with several recipes from the same calibration data. Sizes count the high-precision layers in
-    `float_dtype` (16-bit by default, the precision DiTs ship in); save with the same `float_dtype`.
+    `fp_model` is left untouched. The recipe's plan (`ditq.api.check_plan`: patterns, group sizes against
+    each layer, the method's own checks, an already quantized model) is checked before the calibration, so
+    a mistake costs no sampling time. Pass `calib` to quantize one FP model with several recipes from the
+    same calibration data (check the plan first, as here, if you calibrate yourself). Sizes count the
+    high-precision layers in `float_dtype` (16-bit by default, the precision DiTs ship in); save with the
+    same `float_dtype`.
     """
     settings = settings or CalibSettings()
-    _check_shapes(fp_model, plan(fp_model, recipe))
+    check_plan(fp_model, recipe)
     if calib is None:
         calib = calibrate(fp_model, n_samples=settings.samples, steps=settings.steps, seed=settings.seed,
                           progress=progress)
@@ -94,17 +96,3 @@ def post_training_quantize(
         fp16_size_bytes=model_size_bytes(fp_model, torch.float16),
         quant_size_bytes=model_size_bytes(quant_model, float_dtype),
     )
-
-
-def _check_shapes(fp_model: nn.Module, targets: dict[str, Recipe]) -> None:
-    """Each target's spec against its layer's shape, naming the layer: a group size that does not divide
-    one layer costs no sampling time. Recipes without a single `spec()` are checked by their method."""
-    for name, recipe in targets.items():
-        spec = getattr(recipe, "spec", None)
-        if spec is None:
-            continue
-        linear = fp_model.get_submodule(name)
-        try:
-            spec().check_fits(linear.in_features, linear.out_features)
-        except ValueError as err:
-            raise ValueError(f"layer {name!r}: {err}") from None

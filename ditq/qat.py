@@ -34,6 +34,7 @@ class QAT(Recipe):
     a learnable scale, and the nested bit-widths one set of stored codes is trained to serve."""
 
     method: ClassVar[str] = "qat"
+    trained: ClassVar[bool] = True
     w_bits: int = 4  # the served bit-width (2 for ternary)
     w_format: Literal["int", "ternary"] = "int"
     group_size: int | None = None

@@ -2,7 +2,8 @@
 
 A recipe says *what* to do; the method registered for its type (see `registry.py`) says *how*.
 Module selection is by fnmatch patterns over module names (`blocks.*.attn.qkv`). `skip` lists the
-modules that stay in high precision (None: the model's adapter's defaults, see `ditq.adapters`);
+modules that stay in high precision (None: the model's adapter's defaults, see `ditq.adapters`, less the
+adaLN modulation Linears when `quantize_modulation` is set: so a preset fits any model);
 `overrides` changes fields for the modules a pattern matches (later patterns win), given as a mapping
 `{"blocks.0.*": {"w_bits": 8}}` and stored as a tuple of `(pattern, ((field, value), ...))` pairs, so
 a recipe can be a dict key and the caller's dict cannot change it afterwards.
@@ -31,7 +32,9 @@ class Recipe:
     """Fields every recipe shares: which modules to leave alone and per-pattern field changes."""
 
     method: ClassVar[str] = ""
+    trained: ClassVar[bool] = False  # QAT: prepare → train → convert, never `quantize`
     skip: tuple[str, ...] | None = None
+    quantize_modulation: bool = False
     overrides: Overrides = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -42,6 +45,10 @@ class Recipe:
     def __post_init__(self) -> None:
         object.__setattr__(self, "skip", _patterns(self.skip))
         object.__setattr__(self, "overrides", _frozen_overrides(self.overrides))
+        _check_type(f"{type(self).__name__}.quantize_modulation", self.quantize_modulation, bool)
+        if self.quantize_modulation and self.skip is not None:
+            raise ValueError("quantize_modulation=True edits the adapter's default skips (skip=None); an explicit "
+                             "skip list says on its own what stays in high precision")
         hints = typing.get_type_hints(type(self))
         for name in self.tunable_fields():
             _check_type(f"{type(self).__name__}.{name}", getattr(self, name), hints[name])
@@ -57,12 +64,21 @@ class Recipe:
 
     @classmethod
     def tunable_fields(cls) -> set[str]:
-        return {f.name for f in fields(cls)} - {"skip", "overrides"}
+        return {f.name for f in fields(cls)} - {"skip", "quantize_modulation", "overrides"}
 
     def quant_spec(self, **changes: Any) -> QuantSpec:
         """The `QuantSpec` made of this recipe's fields that a spec has, with `changes` on top."""
         names = {f.name for f in fields(QuantSpec)}
         return QuantSpec(**({n: getattr(self, n) for n in names if hasattr(self, n)} | changes))
+
+    def needs_calibration(self) -> bool:
+        """Whether the method reads calibration data (`ditq.calibrate`) for some module, so that callers
+        that cannot calibrate refuse the recipe up front."""
+        return False
+
+    def variants(self) -> list[Recipe]:
+        """The recipe and each override applied on its own: every value a module's recipe may take per field."""
+        return [self, *(replace(self, overrides=(), **dict(changes)) for _, changes in self.overrides)]
 
     def for_module(self, name: str) -> Recipe:
         """The recipe with every override whose pattern matches `name` applied, in order."""
@@ -247,9 +263,14 @@ class RTN(Recipe):
             raise ValueError("a_dynamic=False (static activation scales) needs a_bits")
         if not self.a_dynamic and not self.a_symmetric:
             raise ValueError("a_dynamic=False supports symmetric activations only (a_symmetric=True)")
+        if self.clip_search and self.w_format == "ternary":
+            raise ValueError("clip_search does not apply to ternary (absmean) weights")
 
     def spec(self) -> QuantSpec:
         return self.quant_spec()
+
+    def needs_calibration(self) -> bool:
+        return any(not r.a_dynamic for r in self.variants())  # static activation scales
 
 
 # The baseline rows every method is compared against (the RTN table of docs/results.md).

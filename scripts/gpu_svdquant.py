@@ -34,21 +34,21 @@ from ditq.bundled import open_model
 from ditq.eval.features import load_feature_net, load_real_stats
 from ditq.eval.runner import SampleSettings, compare_pixels, draw, score
 from ditq.io import model_size_bytes, stored_tensors
-from ditq.methods.svdquant import BLOCKS_AND_ADALN, SVDQuant, svdquant_quantize
+from ditq.methods.svdquant import SVDQuant, svdquant_quantize
 from ditq.models import create
 from ditq.recipes import RTN
 
 A4 = {"a_bits": 4, "a_format": "int", "a_group_size": 64}
 A8 = {"a_bits": 8, "a_format": "fp8", "a_group_size": None}
-COVER = {"blocks": None, "blocks+adaLN": BLOCKS_AND_ADALN}
+COVER = {"blocks": {}, "blocks+adaLN": {"quantize_modulation": True}}
 
 
 def rows(r_small: int, alphas: tuple[float, ...]) -> list[tuple[str, str, str, object]]:
     """(row name, activations, coverage, recipe) in table order."""
     out = []
     for act, a in (("W4A4", A4), ("W4A8-FP8", A8)):
-        for cover, skip in COVER.items():
-            base = SVDQuant(skip=skip, alphas=alphas, **a)
+        for cover, selection in COVER.items():
+            base = SVDQuant(alphas=alphas, **selection, **a)
             out += [
                 ("RTN", act, cover, replace(base, smooth=False, rank=0)),
                 ("SmoothQuant", act, cover, replace(base, rank=0)),
@@ -60,11 +60,11 @@ def rows(r_small: int, alphas: tuple[float, ...]) -> list[tuple[str, str, str, o
                 out += [(f"SVDQuant r{r_small}", act, cover, replace(base, rank=r_small)),
                         (f"SVDQuant+GPTQ r{r_small}", act, cover, replace(base, rank=r_small, gptq=True))]
         if act == "W4A4":
-            base = SVDQuant(skip=BLOCKS_AND_ADALN, alphas=alphas, **a)
+            base = SVDQuant(quantize_modulation=True, alphas=alphas, **a)
             out += [(f"SVDQuant r{r} (sweep)", act, "blocks+adaLN", replace(base, rank=r)) for r in (8, 16, 64)]
-    for cover, skip in COVER.items():
+    for cover, selection in COVER.items():
         out.append(("RTN W4A8-int8 g64 (target)", "W4A8-int8", cover,
-                    RTN(w_bits=4, group_size=64, a_bits=8, skip=skip)))
+                    RTN(w_bits=4, group_size=64, a_bits=8, **selection)))
     return out
 
 
@@ -100,7 +100,7 @@ def table(args: argparse.Namespace) -> None:
                            rows_per_layer=128 if tiny else 2048)
     calib_capture_s = time.perf_counter() - t0
     fp16_bytes = model_size_bytes(fp, torch.float16)
-    r_small = small_rank(fp, SVDQuant(skip=BLOCKS_AND_ADALN))
+    r_small = small_rank(fp, SVDQuant(quantize_modulation=True))
     net, real = load_feature_net(), load_real_stats()
     labels = settings.labels(fp.num_classes)
     fp_images, fp_seconds = draw(fp, settings)
@@ -119,7 +119,9 @@ def table(args: argparse.Namespace) -> None:
             start = time.perf_counter()
             model = shallow_clone(fp)
             if isinstance(recipe, SVDQuant):  # one state dir per recipe-without-skip: blocks-only rows reuse units
-                key = json.dumps({k: v for k, v in recipe.to_dict().items() if k != "skip"}, sort_keys=True)
+                selection = ("skip", "quantize_modulation")
+                unit_settings = {k: v for k, v in recipe.to_dict().items() if k not in selection}
+                key = json.dumps(unit_settings, sort_keys=True)
                 state = state_root / hashlib.sha256(key.encode()).hexdigest()[:16]
                 chosen = svdquant_quantize(model, recipe, calib, state_dir=state, progress=False)
             else:

@@ -40,6 +40,7 @@ def pipeline_conditions(args: argparse.Namespace, pipe) -> dict:
 def quantize_pipeline(args: argparse.Namespace) -> None:
     """Calibrate on the pipeline's own denoising loop, quantize its transformer, save the transformer."""
     from ditq import io
+    from ditq.api import check_plan
     from ditq.integrations.diffusers import calibrate_pipeline, load_pipeline
     from ditq.pipeline import post_training_quantize
     from ditq.recipes import load_recipe
@@ -50,6 +51,7 @@ def quantize_pipeline(args: argparse.Namespace) -> None:
     print(
         f"pipeline: {type(pipe).__name__} from {args.pipeline}; transformer {type(pipe.transformer).__name__}"
     )
+    check_plan(pipe.transformer, recipe)  # a recipe that cannot apply costs no calibration
     calib = calibrate_pipeline(pipe, steps=args.calib_steps, seed=args.seed + 1, progress=True, **conditions)
     result = post_training_quantize(pipe.transformer, recipe, calib=calib)
     io.save(
@@ -61,7 +63,8 @@ def quantize_pipeline(args: argparse.Namespace) -> None:
     on_disk = os.path.getsize(args.out)
     print(
         f"{len(result.layers)} layers quantized; size: FP16 {result.fp16_size_bytes:,} B → {on_disk:,} B on disk "
-        f"({result.fp16_size_bytes / on_disk:.2f}×); saved {args.out}"
+        f"({result.fp16_size_bytes / on_disk:.2f}×), floats stored as "
+        f"{io.float_storage(result.model, result.float_dtype)}; saved {args.out}"
     )
     if args.report is not None:
         from ditq.atomic import write_text

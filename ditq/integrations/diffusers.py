@@ -46,9 +46,15 @@ class DiffusersAdapter(Adapter):
         return cls.__name__ == self.class_name and cls.__module__.startswith("diffusers.")
 
     def config(self, model: nn.Module) -> dict[str, Any]:
-        """The diffusers config (its public keys, JSON types) plus `_class_name`."""
-        public = {k: _jsonable(v) for k, v in model.config.items() if not k.startswith("_")}
-        return {"_class_name": self.class_name, **public}
+        """The config entries the class's constructor takes (JSON types), `_class_name` and the diffusers
+        version that built the model. Entries that describe how a model was loaded rather than built
+        (`quantization_config`, added by `from_pretrained(..., quantization_config=...)`) are left out: the
+        file rebuilds the full-precision skeleton and swaps its own quantized layers in."""
+        import diffusers
+
+        accepted = _constructor_fields(type(model))
+        built = {k: _jsonable(v) for k, v in model.config.items() if k in accepted}
+        return {"_class_name": self.class_name, "_diffusers_version": diffusers.__version__, **built}
 
     def build(self, config: dict[str, Any]) -> nn.Module:
         """The transformer a config describes, parameters on meta (filled by `load_state_dict(assign=True)`)."""
@@ -61,12 +67,13 @@ class DiffusersAdapter(Adapter):
             )
         cls = getattr(diffusers, self.class_name)
         kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
-        accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        unknown = sorted(set(kwargs) - accepted)
+        unknown = sorted(set(kwargs) - _constructor_fields(cls))
         if unknown:
+            written = config.get("_diffusers_version")
+            hint = "" if written in (None, diffusers.__version__) else (
+                f"; the file was written with diffusers {written}: load it with that version")
             raise ValueError(
-                f"{self.class_name} (diffusers {diffusers.__version__}) takes no config fields "
-                f"{unknown}; was the file written with another diffusers version?"
+                f"{self.class_name} (diffusers {diffusers.__version__}) takes no config fields {unknown}{hint}"
             )
         with _parameters_on_meta():
             return cls(**kwargs).eval()
@@ -197,34 +204,28 @@ class FluxAdapter(DiffusersAdapter):
         return inputs
 
 
-# Patterns each match at least one module of their family (a recipe's skip patterns must).
-_DIT_SKIP = ("pos_embed", "transformer_blocks.*.norm1*", "proj_out_1", "proj_out_2")
-_PIXART_SKIP = ("pos_embed", "adaln_single*", "caption_projection*", "proj_out")
-_SD3_SKIP = (
-    "pos_embed",
-    "time_text_embed*",
-    "context_embedder",
-    "transformer_blocks.*.norm1*",
-    "norm_out*",
-    "proj_out",
-)
-_FLUX_SKIP = (
-    "x_embedder",
-    "context_embedder",
-    "time_text_embed*",
-    "transformer_blocks.*.norm1*",
-    "single_transformer_blocks.*.norm",
-    "norm_out*",
-    "proj_out",
-)
+# Patterns each match at least one module of their family (a recipe's skip patterns must); the second
+# tuple names the blocks' adaLN modulation Linears among them (diffusers DiT's norm1 also holds the
+# timestep and class embedders; PixArt's single adaLN is shared by all blocks).
+_DIT_MODULATION = ("transformer_blocks.*.norm1.linear",)
+_DIT_SKIP = ("pos_embed", "transformer_blocks.*.norm1.emb*", *_DIT_MODULATION, "proj_out_1", "proj_out_2")
+_PIXART_MODULATION = ("adaln_single.linear",)
+_PIXART_SKIP = ("pos_embed", "adaln_single.emb*", *_PIXART_MODULATION, "caption_projection*", "proj_out")
+_SD3_MODULATION = ("transformer_blocks.*.norm1*",)
+_SD3_SKIP = ("pos_embed", "time_text_embed*", "context_embedder", *_SD3_MODULATION, "norm_out*", "proj_out")
+_FLUX_MODULATION = ("transformer_blocks.*.norm1*", "single_transformer_blocks.*.norm")
+_FLUX_SKIP = ("x_embedder", "context_embedder", "time_text_embed*", *_FLUX_MODULATION, "norm_out*",
+              "proj_out")
 
 SUPPORTED: dict[str, DiffusersAdapter] = {
     a.class_name: a
     for a in (
-        DiTAdapter("diffusers_dit", _DIT_SKIP, class_name="DiTTransformer2DModel"),
-        PixArtAdapter("diffusers_pixart", _PIXART_SKIP, class_name="PixArtTransformer2DModel"),
-        SD3Adapter("diffusers_sd3", _SD3_SKIP, class_name="SD3Transformer2DModel"),
-        FluxAdapter("diffusers_flux", _FLUX_SKIP, class_name="FluxTransformer2DModel", timestep_scale=1000.0),
+        DiTAdapter("diffusers_dit", _DIT_SKIP, _DIT_MODULATION, class_name="DiTTransformer2DModel"),
+        PixArtAdapter("diffusers_pixart", _PIXART_SKIP, _PIXART_MODULATION,
+                      class_name="PixArtTransformer2DModel"),
+        SD3Adapter("diffusers_sd3", _SD3_SKIP, _SD3_MODULATION, class_name="SD3Transformer2DModel"),
+        FluxAdapter("diffusers_flux", _FLUX_SKIP, _FLUX_MODULATION, class_name="FluxTransformer2DModel",
+                    timestep_scale=1000.0),
     )
 }
 for _adapter in SUPPORTED.values():
@@ -326,6 +327,10 @@ def _parameters_on_meta():
             yield
     finally:
         nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _constructor_fields(cls: type) -> set[str]:
+    return set(inspect.signature(cls.__init__).parameters) - {"self"}
 
 
 def _jsonable(value: Any) -> Any:

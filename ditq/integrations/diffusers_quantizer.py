@@ -8,10 +8,11 @@ diffusers has no plug-in hook for quantizers: importing this module adds "ditq" 
 `diffusers.quantizers.auto`, after checking that the installed diffusers is a version those tables were
 read from (`TESTED_VERSIONS`); any other version gets an ImportError saying so, never a half-registered
 quantizer. The recipe is applied once the FP weights are loaded, so only recipes that need no calibration
-fit here (RTN presets and recipe files; `ditq.quantize` says so otherwise); calibrated methods go through
-`calibrate_pipeline` + `ditq.quantize`. Quantized models are saved with `ditq.save` and loaded with
-`ditq.load`: diffusers' `save_pretrained` would write no quantized layout, so the quantizer declares
-itself not serialisable and diffusers refuses that save.
+fit here (RTN presets and recipe files): `DitqConfig` refuses the others when it is made, naming the way
+that fits (calibrated methods: `calibrate_pipeline` + `ditq.quantize`; QAT: `ditq train`). Skip patterns
+and group sizes are checked against the model's skeleton before its weights are loaded. Quantized models
+are saved with `ditq.save` and loaded with `ditq.load`: diffusers' `save_pretrained` would write no
+quantized layout, so the quantizer declares itself not serialisable and diffusers refuses that save.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 from packaging.version import Version
 from torch import nn
 
-from ditq.api import quantize
+from ditq.api import check_plan, quantize
 from ditq.kernels import ALIASES, BACKENDS, prepare_for_inference
 from ditq.recipes import load_recipe
+from ditq.registry import method_for
 
 __all__ = ["DitqConfig", "DitqQuantizer", "TESTED_VERSIONS"]
 
@@ -45,14 +47,22 @@ class Method(str, Enum):
 
 
 class DitqConfig(QuantizationConfigMixin):
-    """A ditq recipe (preset name, recipe file or mapping) and the kernel backend to prepare the layers for."""
+    """A ditq recipe (preset name, recipe file or mapping) that needs no calibration, and the kernel backend
+    to prepare the layers for."""
 
     def __init__(
         self, recipe: str | dict[str, Any] = "w8a8", backend: str = "reference", **kwargs: Any
     ) -> None:
         if kwargs:
             raise ValueError(f"DitqConfig takes recipe and backend; unknown fields {sorted(kwargs)}")
-        load_recipe(recipe)  # a bad recipe fails here, before any weight is read
+        parsed = load_recipe(recipe)  # a bad recipe fails here, before any weight is read
+        method_for(parsed)  # QAT recipes are trained, not applied
+        if parsed.needs_calibration():
+            raise ValueError(
+                f"DitqConfig: recipe {recipe!r} needs calibration data, which loading a model cannot collect; "
+                "load the full-precision pipeline, then ditq.quantize(pipe.transformer, recipe, "
+                "calib=calibrate_pipeline(pipe, ...)) (ditq.integrations.diffusers)"
+            )
         if ALIASES.get(backend, backend) not in BACKENDS:
             raise ValueError(f"backend {backend!r} is not one of {sorted([*BACKENDS, *ALIASES])}")
         self.quant_method = Method.DITQ
@@ -87,6 +97,7 @@ class DitqQuantizer(DiffusersQuantizer):
             )
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        check_plan(model, load_recipe(self.quantization_config.recipe))  # names and shapes: no weights yet
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:

@@ -66,6 +66,9 @@ class QDiT(Recipe):
         if not 0 <= self.damp <= 1:
             raise ValueError(f"QDiT.damp={self.damp} must lie in [0, 1]")
 
+    def needs_calibration(self) -> bool:  # GPTQ's Hessian, static activation scales
+        return any(r.gptq or (r.a_bits is not None and not r.a_dynamic) for r in self.variants())
+
     def spec(self) -> QuantSpec:
         act_group = self.group_size if self.a_granularity == "group" and self.a_bits is not None else None
         return QuantSpec(

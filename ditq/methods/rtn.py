@@ -41,8 +41,6 @@ def check_rtn(name: str, linear: nn.Linear, spec: QuantSpec, calib: CalibData | 
         spec.check_fits(linear.in_features, linear.out_features)
     except ValueError as err:
         raise ValueError(f"{name}: {err}") from err
-    if search and spec.w_format == "ternary":
-        raise ValueError(f"{name}: clip_search does not apply to ternary (absmean) weights")
     static = spec.a_bits is not None and not spec.a_dynamic
     if static and calib is None:
         raise ValueError(f"{name}: static activation scales (a_dynamic=False) need calibration data: pass calib=")

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ditq.adapters import adapter_for
-from ditq.api import plan
+from ditq.api import check_plan
 from ditq.calib import CalibData
 from ditq.calib.reservoir import layer_generator
 from ditq.kernels.reference import quantize_activations
@@ -48,14 +48,13 @@ from ditq.registry import register_method
 
 __all__ = ["SVDQuant", "GroupResult", "low_rank_branch", "svdquant_group", "svdquant_modules", "svdquant_quantize"]
 
-# Zoo models (DiT, Large-DiT): the paper's skips (embedders, final layer) but the adaLN modulation quantized.
-BLOCKS_AND_ADALN = ("x_embedder*", "t_embedder*", "y_embedder*", "final_layer*")
-
 
 @dataclass(frozen=True, kw_only=True)
 class SVDQuant(Recipe):
     """SVDQuant: smoothing + low-rank branch + 4-bit residual; see the module docstring for each field's role.
 
+    `a_group_size`: "auto" follows the activation format: per token for FP8 (the Hopper kernels' layout),
+    groups of 64 channels for int, nothing without activation quantization (`a_bits=None`).
     `input_groups`: layers that read one input (None: the architecture adapter's groups; generic models: none).
     `search_rows`: calibration rows per group scored in the α search (GPTQ's Hessian uses all of them).
     `svd`: "exact", "randomized" (seeded range finder) or "auto" (randomized when the smaller side > 512).
@@ -66,7 +65,7 @@ class SVDQuant(Recipe):
     group_size: int | None = 64
     a_bits: int | None = 4
     a_format: Literal["int", "fp8"] = "int"
-    a_group_size: int | None = 64
+    a_group_size: int | None | Literal["auto"] = "auto"
     rank: int = 32
     scale_dtype: Literal["float32", "float16"] = "float32"  # "float16": half the scales' bytes
     smooth: bool = True
@@ -102,8 +101,14 @@ class SVDQuant(Recipe):
                 raise ValueError(f"SVDQuant.input_groups: {sorted(seen & set(group))} appear in two groups")
             seen |= set(group)
 
+    def needs_calibration(self) -> bool:  # smoothing and the α search read every layer's inputs
+        return True
+
     def spec(self, input_group: str | None = None) -> QuantSpec:
-        return self.quant_spec(input_group=input_group)
+        a_group_size = self.a_group_size
+        if a_group_size == "auto":
+            a_group_size = 64 if self.a_bits is not None and self.a_format == "int" else None
+        return self.quant_spec(input_group=input_group, a_group_size=a_group_size)
 
 
 # ---- the algorithm for one input group --------------------------------------------------------------
@@ -219,7 +224,31 @@ def svdquant_group(weights: Sequence[torch.Tensor], x: torch.Tensor, act_absmax:
 # ---- the method: plan the groups, run them one by one, resumably --------------------------------------
 
 
-@register_method(SVDQuant)
+def check_svdquant_plan(model: nn.Module, targets: dict[str, SVDQuant]) -> None:
+    """SVDQuant's refusals that no calibration data changes: declared input groups that differ between layers,
+    name a layer the recipe does not quantize, or join layers of different widths or recipes."""
+    declared = {r.input_groups for r in targets.values()}
+    if len(declared) > 1:
+        raise ValueError("SVDQuant.input_groups must not differ between layers (overrides)")
+    for group in next(iter(declared)) or ():
+        missing = [n for n in group if n not in targets]
+        if missing:
+            raise ValueError(f"SVDQuant.input_groups {group!r}: {missing} are not Linears this recipe quantizes")
+        _check_group_members(model, group, targets)
+
+
+def _check_group_members(model: nn.Module, group: tuple[str, ...], targets: dict[str, SVDQuant]) -> None:
+    lead = group[0]
+    for name in group[1:]:
+        if model.get_submodule(name).in_features != model.get_submodule(lead).in_features:
+            raise ValueError(f"input group {group!r}: {name!r} and {lead!r} have different in_features; "
+                             "layers of a group read one input")
+        if _shared_fields(targets[name]) != _shared_fields(targets[lead]):
+            raise ValueError(f"input group {group!r}: {name!r} and {lead!r} have different recipes (overrides); "
+                             "a group shares its quantizers, smoothing and low-rank branch")
+
+
+@register_method(SVDQuant, check_plan=check_svdquant_plan)
 def quantize_svdquant(model: nn.Module, targets: dict[str, SVDQuant], calib: CalibData | None) -> dict[str, nn.Module]:
     return svdquant_modules(model, targets, calib)[0]
 
@@ -288,8 +317,8 @@ def svdquant_quantize(
     directory); quantizes `model` in place once every module is built. Returns what each layer's search chose."""
     if not isinstance(recipe, SVDQuant):
         raise TypeError(f"svdquant_quantize takes an SVDQuant recipe, got {type(recipe).__name__}")
-    built, report = svdquant_modules(model, plan(model, recipe), calib, device=device, state_dir=state_dir,
-                                     progress=progress)
+    built, report = svdquant_modules(model, check_plan(model, recipe), calib, device=device,
+                                     state_dir=state_dir, progress=progress)
     for name, module in built.items():
         model.set_submodule(name, module)
     model.ditq_recipe = recipe.to_dict()
@@ -338,20 +367,14 @@ def plan_units(model: nn.Module, targets: dict[str, SVDQuant], calib: CalibData 
         if not bool(torch.isfinite(linear.weight).all()):
             raise ValueError(f"{name}: weight holds NaN or infinite values")
         calib.require(name, rows=True)
-    recipes = {r.input_groups for r in targets.values()}
-    if len(recipes) > 1:
-        raise ValueError("SVDQuant.input_groups must not differ between layers (overrides)")
-    declared = next(iter(recipes))
+    check_svdquant_plan(model, targets)
+    declared = next(iter(targets.values())).input_groups
     if declared is None:
         adapter = adapter_for(model)
         groups = [] if adapter.name == "generic" else adapter.input_groups(model)
         groups = [tuple(n for n in g if n in targets) for g in groups]
         groups = [g for g in groups if len(g) > 1]
     else:
-        for group in declared:
-            missing = [n for n in group if n not in targets]
-            if missing:
-                raise ValueError(f"SVDQuant.input_groups {group!r}: {missing} are not Linears this recipe quantizes")
         groups = list(declared)
     for group in groups:
         _check_shared_input(model, group, targets, calib)
@@ -364,24 +387,20 @@ def plan_units(model: nn.Module, targets: dict[str, SVDQuant], calib: CalibData 
 
 def _check_shared_input(model: nn.Module, group: tuple[str, ...], targets: dict[str, SVDQuant],
                         calib: CalibData) -> None:
+    _check_group_members(model, group, targets)
     lead = group[0]
     for name in group[1:]:
-        if model.get_submodule(name).in_features != model.get_submodule(lead).in_features:
-            raise ValueError(f"input group {group!r}: {name!r} and {lead!r} have different in_features; "
-                             "layers of a group read one input")
         same = torch.equal(calib.absmax[name], calib.absmax[lead]) and torch.equal(
             calib.step_absmax.get(name, calib.absmax[name]), calib.step_absmax.get(lead, calib.absmax[lead]))
         if not same:
             raise ValueError(f"input group {group!r}: {name!r} and {lead!r} do not read the same input (their "
                              "calibration inputs differ); a group may only hold layers fed by one tensor")
-        if _shared_fields(targets[name]) != _shared_fields(targets[lead]):
-            raise ValueError(f"input group {group!r}: {name!r} and {lead!r} have different recipes (overrides); "
-                             "a group shares its quantizers, smoothing and low-rank branch")
 
 
 def _shared_fields(recipe: SVDQuant) -> tuple:
     return tuple(getattr(recipe, f.name) for f in fields(recipe) if f.name not in ("skip", "overrides"))
 
 
-register_preset("svdquant-w4a4", SVDQuant(skip=BLOCKS_AND_ADALN))
-register_preset("svdquant-w4a8", SVDQuant(skip=BLOCKS_AND_ADALN, a_bits=8, a_format="fp8", a_group_size=None))
+# The paper's skips (embedders, final layer) with the adaLN modulation quantized, on any architecture.
+register_preset("svdquant-w4a4", SVDQuant(quantize_modulation=True))
+register_preset("svdquant-w4a8", SVDQuant(quantize_modulation=True, a_bits=8, a_format="fp8"))

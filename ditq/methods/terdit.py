@@ -48,11 +48,12 @@ __all__ = [
 # FP by default: the embedders and the final layer (norms are not Linears and are never quantized).
 TERDIT_SKIP = ("x_embedder*", "t_embedder*", "y_embedder*", "final_layer*")
 
+# The adapter's skips with the adaLN modulation quantized: on zoo models, `TERDIT_SKIP`.
 TERDIT = register_preset(
-    "terdit", QAT(w_format="ternary", w_bits=2, learnable_scale=True, skip=TERDIT_SKIP)
+    "terdit", QAT(w_format="ternary", w_bits=2, learnable_scale=True, quantize_modulation=True)
 )
 TERDIT_A8 = register_preset(
-    "terdit-a8", QAT(w_format="ternary", w_bits=2, learnable_scale=True, a_bits=8, skip=TERDIT_SKIP)
+    "terdit-a8", QAT(w_format="ternary", w_bits=2, learnable_scale=True, a_bits=8, quantize_modulation=True)
 )
 
 
@@ -75,7 +76,7 @@ class LlamaDiTAdapter(ZooAdapter):
 
 register_adapter(
     LlamaDiTAdapter(
-        LlamaDiT.arch, (*TERDIT_SKIP, "*adaLN_modulation*"), model_class=LlamaDiT
+        LlamaDiT.arch, (*TERDIT_SKIP, "*adaLN_modulation*"), ("*adaLN_modulation*",), model_class=LlamaDiT
     )
 )
 

@@ -20,12 +20,13 @@ TINY_CONFIGS = {
 }
 
 
-def make_transformer(class_name: str, seed: int = 0) -> torch.nn.Module:
-    """A tiny random transformer; zero-initialised layers (adaLN-Zero, output) perturbed so they matter."""
+def make_transformer(class_name: str, seed: int = 0, **changes) -> torch.nn.Module:
+    """A tiny random transformer (`changes` to its config on top); zero-initialised layers (adaLN-Zero,
+    output) perturbed so they matter."""
     import diffusers
 
     torch.manual_seed(seed)
-    model = getattr(diffusers, class_name)(**TINY_CONFIGS[class_name])
+    model = getattr(diffusers, class_name)(**(TINY_CONFIGS[class_name] | changes))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
