@@ -19,6 +19,7 @@ from ditq.checks import check_counts
 from ditq.eval.layers import layer_errors
 from ditq.io import model_size_bytes
 from ditq.recipes import Recipe
+from ditq.registry import method_for
 
 
 @dataclass(frozen=True)
@@ -73,12 +74,13 @@ def post_training_quantize(
 ) -> PTQResult:
     """Calibrate `fp_model` (unless `calib` is given), quantize a copy with `recipe`, measure it.
 
-    `fp_model` is left untouched. The recipe's plan (patterns, an already quantized model) is checked
-    before the calibration, so a mistake costs no sampling time. Pass `calib` to quantize one FP model
+    `fp_model` is left untouched. The recipe's method and plan (patterns, an already quantized model) are
+    checked before the calibration, so a mistake costs no sampling time. Pass `calib` to quantize one FP model
     with several recipes from the same calibration data. Sizes count the high-precision layers in
     `float_dtype` (16-bit by default, the precision DiTs ship in); save with the same `float_dtype`.
     """
     settings = settings or CalibSettings()
+    method_for(recipe)  # a recipe no post-training method carries out (QAT) is refused before calibrating
     _check_shapes(fp_model, plan(fp_model, recipe))
     if calib is None:
         calib = calibrate(fp_model, n_samples=settings.samples, steps=settings.steps, seed=settings.seed,

@@ -7,6 +7,7 @@ layer or field at fault, and a working folder left exactly as it was (nothing cr
 import hashlib
 import re
 import shutil
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,13 @@ import ditq
 import ditq.fileformat
 from ditq.calib import CalibData
 from ditq.cli import main
+from ditq.eval.runner import SampleSettings
 from ditq.models import create
 from ditq.quant.modules import is_quantized
 from ditq.quant.qlinear import QuantLinear
 from ditq.quant.spec import QuantSpec
 from ditq.recipes import RTN, load_recipe, recipe_from_dict
-from tests.tiny import make_tiny_mnist_dit
+from tests.tiny import make_tiny_dit, make_tiny_mnist_dit
 
 QUANT_RECIPE = RTN(w_bits=4, group_size=64, a_bits=8)  # dynamic activations: no calibration needed
 
@@ -440,6 +442,78 @@ def quantlinear_zero_dim_input(w):
 @api_case(ValueError, "in_features=64")
 def quantlinear_wrong_width_input(w):
     QuantLinear.from_linear(nn.Linear(64, 8), QuantSpec(w_bits=8))(torch.zeros(2, 63))
+
+
+@api_case(TypeError, "QuantLinear", "int32")
+def quantlinear_integer_input(w):
+    QuantLinear.from_linear(nn.Linear(64, 8), QuantSpec(w_bits=8))(torch.ones(2, 64, dtype=torch.int32))
+
+
+@api_case(TypeError, r"'blocks\.0\.attn\.qkv'", "int64")
+def quantized_layer_called_with_integers_names_the_layer(w):
+    ditq.quantize(w.model(), QUANT_RECIPE).blocks[0].attn.qkv(torch.ones(2, 128, dtype=torch.int64))
+
+
+@api_case(TypeError, r"'blocks\.1\.mlp\.fc1'", "bool")
+def loaded_layer_called_with_booleans_names_the_layer(w):
+    ditq.load(w / "q.safetensors").blocks[1].mlp.fc1(torch.ones(2, 128, dtype=torch.bool))
+
+
+def _generic_calibrated() -> tuple[nn.Module, CalibData]:
+    """A plain module (the generic adapter) and its calibration on 16 random rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(fc1=nn.Linear(64, 64), act=nn.GELU(), fc2=nn.Linear(64, 32)))
+    return model, ditq.calibrate(model, run=lambda m: m(torch.randn(16, 64)))
+
+
+@api_case(ValueError, "'fc2'", "NaN")
+def svdquant_calibration_rows_with_nan(w):
+    model, calib = _generic_calibrated()
+    calib.inputs["fc2"][3, 5] = float("nan")  # the statistics stay finite: only the rows the search reads
+    recipe = ditq.SVDQuant(w_bits=4, a_bits=4, rank=8, group_size=64, alphas=(0.5,))
+    _unchanged_after(model, lambda: ditq.quantize(model, recipe, calib=calib))
+
+
+@api_case(ValueError, "'fc1'", "NaN")
+def gptq_calibration_rows_with_nan_names_the_layer(w):
+    model, calib = _generic_calibrated()
+    calib.inputs["fc1"][0, 0] = float("nan")
+    _unchanged_after(model, lambda: ditq.quantize(model, ditq.QDiT(w_bits=4, group_size=64, gptq=True), calib=calib))
+
+
+def _overflowing_hessian_calibrated() -> tuple[nn.Module, CalibData]:
+    model, calib = _generic_calibrated()
+    for kind in (calib.inputs, calib.absmax, calib.step_absmax):
+        kind["fc1"] *= 1e20  # finite inputs whose squares are not: H = mean x xᵀ overflows
+    return model, calib
+
+
+@api_case(ValueError, "^fc1: ", "hessian")
+def gptq_hessian_overflow_names_the_layer(w):
+    model, calib = _overflowing_hessian_calibrated()
+    _unchanged_after(model, lambda: ditq.quantize(model, ditq.QDiT(w_bits=4, group_size=64, gptq=True), calib=calib))
+
+
+@api_case(ValueError, "^fc1: ", "hessian")
+def svdquant_gptq_hessian_overflow_names_the_layer(w):
+    model, calib = _overflowing_hessian_calibrated()
+    recipe = ditq.SVDQuant(w_bits=4, a_bits=4, rank=8, group_size=64, gptq=True, alphas=(0.5,))
+    _unchanged_after(model, lambda: ditq.quantize(model, recipe, calib=calib))
+
+
+@api_case(ValueError, "2 samples", "at least 4")
+def demo_with_too_few_samples_to_score(w):
+    from ditq.demo import run_demo
+
+    settings = SampleSettings(samples=2, steps=2, batch_size=2)
+    run_demo(w / "demo", model_ref=str(w / "fp.safetensors"), settings=settings, progress=False)
+
+
+@api_case(ValueError, "4×8×8", "1×32×32")
+def evaluate_a_model_the_feature_net_cannot_score(w):
+    from ditq.eval.runner import evaluate
+
+    evaluate({"fp": make_tiny_dit(in_channels=4)}, SampleSettings(samples=4, steps=2))
 
 
 @pytest.mark.parametrize(("case", "exc", "names"), API_CASES)

@@ -16,6 +16,7 @@ itself not serialisable and diffusers refuses that save.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
@@ -52,6 +53,11 @@ class DitqConfig(QuantizationConfigMixin):
     ) -> None:
         if kwargs:
             raise ValueError(f"DitqConfig takes recipe and backend; unknown fields {sorted(kwargs)}")
+        if not isinstance(recipe, (str, Mapping)):
+            raise TypeError(f"DitqConfig(recipe=...) takes a preset name or recipe file path (str) or a mapping, "
+                            f"got {type(recipe).__name__} {recipe!r}")
+        if not isinstance(backend, str):
+            raise TypeError(f"DitqConfig(backend=...) takes a kernel backend name (str), got {type(backend).__name__}")
         load_recipe(recipe)  # a bad recipe fails here, before any weight is read
         if ALIASES.get(backend, backend) not in BACKENDS:
             raise ValueError(f"backend {backend!r} is not one of {sorted([*BACKENDS, *ALIASES])}")

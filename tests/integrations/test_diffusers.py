@@ -128,6 +128,11 @@ def test_ditq_config_refuses_bad_fields_versions_and_prequantized_configs(tmp_pa
         DitqConfig("w8a8", backend="nope")
     with pytest.raises(ValueError, match="unknown fields"):
         DitqConfig("w8a8", bits=4)
+    for recipe in (123, None, ["w8a8"]):
+        with pytest.raises(TypeError, match=r"recipe=.*preset name or recipe file path \(str\) or a mapping"):
+            DitqConfig(recipe)
+    with pytest.raises(TypeError, match="backend"):
+        DitqConfig("w8a8", backend=None)
     fp = make_transformer("DiTTransformer2DModel")
     fp.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
