@@ -17,7 +17,7 @@ from torch import nn
 from ditq.adapters import adapter_for
 from ditq.calib import CalibData
 from ditq.methods.rtn import check_rtn, rtn_linear
-from ditq.quant.modules import is_quantized
+from ditq.quant.modules import install, is_quantized
 from ditq.quant.spec import QuantSpec
 from ditq.recipes import Recipe
 from ditq.registry import PLAN_CHECKS, method_for
@@ -37,8 +37,7 @@ def quantize(model: nn.Module, recipe: Recipe, calib: CalibData | None = None) -
     targets = check_plan(model, recipe)
     built = method(model, targets, calib)
     _check_built(model, targets, built, type(recipe).__name__)
-    for name, module in built.items():
-        model.set_submodule(name, module)
+    install(model, built)
     model.ditq_recipe = recipe.to_dict()
     return model
 
@@ -121,8 +120,7 @@ def requantize(
         built |= made
     built |= {name: rtn_linear(name, linears[name], spec, calib) for name, spec in specs.items()}
     clone = shallow_clone(fp_model)
-    for name, module in built.items():
-        clone.set_submodule(name, module)
+    install(clone, built)
     return clone
 
 

@@ -1,12 +1,27 @@
-"""Atomic file writes: write beside the target, flush to disk, rename. Readers never see half a file."""
+"""Atomic file writes: write beside the target, flush to disk, rename. Readers never see half a file.
+
+The temporary file is `.<name>.<pid>.<random>.tmp` beside the target. A writer killed before the rename
+(SIGKILL, power loss) leaves it behind; the next write of the same target removes those whose writer is
+gone (its pid no longer runs here) or that are older than a day (another host's, or an older ditq's
+`.<name>.<random>.tmp`), and never touches another file.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+log = logging.getLogger("ditq")
+
+STALE_AFTER_S = 24 * 3600  # a temporary file untouched this long has no live writer
+_RANDOM = r"[a-z0-9_]+"  # what tempfile.mkstemp puts between prefix and suffix
+TEMP_NAME = re.compile(rf"\.(?P<target>[^/\\\s'\"]+?)\.(?:(?P<pid>\d+)\.)?{_RANDOM}\.tmp\b")
 
 
 @contextmanager
@@ -14,7 +29,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; on success it replaces `path`, on error it is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    sweep_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
@@ -32,6 +48,41 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def sweep_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files an interrupted write of `path` left beside it; returns what was removed."""
+    path = Path(path)
+    own = re.compile(rf"\.{re.escape(path.name)}\.(?:(?P<pid>\d+)\.)?{_RANDOM}\.tmp")
+    try:
+        candidates = [entry for entry in os.scandir(path.parent) if own.fullmatch(entry.name)]
+    except OSError:
+        return []
+    removed = []
+    for entry in candidates:
+        pid = own.fullmatch(entry.name)["pid"]
+        try:
+            age = time.time() - entry.stat(follow_symlinks=False).st_mtime
+            live = age < STALE_AFTER_S and (pid is None or _running(int(pid)))
+            if live or not entry.is_file(follow_symlinks=False):
+                continue
+            os.unlink(entry.path)
+        except OSError:  # gone already, or not ours to remove
+            continue
+        log.info("removed %s, left by an interrupted write of %s", entry.path, path)
+        removed.append(Path(entry.path))
+    return removed
+
+
+def _running(pid: int) -> bool:
+    """Whether a process `pid` runs on this machine (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # another user's process; a number no pid can be: keep the file
+        return True
+    return True
 
 
 def _fsync_dir(folder: Path) -> None:

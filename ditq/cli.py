@@ -11,15 +11,16 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 
 import torch
 
+from ditq.atomic import TEMP_NAME
 from ditq.cli_checks import (
     check_output_dir,
     check_output_file,
+    check_scored_samples,
     check_steps,
     default_device,
     device_arg,
@@ -83,11 +84,8 @@ def error_line(err: BaseException) -> str:
         text = str(err.args[0])
     else:
         text = str(err) or type(err).__name__
-    text = _TEMP_NAME.sub(r"\1", text)  # `.model.safetensors.k3j_x9.tmp` → `model.safetensors`
+    text = TEMP_NAME.sub(r"\g<target>", text)  # `.model.safetensors.41.k3j_x9ab.tmp` → `model.safetensors`
     return " ".join(text.split())
-
-
-_TEMP_NAME = re.compile(r"\.([^/\\\s'\"]+)\.[A-Za-z0-9_]{6,}\.tmp\b")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -203,32 +201,62 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib-steps", type=positive_int, default=default.steps)
 
 
+def _post_training_recipe(source: str):
+    """A recipe that a post-training command can apply: trained (QAT) recipes are refused before any work."""
+    from ditq.recipes import load_recipe
+    from ditq.registry import method_for
+
+    recipe = load_recipe(source)
+    try:
+        method_for(recipe)
+    except ValueError as err:
+        raise ValueError(f"recipe {source}: {err}") from None
+    return recipe
+
+
+def _check_zoo_model(model: torch.nn.Module, given: str) -> None:
+    """Sampling and scoring drive class-conditional zoo transformers; anything else is refused before them.
+    `given` is the flag and value that named the model (`--model q.safetensors`)."""
+    from ditq.adapters import ZooAdapter, adapter_for
+
+    if not isinstance(adapter_for(model), ZooAdapter):
+        raise ValueError(f"{given} holds a {type(model).__name__}, not a zoo transformer (DiT, Large-DiT, "
+                         "TerDiT); diffusers transformers go through --pipeline (ditq quantize, ditq sample)")
+
+
+def write_report(path: Path, report: dict, checkpoint: Path) -> None:
+    """`--report`, written once the checkpoint is saved: should it fail, the checkpoint stays and the error
+    says so (the report is checked writable before any work, so this takes a full disk or the like)."""
+    from ditq.atomic import write_text
+
+    try:
+        write_text(path, json.dumps(report, indent=2) + "\n")
+    except OSError as err:
+        raise OSError(err.errno, f"{err.strerror or err}; {checkpoint} is saved, without this report",
+                      err.filename or str(path)) from err
+
+
 # ---- subcommands -----------------------------------------------------------------------------------
 
 
 def _quantize(args: argparse.Namespace) -> None:
     from ditq import io
-    from ditq.atomic import write_text
     from ditq.bundled import open_model
     from ditq.pipeline import CalibSettings, post_training_quantize
     from ditq.quant.modules import is_quantized
-    from ditq.recipes import load_recipe
 
-    check_output_file(args.out, "--out")
-    pipeline = _check_model_or_pipeline(args, model_needed=True)
-    if not pipeline:
-        check_steps(args.calib_steps, "ddim", "--calib-steps")
+    check_output_file(args.out, "--out", ".safetensors")
     if args.report is not None:
-        check_output_file(args.report, "--report")
-        if args.report.absolute() == args.out.absolute():
-            raise ValueError(f"--report and --out are the same file ({args.out})")
-    if pipeline:
+        check_output_file(args.report, "--report", ".json")
+    if _check_model_or_pipeline(args, model_needed=True):
         from ditq.integrations.commands import quantize_pipeline
 
         return quantize_pipeline(args)
-    if Path(args.model).absolute() == args.out.absolute():
-        raise ValueError(f"--out {args.out} would overwrite the --model checkpoint; choose another path")
-    recipe = load_recipe(args.recipe)
+    check_steps(args.calib_steps, "ddim", "--calib-steps")
+    for flag, source in (("--model", args.model), ("--weights", args.weights)):
+        if source is not None and Path(source).resolve() == args.out.resolve():
+            raise ValueError(f"--out {args.out} would overwrite the {flag} file; choose another path")
+    recipe = _post_training_recipe(args.recipe)
     settings = CalibSettings(samples=args.calib_samples, steps=args.calib_steps, seed=args.seed + 1)
     model, source = open_model(args.model, weights=args.weights, seed=args.seed, device=args.device)
     if is_quantized(model):
@@ -246,11 +274,7 @@ def _quantize(args: argparse.Namespace) -> None:
           f"{io.float_storage(result.model, result.float_dtype)}; saved {args.out}")
     if args.report is not None:
         report = {"model": source, "checkpoint": str(args.out), "file_bytes": on_disk, **result.report()}
-        try:
-            write_text(args.report, json.dumps(report, indent=2) + "\n")
-        except BaseException:
-            args.out.unlink(missing_ok=True)  # no checkpoint without the report that was asked for
-            raise
+        write_report(args.report, report, args.out)
 
 
 def _sample(args: argparse.Namespace) -> None:
@@ -258,7 +282,7 @@ def _sample(args: argparse.Namespace) -> None:
     from ditq.diffusion import sample_images
     from ditq.grid import make_grid, save_image
 
-    check_output_file(args.out, "--out")
+    check_output_file(args.out, "--out", ".png")
     if _check_model_or_pipeline(args, model_needed=False):
         if args.vae is not None:
             raise ValueError("--vae applies to zoo latent DiTs; a pipeline has its own VAE")
@@ -267,6 +291,14 @@ def _sample(args: argparse.Namespace) -> None:
         return sample_pipeline(args)
     check_steps(args.steps, args.sampler, "--steps")
     model, source = open_model(args.model, weights=args.weights, seed=args.seed, device=args.device)
+    _check_zoo_model(model, f"--model {args.model}")
+    if args.vae is not None:
+        from ditq.integrations.commands import check_vae_decodes
+
+        check_vae_decodes(args.vae, {f"--model {args.model}": model})
+    elif model.in_channels not in (1, 3):
+        raise ValueError(f"--model {args.model} samples {model.in_channels}-channel latents; give --vae (a "
+                         "diffusers AutoencoderKL folder) to decode them into images")
     print(f"model: {source}")
     if args.vae is not None:
         from ditq.integrations.commands import sample_latent_dit
@@ -286,24 +318,38 @@ def _eval(args: argparse.Namespace) -> None:
     from ditq.atomic import write_text
     from ditq.bundled import open_model
     from ditq.eval.report import render_table
-    from ditq.eval.runner import SampleSettings, evaluate
+    from ditq.eval.runner import SampleSettings, check_scorable, evaluate
     from ditq.io import model_size_bytes
     from ditq.pipeline import CalibSettings, post_training_quantize
-    from ditq.recipes import load_recipe
 
-    check_output_dir(args.out, "--out")
+    check_output_dir(args.out, "--out", files=("report.json", "report.md"))
+    check_scored_samples(args.samples, "--samples")
     check_steps(args.steps, args.sampler, "--steps")
     if args.recipe:
         check_steps(args.calib_steps, "ddim", "--calib-steps")
+    imagenet = args.vae is not None or args.inception is not None or args.ref_batch is not None
+    if imagenet:
+        from ditq.integrations.commands import check_imagenet_args
+
+        check_imagenet_args(args)
     settings = SampleSettings(samples=args.samples, steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler,
                               seed=args.seed, batch_size=args.batch_size)
-    recipes = {(name.upper() if name.lower() == name else name): load_recipe(name) for name in args.recipe}
+    recipes = {(name.upper() if name.lower() == name else name): _post_training_recipe(name) for name in args.recipe}
     checkpoints = {Path(path).stem: Path(path) for path in args.model}
     names = ["FP", *recipes, *checkpoints]
     if len(set(names)) < len(names) or len(checkpoints) < len(args.model):
         raise ValueError(f"two rows would share a name ({', '.join(names)}); rename a --model file")
     loaded = {name: io.load(path, device=args.device) for name, path in checkpoints.items()}
     fp_model, source = open_model(args.fp, weights=args.weights, device=args.device)
+    given = {f"--fp {args.fp}": fp_model, **{f"--model {checkpoints[name]}": m for name, m in loaded.items()}}
+    for what, model in given.items():
+        _check_zoo_model(model, what)
+    if imagenet:
+        from ditq.integrations.commands import check_vae_decodes
+
+        check_vae_decodes(args.vae, given)
+    else:
+        check_scorable(given, args.samples)
     models, sizes = {"FP": fp_model}, {"FP": model_size_bytes(fp_model, torch.float16)}
     calib_settings = CalibSettings(samples=args.calib_samples, steps=args.calib_steps, seed=args.seed + 1)
     calib = None
@@ -313,7 +359,7 @@ def _eval(args: argparse.Namespace) -> None:
         models[name], sizes[name] = result.model, result.quant_size_bytes
     for name, path in checkpoints.items():
         models[name], sizes[name] = loaded[name], os.path.getsize(path)
-    if args.vae is not None:
+    if imagenet:
         from ditq.integrations.commands import eval_imagenet
 
         eval_imagenet(args, models, sizes, args.out)
@@ -339,7 +385,7 @@ def _bench(args: argparse.Namespace) -> None:
     from ditq.quant.modules import is_quantized
 
     if args.out is not None:
-        check_output_file(args.out, "--out")
+        check_output_file(args.out, "--out", ".json")
     if args.backend not in BACKENDS and args.backend not in ALIASES:
         raise ValueError(f"--backend {args.backend!r} is not one of {sorted([*BACKENDS, *ALIASES])}")
     if args.cuda_graphs and torch.device(args.device).type != "cuda":
@@ -350,13 +396,23 @@ def _bench(args: argparse.Namespace) -> None:
     if args.model is None:
         raise ValueError("give --model (zoo name or checkpoint)")
     refs = {"model": (args.model, args.weights)} | ({} if args.fp is None else {"fp": (args.fp, None)})
-    rows = {}
-    for role, (ref, weights) in reversed(refs.items()):  # the FP model first, as the baseline
+    opened = {}
+    for role, (ref, weights) in refs.items():  # both opened and checked before either is timed
         model, source = open_model(ref, weights=weights, seed=args.seed, device=args.device)
         if not isinstance(model, ConditionalTransformer):
             raise ValueError(f"ditq bench times zoo transformers (DiT, Large-DiT); {source} is a {type(model).__name__}")
         if role == "fp" and is_quantized(model):
             raise ValueError(f"--fp {ref} is a quantized checkpoint; give the full-precision model it came from")
+        opened[role] = model, source
+    if "fp" in opened:
+        fp_config, config = opened["fp"][0].config, opened["model"][0].config
+        differ = sorted(k for k in fp_config.keys() | config.keys() if fp_config.get(k) != config.get(k))
+        if differ:
+            raise ValueError(f"--fp {args.fp} is not the architecture of --model {args.model} (they differ in "
+                             f"{', '.join(differ)}); give the full-precision model it came from")
+    rows = {}
+    for role in reversed(list(opened)):  # the FP model first, as the baseline
+        model, source = opened.pop(role)
         model = model.to(getattr(torch, dtype))
         if is_quantized(model):
             prepare_for_inference(model, args.backend, dtype=getattr(torch, dtype))
@@ -379,15 +435,15 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from ditq.demo import DEMO_RECIPE, run_demo
+    from ditq.demo import DEMO_RECIPE, OUTPUT_FILES, run_demo
     from ditq.eval.runner import SampleSettings
-    from ditq.recipes import load_recipe
 
-    check_output_dir(args.out, "--out")
+    check_output_dir(args.out, "--out", files=OUTPUT_FILES)
+    check_scored_samples(args.samples, "--samples")
     check_steps(args.steps, "ddim", "--steps")
     settings = SampleSettings(samples=args.samples, steps=args.steps, batch_size=args.samples)
-    recipe = DEMO_RECIPE if args.recipe is None else load_recipe(args.recipe)
-    baseline = None if args.baseline.lower() == "none" else load_recipe(args.baseline)
+    recipe = DEMO_RECIPE if args.recipe is None else _post_training_recipe(args.recipe)
+    baseline = None if args.baseline.lower() == "none" else _post_training_recipe(args.baseline)
     report = run_demo(args.out, recipe=recipe, baseline=baseline, settings=settings)
     fp = report["fp"]
     print(f"FP:    FID {fp['fid']:.2f}  class acc {fp['class_acc']:.3f}  size {fp['size_bytes']:,} B (16-bit)")

@@ -21,7 +21,7 @@ import torch
 from ditq import io
 from ditq.atomic import write_text
 from ditq.bundled import open_model
-from ditq.eval.runner import SampleSettings, evaluate
+from ditq.eval.runner import SampleSettings, check_scorable, evaluate
 from ditq.grid import make_grid, save_image
 from ditq.pipeline import CalibSettings, post_training_quantize
 from ditq.recipes import Recipe, load_recipe
@@ -30,6 +30,8 @@ from ditq.recipes import Recipe, load_recipe
 # searched on a 4-point α grid over 256 rows so that it calibrates in seconds on a CPU (the full grid: minutes).
 DEMO_RECIPE = replace(load_recipe("svdquant-w4a8"), gptq=True, alphas=(0.0, 0.25, 0.5, 0.75), search_rows=256)
 BASELINE_RECIPE = "w4a8"
+CHECKPOINT, GRID, REPORT_JSON, REPORT_MD = "quantized.safetensors", "grid.png", "report.json", "report.md"
+OUTPUT_FILES = (CHECKPOINT, GRID, REPORT_JSON, REPORT_MD)  # what `run_demo` writes into its folder
 
 
 def run_demo(
@@ -50,10 +52,11 @@ def run_demo(
     torch.manual_seed(settings.seed)
 
     fp_model, source = open_model(model_ref)
+    check_scorable({"fp": fp_model}, settings.samples)  # before the minutes of calibration and quantization
     print(f"model: {source}")
     ptq = post_training_quantize(fp_model, recipe, settings=CalibSettings(seed=settings.seed + 1))
     label = _recipe_label(recipe)
-    checkpoint = io.save(ptq.model, out_dir / "quantized.safetensors", float_dtype=ptq.float_dtype)
+    checkpoint = io.save(ptq.model, out_dir / CHECKPOINT, float_dtype=ptq.float_dtype)
     sizes = {"fp": ptq.fp16_size_bytes, "quant": os.path.getsize(checkpoint)}
 
     models = {"fp": fp_model, "quant": ptq.model}
@@ -81,9 +84,9 @@ def run_demo(
     }
     n_show = 2 * fp_model.num_classes  # samples are labelled 0, 1, …, 9, 0, 1, …: two of each digit
     rows = [(labels[name], images[name][:n_show]) for name in ("fp", "baseline", "quant") if name in images]
-    save_image(make_grid(rows), out_dir / "grid.png")
-    write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
-    write_text(out_dir / "report.md", render_markdown(report))
+    save_image(make_grid(rows), out_dir / GRID)
+    write_text(out_dir / REPORT_JSON, json.dumps(report, indent=2) + "\n")
+    write_text(out_dir / REPORT_MD, render_markdown(report))
     return report
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from ditq.api import plan
 from ditq.quant.fakequant import FakeQuantLinear, set_served_bits
-from ditq.quant.modules import is_quantized
+from ditq.quant.modules import install, is_quantized
 from ditq.quant.qlinear import QuantLinear
 from ditq.quant.spec import QuantSpec
 from ditq.recipes import Recipe
@@ -112,8 +112,7 @@ def prepare(model: nn.Module, recipe: QAT) -> nn.Module:
             )
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from err
-    for name, module in built.items():
-        model.set_submodule(name, module)
+    install(model, built)
     model.ditq_recipe = recipe.to_dict()
     return model
 
@@ -153,6 +152,5 @@ def convert(model: nn.Module) -> nn.Module:
         if fake.bias is not None:
             packed.bias.copy_(fake.bias)
         built[name] = packed
-    for name, module in built.items():
-        model.set_submodule(name, module)
+    install(model, built)
     return model

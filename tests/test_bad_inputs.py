@@ -7,6 +7,7 @@ layer or field at fault, and a working folder left exactly as it was (nothing cr
 import hashlib
 import re
 import shutil
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,13 @@ import ditq
 import ditq.fileformat
 from ditq.calib import CalibData
 from ditq.cli import main
+from ditq.eval.runner import SampleSettings
 from ditq.models import create
 from ditq.quant.modules import is_quantized
 from ditq.quant.qlinear import QuantLinear
 from ditq.quant.spec import QuantSpec
 from ditq.recipes import RTN, load_recipe, recipe_from_dict
-from tests.tiny import make_tiny_mnist_dit
+from tests.tiny import make_tiny_dit, make_tiny_mnist_dit
 
 QUANT_RECIPE = RTN(w_bits=4, group_size=64, a_bits=8)  # dynamic activations: no calibration needed
 
@@ -75,6 +77,8 @@ def sources(tmp_path_factory) -> Path:
     calib.save(d / "nan_calib.safetensors")
     for name, text in RECIPE_FILES.items():
         (d / name).write_text(text)
+    ditq.save(make_tiny_dit(in_channels=4), d / "latent.safetensors")  # a latent DiT: 4×8×8 samples
+    (d / "taken" / "report.json").mkdir(parents=True)  # an output folder where a report would go is a folder
     return d
 
 
@@ -91,8 +95,7 @@ class Work:
 
 @pytest.fixture
 def work(sources, tmp_path) -> Work:
-    for f in sources.iterdir():
-        shutil.copy2(f, tmp_path / f.name)
+    shutil.copytree(sources, tmp_path, dirs_exist_ok=True)
     return Work(tmp_path)
 
 
@@ -442,6 +445,78 @@ def quantlinear_wrong_width_input(w):
     QuantLinear.from_linear(nn.Linear(64, 8), QuantSpec(w_bits=8))(torch.zeros(2, 63))
 
 
+@api_case(TypeError, "QuantLinear", "int32")
+def quantlinear_integer_input(w):
+    QuantLinear.from_linear(nn.Linear(64, 8), QuantSpec(w_bits=8))(torch.ones(2, 64, dtype=torch.int32))
+
+
+@api_case(TypeError, r"'blocks\.0\.attn\.qkv'", "int64")
+def quantized_layer_called_with_integers_names_the_layer(w):
+    ditq.quantize(w.model(), QUANT_RECIPE).blocks[0].attn.qkv(torch.ones(2, 128, dtype=torch.int64))
+
+
+@api_case(TypeError, r"'blocks\.1\.mlp\.fc1'", "bool")
+def loaded_layer_called_with_booleans_names_the_layer(w):
+    ditq.load(w / "q.safetensors").blocks[1].mlp.fc1(torch.ones(2, 128, dtype=torch.bool))
+
+
+def _generic_calibrated() -> tuple[nn.Module, CalibData]:
+    """A plain module (the generic adapter) and its calibration on 16 random rows."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(fc1=nn.Linear(64, 64), act=nn.GELU(), fc2=nn.Linear(64, 32)))
+    return model, ditq.calibrate(model, run=lambda m: m(torch.randn(16, 64)))
+
+
+@api_case(ValueError, "'fc2'", "NaN")
+def svdquant_calibration_rows_with_nan(w):
+    model, calib = _generic_calibrated()
+    calib.inputs["fc2"][3, 5] = float("nan")  # the statistics stay finite: only the rows the search reads
+    recipe = ditq.SVDQuant(w_bits=4, a_bits=4, rank=8, group_size=64, alphas=(0.5,))
+    _unchanged_after(model, lambda: ditq.quantize(model, recipe, calib=calib))
+
+
+@api_case(ValueError, "'fc1'", "NaN")
+def gptq_calibration_rows_with_nan_names_the_layer(w):
+    model, calib = _generic_calibrated()
+    calib.inputs["fc1"][0, 0] = float("nan")
+    _unchanged_after(model, lambda: ditq.quantize(model, ditq.QDiT(w_bits=4, group_size=64, gptq=True), calib=calib))
+
+
+def _overflowing_hessian_calibrated() -> tuple[nn.Module, CalibData]:
+    model, calib = _generic_calibrated()
+    for kind in (calib.inputs, calib.absmax, calib.step_absmax):
+        kind["fc1"] *= 1e20  # finite inputs whose squares are not: H = mean x xᵀ overflows
+    return model, calib
+
+
+@api_case(ValueError, "^fc1: ", "hessian")
+def gptq_hessian_overflow_names_the_layer(w):
+    model, calib = _overflowing_hessian_calibrated()
+    _unchanged_after(model, lambda: ditq.quantize(model, ditq.QDiT(w_bits=4, group_size=64, gptq=True), calib=calib))
+
+
+@api_case(ValueError, "^fc1: ", "hessian")
+def svdquant_gptq_hessian_overflow_names_the_layer(w):
+    model, calib = _overflowing_hessian_calibrated()
+    recipe = ditq.SVDQuant(w_bits=4, a_bits=4, rank=8, group_size=64, gptq=True, alphas=(0.5,))
+    _unchanged_after(model, lambda: ditq.quantize(model, recipe, calib=calib))
+
+
+@api_case(ValueError, "2 samples", "at least 4")
+def demo_with_too_few_samples_to_score(w):
+    from ditq.demo import run_demo
+
+    settings = SampleSettings(samples=2, steps=2, batch_size=2)
+    run_demo(w / "demo", model_ref=str(w / "fp.safetensors"), settings=settings, progress=False)
+
+
+@api_case(ValueError, "4×8×8", "1×32×32")
+def evaluate_a_model_the_feature_net_cannot_score(w):
+    from ditq.eval.runner import evaluate
+
+    evaluate({"fp": make_tiny_dit(in_channels=4)}, SampleSettings(samples=4, steps=2))
+
+
 @pytest.mark.parametrize(("case", "exc", "names"), API_CASES)
 def test_api_refuses(case, exc, names, work):
     before = _snapshot(work.dir)
@@ -477,6 +552,8 @@ CLI_CASES = [
     ("quantize_negative_calib_steps", ["quantize", "--model", "{d}/fp.safetensors", "--recipe", "w8a8", "--out", "{d}/o.safetensors", "--calib-steps", "-1"], ["--calib-steps"]),
     ("eval_zero_batch_size", ["eval", "--fp", "{d}/fp.safetensors", "--batch-size", "0", "--out", "{d}/ev"], ["--batch-size"]),
     ("demo_zero_samples", ["demo", "--samples", "0", "--out", "{d}/demo"], ["--samples"]),
+    ("demo_too_few_samples_to_score", ["demo", "--samples", "1", "--out", "{d}/demo"], ["--samples 1", "at least 4"]),
+    ("eval_too_few_samples_to_score", ["eval", "--fp", "{d}/fp.safetensors", "--samples", "3", "--steps", "2", "--out", "{d}/ev"], ["--samples 3", "at least 4"]),
     # output paths
     ("sample_out_is_a_directory", ["sample", "--model", "{d}/fp.safetensors", "--out", "{d}", *CPU], ["--out", "{d}", "directory"]),
     ("sample_out_under_a_file", ["sample", "--model", "{d}/fp.safetensors", "--out", "{d}/fp.safetensors/g.png", *CPU], ["{d}/fp.safetensors", "file"]),
@@ -487,6 +564,13 @@ CLI_CASES = [
     ("quantize_report_under_a_file", ["quantize", "--model", "{d}/fp.safetensors", "--recipe", "w8a8", "--out", "{d}/o.safetensors", "--report", "{d}/bad.json/r.json", *QUICK], ["--report", "{d}/bad.json"]),
     ("eval_out_is_a_file", ["eval", "--fp", "{d}/fp.safetensors", "--out", "{d}/bad.json", "--samples", "2", "--steps", "2"], ["--out", "{d}/bad.json"]),
     ("demo_out_is_a_file", ["demo", "--out", "{d}/bad.json"], ["--out", "{d}/bad.json"]),
+    ("eval_report_would_replace_a_folder", ["eval", "--fp", "{d}/fp.safetensors", "--out", "{d}/taken", "--samples", "4", "--steps", "2"], ["--out", "{d}/taken/report.json", "directory"]),
+    ("demo_report_would_replace_a_folder", ["demo", "--out", "{d}/taken"], ["--out", "{d}/taken/report.json", "directory"]),
+    ("quantize_out_not_safetensors", ["quantize", "--model", "{d}/fp.safetensors", "--recipe", "w8a8", "--out", "{d}/q.pt", *QUICK], ["--out", "{d}/q.pt", r"\.safetensors"]),
+    ("quantize_report_not_json", ["quantize", "--model", "{d}/fp.safetensors", "--recipe", "w8a8", "--out", "{d}/o.safetensors", "--report", "{d}/r.txt", *QUICK], ["--report", "{d}/r.txt", r"\.json"]),
+    ("sample_out_not_png", ["sample", "--model", "{d}/fp.safetensors", "--out", "{d}/g.jpg"], ["--out", "{d}/g.jpg", r"\.png"]),
+    ("bench_out_not_json", ["bench", "--model", "{d}/q.safetensors", "--out", "{d}/b.md"], ["--out", "{d}/b.md", r"\.json"]),
+    ("quantize_out_overwrites_weights", ["quantize", "--model", "DiT-MNIST", "--weights", "{d}/fp.safetensors", "--recipe", "w8a8", "--out", "{d}/fp.safetensors", *QUICK], ["--out", "--weights"]),
     # devices
     ("device_unknown", ["sample", "--model", "{d}/fp.safetensors", "--device", "foo", "--out", "{d}/g.png"], ["--device", "foo"]),
     ("device_cuda_index_out_of_range", ["quantize", "--model", "{d}/fp.safetensors", "--recipe", "w8a8", "--out", "{d}/o.safetensors", "--device", "cuda:99"], ["--device", "cuda"]),
@@ -498,12 +582,19 @@ CLI_CASES = [
     ("model_header_edited", ["sample", "--model", "{d}/q_w3.safetensors", "--out", "{d}/g.png", *CPU], ["{d}/q_w3.safetensors", "header"]),
     ("model_foreign_file", ["sample", "--model", "{d}/foreign.safetensors", "--out", "{d}/g.png", *CPU], ["{d}/foreign.safetensors"]),
     ("quantize_an_already_quantized_checkpoint", ["quantize", "--model", "{d}/q.safetensors", "--recipe", "w8a8", "--out", "{d}/o.safetensors", *QUICK], ["{d}/q.safetensors", "already quantized"]),
+    ("sample_latents_without_vae", ["sample", "--model", "{d}/latent.safetensors", "--samples", "1", "--steps", "2", "--out", "{d}/g.png", *CPU], ["{d}/latent.safetensors", "4-channel", "--vae"]),
+    ("eval_a_model_the_feature_net_cannot_score", ["eval", "--fp", "{d}/fp.safetensors", "--model", "{d}/latent.safetensors", "--samples", "4", "--steps", "2", "--out", "{d}/ev", *CPU], ["latent", "4×8×8", "1×32×32"]),
     ("weights_for_a_checkpoint", ["sample", "--model", "{d}/fp.safetensors", "--weights", "{d}/q.safetensors", "--out", "{d}/g.png"], ["weights"]),
-    ("eval_model_missing", ["eval", "--fp", "{d}/fp.safetensors", "--model", "{d}/missing.safetensors", "--out", "{d}/ev", "--samples", "2", "--steps", "2", *CPU], ["{d}/missing.safetensors"]),
+    ("eval_model_missing", ["eval", "--fp", "{d}/fp.safetensors", "--model", "{d}/missing.safetensors", "--out", "{d}/ev", "--samples", "4", "--steps", "2", *CPU], ["{d}/missing.safetensors"]),
     # the command line itself
     ("missing_required_flag", ["quantize", "--model", "{d}/fp.safetensors", "--out", "{d}/o.safetensors"], ["--recipe"]),
     ("unknown_flag", ["sample", "--model", "{d}/fp.safetensors", "--out", "{d}/g.png", "--smaples", "4"], ["--smaples"]),
     ("unknown_command", ["quantise"], ["quantise"]),
+    ("quantize_a_qat_recipe", ["quantize", "--model", "{d}/fp.safetensors", "--recipe", "terdit", "--out", "{d}/o.safetensors", *QUICK], ["terdit", "ditq train"]),
+    ("eval_a_qat_recipe", ["eval", "--fp", "{d}/fp.safetensors", "--recipe", "terdit", "--samples", "4", "--steps", "2", "--out", "{d}/ev", *QUICK], ["terdit", "ditq train"]),
+    ("demo_a_qat_recipe", ["demo", "--recipe", "terdit-a8", "--out", "{d}/demo"], ["terdit-a8", "ditq train"]),
+    ("eval_vae_without_inception", ["eval", "--fp", "{d}/fp.safetensors", "--recipe", "w8a8", "--vae", "{d}", "--samples", "4", "--steps", "2", "--out", "{d}/ev", *QUICK], ["--inception", "--ref-batch"]),
+    ("eval_inception_without_vae", ["eval", "--fp", "{d}/fp.safetensors", "--inception", "{d}/bad.json", "--samples", "4", "--steps", "2", "--out", "{d}/ev", *CPU], ["--vae"]),
     ("unknown_sampler", ["sample", "--model", "{d}/fp.safetensors", "--out", "{d}/g.png", "--sampler", "euler"], ["--sampler", "euler"]),
     # bench
     ("bench_unknown_backend", ["bench", "--model", "{d}/q.safetensors", "--backend", "triton"], ["--backend", "triton", "lowbit"]),
@@ -511,10 +602,25 @@ CLI_CASES = [
     ("bench_zero_batch", ["bench", "--model", "{d}/q.safetensors", "--batch", "0"], ["--batch"]),
     ("bench_fp_is_quantized", ["bench", "--model", "{d}/q.safetensors", "--fp", "{d}/q.safetensors", *CPU], ["--fp", "{d}/q.safetensors", "quantized"]),
     ("bench_out_is_a_directory", ["bench", "--model", "{d}/q.safetensors", "--out", "{d}"], ["--out", "directory"]),
+    ("bench_fp_of_another_architecture", ["bench", "--model", "{d}/q.safetensors", "--fp", "{d}/latent.safetensors", *CPU], ["--fp", "{d}/latent.safetensors", "in_channels"]),
 ]
 
+# Output folders that permission bits call writable but that take no file: /proc refuses new entries even to
+# root. Each is refused before any work, and an existing --out is left as it was.
+NO_FILES_HERE = "/proc/ditq_x"
+UNWRITABLE_CASES = [
+    ("quantize_report_where_no_file_can_be_made_keeps_the_old_out", ["quantize", "--model", "{d}/fp.safetensors", "--recipe", "w8a8", "--out", "{d}/q.safetensors", "--report", f"{NO_FILES_HERE}/r.json", *QUICK], ["--report", NO_FILES_HERE]),
+    ("quantize_out_where_no_file_can_be_made", ["quantize", "--model", "{d}/fp.safetensors", "--recipe", "w8a8", "--out", f"{NO_FILES_HERE}/q.safetensors", *QUICK], ["--out", NO_FILES_HERE]),
+    ("sample_out_where_no_file_can_be_made", ["sample", "--model", "{d}/fp.safetensors", "--samples", "1", "--steps", "2", "--out", "/proc/g.png", *CPU], ["--out", "/proc/g.png"]),
+    ("bench_out_where_no_file_can_be_made", ["bench", "--model", "{d}/q.safetensors", "--repeats", "1", "--out", "/proc/b.json", *CPU], ["--out", "/proc/b.json"]),
+    ("eval_out_where_no_file_can_be_made", ["eval", "--fp", "{d}/fp.safetensors", "--samples", "4", "--steps", "2", "--out", f"{NO_FILES_HERE}/ev", *CPU], ["--out", NO_FILES_HERE]),
+    ("demo_out_where_no_file_can_be_made", ["demo", "--out", NO_FILES_HERE], ["--out", NO_FILES_HERE]),
+]
+NEEDS_PROC = pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
 
-@pytest.mark.parametrize(("argv", "names"), [pytest.param(a, n, id=i) for i, a, n in CLI_CASES])
+
+@pytest.mark.parametrize(("argv", "names"), [pytest.param(a, n, id=i) for i, a, n in CLI_CASES]
+                         + [pytest.param(a, n, id=i, marks=NEEDS_PROC) for i, a, n in UNWRITABLE_CASES])
 def test_cli_refuses_in_one_line(argv, names, work, capsys, monkeypatch):
     import ditq.pipeline
 

@@ -85,12 +85,12 @@ def test_eval_reports_fp_and_recipes(fp_ckpt, tmp_path):
 
 
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
-    assert main(["quantize", "--model", "DiT-Nope", "--recipe", "w4a8", "--out", str(tmp_path / "x")]) == 2
+    assert main(["quantize", "--model", "DiT-Nope", "--recipe", "w4a8", "--out", str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ditq quantize: error: ") and "neither a zoo model" in err and err.count("\n") == 1
     assert main(["sample", "--model", str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "g.png")]) == 2
     assert "missing.safetensors" in capsys.readouterr().err
-    assert main(["quantize", "--model", "DiT-MNIST", "--recipe", "w5a5", "--out", str(tmp_path / "x")]) == 2
+    assert main(["quantize", "--model", "DiT-MNIST", "--recipe", "w5a5", "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "neither a preset" in capsys.readouterr().err
     assert main(["quantize", "--model", "DiT-MNIST"]) == 2  # argparse's own errors are one line too
     err = capsys.readouterr().err
@@ -100,11 +100,12 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
 
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(ValueError, match="neither a zoo model"):
-        main(["quantize", "--model", "DiT-Nope", "--recipe", "w4a8", "--out", str(tmp_path / "x"), "--debug"])
+        main(["quantize", "--model", "DiT-Nope", "--recipe", "w4a8", "--out", str(tmp_path / "x.safetensors"), "--debug"])
 
 
-def test_a_report_that_cannot_be_written_takes_the_checkpoint_with_it(fp_ckpt, tmp_path, monkeypatch, capsys):
-    """Validated first; should writing still fail (disk full), no checkpoint is left without its report."""
+def test_a_report_that_cannot_be_written_leaves_the_saved_checkpoint(fp_ckpt, tmp_path, monkeypatch, capsys):
+    """Validated first; should writing still fail (disk full), the checkpoint written before it stays, and
+    the error says so: a failure never removes what was written (it could be the only copy)."""
     import ditq.atomic
 
     def fail(path, text):
@@ -112,10 +113,24 @@ def test_a_report_that_cannot_be_written_takes_the_checkpoint_with_it(fp_ckpt, t
 
     monkeypatch.setattr(ditq.atomic, "write_text", fail)
     out = tmp_path / "q.safetensors"
+    out.write_bytes(b"an older checkpoint")
     assert main(["quantize", "--model", str(fp_ckpt), "--recipe", "w8a8", "--out", str(out), "--calib-samples", "1",
                  "--calib-steps", "2", "--report", str(tmp_path / "r.json")]) == 2
-    assert "r.json: No space left on device" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp.safetensors"]
+    last = capsys.readouterr().err.splitlines()[-1]  # after the calibration's progress bar
+    assert last == f"ditq quantize: error: {tmp_path}/r.json: No space left on device; {out} is saved, without this report"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fp.safetensors", "q.safetensors"]
+    assert isinstance(ditq.load(out).blocks[0].attn.qkv, QuantLinear)
+
+
+def test_post_training_quantize_refuses_a_qat_recipe_before_calibrating(monkeypatch):
+    import ditq.pipeline
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibrated for a recipe no post-training method carries out")
+
+    monkeypatch.setattr(ditq.pipeline, "calibrate", no_calibration)
+    with pytest.raises(ValueError, match="no method is registered for QAT"):
+        post_training_quantize(make_tiny_mnist_dit(), ditq.load_recipe("terdit"))
 
 
 def test_error_lines_hide_temporary_names_and_python_quoting():
@@ -123,6 +138,8 @@ def test_error_lines_hide_temporary_names_and_python_quoting():
 
     assert error_line(OSError(28, "No space left on device", "/x/.q.safetensors.k3j_x9ab.tmp")) == (
         "/x/q.safetensors: No space left on device")
+    assert error_line(OSError(28, "No space left on device", "/x/.q.safetensors.4172.k3j_x9ab.tmp")) == (
+        "/x/q.safetensors: No space left on device")  # the writer's pid in the name
     assert error_line(KeyError("layer 'blocks.0' missing")) == "layer 'blocks.0' missing"
     assert error_line(ValueError("first\n  second")) == "first second"
 

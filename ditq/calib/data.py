@@ -39,20 +39,26 @@ class CalibData:
     steps: int = 0
 
     def require(self, name: str, rows: bool = False) -> None:
-        """Raise naming `name` if it has no statistics (or, with `rows`, no sampled input rows)."""
+        """Raise naming `name` if it has no statistics (or, with `rows`, no sampled input rows), or if any of
+        its data is NaN or infinite: what every method checks before it uses a layer's data."""
         if name not in self.absmax:
             raise ValueError(
                 f"calibration data has no entry for module {name!r}; was it captured on this model?"
             )
         if rows and name not in self.inputs:
             raise ValueError(f"calibration data keeps no input rows for module {name!r} (rows_per_layer=0?)")
+        self._check_finite(name, "calibration data")
 
     def check_finite(self, where: str = "calibration data") -> None:
         """Raise naming the layer if any statistic or row is NaN or infinite (it would poison every scale)."""
+        for name in dict.fromkeys([*self.absmax, *self.step_absmax, *self.inputs]):
+            self._check_finite(name, where)
+
+    def _check_finite(self, name: str, where: str) -> None:
         for kind in ("absmax", "step_absmax", "inputs"):
-            for name, tensor in getattr(self, kind).items():
-                if not bool(torch.isfinite(tensor).all()):
-                    raise ValueError(f"{where}: {kind} of layer {name!r} holds NaN or infinite values")
+            tensor = getattr(self, kind).get(name)
+            if tensor is not None and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{where}: {kind} of layer {name!r} holds NaN or infinite values")
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write through `ditq.fileformat` (atomic, verified, hashed), so a long calibration is never lost."""

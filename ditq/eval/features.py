@@ -30,6 +30,7 @@ from ditq.atomic import atomic_path
 FORMAT = "ditq-feature-net"
 FORMAT_VERSION = 1
 STATS_VERSION = 1
+IMAGE_SHAPE = (1, 32, 32)  # (C, H, W) of the model-space images the net reads
 
 
 def assets_dir() -> Path:
@@ -214,7 +215,7 @@ def features_and_logits(
 
 
 def _check_model_space(x: torch.Tensor) -> None:
-    if not x.is_floating_point() or x.ndim != 4 or tuple(x.shape[1:]) != (1, 32, 32):
+    if not x.is_floating_point() or x.ndim != 4 or tuple(x.shape[1:]) != IMAGE_SHAPE:
         raise ValueError(
             f"expected model-space images float (N, 1, 32, 32) in [-1, 1], got {x.dtype} "
             f"{tuple(x.shape)}; convert uint8 digits with ditq.data.to_model_space"

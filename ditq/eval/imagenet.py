@@ -13,6 +13,7 @@ features are gathered in rank order and every rank returns the same scores as on
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -44,11 +45,24 @@ def load_vae(folder: str | Path, device: str | torch.device = "cpu", dtype: torc
     """A diffusers `AutoencoderKL` saved in a local folder (`config.json` + weights); nothing is downloaded."""
     from diffusers import AutoencoderKL
 
+    vae = AutoencoderKL.from_pretrained(str(_vae_folder(folder)), torch_dtype=dtype, local_files_only=True)
+    return vae.to(device).eval()
+
+
+def vae_latent_channels(folder: str | Path) -> int:
+    """Channels of the latents the `AutoencoderKL` in `folder` decodes, read from its config (no weights)."""
+    from diffusers import AutoencoderKL
+
+    config = AutoencoderKL.load_config(str(_vae_folder(folder)))
+    default = inspect.signature(AutoencoderKL.__init__).parameters["latent_channels"].default
+    return int(config.get("latent_channels", default))
+
+
+def _vae_folder(folder: str | Path) -> Path:
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise ValueError(f"--vae {folder}: not a diffusers AutoencoderKL folder (no config.json)")
-    vae = AutoencoderKL.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
-    return vae.to(device).eval()
+    return folder
 
 
 @torch.no_grad()

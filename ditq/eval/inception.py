@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ditq.eval.metrics import feature_stats, fid_from_stats, inception_score, precision_recall
+from ditq.eval.metrics import PR_NEIGHBOURS, feature_stats, fid_from_stats, inception_score, precision_recall
 
 SPATIAL_CHANNELS = 7  # ADM keeps the first 7 of Mixed_6d.branch1x1's 192 channels
 
@@ -370,7 +370,8 @@ def inception_score_adm(logits: np.ndarray, split_size: int = 5000) -> float:
     return float(np.mean([inception_score(logits[i : i + split_size]) for i in chunks]))
 
 
-def precision_recall_vs_reference(pool: np.ndarray, ref: ReferenceStats, k: int = 3) -> tuple[float, float]:
+def precision_recall_vs_reference(pool: np.ndarray, ref: ReferenceStats, k: int = PR_NEIGHBOURS
+                                  ) -> tuple[float, float]:
     """Precision/recall of sample pool features against the reference's pool features."""
     if ref.pool is None:
         raise ValueError(

@@ -15,6 +15,9 @@ from scipy import linalg
 
 ArrayLike = np.ndarray | torch.Tensor
 
+PR_NEIGHBOURS = 3  # k of precision/recall's k-nearest-neighbour balls
+MIN_SAMPLES = PR_NEIGHBOURS + 1  # the fewest samples every score can be computed on (FID's covariance needs 2)
+
 
 def _np(x: ArrayLike, dtype=np.float64) -> np.ndarray:
     if isinstance(x, torch.Tensor):
@@ -140,7 +143,7 @@ def _coverage(points: np.ndarray, centres: np.ndarray, radii: np.ndarray, chunk:
 
 
 def precision_recall(
-    real_feats: ArrayLike, fake_feats: ArrayLike, k: int = 3, chunk: int = 1024
+    real_feats: ArrayLike, fake_feats: ArrayLike, k: int = PR_NEIGHBOURS, chunk: int = 1024
 ) -> tuple[float, float]:
     """Improved precision and recall.
 

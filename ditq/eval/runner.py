@@ -19,9 +19,10 @@ from torch import nn
 
 from ditq.checks import check_counts
 from ditq.diffusion import sample_images
-from ditq.eval.features import features_and_logits, load_feature_net, load_real_stats
+from ditq.eval.features import IMAGE_SHAPE, features_and_logits, load_feature_net, load_real_stats
 from ditq.eval.layers import model_size_bytes
 from ditq.eval.metrics import (
+    MIN_SAMPLES,
     class_accuracy,
     feature_stats,
     fid_from_stats,
@@ -106,8 +107,7 @@ def evaluate(
     each model's images (same seeds and noise for every model).
     """
     sizes = sizes or {}
-    if not models:
-        raise ValueError("evaluate needs at least one model")
+    check_scorable(models, settings.samples)
     net, real = load_feature_net(), load_real_stats()
     results: dict[str, Any] = {"settings": asdict(settings)}
     reference = None
@@ -124,6 +124,22 @@ def evaluate(
         results[name] = row
         drawn[name] = images
     return results, drawn
+
+
+def check_scorable(models: Mapping[str, nn.Module], samples: int) -> None:
+    """Raise before any sampling if `evaluate` could not score `samples` images of each model: the
+    feature net reads 1×32×32 digits, and pixels are compared with the first model's images."""
+    if not models:
+        raise ValueError("evaluate needs at least one model")
+    if samples < MIN_SAMPLES:
+        raise ValueError(f"{samples} samples are too few to score: FID and precision/recall need at least "
+                         f"{MIN_SAMPLES}")
+    for name, model in models.items():
+        shape = (model.in_channels, model.input_size, model.input_size)
+        if shape != IMAGE_SHAPE:
+            raise ValueError(f"model {name} makes {'×'.join(map(str, shape))} images; the MNIST feature net "
+                             f"scores {'×'.join(map(str, IMAGE_SHAPE))} digits (ImageNet models: --vae, "
+                             "--inception, --ref-batch)")
 
 
 def _unit(images: torch.Tensor) -> np.ndarray:

@@ -67,7 +67,7 @@ def quantize_pipeline(args: argparse.Namespace) -> None:
         f"{io.float_storage(result.model, result.float_dtype)}; saved {args.out}"
     )
     if args.report is not None:
-        from ditq.atomic import write_text
+        from ditq.cli import write_report
 
         report = {
             "pipeline": str(args.pipeline),
@@ -75,7 +75,7 @@ def quantize_pipeline(args: argparse.Namespace) -> None:
             "file_bytes": on_disk,
             **result.report(),
         }
-        write_text(args.report, json.dumps(report, indent=2) + "\n")
+        write_report(args.report, report, args.out)
 
 
 def sample_pipeline(args: argparse.Namespace) -> None:
@@ -84,8 +84,10 @@ def sample_pipeline(args: argparse.Namespace) -> None:
     from ditq.grid import make_grid, save_image
     from ditq.integrations.diffusers import load_pipeline
 
+    header = None if args.model is None else io.read_header(args.model)
     pipe = load_pipeline(args.pipeline, device=args.device)
-    if args.model is not None:
+    if header is not None:
+        check_fits_pipeline(header, pipe, args)
         pipe.transformer = io.load(args.model, device=args.device).float()
     conditions = pipeline_conditions(args, pipe)
     call = {
@@ -106,6 +108,55 @@ def sample_pipeline(args: argparse.Namespace) -> None:
         f"wrote {args.out} ({args.samples} samples from {args.pipeline}"
         f"{' with ' + str(args.model) if args.model else ''}, {args.steps} steps, guidance {args.cfg})"
     )
+
+
+def check_fits_pipeline(header: dict, pipe, args: argparse.Namespace) -> None:
+    """The checkpoint `--model` must hold the pipeline's own transformer (class and config), or the
+    pipeline would fail in its first denoising step, or sample with the wrong network."""
+    from ditq.adapters import adapter_for
+
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is None:
+        raise ValueError(f"--pipeline {args.pipeline}: {type(pipe).__name__} has no transformer to replace by "
+                         f"--model {args.model}")
+    adapter = adapter_for(transformer)
+    stored = header.get("model", {})
+    if stored.get("arch") != adapter.name:
+        raise ValueError(f"--model {args.model} holds a {stored.get('arch')!r} model; the {type(pipe).__name__} in "
+                         f"{args.pipeline} runs a {type(transformer).__name__} ({adapter.name!r})")
+    mine, theirs = stored.get("config") or {}, adapter.config(transformer) or {}
+    differ = sorted(k for k in mine.keys() & theirs.keys() if mine[k] != theirs[k])
+    if differ:
+        fields = ", ".join(f"{k}={mine[k]!r} (pipeline: {theirs[k]!r})" for k in differ)
+        raise ValueError(f"--model {args.model} holds another {type(transformer).__name__} than the one in "
+                         f"{args.pipeline}: {fields}")
+
+
+def check_vae_decodes(folder: str, models: dict) -> None:
+    """Each model (keyed by the flag that named it) must make latents with the channels the `--vae` folder's
+    decoder reads; checked before any sample is drawn."""
+    from ditq.eval.imagenet import vae_latent_channels
+
+    channels = vae_latent_channels(folder)
+    for given, model in models.items():
+        if model.in_channels != channels:
+            raise ValueError(f"--vae {folder} decodes {channels}-channel latents; {given} makes "
+                             f"{model.in_channels}-channel samples")
+
+
+def check_imagenet_args(args: argparse.Namespace) -> None:
+    """`ditq eval` ImageNet flags: all three given, the files there, enough samples for every torchrun rank."""
+    given = {"--vae": args.vae, "--inception": args.inception, "--ref-batch": args.ref_batch}
+    missing = [flag for flag, value in given.items() if value is None]
+    if missing:
+        raise ValueError(f"the ImageNet protocol needs --vae, --inception and --ref-batch; {' and '.join(missing)} "
+                         "missing")
+    for flag in ("--inception", "--ref-batch"):
+        if not Path(given[flag]).is_file():
+            raise ValueError(f"{flag} {given[flag]} is not a file")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's
+    if args.samples < world:
+        raise ValueError(f"--samples {args.samples} cannot be shared by {world} ranks; ask for at least {world}")
 
 
 def sample_latent_dit(args: argparse.Namespace, model: torch.nn.Module) -> None:
@@ -143,13 +194,6 @@ def eval_imagenet(args: argparse.Namespace, models: dict, sizes: dict, out: Path
     from ditq.eval.runner import SampleSettings
     from ditq.training.distributed import setup_distributed
 
-    missing = [
-        flag
-        for flag, value in (("--inception", args.inception), ("--ref-batch", args.ref_batch))
-        if value is None
-    ]
-    if missing:
-        raise ValueError(f"--vae (the ImageNet protocol) also needs {' and '.join(missing)}")
     env = setup_distributed(args.device)
     try:
         settings = SampleSettings(

@@ -17,6 +17,7 @@ quantized layout, so the quantizer declares itself not serialisable and diffuser
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import Enum
 from typing import Any
 
@@ -55,6 +56,11 @@ class DitqConfig(QuantizationConfigMixin):
     ) -> None:
         if kwargs:
             raise ValueError(f"DitqConfig takes recipe and backend; unknown fields {sorted(kwargs)}")
+        if not isinstance(recipe, (str, Mapping)):
+            raise TypeError(f"DitqConfig(recipe=...) takes a preset name or recipe file path (str) or a mapping, "
+                            f"got {type(recipe).__name__} {recipe!r}")
+        if not isinstance(backend, str):
+            raise TypeError(f"DitqConfig(backend=...) takes a kernel backend name (str), got {type(backend).__name__}")
         parsed = load_recipe(recipe)  # a bad recipe fails here, before any weight is read
         method_for(parsed)  # QAT recipes are trained, not applied
         if parsed.needs_calibration():

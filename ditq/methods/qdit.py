@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ditq.calib import CalibData
+from ditq.checks import naming_layer
 from ditq.methods.gptq import gptq, hessian
 from ditq.quant.primitives import compute_qparams
 from ditq.quant.qlinear import QuantLinear
@@ -170,12 +171,14 @@ def qdit_linear(name: str, linear: nn.Linear, recipe: QDiT, calib: CalibData | N
     if recipe.gptq:
         weight = linear.weight
         rows = calib.inputs[name]
-        h = _memo(("hessian", name), (rows,), lambda: hessian(rows.to(weight.device)))
         hyper = (spec.w_bits, spec.group_size, spec.symmetric, recipe.block_size, recipe.damp, recipe.act_order)
-        codes, scales, zeros = _memo(
-            ("gptq", name, hyper), (weight, rows),
-            lambda: gptq(weight, h, spec, block_size=recipe.block_size, damp=recipe.damp, act_order=recipe.act_order),
-        )
+        with naming_layer(name):
+            h = _memo(("hessian", name), (rows,), lambda: hessian(rows.to(weight.device)))
+            codes, scales, zeros = _memo(
+                ("gptq", name, hyper), (weight, rows),
+                lambda: gptq(weight, h, spec, block_size=recipe.block_size, damp=recipe.damp,
+                             act_order=recipe.act_order),
+            )
         module.set_codes(codes, scales, zeros)
     return module
 

@@ -36,10 +36,12 @@ from ditq.adapters import adapter_for
 from ditq.api import check_plan
 from ditq.calib import CalibData
 from ditq.calib.reservoir import layer_generator
+from ditq.checks import naming_layer
 from ditq.kernels.reference import quantize_activations
 from ditq.methods.gptq import gptq, hessian
 from ditq.methods.layerwise import LayerwiseState, unit_fingerprint
 from ditq.methods.smoothing import DEFAULT_ALPHAS, WeightExponent, smooth_candidates
+from ditq.quant.modules import install
 from ditq.quant.primitives import compute_qparams, dequantize, quantize
 from ditq.quant.qlinear import QuantLinear
 from ditq.quant.spec import QuantSpec
@@ -291,7 +293,9 @@ def svdquant_modules(
             modules = [_load_module(lin, spec, n, tensors) for n, lin, spec in zip(names, linears, specs, strict=True)]
         else:
             seed = int(layer_generator(recipe.seed, names[0]).initial_seed() % 2**31)
-            result = svdquant_group([lin.weight.detach().to(work) for lin in linears], x, absmax.to(work), recipe, seed)
+            with naming_layer(", ".join(names)):
+                result = svdquant_group([lin.weight.detach().to(work) for lin in linears], x, absmax.to(work),
+                                        recipe, seed)
             modules = [_build_module(lin, spec, result, i) for i, (lin, spec) in enumerate(zip(linears, specs, strict=True))]
             modules = [m.to(home) for m in modules]
             info = result.info
@@ -319,8 +323,7 @@ def svdquant_quantize(
         raise TypeError(f"svdquant_quantize takes an SVDQuant recipe, got {type(recipe).__name__}")
     built, report = svdquant_modules(model, check_plan(model, recipe), calib, device=device,
                                      state_dir=state_dir, progress=progress)
-    for name, module in built.items():
-        model.set_submodule(name, module)
+    install(model, built)
     model.ditq_recipe = recipe.to_dict()
     return report
 

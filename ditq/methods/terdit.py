@@ -31,6 +31,7 @@ from ditq.adapters import RunFn, ZooAdapter, register_adapter
 from ditq.models.loading import read_state_dict
 from ditq.models.terdit import LlamaDiT
 from ditq.qat import QAT, convert
+from ditq.quant.modules import install
 from ditq.quant.qlinear import QuantLinear
 from ditq.quant.spec import QuantSpec
 from ditq.recipes import register_preset
@@ -150,7 +151,7 @@ def load_released(
         module.set_codes(codes if alpha != 0 else torch.zeros_like(codes), scale.expand(linear.out_features, 1))
         if linear.bias is not None:
             module.bias.copy_(state.pop(f"{name}.bias"))
-        model.set_submodule(name, module.to(device))
+        install(model, {name: module.to(device)})
     expected = {k: v for k, v in model.state_dict().items() if v.is_meta}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     shapes = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)

@@ -16,8 +16,8 @@ from typing import Any, Protocol
 
 from torch import nn
 
-__all__ = ["QUANT_MODULES", "QuantModule", "is_quantized", "quant_module_entries", "register_quant_module",
-           "swap_in"]
+__all__ = ["QUANT_MODULES", "QuantModule", "install", "is_quantized", "quant_module_entries",
+           "register_quant_module", "swap_in"]
 
 
 class QuantModule(Protocol):
@@ -79,5 +79,12 @@ def swap_in(model: nn.Module, entries: Mapping[str, Mapping[str, Any]]) -> None:
             built[name] = QUANT_MODULES[kind].skeleton(linear, fields)
         except (ValueError, TypeError, KeyError) as err:
             raise ValueError(f"module {name!r}: {err}") from err
-    for name, module in built.items():
+    install(model, built)
+
+
+def install(model: nn.Module, modules: Mapping[str, nn.Module]) -> None:
+    """Put each module at its name in `model`. Each learns that name (`layer_name`): a module does not know
+    where it sits, and the errors of its forward must say which layer of the model was called wrongly."""
+    for name, module in modules.items():
+        module.layer_name = name
         model.set_submodule(name, module)

@@ -75,6 +75,7 @@ class QuantLinear(nn.Module):
     backend = "reference"  # set per instance by ditq.prepare_for_inference
     input_activation: str | None = None  # applied to x first; set per instance by ditq.kernels.fusion
     fixed_dtype_buffers: tuple[str, ...] = ()  # kernel buffers whose dtype is part of the kernel's format
+    layer_name: str | None = None  # its name in the model, given by ditq.quant.modules.install; errors name it
 
     def __init__(
         self,
@@ -238,9 +239,18 @@ class QuantLinear(nn.Module):
         return dequantize_weight(self.qweight, self.scales, self.zeros, self.spec, self.in_features, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():
+            raise TypeError(f"{self._shown()}: input must be a floating-point tensor, got {x.dtype}")
         if x.ndim == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"input of shape {tuple(x.shape)} does not end in in_features={self.in_features}")
+            raise ValueError(f"{self._shown()}: input of shape {tuple(x.shape)} does not end in "
+                             f"in_features={self.in_features}")
         return BACKEND_FORWARDS[self.backend](self, x)  # (..., in) -> (..., out)
+
+    def _shown(self) -> str:
+        """How errors name this layer: by its name in the model, else by its shape."""
+        if self.layer_name is not None:
+            return f"layer {self.layer_name!r}"
+        return f"QuantLinear({self.in_features} → {self.out_features})"
 
     # ---- checkpoint entry (ditq.quant.modules) -------------------------------------------------------
 

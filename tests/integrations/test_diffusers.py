@@ -10,7 +10,8 @@ import ditq  # noqa: E402
 from ditq.cli import main  # noqa: E402
 from ditq.integrations.diffusers import SUPPORTED, calibrate_pipeline, diffusers_adapter  # noqa: E402
 from ditq.quant.qlinear import QuantLinear  # noqa: E402
-from tests.integrations.tiny_diffusers import make_dit_pipeline, make_transformer  # noqa: E402
+from tests.integrations.tiny_diffusers import TINY_CONFIGS, make_dit_pipeline, make_transformer  # noqa: E402
+from tests.tiny import make_tiny_mnist_dit  # noqa: E402
 
 FAMILIES = list(SUPPORTED)
 
@@ -96,6 +97,35 @@ def test_cli_quantize_and_sample_a_pipeline_folder(tmp_path, capsys):
     assert "class-conditional; use --class-label" in capsys.readouterr().err
 
 
+def test_sample_refuses_a_checkpoint_of_another_transformer_before_sampling(tmp_path, capsys, monkeypatch):
+    """A checkpoint must hold the pipeline's own transformer: class and config are compared first, so a
+    mismatch is one line naming what differs, not an error from the middle of the denoising loop."""
+    from diffusers import DiTPipeline, DiTTransformer2DModel
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled with a checkpoint that does not fit the pipeline")
+
+    monkeypatch.setattr(DiTPipeline, "__call__", no_sampling)
+    folder = tmp_path / "pipe"
+    make_dit_pipeline().save_pretrained(folder)
+    pixart = ditq.save(make_transformer("PixArtTransformer2DModel"), tmp_path / "pixart.safetensors")
+    deeper = DiTTransformer2DModel(**TINY_CONFIGS["DiTTransformer2DModel"] | {"num_layers": 3})
+    deeper = ditq.save(deeper, tmp_path / "deeper.safetensors")
+    zoo = ditq.save(make_tiny_mnist_dit(), tmp_path / "zoo.safetensors")
+    expected = {
+        pixart: ["'diffusers_pixart'", "DiTPipeline", "DiTTransformer2DModel"],
+        deeper: ["another DiTTransformer2DModel", "num_layers=3 (pipeline: 2)"],
+        zoo: ["'dit'", "DiTTransformer2DModel"],
+    }
+    for checkpoint, names in expected.items():
+        assert main(["sample", "--pipeline", str(folder), "--model", str(checkpoint), "--samples", "1", "--steps",
+                     "2", "--class-label", "3", "--out", str(tmp_path / "g.png"), "--device", "cpu"]) == 2
+        line = capsys.readouterr().err.splitlines()[-1]  # after diffusers' loading progress
+        assert line.startswith(f"ditq sample: error: --model {checkpoint} "), line
+        assert all(name in line for name in names), (names, line)
+    assert not (tmp_path / "g.png").exists()
+
+
 def test_from_pretrained_with_a_ditq_config_quantizes_as_ditq_quantize(tmp_path):
     import diffusers
 
@@ -128,6 +158,11 @@ def test_ditq_config_refuses_bad_fields_versions_and_prequantized_configs(tmp_pa
         DitqConfig("w8a8", backend="nope")
     with pytest.raises(ValueError, match="unknown fields"):
         DitqConfig("w8a8", bits=4)
+    for recipe in (123, None, ["w8a8"]):
+        with pytest.raises(TypeError, match=r"recipe=.*preset name or recipe file path \(str\) or a mapping"):
+            DitqConfig(recipe)
+    with pytest.raises(TypeError, match="backend"):
+        DitqConfig("w8a8", backend=None)
     fp = make_transformer("DiTTransformer2DModel")
     fp.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
