@@ -129,7 +129,7 @@ def test_post_training_quantize_refuses_a_qat_recipe_before_calibrating(monkeypa
         raise AssertionError("calibrated for a recipe no post-training method carries out")
 
     monkeypatch.setattr(ditq.pipeline, "calibrate", no_calibration)
-    with pytest.raises(ValueError, match="no method is registered for QAT"):
+    with pytest.raises(ValueError, match="QAT recipes are trained, not applied"):
         post_training_quantize(make_tiny_mnist_dit(), ditq.load_recipe("terdit"))
 
 
