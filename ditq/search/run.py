@@ -177,11 +177,12 @@ def saved_search(
 ) -> tuple[dict[str, Any] | None, dict[str, float]]:
     """What `out` holds of this search: its state (None when there is none) and the fitness of every genome
     evaluated so far. A state of another search, or a damaged state or log, is a ValueError naming the file."""
-    digest = _digest(_settings(space, base, config, fitness))
+    settings = _settings(space, base, config, fitness)
+    digest = _digest(settings)
     state = load_state(out)
     cache: dict[str, float] = {}
     if state is not None:
-        _check_same(out / STATE_FILE, state["settings"], _settings(space, base, config, fitness))
+        _check_same(out / STATE_FILE, state["settings"], settings)
         for key in (*state["population"], *state["fitness"]):
             _check_key(space, key, out / STATE_FILE)
         cache |= state["fitness"]
@@ -259,7 +260,7 @@ def _check_key(space: SearchSpace, key: str, where: str | Path) -> str:
     """`key` if it names a genome of `space`; else a ValueError naming the file (and line) it came from."""
     try:
         space.check(genome_from_key(key))
-    except (ValueError, AttributeError) as err:
+    except ValueError as err:
         raise ValueError(f"{where}: candidate {key!r} is not one of this search's: {err}") from None
     return key
 

@@ -194,9 +194,9 @@ def _check_model(name: str, overrides: dict[str, Any]) -> None:
         if key not in settings:
             raise ValueError(f"model_overrides: {key!r} is not a setting of {name}{did_you_mean(key, settings)} "
                              f"(settings: {', '.join(settings)})")  # fmt: skip
-        kind = _KINDS.get(type(settings[key]))
-        if kind is not None and not (type(value) in kind[0] and (not isinstance(value, float) or math.isfinite(value))):
-            raise ValueError(f"model_overrides: {key}={value!r} must be {kind[1]} ({name} has {key}={settings[key]!r})")
+        types, wanted = _OVERRIDE_TYPES.get(type(settings[key]), ((type(value),), ""))
+        if type(value) not in types:  # (NaN and infinities are refused as JSON already)
+            raise ValueError(f"model_overrides: {key}={value!r} must be {wanted} ({name} has {key}={settings[key]!r})")
     try:
         with torch.device("meta"):
             create(name, **overrides)
@@ -204,8 +204,8 @@ def _check_model(name: str, overrides: dict[str, Any]) -> None:
         raise ValueError(f"model_overrides {overrides} do not build {name}: {err}") from None
 
 
-# a setting's type → the types an override of it may have, and how to say so
-_KINDS: dict[type, tuple[tuple[type, ...], str]] = {
+# a setting's type → the types an override of it may have, and how to say so (bool is no int here)
+_OVERRIDE_TYPES: dict[type, tuple[tuple[type, ...], str]] = {
     bool: ((bool,), "true or false"), int: ((int,), "an integer"), float: ((int, float), "a finite number"),
     str: ((str,), "a string"),
 }
