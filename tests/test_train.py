@@ -263,6 +263,17 @@ def test_ranks_stop_after_the_same_step() -> None:
     assert signal.getsignal(signal.SIGINT) is handler  # put back
 
 
+def test_a_run_that_ignores_ctrl_c_keeps_ignoring_it() -> None:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as `nohup` or `&` start a process
+    try:
+        with StopRequest(world_size=1) as stop:
+            signal.raise_signal(signal.SIGINT)
+            assert not stop.should_stop()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_resume_extends_a_finished_run_and_guards_its_settings(tmp_path: Path) -> None:
     out = tmp_path / "run"
     train(tiny_config(out, steps=3))

@@ -39,7 +39,8 @@ class StopRequest:
         self._previous_handler: Any = None
 
     def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():  # only the main thread receives signals
+        # only the main thread receives signals; a process started to ignore SIGINT (`nohup`, `&`) keeps ignoring it
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
             self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
         if self.world_size > 1:
             self._group = dist.new_group(backend="gloo")
@@ -64,11 +65,12 @@ class StopRequest:
         """
         if self._group is None:
             return self.interrupted
-        stop = False
         if self._pending is not None:
             work, flags = self._pending
             work.wait()
-            stop = bool(flags.item())
+            self._pending = None
+            if flags.item():  # the same answer on every rank: all stop here, none starts another all-reduce
+                return True
         flags = torch.tensor([int(self.interrupted)])
         self._pending = (dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flags)
-        return stop
+        return False
