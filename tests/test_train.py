@@ -529,25 +529,25 @@ def test_cli_flags_map_to_config() -> None:
     assert cfg.resume and cfg.compile and cfg.ema_warmup and cfg.steps == TrainConfig().steps
 
 
-@pytest.mark.parametrize(
-    "argv, names",
-    [
-        (["--recipe", "{not json"], ["--recipe", "not valid JSON"]),
-        (["--recipe", "w4a8"], ["post-training"]),  # a PTQ preset
-        (["--recipe", "terdiT2"], ["terdiT2", "did you mean 'terdit'"]),
-        (["--set", "depth"], ["--set", "key=value"]),
-        (["--steps", "0"], ["steps=0"]),
-        (["--stpes", "5"], ["--stpes"]),
-        (["--model", "DiT-MNSIT"], ["DiT-MNSIT", "did you mean 'DiT-MNIST'"]),
-        (["--set", "dept=2"], ["dept", "did you mean 'depth'"]),
-        (["--set", "depth=abc"], ["depth='abc'", "integer"]),
-        (["--set", "mlp_ratio=NaN"], ["mlp_ratio=nan", "finite"]),
-        (["--set", "hidden_size=65"], ["hidden size 65", "num_heads"]),
-        (["--init-from", "nope.safetensors"], ["init_from='nope.safetensors'"]),
-        (["--loss", "distill", "--teacher", "nope.safetensors"], ["teacher='nope.safetensors'"]),
-        (["--device", "cuda:99"], ["--device", "cuda"]),
-    ],
-)
+BAD_FLAGS = {  # what the one error line must name
+    "recipe_not_json": (["--recipe", "{not json"], ["--recipe", "not valid JSON"]),
+    "recipe_ptq_preset": (["--recipe", "w4a8"], ["post-training"]),
+    "recipe_misspelt": (["--recipe", "terdiT2"], ["terdiT2", "did you mean 'terdit'"]),
+    "set_without_value": (["--set", "depth"], ["--set", "key=value"]),
+    "zero_steps": (["--steps", "0"], ["steps=0"]),
+    "flag_misspelt": (["--stpes", "5"], ["--stpes"]),
+    "model_misspelt": (["--model", "DiT-MNSIT"], ["DiT-MNSIT", "did you mean 'DiT-MNIST'"]),
+    "override_misspelt": (["--set", "dept=2"], ["dept", "did you mean 'depth'"]),
+    "override_not_a_number": (["--set", "depth=abc"], ["depth='abc'", "integer"]),
+    "override_nan": (["--set", "mlp_ratio=NaN"], ["mlp_ratio=nan", "finite"]),
+    "override_that_does_not_build": (["--set", "hidden_size=65"], ["hidden size 65", "num_heads"]),
+    "init_from_missing": (["--init-from", "nope.safetensors"], ["init_from='nope.safetensors'"]),
+    "teacher_missing": (["--loss", "distill", "--teacher", "nope.safetensors"], ["teacher='nope.safetensors'"]),
+    "device_missing": (["--device", "cuda:99"], ["--device", "cuda"]),
+}
+
+
+@pytest.mark.parametrize("argv, names", BAD_FLAGS.values(), ids=BAD_FLAGS.keys())
 def test_cli_refuses_bad_input_in_one_line_before_any_work(argv, names, tmp_path, capsys, monkeypatch) -> None:
     def no_work(*args, **kwargs):
         raise AssertionError("ditq train started the run before it refused a bad input")
