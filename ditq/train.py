@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
     cfg = config_from_args(args)
     if args.export_fp16:
-        check_output_file(Path(args.export_fp16), "--export-fp16")
+        check_output_file(Path(args.export_fp16), "--export-fp16", ".safetensors")
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"

@@ -1,5 +1,5 @@
-"""ditq's modules import each other without cycles: every import counts, those under `TYPE_CHECKING` and
-those inside functions too (a lazy import only hides a cycle from the interpreter, not from a reader)."""
+"""ditq's modules import each other without cycles: every import that runs when a module is imported counts,
+those under `if TYPE_CHECKING:` too (a cycle a type checker needs is still a cycle)."""
 
 import ast
 from pathlib import Path
@@ -14,10 +14,29 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+class ImportTime(ast.NodeVisitor):
+    """The import statements of a module outside its functions' bodies."""
+
+    def __init__(self) -> None:
+        self.imports: list[ast.Import | ast.ImportFrom] = []
+
+    def visit_Import(self, node: ast.Import | ast.ImportFrom) -> None:
+        self.imports.append(node)
+
+    visit_ImportFrom = visit_Import
+
+    def visit_FunctionDef(self, node: ast.AST) -> None:
+        pass  # runs when called, not when imported
+
+    visit_AsyncFunctionDef = visit_FunctionDef
+
+
 def imported_modules(path: Path, modules: set[str]) -> set[str]:
-    """The ditq modules that `path` imports anywhere (`from a import b` counts as `a.b` when that is a module)."""
+    """The ditq modules `path` imports when it is imported (`from a import b` is `a.b` when that is a module)."""
+    visitor = ImportTime()
+    visitor.visit(ast.parse(path.read_text()))
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in visitor.imports:
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module is not None:
