@@ -4,11 +4,16 @@ The temporary file is `.<name>.<pid>.<random>.tmp` beside the target. A writer k
 (SIGKILL, power loss) leaves it behind; the next write of the same target removes those whose writer is
 gone (its pid no longer runs here) or that are older than a day (another host's, or an older ditq's
 `.<name>.<random>.tmp`), and never touches another file.
+
+JSON is written strictly: NaN and ±Infinity, which `json.dumps` would write as the non-standard `NaN` and
+`Infinity` that other readers refuse, are an error naming the file and where the value sits.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -16,6 +21,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("ditq")
 
@@ -48,6 +54,34 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)
+
+
+def write_json(path: str | os.PathLike, data: Any, *, indent: int | None = 2) -> Path:
+    return write_text(path, json_text(data, what=str(path), indent=indent) + "\n")
+
+
+def json_text(data: Any, *, what: str, **options: Any) -> str:
+    """`json.dumps(data, **options)` refusing NaN and ±Infinity: the ValueError names `what` and the value."""
+    try:
+        return json.dumps(data, allow_nan=False, **options)
+    except ValueError as err:
+        where = _non_finite(data, "")
+        if where is None:
+            raise
+        raise ValueError(f"{what}: {where} is not a finite number (JSON has no NaN or Infinity)") from err
+
+
+def _non_finite(data: Any, where: str) -> str | None:
+    """`key.path=value` of the first NaN or ±Infinity in `data`, None if there is none."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return f"{where or 'the value'}={data}"
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, (list, tuple)) else ()
+    for key, value in items:
+        step = f".{key}" if isinstance(key, str) and key.isidentifier() else f"[{key!r}]"
+        found = _non_finite(value, f"{where}{step}".lstrip("."))
+        if found is not None:
+            return found
+    return None
 
 
 def sweep_stale_temporaries(path: str | os.PathLike) -> list[Path]:

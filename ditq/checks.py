@@ -1,12 +1,13 @@
-"""Checks shared by the frozen settings dataclasses (sampling, calibration, timing, search), and the
-naming of the layer in errors raised deep inside a method."""
+"""Checks shared by the frozen settings dataclasses (sampling, calibration, timing, search, training), the
+naming of the layer in errors raised deep inside a method, and the close match for a misspelt name."""
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
-__all__ = ["check_count", "check_counts", "naming_layer"]
+__all__ = ["check_count", "check_counts", "did_you_mean", "naming_layer"]
 
 
 def check_counts(settings: object, names: Iterable[str], *, minimum: int = 1, what: str = "") -> None:
@@ -31,3 +32,10 @@ def naming_layer(name: str) -> Iterator[None]:
         yield
     except ValueError as err:
         raise ValueError(f"{name}: {err}") from err
+
+
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`"; did you mean 'X'?"` for the entry of `known` closest to a misspelt `name` (case aside), else `""`."""
+    by_folded = {k.casefold(): k for k in known}
+    close = difflib.get_close_matches(name.casefold(), by_folded, n=1, cutoff=0.6)
+    return f"; did you mean {by_folded[close[0]]!r}?" if close else ""

@@ -16,30 +16,20 @@ from pathlib import Path
 
 import torch
 
-from ditq.atomic import TEMP_NAME
 from ditq.cli_checks import (
+    USER_ERRORS,
+    OneLineParser,
+    UsageError,
     check_output_dir,
     check_output_file,
     check_scored_samples,
     check_steps,
     default_device,
     device_arg,
+    error_line,
     finite_float,
     positive_int,
 )
-
-# Errors that bad input (a flag, a file, a recipe) raises; anything else is a bug and keeps its traceback.
-USER_ERRORS = (ValueError, TypeError, KeyError, OSError)
-
-
-class UsageError(Exception):
-    """A command line that argparse refused; the message is the one line to print."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        """One line, not argparse's usage block (`--help` still shows the usage)."""
-        raise UsageError(f"{self.prog}: error: {message}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,21 +66,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def error_line(err: BaseException) -> str:
-    """The error as one line for a user: the file it names, no temporary file names, no repr quoting."""
-    if isinstance(err, OSError) and err.filename is not None:
-        text = f"{err.filename}: {err.strerror or err}"
-    elif isinstance(err, KeyError) and len(err.args) == 1:
-        text = str(err.args[0])
-    else:
-        text = str(err) or type(err).__name__
-    text = TEMP_NAME.sub(r"\g<target>", text)  # `.model.safetensors.41.k3j_x9ab.tmp` → `model.safetensors`
-    return " ".join(text.split())
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="ditq", description="Quantize, sample and evaluate diffusion transformers.")
-    common = _Parser(add_help=False)
+    parser = OneLineParser(prog="ditq", description="Quantize, sample and evaluate diffusion transformers.")
+    common = OneLineParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("train", help="train a zoo model (see `ditq train --help`)", add_help=False)

@@ -1,4 +1,7 @@
-"""Argument types and path checks of the `ditq` command line: bad values are refused before any work."""
+"""The `ditq` command line's shared parts: one-line errors, argument types and path checks.
+
+Bad values are refused before any work; a user error ends in one line, `ditq <command>: error: …`, exit 2.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +9,83 @@ import argparse
 import itertools
 import math
 import os
+import shlex
+import sys
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-__all__ = ["check_output_dir", "check_output_file", "check_scored_samples", "check_steps", "default_device",
-           "device_arg", "finite_float", "positive_int"]
+from ditq.atomic import TEMP_NAME
+
+__all__ = ["USER_ERRORS", "OneLineParser", "UsageError", "check_output_dir", "check_output_file",
+           "check_scored_samples", "check_steps", "default_device", "device_arg", "error_line", "finite_float",
+           "positive_int", "rerun_command", "run_command"]
+
+# Errors that bad input (a flag, a file, a recipe) raises; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, TypeError, KeyError, OSError)
+
+
+# ---- one-line errors --------------------------------------------------------------------------------
+
+
+class UsageError(Exception):
+    """A command line that argparse refused; the message is the one line to print."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        """One line, not argparse's usage block (`--help` still shows the usage)."""
+        raise UsageError(f"{self.prog}: error: {message}")
+
+
+def error_line(err: BaseException) -> str:
+    """The error as one line for a user: the file it names, no temporary file names, no repr quoting."""
+    if isinstance(err, OSError) and err.filename is not None:
+        text = f"{err.filename}: {err.strerror or err}"
+    elif isinstance(err, KeyError) and len(err.args) == 1:
+        text = str(err.args[0])
+    else:
+        text = str(err) or type(err).__name__
+    text = TEMP_NAME.sub(r"\g<target>", text)  # `.model.safetensors.41.k3j_x9ab.tmp` → `model.safetensors`
+    return " ".join(text.split())
+
+
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                command: Callable[[argparse.Namespace], int | None]) -> int:
+    """Parse `argv` with `parser` (a `OneLineParser` with `--debug`) and return `command(args)`'s exit code.
+
+    A user error is one line, `<prog>: error: …`, and exit 2 (`--debug`: the traceback); Ctrl-C is exit 130.
+    """
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as err:
+        print(err, file=sys.stderr)
+        return 2
+    try:
+        return command(args) or 0
+    except torch.cuda.OutOfMemoryError:
+        if args.debug:
+            raise
+        print(f"{parser.prog}: error: out of GPU memory; try a smaller batch", file=sys.stderr)
+        return 2
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"{parser.prog}: error: {error_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def rerun_command(command: str, argv: Sequence[str]) -> str:
+    """The shell line that runs `ditq <command> argv` again; under torchrun, with as many processes again."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    launcher = ["ditq", command] if world_size == 1 else ["torchrun", "--nproc_per_node", str(world_size), "-m",
+                                                          f"ditq.{command}"]  # fmt: skip
+    return shlex.join([*launcher, *argv])
 
 
 # ---- argument types: refused at parse time, before anything is loaded -----------------------------------

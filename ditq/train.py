@@ -16,7 +16,8 @@ Quantization-aware training (a QAT recipe: a preset name, inline JSON or a JSON/
 
 The run writes ``log.jsonl``, ``checkpoints/last.safetensors`` (continue with ``--resume``) and
 ``ema.safetensors``, the fp32 EMA weights with the model's arch and config in their header (a QAT run's
-are the prepared model: ``ditq.load`` it, then ``ditq.qat.convert`` packs it).
+are the prepared model: ``ditq.load`` it, then ``ditq.qat.convert`` packs it). Ctrl-C finishes the step,
+writes the checkpoint and prints the command that resumes the run (exit code 130).
 """
 
 from __future__ import annotations
@@ -25,16 +26,23 @@ import argparse
 import json
 import logging
 import os
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from ditq.recipes import load_recipe
+from ditq.checks import did_you_mean
+from ditq.cli_checks import OneLineParser, check_output_file, device_arg, rerun_command, run_command
+from ditq.recipes import PRESETS, load_recipe
 from ditq.training.checkpoint import export_fp16, read_weights
 from ditq.training.config import LOSSES, LR_SCHEDULES, MIXED_PRECISION, TrainConfig
 from ditq.training.data import DATA_SOURCES
+from ditq.training.interrupt import TrainingInterrupted
 from ditq.training.loop import train
 
 __all__ = ["TrainConfig", "train", "export_fp16", "read_weights", "main", "build_parser"]
+
+PROG = "ditq train"
 
 # flag dest → TrainConfig field (only flags the user gave are passed, so defaults live in TrainConfig)
 _FIELDS = {
@@ -73,14 +81,16 @@ def _parse_recipe(text: str) -> dict[str, Any]:
         return data
     try:
         return load_recipe(text).to_dict()
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except FileNotFoundError as err:
+        raise argparse.ArgumentTypeError(f"{err}{did_you_mean(text, PRESETS)}") from err
+    except (ValueError, TypeError) as err:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
-def build_parser(prog: str = "python -m ditq.train") -> argparse.ArgumentParser:
-    """The argument parser, shared by ``python -m ditq.train`` and the ``ditq train`` subcommand."""
-    p = argparse.ArgumentParser(
-        prog=prog,
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``ditq train`` (also ``python -m ditq.train``); errors are one line."""
+    p = OneLineParser(
+        prog=PROG,
         description="Train a class-conditional DiT on MNIST, in full precision or QAT (EMA weights out).",
     )
     a = p.add_argument
@@ -124,7 +134,7 @@ def build_parser(prog: str = "python -m ditq.train") -> argparse.ArgumentParser:
     a("--compile", action="store_true", help="torch.compile the model (CUDA only)")
     a("--hflip", action="store_true", help="random horizontal flips (never for digits)")
     a("--seed", type=int, help="run seed (default 0)")
-    a("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available, else cpu)")
+    a("--device", type=device_arg, help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available, else cpu)")
     a("--log-every", type=int, help="steps between log.jsonl lines (default 100)")
     a(
         "--ckpt-every",
@@ -134,6 +144,7 @@ def build_parser(prog: str = "python -m ditq.train") -> argparse.ArgumentParser:
     a("--resume", action="store_true", help="continue from OUT/checkpoints/last.safetensors if it exists")
     a("--no-progress", action="store_true", help="no progress bar")
     a("--export-fp16", metavar="PATH", help="also write the fp16 copy of the EMA weights to PATH")
+    a("--debug", action="store_true", help="show the full traceback of an error")
     return p
 
 
@@ -156,18 +167,27 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse flags, train, optionally export fp16; returns the exit code (0)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except (ValueError, TypeError) as err:
-        parser.error(str(err))
+    """Parse flags, train, optionally export fp16; returns the exit code (2: bad input, 130: Ctrl-C)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return run_command(build_parser(), argv, lambda args: _run(args, argv))
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    cfg = config_from_args(args)
+    if args.export_fp16:
+        check_output_file(Path(args.export_fp16), "--export-fp16", ".safetensors")
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(name)s: %(message)s"
     )
-    ema_path = train(cfg)
+    try:
+        ema_path = train(cfg)
+    except TrainingInterrupted as stop:
+        resume_argv = argv if "--resume" in argv else [*argv, "--resume"]
+        if rank == 0:
+            print(f"{PROG}: interrupted after step {stop.step} of {cfg.steps}; checkpoint {stop.checkpoint}; "
+                  f"resume with: {rerun_command('train', resume_argv)}", file=sys.stderr)  # fmt: skip
+        return 130
     if args.export_fp16 and rank == 0:
         export_fp16(ema_path, args.export_fp16)
         logging.getLogger("ditq.train").info("fp16 weights written to %s", args.export_fp16)

@@ -19,6 +19,7 @@ from torch import nn
 
 import ditq
 import ditq.fileformat
+from ditq.atomic import write_json
 from ditq.calib import CalibData
 from ditq.cli import main
 from ditq.eval.runner import SampleSettings
@@ -422,6 +423,11 @@ def recipe_file_missing(w):
     load_recipe(w / "nope.json")
 
 
+@api_case(ValueError, "{d}/report.json", r"rows\[1\]\.psnr=nan")
+def write_json_with_nan_writes_nothing(w):
+    write_json(w / "report.json", {"rows": [{"psnr": 30.0}, {"psnr": float("nan")}]})
+
+
 @api_case(ValueError, "group_size")
 def quantlinear_group_not_dividing(w):
     QuantLinear.from_linear(nn.Linear(100, 8), QuantSpec(w_bits=4, group_size=64))
@@ -603,6 +609,17 @@ CLI_CASES = [
     ("bench_fp_is_quantized", ["bench", "--model", "{d}/q.safetensors", "--fp", "{d}/q.safetensors", *CPU], ["--fp", "{d}/q.safetensors", "quantized"]),
     ("bench_out_is_a_directory", ["bench", "--model", "{d}/q.safetensors", "--out", "{d}"], ["--out", "directory"]),
     ("bench_fp_of_another_architecture", ["bench", "--model", "{d}/q.safetensors", "--fp", "{d}/latent.safetensors", *CPU], ["--fp", "{d}/latent.safetensors", "in_channels"]),
+    # train (more in tests/test_train.py)
+    ("train_init_from_missing", ["train", "--init-from", "{d}/nope.safetensors", "--out", "{d}/run", *CPU], ["init_from", "{d}/nope.safetensors"]),
+    ("train_out_is_a_file", ["train", "--out", "{d}/bad.json", *CPU], ["{d}/bad.json", "file"]),
+    ("train_export_under_a_file", ["train", "--out", "{d}/run", "--export-fp16", "{d}/bad.json/x.safetensors", *CPU], ["--export-fp16", "{d}/bad.json"]),
+    # search
+    ("search_budget_nan", ["search", "--budget", "nan", "--out", "{d}/s"], ["--budget", "nan"]),
+    ("search_budget_inf", ["search", "--budget", "inf", "--out", "{d}/s"], ["--budget", "inf"]),
+    ("search_budget_negative", ["search", "--budget=-2", "--out", "{d}/s"], ["--budget", "-2"]),
+    ("search_cfg_scale_nan", ["search", "--cfg-scale", "nan", "--out", "{d}/s"], ["--cfg-scale"]),
+    ("search_out_is_a_file", ["search", "--out", "{d}/bad.json"], ["--out", "{d}/bad.json"]),
+    ("search_unknown_flag", ["search", "--out", "{d}/s", "--generatoins", "2"], ["--generatoins"]),
 ]
 
 # Output folders that permission bits call writable but that take no file: /proc refuses new entries even to
@@ -641,10 +658,12 @@ def test_cli_refuses_in_one_line(argv, names, work, capsys, monkeypatch):
     assert _snapshot(work.dir) == before
 
 
-def test_cuda_device_without_cuda_is_named(work, capsys, monkeypatch):
+@pytest.mark.parametrize("command", ["sample", "train", "search"])
+def test_cuda_device_without_cuda_is_named(command, work, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     before = _snapshot(work.dir)
-    assert main(["sample", "--model", str(work / "fp.safetensors"), "--device", "cuda", "--out", str(work / "g.png")]) == 2
+    flags = ["--model", str(work / "fp.safetensors")] if command == "sample" else []
+    assert main([command, *flags, "--device", "cuda", "--out", str(work / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--device" in err and "CUDA is not available" in err and "truncated" not in err
     assert _snapshot(work.dir) == before

@@ -6,6 +6,8 @@ import copy
 import json
 import math
 import os
+import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -22,6 +24,7 @@ from ditq.quant.fakequant import FakeQuantLinear
 from ditq.train import TrainConfig, build_parser, config_from_args, export_fp16, main, read_weights, train
 from ditq.training import loop, schedules
 from ditq.training.checkpoint import load_train_state
+from ditq.training.interrupt import StopRequest
 from ditq.training.losses import DistillLoss
 
 TINY = dict(depth=2, hidden_size=64, patch_size=8)  # ~0.2M parameters, 16 tokens
@@ -197,6 +200,78 @@ def test_qat_run_resumes_bit_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert not torch.equal(state.model["blocks.0.mlp.fc1.scale"], state.ema["blocks.0.mlp.fc1.scale"])
     with pytest.raises(ValueError, match="recipe"):
         train(tiny_config(resumed, resume=True, steps=8, model_overrides=TINY_QAT, recipe={"method": "qat"}))
+
+
+TINY_FLAGS = ["--set", "depth=2", "--set", "hidden_size=64", "--set", "patch_size=8", "--device", "cpu",
+              "--steps", "6", "--batch-size", "16", "--lr", "1e-3", "--log-every", "2", "--ckpt-every", "3",
+              "--no-progress"]  # fmt: skip  # tiny_config's run
+
+
+def press_ctrl_c_during_step(monkeypatch: pytest.MonkeyPatch, k: int) -> None:
+    """SIGINT to this process while step `k` runs, as Ctrl-C in a terminal would send it."""
+    real_step, calls = loop.train_step, []
+
+    def step_with_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == k:
+            signal.raise_signal(signal.SIGINT)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", step_with_ctrl_c)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main([*TINY_FLAGS, "--out", str(straight)]) == 0
+
+    press_ctrl_c_during_step(monkeypatch, 5)  # after the step-3 checkpoint, before the step-6 one
+    try:
+        code = main([*TINY_FLAGS, "--out", str(resumed)])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped ditq train as a KeyboardInterrupt")
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("ditq train")]
+    assert code == 130 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"ditq train: interrupted after step 5 of 6; checkpoint {resumed}/checkpoints/")
+    assert load_train_state(resumed / "checkpoints" / "last.safetensors").step == 5  # step 5 finished, then saved
+    assert not (resumed / "ema.safetensors").exists()
+    assert not list(resumed.rglob("*.tmp"))
+
+    monkeypatch.undo()
+    command = shlex.split(lines[0].split("resume with: ")[1])
+    assert command == ["ditq", "train", *TINY_FLAGS, "--out", str(resumed), "--resume"]
+    assert main(command[2:]) == 0
+    assert_same_runs(straight, resumed)
+    assert [r["step"] for r in read_log(resumed)] == [2, 4, 6]
+
+
+def test_ranks_stop_after_the_same_step() -> None:
+    """Under DDP a stop is agreed through an all-reduce started after one step and read after the next: every
+    rank stops one step after the first one was interrupted (a one-process gloo group stands in for the ranks)."""
+    handler = signal.getsignal(signal.SIGINT)
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        with StopRequest(world_size=2) as stop:
+            assert [stop.should_stop() for _ in range(3)] == [False] * 3
+            signal.raise_signal(signal.SIGINT)
+            assert stop.interrupted and not stop.should_stop()  # its all-reduce starts now
+            assert stop.should_stop()
+    finally:
+        torch.distributed.destroy_process_group()
+    assert signal.getsignal(signal.SIGINT) is handler  # put back
+
+
+def test_a_run_that_ignores_ctrl_c_keeps_ignoring_it() -> None:
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as `nohup` or `&` start a process
+    try:
+        with StopRequest(world_size=1) as stop:
+            signal.raise_signal(signal.SIGINT)
+            assert not stop.should_stop()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_resume_extends_a_finished_run_and_guards_its_settings(tmp_path: Path) -> None:
@@ -449,17 +524,42 @@ def test_cli_flags_map_to_config() -> None:
         10,
     )
     assert qat.init_from == "DiT-MNIST" and qat.data == "mnist"
-    with pytest.raises(SystemExit):
-        main(["--recipe", "{not json"])
-    with pytest.raises(SystemExit):
-        main(["--recipe", "w4a8"])  # a PTQ preset
     assert cfg.model_overrides == {"depth": 2, "learn_sigma": False, "mlp_ratio": 2.0}
     assert (cfg.global_batch_size, cfg.out_dir, cfg.grad_clip, cfg.betas) == (64, "x", None, (0.9, 0.95))
     assert cfg.resume and cfg.compile and cfg.ema_warmup and cfg.steps == TrainConfig().steps
-    with pytest.raises(SystemExit):
-        main(["--set", "depth"])
-    with pytest.raises(SystemExit):
-        main(["--steps", "0"])
+
+
+BAD_FLAGS = {  # what the one error line must name
+    "recipe_not_json": (["--recipe", "{not json"], ["--recipe", "not valid JSON"]),
+    "recipe_ptq_preset": (["--recipe", "w4a8"], ["post-training"]),
+    "recipe_misspelt": (["--recipe", "terdiT2"], ["terdiT2", "did you mean 'terdit'"]),
+    "set_without_value": (["--set", "depth"], ["--set", "key=value"]),
+    "zero_steps": (["--steps", "0"], ["steps=0"]),
+    "flag_misspelt": (["--stpes", "5"], ["--stpes"]),
+    "model_misspelt": (["--model", "DiT-MNSIT"], ["DiT-MNSIT", "did you mean 'DiT-MNIST'"]),
+    "override_misspelt": (["--set", "dept=2"], ["dept", "did you mean 'depth'"]),
+    "override_not_a_number": (["--set", "depth=abc"], ["depth='abc'", "integer"]),
+    "override_nan": (["--set", "mlp_ratio=NaN"], ["mlp_ratio=nan", "finite"]),
+    "override_that_does_not_build": (["--set", "hidden_size=65"], ["hidden size 65", "num_heads"]),
+    "init_from_missing": (["--init-from", "nope.safetensors"], ["init_from='nope.safetensors'"]),
+    "teacher_missing": (["--loss", "distill", "--teacher", "nope.safetensors"], ["teacher='nope.safetensors'"]),
+    "device_missing": (["--device", "cuda:99"], ["--device", "cuda"]),
+}
+
+
+@pytest.mark.parametrize("argv, names", BAD_FLAGS.values(), ids=BAD_FLAGS.keys())
+def test_cli_refuses_bad_input_in_one_line_before_any_work(argv, names, tmp_path, capsys, monkeypatch) -> None:
+    def no_work(*args, **kwargs):
+        raise AssertionError("ditq train started the run before it refused a bad input")
+
+    monkeypatch.setattr(loop, "start_run", no_work)
+    out = tmp_path / "run"
+    assert main([*argv, "--out", str(out), *([] if "--device" in argv else ["--device", "cpu"])]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("ditq train: error: "), err
+    for name in names:
+        assert name in err, (name, err)
+    assert not out.exists()
 
 
 def test_missing_data_dir_names_the_folder(tmp_path: Path) -> None:
@@ -477,5 +577,5 @@ def test_model_that_does_not_fit_the_data_is_refused(tmp_path: Path) -> None:
         train(tiny_config(tmp_path / "run", model_overrides={**TINY, "num_classes": 5}))
     with pytest.raises(ValueError, match="exceeds"):
         train(tiny_config(tmp_path / "run", global_batch_size=20_000))
-    with pytest.raises(ValueError, match="unknown model"):
+    with pytest.raises(ValueError, match="not a zoo model"):
         train(tiny_config(tmp_path / "run", model="DiT-Nope"))

@@ -13,6 +13,7 @@ model saw while sampling (teacher forcing), so errors do not compound along the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,8 @@ class FitnessSettings:
 
     def __post_init__(self) -> None:
         check_counts(self, ("samples", "steps"), what="fitness ")
+        if not (isinstance(self.cfg_scale, (int, float)) and math.isfinite(self.cfg_scale)):
+            raise ValueError(f"fitness cfg_scale must be a finite number, got {self.cfg_scale!r}")
 
     def labels(self, model: nn.Module) -> torch.Tensor:
         return torch.arange(self.samples) % int(model.num_classes)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ditq.api import requantize
-from ditq.atomic import write_text
+from ditq.atomic import json_text, write_json
 from ditq.calib import CalibData
 from ditq.checks import check_counts
 from ditq.kernels import prepare_for_inference
@@ -40,11 +41,19 @@ from ditq.search.space import (
     DEFAULT_CANDIDATES,
     Genome,
     SearchSpace,
+    check_budget,
     genome_from_key,
     genome_key,
     parse_group,
 )
-from ditq.search.state import append_evaluation, load_state, logged_fitness, save_state
+from ditq.search.state import (
+    LOG_FILE,
+    STATE_FILE,
+    append_evaluation,
+    load_evaluations,
+    load_state,
+    save_state,
+)
 
 RECIPE_FILE = "recipe.json"
 RESULT_FILE = "result.json"
@@ -76,6 +85,7 @@ class SearchConfig:
             raise ValueError(f"mutation_prob={self.mutation_prob!r} must lie in (0, 1]")
         if self.fitness not in FITNESSES:
             raise ValueError(f"fitness {self.fitness!r} is not one of {FITNESSES}")
+        check_budget(self.budget)
 
 
 @dataclass(frozen=True)
@@ -111,19 +121,17 @@ def run_search(
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     space = SearchSpace.build(fp_model, base, config.candidates, config.budget)
     settings = _settings(space, base, config, fitness)
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    state = load_state(out)
+    digest = _digest(settings)
+    state, cache = saved_search(out, space, base, config, fitness)
     if state is None:
         rng = np.random.default_rng(config.seed)
         state = {"settings": settings, "generation": 0, "fitness": {}, "history": [], "seconds": 0.0,
                  "population": [genome_key(g) for g in _initial(space, config, rng)]}  # fmt: skip
     else:
-        _check_same(out, state["settings"], settings)
         rng = np.random.default_rng()
         rng.bit_generator.state = state["rng"]
-    cache: dict[str, float] = dict(state["fitness"]) | logged_fitness(out, digest)
     fitness = fitness or make_fitness(config.fitness, fp_model, config.fitness_settings)
-    start, spent = time.perf_counter(), float(state.get("seconds", 0.0))
+    start, spent = time.perf_counter(), float(state["seconds"])
     population = [genome_from_key(k) for k in state["population"]]
     bar = tqdm(total=config.generations, initial=state["generation"], desc=f"search ({config.fitness})",
                disable=not progress or rank != 0)  # fmt: skip
@@ -152,16 +160,36 @@ def run_search(
     result = SearchResult(
         best=space.assignment(best), best_key=best_key, best_fitness=cache[best_key],
         best_bits=space.average_bits(best), budget_bits=space.budget, recipe=space.recipe(best),
-        evaluations=len(cache), seconds=float(state.get("seconds", spent + time.perf_counter() - start)),
+        evaluations=len(cache), seconds=float(state["seconds"]),
         history=state["history"],
     )  # fmt: skip
     if rank == 0:
-        write_text(out / RECIPE_FILE, json.dumps(result.recipe.to_dict(), indent=1) + "\n")
+        write_json(out / RECIPE_FILE, result.recipe.to_dict(), indent=1)
         summary = {k: v for k, v in asdict(result).items() if k != "recipe"}
-        write_text(out / RESULT_FILE, json.dumps(summary | {"settings": settings}, indent=1) + "\n")
+        write_json(out / RESULT_FILE, summary | {"settings": settings}, indent=1)
     if world > 1:
         dist.barrier()
     return result
+
+
+def saved_search(
+    out: Path, space: SearchSpace, base: QDiT, config: SearchConfig, fitness: Fitness | None = None
+) -> tuple[dict[str, Any] | None, dict[str, float]]:
+    """What `out` holds of this search: its state (None when there is none) and the fitness of every genome
+    evaluated so far. A state of another search, or a damaged state or log, is a ValueError naming the file."""
+    settings = _settings(space, base, config, fitness)
+    digest = _digest(settings)
+    state = load_state(out)
+    cache: dict[str, float] = {}
+    if state is not None:
+        _check_same(out / STATE_FILE, state["settings"], settings)
+        for key in (*state["population"], *state["fitness"]):
+            _check_key(space, key, out / STATE_FILE)
+        cache |= state["fitness"]
+    for line, record in load_evaluations(out):
+        if record["settings"] == digest:
+            cache[_check_key(space, record["key"], f"{out / LOG_FILE} line {line}")] = float(record["fitness"])
+    return state, cache
 
 
 def quantize_candidate(
@@ -184,6 +212,9 @@ def _evaluate(
         began = time.perf_counter()
         value = float(fitness(quantize_candidate(fp_model, space, genome, calib, backend)))
         key = genome_key(genome)
+        if not math.isfinite(value):
+            raise ValueError(f"the fitness of candidate {key} is {value}: a search can only rank finite values "
+                             "(are the quantized model's outputs finite?)")  # fmt: skip
         found[key] = value
         append_evaluation(out, {"settings": digest, "key": key, "fitness": value, "generation": generation,
                                 "bits": space.average_bits(genome), "rank": rank,
@@ -220,13 +251,28 @@ def _settings(space: SearchSpace, base: QDiT, config: SearchConfig, fitness: Fit
     return {"config": data, "base": base.to_dict(), "layers": list(space.names), "budget_bits": space.budget}
 
 
-def _check_same(out: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
+def _digest(settings: dict[str, Any]) -> str:
+    """Marks the log lines of one search (same settings) in a shared `evaluations.jsonl`."""
+    return hashlib.sha256(json_text(settings, what="the search settings", sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_key(space: SearchSpace, key: str, where: str | Path) -> str:
+    """`key` if it names a genome of `space`; else a ValueError naming the file (and line) it came from."""
+    try:
+        space.check(genome_from_key(key))
+    except ValueError as err:
+        raise ValueError(f"{where}: candidate {key!r} is not one of this search's: {err}") from None
+    return key
+
+
+def _check_same(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
     """A resumed search must be the same search; name what differs."""
     saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(now))
     for part in ("config", "base"):
-        for key in sorted(set(saved.get(part, {})) | set(now[part])):
-            if saved.get(part, {}).get(key) != now[part].get(key):
-                raise ValueError(f"{out}: the saved search has {part}.{key}={saved.get(part, {}).get(key)!r}, "
+        was = saved[part] if isinstance(saved.get(part), dict) else {}
+        for key in sorted(set(was) | set(now[part])):
+            if was.get(key) != now[part].get(key):
+                raise ValueError(f"{path}: the saved search has {part}.{key}={was.get(key)!r}, "
                                  f"this one {now[part].get(key)!r}; use another --out or the same settings")  # fmt: skip
     if saved != now:
-        raise ValueError(f"{out}: the saved search ran on other layers or another budget; use another --out")
+        raise ValueError(f"{path}: the saved search ran on other layers or another budget; use another --out")

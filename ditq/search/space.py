@@ -10,6 +10,7 @@ average for a uniform baseline (`"g128"`) or a number of bits.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -38,6 +39,22 @@ def parse_group(text: str) -> int | None:
     if value <= 0:
         raise ValueError(f"group size {text!r} must be a positive int or 'ch' (per channel)")
     return value
+
+
+def check_budget(budget: str | float) -> str | float:
+    """`budget` when it is a uniform baseline (`"g<N>"`, `"ch"`) or a finite number of bits per weight > 0."""
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        if not (math.isfinite(budget) and budget > 0):
+            raise ValueError(f"budget={budget!r} must be a finite, positive number of bits per weight")
+        return budget
+    if not isinstance(budget, str) or not (budget.startswith("g") or budget in ("ch", "none")):
+        raise ValueError(f"budget={budget!r} must be 'g<group size>' (e.g. 'g128'), 'ch' or bits per weight")
+    if budget.startswith("g"):
+        try:
+            parse_group(budget[1:])
+        except ValueError as err:
+            raise ValueError(f"budget={budget!r}: {err}") from None
+    return budget
 
 
 @dataclass(frozen=True)
@@ -94,12 +111,8 @@ class SearchSpace:
 
     def budget_bits(self, model: nn.Module, budget: str | float) -> float:
         """Average bits per weight of a uniform baseline (`"g128"`, `"ch"`) or the number itself."""
-        if isinstance(budget, (int, float)) and not isinstance(budget, bool):
-            if budget <= 0:
-                raise ValueError(f"budget={budget!r} bits per weight must be positive")
+        if not isinstance(check_budget(budget), str):
             return float(budget)
-        if not isinstance(budget, str) or not (budget.startswith("g") or budget in ("ch", "none")):
-            raise ValueError(f"budget={budget!r} must be 'g<group size>' (e.g. 'g128'), 'ch' or bits per weight")
         group = None if budget in ("ch", "none") else parse_group(budget[1:])
         total = 0.0
         for name, size in zip(self.names, self.sizes, strict=True):

@@ -3,26 +3,30 @@
 `state.json` holds the settings the search was started with, the generation to run next, its population,
 the fitness of every genome evaluated so far and the random generator's state: a killed search restarts from
 it and ends exactly where an uninterrupted one would. `evaluations.jsonl` gets one line per fitness
-evaluation as soon as it is done, so a kill mid-generation loses no finished evaluation either (a torn last
-line is ignored).
+evaluation as soon as it is done, so a kill mid-generation loses no finished evaluation either (a torn line
+is ignored). Both are strict JSON: a NaN or infinite number in either is refused, naming the file (and line).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
-from ditq.atomic import write_text
+import numpy as np
+
+from ditq.atomic import json_text, write_json
 
 STATE_FILE = "state.json"
 LOG_FILE = "evaluations.jsonl"
 STATE_VERSION = 1
+_START_AGAIN = "delete it to start again"
 
 
 def save_state(folder: Path, state: dict[str, Any]) -> None:
-    write_text(folder / STATE_FILE, json.dumps({"version": STATE_VERSION, **state}, indent=1) + "\n")
+    write_json(folder / STATE_FILE, {"version": STATE_VERSION, **state}, indent=1)
 
 
 def load_state(folder: Path) -> dict[str, Any] | None:
@@ -31,39 +35,74 @@ def load_state(folder: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        state = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not a search state ({err}); delete it to start again") from None
+        state = _strict_loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not a search state ({err}); {_START_AGAIN}") from None
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-        raise ValueError(f"{path}: field 'version' must be {STATE_VERSION}; delete it to start again")
+        raise ValueError(f"{path}: field 'version' must be {STATE_VERSION}; {_START_AGAIN}")
     for key, kind in (("settings", dict), ("generation", int), ("population", list), ("fitness", dict),
-                      ("rng", dict), ("history", list)):  # fmt: skip
-        if not isinstance(state.get(key), kind):
-            raise ValueError(f"{path}: field {key!r} is missing or not a {kind.__name__}")
+                      ("rng", dict), ("history", list), ("seconds", (int, float))):  # fmt: skip
+        if not isinstance(state.get(key), kind) or isinstance(state[key], bool):
+            raise ValueError(f"{path}: field {key!r} is missing or not {_KIND_NAMES[kind]}; {_START_AGAIN}")
+    if state["generation"] < 0 or state["seconds"] < 0:
+        raise ValueError(f"{path}: fields 'generation' and 'seconds' must be >= 0; {_START_AGAIN}")
+    if not all(isinstance(key, str) for key in state["population"]):
+        raise ValueError(f"{path}: field 'population' must list genome keys; {_START_AGAIN}")
+    for key, value in state["fitness"].items():
+        if not _is_fitness(value):
+            raise ValueError(f"{path}: fitness of {key!r} is {value!r}, not a finite number; {_START_AGAIN}")
+    if not all(isinstance(entry, dict) for entry in state["history"]):
+        raise ValueError(f"{path}: field 'history' must list one mapping per generation; {_START_AGAIN}")
+    try:
+        np.random.default_rng().bit_generator.state = state["rng"]
+    except (ValueError, TypeError, KeyError) as err:
+        raise ValueError(f"{path}: field 'rng' is not a PCG64 generator state ({err}); {_START_AGAIN}") from None
     return state
 
 
 def append_evaluation(folder: Path, record: dict[str, Any]) -> None:
     """One JSON line, written with a single O_APPEND write (ranks may share the file)."""
-    line = (json.dumps(record, sort_keys=True) + "\n").encode()
-    fd = os.open(folder / LOG_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    path = folder / LOG_FILE
+    line = (json_text(record, what=str(path), sort_keys=True) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line)
     finally:
         os.close(fd)
 
 
-def logged_fitness(folder: Path, settings_hash: str) -> dict[str, float]:
-    """key → fitness from the log's complete lines of this search (same settings hash)."""
+def load_evaluations(folder: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) of every complete line of the log; errors name the file and the line."""
     path = folder / LOG_FILE
-    found: dict[str, float] = {}
     if not path.is_file():
-        return found
-    for line in path.read_text().splitlines():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line torn by a kill
-        if isinstance(record, dict) and record.get("settings") == settings_hash and "key" in record:
-            found[record["key"]] = float(record["fitness"])
-    return found
+        where = f"{path} line {number}"
+        if not isinstance(record, dict) or not isinstance(record.get("settings"), str) or not isinstance(
+            record.get("key"), str
+        ):
+            raise ValueError(f"{where}: not an evaluation record; delete that line")
+        if not _is_fitness(record.get("fitness")):
+            raise ValueError(f"{where}: fitness {record.get('fitness')!r} is not a finite number; delete that line "
+                             "to evaluate the candidate again")  # fmt: skip
+        records.append((number, record))
+    return records
+
+
+def _strict_loads(text: str) -> Any:
+    def refuse(token: str) -> float:
+        raise ValueError(f"{token} is not a number JSON allows")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _is_fitness(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+_KIND_NAMES = {dict: "a mapping", int: "an integer", list: "a list", (int, float): "a number"}

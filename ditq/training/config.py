@@ -11,11 +11,14 @@ the diffusion loss or by distillation from a frozen `teacher`.
 
 from __future__ import annotations
 
-import json
+import inspect
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from ditq.atomic import json_text
+from ditq.checks import did_you_mean
 
 MIXED_PRECISION = ("auto", "bf16", "no")
 LR_SCHEDULES = ("constant", "cosine", "step")
@@ -77,11 +80,12 @@ class TrainConfig:
         if not isinstance(self.model_overrides, dict):
             raise TypeError(f"model_overrides must be a dict, got {type(self.model_overrides).__name__}")
         try:
-            json.dumps(self.model_overrides)
+            json_text(self.model_overrides, what="model_overrides")
         except TypeError as err:
             raise TypeError(
                 f"model_overrides must be JSON-serialisable (it is saved with the weights): {err}"
             ) from err
+        _check_model(self.model, self.model_overrides)
         self._check_objective()
         for name in (
             "steps",
@@ -166,6 +170,45 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {unknown}; known fields are: {sorted(known)}")
         return cls(**data)
+
+
+def _check_model(name: str, overrides: dict[str, Any]) -> None:
+    """A zoo name, and overrides that are settings of its constructor, of its settings' types, that build it.
+
+    Models are built on the meta device: no memory, no time (0.1 s for the largest).
+    """
+    import torch
+
+    from ditq.models import MODEL_CONFIGS, create
+
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"model={name!r} is not a zoo model{did_you_mean(name, MODEL_CONFIGS)} "
+                         f"(known: {', '.join(sorted(MODEL_CONFIGS))})")  # fmt: skip
+    if not overrides:
+        return
+    with torch.device("meta"):
+        reference = create(name)
+    settings = {k: p.default for k, p in inspect.signature(type(reference)).parameters.items()}
+    settings |= reference.config  # the zoo's values where it sets them
+    for key, value in overrides.items():
+        if key not in settings:
+            raise ValueError(f"model_overrides: {key!r} is not a setting of {name}{did_you_mean(key, settings)} "
+                             f"(settings: {', '.join(settings)})")  # fmt: skip
+        types, wanted = _OVERRIDE_TYPES.get(type(settings[key]), ((type(value),), ""))
+        if type(value) not in types:  # (NaN and infinities are refused as JSON already)
+            raise ValueError(f"model_overrides: {key}={value!r} must be {wanted} ({name} has {key}={settings[key]!r})")
+    try:
+        with torch.device("meta"):
+            create(name, **overrides)
+    except (TypeError, ValueError, ArithmeticError) as err:
+        raise ValueError(f"model_overrides {overrides} do not build {name}: {err}") from None
+
+
+# a setting's type → the types an override of it may have, and how to say so (bool is no int here)
+_OVERRIDE_TYPES: dict[type, tuple[tuple[type, ...], str]] = {
+    bool: ((bool,), "true or false"), int: ((int,), "an integer"), float: ((int, float), "a finite number"),
+    str: ((str,), "a string"),
+}
 
 
 def _normalise_recipe(data: Any) -> dict[str, Any]:

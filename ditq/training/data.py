@@ -1,4 +1,5 @@
-"""Data sources for training: a name → a function that returns the whole labelled dataset.
+"""Data for training: sources (a name → a function that returns the whole labelled dataset) and the order
+in which a rank draws batches from it.
 
 A source takes the run's `data_dir` (None = its default) and returns images in model space, float32
 (N, C, H, W) in [−1, 1], and int64 labels (N,). The loop keeps the result on the device and draws batches
@@ -12,8 +13,10 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils.data.distributed import DistributedSampler
 
 from ditq.data import load_mnist, to_model_space
+from ditq.training.distributed import DistEnv
 
 DataSource = Callable[[str | None], tuple[torch.Tensor, torch.Tensor]]
 
@@ -59,3 +62,36 @@ def load_dataset(
     if int(y.max()) >= model.num_classes:
         raise ValueError(f"labels go up to {int(y.max())} but the model has num_classes={model.num_classes}")
     return x.float().to(device), y.long().to(device)
+
+
+class Batches:
+    """This rank's batches: a seeded permutation per epoch (DistributedSampler) cut into equal slices."""
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, env: DistEnv, *, global_batch_size: int, seed: int,
+        hflip: bool,
+    ) -> None:  # fmt: skip
+        self.images, self.labels, self.hflip = images, labels, hflip
+        self.batch = global_batch_size // env.world_size
+        self.sampler = DistributedSampler(
+            range(len(images)), num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=seed
+        )
+        self.steps_per_epoch = len(self.sampler) // self.batch
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"global_batch_size={global_batch_size} exceeds the {len(images)} images available")
+        self._epoch, self._order = -1, torch.empty(0)
+
+    def at(self, step: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x (B, C, H, W), y (B,)) of the 0-based step; random flips draw from `gen`."""
+        epoch, position = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self.sampler.set_epoch(epoch)
+            order = torch.tensor(list(self.sampler), device=self.images.device)
+            self._order = order[: self.steps_per_epoch * self.batch].view(self.steps_per_epoch, self.batch)
+            self._epoch = epoch
+        idx = self._order[position]
+        x, y = self.images[idx], self.labels[idx]
+        if self.hflip:
+            flip = torch.rand(self.batch, generator=gen, device=x.device) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        return x, y

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ditq.fileformat import check_device
+
 
 @dataclass
 class DistEnv:
@@ -35,14 +37,15 @@ class DistEnv:
 def setup_distributed(device: str | None) -> DistEnv:
     """Join the torchrun process group (WORLD_SIZE > 1 in the environment) or run alone.
 
-    Backend NCCL on CUDA, gloo on CPU; an already-initialised group is used as it is.
+    Backend NCCL on CUDA, gloo on CPU; an already-initialised group is used as it is. A device this machine
+    lacks is a ValueError naming it.
     """
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = check_device(device)
     if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)
+        dev = check_device(torch.device("cuda", local_rank))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     owns = False

@@ -6,25 +6,22 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ditq.training.schedules import ema_decay_at
+from ditq.atomic import json_text, write_text
 
-if TYPE_CHECKING:
-    from ditq.training.loop import Run
-
-__all__ = ["LogMeter", "trim_log"]
+__all__ = ["LogMeter", "append_line", "trim_log"]
 
 
 class LogMeter:
     """Loss and grad-norm sums since the last log line, kept on the device (no per-step sync)."""
 
-    def __init__(self, device: torch.device, elapsed_before: float) -> None:
+    def __init__(self, device: torch.device, elapsed_before: float, world_size: int) -> None:
         self.sums = torch.zeros(2, device=device)
-        self.count, self.elapsed_before = 0, elapsed_before
+        self.count, self.elapsed_before, self.world_size = 0, elapsed_before, world_size
         self.t_start = self.t_last = time.perf_counter()
 
     def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
@@ -34,24 +31,30 @@ class LogMeter:
     def elapsed(self) -> float:
         return self.elapsed_before + time.perf_counter() - self.t_start
 
-    def record(self, run: Run, done: int, lr: float) -> dict[str, Any]:
+    def record(self, done: int, epoch: int, lr: float, ema_decay: float) -> dict[str, Any]:
         """The log line for `done` steps (means over ranks and steps), then reset the sums."""
         stats = self.sums / self.count
-        if run.env.world_size > 1:
+        if self.world_size > 1:
             dist.all_reduce(stats)
-            stats /= run.env.world_size
+            stats /= self.world_size
         mean_loss, mean_norm = stats.tolist()
-        if not math.isfinite(mean_loss):
-            raise FloatingPointError(f"loss is {mean_loss} at step {done}: lower lr or check the data")
+        if not (math.isfinite(mean_loss) and math.isfinite(mean_norm)):
+            raise FloatingPointError(
+                f"loss is {mean_loss}, gradient norm {mean_norm} at step {done}: lower lr or check the data"
+            )
         now = time.perf_counter()
         record = {
-            "step": done, "epoch": (done - 1) // run.batches.steps_per_epoch, "loss": mean_loss,
-            "grad_norm": mean_norm, "lr": lr, "ema_decay": ema_decay_at(run.cfg, done),
-            "steps_per_s": self.count / (now - self.t_last), "elapsed_s": self.elapsed(),
+            "step": done, "epoch": epoch, "loss": mean_loss, "grad_norm": mean_norm, "lr": lr,
+            "ema_decay": ema_decay, "steps_per_s": self.count / (now - self.t_last), "elapsed_s": self.elapsed(),
         }  # fmt: skip
         self.sums.zero_()
         self.count, self.t_last = 0, now
         return record
+
+
+def append_line(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a") as f:
+        f.write(json_text(record, what=str(path)) + "\n")
 
 
 def trim_log(path: Path, last_step: int) -> None:
@@ -65,4 +68,4 @@ def trim_log(path: Path, last_step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut short by the crash
-    path.write_text("".join(line + "\n" for line in kept))
+    write_text(path, "".join(line + "\n" for line in kept))

@@ -1,6 +1,6 @@
 """The DiT training loop: AdamW + EMA, single device or DDP, exact resume, optional QAT.
 
-One step: pick this rank's batch from a seeded per-epoch permutation (DistributedSampler), take the
+One step: pick this rank's batch from a seeded per-epoch permutation (`data.Batches`), take the
 objective (`ditq.training.losses`: DiT's diffusion loss, or distillation from a frozen teacher), backward
 (DDP averages gradients), clip, AdamW, EMA update. Label dropout to the null class (classifier-free
 guidance) happens inside the model because it is in train mode. With a QAT recipe the model (and so its
@@ -9,13 +9,13 @@ losses at each served bit-width, all on the same batch, timesteps and noise.
 
 Exact resume: the checkpoint holds model, EMA, optimizer, step and every rank's RNG states; the
 data order is a pure function of (seed, epoch, step), so a run interrupted after a checkpoint and
-resumed produces the same weights, bit for bit on the CPU, as an uninterrupted one.
+resumed produces the same weights, bit for bit on the CPU, as an uninterrupted one. Ctrl-C lets the step
+in progress finish and writes that checkpoint before the run stops (`ditq.training.interrupt`).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 from contextlib import nullcontext
@@ -27,22 +27,25 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from ditq import io
+from ditq.atomic import write_json
 from ditq.bundled import BUNDLED_WEIGHTS, bundled_path
+from ditq.cli_checks import check_output_dir
 from ditq.diffusion import create_diffusion
+from ditq.fileformat import CheckpointError, header_field, read_header
 from ditq.models import create
 from ditq.qat import QAT, prepare, set_served_bits
 from ditq.quant.modules import is_quantized
 from ditq.recipes import recipe_from_dict
 from ditq.training.checkpoint import TrainState, load_train_state, save_train_state, save_weights
 from ditq.training.config import RESUME_FIXED, TrainConfig
-from ditq.training.data import load_dataset
+from ditq.training.data import Batches, load_dataset
 from ditq.training.distributed import DistEnv, check_ranks_agree, setup_distributed
 from ditq.training.init import load_init_weights
-from ditq.training.log import LogMeter, trim_log
+from ditq.training.interrupt import StopRequest, TrainingInterrupted
+from ditq.training.log import LogMeter, append_line, trim_log
 from ditq.training.losses import DiffusionLoss, DistillLoss, Loss, ModelFn
 from ditq.training.rng import capture_rng, restore_rng, seed_rank
 from ditq.training.schedules import ema_decay_at, lr_at, update_ema
@@ -58,15 +61,20 @@ LOG_NAME = "log.jsonl"
 # --------------------------------------------------------------------------------------------
 
 
-def open_weights(ref: str, field_name: str, device: torch.device) -> nn.Module:
-    """The float32 model in a zoo name's bundled weights or in a ditq checkpoint, in eval mode."""
+def weights_path(ref: str, field_name: str) -> Path:
+    """The file of a zoo name's bundled weights or of a ditq checkpoint; FileNotFoundError names the field."""
     path = bundled_path(ref) or Path(ref)
     if not path.is_file():
         raise FileNotFoundError(
             f"{field_name}={ref!r} is neither a zoo model with bundled weights ({', '.join(sorted(BUNDLED_WEIGHTS))}) "
             "nor a checkpoint file"
         )
-    return io.load(path, device=device).float().eval()
+    return path
+
+
+def open_weights(ref: str, field_name: str, device: torch.device) -> nn.Module:
+    """The float32 model in a zoo name's bundled weights or in a ditq checkpoint, in eval mode."""
+    return io.load(weights_path(ref, field_name), device=device).float().eval()
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> nn.Module:
@@ -109,38 +117,6 @@ def make_loss(cfg: TrainConfig, model: nn.Module, device: torch.device, bf16: bo
     return DistillLoss(teacher, autocast_fn(teacher, device, bf16), cfg.teacher_steps, cfg.num_timesteps)
 
 
-class Batches:
-    """This rank's batches: a seeded permutation per epoch (DistributedSampler) cut into equal slices."""
-
-    def __init__(self, cfg: TrainConfig, env: DistEnv, images: torch.Tensor, labels: torch.Tensor) -> None:
-        self.images, self.labels, self.hflip = images, labels, cfg.hflip
-        self.batch = cfg.global_batch_size // env.world_size
-        self.sampler = DistributedSampler(
-            range(len(images)), num_replicas=env.world_size, rank=env.rank, shuffle=True, seed=cfg.seed
-        )
-        self.steps_per_epoch = len(self.sampler) // self.batch
-        if self.steps_per_epoch == 0:
-            raise ValueError(
-                f"global_batch_size={cfg.global_batch_size} exceeds the {len(images)} images available"
-            )
-        self._epoch, self._order = -1, torch.empty(0)
-
-    def at(self, step: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x (B, C, H, W), y (B,)) of the 0-based step; random flips draw from `gen`."""
-        epoch, position = divmod(step, self.steps_per_epoch)
-        if epoch != self._epoch:
-            self.sampler.set_epoch(epoch)
-            order = torch.tensor(list(self.sampler), device=self.images.device)
-            self._order = order[: self.steps_per_epoch * self.batch].view(self.steps_per_epoch, self.batch)
-            self._epoch = epoch
-        idx = self._order[position]
-        x, y = self.images[idx], self.labels[idx]
-        if self.hflip:
-            flip = torch.rand(self.batch, generator=gen, device=x.device) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        return x, y
-
-
 # --------------------------------------------------------------------------------------------
 # One run
 # --------------------------------------------------------------------------------------------
@@ -172,16 +148,24 @@ class Run:
         return Path(self.cfg.out_dir)
 
 
-def _check_fresh_or_resume(cfg: TrainConfig, env: DistEnv) -> None:
+def check_before_work(cfg: TrainConfig, env: DistEnv) -> None:
+    """What can be refused before anything is built, loaded or written: world size, weight files, the output
+    folder, and a checkpoint there that this run would overwrite or could not continue."""
     if cfg.global_batch_size % env.world_size:
         raise ValueError(
             f"global_batch_size={cfg.global_batch_size} is not divisible by the world size {env.world_size}"
         )
+    for name in ("init_from", "teacher"):
+        if getattr(cfg, name) is not None:
+            weights_path(getattr(cfg, name), name)
+    check_output_dir(Path(cfg.out_dir), "out_dir")
     ckpt_path = Path(cfg.out_dir) / CHECKPOINT_NAME
     if ckpt_path.exists() and not cfg.resume:
         raise FileExistsError(
             f"{ckpt_path} exists: pass resume=True (--resume) to continue that run, or pick another out_dir"
         )
+    if ckpt_path.exists():
+        _check_resumable(cfg, env, ckpt_path)
 
 
 def start_run(cfg: TrainConfig, env: DistEnv) -> Run:
@@ -204,7 +188,7 @@ def start_run(cfg: TrainConfig, env: DistEnv) -> Run:
         env,
         model,
         ema,
-        Batches(cfg, env, images, labels),
+        Batches(images, labels, env, global_batch_size=cfg.global_batch_size, seed=cfg.seed, hflip=cfg.hflip),
         loss_fn,
         torch.Generator(device=device),
         served_bits=nested,
@@ -215,7 +199,6 @@ def start_run(cfg: TrainConfig, env: DistEnv) -> Run:
     state = None
     if ckpt_path.exists():
         state = load_train_state(ckpt_path)
-        _check_resumable(cfg, state, env, ckpt_path)
         model.load_state_dict(state.model)
         ema.load_state_dict(state.ema)
         run.start, run.elapsed_before, run.resumed = state.step, state.elapsed_s, True
@@ -239,7 +222,7 @@ def announce(run: Run) -> None:
         return
     cfg, log_path = run.cfg, run.out / LOG_NAME
     (run.out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (run.out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    write_json(run.out / "config.json", cfg.to_dict())
     if run.resumed:
         trim_log(log_path, run.start)
     else:
@@ -312,13 +295,16 @@ def save_checkpoint(run: Run, done: int, elapsed: float) -> None:
 
 
 def run_steps(run: Run) -> None:
-    """Steps `run.start` .. `cfg.steps`: batch, step, EMA, log lines and checkpoints as configured."""
+    """Steps `run.start` .. `cfg.steps`: batch, step, EMA, log lines and checkpoints as configured.
+
+    Ctrl-C: the step finishes, its checkpoint is written, then `TrainingInterrupted` (a KeyboardInterrupt).
+    """
     cfg, env = run.cfg, run.env
     pbar = tqdm(
         total=cfg.steps, initial=run.start, disable=not (env.is_main and cfg.progress), dynamic_ncols=True
     )
-    meter = LogMeter(env.device, run.elapsed_before)
-    try:
+    meter = LogMeter(env.device, run.elapsed_before, env.world_size)
+    with pbar, StopRequest(env.world_size) as stop:
         for step in range(run.start, cfg.steps):
             x, y = run.batches.at(step, run.noise_gen)  # (B, C, H, W), (B,)
             lr = lr_at(cfg, step)
@@ -330,15 +316,18 @@ def run_steps(run: Run) -> None:
             done = step + 1
             pbar.update(1)
             if done % cfg.log_every == 0 or done == cfg.steps:
-                record = meter.record(run, done, lr)
+                epoch = (done - 1) // run.batches.steps_per_epoch
+                record = meter.record(done, epoch, lr, ema_decay_at(cfg, done))
                 if env.is_main:
-                    with (run.out / LOG_NAME).open("a") as f:
-                        f.write(json.dumps(record) + "\n")
+                    append_line(run.out / LOG_NAME, record)
                     pbar.set_postfix(loss=f"{record['loss']:.4f}", it_s=f"{record['steps_per_s']:.1f}")
-            if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            saved = done % cfg.ckpt_every == 0 or done == cfg.steps
+            if saved:
                 save_checkpoint(run, done, meter.elapsed())
-    finally:
-        pbar.close()
+            if done < cfg.steps and stop.should_stop():
+                if not saved:
+                    save_checkpoint(run, done, meter.elapsed())
+                raise TrainingInterrupted(done, run.out / CHECKPOINT_NAME)
 
 
 def ship_ema(run: Run) -> Path:
@@ -354,8 +343,13 @@ def ship_ema(run: Run) -> Path:
     return ema_path
 
 
-def _check_resumable(cfg: TrainConfig, state: TrainState, env: DistEnv, path: Path) -> None:
-    saved = TrainConfig.from_dict(state.config)
+def _check_resumable(cfg: TrainConfig, env: DistEnv, path: Path) -> None:
+    """The checkpoint's header must describe this run: same data, model and objective, same world size."""
+    header = read_header(path, kind="train_state")
+    try:
+        saved = TrainConfig.from_dict(header_field(path, header, "config", dict))
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{path}: header field 'config': {err}") from None
     changed = [
         f"{k}: {getattr(saved, k)!r} -> {getattr(cfg, k)!r}"
         for k in RESUME_FIXED
@@ -365,9 +359,10 @@ def _check_resumable(cfg: TrainConfig, state: TrainState, env: DistEnv, path: Pa
         raise ValueError(
             f"cannot resume {path}: these settings differ from the saved run: {'; '.join(changed)}"
         )
-    if state.world_size != env.world_size:
+    world_size = header_field(path, header, "world_size", int)
+    if world_size != env.world_size:
         raise ValueError(
-            f"cannot resume {path}: it was written by {state.world_size} processes, this run has {env.world_size}"
+            f"cannot resume {path}: it was written by {world_size} processes, this run has {env.world_size}"
         )
 
 
@@ -391,7 +386,7 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def _train(cfg: TrainConfig, env: DistEnv) -> Path:
-    _check_fresh_or_resume(cfg, env)
+    check_before_work(cfg, env)
     run = start_run(cfg, env)
     announce(run)
     run_steps(run)

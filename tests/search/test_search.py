@@ -1,6 +1,9 @@
 """Group-size search: space and budget, genetic operators, fitness cache, kill/resume, recipe, CLI, ranks."""
 
 import json
+import re
+import shlex
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -150,3 +153,149 @@ def test_cli_writes_a_recipe_and_names_bad_input(tmp_path, capsys, monkeypatch, 
     assert "g96" in capsys.readouterr().err
     assert main(["--out", str(tmp_path / "u"), "--candidates", "32,x", *flags]) == 2
     assert "'x'" in capsys.readouterr().err
+
+
+# ---- bad budgets, bad saved files, non-finite fitness, Ctrl-C ---------------------------------------------
+
+SMALL = SearchConfig(generations=1, population=3, top_k=1, n_crossover=1, n_mutation=1, seed=0)
+RTN_BASE = QDiT(w_bits=3, gptq=False)  # round to nearest: no calibration, quick candidates
+
+
+@pytest.mark.parametrize("budget", [float("nan"), float("inf"), -float("inf"), 0.0, -1.0, "g0", "x"])
+def test_budget_out_of_range_is_refused_up_front(budget, space, fp_and_calib):
+    with pytest.raises(ValueError, match="budget"):
+        replace(CONFIG, budget=budget)
+    with pytest.raises(ValueError, match="budget"):
+        SearchSpace.build(fp_and_calib[0], QDiT(w_bits=4), CANDIDATES, budget)
+
+
+@pytest.fixture(scope="module")
+def finished(fp_and_calib, tmp_path_factory):
+    """A finished small search: its folder holds state.json and evaluations.jsonl."""
+    out = tmp_path_factory.mktemp("finished")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as `one_thread` does for a test
+    try:
+        run_search(fp_and_calib[0], RTN_BASE, SMALL, out, fitness=Counting(fp_and_calib[0]), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _resume(finished, tmp_path, fp_and_calib, edit_state=None, edit_log=None):
+    """Copy the finished search, edit its files, resume it: the error it raises."""
+    out = tmp_path / "search"
+    shutil.copytree(finished, out)
+    if edit_state is not None:
+        (out / "state.json").write_text(edit_state((out / "state.json").read_text()))
+    if edit_log is not None:
+        (out / "evaluations.jsonl").write_text(edit_log((out / "evaluations.jsonl").read_text()))
+    fp, calib = fp_and_calib
+    with pytest.raises(ValueError) as info:
+        run_search(fp, RTN_BASE, SMALL, out, fitness=Counting(fp), progress=False)
+    return out, str(info.value)
+
+
+def _state_edit(change):
+    def edit(text):
+        state = json.loads(text)
+        change(state)
+        return json.dumps(state)  # NaN written as json.dumps writes it
+    return edit
+
+
+BAD_STATES = {
+    "nan_fitness": _state_edit(lambda s: s["fitness"].update({next(iter(s["fitness"])): float("nan")})),
+    "text_fitness": _state_edit(lambda s: s["fitness"].update({next(iter(s["fitness"])): "low"})),
+    "rng_of_another_generator": _state_edit(lambda s: s.update(rng={"bit_generator": "MT19937"})),
+    "rng_garbled": _state_edit(lambda s: s.update(rng={"bit_generator": "PCG64", "state": 5})),
+    "population_bad_key": _state_edit(lambda s: s.update(population=["32,x"])),
+    "population_of_numbers": _state_edit(lambda s: s.update(population=[5])),
+    "history_of_numbers": _state_edit(lambda s: s.update(history=[1])),
+    "negative_generation": _state_edit(lambda s: s.update(generation=-1)),
+    "seconds_missing": _state_edit(lambda s: s.pop("seconds")),
+    "other_config": _state_edit(lambda s: s["settings"].update(config=[1])),
+    "truncated": lambda text: text[: len(text) // 2],
+}
+
+
+@pytest.mark.parametrize("edit", BAD_STATES.values(), ids=BAD_STATES.keys())
+def test_resume_names_the_bad_state_file(edit, finished, tmp_path, fp_and_calib, one_thread):
+    out, message = _resume(finished, tmp_path, fp_and_calib, edit_state=edit)
+    assert message.startswith(f"{out / 'state.json'}: "), message
+
+
+@pytest.mark.parametrize(
+    "fitness", ["NaN", "Infinity", '"low"', "true"],
+)
+def test_resume_names_the_log_line_with_a_bad_fitness(fitness, finished, tmp_path, fp_and_calib, one_thread):
+    def edit(text):
+        lines = text.splitlines()
+        lines[1] = re.sub(r'"fitness": [^,]+', f'"fitness": {fitness}', lines[1])
+        return "\n".join(lines) + "\n"
+
+    out, message = _resume(finished, tmp_path, fp_and_calib, edit_log=edit)
+    assert message.startswith(f"{out / 'evaluations.jsonl'} line 2: fitness "), message
+
+
+class Broken(Counting):
+    """The `output` fitness, but the `at`-th candidate scores `value`."""
+
+    def __init__(self, fp, at, value):
+        super().__init__(fp)
+        self.at, self.value = at, value
+
+    def __call__(self, model):
+        return self.value if self.calls + 1 == self.at else super().__call__(model)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_fitness_is_refused_and_never_written(value, fp_and_calib, tmp_path, one_thread):
+    fp = fp_and_calib[0]
+    with pytest.raises(ValueError, match=r"fitness of candidate [\w,]+ is (nan|inf)"):
+        run_search(fp, RTN_BASE, SMALL, tmp_path, fitness=Broken(fp, 2, value), progress=False)
+    for path in tmp_path.iterdir():  # strict JSON in every file
+        assert "NaN" not in path.read_text() and "Infinity" not in path.read_text(), path
+
+
+def test_cli_ctrl_c_keeps_the_evaluations_and_prints_the_command_that_resumes(tmp_path, capsys, monkeypatch,
+                                                                              one_thread):
+    import ditq.search.run
+
+    monkeypatch.setattr("ditq.bundled.open_model", lambda *a, **k: (make_tiny_mnist_dit(), "tiny"))
+    flags = ["--calib-samples", "2", "--calib-steps", "2", "--fitness-samples", "2", "--fitness-steps", "2",
+             "--generations", "2", "--population", "3", "--top-k", "1", "--fitness", "output", "--w-bits", "3",
+             "--no-gptq", "--no-progress", "--device", "cpu"]  # fmt: skip
+    assert main([*flags, "--out", str(tmp_path / "whole")]) == 0
+    real_make_fitness = ditq.search.run.make_fitness
+
+    def ctrl_c_at_the_fifth_candidate(*args, **kwargs):  # generation 0 saved, one of generation 1 logged
+        fitness, calls = real_make_fitness(*args, **kwargs), []
+
+        def score(model):
+            if len(calls) == 4:
+                raise KeyboardInterrupt
+            calls.append(1)
+            return fitness(model)
+
+        return score
+
+    monkeypatch.setattr(ditq.search.run, "make_fitness", ctrl_c_at_the_fifth_candidate)
+    cut = tmp_path / "cut"
+    capsys.readouterr()
+    try:
+        code = main([*flags, "--out", str(cut)])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped ditq search as a KeyboardInterrupt")
+    err = capsys.readouterr().err
+    assert code == 130 and err.count("\n") == 1, err
+    assert err.startswith(f"ditq search: interrupted; finished evaluations are kept in {cut} "
+                          "(state.json, evaluations.jsonl); resume with: "), err  # fmt: skip
+    assert len((cut / "evaluations.jsonl").read_text().splitlines()) == 4
+
+    monkeypatch.setattr(ditq.search.run, "make_fitness", real_make_fitness)
+    command = shlex.split(err.split("resume with: ")[1])
+    assert command == ["ditq", "search", *flags, "--out", str(cut)]
+    assert main(command[2:]) == 0
+    whole, resumed = (json.loads((tmp_path / d / "result.json").read_text()) for d in ("whole", "cut"))
+    assert {k: v for k, v in whole.items() if k != "seconds"} == {k: v for k, v in resumed.items() if k != "seconds"}
