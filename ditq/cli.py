@@ -29,6 +29,7 @@ from ditq.cli_checks import (
     error_line,
     finite_float,
     positive_int,
+    write_report,
 )
 
 
@@ -200,18 +201,6 @@ def _check_zoo_model(model: torch.nn.Module, given: str) -> None:
     if not isinstance(adapter_for(model), ZooAdapter):
         raise ValueError(f"{given} holds a {type(model).__name__}, not a zoo transformer (DiT, Large-DiT, "
                          "TerDiT); diffusers transformers go through --pipeline (ditq quantize, ditq sample)")
-
-
-def write_report(path: Path, report: dict, checkpoint: Path) -> None:
-    """`--report`, written once the checkpoint is saved: should it fail, the checkpoint stays and the error
-    says so (the report is checked writable before any work, so this takes a full disk or the like)."""
-    from ditq.atomic import write_text
-
-    try:
-        write_text(path, json.dumps(report, indent=2) + "\n")
-    except OSError as err:
-        raise OSError(err.errno, f"{err.strerror or err}; {checkpoint} is saved, without this report",
-                      err.filename or str(path)) from err
 
 
 # ---- subcommands -----------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import math
 import os
 import shlex
@@ -17,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from ditq.atomic import TEMP_NAME
+from ditq.atomic import TEMP_NAME, write_text
 
 __all__ = ["USER_ERRORS", "OneLineParser", "UsageError", "check_output_dir", "check_output_file",
            "check_scored_samples", "check_steps", "default_device", "device_arg", "error_line", "finite_float",
-           "positive_int", "rerun_command", "run_command"]
+           "positive_int", "rerun_command", "run_command", "write_report"]
 
 # Errors that bad input (a flag, a file, a recipe) raises; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, TypeError, KeyError, OSError)
@@ -198,3 +199,16 @@ def _respaces(steps: int, sampler: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# ---- outputs written after the work -------------------------------------------------------------
+
+
+def write_report(path: Path, report: dict, checkpoint: Path) -> None:
+    """`--report`, written once the checkpoint is saved: should it fail, the checkpoint stays and the error
+    says so (the report is checked writable before any work, so this takes a full disk or the like)."""
+    try:
+        write_text(path, json.dumps(report, indent=2) + "\n")
+    except OSError as err:
+        raise OSError(err.errno, f"{err.strerror or err}; {checkpoint} is saved, without this report",
+                      err.filename or str(path)) from err

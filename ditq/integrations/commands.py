@@ -67,7 +67,7 @@ def quantize_pipeline(args: argparse.Namespace) -> None:
         f"{io.float_storage(result.model, result.float_dtype)}; saved {args.out}"
     )
     if args.report is not None:
-        from ditq.cli import write_report
+        from ditq.cli_checks import write_report
 
         report = {
             "pipeline": str(args.pipeline),
