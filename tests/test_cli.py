@@ -106,12 +106,12 @@ def test_debug_shows_the_traceback(tmp_path):
 def test_a_report_that_cannot_be_written_leaves_the_saved_checkpoint(fp_ckpt, tmp_path, monkeypatch, capsys):
     """Validated first; should writing still fail (disk full), the checkpoint written before it stays, and
     the error says so: a failure never removes what was written (it could be the only copy)."""
-    import ditq.atomic
+    import ditq.cli_checks
 
     def fail(path, text):
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(ditq.atomic, "write_text", fail)
+    monkeypatch.setattr(ditq.cli_checks, "write_text", fail)
     out = tmp_path / "q.safetensors"
     out.write_bytes(b"an older checkpoint")
     assert main(["quantize", "--model", str(fp_ckpt), "--recipe", "w8a8", "--out", str(out), "--calib-samples", "1",
