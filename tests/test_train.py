@@ -32,15 +32,7 @@ NESTED_RECIPE = {
 }  # fmt: skip
 LOG_FIELDS = {"step", "epoch", "loss", "grad_norm", "lr", "ema_decay", "steps_per_s", "elapsed_s"}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on one thread: OpenMP hand-offs cost more than the work and are erratic on
-    a shared CI machine (15 ms instead of 0.2 ms per 512x64x256 product seen on 2 vCPUs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(out: Path, **changes) -> TrainConfig:

@@ -20,17 +20,19 @@ from ditq.kernels import reference
 from ditq.kernels.triton import rowquant
 from ditq.quant.primitives import compute_qparams, grouped
 
-# A tie needs the scaled input within float32 rounding (~1e-6 relative) of a midpoint: ~1e-4 of the elements on
-# int8's grid, less on e4m3's (16 points per binade). 1% leaves a wide margin and still catches a systematic
-# difference (a bf16 rounding kept in one run only moves ~5% of e4m3 codes).
+# A tie needs the scaled input within float32 rounding (~1e-6 relative) of a midpoint: ~1e-4 of the elements
+# on int8's grid, less on e4m3's (16 points per binade). 1% leaves a wide margin and still catches a
+# systematic difference (a bf16 rounding kept in one run only moves ~5% of e4m3 codes).
 MAX_TIE_FRACTION = 0.01
 
 
-def assert_compiled_matches_eager(model: torch.nn.Module, *args, rtol: float = 1e-5, atol: float = 1e-5) -> int:
+def assert_compiled_matches_eager(
+    model: torch.nn.Module, *args, rtol: float = 1e-5, atol: float = 1e-5
+) -> int:
     """`torch.compile(model, fullgraph=True)(*args)` against `model(*args)`, both without autograd, for models
-    whose activations are quantized by the FP8 pre-pass or dynamic int fake quantization; returns how many codes
-    differed (at ties). With the codes shared, rtol/atol bound float32 rounding of the unquantized ops (a few
-    ulps each; 1e-5 is ~100)."""
+    whose activations are quantized by the FP8 pre-pass or dynamic int fake quantization; returns how many
+    codes differed (at ties). With the codes shared, rtol/atol bound float32 rounding of the unquantized ops
+    (a few ulps each; 1e-5 is ~100)."""
     tape: list = []  # each quantizer call's output in the compiled run, in call order
     ties = []  # per replayed call, how many codes eager rounded the other way
     rows_fp8, activations = rowquant.quantize_rows_fp8, reference.quantize_activations

@@ -11,8 +11,9 @@ from ditq.quant.qlinear import QuantLinear
 from ditq.quant.spec import QuantSpec
 from tests.kernels.compiled import assert_compiled_matches_eager
 
-# (spec, backend, row absmax giving a scale of exactly 1): the FP8 pre-pass (absmax · (1/448) rounds to 1) and
-# dynamic int8 fake quantization (absmax / 127); both then round x = 8.5, a tie, to 8 (even) and one ulp more to 9
+# (spec, backend, row absmax giving a scale of exactly 1): the FP8 pre-pass (absmax · (1/448) rounds to 1)
+# and dynamic int8 fake quantization (absmax / 127); both then round x = 8.5, a tie, to 8 (even) and one ulp
+# more to 9
 QUANTIZERS = {
     "fp8_pre_pass": (QuantSpec(w_bits=4, a_bits=8, a_format="fp8"), "fp8-cached", 448.0),
     "int8": (QuantSpec(w_bits=4, a_bits=8), "reference", 127.0),
@@ -48,7 +49,7 @@ def test_a_code_rounded_the_other_way_at_a_tie_is_one_step_and_the_rest_is_compa
     nudge[0, 1] = 2.0**-20  # one ulp of 8.5
     with torch.no_grad():
         eager = layer(x)
-        assert not torch.allclose(layer(x + nudge), eager, rtol=1e-3, atol=1e-3)  # a whole step of a code apart
+        assert not torch.allclose(layer(x + nudge), eager, rtol=1e-3, atol=1e-3)  # a code's whole step apart
     assert assert_compiled_matches_eager(NudgedWhenCompiled(layer, nudge), x) == 1
 
 
