@@ -6,7 +6,6 @@ import copy
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -282,15 +281,10 @@ def test_bad_teacher_and_init_from_are_named(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(out: Path, steps: int, *extra: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2"]
-    cmd += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "ditq.train"]
+    # --standalone: torchrun binds its rendezvous store to a free port itself (a port probed free here first could
+    # be taken by another process, another xdist worker's run, before torchrun binds it)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ditq.train"]
     cmd += ["--set", "depth=2", "--set", "hidden_size=64", "--set", "patch_size=8", "--device", "cpu"]
     cmd += [
         "--steps",
