@@ -300,7 +300,8 @@ def _torchrun(out: Path, steps: int, *extra: str) -> None:
     ]
     cmd += ["--out", str(out), "--no-progress", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    # a hang guard, not a speed test: ~15 s a run on 2 loaded vCPUs, more beside another xdist worker
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0 and _torn_down_after_finishing(done.stderr):
         return  # torch's gloo teardown race; what the run wrote is checked by the caller
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

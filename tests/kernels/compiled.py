@@ -22,7 +22,7 @@ from ditq.quant.primitives import compute_qparams, grouped
 
 # A tie needs the scaled input within float32 rounding (~1e-6 relative) of a midpoint: ~1e-4 of the elements
 # on int8's grid, less on e4m3's (16 points per binade). 1% leaves a wide margin and still catches a
-# systematic difference (a bf16 rounding kept in one run only moves ~5% of e4m3 codes).
+# systematic difference (a bf16 rounding kept in one run only moves a few % of e4m3 codes).
 MAX_TIE_FRACTION = 0.01
 
 
