@@ -26,13 +26,7 @@ from tests.test_train import assert_same_runs, kill_during_fifth_step, tiny_conf
 TERNARY = QuantSpec(w_bits=2, w_format="ternary")
 EPS = 1e-6
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_dit(adaln_norm: bool = True) -> nn.Module:

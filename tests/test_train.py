@@ -8,7 +8,6 @@ import math
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,15 +34,7 @@ NESTED_RECIPE = {
 }  # fmt: skip
 LOG_FIELDS = {"step", "epoch", "loss", "grad_norm", "lr", "ema_decay", "steps_per_s", "elapsed_s"}
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls on one thread: OpenMP hand-offs cost more than the work and are erratic on
-    a shared CI machine (15 ms instead of 0.2 ms per 512x64x256 product seen on 2 vCPUs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(out: Path, **changes) -> TrainConfig:
@@ -365,15 +356,10 @@ def test_bad_teacher_and_init_from_are_named(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(out: Path, steps: int, *extra: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2"]
-    cmd += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "ditq.train"]
+    # --standalone: torchrun binds its rendezvous store to a free port itself (a port probed free here first could
+    # be taken by another process, another xdist worker's run, before torchrun binds it)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "ditq.train"]
     cmd += ["--set", "depth=2", "--set", "hidden_size=64", "--set", "patch_size=8", "--device", "cpu"]
     cmd += [
         "--steps",
@@ -389,7 +375,8 @@ def _torchrun(out: Path, steps: int, *extra: str) -> None:
     ]
     cmd += ["--out", str(out), "--no-progress", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    # a hang guard, not a speed test: ~15 s a run on 2 loaded vCPUs, more beside another xdist worker
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode != 0 and _torn_down_after_finishing(done.stderr):
         return  # torch's gloo teardown race; what the run wrote is checked by the caller
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -10,6 +10,7 @@ import torch
 from ditq.kernels import BACKENDS, Backend, group_linear, prepare_for_inference, register_backend
 from ditq.quant.qlinear import QuantLinear
 from ditq.quant.spec import QuantSpec
+from tests.kernels.compiled import assert_compiled_matches_eager
 
 IN, OUT = 64, 24
 
@@ -110,12 +111,7 @@ def test_a_tiny_quantized_dit_compiles_fullgraph_with_every_backend(tiny_dit):
     ditq.quantize(tiny_dit, ditq.RTN(w_bits=4, group_size=64, a_bits=8))
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 10])
     for backend in ("reference", "dequantized", "lowbit"):
-        torch._dynamo.reset()
-        prepare_for_inference(tiny_dit, backend)
-        with torch.no_grad():
-            torch.testing.assert_close(
-                torch.compile(tiny_dit, fullgraph=True)(x, t, y), tiny_dit(x, t, y), rtol=1e-4, atol=1e-5
-            )
+        assert_compiled_matches_eager(prepare_for_inference(tiny_dit, backend), x, t, y)
 
 
 def test_unknown_backend_is_refused_with_the_choices():

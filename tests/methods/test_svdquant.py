@@ -140,9 +140,13 @@ def _dit_with_outliers() -> nn.Module:
 
 @pytest.fixture(scope="module")
 def dit_and_calib():
-    torch.set_num_threads(1)
-    model = _dit_with_outliers()
-    calib = ditq.calibrate(model, n_samples=4, steps=6, rows_per_layer=256, seed=1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # set up before the tests' own one thread
+    try:
+        model = _dit_with_outliers()
+        calib = ditq.calibrate(model, n_samples=4, steps=6, rows_per_layer=256, seed=1)
+    finally:
+        torch.set_num_threads(before)
     gen = torch.Generator().manual_seed(9)
     inputs = (torch.randn(8, 1, 8, 8, generator=gen), torch.randint(0, 1000, (8,), generator=gen),
               torch.randint(0, 10, (8,), generator=gen))
