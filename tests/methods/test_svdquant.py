@@ -141,7 +141,7 @@ def _dit_with_outliers() -> nn.Module:
 @pytest.fixture(scope="module")
 def dit_and_calib():
     before = torch.get_num_threads()
-    torch.set_num_threads(1)  # set up before the tests' own one thread
+    torch.set_num_threads(1)  # as the tests run (a module fixture is set up before their one_thread)
     try:
         model = _dit_with_outliers()
         calib = ditq.calibrate(model, n_samples=4, steps=6, rows_per_layer=256, seed=1)
