@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Literal, Union
 from ditq.quant.spec import QuantSpec
 
 Overrides = tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
+Needs = Literal["nothing", "calibration", "training"]
 
 _RECIPE_TYPES: dict[str, type[Recipe]] = {}
 
@@ -54,6 +55,11 @@ class Recipe:
                     f"{type(self).__name__} fields are {sorted(tunable)}"
                 )
             replace(self, overrides=(), **dict(changes))  # validates the overridden values now
+
+    def needs(self) -> Needs:
+        """What must come before quantizing with this recipe: "nothing", "calibration" (`calib=`, from
+        `ditq.calibrate`) or "training" (a QAT recipe: `ditq.prepare` → train → `ditq.convert`)."""
+        return "calibration"
 
     @classmethod
     def tunable_fields(cls) -> set[str]:
@@ -250,6 +256,10 @@ class RTN(Recipe):
 
     def spec(self) -> QuantSpec:
         return self.quant_spec()
+
+    def needs(self) -> Needs:
+        """Static activation scales come from calibration; everything else from the weights alone."""
+        return "calibration" if self.a_bits is not None and not self.a_dynamic else "nothing"
 
 
 # The baseline rows every method is compared against (issue 4's table).

@@ -77,11 +77,15 @@ def _parse_recipe(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(str(err)) from err
 
 
-def build_parser(prog: str = "python -m ditq.train") -> argparse.ArgumentParser:
+def build_parser(prog: str = "ditq train") -> argparse.ArgumentParser:
     """The argument parser, shared by ``python -m ditq.train`` and the ``ditq train`` subcommand."""
+    from ditq.cli import HelpFormatter
+
     p = argparse.ArgumentParser(
         prog=prog,
-        description="Train a class-conditional DiT on MNIST, in full precision or QAT (EMA weights out).",
+        description="Train a class-conditional DiT on MNIST, in full precision or quantization-aware (a QAT\n"
+        "recipe such as TerDiT). Writes log.jsonl, checkpoints/last.safetensors and ema.safetensors into --out.",
+        formatter_class=HelpFormatter,
     )
     a = p.add_argument
     a("--model", help="zoo name (default DiT-MNIST)")

@@ -35,7 +35,7 @@ from ditq.methods.gptq import gptq, hessian
 from ditq.quant.primitives import compute_qparams
 from ditq.quant.qlinear import QuantLinear
 from ditq.quant.spec import QuantSpec
-from ditq.recipes import Recipe, register_preset
+from ditq.recipes import Needs, Recipe, register_preset
 from ditq.registry import register_method
 
 __all__ = ["QDiT", "average_bits_per_weight", "gptq_cache", "qdit_linear", "static_act_qparams"]
@@ -65,6 +65,10 @@ class QDiT(Recipe):
             raise ValueError(f"QDiT.block_size={self.block_size} must be a positive int")
         if not 0 <= self.damp <= 1:
             raise ValueError(f"QDiT.damp={self.damp} must lie in [0, 1]")
+
+    def needs(self) -> Needs:
+        """GPTQ reads each layer's calibration inputs, and static activation scales their ranges."""
+        return "calibration" if self.gptq or (self.a_bits is not None and not self.a_dynamic) else "nothing"
 
     def spec(self) -> QuantSpec:
         act_group = self.group_size if self.a_granularity == "group" and self.a_bits is not None else None
