@@ -103,6 +103,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 def _parser() -> argparse.ArgumentParser:
     from ditq._version import __version__
+    from ditq.eval.speed import SpeedSettings
+    from ditq.kernels import ALIASES, BACKENDS
 
     parser = _Parser(prog="ditq", formatter_class=HelpFormatter,
                      description="Quantize, sample, evaluate and time diffusion transformers.",
@@ -158,9 +160,6 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--inception", help="ImageNet protocol: FID Inception weights (pt_inception-2015-12-05 .pth)")
     e.add_argument("--ref-batch", help="ImageNet protocol: ADM reference batch (.npz); torchrun shards samples")
     e.set_defaults(run=_eval)
-
-    from ditq.eval.speed import SpeedSettings
-    from ditq.kernels import ALIASES, BACKENDS
 
     b = command("bench", "time a model's forward pass beside its FP source's: ms and the speed ratio",
                 "Quantized models run slower than full precision on the CPU (reference kernels); the FP8 "
