@@ -1,7 +1,7 @@
 """ditq: quantization toolkit for diffusion transformers.
 
-The verbs: `calibrate`, `quantize`, `save`, `load`, `prepare_for_inference`, and for quantization-aware
-training `prepare` → train → `convert`; one frozen recipe per method.
+The verbs: `calibrate`, `quantize`, `save`, `load`, `prepare_for_inference`, `sample` (zoo models), and for
+quantization-aware training `prepare` → train → `convert`; one frozen recipe per method.
 """
 
 from ditq import methods as _methods  # noqa: F401,I001  (registers every method; after the version import)
@@ -16,6 +16,7 @@ from ditq.qat import QAT, convert, prepare
 from ditq.methods.qdit import QDiT
 from ditq.methods.svdquant import SVDQuant
 from ditq.recipes import RTN, Recipe, load_recipe
+from ditq.sampling import sample
 
 __all__ = [
     "QAT",
@@ -33,5 +34,6 @@ __all__ = [
     "prepare",
     "prepare_for_inference",
     "quantize",
+    "sample",
     "save",
 ]

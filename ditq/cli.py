@@ -12,12 +12,14 @@ import json
 import logging
 import os
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
 
 from ditq.cli_checks import (
     USER_ERRORS,
+    HelpFormatter,
     OneLineParser,
     UsageError,
     check_output_dir,
@@ -68,83 +70,136 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="ditq", description="Quantize, sample and evaluate diffusion transformers.")
+    from ditq._version import __version__
+    from ditq.eval.speed import SpeedSettings
+    from ditq.kernels import ALIASES, BACKENDS
+
+    parser = OneLineParser(prog="ditq", formatter_class=HelpFormatter,
+                           description="Quantize, sample, evaluate and time diffusion transformers.",
+                           epilog="`ditq COMMAND --help` describes a command's flags.")
+    parser.add_argument("--version", action="version", version=f"ditq {__version__}")
     common = OneLineParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("train", help="train a zoo model (see `ditq train --help`)", add_help=False)
-    sub.add_parser("search", help="Q-DiT per-layer group-size search (see `ditq search --help`)", add_help=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    q = sub.add_parser("quantize", parents=[common], help="quantize a model with a recipe and save a checkpoint")
-    _model_args(q)
+    def command(name: str, summary: str, description: str = "", **kwargs) -> argparse.ArgumentParser:
+        text = textwrap.fill(f"{summary[0].upper()}{summary[1:]}. {description}".strip(), width=88)
+        return sub.add_parser(name, parents=[common], help=summary, description=text, formatter_class=HelpFormatter,
+                              **kwargs)  # fmt: skip
+
+    sub.add_parser("train", help="train a zoo model, in full precision or quantization-aware (TerDiT)",
+                   add_help=False)
+    sub.add_parser("search", help="Q-DiT's search for per-layer group sizes; writes a recipe", add_help=False)
+
+    q = command("quantize", "quantize a model with a recipe and save a checkpoint",
+                "Calibrates on the model's own sampling trajectories, quantizes, prints per-layer errors and "
+                "sizes.", epilog=_presets_help())
+    _model_args(q, pipeline=True, seed="seed of random zoo weights; calibration uses seed + 1")
     _pipeline_args(q, "calibrate on")
-    q.add_argument("--recipe", required=True, help="preset (w8a8, w6a8, w4a8, w4a16, w4a4) or a JSON/YAML file")
+    q.add_argument("--recipe", required=True, help="a preset (listed below) or a JSON/YAML recipe file")
     q.add_argument("--out", required=True, type=Path, help="checkpoint path (.safetensors)")
     _calib_args(q)
-    q.add_argument("--report", type=Path, help="write per-layer errors and sizes as JSON here")
+    q.add_argument("--report", type=Path, help="also write per-layer errors and sizes as JSON here")
     q.set_defaults(run=_quantize)
 
-    s = sub.add_parser("sample", parents=[common], help="sample an image grid from a zoo model or a checkpoint")
-    _model_args(s)
+    s = command("sample", "sample an image grid from a zoo model or a checkpoint",
+                "Labels cycle through the classes; the same --seed gives the same images.")
+    _model_args(s, pipeline=True, seed="seed of the sampling noise (and of random zoo weights)")
     _pipeline_args(s, "sample")
     s.add_argument("--vae", help="local diffusers AutoencoderKL folder: decode a latent zoo DiT (DiT-XL/2)")
     _sampling_args(s, samples=16)
     s.add_argument("--out", required=True, type=Path, help="PNG path of the grid")
     s.set_defaults(run=_sample)
 
-    e = sub.add_parser("eval", parents=[common],
-                       help="score models (FID, class accuracy, IS, precision/recall, PSNR/SSIM vs FP)")
+    e = command("eval", "score models: FID, class accuracy, IS, precision/recall, PSNR/SSIM vs the FP model",
+                "Every model samples the same labels from the same noise; writes report.json and report.md.")
     e.add_argument("--fp", default="DiT-MNIST", help="reference full-precision model (zoo name or checkpoint)")
     e.add_argument("--weights", help="weights for --fp when it is a zoo name (.pt or .safetensors)")
     e.add_argument("--model", action="append", default=[], help="checkpoint to score (repeatable)")
-    e.add_argument("--recipe", action="append", default=[], help="quantize --fp with this recipe and score (repeatable)")
+    e.add_argument("--recipe", action="append", default=[],
+                   help="quantize --fp with this preset or recipe file and score it (repeatable)")
     _sampling_args(e, samples=1000)
     _calib_args(e)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--batch-size", type=positive_int, default=250)
+    e.add_argument("--seed", type=int, default=0, help="seed of the sampling noise; calibration uses seed + 1")
+    e.add_argument("--batch-size", type=positive_int, default=250, help="images sampled per model call")
     e.add_argument("--out", type=Path, default=Path("out/eval"), help="folder for report.json and report.md")
-    e.add_argument("--device", type=device_arg, default=default_device())
+    e.add_argument("--device", type=device_arg, default=default_device(), help="torch device to run on")
     e.add_argument("--vae", help="ImageNet protocol: local AutoencoderKL folder decoding the latents")
     e.add_argument("--inception", help="ImageNet protocol: FID Inception weights (pt_inception-2015-12-05 .pth)")
     e.add_argument("--ref-batch", help="ImageNet protocol: ADM reference batch (.npz); torchrun shards samples")
     e.set_defaults(run=_eval)
 
-    b = sub.add_parser("bench", parents=[common],
-                       help="time a model's forward pass (and its FP source's, same run): ms and the speed ratio")
-    _model_args(b)
+    b = command("bench", "time a model's forward pass beside its FP source's: ms and the speed ratio",
+                "Quantized models run slower than full precision on the CPU (reference kernels); the FP8 "
+                "backends run faster only on Hopper GPUs.")
+    _model_args(b, pipeline=False, seed="seed of random zoo weights and of the inputs")
     b.add_argument("--fp", help="full-precision model to time beside it (zoo name or checkpoint)")
-    b.add_argument("--backend", default="dequantized", help="kernel backend of the quantized layers")
-    b.add_argument("--batch", type=positive_int, default=8, help="images per forward (CFG doubling included)")
+    b.add_argument("--backend", default="dequantized",
+                   help=f"kernel backend of the quantized layers: {', '.join(sorted([*BACKENDS, *ALIASES]))}")
+    b.add_argument("--batch", type=positive_int, default=8, help="images per forward, CFG doubling included")
     b.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: bfloat16 on CUDA, float32 on the CPU)")
     b.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True) both models")
     b.add_argument("--cuda-graphs", action="store_true", help="compile with CUDA graphs (mode='reduce-overhead')")
-    b.add_argument("--repeats", type=positive_int, default=20)
-    b.add_argument("--out", type=Path, help="write the timings as JSON here")
+    b.add_argument("--repeats", type=positive_int, default=20,
+                   help=f"timed calls per model, after {SpeedSettings().warmup} warm-up calls")
+    b.add_argument("--out", type=Path, help="also write the timings as JSON here")
     b.set_defaults(run=_bench)
 
-    d = sub.add_parser("demo", parents=[common], help="the main job on the bundled DiT-MNIST: quantize, sample, report")
+    d = command("demo", "the main job on the bundled DiT-MNIST: quantize, sample, report",
+                "Writes grid.png, report.md, report.json and the quantized checkpoint into --out.")
     d.add_argument("--out", type=Path, default=Path("out"), help="folder for grid.png, reports and the checkpoint")
     d.add_argument("--recipe", help="recipe to show (default: SVDQuant + GPTQ W4A8-FP8 on a CPU-sized α grid)")
     d.add_argument("--baseline", default="w4a8", help="recipe shown beside it ('none' for no baseline row)")
-    d.add_argument("--samples", type=positive_int, default=100)
-    d.add_argument("--steps", type=positive_int, default=25)
+    d.add_argument("--samples", type=positive_int, default=100, help="images per model (metrics and grid)")
+    d.add_argument("--steps", type=positive_int, default=25, help="DDIM sampling steps")
     d.set_defaults(run=_demo)
     return parser
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="zoo name (e.g. DiT-MNIST, DiT-S/2) or a ditq checkpoint (with --pipeline: "
-                   "a quantized transformer checkpoint)")
+def _presets_help() -> str:
+    """The preset list for `quantize --help`, read from the presets registry."""
+    from ditq.recipes import PRESETS
+
+    needs = {"nothing": "needs nothing", "calibration": "needs calibration (done here)",
+             "training": "needs training: `ditq train --recipe {}`, not quantize"}  # fmt: skip
+    width = max(map(len, PRESETS))
+    lines = [f"  {name:<{width}}  {type(recipe).__name__} {_spec_summary(recipe.spec())}; "
+             + needs[recipe.needs()].format(name) for name, recipe in PRESETS.items()]  # fmt: skip
+    return "\n".join([
+        "presets (--recipe NAME):", *lines, "",
+        "Quantized models run slower than full precision on the CPU (reference kernels). Of these presets,",
+        "w4a8-fp8 (int4 per channel, FP8 per token) runs faster than bf16: on Hopper GPUs, with the fp8 backends.",
+    ])  # fmt: skip
+
+
+def _spec_summary(spec) -> str:
+    """e.g. `W4 g128, A8 per token`, `ternary per channel, A16`, `W4 g64, A4 g64, rank 32, smoothed`."""
+    weights = f"W{spec.w_bits}" + (f" g{spec.group_size}" if spec.group_size else " per channel")
+    if spec.w_format == "ternary":
+        weights = "ternary"
+    if spec.a_bits is None:
+        acts = "A16"
+    else:
+        acts = f"A{spec.a_bits}{'-FP8' if spec.a_format == 'fp8' else ''}"
+        acts += f" g{spec.a_group_size}" if spec.a_group_size else " per token" if spec.a_dynamic else " static"
+    extras = ([f"rank {spec.rank}"] if spec.rank else []) + (["smoothed"] if spec.smooth else [])
+    return ", ".join([weights, acts, *extras])
+
+
+def _model_args(p: argparse.ArgumentParser, *, pipeline: bool, seed: str) -> None:
+    with_pipeline = " (with --pipeline: a quantized transformer checkpoint)" if pipeline else ""
+    p.add_argument("--model", help=f"zoo name (e.g. DiT-MNIST, DiT-S/2) or a ditq checkpoint{with_pipeline}")
     p.add_argument("--weights", help="weights for a zoo model (.pt official layout or .safetensors)")
-    p.add_argument("--seed", type=int, default=0, help="seed for random weights and sampling")
-    p.add_argument("--device", type=device_arg, default=default_device())
+    p.add_argument("--seed", type=int, default=0, help=seed)
+    p.add_argument("--device", type=device_arg, default=default_device(), help="torch device to run on")
 
 
 def _pipeline_args(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--pipeline", help=f"local diffusers pipeline folder whose transformer to {verb}")
     p.add_argument("--prompt", action="append", default=[], help="prompt for a text pipeline (repeatable)")
-    p.add_argument("--class-label", action="append", type=int, default=[], help="class for DiTPipeline (repeatable)")
+    p.add_argument("--class-label", action="append", type=int, default=[],
+                   help="class for a DiTPipeline (repeatable; default: the first classes)")
 
 
 def _check_model_or_pipeline(args: argparse.Namespace, model_needed: bool) -> bool:
@@ -165,10 +220,10 @@ def _check_model_or_pipeline(args: argparse.Namespace, model_needed: bool) -> bo
 
 
 def _sampling_args(p: argparse.ArgumentParser, samples: int) -> None:
-    p.add_argument("--samples", type=positive_int, default=samples)
-    p.add_argument("--steps", type=positive_int, default=50)
+    p.add_argument("--samples", type=positive_int, default=samples, help="images per model")
+    p.add_argument("--steps", type=positive_int, default=50, help="sampling steps (respaced from 1000)")
     p.add_argument("--cfg", type=finite_float, default=1.5, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="reverse-process sampler")
 
 
 def _calib_args(p: argparse.ArgumentParser) -> None:
@@ -177,7 +232,8 @@ def _calib_args(p: argparse.ArgumentParser) -> None:
     default = CalibSettings()
     p.add_argument("--calib-samples", type=positive_int, default=default.samples,
                    help="images sampled to capture calibration inputs")
-    p.add_argument("--calib-steps", type=positive_int, default=default.steps)
+    p.add_argument("--calib-steps", type=positive_int, default=default.steps,
+                   help="DDIM steps of each calibration trajectory")
 
 
 def _post_training_recipe(source: str):
@@ -242,12 +298,13 @@ def _quantize(args: argparse.Namespace) -> None:
     if args.report is not None:
         report = {"model": source, "checkpoint": str(args.out), "file_bytes": on_disk, **result.report()}
         write_report(args.report, report, args.out)
+        print(f"wrote {args.report}")
 
 
 def _sample(args: argparse.Namespace) -> None:
     from ditq.bundled import open_model
-    from ditq.diffusion import sample_images
-    from ditq.grid import make_grid, save_image
+    from ditq.grid import save_image, tile
+    from ditq.sampling import sample
 
     check_output_file(args.out, "--out", ".png")
     if _check_model_or_pipeline(args, model_needed=False):
@@ -272,11 +329,10 @@ def _sample(args: argparse.Namespace) -> None:
 
         return sample_latent_dit(args, model)
     labels = torch.arange(args.samples) % model.num_classes
-    images = sample_images(model, labels, steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg,
-                           seed=args.seed, progress=True)
-    per_row = min(args.samples, 2 * model.num_classes if model.num_classes <= 16 else 8)
-    rows = [("", images[i : i + per_row]) for i in range(0, args.samples, per_row)]
-    save_image(make_grid(rows), args.out)
+    images = sample(model, labels, steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg, seed=args.seed,
+                    progress=True)
+    save_image(tile(images, per_row=min(args.samples, 2 * model.num_classes if model.num_classes <= 16 else 8)),
+               args.out)
     print(f"wrote {args.out} ({args.samples} samples, {args.sampler} {args.steps} steps, cfg {args.cfg})")
 
 
@@ -317,11 +373,13 @@ def _eval(args: argparse.Namespace) -> None:
         check_vae_decodes(args.vae, given)
     else:
         check_scorable(given, args.samples)
+    print(f"FP model: {source}; {len(names)} models to score, reports to {args.out}/ (report.json, report.md)")
     models, sizes = {"FP": fp_model}, {"FP": model_size_bytes(fp_model, torch.float16)}
     calib_settings = CalibSettings(samples=args.calib_samples, steps=args.calib_steps, seed=args.seed + 1)
     calib = None
     for name, recipe in recipes.items():
-        result = post_training_quantize(fp_model, recipe, settings=calib_settings, calib=calib)
+        print(f"{name}: quantizing the FP model")
+        result = post_training_quantize(fp_model, recipe, settings=calib_settings, calib=calib, progress=True)
         calib = result.calib
         models[name], sizes[name] = result.model, result.quant_size_bytes
     for name, path in checkpoints.items():
@@ -340,6 +398,7 @@ def _eval(args: argparse.Namespace) -> None:
     table = render_table(results)
     write_text(args.out / "report.md", table)
     print(table)
+    print(f"wrote {args.out / 'report.json'} and {args.out / 'report.md'}")
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -383,7 +442,9 @@ def _bench(args: argparse.Namespace) -> None:
         model = model.to(getattr(torch, dtype))
         if is_quantized(model):
             prepare_for_inference(model, args.backend, dtype=getattr(torch, dtype))
-        timing = time_forward(model, settings)
+        backend = f", backend {args.backend}" if is_quantized(model) else ""
+        print(f"{role}: {source}{backend}, {dtype}, batch {settings.batch}", flush=True)
+        timing = time_forward(model, settings, progress=True)
         rows[role] = {"source": source, "quantized": is_quantized(model), "weight_bytes": model_size_bytes(model),
                       **timing}  # fmt: skip
         del model
@@ -399,6 +460,7 @@ def _bench(args: argparse.Namespace) -> None:
         report = {"device": device, "torch": torch.__version__, "backend": args.backend,
                   "settings": dataclasses.asdict(settings), "rows": rows}  # fmt: skip
         write_text(args.out, json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
 
 
 def _demo(args: argparse.Namespace) -> None:

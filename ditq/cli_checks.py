@@ -20,7 +20,7 @@ import torch
 
 from ditq.atomic import TEMP_NAME, write_text
 
-__all__ = ["USER_ERRORS", "OneLineParser", "UsageError", "check_output_dir", "check_output_file",
+__all__ = ["USER_ERRORS", "HelpFormatter", "OneLineParser", "UsageError", "check_output_dir", "check_output_file",
            "check_scored_samples", "check_steps", "default_device", "device_arg", "error_line", "finite_float",
            "positive_int", "rerun_command", "run_command", "write_report"]
 
@@ -39,6 +39,16 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         """One line, not argparse's usage block (`--help` still shows the usage)."""
         raise UsageError(f"{self.prog}: error: {message}")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions and epilogs keep their line breaks; a flag's help ends with its default where it has one
+    worth showing (not None, False or an empty list). `ditq train` and `ditq search` use it too."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False or action.default == [] or action.nargs == 0:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def error_line(err: BaseException) -> str:

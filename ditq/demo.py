@@ -21,6 +21,7 @@ import torch
 from ditq import io
 from ditq.atomic import write_text
 from ditq.bundled import open_model
+from ditq.eval.report import render_layer_table
 from ditq.eval.runner import SampleSettings, check_scorable, evaluate
 from ditq.grid import make_grid, save_image
 from ditq.pipeline import CalibSettings, post_training_quantize
@@ -105,6 +106,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"`{report['checkpoint']}`; the baseline = its tensors as stored",
         f"- wall time: {report['seconds']} s",
         "",
+        f"## Scores of {report['model']}, in full precision and quantized",
+        "",
         "| model | size (bytes) | FID | class acc | IS | precision | recall | PSNR vs FP (dB) | SSIM vs FP |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -118,21 +121,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {labels[name]} | {r['size_bytes']:,} | {r['fid']:.2f} | "
             f"{r['class_acc']:.3f} | {r['is']:.2f} | {r['precision']:.3f} | {r['recall']:.3f} | {vs_fp} |"
         )
-    lines += [
-        "",
-        f"Compression vs 16-bit: {report['compression']:.2f}× (bytes on disk)",
-        "",
-        "## Per-layer quantization error (inputs captured along FP sampling trajectories)",
-        "",
-        "| layer | shape | bits | group | weight rel. err | output rel. err | SQNR (dB) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in report["layers"]:
-        lines.append(
-            f"| {row['layer']} | {row['shape']} | {row['w_bits']} | {row['group_size'] or 'ch'} | "
-            f"{row['weight_rel_err']:.4f} | {row['output_rel_err']:.4f} | {row['sqnr_db']:.1f} |"
-        )
-    return "\n".join(lines) + "\n"
+    lines += ["", f"Compression vs 16-bit: {report['compression']:.2f}× (bytes on disk)", "",
+              "## Per-layer quantization error", "", render_layer_table(report["layers"], report["recipe_label"])]
+    return "\n".join(lines)
 
 
 _METHOD_NAMES = {"rtn": "RTN", "svdquant": "SVDQuant", "qdit": "Q-DiT", "qat": "QAT"}

@@ -18,6 +18,7 @@ from ditq.calib import CalibData, calibrate
 from ditq.checks import check_counts
 from ditq.eval.layers import layer_errors
 from ditq.io import model_size_bytes
+from ditq.progress import stage
 from ditq.recipes import Recipe
 
 
@@ -78,13 +79,15 @@ def post_training_quantize(
     a mistake costs no sampling time. Pass `calib` to quantize one FP model with several recipes from the
     same calibration data (check the plan first, as here, if you calibrate yourself). Sizes count the
     high-precision layers in `float_dtype` (16-bit by default, the precision DiTs ship in); save with the
-    same `float_dtype`.
+    same `float_dtype`. `progress` prints a line as each stage starts, and progress bars.
     """
     settings = settings or CalibSettings()
-    check_plan(fp_model, recipe)
+    targets = check_plan(fp_model, recipe)
     if calib is None:
+        stage(progress, f"calibrating: {settings.samples} samples × {settings.steps} steps (seed {settings.seed})")
         calib = calibrate(fp_model, n_samples=settings.samples, steps=settings.steps, seed=settings.seed,
                           progress=progress)
+    stage(progress, f"quantizing {len(targets)} layers with {type(recipe).__name__}")
     quant_model = quantize(shallow_clone(fp_model), recipe, calib=calib)  # FP tensors shared, not copied
     return PTQResult(
         model=quant_model,

@@ -23,7 +23,7 @@ from ditq.quant.fakequant import FakeQuantLinear, set_served_bits
 from ditq.quant.modules import install, is_quantized
 from ditq.quant.qlinear import QuantLinear
 from ditq.quant.spec import QuantSpec
-from ditq.recipes import Recipe
+from ditq.recipes import Needs, Recipe
 
 __all__ = ["QAT", "FakeQuantLinear", "convert", "fused_linears", "prepare", "set_served_bits"]
 
@@ -34,7 +34,6 @@ class QAT(Recipe):
     a learnable scale, and the nested bit-widths one set of stored codes is trained to serve."""
 
     method: ClassVar[str] = "qat"
-    trained: ClassVar[bool] = True
     w_bits: int = 4  # the served bit-width (2 for ternary)
     w_format: Literal["int", "ternary"] = "int"
     group_size: int | None = None
@@ -80,6 +79,9 @@ class QAT(Recipe):
 
     def spec(self) -> QuantSpec:
         return self.quant_spec()
+
+    def needs(self) -> Needs:
+        return "training"
 
     @property
     def served_bits(self) -> tuple[int, ...]:

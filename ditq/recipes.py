@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal, Union
 from ditq.quant.spec import QuantSpec
 
 Overrides = tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]
+Needs = Literal["nothing", "calibration", "training"]
 
 _RECIPE_TYPES: dict[str, type[Recipe]] = {}
 
@@ -32,7 +33,6 @@ class Recipe:
     """Fields every recipe shares: which modules to leave alone and per-pattern field changes."""
 
     method: ClassVar[str] = ""
-    trained: ClassVar[bool] = False  # QAT: prepare → train → convert, never `quantize`
     skip: tuple[str, ...] | None = None
     quantize_modulation: bool = False
     overrides: Overrides = ()
@@ -62,6 +62,11 @@ class Recipe:
                 )
             replace(self, overrides=(), **dict(changes))  # validates the overridden values now
 
+    def needs(self) -> Needs:
+        """What must come before quantizing with this recipe: "nothing", "calibration" (`calib=`, from
+        `ditq.calibrate`) or "training" (a QAT recipe: `ditq.prepare` → train → `ditq.convert`)."""
+        return "calibration"
+
     @classmethod
     def tunable_fields(cls) -> set[str]:
         return {f.name for f in fields(cls)} - {"skip", "quantize_modulation", "overrides"}
@@ -70,11 +75,6 @@ class Recipe:
         """The `QuantSpec` made of this recipe's fields that a spec has, with `changes` on top."""
         names = {f.name for f in fields(QuantSpec)}
         return QuantSpec(**({n: getattr(self, n) for n in names if hasattr(self, n)} | changes))
-
-    def needs_calibration(self) -> bool:
-        """Whether the method reads calibration data (`ditq.calibrate`) for some module, so that callers
-        that cannot calibrate refuse the recipe up front."""
-        return False
 
     def variants(self) -> list[Recipe]:
         """The recipe and each override applied on its own: every value a module's recipe may take per field."""
@@ -269,8 +269,11 @@ class RTN(Recipe):
     def spec(self) -> QuantSpec:
         return self.quant_spec()
 
-    def needs_calibration(self) -> bool:
-        return any(not r.a_dynamic for r in self.variants())  # static activation scales
+    def needs(self) -> Needs:
+        """Static activation scales (here or in an override) come from calibration; everything else from the
+        weights alone."""
+        return "calibration" if any(not r.a_dynamic for r in self.variants()) else "nothing"
+
 
 
 # The baseline rows every method is compared against (the RTN table of docs/results.md).

@@ -42,7 +42,7 @@ def register_method(recipe_type: type[R], *, check_plan: PlanCheckFn | None = No
 
 
 def method_for(recipe: Recipe) -> MethodFn:
-    if recipe.trained:
+    if recipe.needs() == "training":
         raise ValueError(f"{type(recipe).__name__} recipes are trained, not applied to a model: use `ditq train "
                          "--recipe ...` (or ditq.prepare → train → ditq.convert)")
     try:

@@ -32,7 +32,14 @@ from pathlib import Path
 from typing import Any
 
 from ditq.checks import did_you_mean
-from ditq.cli_checks import OneLineParser, check_output_file, device_arg, rerun_command, run_command
+from ditq.cli_checks import (
+    HelpFormatter,
+    OneLineParser,
+    check_output_file,
+    device_arg,
+    rerun_command,
+    run_command,
+)
 from ditq.recipes import PRESETS, load_recipe
 from ditq.training.checkpoint import export_fp16, read_weights
 from ditq.training.config import LOSSES, LR_SCHEDULES, MIXED_PRECISION, TrainConfig
@@ -91,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``ditq train`` (also ``python -m ditq.train``); errors are one line."""
     p = OneLineParser(
         prog=PROG,
-        description="Train a class-conditional DiT on MNIST, in full precision or QAT (EMA weights out).",
+        description="Train a class-conditional DiT on MNIST, in full precision or quantization-aware (a QAT\n"
+        "recipe such as TerDiT). Writes log.jsonl, checkpoints/last.safetensors and ema.safetensors into --out.",
+        formatter_class=HelpFormatter,
     )
     a = p.add_argument
     a("--model", help="zoo name (default DiT-MNIST)")

@@ -1,4 +1,5 @@
-"""Classifier-free guidance and `sample_images`, the one sampling call the rest of ditq uses."""
+"""Classifier-free guidance and `sample_images`, the sampling loop inside ditq (`ditq.sample` checks a user's
+arguments, then calls it)."""
 
 from __future__ import annotations
 

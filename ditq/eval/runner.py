@@ -31,6 +31,7 @@ from ditq.eval.metrics import (
     psnr,
     ssim,
 )
+from ditq.progress import stage
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,8 @@ def evaluate(
 
     `sizes` gives the bytes a model takes on disk where the caller knows them (a written checkpoint,
     the FP model in 16 bits); other models are sized by `model_size_bytes`. Returns the results and
-    each model's images (same seeds and noise for every model).
+    each model's images (same seeds and noise for every model). `progress` prints a line per model as it
+    starts and as it is scored, and the sampler's progress bars.
     """
     sizes = sizes or {}
     check_scorable(models, settings.samples)
@@ -112,7 +114,9 @@ def evaluate(
     results: dict[str, Any] = {"settings": asdict(settings)}
     reference = None
     drawn = {}
-    for name, model in models.items():
+    for i, (name, model) in enumerate(models.items(), 1):
+        stage(progress, f"sampling {name} ({i}/{len(models)}): {settings.samples} images, {settings.sampler} "
+                        f"{settings.steps} steps, cfg {settings.cfg_scale}")
         images, seconds = draw(model, settings, progress=progress)
         size = sizes[name] if name in sizes else model_size_bytes(model)
         row: dict[str, Any] = {"size_bytes": size, "sample_seconds": round(seconds, 2)}
@@ -123,6 +127,7 @@ def evaluate(
             row |= compare_pixels(images, reference)
         results[name] = row
         drawn[name] = images
+        stage(progress, f"{name}: FID {row['fid']:.2f}, class acc {row['class_acc']:.3f} (sampled in {seconds:.1f} s)")
     return results, drawn
 
 

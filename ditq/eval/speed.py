@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ditq.checks import check_count, check_counts
+from ditq.progress import stage
 
 __all__ = ["SpeedSettings", "time_back_to_back", "time_calls", "time_forward"]
 
@@ -43,9 +44,10 @@ class SpeedSettings:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 
 
-def time_forward(model: nn.Module, settings: SpeedSettings) -> dict[str, Any]:
+def time_forward(model: nn.Module, settings: SpeedSettings, progress: bool = False) -> dict[str, Any]:
     """Median/min/max milliseconds of lone calls `model(x, t, y)` on random latents, timesteps and labels of the
-    model's own sizes, and per call back to back; `model` must already be on its device in `settings.dtype`."""
+    model's own sizes, and per call back to back; `model` must already be on its device in `settings.dtype`.
+    `progress` prints a line as compiling (minutes for a large model) and timing start."""
     device = next(model.parameters()).device
     if settings.cuda_graphs and device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device; the model is on {device}")
@@ -62,10 +64,15 @@ def time_forward(model: nn.Module, settings: SpeedSettings) -> dict[str, Any]:
             torch._dynamo.reset()
             mode = "reduce-overhead" if settings.cuda_graphs else None
             forward = torch.compile(model, fullgraph=True, dynamic=False, mode=mode)
+            stage(progress, f"  compiling (torch.compile, fullgraph{', CUDA graphs' if mode else ''}) at batch "
+                            f"{settings.batch}; the first call can take minutes")
             start = time.perf_counter()
             forward(x, t, y)
             _sync(device)
             compile_s = round(time.perf_counter() - start, 1)
+            stage(progress, f"  compiled in {compile_s} s")
+        stage(progress, f"  timing: {settings.warmup} warm-up calls, {settings.repeats} timed, "
+                        f"{settings.repeats} back to back")
         times = time_calls(forward, (x, t, y), device, warmup=settings.warmup, repeats=settings.repeats)
         back_to_back = time_back_to_back(forward, (x, t, y), device, calls=settings.repeats)
     return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),

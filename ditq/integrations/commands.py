@@ -52,8 +52,11 @@ def quantize_pipeline(args: argparse.Namespace) -> None:
         f"pipeline: {type(pipe).__name__} from {args.pipeline}; transformer {type(pipe.transformer).__name__}"
     )
     check_plan(pipe.transformer, recipe)  # a recipe that cannot apply costs no calibration
+    n_conditions = len(next(iter(conditions.values())))
+    print(f"calibrating: the pipeline's {args.calib_steps}-step loop on {n_conditions} "
+          f"{'prompts' if 'prompts' in conditions else 'class labels'}", flush=True)
     calib = calibrate_pipeline(pipe, steps=args.calib_steps, seed=args.seed + 1, progress=True, **conditions)
-    result = post_training_quantize(pipe.transformer, recipe, calib=calib)
+    result = post_training_quantize(pipe.transformer, recipe, calib=calib, progress=True)
     io.save(
         result.model,
         args.out,
@@ -81,7 +84,7 @@ def quantize_pipeline(args: argparse.Namespace) -> None:
 def sample_pipeline(args: argparse.Namespace) -> None:
     """A grid from the pipeline, its transformer replaced by `--model` (a ditq checkpoint) when given."""
     from ditq import io
-    from ditq.grid import make_grid, save_image
+    from ditq.grid import save_image, tile
     from ditq.integrations.diffusers import load_pipeline
 
     header = None if args.model is None else io.read_header(args.model)
@@ -102,8 +105,7 @@ def sample_pipeline(args: argparse.Namespace) -> None:
     else:
         call["prompt"] = [conditions["prompts"][i % len(conditions["prompts"])] for i in range(args.samples)]
     images = torch.from_numpy(pipe(**call).images).permute(0, 3, 1, 2) * 2 - 1  # (N, 3, H, W) in [-1, 1]
-    per_row = min(args.samples, 8)
-    save_image(make_grid([("", images[i : i + per_row]) for i in range(0, args.samples, per_row)]), args.out)
+    save_image(tile(images, per_row=min(args.samples, 8)), args.out)
     print(
         f"wrote {args.out} ({args.samples} samples from {args.pipeline}"
         f"{' with ' + str(args.model) if args.model else ''}, {args.steps} steps, guidance {args.cfg})"
@@ -163,7 +165,7 @@ def sample_latent_dit(args: argparse.Namespace, model: torch.nn.Module) -> None:
     """A zoo latent DiT (DiT-XL/2) sampled as the official sampler does, decoded by the `--vae` folder."""
     from ditq.eval.imagenet import load_vae, sample_decoded
     from ditq.eval.runner import SampleSettings
-    from ditq.grid import make_grid, save_image
+    from ditq.grid import save_image, tile
 
     vae = load_vae(args.vae, device=args.device)
     settings = SampleSettings(
@@ -176,10 +178,7 @@ def sample_latent_dit(args: argparse.Namespace, model: torch.nn.Module) -> None:
     )
     images = sample_decoded(model, vae, settings, range(args.samples), progress=True)  # (N, H, W, 3) uint8
     images = images.permute(0, 3, 1, 2).float() / 127.5 - 1
-    per_row = min(args.samples, 8)
-    save_image(
-        make_grid([("", images[i : i + per_row]) for i in range(0, args.samples, per_row)], scale=1), args.out
-    )
+    save_image(tile(images, per_row=min(args.samples, 8), scale=1), args.out)
     print(
         f"wrote {args.out} ({args.samples} samples, {args.sampler} {args.steps} steps, cfg {args.cfg} on "
         f"3 latent channels, decoded by {args.vae})"

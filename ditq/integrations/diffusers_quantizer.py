@@ -63,7 +63,7 @@ class DitqConfig(QuantizationConfigMixin):
             raise TypeError(f"DitqConfig(backend=...) takes a kernel backend name (str), got {type(backend).__name__}")
         parsed = load_recipe(recipe)  # a bad recipe fails here, before any weight is read
         method_for(parsed)  # QAT recipes are trained, not applied
-        if parsed.needs_calibration():
+        if parsed.needs() == "calibration":
             raise ValueError(
                 f"DitqConfig: recipe {recipe!r} needs calibration data, which loading a model cannot collect; "
                 "load the full-precision pipeline, then ditq.quantize(pipe.transformer, recipe, "

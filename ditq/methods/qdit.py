@@ -36,7 +36,7 @@ from ditq.methods.gptq import gptq, hessian
 from ditq.quant.primitives import compute_qparams
 from ditq.quant.qlinear import QuantLinear
 from ditq.quant.spec import QuantSpec
-from ditq.recipes import Recipe, register_preset
+from ditq.recipes import Needs, Recipe, register_preset
 from ditq.registry import register_method
 
 __all__ = ["QDiT", "average_bits_per_weight", "gptq_cache", "qdit_linear", "static_act_qparams"]
@@ -67,8 +67,11 @@ class QDiT(Recipe):
         if not 0 <= self.damp <= 1:
             raise ValueError(f"QDiT.damp={self.damp} must lie in [0, 1]")
 
-    def needs_calibration(self) -> bool:  # GPTQ's Hessian, static activation scales
-        return any(r.gptq or (r.a_bits is not None and not r.a_dynamic) for r in self.variants())
+    def needs(self) -> Needs:
+        """GPTQ reads each layer's calibration inputs, and static activation scales their ranges (here or in an
+        override)."""
+        return "calibration" if any(r.gptq or (r.a_bits is not None and not r.a_dynamic)
+                                    for r in self.variants()) else "nothing"
 
     def spec(self) -> QuantSpec:
         act_group = self.group_size if self.a_granularity == "group" and self.a_bits is not None else None

@@ -103,9 +103,6 @@ class SVDQuant(Recipe):
                 raise ValueError(f"SVDQuant.input_groups: {sorted(seen & set(group))} appear in two groups")
             seen |= set(group)
 
-    def needs_calibration(self) -> bool:  # smoothing and the α search read every layer's inputs
-        return True
-
     def spec(self, input_group: str | None = None) -> QuantSpec:
         a_group_size = self.a_group_size
         if a_group_size == "auto":

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ditq.cli_checks import (
+    HelpFormatter,
     OneLineParser,
     check_output_dir,
     device_arg,
@@ -33,31 +34,35 @@ PROG = "ditq search"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="DiT-MNIST", help="zoo name or FP checkpoint (default DiT-MNIST)")
+    p = OneLineParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--model", default="DiT-MNIST", help="zoo name or full-precision checkpoint")
     p.add_argument("--weights", default=None, help="official weights for a zoo model")
     p.add_argument("--out", type=Path, required=True, help="folder for state, log and recipe.json")
-    p.add_argument("--w-bits", type=int, default=4)
+    p.add_argument("--w-bits", type=int, default=4, help="weight bits of every searched layer")
     p.add_argument("--a-bits", type=_bits_or_none, default=8, help="activation bits or 'none'")
-    p.add_argument("--budget", type=_budget, default="g128", help="uniform baseline 'g128' / 'ch', or bits per weight")
+    p.add_argument("--budget", type=_budget, default="g128",
+                   help="average bits per weight allowed: a uniform baseline's ('g128', 'ch') or a number")
     p.add_argument("--candidates", default="32,64,128,256,ch", help="group sizes to choose from ('ch': per channel)")
-    p.add_argument("--fitness", choices=FITNESSES, default="psnr")
-    p.add_argument("--fitness-samples", type=int, default=64)
-    p.add_argument("--fitness-steps", type=int, default=25)
-    p.add_argument("--cfg-scale", type=finite_float, default=1.5)
-    p.add_argument("--generations", type=int, default=4)
-    p.add_argument("--population", type=int, default=16)
-    p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--crossover", type=int, default=6)
-    p.add_argument("--mutation", type=int, default=6)
-    p.add_argument("--mutation-prob", type=finite_float, default=0.1)
+    p.add_argument("--fitness", choices=FITNESSES, default="psnr",
+                   help="fid: FID of fixed-noise samples; psnr: their PSNR vs the FP samples; output: the final "
+                        "output's error on the FP trajectories (cheapest)")
+    p.add_argument("--fitness-samples", type=int, default=64, help="images per fitness evaluation")
+    p.add_argument("--fitness-steps", type=int, default=25, help="DDIM steps of each fitness sample")
+    p.add_argument("--cfg-scale", type=finite_float, default=1.5, help="classifier-free guidance scale of the samples")
+    p.add_argument("--generations", type=int, default=4, help="generations of the genetic algorithm")
+    p.add_argument("--population", type=int, default=16, help="candidates per generation")
+    p.add_argument("--top-k", type=int, default=4, help="best candidates kept as parents")
+    p.add_argument("--crossover", type=int, default=6, help="children by crossover per generation")
+    p.add_argument("--mutation", type=int, default=6, help="children by mutation per generation")
+    p.add_argument("--mutation-prob", type=finite_float, default=0.1, help="chance that a mutation changes each layer")
     p.add_argument("--no-gptq", action="store_true", help="round-to-nearest weights instead of GPTQ")
     p.add_argument("--static-acts", action="store_true", help="calibrated static activation scales (ablation)")
-    p.add_argument("--calib-samples", type=int, default=16)
-    p.add_argument("--calib-steps", type=int, default=25)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calib-samples", type=int, default=16, help="images sampled to capture calibration inputs")
+    p.add_argument("--calib-steps", type=int, default=25, help="DDIM steps of each calibration trajectory")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the search, its samples' noise and random zoo weights; calibration uses seed + 1")
     p.add_argument("--device", type=device_arg, default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return p
 
