@@ -37,14 +37,14 @@ def torch_threads(n: int) -> Iterator[None]:
 
 
 def map_tasks(fn: Callable[[T], R], items: Iterable[T], workers: int) -> Iterator[R]:
-    """`fn` over `items`, results in order, on `workers` Python threads with one torch thread per op.
+    """`fn` over `items`, results in order: with `workers` > 1 on that many Python threads, one torch thread
+    per op; with one worker in the calling thread, on the threads torch has.
 
     The caller should consume the results as they come: a task's result is held only until it is taken.
     """
     items = list(items)
-    with torch_threads(1):
-        if workers <= 1 or len(items) <= 1:
-            yield from map(fn, items)
-            return
-        with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
-            yield from pool.map(fn, items)
+    if workers <= 1 or len(items) <= 1:
+        yield from map(fn, items)
+        return
+    with torch_threads(1), ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        yield from pool.map(fn, items)

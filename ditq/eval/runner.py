@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ditq.checks import check_counts
 from ditq.diffusion import sample_images
@@ -30,6 +31,8 @@ from ditq.eval.metrics import (
     psnr,
     ssim,
 )
+from ditq.quant.modules import is_quantized
+from ditq.threads import map_tasks
 
 
 @dataclass(frozen=True)
@@ -93,27 +96,45 @@ def compare_pixels(images: torch.Tensor, reference: torch.Tensor) -> dict[str, f
     return {"psnr_vs_fp": float(np.mean(psnr(a, b, 1.0))), "ssim_vs_fp": float(np.mean(ssim(a, b, 1.0)))}
 
 
-def evaluate(
-    models: dict[str, nn.Module],
-    settings: SampleSettings,
-    progress: bool = False,
-    sizes: Mapping[str, int] | None = None,
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Score several models under one set of sampling settings; the first one is the reference ("fp").
+def draw_models(
+    models: Mapping[str, nn.Module], settings: SampleSettings, progress: bool = False, workers: int = 1
+) -> dict[str, tuple[torch.Tensor, float]]:
+    """{name: (images, seconds spent sampling)} for every model, same seeds and noise for each.
 
-    `sizes` gives the bytes a model takes on disk where the caller knows them (a written checkpoint,
-    the FP model in 16 bits); other models are sized by `model_size_bytes`. Returns the results and
-    each model's images (same seeds and noise for every model).
+    `workers` models sample at a time, each op on one torch thread (`ditq.threads`: a model's images do not
+    depend on the count); quantized models start first, since their emulated layers cost the most on a CPU.
+    `progress` shows one bar over the forward calls of all the models.
     """
+    calls = settings.steps * -(-settings.samples // settings.batch_size)  # forward calls per model
+    bar = tqdm(total=calls * len(models), desc="sampling", unit="step", disable=not progress)
+
+    def count(*_: Any) -> None:  # a forward hook's return value would replace the output
+        bar.update()
+
+    hooks = [model.register_forward_hook(count) for model in models.values()]
+    order = sorted(models, key=lambda name: not is_quantized(models[name]))
+    try:
+        drawn = dict(zip(order, map_tasks(lambda name: draw(models[name], settings), order, workers), strict=True))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        bar.close()
+    return {name: drawn[name] for name in models}
+
+
+def score_models(
+    models: Mapping[str, nn.Module],
+    drawn: Mapping[str, tuple[torch.Tensor, float]],
+    settings: SampleSettings,
+    sizes: Mapping[str, int] | None = None,
+) -> dict[str, Any]:
+    """The results of `evaluate` from images `draw_models` drew; the first model is the reference ("fp")."""
     sizes = sizes or {}
-    if not models:
-        raise ValueError("evaluate needs at least one model")
     net, real = load_feature_net(), load_real_stats()
     results: dict[str, Any] = {"settings": asdict(settings)}
     reference = None
-    drawn = {}
     for name, model in models.items():
-        images, seconds = draw(model, settings, progress=progress)
+        images, seconds = drawn[name]
         size = sizes[name] if name in sizes else model_size_bytes(model)
         row: dict[str, Any] = {"size_bytes": size, "sample_seconds": round(seconds, 2)}
         row |= score(images, settings.labels(model.num_classes), net, real)
@@ -122,8 +143,26 @@ def evaluate(
         else:
             row |= compare_pixels(images, reference)
         results[name] = row
-        drawn[name] = images
-    return results, drawn
+    return results
+
+
+def evaluate(
+    models: dict[str, nn.Module],
+    settings: SampleSettings,
+    progress: bool = False,
+    sizes: Mapping[str, int] | None = None,
+    workers: int = 1,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Score several models under one set of sampling settings; the first one is the reference ("fp").
+
+    `sizes` gives the bytes a model takes on disk where the caller knows them (a written checkpoint,
+    the FP model in 16 bits); other models are sized by `model_size_bytes`. `workers`: see `draw_models`.
+    Returns the results and each model's images (same seeds and noise for every model).
+    """
+    if not models:
+        raise ValueError("evaluate needs at least one model")
+    drawn = draw_models(models, settings, progress=progress, workers=workers)
+    return score_models(models, drawn, settings, sizes), {name: images for name, (images, _) in drawn.items()}
 
 
 def _unit(images: torch.Tensor) -> np.ndarray:

@@ -174,8 +174,15 @@ class GroupResult:
 def svdquant_group(weights: Sequence[torch.Tensor], x: torch.Tensor, act_absmax: torch.Tensor, recipe: SVDQuant,
                    seed: int = 0, workers: int = 1) -> GroupResult:
     """SVDQuant for layers reading one input: weights [(out_i, in)], calibration rows x (rows, in), the
-    per-channel absmax of everything the input held. Runs on the weights' device; on the CPU the grid points
-    are scored on `workers` threads (`ditq.threads.map_tasks`: the same result for any count)."""
+    per-channel absmax of everything the input held. Runs on the weights' device; on the CPU every op runs on
+    one thread (small linear algebra) and the grid points are spread over `workers` threads
+    (`ditq.threads.map_tasks`: the same result for any count)."""
+    with torch_threads(1) if weights[0].device.type == "cpu" else nullcontext():
+        return _calibrate_group(weights, x, act_absmax, recipe, seed, workers)
+
+
+def _calibrate_group(weights: Sequence[torch.Tensor], x: torch.Tensor, act_absmax: torch.Tensor, recipe: SVDQuant,
+                     seed: int, workers: int) -> GroupResult:
     device = weights[0].device
     w = torch.cat([wi.float() for wi in weights])  # (out, in)
     splits = [wi.shape[0] for wi in weights]
@@ -226,26 +233,25 @@ def svdquant_group(weights: Sequence[torch.Tensor], x: torch.Tensor, act_absmax:
             best = scored
     info = {"alpha": best["alpha"], "beta": best["beta"], "error_search": best["error"], "refine_rounds": 0}
     s, ws, down, up, r = best["s"], best["ws"], best["down"], best["up"], best["r"]
-    with torch_threads(1) if device.type == "cpu" else nullcontext():  # small linear algebra: one thread
-        for k in range(recipe.refine_iters if recipe.rank else 0):  # L ← SVD_r(Ŵ − Q(Ŵ − L)), early stopped
-            new_down, new_up = branch(ws - residual_codes(r), None)
-            new_r = ws - (new_down @ new_up).T
-            err = output_error(s, new_r, residual_codes(new_r))
-            if err >= best["error"]:
-                break
-            down, up, r, best["error"] = new_down, new_up, new_r, err
-            info["refine_rounds"] = k + 1
-        info["error"] = best["error"]
-        codes = []
-        h_all = x if s is None else x / s
-        h_gptq = hessian(h_all) if recipe.gptq else None
-        member_spec = QuantSpec(w_bits=spec.w_bits, group_size=spec.group_size)
-        for r_i in r.split(splits):
-            if recipe.gptq:
-                codes.append(gptq(r_i, h_gptq, member_spec))
-            else:
-                scale = spec.store_scale(compute_qparams(r_i, spec.w_bits, spec.group_size, True)[0])
-                codes.append((quantize(r_i, scale, None, spec.w_bits, True), scale, None))
+    for k in range(recipe.refine_iters if recipe.rank else 0):  # L ← SVD_r(Ŵ − Q(Ŵ − L)), early stopped
+        new_down, new_up = branch(ws - residual_codes(r), None)
+        new_r = ws - (new_down @ new_up).T
+        err = output_error(s, new_r, residual_codes(new_r))
+        if err >= best["error"]:
+            break
+        down, up, r, best["error"] = new_down, new_up, new_r, err
+        info["refine_rounds"] = k + 1
+    info["error"] = best["error"]
+    codes = []
+    h_all = x if s is None else x / s
+    h_gptq = hessian(h_all) if recipe.gptq else None
+    member_spec = QuantSpec(w_bits=spec.w_bits, group_size=spec.group_size)
+    for r_i in r.split(splits):
+        if recipe.gptq:
+            codes.append(gptq(r_i, h_gptq, member_spec))
+        else:
+            scale = spec.store_scale(compute_qparams(r_i, spec.w_bits, spec.group_size, True)[0])
+            codes.append((quantize(r_i, scale, None, spec.w_bits, True), scale, None))
     ups = [None] * len(weights) if up is None else list(up.split(splits, dim=1))
     return GroupResult(smooth=s, down=down, ups=ups, codes=codes, info=info)
 
