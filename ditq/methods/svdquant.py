@@ -183,6 +183,7 @@ def svdquant_group(weights: Sequence[torch.Tensor], x: torch.Tensor, act_absmax:
 
 def _calibrate_group(weights: Sequence[torch.Tensor], x: torch.Tensor, act_absmax: torch.Tensor, recipe: SVDQuant,
                      seed: int, workers: int) -> GroupResult:
+    """`svdquant_group`'s work, on the threads it chose."""
     device = weights[0].device
     w = torch.cat([wi.float() for wi in weights])  # (out, in)
     splits = [wi.shape[0] for wi in weights]

@@ -1,6 +1,7 @@
 """SVDQuant: smoothing keeps the FP function, the branch plus the residual is the weight, the error falls with
 the rank, SVDQuant beats RTN and SmoothQuant at W4A4, shared input groups are stored once, a killed run
-resumes exactly, and bad configurations are refused by name."""
+resumes exactly, the fast search keeps what a float64 SVD search finds whatever the worker count, and bad
+configurations are refused by name."""
 
 from dataclasses import replace
 
