@@ -56,18 +56,23 @@ class SampleSettings:
         return torch.arange(self.samples) % num_classes
 
 
-def draw(model: nn.Module, settings: SampleSettings, progress: bool = False) -> tuple[torch.Tensor, float]:
-    """(images in [-1, 1] on CPU, seconds spent sampling)."""
+def draw(
+    model: nn.Module, settings: SampleSettings, progress: bool = False, samples: range | None = None
+) -> tuple[torch.Tensor, float]:
+    """(images in [-1, 1] on CPU, seconds spent sampling) of all the samples, or of the shard `samples` (the
+    same images the whole run draws for those indices: each sample has its own noise)."""
+    samples = samples if samples is not None else range(settings.samples)
     start = time.perf_counter()
     images = sample_images(
         model,
-        settings.labels(model.num_classes),
+        settings.labels(model.num_classes)[samples.start:samples.stop],
         steps=settings.steps,
         sampler=settings.sampler,
         cfg_scale=settings.cfg_scale,
         seed=settings.seed,
         batch_size=settings.batch_size,
         progress=progress,
+        first_index=samples.start,
     )
     return images.float().cpu(), time.perf_counter() - start
 
@@ -101,25 +106,33 @@ def draw_models(
 ) -> dict[str, tuple[torch.Tensor, float]]:
     """{name: (images, seconds spent sampling)} for every model, same seeds and noise for each.
 
-    `workers` models sample at a time, each op on one torch thread (`ditq.threads`: a model's images do not
-    depend on the count); quantized models start first, since their emulated layers cost the most on a CPU.
-    `progress` shows one bar over the forward calls of all the models.
+    Every batch of `batch_size` samples is a task (the batches `sample_images` would run, with the same noise),
+    and with `workers` > 1 the tasks run that many at a time, each op on one torch thread (`ditq.threads`:
+    the images do not depend on the count), quantized models first (their emulated layers cost the most on
+    a CPU), so every worker stays busy to the end. `progress` shows one bar over all the forward calls.
     """
-    calls = settings.steps * -(-settings.samples // settings.batch_size)  # forward calls per model
-    bar = tqdm(total=calls * len(models), desc="sampling", unit="step", disable=not progress)
+    size = settings.batch_size
+    shards = [range(i, min(i + size, settings.samples)) for i in range(0, settings.samples, size)]
+    order = sorted(models, key=lambda name: not is_quantized(models[name]))
+    tasks = [(name, shard) for name in order for shard in shards]
+    calls = len(tasks) * settings.steps
+    bar = tqdm(total=calls, desc="sampling", unit="step", disable=not progress)
 
     def count(*_: Any) -> None:  # a forward hook's return value would replace the output
         bar.update()
 
     hooks = [model.register_forward_hook(count) for model in models.values()]
-    order = sorted(models, key=lambda name: not is_quantized(models[name]))
+    parts: dict[str, list[tuple[torch.Tensor, float]]] = {name: [] for name in models}
     try:
-        drawn = dict(zip(order, map_tasks(lambda name: draw(models[name], settings), order, workers), strict=True))
+        for (name, _), part in zip(tasks, map_tasks(lambda task: draw(models[task[0]], settings, samples=task[1]),
+                                                    tasks, workers), strict=True):
+            parts[name].append(part)
     finally:
         for hook in hooks:
             hook.remove()
         bar.close()
-    return {name: drawn[name] for name in models}
+    return {name: (torch.cat([images for images, _ in parts[name]]), sum(seconds for _, seconds in parts[name]))
+            for name in models}
 
 
 def score_models(
