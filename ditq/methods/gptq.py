@@ -21,11 +21,13 @@ first touches any of its columns. Q-DiT reuses this with per-layer group sizes.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 
 from ditq.quant.primitives import compute_qparams, qrange
 from ditq.quant.spec import QuantSpec
+from ditq.threads import torch_threads
 
 __all__ = ["gptq", "hessian"]
 
@@ -58,9 +60,18 @@ def gptq(
     Codes are int8 (symmetric) or uint8 (asymmetric, with uint8 `zeros`), at `spec.code_bits`; scales are
     float32 (out, n_groups): exactly what `QuantLinear.set_codes` takes. `damp` is λ, the fraction of
     mean(diag H) added to the diagonal; if H is still not positive definite the damping is raised tenfold
-    (up to 1.0) before giving up. Runs on weight's device in float32 (the Cholesky in float64).
+    (up to 1.0) before giving up. Runs on weight's device in float32 (the Cholesky in float64); on the CPU on
+    one thread, as the sweep is thousands of small ops (`ditq.threads`).
     """
     _check_args(weight, hessian, spec, block_size, damp, act_order)
+    with torch_threads(1) if weight.device.type == "cpu" else nullcontext():
+        return _sweep(weight, hessian, spec, block_size, damp, act_order)
+
+
+def _sweep(
+    weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, block_size: int, damp: float, act_order: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`gptq` after its checks, on the threads it chose."""
     out_f, in_f = weight.shape
     bits, symmetric, group = spec.code_bits, spec.symmetric, spec.group_size
     qmin, qmax = qrange(bits, symmetric)
