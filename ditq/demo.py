@@ -4,9 +4,9 @@ The recipe is the best 4-bit one measured on this model (SVDQuant + GPTQ, W4A8-F
 RTN W4A8 beside it as the baseline, both from one calibration. Writes `grid.png` (FP, baseline and quantized
 rows, same seeds and noise), the quantized checkpoint, `report.json` and `report.md` into the output folder.
 It calibrates and quantizes through `ditq.pipeline`, like `ditq quantize`, so its per-layer errors and sizes
-match what that command prints. It prints one line per stage with the seconds it took. On a 2-core CPU it
-takes about two minutes, most of it sampling 100 images from each of the three models; on one core (or two
-shared with other work) about twice that.
+match what that command prints. It prints one line per stage with the seconds it took. The whole demo is about
+five CPU-minutes of work, nine tenths of it sampling 100 images from each of the three models: under three
+minutes on 2 idle cores, and proportionally longer on a machine busy with other work.
 
 Threads are chosen per stage (`ditq.threads`): calibration samples on one thread, SVDQuant spreads its grid
 points and the evaluation its models over the cores, one thread each, so a busy machine slows the demo in
@@ -92,8 +92,7 @@ def run_demo(
     for name in ("quant", "baseline"):
         if name in models:  # Ŵ kept dequantized: the reference's outputs exactly, without unpacking per call
             prepare_for_inference(models[name], "dequantized")
-    at_a_time = min(workers, len(models))
-    with stages(f"sample {settings.samples} images × {len(models)} models, {at_a_time} at a time"):
+    with stages(f"sample {settings.samples} images × {len(models)} models, {workers} workers"):
         drawn = draw_models(models, settings, progress=progress, workers=workers)
     print("  " + ", ".join(f"{labels[name]} {drawn[name][1]:.1f} s" for name in models))
     with stages("metrics (FID, IS, precision/recall, PSNR/SSIM)"):

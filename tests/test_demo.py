@@ -21,7 +21,7 @@ def test_demo_writes_grid_reports_and_checkpoint(tmp_path, capsys):
     # one line per stage with its seconds, as each ends, then the total
     timed = dict(re.findall(r"^(.+): (\d+\.\d) s$", capsys.readouterr().out, flags=re.MULTILINE))
     stages = ["load model", "calibrate (16 samples × 25 steps)", "quantize SVDQuant W4A8-FP8 g64 r32 +GPTQ",
-              "quantize RTN W4A8 g128", "sample 20 images × 3 models, 2 at a time",
+              "quantize RTN W4A8 g128", "sample 20 images × 3 models, 2 workers",
               "metrics (FID, IS, precision/recall, PSNR/SSIM)", "write grid and reports", "total"]
     assert list(timed) == stages
     assert report["stages"] == {name: float(timed[name]) for name in stages[:-2]}  # the report's are those before it
