@@ -20,6 +20,7 @@ from ditq.eval.layers import layer_errors
 from ditq.io import model_size_bytes
 from ditq.progress import stage
 from ditq.recipes import Recipe
+from ditq.threads import torch_threads
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,10 @@ class CalibSettings:
 
     def __post_init__(self) -> None:
         check_counts(self, ("samples", "steps"), what="calibration ")
+
+    def calibrate(self, fp_model: nn.Module, progress: bool = False) -> CalibData:
+        """Sample `fp_model` with these settings and record what every Linear sees."""
+        return calibrate(fp_model, n_samples=self.samples, steps=self.steps, seed=self.seed, progress=progress)
 
 
 @dataclass(frozen=True)
@@ -85,16 +90,17 @@ def post_training_quantize(
     targets = check_plan(fp_model, recipe)
     if calib is None:
         stage(progress, f"calibrating: {settings.samples} samples × {settings.steps} steps (seed {settings.seed})")
-        calib = calibrate(fp_model, n_samples=settings.samples, steps=settings.steps, seed=settings.seed,
-                          progress=progress)
+        calib = settings.calibrate(fp_model, progress=progress)
     stage(progress, f"quantizing {len(targets)} layers with {type(recipe).__name__}")
     quant_model = quantize(shallow_clone(fp_model), recipe, calib=calib)  # FP tensors shared, not copied
+    with torch_threads(1):  # one layer on a few thousand rows at a time: threads would only wait for each other
+        layers = layer_errors(fp_model, quant_model, calib.inputs)
     return PTQResult(
         model=quant_model,
         recipe=recipe,
         calib=calib,
         settings=settings,
-        layers=layer_errors(fp_model, quant_model, calib.inputs),
+        layers=layers,
         float_dtype=float_dtype,
         fp16_size_bytes=model_size_bytes(fp_model, torch.float16),
         quant_size_bytes=model_size_bytes(quant_model, float_dtype),

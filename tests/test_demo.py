@@ -1,5 +1,6 @@
 import json
 import os
+import re
 
 from PIL import Image
 
@@ -8,13 +9,22 @@ from ditq.demo import run_demo
 from ditq.eval.runner import SampleSettings
 from ditq.pipeline import CalibSettings
 from ditq.quant.qlinear import QuantLinear
+from ditq.threads import torch_threads
 from tests.tiny import make_tiny_mnist_dit
 
 
-def test_demo_writes_grid_reports_and_checkpoint(tmp_path):
+def test_demo_writes_grid_reports_and_checkpoint(tmp_path, capsys):
     ckpt = ditq.save(make_tiny_mnist_dit(), tmp_path / "fp.safetensors")
     settings = SampleSettings(samples=20, steps=2, batch_size=20)
-    report = run_demo(tmp_path / "out", model_ref=str(ckpt), settings=settings, progress=False)
+    with torch_threads(2):  # two workers, whatever the machine
+        report = run_demo(tmp_path / "out", model_ref=str(ckpt), settings=settings, progress=False)
+    # one line per stage with its seconds, as each ends, then the total
+    timed = dict(re.findall(r"^(.+): (\d+\.\d) s$", capsys.readouterr().out, flags=re.MULTILINE))
+    stages = ["load model", "calibrate (16 samples × 25 steps)", "quantize SVDQuant W4A8-FP8 g64 r32 +GPTQ",
+              "quantize RTN W4A8 g128", "sample 20 images × 3 models, 2 workers",
+              "metrics (FID, IS, precision/recall, PSNR/SSIM)", "write grid and reports", "total"]
+    assert list(timed) == stages
+    assert report["stages"] == {name: float(timed[name]) for name in stages[:-2]}  # the report's are those before it
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved == json.loads(json.dumps(report))
     for key in ("model", "recipe", "samples", "seconds", "fp", "quant", "layers", "calibration", "checkpoint"):

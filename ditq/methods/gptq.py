@@ -21,11 +21,13 @@ first touches any of its columns. Q-DiT reuses this with per-layer group sizes.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 
 from ditq.quant.primitives import compute_qparams, qrange
 from ditq.quant.spec import QuantSpec
+from ditq.threads import torch_threads
 
 __all__ = ["gptq", "hessian"]
 
@@ -58,9 +60,18 @@ def gptq(
     Codes are int8 (symmetric) or uint8 (asymmetric, with uint8 `zeros`), at `spec.code_bits`; scales are
     float32 (out, n_groups): exactly what `QuantLinear.set_codes` takes. `damp` is λ, the fraction of
     mean(diag H) added to the diagonal; if H is still not positive definite the damping is raised tenfold
-    (up to 1.0) before giving up. Runs on weight's device in float32 (the Cholesky in float64).
+    (up to 1.0) before giving up. Runs on weight's device in float32 (the Cholesky in float64); on the CPU on
+    one thread, as the sweep is thousands of small ops (`ditq.threads`).
     """
     _check_args(weight, hessian, spec, block_size, damp, act_order)
+    with torch_threads(1) if weight.device.type == "cpu" else nullcontext():
+        return _sweep(weight, hessian, spec, block_size, damp, act_order)
+
+
+def _sweep(
+    weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, block_size: int, damp: float, act_order: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`gptq` after its checks, on the threads it chose."""
     out_f, in_f = weight.shape
     bits, symmetric, group = spec.code_bits, spec.symmetric, spec.group_size
     qmin, qmax = qrange(bits, symmetric)
@@ -77,8 +88,8 @@ def gptq(
     n_groups = spec.n_groups(in_f)
     gsize = in_f if group is None else group
     group_of = (perm // gsize).tolist()  # group of each column in sweep order (host list: no sync per column)
-    scales = torch.zeros(out_f, n_groups, device=device)
-    zeros = None if symmetric else torch.zeros(out_f, n_groups, device=device, dtype=torch.uint8)
+    scales = torch.zeros(n_groups, out_f, device=device)  # transposed while sweeping: one row per group
+    zeros = None if symmetric else torch.zeros(n_groups, out_f, device=device, dtype=torch.uint8)
     codes = torch.zeros(out_f, in_f, device=device, dtype=torch.int8 if symmetric else torch.uint8)
     ready = [False] * n_groups
     position = torch.empty_like(perm)
@@ -86,47 +97,50 @@ def gptq(
 
     for b0 in range(0, in_f, block_size):
         b1 = min(b0 + block_size, in_f)
-        wb = w[:, b0:b1].clone()  # (out, B)
-        errors = torch.zeros_like(wb)  # (out, B)
+        # The block's columns as rows (B, out): each column is read and updated contiguously.
+        wb = w[:, b0:b1].T.contiguous()
+        errors = torch.zeros_like(wb)  # (B, out)
+        block_codes = torch.empty_like(wb)  # (B, out)
         ub = u[b0:b1, b0:b1]
         for i in range(b1 - b0):
             g = group_of[b0 + i]
             if not ready[g]:
                 cols = position[g * gsize:(g + 1) * gsize]  # sweep positions of the group's columns
-                current = _current_columns(w, wb, errors[:, :i], u, b0, b1, i, cols)
+                current = _current_columns(w, wb, errors[:i], u, b0, b1, i, cols)
                 s, z = compute_qparams(current, bits, None, symmetric)  # (out, 1)
-                s = spec.store_scale(s)  # codes against the scale as stored
-                scales[:, g] = s[:, 0]
+                scales[g] = spec.store_scale(s)[:, 0]  # codes against the scale as stored
                 if zeros is not None:
-                    zeros[:, g] = z[:, 0]
+                    zeros[g] = z[:, 0]
                 ready[g] = True
-            col = wb[:, i]
-            s = scales[:, g]
-            z = None if zeros is None else zeros[:, g].float()
-            q = torch.round(col / s) + (0 if z is None else z)
-            q = q.clamp(qmin, qmax)
-            codes[:, perm[b0 + i]] = q.to(codes.dtype)
-            dq = s * (q - (0 if z is None else z))
+            col = wb[i]
+            s = scales[g]
+            z = None if zeros is None else zeros[g].float()
+            q = torch.round(col / s) if z is None else torch.round(col / s) + z
+            q = q.clamp_(qmin, qmax)
+            block_codes[i] = q
+            dq = s * (q if z is None else q - z)
             err = (col - dq) / ub[i, i]
-            wb[:, i + 1:] -= err[:, None] * ub[i, i + 1:][None, :]
-            errors[:, i] = err
-        w[:, b1:] -= errors @ u[b0:b1, b1:]
-    return codes, scales, zeros
+            wb[i + 1:] -= ub[i, i + 1:, None] * err  # the block's later columns
+            errors[i] = err
+        codes[:, perm[b0:b1]] = block_codes.T.to(codes.dtype)
+        w[:, b1:] -= errors.T.contiguous() @ u[b0:b1, b1:]
+    return codes, scales.T.contiguous(), None if zeros is None else zeros.T.contiguous()
 
 
 def _current_columns(
     w: torch.Tensor, wb: torch.Tensor, errors: torch.Tensor, u: torch.Tensor, b0: int, b1: int, i: int,
     cols: torch.Tensor,
 ) -> torch.Tensor:
-    """The columns at sweep positions `cols` as they stand now: in-block ones from the block copy, later ones
-    with the block's errors so far applied (the lazy update has not reached them yet)."""
+    """The columns at sweep positions `cols` as they stand now, (out, len(cols)): in-block ones from the block
+    copy (B, out), later ones with the block's errors so far (i, out) applied (the lazy update has not reached
+    them yet)."""
     out = torch.empty(w.shape[0], cols.numel(), device=w.device)
     inside = (cols >= b0) & (cols < b1)
     if bool(inside.any()):
-        out[:, inside] = wb[:, cols[inside] - b0]
+        out[:, inside] = wb[cols[inside] - b0].T
     later = ~inside
     if bool(later.any()):
-        out[:, later] = w[:, cols[later]] - errors @ u[b0:b0 + i, cols[later]]
+        out[:, later] = w[:, cols[later]] - errors.T.contiguous() @ u[b0:b0 + i, cols[later]]
     return out
 
 

@@ -25,6 +25,7 @@ with a searched α), both off (RTN with this quantizer), `gptq=True`, `refine_it
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Literal
 
@@ -47,6 +48,7 @@ from ditq.quant.qlinear import QuantLinear
 from ditq.quant.spec import QuantSpec
 from ditq.recipes import Recipe, register_preset
 from ditq.registry import register_method
+from ditq.threads import map_tasks, torch_threads
 
 __all__ = ["SVDQuant", "GroupResult", "low_rank_branch", "svdquant_group", "svdquant_modules", "svdquant_quantize"]
 
@@ -113,29 +115,52 @@ class SVDQuant(Recipe):
 # ---- the algorithm for one input group --------------------------------------------------------------
 
 
-def low_rank_branch(weight: torch.Tensor, rank: int, method: str = "auto", seed: int = 0
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def low_rank_branch(weight: torch.Tensor, rank: int, method: str = "auto", seed: int = 0, *,
+                    gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(down (in, r), up (r, out)) with down @ up ≈ weightᵀ: the best rank-r approximation, √Σ on both sides.
 
-    "randomized" is a seeded range finder (r + 16 columns, 4 power iterations, QR between them): for the
-    top r singular directions of a weight it matches the exact SVD to float precision at a fraction of
-    the cost; "auto" uses it when the smaller side exceeds 512.
+    "exact" takes the top r eigenvectors of the smaller Gram matrix (wᵀw or wwᵀ) in float64: the same
+    factors as an SVD (to float32 precision: float64 more than makes up for squaring the condition number)
+    at a fraction of its cost, and `gram` (float64 wᵀw, (in, in)) lets a search over rescaled copies of one
+    weight reuse it. "randomized" is a seeded range finder (r + 16 columns, 4 power iterations, QR between
+    them): for the top r singular directions of a weight with a decaying spectrum it matches the exact
+    factors to float precision at a fraction of the cost; "auto" uses it when the smaller side exceeds 512.
     """
     w = weight.float()
-    if method == "auto":
-        method = "randomized" if min(w.shape) > 512 else "exact"
-    if method == "exact" or rank + 16 >= min(w.shape):
-        u, sigma, vh = torch.linalg.svd(w, full_matrices=False)
-    else:
-        gen = torch.Generator().manual_seed(seed)
-        q = torch.linalg.qr(w @ torch.randn(w.shape[1], rank + 16, generator=gen).to(w.device)).Q  # (out, k)
-        for _ in range(4):
-            q = torch.linalg.qr(w.T @ q).Q
-            q = torch.linalg.qr(w @ q).Q
-        ub, sigma, vh = torch.linalg.svd(q.T @ w, full_matrices=False)  # (k, k), (k,), (k, in)
-        u = q @ ub
+    if _exact(w.shape, rank, method):
+        return _top_eigenvectors_branch(w, rank, gram)
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.linalg.qr(w @ torch.randn(w.shape[1], rank + 16, generator=gen).to(w.device)).Q  # (out, k)
+    for _ in range(4):
+        q = torch.linalg.qr(w.T @ q).Q
+        q = torch.linalg.qr(w @ q).Q
+    ub, sigma, vh = torch.linalg.svd(q.T @ w, full_matrices=False)  # (k, k), (k,), (k, in)
+    u = q @ ub
     root = sigma[:rank].sqrt()
     return vh[:rank].T * root, (u[:, :rank] * root).T
+
+
+def _exact(shape: Sequence[int], rank: int, method: str) -> bool:
+    """Whether `low_rank_branch` computes the exact factors for a weight of this shape."""
+    return method == "exact" or (method == "auto" and min(shape) <= 512) or rank + 16 >= min(shape)
+
+
+def _top_eigenvectors_branch(w: torch.Tensor, rank: int, gram: torch.Tensor | None
+                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact branch from the eigenvectors of wᵀw (tall or square w) or wwᵀ (wide w), in float64."""
+    w64 = w.double()
+    tall = w.shape[0] >= w.shape[1]
+    if gram is None:
+        gram = w64.T @ w64 if tall else w64 @ w64.T
+    elif not tall:
+        raise ValueError("low_rank_branch: gram= is wᵀw, for a weight with at least as many rows as columns")
+    eigenvalues, vectors = torch.linalg.eigh(gram)  # ascending
+    top = vectors[:, -rank:].flip(1) if rank else vectors[:, :0]  # (side, r): singular vectors of that side
+    root = eigenvalues[-rank:].flip(0).clamp_min(0).sqrt().sqrt() if rank else eigenvalues[:0]  # √σ
+    inverse = torch.where(root > 0, 1 / root, torch.zeros_like(root))  # a zero direction contributes nothing
+    if tall:  # top = V_r: down = V√Σ, up = (U√Σ)ᵀ = (W V / √Σ)ᵀ
+        return (top * root).float(), ((w64 @ top) * inverse).T.float()
+    return ((w64.T @ top) * inverse).float(), (top * root).T.float()  # top = U_r
 
 
 @dataclass
@@ -151,9 +176,18 @@ class GroupResult:
 
 @torch.no_grad()
 def svdquant_group(weights: Sequence[torch.Tensor], x: torch.Tensor, act_absmax: torch.Tensor, recipe: SVDQuant,
-                   seed: int = 0) -> GroupResult:
+                   seed: int = 0, workers: int = 1) -> GroupResult:
     """SVDQuant for layers reading one input: weights [(out_i, in)], calibration rows x (rows, in), the
-    per-channel absmax of everything the input held. Runs on the weights' device."""
+    per-channel absmax of everything the input held. Runs on the weights' device; on the CPU every op runs on
+    one thread (small linear algebra) and the grid points are spread over `workers` threads
+    (`ditq.threads.map_tasks`: the same result for any count)."""
+    with torch_threads(1) if weights[0].device.type == "cpu" else nullcontext():
+        return _calibrate_group(weights, x, act_absmax, recipe, seed, workers)
+
+
+def _calibrate_group(weights: Sequence[torch.Tensor], x: torch.Tensor, act_absmax: torch.Tensor, recipe: SVDQuant,
+                     seed: int, workers: int) -> GroupResult:
+    """`svdquant_group`'s work, on the threads it chose."""
     device = weights[0].device
     w = torch.cat([wi.float() for wi in weights])  # (out, in)
     splits = [wi.shape[0] for wi in weights]
@@ -163,23 +197,35 @@ def svdquant_group(weights: Sequence[torch.Tensor], x: torch.Tensor, act_absmax:
     pick = torch.randperm(x.shape[0], generator=gen)[: recipe.search_rows].sort().values.to(device)
     xs = x[pick]  # (n, in) rows scored in the search
     err_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    reuse = recipe.rank and w.shape[0] >= w.shape[1] and _exact(w.shape, recipe.rank, recipe.svd)
+    gram = w.double().T @ w.double() if reuse else None  # WᵀW, rescaled per grid point
 
     def residual_codes(r: torch.Tensor) -> torch.Tensor:  # RTN Q(R), dequantized
         scale = spec.store_scale(compute_qparams(r, spec.w_bits, spec.group_size, True)[0])
         return dequantize(quantize(r, scale, None, spec.w_bits, True), scale, None, spec.group_size)
 
-    def branch(ws: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        return low_rank_branch(ws, recipe.rank, recipe.svd, seed) if recipe.rank else (None, None)
+    def branch(m: torch.Tensor, m_gram: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return low_rank_branch(m, recipe.rank, recipe.svd, seed, gram=m_gram) if recipe.rank else (None, None)
 
     def output_error(s: torch.Tensor | None, r: torch.Tensor, rq: torch.Tensor) -> float:
         """‖Q(h)Q(R)ᵀ + hL − XWᵀ‖² = ‖(Q(h) − h)Q(R)ᵀ + h(Q(R) − R)ᵀ‖²: small terms, computed directly."""
         h = xs if s is None else xs / s
         dh = (quantize_activations(h, spec) - h).to(err_dtype)
+        h = h.to(err_dtype)
         total = 0.0
         for rq_i, r_i in zip(rq.split(splits), r.split(splits), strict=True):  # per layer: bounded memory
-            e = dh @ rq_i.to(err_dtype).T + h.to(err_dtype) @ (rq_i - r_i).to(err_dtype).T  # (n, out_i)
+            e = dh @ rq_i.to(err_dtype).T + h @ (rq_i - r_i).to(err_dtype).T  # (n, out_i)
             total += float(e.float().square().sum())
         return total / (xs.shape[0] * w.shape[0])
+
+    def score(candidate: tuple[float, float, torch.Tensor | None]) -> dict[str, Any]:
+        alpha, beta, s = candidate
+        ws = w if s is None else w * s  # Ŵ = W·diag(s)
+        s64 = None if s is None else s.double()
+        down, up = branch(ws, gram if gram is None or s64 is None else s64[:, None] * gram * s64)  # ŴᵀŴ
+        r = ws if down is None else ws - (down @ up).T
+        return {"alpha": alpha, "beta": beta, "s": s, "ws": ws, "down": down, "up": up, "r": r,
+                "error": output_error(s, r, residual_codes(r))}
 
     w_absmax = w.abs().amax(dim=0)
     if recipe.smooth:
@@ -187,18 +233,13 @@ def svdquant_group(weights: Sequence[torch.Tensor], x: torch.Tensor, act_absmax:
     else:
         candidates = [(0.0, 0.0, None)]
     best: dict[str, Any] | None = None
-    for alpha, beta, s in candidates:
-        ws = w if s is None else w * s  # Ŵ = W·diag(s)
-        down, up = branch(ws)
-        r = ws if down is None else ws - (down @ up).T
-        rq = residual_codes(r)
-        err = output_error(s, r, rq)
-        if best is None or err < best["error"]:
-            best = {"alpha": alpha, "beta": beta, "s": s, "ws": ws, "down": down, "up": up, "r": r, "error": err}
+    for scored in map_tasks(score, candidates, workers if device.type == "cpu" else 1):
+        if best is None or scored["error"] < best["error"]:  # ties: the earlier grid point, as in grid order
+            best = scored
     info = {"alpha": best["alpha"], "beta": best["beta"], "error_search": best["error"], "refine_rounds": 0}
     s, ws, down, up, r = best["s"], best["ws"], best["down"], best["up"], best["r"]
     for k in range(recipe.refine_iters if recipe.rank else 0):  # L ← SVD_r(Ŵ − Q(Ŵ − L)), early stopped
-        new_down, new_up = branch(ws - residual_codes(r))
+        new_down, new_up = branch(ws - residual_codes(r), None)
         new_r = ws - (new_down @ new_up).T
         err = output_error(s, new_r, residual_codes(new_r))
         if err >= best["error"]:
@@ -264,15 +305,19 @@ def svdquant_modules(
     """({name: QuantLinear}, {name: what the search chose}) for every target, one input group at a time.
 
     `device`: where each group is computed (default: its weights' device); results go back beside the
-    weights. `state_dir`: save each finished group there and reuse the saved ones (resume).
+    weights. `state_dir`: save each finished group there and reuse the saved ones (resume). On the CPU a
+    group's grid points are spread over `torch.get_num_threads()` workers of one thread each (`ditq.threads`).
     """
     units = plan_units(model, targets, calib)
     state = None if state_dir is None else LayerwiseState(state_dir)
     built: dict[str, QuantLinear] = {}
     report: dict[str, dict[str, Any]] = {}
-    for gid, names in tqdm(units, desc="SVDQuant", disable={True: False, False: True, None: None}[progress],
-                          leave=False):
+    workers = torch.get_num_threads()  # the grid points of a group share the cores, one thread each
+    bar = tqdm(total=len(targets), desc="SVDQuant", unit="layer", leave=False,
+               disable={True: False, False: True, None: None}[progress])
+    for gid, names in units:
         recipe = targets[names[0]]
+        bar.set_postfix_str(names[0] if len(names) == 1 else f"{names[0]} +{len(names) - 1}", refresh=False)
         linears = [model.get_submodule(n) for n in names]
         home = linears[0].weight.device
         work = torch.device(device) if device is not None else home
@@ -292,7 +337,7 @@ def svdquant_modules(
             seed = int(layer_generator(recipe.seed, names[0]).initial_seed() % 2**31)
             with naming_layer(", ".join(names)):
                 result = svdquant_group([lin.weight.detach().to(work) for lin in linears], x, absmax.to(work),
-                                        recipe, seed)
+                                        recipe, seed, workers=workers)
             modules = [_build_module(lin, spec, result, i) for i, (lin, spec) in enumerate(zip(linears, specs, strict=True))]
             modules = [m.to(home) for m in modules]
             info = result.info
@@ -302,6 +347,8 @@ def svdquant_modules(
         for n, m in zip(names, modules, strict=True):
             built[n] = m
             report[n] = {**info, "group": gid}
+        bar.update(len(names))
+    bar.close()
     return built, report
 
 

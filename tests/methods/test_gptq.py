@@ -151,3 +151,51 @@ def test_hessian_is_mean_outer_product():
     x = torch.randn(10, 4, 6)
     flat = x.reshape(-1, 6).double()
     assert torch.allclose(hessian(x).double(), flat.T @ flat / 40, atol=1e-5)
+
+
+def _column_sweep(weight: torch.Tensor, h: torch.Tensor, spec: QuantSpec, block_size: int):
+    """GPTQ as the algorithm box writes it, one (out,) column at a time on an (out, B) block, for groups that
+    never straddle a block (group_size divides block_size, or one group per row): the arithmetic of every
+    update is the sweep's, so the result must be the same to the bit."""
+    from ditq.methods.gptq import _inverse_cholesky
+    from ditq.quant.primitives import compute_qparams, qrange
+
+    qmin, qmax = qrange(spec.code_bits, spec.symmetric)
+    w = weight.clone()
+    out_f, in_f = w.shape
+    u = _inverse_cholesky(h.double(), 0.01).float()
+    group = spec.group_size or in_f
+    codes = torch.zeros(out_f, in_f)
+    scales = torch.zeros(out_f, in_f // group)
+    zeros = None if spec.symmetric else torch.zeros(out_f, in_f // group)
+    for b0 in range(0, in_f, block_size):
+        b1 = min(b0 + block_size, in_f)
+        wb, errors = w[:, b0:b1].clone(), torch.zeros(out_f, b1 - b0)
+        for i in range(b1 - b0):
+            j = b0 + i
+            if j % group == 0:
+                s, z = compute_qparams(w if spec.group_size is None else wb[:, i:i + group], spec.code_bits, None,
+                                       spec.symmetric)
+                scales[:, j // group] = spec.store_scale(s)[:, 0]
+                if zeros is not None:
+                    zeros[:, j // group] = z[:, 0].float()
+            s = scales[:, j // group]
+            z = 0 if zeros is None else zeros[:, j // group]
+            q = (torch.round(wb[:, i] / s) + z).clamp(qmin, qmax)
+            codes[:, j] = q
+            err = (wb[:, i] - s * (q - z)) / u[j, j]
+            wb[:, i + 1:] -= err[:, None] * u[j, j + 1:b1][None, :]
+            errors[:, i] = err
+        w[:, b1:] -= errors @ u[b0:b1, b1:]
+    return codes, scales, zeros
+
+
+@pytest.mark.parametrize(("group_size", "symmetric", "block_size"), [(32, True, 128), (64, False, 64), (None, True, 48)])
+def test_sweep_equals_the_column_by_column_algorithm_to_the_bit(group_size, symmetric, block_size):
+    spec = QuantSpec(w_bits=4, group_size=group_size, symmetric=symmetric)
+    weight = _linear(96, 192).weight.detach()
+    h = hessian(_correlated(dim=192))
+    codes, scales, zeros = gptq(weight, h, spec, block_size=block_size)
+    ref_codes, ref_scales, ref_zeros = _column_sweep(weight, h, spec, block_size)
+    assert torch.equal(codes.float(), ref_codes) and torch.equal(scales, ref_scales)
+    assert zeros is None if symmetric else torch.equal(zeros.float(), ref_zeros)

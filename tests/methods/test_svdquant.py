@@ -1,6 +1,7 @@
 """SVDQuant: smoothing keeps the FP function, the branch plus the residual is the weight, the error falls with
 the rank, SVDQuant beats RTN and SmoothQuant at W4A4, shared input groups are stored once, a killed run
-resumes exactly, and bad configurations are refused by name."""
+resumes exactly, the fast search keeps what a float64 SVD search finds whatever the worker count, and bad
+configurations are refused by name."""
 
 from dataclasses import replace
 
@@ -320,3 +321,55 @@ def test_presets_quantize_blocks_and_adaln_only(preset):
     assert {"blocks.0.adaLN_modulation.1", "blocks.1.mlp.fc2", "blocks.0.attn.qkv"} <= targets
     assert not any(n.startswith(("final_layer", "t_embedder", "y_embedder", "x_embedder")) for n in targets)
     assert not any("adaLN" in n for n in ditq.api.plan(make_tiny_dit(), SVDQuant()))  # off unless asked
+
+
+# ---- the fast paths keep the result ----------------------------------------------------------------------
+
+
+def _svd_branch(weight, rank, *_args, **_kwargs):
+    """The branch from a float64 SVD of the weight: the slow reference path."""
+    u, sigma, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    root = sigma[:rank].sqrt()
+    return (vh[:rank].T * root).float(), (u[:, :rank] * root).T.float()
+
+
+@pytest.mark.parametrize("shape", [(192, 128), (96, 160)])  # tall (from WᵀW, also reused) and wide (from WWᵀ)
+def test_exact_branch_is_the_float64_svd_to_float32_rounding(shape):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(*shape, generator=gen)
+    w[:, :3] *= 12.0
+    s = 2.0 ** torch.randint(-2, 3, (shape[1],), generator=gen).float()  # powers of two: W·diag(s) is exact
+    ws, rank = w * s, 16
+    u, sigma, vh = torch.linalg.svd(ws.double(), full_matrices=False)
+    best = (u[:, :rank] * sigma[:rank]) @ vh[:rank]
+    # Float64 up to the factors, each rounded to float32 (2^-24 relative), then r products summed in float32;
+    # every |factor entry| is at most √σ_k, so each entry of down @ up is off by at most (r + 2)·2^-24·Σσ_k.
+    bound = (rank + 2) * 2.0**-24 * float(sigma[:rank].sum())
+    grams = [None] + ([s.double()[:, None] * (w.double().T @ w.double()) * s.double()] if shape[0] >= shape[1] else [])
+    for gram in grams:
+        down, up = low_rank_branch(ws, rank, "exact", gram=gram)
+        assert float(((down @ up).T.double() - best).abs().max()) <= bound
+
+
+def test_grid_search_picks_what_a_float64_svd_search_picks(monkeypatch):
+    w, x, _ = _outlier_layer()
+    recipe = SVDQuant(rank=16, **FAST)
+    fast = svdquant_group([w], x, x.abs().amax(0), recipe)
+    monkeypatch.setattr(sq, "low_rank_branch", _svd_branch)
+    slow = svdquant_group([w], x, x.abs().amax(0), recipe)
+    assert (fast.info["alpha"], fast.info["beta"]) == (slow.info["alpha"], slow.info["beta"])
+    assert torch.equal(fast.smooth, slow.smooth)
+    # The branches agree to float32 rounding; a residual code can then flip only where R sits within that
+    # rounding of a step boundary, which moves the search error by far less than 1e-4 of itself.
+    assert fast.info["error"] == pytest.approx(slow.info["error"], rel=1e-4)
+
+
+def test_worker_count_does_not_change_the_group():
+    w, x, _ = _outlier_layer()
+    recipe = SVDQuant(rank=16, gptq=True, **FAST)
+    one, three = (svdquant_group([w[:96], w[96:]], x, x.abs().amax(0), recipe, workers=n) for n in (1, 3))
+    assert one.info == three.info
+    for a, b in [(one.smooth, three.smooth), (one.down, three.down), *zip(one.ups, three.ups, strict=True)]:
+        assert torch.equal(a, b)
+    for a, b in zip(one.codes, three.codes, strict=True):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
