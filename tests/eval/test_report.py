@@ -27,7 +27,7 @@ def test_the_layer_table_names_its_model_and_explains_each_error_column():
 def test_the_demo_report_names_the_model_of_each_table():
     report = {"model": "DiT-MNIST (bundled trained weights)", "recipe": {"method": "rtn"}, "recipe_label": "RTN W4A8",
               "samples": 4, "settings": SETTINGS, "calibration": {"samples": 2, "steps": 2, "seed": 1},
-              "checkpoint": "out/quantized.safetensors", "seconds": 1.0, "fp": SCORES,
+              "checkpoint": "out/quantized.safetensors", "seconds": 1.0, "stages": {"sample": 0.5}, "fp": SCORES,
               "quant": SCORES | {"psnr_vs_fp": 30.0, "ssim_vs_fp": 0.9}, "compression": 2.0, "layers": [LAYER]}
     text = render_markdown(report)
     assert "## Scores of DiT-MNIST (bundled trained weights), in full precision and quantized" in text
