@@ -5,8 +5,8 @@ RTN W4A8 beside it as the baseline, both from one calibration. Writes `grid.png`
 rows, same seeds and noise), the quantized checkpoint, `report.json` and `report.md` into the output folder.
 It calibrates and quantizes through `ditq.pipeline`, like `ditq quantize`, so its per-layer errors and sizes
 match what that command prints. It prints one line per stage with the seconds it took. The whole demo is about
-five CPU-minutes of work, nine tenths of it sampling 100 images from each of the three models: under three
-minutes on 2 idle cores, and proportionally longer on a machine busy with other work.
+4.5 CPU-minutes of work, nine tenths of it sampling 100 images from each of the three models: 145 s on 2 idle
+cores of an x86 CPU, and proportionally longer on a machine busy with other work.
 
 Threads are chosen per stage (`ditq.threads`): calibration samples on one thread, SVDQuant spreads its grid
 points and the evaluation its models over the cores, one thread each, so a busy machine slows the demo in
