@@ -72,16 +72,21 @@ def check_plan(model: nn.Module, recipe: Recipe) -> dict[str, Recipe]:
     a skeleton whose weights are not loaded yet)."""
     method_for(recipe)
     targets = plan(model, recipe)
+    check_fits(model, targets)
+    check = PLAN_CHECKS.get(type(recipe))
+    if check is not None:
+        check(model, targets)
+    return targets
+
+
+def check_fits(model: nn.Module, targets: Mapping[str, Recipe]) -> None:
+    """Each target's spec against its layer's shape; the error names the layer."""
     for name, layer_recipe in targets.items():
         linear = model.get_submodule(name)
         try:
             layer_recipe.spec().check_fits(linear.in_features, linear.out_features)
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from None
-    check = PLAN_CHECKS.get(type(recipe))
-    if check is not None:
-        check(model, targets)
-    return targets
 
 
 def requantize(

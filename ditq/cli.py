@@ -18,19 +18,17 @@ from pathlib import Path
 import torch
 
 from ditq.cli_checks import (
-    USER_ERRORS,
     HelpFormatter,
     OneLineParser,
-    UsageError,
     check_output_dir,
     check_output_file,
     check_scored_samples,
     check_steps,
     default_device,
     device_arg,
-    error_line,
     finite_float,
     positive_int,
+    run_command,
     write_report,
 )
 
@@ -45,28 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         from ditq.search import main as search_main
 
         return search_main(argv[1:]) or 0
-    try:
-        args = _parser().parse_args(argv)
-    except UsageError as err:
-        print(err, file=sys.stderr)
-        return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.run(args) or 0
-    except torch.cuda.OutOfMemoryError:
-        if args.debug:
-            raise
-        print(f"ditq {args.command}: error: out of GPU memory; try fewer samples or a smaller --batch-size",
-              file=sys.stderr)
-        return 2
-    except USER_ERRORS as err:
-        if args.debug:
-            raise
-        print(f"ditq {args.command}: error: {error_line(err)}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"ditq {args.command}: interrupted", file=sys.stderr)
-        return 130
+    return run_command(_parser(), argv, lambda args: args.run(args))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -68,26 +68,28 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
     """Parse `argv` with `parser` (a `OneLineParser` with `--debug`) and return `command(args)`'s exit code.
 
     A user error is one line, `<prog>: error: …`, and exit 2 (`--debug`: the traceback); Ctrl-C is exit 130.
+    `<prog>` names the subcommand too where the parser has subcommands (`ditq quantize`).
     """
     try:
         args = parser.parse_args(argv)
     except UsageError as err:
         print(err, file=sys.stderr)
         return 2
+    prog = " ".join(filter(None, (parser.prog, getattr(args, "command", None))))
     try:
         return command(args) or 0
     except torch.cuda.OutOfMemoryError:
         if args.debug:
             raise
-        print(f"{parser.prog}: error: out of GPU memory; try a smaller batch", file=sys.stderr)
+        print(f"{prog}: error: out of GPU memory; try fewer samples or a smaller batch size", file=sys.stderr)
         return 2
     except USER_ERRORS as err:
         if args.debug:
             raise
-        print(f"{parser.prog}: error: {error_line(err)}", file=sys.stderr)
+        print(f"{prog}: error: {error_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -134,7 +134,7 @@ def test_post_training_quantize_refuses_a_qat_recipe_before_calibrating(monkeypa
 
 
 def test_error_lines_hide_temporary_names_and_python_quoting():
-    from ditq.cli import error_line
+    from ditq.cli_checks import error_line
 
     assert error_line(OSError(28, "No space left on device", "/x/.q.safetensors.k3j_x9ab.tmp")) == (
         "/x/q.safetensors: No space left on device")

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ditq.adapters import adapter_for
-from ditq.api import check_plan
+from ditq.api import check_fits, check_plan
 from ditq.calib import CalibData
 from ditq.calib.reservoir import layer_generator
 from ditq.checks import naming_layer
@@ -405,12 +405,9 @@ def plan_units(model: nn.Module, targets: dict[str, SVDQuant], calib: CalibData 
     if calib is None:
         raise ValueError("SVDQuant needs calibration data (calib=ditq.calibrate(model, ...)): its smoothing "
                          "and error search read each layer's inputs")
-    for name, recipe in targets.items():
+    check_fits(model, targets)
+    for name in targets:
         linear = model.get_submodule(name)
-        try:
-            recipe.spec().check_fits(linear.in_features, linear.out_features)
-        except ValueError as err:
-            raise ValueError(f"{name}: {err}") from None
         if not bool(torch.isfinite(linear.weight).all()):
             raise ValueError(f"{name}: weight holds NaN or infinite values")
         calib.require(name, rows=True)
