@@ -52,6 +52,7 @@ from ditq.quant.primitives import FP8_MAX, fp8_cast, fp8_quantize, fp8_scale
 from ditq.quant.qlinear import QuantLinear
 
 __all__ = [
+    "DEFAULT_FAST_ACCUMULATION",
     "FP8_BACKENDS",
     "expand_fp8",
     "fp8_linear",
@@ -64,9 +65,10 @@ __all__ = [
 MIN_CAPABILITY = (8, 9)
 FP8_BACKENDS = ("fp8", "fp8-cached")
 # cuBLAS FP8 GEMMs with fast accumulation: the tensor cores' partial sums are not promoted to float32 along K
-# (faster on Hopper, less exact over long K; torchao's float8 inference turns it on). Read when a forward is
-# traced; off until timed and its samples compared (`bench_e2e.py --fast-accum`, `bench/samples_match.py`).
-FAST_ACCUMULATION = False
+# (faster on Hopper, less exact over long K; torchao's float8 inference turns it on). The FP8 backends' default;
+# `prepare_for_inference(..., fast_accumulation=...)` chooses per model. Off until timed and its samples
+# compared (`bench/bench_diffusers.py`, `bench/samples_match.py`).
+DEFAULT_FAST_ACCUMULATION = False
 
 
 def _expanded_fake(qweight, bits, n_cols, ternary):
@@ -172,7 +174,7 @@ def _gemm(m: QuantLinear, codes: torch.Tensor, scale_x: torch.Tensor, x: torch.T
         scale_b=m.fp8_scale_w,
         bias=m.bias.to(x.dtype) if fused_bias else None,
         out_dtype=x.dtype,
-        use_fast_accum=FAST_ACCUMULATION,
+        use_fast_accum=m.fast_accumulation,  # set by prepare_for_inference
     )  # (M, N)
     if m.bias is not None and not fused_bias:
         y = y + m.bias.to(x.dtype)
