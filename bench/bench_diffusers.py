@@ -10,10 +10,11 @@ kernel backend), with `+fast-accum` for cuBLAS's fast accumulation on an FP8 bac
 
 Compiled with torch.compile block by block (each block of the transformer's ModuleLists, as diffusers'
 `compile_repeated_blocks` does; `--whole-graph` compiles the whole transformer). Per step: the median of CUDA-event
-timed forwards after warm-up. Memory: allocated once the model is ready (weights and kernel buffers), the peak
-during the timed steps, and the tensors as ditq stores them. The results file gathers runs: a run appends its
-rows to OUT.json (with the GPU, versions, shapes and the command) and OUT.md is rewritten from all of them after
-every row, so a run cut short keeps what it measured.
+timed forwards after warm-up. Memory: what the row's model holds once ready (weights and kernel buffers), the
+peak during the timed steps, both over what was allocated before the row (`held_before_GiB`, 0 unless an earlier
+row's model outlived it), and the tensors as ditq stores them. The results file gathers runs: a run appends its
+rows to OUT.json (with the GPU, versions, shapes and the command; `notes` added to a run are printed above its
+table) and OUT.md is rewritten from all of them after every row, so a run cut short keeps what it measured.
 
     PYTHONPATH=. python bench/bench_diffusers.py --models flux --out bench/results/diffusers_h100
     TRITON_INTERPRET=1 PYTHONPATH=. python bench/bench_diffusers.py --tiny --device cpu --no-compile --out /tmp/d
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import importlib.metadata
 import importlib.util
 import json
@@ -177,6 +179,10 @@ def measure(model_name: str, batch: int, config: Config, args: argparse.Namespac
     """One row: build, quantize, compile, time; `reference` holds the bf16 row's step and output."""
     size = MODELS[model_name]
     on_cuda = args.device.startswith("cuda")
+    gc.collect()  # the previous row's model, whose compiled blocks form reference cycles
+    if on_cuda:
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()  # what this row's memory figures leave out (0 unless one leaked)
     start = time.perf_counter()
     model = build(size, args.tiny, args.device)
     layers = prepare(model, config)
@@ -186,8 +192,9 @@ def measure(model_name: str, batch: int, config: Config, args: argparse.Namespac
     side, text = (TINY_SIZE, TINY_TEXT_TOKENS) if args.tiny else (size.size, size.text_tokens)
     inputs = _to(adapter.example_inputs(model, batch, side, text, 0.5, gen), torch.empty(0, dtype=DTYPE, device=args.device))
     if on_cuda:
+        gc.collect()
         torch.cuda.empty_cache()
-        resident = torch.cuda.memory_allocated()
+        resident = torch.cuda.memory_allocated() - before
     torch._dynamo.utils.counters.clear()
     forward = model if args.no_compile else compiled(model, args.whole_graph)
 
@@ -212,7 +219,8 @@ def measure(model_name: str, batch: int, config: Config, args: argparse.Namespac
         row["rel_err_vs_bf16"] = float((out - reference["out"]).norm() / reference["out"].norm())
     if on_cuda:
         row |= {"resident_GiB": round(resident / 2**30, 2),
-                "peak_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2)}  # fmt: skip
+                "peak_GiB": round((torch.cuda.max_memory_allocated() - before) / 2**30, 2),
+                "held_before_GiB": round(before / 2**30, 2)}  # fmt: skip
     if config.label != TORCHAO:  # torchao's tensor subclasses are no ditq checkpoint
         row["stored_GiB"] = round(model_size_bytes(model, DTYPE) / 2**30, 3)
     row |= {"compile_s" if not args.no_compile else "first_call_s": round(first_s, 1),
@@ -260,6 +268,7 @@ def markdown(runs: list[dict[str, Any]]) -> str:
         lines += ["", f"{run['gpu']}; torch {run['torch']}, Triton {run['triton']}, diffusers {run['diffusers']}, "
                   f"torchao {run['torchao']}; compile: {run['compile']}; median of {run['iters']} steps after "
                   f"{run['warmup']} warm-up", "", f"    {run['command']}", "",
+                  *(f"{note}\n" for note in run.get("notes", ())),
                   "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]  # fmt: skip
         lines += ["| " + " | ".join(_cell(row.get(c)) for c in COLUMNS) + " |" for row in run["rows"]]
     return "\n".join(lines) + "\n"
@@ -268,7 +277,7 @@ def markdown(runs: list[dict[str, Any]]) -> str:
 def _cell(value: Any) -> str:
     if value is None:
         return "–"
-    return f"{value:.4f}" if isinstance(value, float) and abs(value) < 0.1 else str(value)
+    return f"{value:.4g}" if isinstance(value, float) and abs(value) < 0.1 else str(value)
 
 
 def main(argv: list[str] | None = None) -> None:
