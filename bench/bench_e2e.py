@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -28,7 +29,6 @@ import ditq
 from ditq.diffusion import create_diffusion
 from ditq.diffusion.cfg import guided
 from ditq.eval.speed import time_back_to_back, time_calls
-from ditq.kernels import fp8
 from ditq.methods.svdquant import SVDQuant
 from ditq.models import create
 from ditq.recipes import PRESETS, RTN
@@ -47,7 +47,17 @@ TORCHAO = "torchao-fp8-row"  # torchao's float8 dynamic activation + weight, row
 EMBEDDERS_AND_FINAL = ("x_embedder*", "t_embedder*", "y_embedder*", "final_layer*")
 
 
-def build(config: str, device: str, backend: str, all_linears: bool) -> torch.nn.Module:
+def torchao_fp8_row(model: torch.nn.Module, filter_fn: Callable[[torch.nn.Module, str], bool]) -> None:
+    """torchao's float8 dynamic activation + weight with row-wise scales (the peer), in place, on the Linears
+    `filter_fn(module, name)` picks."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=filter_fn)
+
+
+def build(
+    config: str, device: str, backend: str, all_linears: bool, fast_accumulation: bool | None = None
+) -> torch.nn.Module:
     torch.manual_seed(0)
     model = create("DiT-XL/2").to(device)
     with torch.no_grad():  # leave adaLN-zero's zeros: nothing should be timed on zero weights
@@ -55,7 +65,6 @@ def build(config: str, device: str, backend: str, all_linears: bool) -> torch.nn
             p.add_(torch.randn_like(p) * 0.02)
     model = model.to(torch.bfloat16).eval()
     if config == TORCHAO:
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
         def in_blocks(module: torch.nn.Module, name: str) -> bool:
             return (
@@ -64,7 +73,7 @@ def build(config: str, device: str, backend: str, all_linears: bool) -> torch.nn
                 and (all_linears or "adaLN" not in name)
             )
 
-        quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=in_blocks)
+        torchao_fp8_row(model, in_blocks)
     elif config != "bf16":
         recipe = FP8_RECIPES.get(config) or PRESETS[config]
         if all_linears:
@@ -73,7 +82,8 @@ def build(config: str, device: str, backend: str, all_linears: bool) -> torch.nn
         if recipe.method == "svdquant":
             calib = ditq.calibrate(model, n_samples=2, steps=2, rows_per_layer=512)
         ditq.quantize(model, recipe, calib)
-        ditq.prepare_for_inference(model, backend, dtype=torch.bfloat16)
+        options = {} if fast_accumulation is None else {"fast_accumulation": fast_accumulation}
+        ditq.prepare_for_inference(model, backend, dtype=torch.bfloat16, **options)
     return model
 
 
@@ -105,7 +115,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--sample-steps", type=int, default=0, help="also time N-step DDIM sampling with CFG")
     parser.add_argument(
-        "--fast-accum", action="store_true", help="cuBLAS FP8 with fast accumulation (ditq.kernels.fp8.FAST_ACCUMULATION)"
+        "--fast-accum",
+        choices=["on", "off"],
+        help="cuBLAS FP8 fast accumulation of the FP8 backends (default: prepare_for_inference's)",
     )
     parser.add_argument(
         "--multi-kernel",
@@ -115,10 +127,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.multi_kernel:
         torch._inductor.config.triton.multi_kernel = 1
-    if args.fast_accum:
-        fp8.FAST_ACCUMULATION = True
     device = "cuda"
-    model = build(args.config, device, args.backend, args.all_linears)
+    fast_accumulation = None if args.fast_accum is None else args.fast_accum == "on"
+    model = build(args.config, device, args.backend, args.all_linears, fast_accumulation)
     weight_bytes = None if args.config == TORCHAO else ditq.io.model_size_bytes(model, torch.bfloat16)
     # kernel copies too; torchao's tensor subclasses report their outer shape and dtype, not what they hold
     tensors = [*model.parameters(), *model.buffers()]
@@ -144,7 +155,7 @@ def main() -> None:
         json.dumps(
             {
                 "config": args.config + ("+multikernel" if args.multi_kernel else "")
-                + ("+fast-accum" if args.fast_accum else ""),
+                + ("" if args.fast_accum is None else f"+fast-accum-{args.fast_accum}"),
                 "backend": "—" if args.config in ("bf16", TORCHAO) else args.backend,
                 "all_linears": args.all_linears,
                 "weight_bytes": weight_bytes,

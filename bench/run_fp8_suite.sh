@@ -39,7 +39,7 @@ case $part in
     e2e --batch 64 --sample-steps 50 --config bf16
     e2e --batch 64 --sample-steps 50 --config svdquant-w4a8fp8-r32 --backend fp8-cached
     e2e --batch 64 --sample-steps 50 --config w4a8fp8 --backend fp8-cached
-    e2e --batch 64 --sample-steps 50 --config w4a8fp8 --backend fp8-cached --fast-accum  # fp8.FAST_ACCUMULATION
+    e2e --batch 64 --sample-steps 50 --config w4a8fp8 --backend fp8-cached --fast-accum on
     e2e --batch 64 --sample-steps 50 --config ternary-a8fp8 --backend fp8-cached --all-linears
     e2e --batch 64 --sample-steps 50 --config w4a8fp8 --backend fp8 ;;  # weights 4-bit in memory, expanded per call
   prepass)  # the pre-pass at DiT-XL/2's batch-64 inputs against inductor, with its launch sweep (smoothed too)

@@ -5,8 +5,8 @@ reference backend's, from the same noise, on one GPU.
 
 The bundled model quantized with per-channel int4 + FP8 activations on every block Linear and the adaLN
 (`w4a8-fp8`, embedders and final layer 16-bit), in bf16, sampled eagerly (DDIM 25, cfg 1.5) through the
-`reference` backend (dequantize, then matmul), `fp8`, `fp8-cached` (also with cuBLAS's fast accumulation,
-`ditq.kernels.fp8.FAST_ACCUMULATION`) and `lowbit`; the FP model beside them
+`reference` backend (dequantize, then matmul), `fp8` and `fp8-cached` (cuBLAS's FP8 GEMMs with fast accumulation
+off, then on: `prepare_for_inference(..., fast_accumulation=)`) and `lowbit`; the FP model beside them
 says how far quantization itself moves the images. Then the same for per-channel SVDQuant W4A8-FP8 rank 32
 (the demo's recipe per channel and without GPTQ), whose FP8 backends run the low-rank branch in e4m3 where the
 reference keeps it in bf16.
@@ -25,9 +25,17 @@ import ditq
 from ditq.bundled import bundled_path
 from ditq.demo import DEMO_RECIPE
 from ditq.eval.runner import SampleSettings, compare_pixels, draw
-from ditq.kernels import fp8
 from ditq.pipeline import CalibSettings, post_training_quantize
 from ditq.recipes import PRESETS
+
+BACKENDS = {  # label: (backend, prepare_for_inference options)
+    "reference": ("reference", {}),
+    "fp8": ("fp8", {"fast_accumulation": False}),
+    "fp8-cached": ("fp8-cached", {"fast_accumulation": False}),
+    "fp8, fast accumulation": ("fp8", {"fast_accumulation": True}),
+    "fp8-cached, fast accumulation": ("fp8-cached", {"fast_accumulation": True}),
+    "lowbit": ("lowbit", {}),
+}
 
 
 def main() -> None:
@@ -55,17 +63,12 @@ def main() -> None:
         quantized = ptq.model.to(torch.bfloat16).eval()
         with torch.no_grad():
             images = {"fp": images_fp}
-            for backend in ("reference", "fp8", "fp8-cached", "lowbit"):
-                ditq.prepare_for_inference(quantized, backend, dtype=torch.bfloat16)
-                images[backend] = draw(quantized, settings)[0]
-            ditq.prepare_for_inference(quantized, "fp8-cached", dtype=torch.bfloat16)
-            fp8.FAST_ACCUMULATION = True
-            try:
-                images["fp8-cached, fast accumulation"] = draw(quantized, settings)[0]
-            finally:
-                fp8.FAST_ACCUMULATION = False
+            for label, (backend, options) in BACKENDS.items():
+                ditq.prepare_for_inference(quantized, backend, dtype=torch.bfloat16, **options)
+                images[label] = draw(quantized, settings)[0]
         models[name] = {b: compare_pixels(im, images["reference"]) for b, im in images.items() if b != "reference"}
-    result = {"gpu": torch.cuda.get_device_name() if args.device == "cuda" else args.device, "torch": torch.__version__, "settings": dataclasses.asdict(settings),
+    result = {"gpu": torch.cuda.get_device_name() if args.device == "cuda" else args.device, "torch": torch.__version__,
+              "triton": __import__("triton").__version__, "settings": dataclasses.asdict(settings),
               "vs_reference_backend": models}  # fmt: skip
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

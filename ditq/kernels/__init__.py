@@ -82,7 +82,11 @@ def register_backend(backend: Backend, *, replace: bool = False) -> None:
 
 
 def prepare_for_inference(
-    model: nn.Module, backend: str = "reference", *, dtype: torch.dtype | None = None
+    model: nn.Module,
+    backend: str = "reference",
+    *,
+    dtype: torch.dtype | None = None,
+    fast_accumulation: bool | None = None,
 ) -> nn.Module:
     """Choose `backend` for every QuantLinear of `model` and convert it; returns the model.
 
@@ -90,10 +94,17 @@ def prepare_for_inference(
     the dtype of its bias or low-rank factors, else float32). Calling it again switches backends and
     drops the kernel buffers the previous one added; the FP8 backends' rewrites of GELUs and DiT blocks
     (`ditq.kernels.fusion`) stay, since every backend computes the same outputs through them.
+    `fast_accumulation` (the FP8 backends only; default `fp8.DEFAULT_FAST_ACCUMULATION`) lets cuBLAS's FP8
+    GEMMs keep the tensor cores' partial sums unpromoted along K.
     """
     name = ALIASES.get(backend, backend)
     if name not in BACKENDS:
         raise ValueError(f"kernel backend {backend!r} is not one of {sorted([*BACKENDS, *ALIASES])}")
+    if fast_accumulation is not None and name not in fp8.FP8_BACKENDS:
+        raise ValueError(f"fast_accumulation is an option of the FP8 backends {list(fp8.FP8_BACKENDS)}, not of {backend!r}")
+    if fast_accumulation is not None and not isinstance(fast_accumulation, bool):
+        raise TypeError(f"fast_accumulation must be True, False or None, got {fast_accumulation!r}")
+    fast = fp8.DEFAULT_FAST_ACCUMULATION if fast_accumulation is None else fast_accumulation
     chosen = BACKENDS[name]
     if chosen.fuses_input_activations:
         logger.info("moved %d activation(s) and norm(s) into the next Linear", fuse_input_activations(model))
@@ -112,6 +123,8 @@ def prepare_for_inference(
         module.kernel_buffers = tuple(extra)
         module.fixed_dtype_buffers = tuple(b for b in target.fixed_dtype_buffers if b in extra)
         module.backend = target.name
+        if target.name in fp8.FP8_BACKENDS:
+            module.fast_accumulation = fast
     for reason, count in declined.items():
         logger.warning("backend %r cannot run %d layer(s) (%s); they keep the reference", name, count, reason)
     return model

@@ -52,6 +52,7 @@ from ditq.quant.primitives import FP8_MAX, fp8_cast, fp8_quantize, fp8_scale
 from ditq.quant.qlinear import QuantLinear
 
 __all__ = [
+    "DEFAULT_FAST_ACCUMULATION",
     "FP8_BACKENDS",
     "expand_fp8",
     "fp8_linear",
@@ -64,10 +65,12 @@ __all__ = [
 MIN_CAPABILITY = (8, 9)
 FP8_BACKENDS = ("fp8", "fp8-cached")
 # cuBLAS FP8 GEMMs with fast accumulation: the tensor cores' partial sums are not promoted to float32 along K
-# (faster on Hopper, less exact over long K; torchao's float8 inference turns it on). Read when a forward is
-# traced. Off by default: its speed and its samples on a GPU are unmeasured (`bench_e2e.py --fast-accum`,
-# `bench/samples_match.py`).
-FAST_ACCUMULATION = False
+# (torchao's float8 inference runs so too). The FP8 backends' default; `prepare_for_inference(...,
+# fast_accumulation=False)` turns it off. On an H200: a FLUX.1-dev-size transformer (K up to 15,360) at 1024 px
+# took 104.4 ms per step with it against 108.4–111.9 ms without, its output error vs bf16 unchanged (0.004529
+# against 0.004527–0.004530 without, `bench/results/diffusers_h200.md`); DiT-MNIST W4A8-FP8 samples stay 40.4 dB
+# from the reference backend's (40.6 without; `bench/results/samples_match_fast_accum_h200.json`).
+DEFAULT_FAST_ACCUMULATION = True
 
 
 def _expanded_fake(qweight, bits, n_cols, ternary):
@@ -173,7 +176,7 @@ def _gemm(m: QuantLinear, codes: torch.Tensor, scale_x: torch.Tensor, x: torch.T
         scale_b=m.fp8_scale_w,
         bias=m.bias.to(x.dtype) if fused_bias else None,
         out_dtype=x.dtype,
-        use_fast_accum=FAST_ACCUMULATION,
+        use_fast_accum=m.fast_accumulation,  # set by prepare_for_inference
     )  # (M, N)
     if m.bias is not None and not fused_bias:
         y = y + m.bias.to(x.dtype)

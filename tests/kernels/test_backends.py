@@ -119,6 +119,17 @@ def test_unknown_backend_is_refused_with_the_choices():
         prepare_for_inference(torch.nn.Sequential(layer(SPECS["w2"])), "triton")
 
 
+@pytest.mark.parametrize("backend", ["reference", "lowbit"])
+def test_fast_accumulation_is_refused_for_backends_without_fp8_gemms(backend):
+    with pytest.raises(ValueError, match=f"fast_accumulation is an option of the FP8 backends .* not of '{backend}'"):
+        prepare_for_inference(torch.nn.Sequential(layer(SPECS["w4_fp8"])), backend, fast_accumulation=True)
+
+
+def test_fast_accumulation_must_be_a_bool():
+    with pytest.raises(TypeError, match="fast_accumulation must be True, False or None, got 1"):
+        prepare_for_inference(torch.nn.Sequential(layer(SPECS["w4_fp8"])), "fp8", fast_accumulation=1)
+
+
 def test_a_backend_that_declines_a_layer_leaves_it_on_the_reference_and_says_why(caplog):
     picky = Backend(
         "picky",

@@ -174,22 +174,23 @@ def test_fp8_backends_smooth_by_the_reciprocal_in_every_path(backend, monkeypatc
         assert seen[0][1] is None and torch.equal(seen[0][0], product[:5])
 
 
-@pytest.mark.parametrize("fast", [False, True])
-def test_the_gemm_asks_cublas_for_fast_accumulation_only_when_set(fast, monkeypatch):
+@pytest.mark.parametrize("backend", ["fp8", "fp8-cached"])
+@pytest.mark.parametrize("fast", [None, False, True], ids=["default", "off", "on"])
+def test_the_gemm_asks_cublas_for_fast_accumulation_exactly_when_chosen(backend, fast, monkeypatch):
     from ditq.kernels import fp8
 
     m = layer(SPECS["int4"])
-    prepare_for_inference(m, "fp8-cached")
-    x = torch.randn(139, 48, generator=torch.Generator().manual_seed(8)).to(DEVICE)
-    expected = m(x)
+    prepare_for_inference(m, backend, fast_accumulation=not fp8.DEFAULT_FAST_ACCUMULATION)  # then switched
+    x = torch.randn(139, 48, generator=torch.Generator().manual_seed(8)).to(DEVICE)  # past the few-row route
+    other = m(x)
     asked = []
     scaled_mm = torch._scaled_mm
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **kw: asked.append(kw["use_fast_accum"]) or scaled_mm(*a, **kw))
-    monkeypatch.setattr(fp8, "FAST_ACCUMULATION", fast)
+    prepare_for_inference(m, backend, fast_accumulation=fast)
     out = m(x)
-    assert asked == [fast]
+    assert asked == [fp8.DEFAULT_FAST_ACCUMULATION if fast is None else fast]
     if not out.is_cuda:  # the CPU has one accumulation
-        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        torch.testing.assert_close(out, other, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", ["fp8", "fp8-cached"])

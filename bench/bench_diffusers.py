@@ -1,0 +1,337 @@
+"""Per-step time and memory of diffusers transformers at the sizes people run, bf16 vs torchao's float8 vs ditq.
+
+Random weights in bf16 at 1024 px: a FLUX.1-dev-size FluxTransformer2DModel (19 double + 38 single blocks, hidden
+3072; 4,096 image + 512 text tokens), an SD3-medium SD3Transformer2DModel (24 joint blocks, hidden 1536; 4,096 +
+333 tokens) and a PixArt-Σ XL PixArtTransformer2DModel (28 blocks, hidden 1152; 4,096 tokens, 300 of text).
+For each model and batch, every config is rebuilt from the same seed and run on the same inputs: `bf16` (first:
+the baseline of the ratios and the output error), `torchao-fp8-row` (torchao's float8 dynamic row-wise, the peer,
+on the Linears ditq quantizes: the adapter's default skip) and `RECIPE@BACKEND` (a ditq recipe, prepared for a
+kernel backend), with `+fast-accum` for cuBLAS's fast accumulation on an FP8 backend (off without it).
+
+Compiled with torch.compile block by block (each block of the transformer's ModuleLists, as diffusers'
+`compile_repeated_blocks` does; `--whole-graph` compiles the whole transformer). Per step: the median of CUDA-event
+timed forwards after warm-up. Memory: what the row's model holds once ready (weights and kernel buffers), the
+peak during the timed steps, both over what was allocated before the row (`held_before_GiB`, 0 unless an earlier
+row's model outlived it), and the tensors as ditq stores them. The results file gathers runs: a run appends its
+rows to OUT.json (with the GPU, versions, shapes and the command; `notes` added to a run are printed above its
+table) and OUT.md is rewritten from all of them after every row, so a run cut short keeps what it measured.
+
+    PYTHONPATH=. python bench/bench_diffusers.py --models flux --out bench/results/diffusers_h100
+    TRITON_INTERPRET=1 PYTHONPATH=. python bench/bench_diffusers.py --tiny --device cpu --no-compile --out /tmp/d
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import importlib.metadata
+import importlib.util
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench_e2e import TORCHAO, torchao_fp8_row
+from torch import nn
+
+import ditq
+from ditq.api import plan
+from ditq.atomic import write_text
+from ditq.eval.speed import time_calls
+from ditq.integrations.diffusers import SUPPORTED, _to
+from ditq.io import model_size_bytes
+from ditq.kernels import BACKENDS
+from ditq.kernels.fp8 import FP8_BACKENDS
+from ditq.quant.qlinear import QuantLinear
+from ditq.recipes import PRESETS, load_recipe
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+    """A diffusers transformer at a published size, its latent side at 1024 px and its text tokens."""
+
+    class_name: str
+    config: dict[str, Any]
+    tiny: dict[str, Any]  # overrides for a CPU check
+    size: int  # latent side (FLUX: packed tokens per side)
+    text_tokens: int
+
+
+MODELS = {
+    "flux": ModelSize(  # FLUX.1-dev
+        "FluxTransformer2DModel",
+        dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+             num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+             axes_dims_rope=(16, 56, 56)),
+        dict(num_layers=1, num_single_layers=2, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32,
+             pooled_projection_dim=32, axes_dims_rope=(8, 12, 12)),
+        size=64,  # 128×128 latents packed 2×2: 4,096 tokens
+        text_tokens=512,
+    ),
+    "sd3": ModelSize(  # stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json
+        "SD3Transformer2DModel",
+        dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+             num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+             pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192),
+        dict(sample_size=8, num_layers=2, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=32,
+             caption_projection_dim=64, pooled_projection_dim=32, pos_embed_max_size=8),
+        size=128,
+        text_tokens=333,  # 77 CLIP + 256 T5
+    ),
+    "pixart": ModelSize(  # PixArt-alpha/PixArt-Sigma-XL-2-1024-MS, transformer/config.json
+        "PixArtTransformer2DModel",
+        dict(sample_size=128, patch_size=2, in_channels=4, out_channels=8, num_layers=28, attention_head_dim=72,
+             num_attention_heads=16, cross_attention_dim=1152, caption_channels=4096, attention_bias=True,
+             activation_fn="gelu-approximate", norm_type="ada_norm_single", norm_elementwise_affine=False,
+             norm_eps=1e-6, interpolation_scale=2, use_additional_conditions=False),
+        dict(sample_size=8, num_layers=2, attention_head_dim=32, num_attention_heads=2, cross_attention_dim=64,
+             caption_channels=32, interpolation_scale=1),
+        size=128,
+        text_tokens=300,
+    ),
+}  # fmt: skip
+TINY_SIZE, TINY_TEXT_TOKENS = 4, 8  # FLUX: 16 packed tokens; SD3, PixArt: 4×4 latents, 4 tokens of 2×2 patches
+DTYPE = torch.bfloat16
+FAST = "+fast-accum"
+DEFAULT_CONFIGS = ("bf16", "w4a8-fp8@fp8-cached", f"w4a8-fp8@fp8-cached{FAST}", "w4a8-fp8@fp8",
+                   f"w4a8-fp8@fp8{FAST}", TORCHAO)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One row's model: `bf16`, torchao's float8 row-wise, or a ditq recipe on a backend."""
+
+    label: str
+    recipe: str | None = None
+    backend: str | None = None
+    fast_accumulation: bool | None = None  # FP8 backends only
+
+    @classmethod
+    def parse(cls, label: str) -> Config:
+        if label in ("bf16", TORCHAO):
+            return cls(label)
+        recipe, at, backend = label.removesuffix(FAST).partition("@")
+        if not at or backend not in BACKENDS:
+            raise ValueError(f"config {label!r} is not bf16, {TORCHAO} or RECIPE@BACKEND[{FAST}] with a backend of "
+                             f"{sorted(BACKENDS)}")  # fmt: skip
+        fast = label.endswith(FAST)
+        if fast and backend not in FP8_BACKENDS:
+            raise ValueError(f"config {label!r}: {FAST} needs an FP8 backend {list(FP8_BACKENDS)}")
+        try:  # an unknown preset or a bad file fails here, before any model is built
+            load_recipe(recipe)
+        except (ValueError, TypeError, OSError) as err:
+            raise ValueError(f"config {label!r}: {err}") from None
+        return cls(label, recipe, backend, fast if backend in FP8_BACKENDS else None)
+
+
+def build(size: ModelSize, tiny: bool, device: str) -> nn.Module:
+    """The transformer with seeded random weights in bf16, scaled by ½ (random adaLN modulation needs it)."""
+    import diffusers
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(DTYPE)
+    try:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = getattr(diffusers, size.class_name)(**(size.config | size.tiny if tiny else size.config))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(0.5)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
+
+
+def prepare(model: nn.Module, config: Config) -> str | None:
+    """Quantize `model` in place as `config` says; returns how many quantized Linears run on its backend."""
+    if config.label == TORCHAO:
+        targets = plan(model, PRESETS["w4a8-fp8"])  # ditq's Linears: the adapter's default skip
+        torchao_fp8_row(model, lambda module, name: name in targets)
+        return f"{len(targets)} Linears"
+    if config.recipe is None:
+        return None
+    ditq.quantize(model, load_recipe(config.recipe))
+    options = {} if config.fast_accumulation is None else {"fast_accumulation": config.fast_accumulation}
+    ditq.prepare_for_inference(model, config.backend, dtype=DTYPE, **options)
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    return f"{sum(m.backend == config.backend for m in layers)}/{len(layers)} on {config.backend}"
+
+
+def compiled(model: nn.Module, whole_graph: bool) -> nn.Module:
+    """The model compiled whole, or each block of its ModuleLists compiled in place (diffusers' regional
+    compilation: one compile per block class, reused by the others)."""
+    if whole_graph:
+        return torch.compile(model, dynamic=False)
+    for blocks in model.children():
+        if isinstance(blocks, nn.ModuleList):
+            for block in blocks:
+                block.compile(dynamic=False)
+    return model
+
+
+def measure(model_name: str, batch: int, config: Config, args: argparse.Namespace,
+            reference: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """One row: build, quantize, compile, time; `reference` holds the bf16 row's step and output."""
+    size = MODELS[model_name]
+    on_cuda = args.device.startswith("cuda")
+    gc.collect()  # the previous row's model, whose compiled blocks form reference cycles
+    if on_cuda:
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated()  # what this row's memory figures leave out (0 unless one leaked)
+    start = time.perf_counter()
+    model = build(size, args.tiny, args.device)
+    layers = prepare(model, config)
+    prepare_s = time.perf_counter() - start
+    adapter = SUPPORTED[size.class_name]
+    gen = torch.Generator().manual_seed(1)
+    side, text = (TINY_SIZE, TINY_TEXT_TOKENS) if args.tiny else (size.size, size.text_tokens)
+    inputs = _to(adapter.example_inputs(model, batch, side, text, 0.5, gen), torch.empty(0, dtype=DTYPE, device=args.device))
+    if on_cuda:
+        gc.collect()
+        torch.cuda.empty_cache()
+        resident = torch.cuda.memory_allocated() - before
+    torch._dynamo.utils.counters.clear()
+    forward = model if args.no_compile else compiled(model, args.whole_graph)
+
+    def step() -> torch.Tensor:
+        return forward(**inputs, return_dict=False)[0]
+
+    device = torch.device(args.device)
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = step().float()
+        first_s = time.perf_counter() - start
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times = time_calls(step, (), device, warmup=args.warmup, repeats=args.iters)
+    row = {"model": model_name, "batch": batch, "config": config.label, "fast_accum": config.fast_accumulation,
+           "step_ms": round(statistics.median(times), 2), "min_ms": round(min(times), 2),
+           "max_ms": round(max(times), 2), "layers": layers}  # fmt: skip
+    if config.label == "bf16":
+        reference.update(step_ms=row["step_ms"], out=out)
+    elif "out" in reference:
+        row["x_bf16"] = round(reference["step_ms"] / row["step_ms"], 3)
+        row["rel_err_vs_bf16"] = float((out - reference["out"]).norm() / reference["out"].norm())
+    if on_cuda:
+        row |= {"resident_GiB": round(resident / 2**30, 2),
+                "peak_GiB": round((torch.cuda.max_memory_allocated() - before) / 2**30, 2),
+                "held_before_GiB": round(before / 2**30, 2)}  # fmt: skip
+    if config.label != TORCHAO:  # torchao's tensor subclasses are no ditq checkpoint
+        row["stored_GiB"] = round(model_size_bytes(model, DTYPE) / 2**30, 3)
+    row |= {"compile_s" if not args.no_compile else "first_call_s": round(first_s, 1),
+            "prepare_s": round(prepare_s, 1),
+            "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}  # fmt: skip
+    torch._dynamo.reset()  # drops the compiled blocks, which hold the model
+    return row
+
+
+def environment(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    on_cuda = args.device.startswith("cuda")
+    return {
+        "gpu": torch.cuda.get_device_name() if on_cuda else args.device,
+        **{p: version(p) for p in ("torch", "triton", "diffusers", "torchao")},
+        "command": shlex.join(["python", "bench/bench_diffusers.py", *argv]),
+        "compile": "off" if args.no_compile else "whole graph" if args.whole_graph else "block by block",
+        "dtype": "bfloat16",
+        "warmup": args.warmup,
+        "iters": args.iters,
+        "shapes": {
+            name: {"class": MODELS[name].class_name,
+                   "config": MODELS[name].config | MODELS[name].tiny if args.tiny else MODELS[name].config,
+                   "latent_side": TINY_SIZE if args.tiny else MODELS[name].size,
+                   "text_tokens": TINY_TEXT_TOKENS if args.tiny else MODELS[name].text_tokens}
+            for name in args.models
+        },  # fmt: skip
+        "rows": [],
+    }
+
+
+COLUMNS = ("model", "batch", "config", "step_ms", "x_bf16", "resident_GiB", "peak_GiB", "stored_GiB",
+           "rel_err_vs_bf16", "compile_s", "layers")  # fmt: skip
+
+
+def markdown(runs: list[dict[str, Any]]) -> str:
+    lines = ["# diffusers transformers: bf16, torchao float8 row-wise, ditq W4A8-FP8", "",
+             "Written by `bench/bench_diffusers.py`; ratios (× bf16: bf16's step over the row's) are within one run."]  # fmt: skip
+    for run in runs:
+        lines += ["", f"{run['gpu']}; torch {run['torch']}, Triton {run['triton']}, diffusers {run['diffusers']}, "
+                  f"torchao {run['torchao']}; compile: {run['compile']}; median of {run['iters']} steps after "
+                  f"{run['warmup']} warm-up", "", f"    {run['command']}", "",
+                  *(f"{note}\n" for note in run.get("notes", ())),
+                  "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]  # fmt: skip
+        lines += ["| " + " | ".join(_cell(row.get(c)) for c in COLUMNS) + " |" for row in run["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.4g}" if isinstance(value, float) and abs(value) < 0.1 else str(value)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="results stem: OUT.json (runs appended) and OUT.md")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--batches", default="1", help="comma-separated batch sizes")
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help="comma-separated; bf16 runs first")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="two-block models at a few tokens, for a CPU check")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--whole-graph", action="store_true", help="compile the whole transformer, not block by block")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args(argv)
+    try:
+        args.models = [m for m in args.models.split(",") if m]
+        unknown = sorted(set(args.models) - set(MODELS))
+        if unknown or not args.models:
+            raise ValueError(f"--models {unknown or '(none)'}: choose from {', '.join(MODELS)}")
+        args.batches = [int(b) for b in args.batches.split(",") if b]
+        if not args.batches or min(args.batches) < 1 or args.warmup < 0 or args.iters < 1:
+            raise ValueError("batches and --iters must be positive, --warmup at least 0")
+        configs = [Config.parse(c) for c in dict.fromkeys(args.configs.split(",")) if c]
+        configs.sort(key=lambda c: c.label != "bf16")  # stable: the others keep their order
+        if not configs:
+            raise ValueError("--configs names no config")
+        if any(c.label == TORCHAO for c in configs) and importlib.util.find_spec("torchao") is None:
+            raise ValueError(f"{TORCHAO} needs torchao, which is not installed")
+        if importlib.util.find_spec("diffusers") is None:
+            raise ValueError("the transformers come from diffusers, which is not installed")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA device here")
+        json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
+        runs = json.loads(json_path.read_text())["runs"] if json_path.exists() else []
+    except (ValueError, KeyError, json.JSONDecodeError) as err:
+        parser.error(f"{err}" if not isinstance(err, (KeyError, json.JSONDecodeError))
+                     else f"{args.out}.json exists and is no results file of this script")  # fmt: skip
+    run = environment(args, argv)
+    runs.append(run)
+    for model_name in args.models:
+        for batch in args.batches:
+            reference: dict[str, Any] = {}
+            for config in configs:
+                row = measure(model_name, batch, config, args, reference)
+                run["rows"].append(row)
+                print(json.dumps(row), flush=True)
+                write_text(json_path, json.dumps({"runs": runs}, indent=2) + "\n")
+                write_text(md_path, markdown(runs))
+                if args.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+    print(markdown([run]))
+
+
+if __name__ == "__main__":
+    main()

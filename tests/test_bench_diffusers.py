@@ -1,0 +1,62 @@
+"""bench/bench_diffusers.py at its tiny sizes: every model builds, quantizes, runs and lands in the results files."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on the CPU, the FP8 kernels run interpreted
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "bench"))  # as `python bench/...` imports siblings
+    return importlib.import_module("bench_diffusers")
+
+
+# the FP8 path once (its kernels run interpreted on the CPU: seconds), the reference op for the other two
+@pytest.mark.parametrize(
+    ("model", "config"),
+    [("flux", "w4a8-fp8@fp8-cached+fast-accum"), ("sd3", "w4a8-fp8@reference"), ("pixart", "w4a8-fp8@reference")],
+)
+def test_the_tiny_run_measures_bf16_then_the_quantized_model_on_its_backend(bench, model, config, tmp_path):
+    out = tmp_path / "results"
+    bench.main(["--tiny", "--device", DEVICE, "--no-compile", "--models", model, "--configs", f"{config},bf16",
+                "--warmup", "0", "--iters", "1", "--out", str(out)])  # fmt: skip
+    (run,) = json.loads(out.with_suffix(".json").read_text())["runs"]
+    bf16, quantized = run["rows"]
+    assert (bf16["config"], quantized["config"]) == ("bf16", config)
+    assert quantized["fast_accum"] is (True if config.endswith("+fast-accum") else None)
+    backend = config.removesuffix("+fast-accum").split("@")[1]
+    done, total = quantized["layers"].removesuffix(f" on {backend}").split("/")
+    assert done == total and int(total) > 0
+    assert math.isfinite(bf16["step_ms"]) and math.isfinite(quantized["step_ms"])
+    # W4 per-channel + FP8 activations move each output by a few %, not by the output's size (a wrong path)
+    assert 0 < quantized["rel_err_vs_bf16"] < 0.5
+    assert run["shapes"][model]["config"]["num_layers"] <= 2
+    assert f"| {model} | 1 | {config} |" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--configs", "bf16,w4a8-fp8@fp9"], "config 'w4a8-fp8@fp9' is not bf16, torchao-fp8-row or RECIPE@BACKEND"),
+        (["--configs", "w4a8-fp8@lowbit+fast-accum"], r"config 'w4a8-fp8@lowbit\+fast-accum': \+fast-accum needs an FP8"),
+        (["--configs", "w4a9@fp8"], "config 'w4a9@fp8': recipe 'w4a9' is neither a preset"),
+        (["--models", "flux,sdxl"], r"--models \['sdxl'\]: choose from flux, sd3, pixart"),
+    ],
+)
+def test_a_bad_option_is_one_line_before_any_model_is_built(bench, option, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench.main(["--device", "cpu", "--out", str(tmp_path / "r"), *option])
+    assert exit_.value.code == 2
+    assert re.search(f"error: {message}", capsys.readouterr().err.strip().splitlines()[-1])
+    assert not list(tmp_path.iterdir())
