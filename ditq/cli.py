@@ -23,7 +23,6 @@ from ditq.cli_checks import (
     check_output_dir,
     check_output_file,
     check_scored_samples,
-    check_steps,
     default_device,
     device_arg,
     finite_float,
@@ -31,6 +30,7 @@ from ditq.cli_checks import (
     run_command,
     write_report,
 )
+from ditq.diffusion.samplers import check_steps
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,6 @@ Bad values are refused before any work; a user error ends in one line, `ditq <co
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import math
 import os
@@ -21,7 +20,7 @@ import torch
 from ditq.atomic import TEMP_NAME, write_text
 
 __all__ = ["USER_ERRORS", "HelpFormatter", "OneLineParser", "UsageError", "check_output_dir", "check_output_file",
-           "check_scored_samples", "check_steps", "default_device", "device_arg", "error_line", "finite_float",
+           "check_scored_samples", "default_device", "device_arg", "error_line", "finite_float",
            "positive_int", "rerun_command", "run_command", "write_report"]
 
 # Errors that bad input (a flag, a file, a recipe) raises; anything else is a bug and keeps its traceback.
@@ -188,29 +187,6 @@ def check_scored_samples(samples: int, flag: str) -> None:
 
     if samples < MIN_SAMPLES:
         raise ValueError(f"{flag} {samples}: FID and precision/recall need at least {MIN_SAMPLES} samples")
-
-
-def check_steps(steps: int, sampler: str, flag: str) -> None:
-    """Refuse a step count the sampler cannot respace 1000 diffusion steps to, naming workable ones."""
-    from ditq.diffusion.samplers import create_diffusion
-
-    try:
-        create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps))
-    except ValueError as err:
-        by_distance = sorted(range(1, 1001), key=lambda n: (abs(n - steps), n))
-        near = sorted(itertools.islice((n for n in by_distance if _respaces(n, sampler)), 2))
-        raise ValueError(f"{flag} {steps}: {err} ({sampler}); the nearest that work: "
-                         f"{' and '.join(map(str, near))}") from None
-
-
-def _respaces(steps: int, sampler: str) -> bool:
-    from ditq.diffusion.samplers import create_diffusion
-
-    try:
-        create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps))
-    except ValueError:
-        return False
-    return True
 
 
 # ---- outputs written after the work -------------------------------------------------------------

@@ -17,9 +17,8 @@ from torch import Tensor, nn
 
 from ditq.adapters import ADAPTERS, ZooAdapter, adapter_for
 from ditq.checks import check_count
-from ditq.cli_checks import check_steps
 from ditq.diffusion import sample_images
-from ditq.diffusion.samplers import SAMPLERS
+from ditq.diffusion.samplers import SAMPLERS, check_steps
 
 __all__ = ["sample"]
 

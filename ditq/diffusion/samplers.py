@@ -6,6 +6,7 @@ with the *original* timestep of each index, so a model trained on 1000 steps sam
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
@@ -249,3 +250,22 @@ def create_diffusion(
     """DiT's diffusion: linear β over `num_timesteps`, respaced ("250", "ddim50", "" = all steps)."""
     schedule = make_schedule(num_timesteps, "" if timestep_respacing is None else timestep_respacing)
     return GaussianDiffusion(schedule, learn_sigma=learn_sigma)
+
+
+def check_steps(steps: int, sampler: str, flag: str) -> None:
+    """Refuse a step count the sampler cannot respace 1000 diffusion steps to, naming workable ones."""
+    try:
+        create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps))
+    except ValueError as err:
+        by_distance = sorted(range(1, 1001), key=lambda n: (abs(n - steps), n))
+        near = sorted(itertools.islice((n for n in by_distance if _respaces(n, sampler)), 2))
+        raise ValueError(f"{flag} {steps}: {err} ({sampler}); the nearest that work: "
+                         f"{' and '.join(map(str, near))}") from None
+
+
+def _respaces(steps: int, sampler: str) -> bool:
+    try:
+        create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps))
+    except ValueError:
+        return False
+    return True
