@@ -5,6 +5,9 @@ The temporary file is `.<name>.<pid>.<random>.tmp` beside the target. A writer k
 gone (its pid no longer runs here) or that are older than a day (another host's, or an older ditq's
 `.<name>.<random>.tmp`), and never touches another file.
 
+`check_output_file` / `check_output_dir` prove before long work that such a write will find a folder that takes
+it (a real probe file: permission bits do not tell), and create nothing.
+
 JSON is written strictly: NaN and ±Infinity, which `json.dumps` would write as the non-standard `NaN` and
 `Infinity` that other readers refuse, are an error naming the file and where the value sits.
 """
@@ -135,3 +138,47 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# ---- paths checked before the work: the writes above will succeed, nothing is created ------------------
+
+
+def check_output_file(path: Path, flag: str, suffix: str) -> None:
+    """Refuse a file path that cannot be written: another extension than `suffix`, a directory, a folder
+    that cannot be created or written into."""
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; give a {suffix} file path")
+    if path.suffix.lower() != suffix:
+        raise ValueError(f"{flag} {path}: give a {suffix} file")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"{flag} {path} is not writable")
+    _check_folder(path.parent, path, flag)
+
+
+def check_output_dir(path: Path, flag: str, files: tuple[str, ...] = ()) -> None:
+    """Refuse a folder path that cannot be created or written into, or where one of the `files` it will
+    receive is a directory."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file; give a folder")
+    for name in files:
+        if (path / name).is_dir():
+            raise ValueError(f"{flag} {path}: {path / name} is a directory; the command writes a file there")
+    _check_folder(path, path, flag)
+
+
+def _check_folder(folder: Path, path: Path, flag: str) -> None:
+    """The nearest existing folder at or above `folder` must take a new file (the rest is created).
+
+    Tried for real with an unnamed temporary file: permission bits do not tell (root passes them, and
+    /proc or a read-only mount refuse what they allow)."""
+    for existing in (folder.absolute(), *folder.absolute().parents):
+        if existing.exists():
+            if not existing.is_dir():
+                raise ValueError(f"{flag} {path}: {existing} is a file, not a folder")
+            try:
+                with tempfile.TemporaryFile(dir=existing):
+                    pass
+            except OSError as err:
+                raise ValueError(f"{flag} {path}: cannot write into folder {existing} "
+                                 f"({err.strerror or err})") from None
+            return

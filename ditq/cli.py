@@ -17,11 +17,10 @@ from pathlib import Path
 
 import torch
 
+from ditq.atomic import check_output_dir, check_output_file
 from ditq.cli_checks import (
     HelpFormatter,
     OneLineParser,
-    check_output_dir,
-    check_output_file,
     check_scored_samples,
     default_device,
     device_arg,

@@ -11,7 +11,6 @@ import math
 import os
 import shlex
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 
 from ditq.atomic import TEMP_NAME, write_text
 
-__all__ = ["USER_ERRORS", "HelpFormatter", "OneLineParser", "UsageError", "check_output_dir", "check_output_file",
+__all__ = ["USER_ERRORS", "HelpFormatter", "OneLineParser", "UsageError",
            "check_scored_samples", "default_device", "device_arg", "error_line", "finite_float",
            "positive_int", "rerun_command", "run_command", "write_report"]
 
@@ -135,50 +134,6 @@ def device_arg(text: str) -> str:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-# ---- paths: checked before the work, nothing left behind ----------------------------------------------
-
-
-def check_output_file(path: Path, flag: str, suffix: str) -> None:
-    """Refuse a file path that cannot be written: another extension than `suffix`, a directory, a folder
-    that cannot be created or written into."""
-    if path.is_dir():
-        raise ValueError(f"{flag} {path} is a directory; give a {suffix} file path")
-    if path.suffix.lower() != suffix:
-        raise ValueError(f"{flag} {path}: give a {suffix} file")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ValueError(f"{flag} {path} is not writable")
-    _check_folder(path.parent, path, flag)
-
-
-def check_output_dir(path: Path, flag: str, files: tuple[str, ...] = ()) -> None:
-    """Refuse a folder path that cannot be created or written into, or where one of the `files` it will
-    receive is a directory."""
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"{flag} {path} is a file; give a folder")
-    for name in files:
-        if (path / name).is_dir():
-            raise ValueError(f"{flag} {path}: {path / name} is a directory; the command writes a file there")
-    _check_folder(path, path, flag)
-
-
-def _check_folder(folder: Path, path: Path, flag: str) -> None:
-    """The nearest existing folder at or above `folder` must take a new file (the rest is created).
-
-    Tried for real with an unnamed temporary file: permission bits do not tell (root passes them, and
-    /proc or a read-only mount refuse what they allow)."""
-    for existing in (folder.absolute(), *folder.absolute().parents):
-        if existing.exists():
-            if not existing.is_dir():
-                raise ValueError(f"{flag} {path}: {existing} is a file, not a folder")
-            try:
-                with tempfile.TemporaryFile(dir=existing):
-                    pass
-            except OSError as err:
-                raise ValueError(f"{flag} {path}: cannot write into folder {existing} "
-                                 f"({err.strerror or err})") from None
-            return
 
 
 def check_scored_samples(samples: int, flag: str) -> None:

@@ -31,11 +31,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ditq.atomic import check_output_file
 from ditq.checks import did_you_mean
 from ditq.cli_checks import (
     HelpFormatter,
     OneLineParser,
-    check_output_file,
     device_arg,
     rerun_command,
     run_command,

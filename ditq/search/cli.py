@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
+from ditq.atomic import check_output_dir
 from ditq.cli_checks import (
     HelpFormatter,
     OneLineParser,
-    check_output_dir,
     device_arg,
     finite_float,
     rerun_command,

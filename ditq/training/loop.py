@@ -30,9 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from ditq import io
-from ditq.atomic import write_json
+from ditq.atomic import check_output_dir, write_json
 from ditq.bundled import BUNDLED_WEIGHTS, bundled_path
-from ditq.cli_checks import check_output_dir
 from ditq.diffusion import create_diffusion
 from ditq.fileformat import CheckpointError, header_field, read_header
 from ditq.models import create
