@@ -164,9 +164,14 @@ def test_widths_above_the_stored_bits_are_refused_naming_the_layer(tmp_path: Pat
 
 
 def test_a_checkpoint_without_nested_layers_refuses_bits(tmp_path: Path) -> None:
-    path = ditq.save(convert(prepare(tiny(), QAT(w_bits=4, group_size=32))), tmp_path / "plain.safetensors")
+    model = convert(prepare(tiny(), QAT(w_bits=4, group_size=32)))
+    path = ditq.save(model, tmp_path / "plain.safetensors")
     with pytest.raises(ValueError, match=r"no nested layer \(spec\.stored_bits set\) .* pattern '\*'"):
         ditq.load(path, bits=4)
+    layer = model.get_submodule("blocks.0.mlp.fc1")
+    with pytest.raises(ValueError, match=r"stores its codes at its one bit-width \(W4 g32"):
+        layer.serve_bits(2)  # its packed 4-bit codes have no 2-bit slice
+    assert layer.spec.w_bits == 4
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import replace
 from fnmatch import fnmatchcase
 from typing import Any, ClassVar
 
@@ -39,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditq.checks import naming_layer
 from ditq.quant.modules import register_quant_module
 from ditq.quant.primitives import (
     SCALE_FLOOR,
@@ -49,7 +49,7 @@ from ditq.quant.primitives import (
     slice_codes,
     straight_through,
 )
-from ditq.quant.qlinear import QuantLinear, quantize_activations
+from ditq.quant.qlinear import QuantLinear, quantize_activations, served_spec
 from ditq.quant.spec import QuantSpec
 
 __all__ = ["FakeQuantLinear", "set_served_bits"]
@@ -142,8 +142,8 @@ class FakeQuantLinear(nn.Module):
     # ---- the served weight ----------------------------------------------------------------------
 
     def serve_bits(self, bits: int) -> None:
-        """Serve (and train) the `bits` most significant bits of the stored codes (checked by `QuantSpec`)."""
-        self.spec = replace(self.spec, w_bits=bits)
+        """Serve (and train) the `bits` most significant bits of the stored codes (`served_spec`)."""
+        self.spec = served_spec(self.spec, bits)
 
     def initial_scale(self) -> torch.Tensor:
         """Ternary: γ = mean|W| per chunk, shape (chunks,), with the Xavier absmean where γ = 0 (see
@@ -303,11 +303,9 @@ def set_served_bits(model: nn.Module, bits: int, pattern: str = "*") -> int:
         raise ValueError(
             f"no nested layer (spec.stored_bits set) in {type(model).__name__} matches pattern {pattern!r}"
         )
-    for name, module in chosen:
-        if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= module.spec.code_bits:
-            raise ValueError(
-                f"layer {name!r}: bits={bits!r} must be an int in 2..{module.spec.code_bits} (its stored bits)"
-            )
+    for name, module in chosen:  # all checked before any changes
+        with naming_layer(f"layer {name!r}"):
+            served_spec(module.spec, bits)
     prepared = [n for n, m in chosen if isinstance(m, QuantLinear) and m.backend != "reference"
                 and m.spec.w_bits != bits]
     if prepared:

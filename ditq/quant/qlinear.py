@@ -62,7 +62,8 @@ from ditq.quant.primitives import (
 )
 from ditq.quant.spec import QuantSpec
 
-__all__ = ["INPUT_GROUP_BUFFERS", "QuantLinear", "dequantize_weight", "describe_spec", "quantize_activations"]
+__all__ = ["INPUT_GROUP_BUFFERS", "QuantLinear", "dequantize_weight", "describe_spec", "quantize_activations",
+           "served_spec"]
 
 _FLOAT32_BUFFERS = ("scales", "smooth", "act_scale")
 _UINT8_BUFFERS = ("qweight", "zeros", "act_zero")
@@ -231,11 +232,11 @@ class QuantLinear(nn.Module):
         self.kernel_buffers, self.fixed_dtype_buffers, self.backend = (), (), "reference"
 
     def serve_bits(self, bits: int) -> None:
-        """Serve the `bits` most significant bits of the stored codes (checked by `QuantSpec`); a kernel
+        """Serve the `bits` most significant bits of the stored codes (`served_spec`); a kernel
         backend, prepared for the old width, is dropped: the layer runs the reference until prepared again."""
-        if bits == self.spec.w_bits:
+        spec = served_spec(self.spec, bits)
+        if spec == self.spec:
             return
-        spec = replace(self.spec, w_bits=bits)
         self.drop_kernel_buffers()
         self._set_spec(spec)
 
@@ -355,6 +356,15 @@ def describe_spec(spec: QuantSpec) -> str:
         a += " dyn" if spec.a_dynamic else " static"
     parts = [w, a] + ([f"rank={spec.rank}"] if spec.rank else []) + (["smooth"] if spec.smooth else [])
     return ", ".join(parts)
+
+
+def served_spec(spec: QuantSpec, bits: int) -> QuantSpec:
+    """`spec` served at `bits`, a slice of its stored codes; a spec with one bit-width has no other slice."""
+    if spec.stored_bits is None:
+        raise ValueError(f"stores its codes at its one bit-width ({describe_spec(spec)}; spec.stored_bits unset)")
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= spec.code_bits:
+        raise ValueError(f"bits={bits!r} must be an int in 2..{spec.code_bits} (its stored bits)")
+    return replace(spec, w_bits=bits)
 
 
 def unpack_codes(qweight: torch.Tensor, spec: QuantSpec, in_features: int) -> torch.Tensor:
