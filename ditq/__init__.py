@@ -13,6 +13,7 @@ from ditq.integrations import diffusers as _diffusers  # noqa: F401  (registers 
 from ditq.io import load, save
 from ditq.kernels import prepare_for_inference
 from ditq.qat import QAT, convert, prepare
+from ditq.quant.fakequant import set_served_bits
 from ditq.methods.qdit import QDiT
 from ditq.methods.svdquant import SVDQuant
 from ditq.recipes import RTN, Recipe, load_recipe
@@ -36,4 +37,5 @@ __all__ = [
     "quantize",
     "sample",
     "save",
+    "set_served_bits",
 ]

@@ -13,6 +13,7 @@ tensor is allocated twice.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from torch import nn
 from ditq.adapters import adapter_for, get_adapter
 from ditq.fileformat import CheckpointError, check_device, header_field, read_file, write_file
 from ditq.fileformat import read_header as _read_header
+from ditq.quant.fakequant import set_served_bits
 from ditq.quant.modules import QUANT_MODULES, is_quantized, quant_module_entries, swap_in
 from ditq.quant.qlinear import _FLOAT32_BUFFERS, INPUT_GROUP_BUFFERS, QuantLinear
 
@@ -34,6 +36,7 @@ __all__ = ["CheckpointError", "float_storage", "load", "model_size_bytes", "read
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WIDE_FLOAT_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # what a default save may narrow
 GROUP_PREFIX = "input_groups."
+ServedBits = int | Mapping[str, int] | str | os.PathLike
 
 
 def save(model: nn.Module, path: str | os.PathLike, *, info: Mapping[str, Any] | None = None,
@@ -75,15 +78,19 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     return _read_header(path, kind="checkpoint")
 
 
-def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, model: nn.Module | None = None
-         ) -> nn.Module:
+def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, model: nn.Module | None = None,
+         bits: ServedBits | None = None) -> nn.Module:
     """The model a checkpoint holds, in eval mode, bit-identical to the one saved.
 
     Zoo models are rebuilt from the header. For any other model pass `model=`, a full-precision instance
     of the same architecture (its weights are replaced); its Linears are swapped for the stored kinds.
+    `bits` serves the nested layers (MatQuant: codes stored at more bits than served) at another slice:
+    an int for all of them, or a mapping of layer-name patterns to bits (`{"blocks.0.*": 8, "*": 4}`, the
+    first matching pattern wins; each must match a nested layer), or the path of a JSON file holding one.
     """
     device = check_device(device)
     path = Path(path)
+    plan = None if bits is None else _served_bits_plan(bits)
     tensors, header = read_file(path, kind="checkpoint")
     header, tensors = _upgrade(header, tensors, path)
     groups = header_field(path, header, "input_groups", dict)
@@ -92,6 +99,9 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, model: 
                                           for n, m in model.named_modules()}
     skeleton = _skeleton(header, path, model)
     try:
+        if plan is not None:
+            for pattern, width in reversed(plan.items()):  # earlier patterns applied last: the first match wins
+                set_served_bits(skeleton, width, pattern)
         _check_fits(skeleton, tensors, groups, path)
         try:
             skeleton.load_state_dict(_widen_floats(skeleton, _expand_groups(tensors, groups), header, path),
@@ -116,6 +126,30 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, model: 
     skeleton = skeleton.to(device).eval()
     _share_group_tensors(skeleton, groups)  # `.to` copies each member's tensors apart
     return skeleton
+
+
+def _served_bits_plan(bits: ServedBits) -> dict[str, int]:
+    """`load`'s `bits` as an ordered mapping of layer-name pattern → served bits; a JSON file is read and the
+    plan's form checked (the widths against each layer's stored bits when it is applied)."""
+    if isinstance(bits, (str, os.PathLike)):
+        source = Path(bits)
+        try:
+            plan = json.loads(source.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"bits plan {source}: cannot be read as JSON ({err})") from err
+        where = f"bits plan {source}"
+    elif isinstance(bits, int) and not isinstance(bits, bool):
+        plan, where = {"*": bits}, "bits"
+    else:
+        plan, where = bits, "bits"
+    if not isinstance(plan, Mapping) or not plan:
+        raise ValueError(f"{where} must be an int, a non-empty mapping of layer-name patterns to bits or a JSON "
+                         f"file holding one, got {plan!r}")
+    for pattern, width in plan.items():
+        if not isinstance(pattern, str) or isinstance(width, bool) or not isinstance(width, int) \
+                or not 2 <= width <= 8:
+            raise ValueError(f"{where}: pattern {pattern!r} → {width!r}: bits must be an int in 2..8")
+    return dict(plan)
 
 
 def stored_tensors(model: nn.Module, float_dtype: torch.dtype | None = None

@@ -30,7 +30,7 @@ that share one set of stored codes.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+import warnings
 from fnmatch import fnmatchcase
 from typing import Any, ClassVar
 
@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ditq.checks import naming_layer
 from ditq.quant.modules import register_quant_module
 from ditq.quant.primitives import (
     SCALE_FLOOR,
@@ -48,7 +49,7 @@ from ditq.quant.primitives import (
     slice_codes,
     straight_through,
 )
-from ditq.quant.qlinear import quantize_activations
+from ditq.quant.qlinear import QuantLinear, quantize_activations, served_spec
 from ditq.quant.spec import QuantSpec
 
 __all__ = ["FakeQuantLinear", "set_served_bits"]
@@ -139,6 +140,10 @@ class FakeQuantLinear(nn.Module):
         return module
 
     # ---- the served weight ----------------------------------------------------------------------
+
+    def serve_bits(self, bits: int) -> None:
+        """Serve (and train) the `bits` most significant bits of the stored codes (`served_spec`)."""
+        self.spec = served_spec(self.spec, bits)
 
     def initial_scale(self) -> torch.Tensor:
         """Ternary: γ = mean|W| per chunk, shape (chunks,), with the Xavier absmean where γ = 0 (see
@@ -281,29 +286,36 @@ class FakeQuantLinear(nn.Module):
 
 
 def set_served_bits(model: nn.Module, bits: int, pattern: str = "*") -> int:
-    """Serve every nested `FakeQuantLinear` (one with `spec.stored_bits`) whose name matches `pattern` at
-    `bits`, the slice of its stored codes; the others have one bit-width and are left alone.
+    """Serve every nested layer (a `FakeQuantLinear` or `QuantLinear` with `spec.stored_bits`) whose name
+    matches `pattern` at `bits`, the slice of its stored codes; the others have one bit-width and are left
+    alone. A prepared `QuantLinear` whose width changes falls back to the reference backend, with one warning.
 
-    Returns how many layers changed; raises ValueError when a matching layer stores fewer than `bits`
+    Returns how many layers matched; raises ValueError when a matching layer stores fewer than `bits`
     bits, or when no nested layer matches.
     """
     chosen = [
         (n, m)
         for n, m in model.named_modules()
-        if isinstance(m, FakeQuantLinear) and m.spec.stored_bits is not None and fnmatchcase(n, pattern)
+        if isinstance(m, (FakeQuantLinear, QuantLinear)) and m.spec.stored_bits is not None
+        and fnmatchcase(n, pattern)
     ]
     if not chosen:
         raise ValueError(
-            f"no nested FakeQuantLinear (spec.stored_bits set) in {type(model).__name__} "
-            f"matches pattern {pattern!r}"
+            f"no nested layer (spec.stored_bits set) in {type(model).__name__} matches pattern {pattern!r}"
         )
-    for name, module in chosen:
-        if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= module.spec.code_bits:
-            raise ValueError(
-                f"{name}: bits={bits!r} must be an int in 2..{module.spec.code_bits} (its stored bits)"
-            )
+    for name, module in chosen:  # all checked before any changes
+        with naming_layer(f"layer {name!r}"):
+            served_spec(module.spec, bits)
+    prepared = [n for n, m in chosen if isinstance(m, QuantLinear) and m.backend != "reference"
+                and m.spec.w_bits != bits]
+    if prepared:
+        warnings.warn(
+            f"{len(prepared)} layer(s) (first {prepared[0]!r}) served at {bits} bits leave the backend prepared "
+            "for their old width and run the reference until prepare_for_inference is called again",
+            stacklevel=2,
+        )
     for _, module in chosen:
-        module.spec = replace(module.spec, w_bits=bits)
+        module.serve_bits(bits)
     return len(chosen)
 
 

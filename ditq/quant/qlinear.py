@@ -19,7 +19,8 @@ The state_dict *is* the checkpoint content, in the canonical layout of `ditq.qua
 n_groups = 1 (group_size None, per output channel) or in // group_size. Ternary weights keep the int
 layout (scales (out, n_groups)) so kernels need no special case. The stored weight already includes
 the smoothing (W·diag(smooth)) and excludes the low-rank part. Codes are stored at `spec.code_bits`
-and served at `spec.w_bits` (their most significant bits, `slice_codes`) when the two differ.
+and served at `spec.w_bits` (their most significant bits, `slice_codes`) when the two differ; `serve_bits`
+(`ditq.set_served_bits` for a model) moves a layer to another slice.
 Layers of one `spec.input_group` hold equal `smooth`, `lowrank_down`, `act_scale` and `act_zero`
 (`INPUT_GROUP_BUFFERS`); a loaded model shares one tensor for each, and a checkpoint stores it once.
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -60,7 +62,8 @@ from ditq.quant.primitives import (
 )
 from ditq.quant.spec import QuantSpec
 
-__all__ = ["INPUT_GROUP_BUFFERS", "QuantLinear", "dequantize_weight", "describe_spec", "quantize_activations"]
+__all__ = ["INPUT_GROUP_BUFFERS", "QuantLinear", "dequantize_weight", "describe_spec", "quantize_activations",
+           "served_spec"]
 
 _FLOAT32_BUFFERS = ("scales", "smooth", "act_scale")
 _UINT8_BUFFERS = ("qweight", "zeros", "act_zero")
@@ -93,8 +96,8 @@ class QuantLinear(nn.Module):
         dtype = torch.float32 if dtype is None else dtype
         if not dtype.is_floating_point:
             raise TypeError(f"dtype (of bias and low-rank factors) must be floating point, got {dtype}")
-        self.in_features, self.out_features, self.spec = in_features, out_features, spec
-        self.spec_json = json.dumps(spec.to_dict(), sort_keys=True)  # what the custom ops take (a str)
+        self.in_features, self.out_features = in_features, out_features
+        self._set_spec(spec)
         n_groups = spec.n_groups(in_features)
 
         def buf(shape: tuple[int, ...], dt: torch.dtype, fill: float = 0.0) -> torch.Tensor:
@@ -228,6 +231,19 @@ class QuantLinear(nn.Module):
             delattr(self, name)
         self.kernel_buffers, self.fixed_dtype_buffers, self.backend = (), (), "reference"
 
+    def serve_bits(self, bits: int) -> None:
+        """Serve the `bits` most significant bits of the stored codes (`served_spec`); a kernel
+        backend, prepared for the old width, is dropped: the layer runs the reference until prepared again."""
+        spec = served_spec(self.spec, bits)
+        if spec == self.spec:
+            return
+        self.drop_kernel_buffers()
+        self._set_spec(spec)
+
+    def _set_spec(self, spec: QuantSpec) -> None:
+        self.spec = spec
+        self.spec_json = json.dumps(spec.to_dict(), sort_keys=True)  # what the custom ops take (a str)
+
     # ---- the quantized weight -----------------------------------------------------------------------
 
     def weight_codes(self) -> torch.Tensor:
@@ -340,6 +356,15 @@ def describe_spec(spec: QuantSpec) -> str:
         a += " dyn" if spec.a_dynamic else " static"
     parts = [w, a] + ([f"rank={spec.rank}"] if spec.rank else []) + (["smooth"] if spec.smooth else [])
     return ", ".join(parts)
+
+
+def served_spec(spec: QuantSpec, bits: int) -> QuantSpec:
+    """`spec` served at `bits`, a slice of its stored codes; a spec with one bit-width has no other slice."""
+    if spec.stored_bits is None:
+        raise ValueError(f"stores its codes at its one bit-width ({describe_spec(spec)}; spec.stored_bits unset)")
+    if not isinstance(bits, int) or isinstance(bits, bool) or not 2 <= bits <= spec.code_bits:
+        raise ValueError(f"bits={bits!r} must be an int in 2..{spec.code_bits} (its stored bits)")
+    return replace(spec, w_bits=bits)
 
 
 def unpack_codes(qweight: torch.Tensor, spec: QuantSpec, in_features: int) -> torch.Tensor:

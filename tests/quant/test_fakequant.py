@@ -147,7 +147,7 @@ def test_set_served_bits_changes_nested_layers_only() -> None:
     )
     assert set_served_bits(model, 2) == 1
     assert [m.spec.w_bits for m in model] == [2, 4, 2] and model[0].spec.stored_bits == 8
-    with pytest.raises(ValueError, match=r"0: bits=9 must be an int in 2\.\.8"):
+    with pytest.raises(ValueError, match=r"layer '0': bits=9 must be an int in 2\.\.8"):
         set_served_bits(model, 9)
     with pytest.raises(ValueError, match="matches pattern '1'"):
         set_served_bits(model, 4, pattern="1")
