@@ -58,8 +58,7 @@ def save(model: nn.Module, path: str | os.PathLike, *, info: Mapping[str, Any] |
         raise TypeError(f"info must be a mapping of JSON data, got {type(info).__name__}")
     adapter = adapter_for(model)
     plan = _storage_plan(model, float_dtype)
-    tensors = {k: t.to(plan.dtypes[k]) for k, t in plan.tensors.items()}
-    groups = plan.groups
+    tensors, groups = plan.cast(), plan.groups
     header = {
         "model": {"arch": adapter.name, "config": adapter.config(model)},
         "modules": quant_module_entries(model),
@@ -156,7 +155,7 @@ def stored_tensors(model: nn.Module, float_dtype: torch.dtype | None = None
                    ) -> tuple[dict[str, torch.Tensor], dict[str, list[str]]]:
     """(tensors as a checkpoint stores them, input group id → member names); shared tensors once."""
     plan = _storage_plan(model, float_dtype)
-    return {k: t.to(plan.dtypes[k]) for k, t in plan.tensors.items()}, plan.groups
+    return plan.cast(), plan.groups
 
 
 def model_size_bytes(model: nn.Module, float_dtype: torch.dtype | None = None) -> int:
@@ -193,6 +192,10 @@ class _StoragePlan:
     groups: dict[str, list[str]]
     format_keys: set[str]
     load_floats_as: torch.dtype | None
+
+    def cast(self) -> dict[str, torch.Tensor]:
+        """The tensors in their stored dtypes: what the file holds."""
+        return {k: t.to(self.dtypes[k]) for k, t in self.tensors.items()}
 
 
 def _storage_plan(model: nn.Module, float_dtype: torch.dtype | None) -> _StoragePlan:
