@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ditq.diffusion.losses import ModelFn
-from ditq.diffusion.samplers import SAMPLERS, create_diffusion, standard_normal
+from ditq.diffusion.samplers import SAMPLERS, create_diffusion, respacing, standard_normal
 
 
 def _param_dtype(model: nn.Module) -> torch.dtype:
@@ -105,9 +105,7 @@ def sample_images(
     if n == 0:
         return torch.empty((0, *sample_shape), device=device)
 
-    diffusion = create_diffusion(
-        f"ddim{steps}" if sampler == "ddim" else str(steps), learn_sigma=model.learn_sigma
-    )
+    diffusion = create_diffusion(respacing(steps, sampler), learn_sigma=model.learn_sigma)
     if first_index < 0:
         raise ValueError(f"first_index must be >= 0, got {first_index}")
     model_fn = guided(model, cfg_scale, guide_channels)

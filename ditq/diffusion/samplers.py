@@ -252,10 +252,15 @@ def create_diffusion(
     return GaussianDiffusion(schedule, learn_sigma=learn_sigma)
 
 
+def respacing(steps: int, sampler: str) -> str:
+    """The `create_diffusion` respacing that runs `steps` steps of `sampler` ("ddim" or "ddpm")."""
+    return f"ddim{steps}" if sampler == "ddim" else str(steps)
+
+
 def check_steps(steps: int, sampler: str, flag: str) -> None:
     """Refuse a step count the sampler cannot respace 1000 diffusion steps to, naming workable ones."""
     try:
-        create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps))
+        create_diffusion(respacing(steps, sampler))
     except ValueError as err:
         by_distance = sorted(range(1, 1001), key=lambda n: (abs(n - steps), n))
         near = sorted(itertools.islice((n for n in by_distance if _respaces(n, sampler)), 2))
@@ -265,7 +270,7 @@ def check_steps(steps: int, sampler: str, flag: str) -> None:
 
 def _respaces(steps: int, sampler: str) -> bool:
     try:
-        create_diffusion(f"ddim{steps}" if sampler == "ddim" else str(steps))
+        create_diffusion(respacing(steps, sampler))
     except ValueError:
         return False
     return True
