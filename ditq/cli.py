@@ -447,7 +447,7 @@ def _demo(args: argparse.Namespace) -> None:
     check_output_dir(args.out, "--out", files=OUTPUT_FILES)
     check_scored_samples(args.samples, "--samples")
     check_steps(args.steps, "ddim", "--steps")
-    settings = SampleSettings(samples=args.samples, steps=args.steps, batch_size=args.samples)
+    settings = SampleSettings(samples=args.samples, steps=args.steps)
     recipe = DEMO_RECIPE if args.recipe is None else _post_training_recipe(args.recipe)
     baseline = None if args.baseline.lower() == "none" else _post_training_recipe(args.baseline)
     report = run_demo(args.out, recipe=recipe, baseline=baseline, settings=settings)
