@@ -63,6 +63,17 @@ def write_json(path: str | os.PathLike, data: Any, *, indent: int | None = 2) ->
     return write_text(path, json_text(data, what=str(path), indent=indent) + "\n")
 
 
+def append_json_line(path: str | os.PathLike, record: Any, **options: Any) -> None:
+    """`record` as one strict JSON line appended with a single O_APPEND write: processes that share the file
+    (ranks) never interleave within a line."""
+    line = (json_text(record, what=str(path), **options) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+    finally:
+        os.close(fd)
+
+
 def json_text(data: Any, *, what: str, **options: Any) -> str:
     """`json.dumps(data, **options)` refusing NaN and ±Infinity: the ValueError names `what` and the value."""
     try:

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ditq.atomic import json_text, write_json
+from ditq.atomic import append_json_line, write_json
 
 STATE_FILE = "state.json"
 LOG_FILE = "evaluations.jsonl"
@@ -61,14 +60,8 @@ def load_state(folder: Path) -> dict[str, Any] | None:
 
 
 def append_evaluation(folder: Path, record: dict[str, Any]) -> None:
-    """One JSON line, written with a single O_APPEND write (ranks may share the file)."""
-    path = folder / LOG_FILE
-    line = (json_text(record, what=str(path), sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-    finally:
-        os.close(fd)
+    """One JSON line of the evaluation log (ranks may share the file)."""
+    append_json_line(folder / LOG_FILE, record, sort_keys=True)
 
 
 def load_evaluations(folder: Path) -> list[tuple[int, dict[str, Any]]]:

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ditq.atomic import json_text, write_text
+from ditq.atomic import write_text
 
-__all__ = ["LogMeter", "append_line", "trim_log"]
+__all__ = ["LogMeter", "trim_log"]
 
 
 class LogMeter:
@@ -50,11 +50,6 @@ class LogMeter:
         self.sums.zero_()
         self.count, self.t_last = 0, now
         return record
-
-
-def append_line(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json_text(record, what=str(path)) + "\n")
 
 
 def trim_log(path: Path, last_step: int) -> None:

@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from ditq import io
-from ditq.atomic import check_output_dir, write_json
+from ditq.atomic import append_json_line, check_output_dir, write_json
 from ditq.bundled import BUNDLED_WEIGHTS, bundled_path
 from ditq.diffusion import create_diffusion
 from ditq.fileformat import CheckpointError, header_field, read_header
@@ -44,7 +44,7 @@ from ditq.training.data import Batches, load_dataset
 from ditq.training.distributed import DistEnv, check_ranks_agree, setup_distributed
 from ditq.training.init import load_init_weights
 from ditq.training.interrupt import StopRequest, TrainingInterrupted
-from ditq.training.log import LogMeter, append_line, trim_log
+from ditq.training.log import LogMeter, trim_log
 from ditq.training.losses import DiffusionLoss, DistillLoss, Loss, ModelFn
 from ditq.training.rng import capture_rng, restore_rng, seed_rank
 from ditq.training.schedules import ema_decay_at, lr_at, update_ema
@@ -318,7 +318,7 @@ def run_steps(run: Run) -> None:
                 epoch = (done - 1) // run.batches.steps_per_epoch
                 record = meter.record(done, epoch, lr, ema_decay_at(cfg, done))
                 if env.is_main:
-                    append_line(run.out / LOG_NAME, record)
+                    append_json_line(run.out / LOG_NAME, record)
                     pbar.set_postfix(loss=f"{record['loss']:.4f}", it_s=f"{record['steps_per_s']:.1f}")
             saved = done % cfg.ckpt_every == 0 or done == cfg.steps
             if saved:
