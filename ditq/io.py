@@ -161,7 +161,8 @@ def stored_tensors(model: nn.Module, float_dtype: torch.dtype | None = None
 def model_size_bytes(model: nn.Module, float_dtype: torch.dtype | None = None) -> int:
     """Bytes of the tensors `save(model, float_dtype=...)` writes (the header's few kB not counted).
 
-    Counted from the storage plan, without casting (a copy of every weight) just to measure it."""
+    Counted from the storage plan, without casting just to measure it (the default `float_dtype=None` still
+    checks, value by value, whether 16 bits hold the floats exactly)."""
     plan = _storage_plan(model, float_dtype)
     return sum(t.numel() * plan.dtypes[k].itemsize for k, t in plan.tensors.items())
 
@@ -175,7 +176,7 @@ def float_storage(model: nn.Module, float_dtype: torch.dtype | None = None) -> s
     held = sorted({_dtype_name(t.dtype) for t in floats.values()})
     if stored == held:
         return f"{', '.join(stored) or 'none'} (as in memory)"
-    exact = all(_round_trips(t, plan.dtypes[k]) for k, t in floats.items())
+    exact = plan.load_floats_as is not None or all(_round_trips(t, plan.dtypes[k]) for k, t in floats.items())
     return f"{', '.join(stored)} ({'exact' if exact else 'rounded from ' + ', '.join(held)})"
 
 
