@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ditq import io
+from ditq.api import check_plan
 from ditq.atomic import write_text
 from ditq.bundled import open_model
 from ditq.eval.report import render_layer_table
@@ -76,6 +77,9 @@ def run_demo(
     with stages("load model"):
         fp_model, source = open_model(model_ref)
     check_scorable({"fp": fp_model}, settings.samples)  # before the minutes of calibration and quantization
+    for each in (recipe, baseline):  # it calibrates here itself, so it checks the plans before, as the pipeline does
+        if each is not None:
+            check_plan(fp_model, each)
     print(f"model: {source}")
     calib_settings = CalibSettings(seed=settings.seed + 1)
     with stages(f"calibrate ({calib_settings.samples} samples × {calib_settings.steps} steps)"), torch_threads(1):

@@ -2,6 +2,7 @@ import json
 import os
 import re
 
+import pytest
 from PIL import Image
 
 import ditq
@@ -42,3 +43,14 @@ def test_demo_writes_grid_reports_and_checkpoint(tmp_path, capsys):
     assert saved["samples"] == 20
     assert Image.open(tmp_path / "out" / "grid.png").size[1] > 3 * 64  # three rows of 2×-scaled 32px tiles
     assert "20 samples" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_recipe_that_cannot_apply_costs_no_calibration(monkeypatch, tmp_path):
+    from ditq.recipes import RTN
+
+    def never(*args, **kwargs):
+        raise AssertionError("calibrated for a recipe that cannot apply")
+
+    monkeypatch.setattr(CalibSettings, "calibrate", never)
+    with pytest.raises(ValueError, match="matches no module"):
+        run_demo(tmp_path, recipe=RTN(w_bits=4, skip=("nope*",)), baseline=None, progress=False)
