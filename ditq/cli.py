@@ -21,7 +21,6 @@ from ditq.atomic import check_output_dir, check_output_file
 from ditq.cli_checks import (
     HelpFormatter,
     OneLineParser,
-    check_scored_samples,
     default_device,
     device_arg,
     finite_float,
@@ -317,6 +316,7 @@ def _eval(args: argparse.Namespace) -> None:
     from ditq import io
     from ditq.atomic import write_text
     from ditq.bundled import open_model
+    from ditq.eval.metrics import check_scored_samples
     from ditq.eval.report import render_table
     from ditq.eval.runner import SampleSettings, check_scorable, evaluate
     from ditq.io import model_size_bytes
@@ -442,6 +442,7 @@ def _bench(args: argparse.Namespace) -> None:
 
 def _demo(args: argparse.Namespace) -> None:
     from ditq.demo import DEMO_RECIPE, OUTPUT_FILES, run_demo
+    from ditq.eval.metrics import check_scored_samples
     from ditq.eval.runner import SampleSettings
 
     check_output_dir(args.out, "--out", files=OUTPUT_FILES)

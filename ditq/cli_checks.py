@@ -19,7 +19,7 @@ import torch
 from ditq.atomic import TEMP_NAME, write_text
 
 __all__ = ["USER_ERRORS", "HelpFormatter", "OneLineParser", "UsageError",
-           "check_scored_samples", "default_device", "device_arg", "error_line", "finite_float",
+           "default_device", "device_arg", "error_line", "finite_float",
            "positive_int", "rerun_command", "run_command", "write_report"]
 
 # Errors that bad input (a flag, a file, a recipe) raises; anything else is a bug and keeps its traceback.
@@ -134,14 +134,6 @@ def device_arg(text: str) -> str:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def check_scored_samples(samples: int, flag: str) -> None:
-    """Refuse a sample count too small for the scores, before any model is loaded."""
-    from ditq.eval.metrics import MIN_SAMPLES
-
-    if samples < MIN_SAMPLES:
-        raise ValueError(f"{flag} {samples}: FID and precision/recall need at least {MIN_SAMPLES} samples")
 
 
 # ---- outputs written after the work -------------------------------------------------------------

@@ -19,6 +19,13 @@ PR_NEIGHBOURS = 3  # k of precision/recall's k-nearest-neighbour balls
 MIN_SAMPLES = PR_NEIGHBOURS + 1  # the fewest samples every score can be computed on (FID's covariance needs 2)
 
 
+def check_scored_samples(samples: int, flag: str | None = None) -> None:
+    """Refuse a sample count too small for the scores, named by the caller's `flag` where it has one."""
+    if samples < MIN_SAMPLES:
+        what = f"{samples} samples" if flag is None else f"{flag} {samples}"
+        raise ValueError(f"{what}: too few to score; FID and precision/recall need at least {MIN_SAMPLES} samples")
+
+
 def _np(x: ArrayLike, dtype=np.float64) -> np.ndarray:
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()

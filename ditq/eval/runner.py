@@ -23,7 +23,7 @@ from ditq.diffusion import sample_images
 from ditq.eval.features import IMAGE_SHAPE, features_and_logits, load_feature_net, load_real_stats
 from ditq.eval.layers import model_size_bytes
 from ditq.eval.metrics import (
-    MIN_SAMPLES,
+    check_scored_samples,
     class_accuracy,
     feature_stats,
     fid_from_stats,
@@ -189,9 +189,7 @@ def check_scorable(models: Mapping[str, nn.Module], samples: int) -> None:
     feature net reads 1×32×32 digits, and pixels are compared with the first model's images."""
     if not models:
         raise ValueError("evaluate needs at least one model")
-    if samples < MIN_SAMPLES:
-        raise ValueError(f"{samples} samples are too few to score: FID and precision/recall need at least "
-                         f"{MIN_SAMPLES}")
+    check_scored_samples(samples)
     for name, model in models.items():
         shape = (model.in_channels, model.input_size, model.input_size)
         if shape != IMAGE_SHAPE:
