@@ -1,7 +1,8 @@
 """ditq: quantization toolkit for diffusion transformers.
 
 The verbs: `calibrate`, `quantize`, `save`, `load`, `prepare_for_inference`, `sample` (zoo models), and for
-quantization-aware training `prepare` → train → `convert`; one frozen recipe per method.
+quantization-aware training `prepare` → train → `convert`; for nested (MatQuant) checkpoints
+`set_served_bits` and `export_served`; one frozen recipe per method.
 """
 
 from ditq import methods as _methods  # noqa: F401,I001  (registers every method; after the version import)
@@ -14,6 +15,7 @@ from ditq.io import load, save
 from ditq.kernels import prepare_for_inference
 from ditq.qat import QAT, convert, prepare
 from ditq.quant.fakequant import set_served_bits
+from ditq.quant.served import export_served
 from ditq.methods.qdit import QDiT
 from ditq.methods.svdquant import SVDQuant
 from ditq.recipes import RTN, Recipe, load_recipe
@@ -30,6 +32,7 @@ __all__ = [
     "__version__",
     "calibrate",
     "convert",
+    "export_served",
     "load",
     "load_recipe",
     "prepare",
