@@ -32,13 +32,17 @@ def bundled_path(name: str) -> Path | None:
 
 
 def open_model(
-    ref: str, *, weights: str | None = None, seed: int = 0, device: str | torch.device = "cpu"
+    ref: str, *, weights: str | None = None, seed: int = 0, device: str | torch.device = "cpu",
+    bits: io.ServedBits | None = None,
 ) -> tuple[nn.Module, str]:
     """(model in eval mode with float32 tensors, a one-line description of where its weights came from).
 
     Checkpoints store floats in 16 bits; they are computed in float32 here (CPU has few 16-bit kernels).
+    `bits` serves a nested (MatQuant) checkpoint at a width or a per-layer plan (`ditq.load`).
     """
     path = Path(ref)
+    if bits is not None and ref in MODEL_CONFIGS:
+        raise ValueError(f"bits serve the slices of a nested checkpoint; {ref} is a zoo model name")
     if ref not in MODEL_CONFIGS:
         if path.is_dir():
             raise ValueError(f"{path} is a directory, not a checkpoint file")
@@ -47,7 +51,8 @@ def open_model(
                              "checkpoint file")
         if weights is not None:
             raise ValueError(f"weights {weights} apply to zoo models; {path} is a checkpoint with its own weights")
-        return io.load(path, device=device).float(), f"checkpoint {path}"
+        served = "" if bits is None else f" served at bits {bits}"
+        return io.load(path, device=device, bits=bits).float(), f"checkpoint {path}{served}"
     if weights is not None:
         with torch.device("meta"):
             model = create(ref)

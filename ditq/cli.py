@@ -26,6 +26,8 @@ from ditq.cli_checks import (
     finite_float,
     positive_int,
     run_command,
+    served_bits,
+    served_bits_list,
     write_report,
 )
 from ditq.diffusion.samplers import check_steps
@@ -83,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(s, pipeline=True, seed="seed of the sampling noise (and of random zoo weights)")
     _pipeline_args(s, "sample")
     s.add_argument("--vae", help="local diffusers AutoencoderKL folder: decode a latent zoo DiT (DiT-XL/2)")
+    s.add_argument("--bits", type=served_bits,
+                   help="serve a nested (MatQuant) --model at this width (2..8) or JSON per-layer plan")
     _sampling_args(s, samples=16)
     s.add_argument("--out", required=True, type=Path, help="PNG path of the grid")
     s.set_defaults(run=_sample)
@@ -92,6 +96,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--fp", default="DiT-MNIST", help="reference full-precision model (zoo name or checkpoint)")
     e.add_argument("--weights", help="weights for --fp when it is a zoo name (.pt or .safetensors)")
     e.add_argument("--model", action="append", default=[], help="checkpoint to score (repeatable)")
+    e.add_argument("--bits", type=served_bits_list,
+                   help="score each nested (MatQuant) --model at these widths or JSON per-layer plans, one row "
+                        "each, sized as exported (e.g. 8,4,2 or 4,plan.json)")
     e.add_argument("--recipe", action="append", default=[],
                    help="quantize --fp with this preset or recipe file and score it (repeatable)")
     _sampling_args(e, samples=1000)
@@ -121,6 +128,15 @@ def _parser() -> argparse.ArgumentParser:
                    help=f"timed calls per model, after {SpeedSettings().warmup} warm-up calls")
     b.add_argument("--out", type=Path, help="also write the timings as JSON here")
     b.set_defaults(run=_bench)
+
+    x = command("export", "write the slice a nested (MatQuant) checkpoint serves as a checkpoint of that width",
+                "Each nested layer becomes a plain quantized layer of the width it serves: the same weights bit "
+                "for bit, codes packed at that width, run by the lowbit and fp8 kernel backends.")
+    x.add_argument("--model", required=True, help="nested checkpoint (codes stored at more bits than served)")
+    x.add_argument("--bits", type=served_bits,
+                   help="width (2..8) or JSON per-layer plan to export (default: the widths the file serves)")
+    x.add_argument("--out", required=True, type=Path, help="checkpoint path (.safetensors)")
+    x.set_defaults(run=_export)
 
     d = command("demo", "the main job on the bundled DiT-MNIST: quantize, sample, report",
                 "Writes grid.png, report.md, report.json and the quantized checkpoint into --out.")
@@ -286,11 +302,13 @@ def _sample(args: argparse.Namespace) -> None:
     if _check_model_or_pipeline(args, model_needed=False):
         if args.vae is not None:
             raise ValueError("--vae applies to zoo latent DiTs; a pipeline has its own VAE")
+        if args.bits is not None and args.model is None:
+            raise ValueError("--bits serves a nested --model checkpoint in the pipeline; give one")
         from ditq.integrations.commands import sample_pipeline
 
         return sample_pipeline(args)
     check_steps(args.steps, args.sampler, "--steps")
-    model, source = open_model(args.model, weights=args.weights, seed=args.seed, device=args.device)
+    model, source = open_model(args.model, weights=args.weights, seed=args.seed, device=args.device, bits=args.bits)
     _check_zoo_model(model, f"--model {args.model}")
     if args.vae is not None:
         from ditq.integrations.commands import check_vae_decodes
@@ -313,7 +331,6 @@ def _sample(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from ditq import io
     from ditq.atomic import write_text
     from ditq.bundled import open_model
     from ditq.eval.metrics import check_scored_samples
@@ -335,13 +352,16 @@ def _eval(args: argparse.Namespace) -> None:
     settings = SampleSettings(samples=args.samples, steps=args.steps, cfg_scale=args.cfg, sampler=args.sampler,
                               seed=args.seed, batch_size=args.batch_size)
     recipes = {(name.upper() if name.lower() == name else name): _post_training_recipe(name) for name in args.recipe}
-    checkpoints = {Path(path).stem: Path(path) for path in args.model}
+    if args.bits is not None and not args.model:
+        raise ValueError("--bits serves the --model checkpoints (nested, MatQuant); give one")
+    widths = [None] if args.bits is None else args.bits
+    checkpoints = {_row_name(path, bits): (Path(path), bits) for path in args.model for bits in widths}
     names = ["FP", *recipes, *checkpoints]
-    if len(set(names)) < len(names) or len(checkpoints) < len(args.model):
+    if len(set(names)) < len(names) or len(checkpoints) < len(args.model) * len(widths):
         raise ValueError(f"two rows would share a name ({', '.join(names)}); rename a --model file")
-    loaded = {name: io.load(path, device=args.device) for name, path in checkpoints.items()}
+    loaded = {name: _served_checkpoint(path, bits, args.device) for name, (path, bits) in checkpoints.items()}
     fp_model, source = open_model(args.fp, weights=args.weights, device=args.device)
-    given = {f"--fp {args.fp}": fp_model, **{f"--model {checkpoints[name]}": m for name, m in loaded.items()}}
+    given = {f"--fp {args.fp}": fp_model, **{f"--model {checkpoints[name][0]}": m for name, m in loaded.items()}}
     for what, model in given.items():
         _check_zoo_model(model, what)
     if imagenet:
@@ -359,8 +379,9 @@ def _eval(args: argparse.Namespace) -> None:
         result = post_training_quantize(fp_model, recipe, settings=calib_settings, calib=calib, progress=True)
         calib = result.calib
         models[name], sizes[name] = result.model, result.quant_size_bytes
-    for name, path in checkpoints.items():
-        models[name], sizes[name] = loaded[name], os.path.getsize(path)
+    for name, (path, bits) in checkpoints.items():  # a served slice: the tensors of its export
+        models[name] = loaded[name]
+        sizes[name] = os.path.getsize(path) if bits is None else model_size_bytes(loaded[name])
     if imagenet:
         from ditq.integrations.commands import eval_imagenet
 
@@ -376,6 +397,43 @@ def _eval(args: argparse.Namespace) -> None:
     write_text(args.out / "report.md", table)
     print(table)
     print(f"wrote {args.out / 'report.json'} and {args.out / 'report.md'}")
+
+
+def _row_name(path: str, bits: int | str | None) -> str:
+    """An eval row's name: the checkpoint's stem, and the width or plan it is served at (`nested@4`)."""
+    stem = Path(path).stem
+    return stem if bits is None else f"{stem}@{Path(str(bits)).stem}"
+
+
+def _served_checkpoint(path: Path, bits: int | str | None, device: str) -> torch.nn.Module:
+    """The checkpoint as saved, or (bits given) the slice it serves at `bits`, exported as deployed."""
+    from ditq import io
+    from ditq.quant.served import export_served
+
+    model = io.load(path, device=device, bits=bits)
+    return model if bits is None else export_served(model)
+
+
+def _export(args: argparse.Namespace) -> None:
+    from collections import Counter
+
+    from ditq import io
+    from ditq.quant.qlinear import QuantLinear
+    from ditq.quant.served import export_served
+
+    check_output_file(args.out, "--out", ".safetensors")
+    if Path(args.model).resolve() == args.out.resolve():
+        raise ValueError(f"--out {args.out} would overwrite the --model file; choose another path")
+    model = io.load(args.model, bits=args.bits)
+    try:
+        export_served(model)
+    except ValueError as err:
+        raise ValueError(f"--model {args.model}: {err}") from None
+    io.save(model, args.out, info={"exported_from": Path(args.model).name})
+    widths = Counter(m.spec.w_bits for m in model.modules() if isinstance(m, QuantLinear))
+    stored, on_disk = os.path.getsize(args.model), os.path.getsize(args.out)
+    print(f"exported {', '.join(f'{n} layer(s) at W{bits}' for bits, n in sorted(widths.items(), reverse=True))}; "
+          f"{stored:,} B → {on_disk:,} B on disk ({stored / on_disk:.2f}× smaller); saved {args.out}")
 
 
 def _bench(args: argparse.Namespace) -> None:

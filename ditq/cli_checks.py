@@ -20,7 +20,7 @@ from ditq.atomic import TEMP_NAME, write_text
 
 __all__ = ["USER_ERRORS", "HelpFormatter", "OneLineParser", "UsageError",
            "default_device", "device_arg", "error_line", "finite_float",
-           "positive_int", "rerun_command", "run_command", "write_report"]
+           "positive_int", "rerun_command", "run_command", "served_bits", "served_bits_list", "write_report"]
 
 # Errors that bad input (a flag, a file, a recipe) raises; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, TypeError, KeyError, OSError)
@@ -120,6 +120,30 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
+
+
+def served_bits(text: str) -> int | str:
+    """A width to serve a nested (MatQuant) checkpoint at, 2..8, or the path of a JSON per-layer plan
+    (`ditq.load(path, bits=...)`); a plan's contents are checked against the checkpoint when it loads."""
+    try:
+        width = int(text)
+    except ValueError:
+        if "," in text:
+            raise argparse.ArgumentTypeError(f"one width or plan here, got {text!r} (ditq eval scores several)") from None
+        if not Path(text).is_file():
+            raise argparse.ArgumentTypeError(f"expected a width (2..8) or a JSON plan file, got {text!r}") from None
+        return text
+    if not 2 <= width <= 8:
+        raise argparse.ArgumentTypeError(f"widths are 2..8 bits, got {width}")
+    return width
+
+
+def served_bits_list(text: str) -> list[int | str]:
+    """Comma-separated `served_bits` (`8,4,2`, `4,plan.json`), each once."""
+    items = [served_bits(item) for item in text.split(",")]
+    if len(set(map(str, items))) < len(items):
+        raise argparse.ArgumentTypeError(f"{text!r} names a width or plan twice")
+    return items
 
 
 def device_arg(text: str) -> str:

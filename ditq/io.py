@@ -99,8 +99,11 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, model: 
     skeleton = _skeleton(header, path, model)
     try:
         if plan is not None:
-            for pattern, width in reversed(plan.items()):  # earlier patterns applied last: the first match wins
-                set_served_bits(skeleton, width, pattern)
+            try:
+                for pattern, width in reversed(plan.items()):  # earlier patterns applied last: the first match wins
+                    set_served_bits(skeleton, width, pattern)
+            except ValueError as err:
+                raise ValueError(f"{path}: {err}") from None
         _check_fits(skeleton, tensors, groups, path)
         try:
             skeleton.load_state_dict(_widen_floats(skeleton, _expand_groups(tensors, groups), header, path),

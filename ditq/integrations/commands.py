@@ -91,7 +91,7 @@ def sample_pipeline(args: argparse.Namespace) -> None:
     pipe = load_pipeline(args.pipeline, device=args.device)
     if header is not None:
         check_fits_pipeline(header, pipe, args)
-        pipe.transformer = io.load(args.model, device=args.device).float()
+        pipe.transformer = io.load(args.model, device=args.device, bits=args.bits).float()
     conditions = pipeline_conditions(args, pipe)
     call = {
         "num_inference_steps": args.steps,
