@@ -60,6 +60,8 @@ def test_slices_stay_in_range_on_nested_grids(stored: int) -> None:
         # nested grids: an r-bit slice is a point of every wider slice, which serves it unchanged
         for wider in range(r + 1, stored + 1):
             assert torch.equal(slice_codes(s, stored, wider), s)
+        # and it is the (r+1)-bit slice or one of its two (r+1)-grid neighbours: ≤ step/2 + step/4 apart, on one grid
+        assert int((s.int() - slice_codes(q, stored, r + 1).int()).abs().max()) <= step // 2
         # re-slicing the (r+1)-bit slice rounds twice: at most one r-bit step off the r-bit slice
         twice = slice_codes(slice_codes(q, stored, r + 1), stored, r)
         assert int((twice.int() - s.int()).abs().max()) <= step
