@@ -98,6 +98,13 @@ def test_sample_at_a_width_draws_what_its_export_draws(files: Path, tmp_path: Pa
     assert grids["sliced"].read_bytes() == grids["exported"].read_bytes()
 
 
+def test_export_without_bits_keeps_the_widths_the_file_serves(files: Path, tmp_path: Path) -> None:
+    out = tmp_path / "w4.safetensors"
+    assert main(["export", "--model", str(files / "nested.safetensors"), "--out", str(out)]) == 0
+    assert set(widths(ditq.load(files / "nested.safetensors")).values()) == {(4, 8)}
+    assert set(widths(ditq.load(out)).values()) == {(4, None)}
+
+
 def test_export_with_a_plan_keeps_each_layer_at_its_width(files: Path, tmp_path: Path) -> None:
     out = tmp_path / "mix.safetensors"
     assert main(["export", "--model", str(files / "nested.safetensors"), "--bits", str(files / "mix.json"),
