@@ -125,11 +125,11 @@ def finite_float(text: str) -> float:
 def served_bits(text: str) -> int | str:
     """A width to serve a nested (MatQuant) checkpoint at, 2..8, or the path of a JSON per-layer plan
     (`ditq.load(path, bits=...)`); a plan's contents are checked against the checkpoint when it loads."""
+    if "," in text:
+        raise argparse.ArgumentTypeError(f"one width or plan here, got {text!r} (ditq eval scores several)")
     try:
         width = int(text)
     except ValueError:
-        if "," in text:
-            raise argparse.ArgumentTypeError(f"one width or plan here, got {text!r} (ditq eval scores several)") from None
         if not Path(text).is_file():
             raise argparse.ArgumentTypeError(f"expected a width (2..8) or a JSON plan file, got {text!r}") from None
         return text

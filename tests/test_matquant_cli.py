@@ -173,3 +173,21 @@ def test_bad_widths_and_plans_are_refused_in_one_line_before_sampling(files: Pat
     for name in names:
         assert re.search(name.format(d=re.escape(str(files)), o=re.escape(str(tmp_path))), lines[0]), (name, lines[0])
     assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in tmp_path.iterdir()} == before
+
+
+def test_a_pipeline_samples_its_nested_transformer_at_a_width(tmp_path: Path) -> None:
+    """`sample --pipeline DIR --model nested --bits 2` draws what the exported int2 transformer draws."""
+    pytest.importorskip("diffusers")
+    from tests.integrations.tiny_diffusers import make_dit_pipeline
+
+    pipe = make_dit_pipeline()
+    pipe.save_pretrained(tmp_path / "pipe")
+    nested = ditq.save(convert(prepare(pipe.transformer, NESTED)), tmp_path / "nested.safetensors")
+    exported = ditq.save(ditq.export_served(ditq.load(nested, bits=2)), tmp_path / "w2.safetensors")
+    grids = {}
+    for name, flags in {"sliced": ["--model", str(nested), "--bits", "2"],
+                        "exported": ["--model", str(exported)]}.items():  # fmt: skip
+        grids[name] = tmp_path / f"{name}.png"
+        assert main(["sample", "--pipeline", str(tmp_path / "pipe"), *flags, "--samples", "2", "--steps", "2",
+                     "--class-label", "3", "--out", str(grids[name]), "--device", "cpu"]) == 0  # fmt: skip
+    assert grids["sliced"].read_bytes() == grids["exported"].read_bytes()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ditq
-from ditq.io import model_size_bytes
+from ditq.io import model_size_bytes, stored_tensors
 from ditq.kernels import prepare_for_inference
 from ditq.kernels.lowbit import LOWBIT_MAX_ROWS
 from ditq.qat import QAT, convert, prepare
@@ -91,6 +91,23 @@ def test_every_exported_layer_of_at_most_4_bits_takes_the_lowbit_kernel(nested_f
     exported = ditq.export_served(ditq.load(nested_file, bits=4))
     prepare_for_inference(exported, "lowbit")
     assert {m.backend for m in packed_layers(exported).values()} == {"lowbit"}
+
+
+def test_layers_of_one_input_group_keep_sharing_their_tensors() -> None:
+    """q, k and v of a diffusers attention read one input: their exports keep one smoothing vector, so the
+    checkpoint stores it once."""
+    spec = QuantSpec(w_bits=8, stored_bits=8, smooth=True, input_group="attn")
+    smooth = torch.rand(16, generator=torch.Generator().manual_seed(0)) + 0.5
+    model = torch.nn.ModuleDict({n: QuantLinear.from_linear(torch.nn.Linear(16, 8), spec, smooth=smooth)
+                                 for n in ("q", "k", "v")})  # fmt: skip
+    for layer in model.values():
+        layer.smooth = model["q"].smooth
+    ditq.set_served_bits(model, 2)
+    ditq.export_served(model)
+    assert model["k"].smooth is model["q"].smooth and model["v"].smooth is model["q"].smooth
+    tensors, groups = stored_tensors(model)
+    assert groups == {"attn": ["q", "k", "v"]}
+    assert [k for k in tensors if k.endswith("smooth")] == ["input_groups.attn.smooth"]
 
 
 # --------------------------------------------------------------------------------------------
