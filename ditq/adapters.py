@@ -4,10 +4,9 @@ An adapter says how to rebuild the skeleton from a JSON config, which modules st
 default (and which of those are the adaLN modulation, which some methods quantize), how to drive the model
 on inputs (calibration, evaluation), which Linears read the same input (SVDQuant shares one smoothing
 vector, one activation quantizer and one low-rank down-projection across such a group) and what produces a
-Linear's input where SVDQuant's smoothing can be folded into it (`FoldSite`, read by
-`ditq.kernels.folding`). Zoo models (DiT,
-Large-DiT) are recognised by class; any other `nn.Module` gets "generic", which skips nothing and needs the
-caller's `run(model)` to see inputs.
+Linear's input where SVDQuant's smoothing can be folded into it (`FoldSite`, read by `ditq.kernels.folding`).
+Zoo models (DiT, Large-DiT) are recognised by class; any other `nn.Module` gets "generic", which skips nothing
+and needs the caller's `run(model)` to see inputs.
 """
 
 from __future__ import annotations

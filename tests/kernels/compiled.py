@@ -97,7 +97,7 @@ def _assert_at_most_ties(own: torch.Tensor, want: torch.Tensor) -> int:
     apart = (own - want).abs()
     differ = int((apart > 0).sum())
     assert int(apart.max()) <= 1 and differ <= max(1, MAX_TIE_FRACTION * apart.numel()), (
-        f"eager's codes are up to {int(apart.max())} grid steps from the compiled run's, {differ} of "
+        f"the second run's codes are up to {int(apart.max())} grid steps from the first's, {differ} of "
         f"{apart.numel()} differ"
     )
     return differ

@@ -118,6 +118,9 @@ def test_preparing_again_folds_nothing_twice_and_a_folded_model_is_never_saved(q
 @torch.no_grad()
 def test_a_quantized_modulation_keeps_the_smoothing_of_what_it_modulates():
     model = quantized(make_tiny_dit(depth=1), dataclasses.replace(RECIPE, quantize_modulation=True))
+    with pytest.raises(TypeError, match="fold must be True or False, got 'no'"):
+        prepare_for_inference(model, "fp8", fold="no")
+    assert not folded_layers(model)
     prepare_for_inference(model, "fp8")
     assert folded_layers(model) == ["blocks.0.attn.proj"]
 
