@@ -12,7 +12,11 @@ recipes below (per-channel int4 or ternary weights, per-token FP8 activations), 
 quantizes the adaLN modulation Linears (the presets keep them 16-bit). Timing: CUDA events around each forward after warm-up, median of the
 repeats; batch counts the CFG-doubled batch the model sees. `--sample-steps N` also times whole N-step DDIM
 sampling runs with classifier-free guidance (batch/2 images, the compiled model called once per step on the
-doubled batch, the sampler's own ops in eager), the same way.
+doubled batch, the sampler's own ops in eager), the same way. `--no-fold` keeps SVDQuant's smoothing at run time on
+the FP8 backends (`prepare_for_inference(..., fold=False)`), to time what folding it into the producers saves:
+
+    python bench/bench_e2e.py --batch 64 --config svdquant-w4a8fp8-r32 --backend fp8-cached
+    python bench/bench_e2e.py --batch 64 --config svdquant-w4a8fp8-r32 --backend fp8-cached --no-fold
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from ditq.diffusion.cfg import guided
 from ditq.eval.speed import time_back_to_back, time_calls
 from ditq.methods.svdquant import SVDQuant
 from ditq.models import create
+from ditq.quant.qlinear import QuantLinear
 from ditq.recipes import PRESETS, RTN
 
 FP8_RECIPES = {
@@ -56,7 +61,8 @@ def torchao_fp8_row(model: torch.nn.Module, filter_fn: Callable[[torch.nn.Module
 
 
 def build(
-    config: str, device: str, backend: str, all_linears: bool, fast_accumulation: bool | None = None
+    config: str, device: str, backend: str, all_linears: bool, fast_accumulation: bool | None = None,
+    fold: bool = True,
 ) -> torch.nn.Module:
     torch.manual_seed(0)
     model = create("DiT-XL/2").to(device)
@@ -83,7 +89,7 @@ def build(
             calib = ditq.calibrate(model, n_samples=2, steps=2, rows_per_layer=512)
         ditq.quantize(model, recipe, calib)
         options = {} if fast_accumulation is None else {"fast_accumulation": fast_accumulation}
-        ditq.prepare_for_inference(model, backend, dtype=torch.bfloat16, **options)
+        ditq.prepare_for_inference(model, backend, dtype=torch.bfloat16, fold=fold, **options)
     return model
 
 
@@ -119,6 +125,7 @@ def main() -> None:
         choices=["on", "off"],
         help="cuBLAS FP8 fast accumulation of the FP8 backends (default: prepare_for_inference's)",
     )
+    parser.add_argument("--no-fold", action="store_true", help="keep SVDQuant's smoothing at run time (FP8 backends)")
     parser.add_argument(
         "--multi-kernel",
         action="store_true",
@@ -129,7 +136,8 @@ def main() -> None:
         torch._inductor.config.triton.multi_kernel = 1
     device = "cuda"
     fast_accumulation = None if args.fast_accum is None else args.fast_accum == "on"
-    model = build(args.config, device, args.backend, args.all_linears, fast_accumulation)
+    model = build(args.config, device, args.backend, args.all_linears, fast_accumulation, fold=not args.no_fold)
+    smoothed = [m for m in model.modules() if isinstance(m, QuantLinear) and m.smooth is not None]
     weight_bytes = None if args.config == TORCHAO else ditq.io.model_size_bytes(model, torch.bfloat16)
     # kernel copies too; torchao's tensor subclasses report their outer shape and dtype, not what they hold
     tensors = [*model.parameters(), *model.buffers()]
@@ -155,9 +163,12 @@ def main() -> None:
         json.dumps(
             {
                 "config": args.config + ("+multikernel" if args.multi_kernel else "")
-                + ("" if args.fast_accum is None else f"+fast-accum-{args.fast_accum}"),
+                + ("" if args.fast_accum is None else f"+fast-accum-{args.fast_accum}")
+                + ("+no-fold" if args.no_fold else ""),
                 "backend": "—" if args.config in ("bf16", TORCHAO) else args.backend,
                 "all_linears": args.all_linears,
+                "smoothed_layers": len(smoothed),
+                "smoothing_folded": sum(m.smoothing_folded for m in smoothed),
                 "weight_bytes": weight_bytes,
                 "batch": args.batch,
                 "cuda_graphs": args.cuda_graphs,

@@ -2,10 +2,11 @@
 
 An adapter says how to rebuild the skeleton from a JSON config, which modules stay in high precision by
 default (and which of those are the adaLN modulation, which some methods quantize), how to drive the model
-on inputs (calibration, evaluation) and which Linears read the same input (SVDQuant shares one smoothing
-vector, one activation quantizer and one low-rank down-projection across such a group). Zoo models (DiT,
-Large-DiT) are recognised by class; any other `nn.Module` gets "generic", which skips nothing and needs the
-caller's `run(model)` to see inputs.
+on inputs (calibration, evaluation), which Linears read the same input (SVDQuant shares one smoothing
+vector, one activation quantizer and one low-rank down-projection across such a group) and what produces a
+Linear's input where SVDQuant's smoothing can be folded into it (`FoldSite`, read by `ditq.kernels.folding`).
+Zoo models (DiT, Large-DiT) are recognised by class; any other `nn.Module` gets "generic", which skips nothing
+and needs the caller's `run(model)` to see inputs.
 """
 
 from __future__ import annotations
@@ -30,6 +31,34 @@ RunFn = Callable[[nn.Module], Any]
 # layer.
 _ZOO_MODULATION: tuple[str, ...] = ("*adaLN_modulation*",)
 _ZOO_SKIP: tuple[str, ...] = ("x_embedder*", "t_embedder*", "y_embedder*", "final_layer*", *_ZOO_MODULATION)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """Output rows [start, stop) of a producer: a Linear's (nn.Linear or QuantLinear) or a norm's affine weight.
+    `gain`: the rows are adaLN's `scale`, read as (1 + scale), so a fold divides 1 + scale, not scale."""
+
+    module: str
+    start: int
+    stop: int
+    gain: bool = False
+
+
+@dataclass(frozen=True)
+class FoldSite:
+    """A tensor h that `readers` (every Linear that reads it) take as input, and the producer rows it is made of:
+    h/s is h with each of `producers`' rows divided by s (a gain's 1 + scale divided by s), exactly but for
+    rounding, so readers that share the smoothing s can read h/s instead of dividing at run time."""
+
+    readers: tuple[str, ...]
+    producers: tuple[Rows, ...]
+
+
+def modulation_site(readers: tuple[str, ...], linear: str, width: int, shift: int, scale: int) -> FoldSite:
+    """h = norm(x)·(1 + scale) + shift with shift and scale the chunks `shift` and `scale` (of `width` rows each)
+    of the adaLN Linear `linear`'s output."""
+    return FoldSite(readers, (Rows(linear, shift * width, (shift + 1) * width),
+                              Rows(linear, scale * width, (scale + 1) * width, gain=True)))
 
 
 @dataclass(frozen=True)
@@ -86,6 +115,10 @@ class Adapter:
             )
         return trace_input_groups(model, run)
 
+    def fold_sites(self, model: nn.Module) -> list[FoldSite]:
+        """Where a Linear's smoothing folds into the producer of its input (none known for a generic model)."""
+        return []
+
 
 @dataclass(frozen=True)
 class ZooAdapter(Adapter):
@@ -138,6 +171,30 @@ class ZooAdapter(Adapter):
         return groups
 
 
+@dataclass(frozen=True)
+class DiTZooAdapter(ZooAdapter):
+    """The zoo DiT: its blocks' and final layer's folds (`fold_sites`)."""
+
+    def fold_sites(self, model: nn.Module) -> list[FoldSite]:
+        """Per `DiTBlock`: qkv reads modulate(norm1(x)) (adaLN chunks 0, 1), fc1 modulate(norm2(x)) (chunks 3, 4),
+        proj the attention output, made of qkv's v rows [2D, 3D) (q and k alone are normalised); the final
+        layer's Linear reads modulate(norm_final(x)) (its adaLN's chunks 0, 1). fc2 reads a GELU: nothing folds.
+        An adaLN followed by TerDiT's RMSNorm (`adaln_norm`) rescales all its rows together: no modulation fold."""
+        sites = []
+        for i, block in enumerate(model.blocks):
+            b, d = f"blocks.{i}", block.attn.proj.in_features
+            sites.append(FoldSite((f"{b}.attn.proj",), (Rows(f"{b}.attn.qkv", 2 * d, 3 * d),)))
+            if len(block.adaLN_modulation) == 2:  # (SiLU, Linear)
+                ada = f"{b}.adaLN_modulation.1"
+                sites += [modulation_site((f"{b}.attn.qkv",), ada, d, shift=0, scale=1),
+                          modulation_site((f"{b}.mlp.fc1",), ada, d, shift=3, scale=4)]
+        final = model.final_layer
+        if len(final.adaLN_modulation) == 2:
+            sites.append(modulation_site(("final_layer.linear",), "final_layer.adaLN_modulation.1",
+                                         final.linear.in_features, shift=0, scale=1))
+        return sites
+
+
 ADAPTERS: dict[str, Adapter] = {}
 
 
@@ -149,7 +206,7 @@ def register_adapter(adapter: Adapter) -> Adapter:
 
 
 GENERIC = register_adapter(Adapter("generic"))
-register_adapter(ZooAdapter("dit", _ZOO_SKIP, _ZOO_MODULATION, model_class=DiT))
+register_adapter(DiTZooAdapter("dit", _ZOO_SKIP, _ZOO_MODULATION, model_class=DiT))
 register_adapter(ZooAdapter("large_dit", _ZOO_SKIP, _ZOO_MODULATION, model_class=LargeDiT,
                             block_groups=(("mlp.w1", "mlp.w3"),)))
 

@@ -26,6 +26,7 @@ from torch import nn
 from ditq.adapters import adapter_for, get_adapter
 from ditq.fileformat import CheckpointError, check_device, header_field, read_file, write_file
 from ditq.fileformat import read_header as _read_header
+from ditq.kernels.folding import folded_layers
 from ditq.quant.fakequant import set_served_bits
 from ditq.quant.modules import QUANT_MODULES, is_quantized, quant_module_entries, swap_in
 from ditq.quant.qlinear import _FLOAT32_BUFFERS, INPUT_GROUP_BUFFERS, QuantLinear
@@ -49,9 +50,15 @@ def save(model: nn.Module, path: str | os.PathLike, *, info: Mapping[str, Any] |
     value (else a bfloat16 one), in that 16-bit dtype, and they load back in their own dtype, bit-identical
     (a float32 model whose weights came from a 16-bit release takes half the bytes); otherwise as they are.
     `info` is free JSON data (provenance). Everything is checked before the file is written: the old file
-    stays on any error.
+    stays on any error. A model whose smoothing an FP8 backend folded into its layers' producers is refused: its
+    producers no longer hold the weights it was quantized from (save before `prepare_for_inference`).
     """
     path = Path(path)
+    folded = folded_layers(model)
+    if folded:
+        raise ValueError(f"cannot save a model whose smoothing was folded into the producers of {len(folded)} "
+                         f"layer(s) ({folded[0]}, ...) by prepare_for_inference: save it before preparing it for an "
+                         "FP8 backend, or prepare with fold=False")
     if float_dtype is not None and float_dtype not in FLOAT_DTYPES.values():
         raise ValueError(f"float_dtype={float_dtype} is not one of {list(FLOAT_DTYPES)}")
     if info is not None and not isinstance(info, Mapping):

@@ -7,7 +7,9 @@ Four families get an adapter: DiT, PixArt-α/Σ, SD3 and FLUX. Each knows
   transformer loads with `ditq.load(path)` without the original weights (parameters are built on the meta
   device; buffers that the config computes, such as sin-cos position tables, are built for real);
 - how to drive it on random inputs of the right shapes (`run`), which is what `trace_input_groups` uses to
-  find the Linears that read one tensor: q/k/v, FLUX's add_q/k/v_proj, its single blocks' q/k/v + proj_mlp.
+  find the Linears that read one tensor: q/k/v, FLUX's add_q/k/v_proj, its single blocks' q/k/v + proj_mlp;
+- per block type, what produces a Linear's input where SVDQuant's smoothing folds into it (`fold_sites`,
+  `ditq.kernels.folding`): the adaLN rows of a modulated input, the value rows of an attention output.
 
 diffusers itself is imported on first use only. Three lines quantize a pipeline's transformer:
 
@@ -27,7 +29,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ditq.adapters import ADAPTERS, Adapter, RunFn, register_adapter, trace_input_groups
+from ditq.adapters import (
+    ADAPTERS,
+    Adapter,
+    FoldSite,
+    Rows,
+    RunFn,
+    modulation_site,
+    register_adapter,
+    trace_input_groups,
+)
 from ditq.calib import CalibData, calibrate
 from ditq.checks import check_count
 
@@ -128,6 +139,15 @@ class DiffusersAdapter(Adapter):
     def trace_size(self, model: nn.Module) -> int:
         return min(self.default_size(model), 2 * int(model.config.patch_size))
 
+    def fold_sites(self, model: nn.Module) -> list[FoldSite]:
+        """The fold sites of every block of a type `BLOCK_FOLD_SITES` declares."""
+        sites = []
+        for name, module in model.named_modules():
+            declare = BLOCK_FOLD_SITES.get(type(module).__name__)
+            if declare is not None and type(module).__module__.startswith("diffusers."):
+                sites += declare(name, module)
+        return sites
+
 
 def _latent(batch: int, channels: int, size: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(batch, channels, size, size, generator=gen)  # (B, C, H, W)
@@ -203,6 +223,84 @@ class FluxAdapter(DiffusersAdapter):
             inputs["guidance"] = torch.full((batch,), 3.5)
         return inputs
 
+
+# ---- where SVDQuant's smoothing folds: per block type ------------------------------------------------------
+
+# processors that compute softmax(q kᵀ)·v of to_v's (and add_v_proj's) rows as they are and hand it to to_out.0
+# (and to_add_out); q and k alone are normalised
+_VALUE_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0", "JointAttnProcessor2_0", "FluxAttnProcessor")
+
+
+def _attention_output(prefix: str, attn: nn.Module) -> list[FoldSite]:
+    """to_out.0 (and a joint attention's to_add_out: one softmax mixes image and context tokens, so both read the
+    mix) reads the value rows of to_v (and add_v_proj)."""
+    if (type(attn.processor).__name__ not in _VALUE_PROCESSORS or getattr(attn, "fused_projections", False)
+            or getattr(attn, "to_out", None) is None):  # fmt: skip
+        return []
+    readers = (f"{prefix}.to_out.0",) + ((f"{prefix}.to_add_out",) if getattr(attn, "to_add_out", None) else ())
+    values = [name for name in ("to_v", "add_v_proj") if getattr(attn, name, None) is not None]
+    return [FoldSite(readers, tuple(Rows(f"{prefix}.{v}", 0, getattr(attn, v).out_features) for v in values))]
+
+
+def _projections(prefix: str, *names: str) -> tuple[str, ...]:
+    return tuple(f"{prefix}.{name}" for name in names)
+
+
+def _basic_block(prefix: str, block: nn.Module) -> list[FoldSite]:
+    """DiT's and PixArt's BasicTransformerBlock. With adaLN-Zero (DiT) attn1's q/k/v read norm1's modulation (chunks
+    0, 1 of norm1.linear) and the feed-forward's first Linear norm3's (chunks 3, 4); PixArt's adaLN-single adds a
+    table to one timestep projection that every block shares: its modulation does not fold per block."""
+    sites = [s for name in ("attn1", "attn2") if getattr(block, name, None) is not None
+             for s in _attention_output(f"{prefix}.{name}", getattr(block, name))]  # fmt: skip
+    if block.norm_type == "ada_norm_zero" and block.pos_embed is None and not block.only_cross_attention:
+        ada, width = f"{prefix}.norm1.linear", block.norm1.linear.out_features // 6
+        sites += [modulation_site(_projections(f"{prefix}.attn1", "to_q", "to_k", "to_v"), ada, width, shift=0, scale=1),
+                  modulation_site((f"{prefix}.ff.net.0.proj",), ada, width, shift=3, scale=4)]
+    return sites
+
+
+def _joint_block(prefix: str, block: nn.Module) -> list[FoldSite]:
+    """SD3's JointTransformerBlock and FLUX's double block: image tokens through norm1 (adaLN-Zero, chunks 0, 1 to
+    q/k/v, 3, 4 to the feed-forward; SD3.5's 9-chunk norm1 adds 6, 7 to attn2's q/k/v), context tokens through
+    norm1_context (adaLN-Zero alike, or, in SD3's last block, a continuous adaLN whose chunks are scale, shift)."""
+    attn = f"{prefix}.attn"
+    sites = _attention_output(attn, block.attn)
+    attn2 = getattr(block, "attn2", None)
+    sites += [] if attn2 is None else _attention_output(f"{prefix}.attn2", attn2)
+    chunks = {"AdaLayerNormZero": 6, "SD35AdaLayerNormZeroX": 9}.get(type(block.norm1).__name__)
+    if chunks:
+        ada, width = f"{prefix}.norm1.linear", block.norm1.linear.out_features // chunks
+        sites += [modulation_site(_projections(attn, "to_q", "to_k", "to_v"), ada, width, shift=0, scale=1),
+                  modulation_site((f"{prefix}.ff.net.0.proj",), ada, width, shift=3, scale=4)]
+        if chunks == 9:
+            sites.append(modulation_site(_projections(f"{prefix}.attn2", "to_q", "to_k", "to_v"), ada, width, 6, 7))
+    context = type(block.norm1_context).__name__
+    if getattr(block.attn, "add_q_proj", None) is not None and context in ("AdaLayerNormZero", "AdaLayerNormContinuous"):
+        ada = f"{prefix}.norm1_context.linear"
+        added = _projections(attn, "add_q_proj", "add_k_proj", "add_v_proj")
+        if context == "AdaLayerNormZero":
+            width = block.norm1_context.linear.out_features // 6
+            sites.append(modulation_site(added, ada, width, shift=0, scale=1))
+            if getattr(block, "ff_context", None) is not None:
+                sites.append(modulation_site((f"{prefix}.ff_context.net.0.proj",), ada, width, shift=3, scale=4))
+        else:
+            sites.append(modulation_site(added, ada, block.norm1_context.linear.out_features // 2, shift=1, scale=0))
+    return sites
+
+
+def _flux_single_block(prefix: str, block: nn.Module) -> list[FoldSite]:
+    """FLUX's single block: q/k/v and proj_mlp read norm's modulation (chunks 0, 1 of 3); proj_out reads the
+    attention output beside a GELU's: nothing folds there."""
+    readers = (*_projections(f"{prefix}.attn", "to_q", "to_k", "to_v"), f"{prefix}.proj_mlp")
+    return [modulation_site(readers, f"{prefix}.norm.linear", block.norm.linear.out_features // 3, shift=0, scale=1)]
+
+
+BLOCK_FOLD_SITES = {
+    "BasicTransformerBlock": _basic_block,
+    "JointTransformerBlock": _joint_block,
+    "FluxTransformerBlock": _joint_block,
+    "FluxSingleTransformerBlock": _flux_single_block,
+}
 
 # Patterns each match at least one module of their family (a recipe's skip patterns must); the second
 # tuple names the blocks' adaLN modulation Linears among them (diffusers DiT's norm1 also holds the

@@ -21,7 +21,11 @@ Backends here:
   per-group ones (groups a multiple of 32) through the lowbit kernel's FP8 mode; `"fp8"` sends few-row
   calls to the lowbit kernel. Both first move each MLP's GELU into its second Linear and each zoo DiT block's
   LayerNorm + modulate into qkv and fc1 (`ditq.kernels.fusion`), whose inputs they then quantize in the
-  Triton pre-pass, as they do the block's attention output.
+  Triton pre-pass, as they do the block's attention output; and both fold SVDQuant's smoothing into the
+  producer of a layer's input where the architecture's adapter says what that is (`ditq.kernels.folding`), so
+  the pre-pass no longer multiplies by its reciprocal. The reference and dequantized backends leave the model's
+  weights as they are (the oracle, and what search and evaluation save): their x / smooth is an ordinary op
+  that the compiler fuses into x's producer.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ditq.adapters import adapter_for
 from ditq.kernels import fp8, lowbit, ops
+from ditq.kernels.folding import fold_smoothing
 from ditq.kernels.fusion import fuse_input_activations
 from ditq.kernels.reference import activate, group_linear, linear_reference, quantize_activations
 from ditq.quant.qlinear import BACKEND_FORWARDS, QuantLinear
@@ -66,6 +72,8 @@ class Backend:
     fixed_dtype_buffers: tuple[str, ...] = ()
     # whether `prepare_for_inference` first moves GELUs and DiT-block norms into the next Linear (`ditq.kernels.fusion`)
     fuses_input_activations: bool = False
+    # whether `prepare_for_inference` folds SVDQuant's smoothing into the producers of the layers it runs
+    folds_smoothing: bool = False
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -87,6 +95,7 @@ def prepare_for_inference(
     *,
     dtype: torch.dtype | None = None,
     fast_accumulation: bool | None = None,
+    fold: bool = True,
 ) -> nn.Module:
     """Choose `backend` for every QuantLinear of `model` and convert it; returns the model.
 
@@ -95,7 +104,9 @@ def prepare_for_inference(
     drops the kernel buffers the previous one added; the FP8 backends' rewrites of GELUs and DiT blocks
     (`ditq.kernels.fusion`) stay, since every backend computes the same outputs through them.
     `fast_accumulation` (the FP8 backends only; default `fp8.DEFAULT_FAST_ACCUMULATION`) lets cuBLAS's FP8
-    GEMMs keep the tensor cores' partial sums unpromoted along K.
+    GEMMs keep the tensor cores' partial sums unpromoted along K. `fold=False` keeps the FP8 backends from
+    folding smoothing into producers (`ditq.kernels.folding`; to measure what it saves); a fold made by an
+    earlier call stays, whatever the backend, and is never made twice.
     """
     name = ALIASES.get(backend, backend)
     if name not in BACKENDS:
@@ -104,10 +115,15 @@ def prepare_for_inference(
         raise ValueError(f"fast_accumulation is an option of the FP8 backends {list(fp8.FP8_BACKENDS)}, not of {backend!r}")
     if fast_accumulation is not None and not isinstance(fast_accumulation, bool):
         raise TypeError(f"fast_accumulation must be True, False or None, got {fast_accumulation!r}")
+    if not isinstance(fold, bool):
+        raise TypeError(f"fold must be True or False, got {fold!r}")
     fast = fp8.DEFAULT_FAST_ACCUMULATION if fast_accumulation is None else fast_accumulation
     chosen = BACKENDS[name]
     if chosen.fuses_input_activations:
         logger.info("moved %d activation(s) and norm(s) into the next Linear", fuse_input_activations(model))
+    if chosen.folds_smoothing and fold:
+        folded = fold_smoothing(model, adapter_for(model).fold_sites(model), lambda m: chosen.supports(m) is None)
+        logger.info("folded the smoothing of %d layer(s) into the producers of their inputs", folded)
     declined: Counter[str] = Counter()
     for module in model.modules():
         if not isinstance(module, QuantLinear):
@@ -144,7 +160,7 @@ def _reference_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
         m.scales,
         m.zeros,
         m.bias,
-        m.smooth,
+        m.input_smooth,
         m.lowrank_down,
         m.lowrank_up,
         m.act_scale,
@@ -155,7 +171,7 @@ def _reference_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 def _dequantized_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return linear_reference(
-        activate(x, m.input_activation), m.weight_dq, m.bias, m.smooth, m.lowrank_down, m.lowrank_up, m.act_scale, m.act_zero, m.spec
+        activate(x, m.input_activation), m.weight_dq, m.bias, m.input_smooth, m.lowrank_down, m.lowrank_up, m.act_scale, m.act_zero, m.spec
     )
 
 
@@ -176,6 +192,7 @@ register_backend(
         convert=lambda m, dtype: fp8.weight_scale(m),
         fixed_dtype_buffers=("fp8_scale_w", *fp8.LOWRANK_BUFFERS, "lowrank_up_fp8", "weight_row_shift", "inv_smooth"),
         fuses_input_activations=True,
+        folds_smoothing=True,
     )
 )
 register_backend(
@@ -186,5 +203,6 @@ register_backend(
         convert=lambda m, dtype: fp8.expanded_weight(m),
         fixed_dtype_buffers=("fp8_scale_w", "weight_fp8", *fp8.LOWRANK_BUFFERS, "inv_smooth"),
         fuses_input_activations=True,
+        folds_smoothing=True,
     )
 )

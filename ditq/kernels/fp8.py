@@ -157,8 +157,9 @@ def _input_codes(
 
 
 def _inv_smooth(m: QuantLinear) -> torch.Tensor | None:
-    """The float32 reciprocal of `m`'s smoothing that `weight_scale` keeps, or None when `m` does not smooth."""
-    return None if m.smooth is None else m.inv_smooth
+    """The float32 reciprocal of `m`'s smoothing that `weight_scale` keeps, or None when `m` does not smooth (or its
+    smoothing was folded into its input's producer)."""
+    return None if m.input_smooth is None else m.inv_smooth
 
 
 def _gemm(m: QuantLinear, codes: torch.Tensor, scale_x: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -219,9 +220,10 @@ def uses_few_row_path(m: QuantLinear, x: torch.Tensor) -> bool:
 
 def weight_scale(m: QuantLinear) -> dict[str, torch.Tensor]:
     """The per-channel scales as cuBLAS's row-wise `scale_b` (1, N), SVDQuant's branch if `m` has one, and the
-    reciprocal of its smoothing (float32 (K,)) if it smooths; no scales for per-group layers (the lowbit kernel
+    reciprocal of its smoothing (float32 (K,)) if it smooths at run time; no scales for per-group layers (the lowbit kernel
     reads the packed codes and the scales as they are)."""
-    smoothing = {} if m.smooth is None else {"inv_smooth": (1 / m.smooth.detach().float()).contiguous()}
+    smooth = m.input_smooth
+    smoothing = {} if smooth is None else {"inv_smooth": (1 / smooth.detach().float()).contiguous()}
     if m.spec.group_size is not None:
         return smoothing
     scale = m.scales.detach().reshape(1, m.out_features).float()

@@ -53,7 +53,7 @@ def lowbit_gemm(
 
 def lowbit_forward(m: QuantLinear, x: torch.Tensor, inv_smooth: torch.Tensor | None = None) -> torch.Tensor:
     """m(x) through the lowbit kernel. `inv_smooth` (float32 (in,), the FP8 backends' few-row route): smooth by
-    that product in float32 instead of dividing by `m.smooth`, as the FP8 backends smooth; the quantized input
+    that product in float32 instead of dividing by `m.input_smooth`, as the FP8 backends smooth; the quantized input
     then meets the kernel in x's dtype, and the low-rank branch runs in float32."""
     spec = m.spec
     offset = code_offset(m)
@@ -64,7 +64,7 @@ def lowbit_forward(m: QuantLinear, x: torch.Tensor, inv_smooth: torch.Tensor | N
                            spec.group_size or 0)  # fmt: skip
 
     h = smoothed_by_reciprocal(activate(x, m.input_activation), inv_smooth)
-    smooth = m.smooth if inv_smooth is None else None
+    smooth = m.input_smooth if inv_smooth is None else None
     y = linear_with(matmul, h, smooth, m.lowrank_down, m.lowrank_up, m.act_scale, m.act_zero, spec)
     return y.to(x.dtype)
 

@@ -88,15 +88,15 @@ def group_linear(x: torch.Tensor, members: Sequence[QuantLinear]) -> list[torch.
     group = lead.spec.input_group
     for m in members[1:]:
         if (m.spec.input_group != group or _act_part(m.spec) != _act_part(lead.spec)
-                or m.input_activation != lead.input_activation):  # fmt: skip
-            raise ValueError(f"layers of input group {group!r} must share its id, input activation and activation "
-                             "quantization")  # fmt: skip
+                or m.input_activation != lead.input_activation or m.smoothing_folded != lead.smoothing_folded):  # fmt: skip
+            raise ValueError(f"layers of input group {group!r} must share its id, input activation, activation "
+                             "quantization and folded smoothing")  # fmt: skip
         for name in ("smooth", "lowrank_down", "act_scale", "act_zero"):
             a, b = getattr(lead, name), getattr(m, name)
             if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
                 raise ValueError(f"layers of input group {group!r} hold different {name!r} tensors")
     x = activate(x, lead.input_activation)
-    h = x if lead.smooth is None else x / lead.smooth.to(x.dtype)  # (..., in), once
+    h = x if lead.input_smooth is None else x / lead.input_smooth.to(x.dtype)  # (..., in), once
     h_q = quantize_activations(h, lead.spec, lead.act_scale, lead.act_zero)  # once
     down = None if lead.lowrank_down is None else h @ lead.lowrank_down.to(x.dtype)  # (..., rank), once
     outputs = []

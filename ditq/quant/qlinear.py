@@ -8,13 +8,14 @@ The state_dict *is* the checkpoint content, in the canonical layout of `ditq.qua
 | `scales`     | `spec.scale_dtype` (float32) | (out, n_groups) | always (ternary: γ or α, repeated per row/group)  |
 | `zeros`      | uint8        | (out, n_groups)               | `not spec.symmetric`                           |
 | `bias`       | `dtype`      | (out,)                        | `bias=True`                                    |
-| `smooth`     | float32      | (in,)                         | `spec.smooth` (forward divides x by it)¹       |
+| `smooth`     | float32      | (in,)                         | `spec.smooth` (forward divides x by it)¹ ²     |
 | `lowrank_down` | `dtype`    | (in, rank)                    | `spec.rank > 0` (X̂·L1, SVDQuant's branch)       |
 | `lowrank_up` | `dtype`      | (rank, out)                   | `spec.rank > 0` (·L2)                          |
 | `act_scale`  | float32      | (1,) or (in // a_group_size,) | static activation quant (`a_bits`, not `a_dynamic`) |
 | `act_zero`   | uint8        | like `act_scale`              | static, int, `not spec.a_symmetric`            |
 
 ¹ The FP8 backends multiply x by its float32 reciprocal instead (`ditq.kernels.fp8`), within a bf16 step.
+² Or x's producer divides by it (`smoothing_folded`, `input_smooth`: `ditq.kernels.folding`).
 
 n_groups = 1 (group_size None, per output channel) or in // group_size. Ternary weights keep the int
 layout (scales (out, n_groups)) so kernels need no special case. The stored weight already includes
@@ -79,6 +80,8 @@ class QuantLinear(nn.Module):
     input_activation: str | None = None  # applied to x first; set per instance by ditq.kernels.fusion
     fixed_dtype_buffers: tuple[str, ...] = ()  # kernel buffers whose dtype is part of the kernel's format
     layer_name: str | None = None  # its name in the model, given by ditq.quant.modules.install; errors name it
+    # x arrives divided by `smooth` already: set by ditq.kernels.folding, which folded it into x's producer
+    smoothing_folded: bool = False
 
     def __init__(
         self,
@@ -253,6 +256,11 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Ŵ = scales · (served codes − zeros), shape (out, in): what the reference multiplies by."""
         return dequantize_weight(self.qweight, self.scales, self.zeros, self.spec, self.in_features, dtype)
+
+    @property
+    def input_smooth(self) -> torch.Tensor | None:
+        """What the forward divides x by: `smooth`, or None where it was folded into x's producer."""
+        return None if self.smoothing_folded else self.smooth
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_floating_point():

@@ -1,4 +1,5 @@
-"""Compiled against eager for models that quantize activations between float32 ops.
+"""Compiled against eager (or any two computations of one model) for models that quantize activations between
+float32 ops.
 
 `torch.compile` computes the float32 ops (SiLU, LayerNorm, softmax, sums) with other kernels and summation
 orders than eager, a few ulps apart, differently on each CPU. A quantizer is not continuous: where its scaled
@@ -9,16 +10,20 @@ step (× its weight column, through the rest of the network) is far above float3
   compiled run's up to float32 rounding) and must land on the same grid points but at ties: one step away
   at most, and at few elements;
 - the rest: eager goes on with the compiled run's codes, which leaves float32 rounding alone between them.
+`assert_matches_with_shared_codes` compares any two runs so (SVDQuant's smoothing folded into the producers
+against kept at run time, `tests/kernels/test_folding.py`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pytest
 import torch
 
 from ditq.kernels import reference
 from ditq.kernels.triton import rowquant
-from ditq.quant.primitives import compute_qparams, grouped
+from ditq.quant.primitives import compute_qparams, fp8_cast, fp8_scale, grouped
 
 # A tie needs the scaled input within float32 rounding (~1e-6 relative) of a midpoint: ~1e-4 of the elements
 # on int8's grid, less on e4m3's (16 points per binade). 1% leaves a wide margin and still catches a
@@ -33,6 +38,18 @@ def assert_compiled_matches_eager(
     whose activations are quantized by the FP8 pre-pass or dynamic int fake quantization; returns how many
     codes differed (at ties). With the codes shared, rtol/atol bound float32 rounding of the unquantized ops
     (a few ulps each; 1e-5 is ~100)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    return assert_matches_with_shared_codes(lambda: compiled(*args), lambda: model(*args), rtol=rtol, atol=atol)
+
+
+def assert_matches_with_shared_codes(
+    first: Callable[[], torch.Tensor], second: Callable[[], torch.Tensor], *, rtol: float = 1e-5, atol: float = 1e-5
+) -> int:
+    """`second()` against `first()`, two computations of one function that quantize their activations (FP8
+    pre-pass, dynamic int or FP8 fake quantization) in the same order, both without autograd: the codes equal
+    but at ties, and the outputs within rtol/atol with the first run's codes shared. Returns how many codes
+    differed."""
     tape: list = []  # each quantizer call's output in the compiled run, in call order
     ties = []  # per replayed call, how many codes eager rounded the other way
     rows_fp8, activations = rowquant.quantize_rows_fp8, reference.quantize_activations
@@ -43,7 +60,7 @@ def assert_compiled_matches_eager(
         return codes, scales
 
     def record_activations(h, spec, *rest):
-        assert spec.a_format == "int" and spec.a_dynamic, spec  # the grid `_int_grid_points` reads
+        assert spec.a_dynamic, spec  # the grid `_grid_points` reads
         h_q = activations(h, spec, *rest)
         tape.append(h_q.clone())
         return h_q
@@ -59,20 +76,19 @@ def assert_compiled_matches_eager(
 
     def replay_activations(h, spec, *rest):
         own, want = activations(h, spec, *rest), tape.pop(0)
-        ties.append(_assert_at_most_ties(_int_grid_points(own, h, spec), _int_grid_points(want, h, spec)))
+        ties.append(_assert_at_most_ties(_grid_points(own, h, spec), _grid_points(want, h, spec)))
         return want
 
     with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
         patch.setattr(rowquant, "quantize_rows_fp8", record_rows)
         patch.setattr(reference, "quantize_activations", record_activations)
-        torch._dynamo.reset()
-        compiled = torch.compile(model, fullgraph=True)(*args)
+        recorded = first()
         assert tape, "no quantizer ran"
         patch.setattr(rowquant, "quantize_rows_fp8", replay_rows)
         patch.setattr(reference, "quantize_activations", replay_activations)
-        eager = model(*args)
-    assert not tape, f"eager ran {len(tape)} quantizer(s) fewer than the compiled model"
-    torch.testing.assert_close(compiled, eager, rtol=rtol, atol=atol)
+        replayed = second()
+    assert not tape, f"the second run ran {len(tape)} quantizer(s) fewer than the first"
+    torch.testing.assert_close(recorded, replayed, rtol=rtol, atol=atol)
     return sum(ties)
 
 
@@ -81,7 +97,7 @@ def _assert_at_most_ties(own: torch.Tensor, want: torch.Tensor) -> int:
     apart = (own - want).abs()
     differ = int((apart > 0).sum())
     assert int(apart.max()) <= 1 and differ <= max(1, MAX_TIE_FRACTION * apart.numel()), (
-        f"eager's codes are up to {int(apart.max())} grid steps from the compiled run's, {differ} of "
+        f"the second run's codes are up to {int(apart.max())} grid steps from the first's, {differ} of "
         f"{apart.numel()} differ"
     )
     return differ
@@ -94,8 +110,10 @@ def _e4m3_grid_points(codes: torch.Tensor) -> torch.Tensor:
     return torch.where(bits >= 0x80, -magnitude, magnitude)
 
 
-def _int_grid_points(h_q: torch.Tensor, h: torch.Tensor, spec) -> torch.Tensor:
-    """The integer grid point of each value of a dynamic int fake quantization of (nearly) `h`: its value over
-    the scale `h` gives, rounded (the scales of two nearly equal inputs differ by far less than a step)."""
+def _grid_points(h_q: torch.Tensor, h: torch.Tensor, spec) -> torch.Tensor:
+    """The grid point of each value of a dynamic int or FP8 fake quantization of (nearly) `h`: its value over the
+    scale `h` gives, rounded to the grid (the scales of two nearly equal inputs differ by far less than a step)."""
+    if spec.a_format == "fp8":
+        return _e4m3_grid_points(fp8_cast(h_q, fp8_scale(h, spec.a_group_size)))
     scale, _ = compute_qparams(h, spec.a_bits, spec.a_group_size, spec.a_symmetric)  # (..., groups)
     return torch.round(grouped(h_q.float(), scale.shape[-1]) / scale.unsqueeze(-1)).int()
