@@ -25,10 +25,13 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ditq.kernels.reference import (
+    NORMS,
     Modulation,
+    Norm,
     Residual,
     activate,
     modulated,
+    normalized,
     residual_added,
     smoothed_by_reciprocal,
 )
@@ -39,7 +42,7 @@ from ditq.quant.primitives import FP8_MAX, SCALE_FLOOR, fp8_cast, fp8_scale
 
 __all__ = ["quantize_rows_fp8", "quantize_rows_fp8_reference"]
 
-ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}  # kernel codes of `reference.INPUT_ACTIVATIONS`
+ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}  # kernel codes of `reference.INPUT_ACTIVATIONS`
 # The one-pass kernel's launch (`quantize_rows_fp8`): (elements one program holds at most, rows × padded width;
 # elements per thread, which sets its warps: as few as hold the rows at about that many)
 UNSMOOTHED_LAUNCH = (4096, 72)
@@ -245,6 +248,7 @@ def quantize_rows_fp8(
     activation: str = "none",
     modulation: Modulation | None = None,
     *,
+    norm: Norm | None = None,
     residual: Residual | None = None,
     residual_out: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
@@ -271,7 +275,10 @@ def quantize_rows_fp8(
     (163 µs against 258 at the unsmoothed launch); at 1,152 one launch for three inputs whose bests differ (up
     to 8.5 µs faster each), chosen while smoothing still divided rather than multiplied.
     """
-    m, k = _check_operands(x, inv_smooth, activation, modulation, out, residual, residual_out)
+    norm = norm or (None if modulation is None else Norm("layer", modulation.eps))
+    m, k = _check_operands(x, inv_smooth, activation, modulation, out, norm, residual, residual_out)
+    if activation == "silu" or (norm is not None and (modulation is None or norm != ("layer", modulation.eps, None, None))) or (residual is not None and residual.gate is None):
+        raise NotImplementedError("the kernel applies only LayerNorm without affine + modulate and gated residuals")
     rank = 0 if lowrank is None else check_lowrank(k, *lowrank)
     x = x if x.stride(-1) == 1 else x.contiguous()
     codes = torch.empty(m, k + 2 * rank, dtype=torch.float8_e4m3fn, device=x.device) if out is None else out
@@ -338,6 +345,7 @@ def _check_operands(
     activation: str,
     modulation: Modulation | None,
     out: torch.Tensor | None,
+    norm: Norm | None = None,
     residual: Residual | None = None,
     residual_out: torch.Tensor | None = None,
 ) -> tuple[int, int]:
@@ -353,20 +361,24 @@ def _check_operands(
                             or out.shape[1] < k or out.stride(1) != 1):  # fmt: skip
         raise ValueError(f"out must be e4m3 ({m}, >= {k}) with unit column stride, got {out.dtype} "
                          f"{tuple(out.shape)} strides {out.stride()}")  # fmt: skip
-    if residual is not None and modulation is None:
-        raise ValueError("a residual is added before a LayerNorm: it needs a modulation")
+    if activation != "none" and (norm is not None or residual is not None):
+        raise ValueError(f"a norm or a residual takes activation 'none' (the activation would come first), "
+                         f"got {activation!r}")  # fmt: skip
+    if norm is not None:
+        _check_norm(norm, x)
     if modulation is not None:
-        if activation != "none":
-            raise ValueError(f"a modulation takes activation 'none' (LayerNorm first), got {activation!r}")
         if modulation.tokens < 1 or m % modulation.tokens:
             raise ValueError(f"{m} rows are not whole samples of modulation.tokens={modulation.tokens}")
         samples = m // modulation.tokens
         per_sample = [("modulation shift", modulation.shift), ("modulation scale", modulation.scale)]
-        for name, t in per_sample + ([] if residual is None else [("residual gate", residual.gate)]):
+        gate = [] if residual is None or residual.gate is None else [("residual gate", residual.gate)]
+        for name, t in per_sample + gate:
             if tuple(t.shape) != (samples, k) or t.dtype != x.dtype:
                 raise ValueError(f"{name} must be ({samples}, {k}) in {x.dtype} for {m} rows of "
                                  f"{modulation.tokens} tokens, got {t.dtype} {tuple(t.shape)}")  # fmt: skip
     if residual is not None:
+        if residual.gate is not None and modulation is None:
+            raise ValueError("a gated residual reads its gate per sample: it needs a modulation")
         if residual.update.shape != x.shape or residual.update.dtype != x.dtype:
             raise ValueError(f"residual update must be {x.dtype} {tuple(x.shape)} like x, got "
                              f"{residual.update.dtype} {tuple(residual.update.shape)}")  # fmt: skip
@@ -377,18 +389,33 @@ def _check_operands(
     return m, k
 
 
+def _check_norm(norm: Norm, x: torch.Tensor) -> None:
+    """A ValueError naming what of `norm` the kernel cannot apply to x's rows."""
+    if norm.kind not in NORMS:
+        raise ValueError(f"norm {norm.kind!r} is not one of {NORMS}")
+    if norm.kind == "rms" and norm.bias is not None:
+        raise ValueError("norm 'rms' takes no bias (F.rms_norm has none; 'rms_cast' adds one)")
+    for name, t in (("norm weight", norm.weight), ("norm bias", norm.bias)):
+        if t is not None and (tuple(t.shape) != (x.shape[1],) or t.dtype != x.dtype or not t.is_contiguous()):
+            raise ValueError(f"{name} must be contiguous ({x.shape[1]},) in {x.dtype}, got {t.dtype} {tuple(t.shape)}")
+
+
 def quantize_rows_fp8_reference(
     x: torch.Tensor,
     inv_smooth: torch.Tensor | None = None,
     activation: str = "none",
     modulation: Modulation | None = None,
     residual: Residual | None = None,
+    norm: Norm | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same in PyTorch, as the FP8 backend computes it without the kernel (with a residual, of the sum
     `residual_added` returns)."""
     if residual is not None:
-        x = residual_added(x, residual, modulation.tokens)
-    h = activate(x, activation) if modulation is None else modulated(x, modulation)
+        x = residual_added(x, residual, 1 if modulation is None else modulation.tokens)
+    if modulation is not None:
+        h = modulated(x, modulation, norm)
+    else:
+        h = activate(x, activation) if norm is None else normalized(x, norm)
     h = smoothed_by_reciprocal(h, inv_smooth)
     scales = fp8_scale(h)
     return fp8_cast(h, scales), scales
