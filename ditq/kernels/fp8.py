@@ -86,7 +86,8 @@ def expand_fp8(qweight: torch.Tensor, bits: int, n_cols: int, ternary: bool) -> 
 
 
 def _quantized_rows_fake(x, inv_smooth, activation, shift=None, scale=None, tokens=1, eps=0.0, lowrank_down=None,
-                         lowrank_down_scale=None, update=None, gate=None, norm=None, norm_weight=None, norm_bias=None):  # fmt: skip
+                         lowrank_down_scale=None, update=None, gate=None, norm=None, norm_weight=None,
+                         norm_bias=None):  # fmt: skip
     extra = 0 if lowrank_down is None else 2 * lowrank_down.shape[1]
     return (x.new_empty((x.shape[0], x.shape[1] + extra), dtype=torch.float8_e4m3fn),
             x.new_empty((x.shape[0], 1), dtype=torch.float32), x.new_empty(x.shape if update is not None else 0))  # fmt: skip
@@ -127,7 +128,8 @@ def quantize_rows(
     lowrank = None if lowrank_down is None else (lowrank_down, lowrank_down_scale)
     codes, scales = quantize_rows_fp8(x, inv_smooth, activation, modulation,
                                       norm=None if kind is None else Norm(kind, eps, norm_weight, norm_bias),
-                                      residual=residual, residual_out=x_new if residual else None, lowrank=lowrank)  # fmt: skip
+                                      residual=residual, residual_out=x_new if residual else None,
+                                      lowrank=lowrank)  # fmt: skip
     return codes, scales, x_new
 
 

@@ -443,7 +443,7 @@ def _check_operands(
         raise ValueError(f"out must be e4m3 ({m}, >= {k}) with unit column stride, got {out.dtype} "
                          f"{tuple(out.shape)} strides {out.stride()}")  # fmt: skip
     if activation != "none" and (norm is not None or residual is not None):
-        raise ValueError(f"a norm or a residual takes activation 'none' (the activation would come first), "
+        raise ValueError("a norm or a residual takes activation 'none' (the activation would come first), "
                          f"got {activation!r}")  # fmt: skip
     if norm is not None:
         _check_norm(norm, x)
@@ -478,7 +478,8 @@ def _check_norm(norm: Norm, x: torch.Tensor) -> None:
         raise ValueError("norm 'rms' takes no bias (F.rms_norm has none; 'rms_cast' adds one)")
     for name, t in (("norm weight", norm.weight), ("norm bias", norm.bias)):
         if t is not None and (tuple(t.shape) != (x.shape[1],) or t.dtype != x.dtype or not t.is_contiguous()):
-            raise ValueError(f"{name} must be contiguous ({x.shape[1]},) in {x.dtype}, got {t.dtype} {tuple(t.shape)}")
+            raise ValueError(f"{name} must be contiguous ({x.shape[1]},) in {x.dtype}, got {t.dtype} "
+                             f"{tuple(t.shape)}")  # fmt: skip
 
 
 def quantize_rows_fp8_reference(
