@@ -15,10 +15,10 @@ RMSNorm (torch's, rounded once, or diffusers', rounded before its weight: `refer
 the residual gated (x + gate·update) or not. Here each program holds whole rows in registers — a power-of-two
 head tile plus a tail tile, so a row of 4,608 = 4,096 + 512 columns wastes no lanes — reads x once and writes
 codes and scales once; rows too wide to hold take a kernel that walks K again for each step (the norm's
-statistics, the absmax, the cast). Each producer is a compile-time branch: a launch compiles only its own. Every
-value is rounded where the PyTorch reference rounds it (the residual's product and sum, the activation, the
-norm, each modulate op and the smoothing in x's dtype; scale = absmax · (1/448), floored; codes =
-e4m3(h · (1/scale)), round to nearest even).
+statistics, the absmax, the cast). Each producer is a compile-time branch (`ditq.kernels.triton.producers`): a
+launch compiles only its own. Every value is rounded where the PyTorch reference rounds it (the residual's
+product and sum, the activation, the norm, each modulate op and the smoothing in x's dtype; scale = absmax ·
+(1/448), floored; codes = e4m3(h · (1/scale)), round to nearest even).
 """
 
 from __future__ import annotations
@@ -39,9 +39,9 @@ from ditq.kernels.reference import (
     residual_added,
     smoothed_by_reciprocal,
 )
-from ditq.kernels.triton import interpreted
+from ditq.kernels.triton import interpreted, producers
 from ditq.kernels.triton.lowrank import append_lowrank_codes, check_lowrank
-from ditq.kernels.triton.rounding import product, rounded
+from ditq.kernels.triton.rounding import rounded
 from ditq.quant.primitives import FP8_MAX, SCALE_FLOOR, fp8_cast, fp8_scale
 
 __all__ = ["quantize_rows_fp8", "quantize_rows_fp8_reference"]
@@ -56,139 +56,6 @@ MAX_RESIDENT = 16384  # wider rows (padded) take the multi-pass kernel: register
 MULTI_PASS_BLOCKS = (16, 128)  # its (rows per program, K block), 4 warps
 _FP8_MAX = tl.constexpr(FP8_MAX)
 _SCALE_FLOOR = tl.constexpr(SCALE_FLOOR)
-
-
-@triton.jit
-def _load_rows(x, rows, cols, row_ok, K, stride_xm):
-    """(rows, cols) tile of x in its own dtype; 0 outside."""
-    inside = row_ok[:, None] & (cols < K)[None, :]
-    return tl.load(x + rows.to(tl.int64)[:, None] * stride_xm + cols[None, :], mask=inside, other=0.0)
-
-
-@triton.jit
-def _per_sample(t, rows, cols, row_ok, K, tokens, stride_mod, ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The rows' samples' rows of a (samples, K) tensor (adaLN's shift, scale, gate) in float32, 0 outside: one
-    row broadcast over the tile when ONE_SAMPLE (the program's rows are tokens of one sample)."""
-    if ONE_SAMPLE:
-        offsets = ((tl.program_id(0) * BLOCK_M) // tokens).to(tl.int64) * stride_mod + cols
-        row = tl.load(t + offsets, mask=cols < K, other=0.0).to(tl.float32)
-        return tl.broadcast_to(row[None, :], (BLOCK_M, cols.shape[0]))  # one return type for both branches
-    offsets = (rows // tokens).to(tl.int64)[:, None] * stride_mod + cols[None, :]  # each row's sample
-    return tl.load(t + offsets, mask=row_ok[:, None] & (cols < K)[None, :], other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _residual_added(
-    v, update, gate, x_out, rows, cols, row_ok, K, tokens, stride_um, stride_om, stride_mod, RESIDUAL: tl.constexpr,
-    EMULATE: tl.constexpr, ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr,
-):  # fmt: skip
-    """x + gate · update (RESIDUAL 1) or x + update (2) for a tile of x (as loaded), the product and the sum
-    each rounded to x's dtype as PyTorch's ops round them; stored to `x_out` and returned in x's dtype."""
-    dtype: tl.constexpr = v.dtype
-    y = _load_rows(update, rows, cols, row_ok, K, stride_um).to(tl.float32)
-    if RESIDUAL == 1:
-        g = _per_sample(gate, rows, cols, row_ok, K, tokens, stride_mod, ONE_SAMPLE, BLOCK_M)
-        y = product(g, y, EMULATE)
-        if dtype != tl.float32:
-            y = rounded(y, dtype, EMULATE)
-    if dtype != tl.float32:
-        total = rounded(v.to(tl.float32) + y, dtype, EMULATE)
-    else:
-        total = v + y
-    total = total.to(dtype)
-    tl.store(x_out + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], total,
-             mask=row_ok[:, None] & (cols < K)[None, :])  # fmt: skip
-    return total
-
-
-@triton.jit
-def _per_channel(t, cols, K):
-    """A (K,) tensor's values at the tile's columns in float32, as a (1, cols) row; 0 outside."""
-    return tl.load(t + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
-
-
-@triton.jit
-def _normalized(
-    h, mean, rstd, norm_weight, norm_bias, cols, K, dtype: tl.constexpr, NORM: tl.constexpr,
-    NORM_WEIGHT: tl.constexpr, NORM_BIAS: tl.constexpr, EMULATE: tl.constexpr,
-):  # fmt: skip
-    """norm(h) for a float32 tile of x, rounded to x's dtype where PyTorch rounds it: NORM 1 (LayerNorm) and 2
-    (F.rms_norm) once after the weight and bias, in float32 before; 3 ("rms_cast") before the weight, then
-    after the product and after the sum. `mean` (LayerNorm), `rstd`: the rows' statistics."""
-    ROUND: tl.constexpr = dtype != tl.float32
-    if NORM == 1:
-        h = (h - mean[:, None]) * rstd[:, None]
-    else:
-        h = h * rstd[:, None]
-    if NORM == 3:
-        if ROUND:
-            h = rounded(h, dtype, EMULATE)
-        if NORM_WEIGHT:
-            h = product(h, _per_channel(norm_weight, cols, K), EMULATE)
-            if ROUND:
-                h = rounded(h, dtype, EMULATE)
-        if NORM_BIAS:
-            h = h + _per_channel(norm_bias, cols, K)
-            if ROUND:
-                h = rounded(h, dtype, EMULATE)
-    else:
-        if NORM_WEIGHT:
-            h = h * _per_channel(norm_weight, cols, K)
-        if NORM_BIAS:
-            h = h + _per_channel(norm_bias, cols, K)
-        if ROUND:
-            h = rounded(h, dtype, EMULATE)
-    return h
-
-
-@triton.jit
-def _transformed(
-    v, mean, rstd, shift, scale_mod, norm_weight, norm_bias, inv_smooth, rows, cols, row_ok, K, tokens, stride_mod,
-    ACT: tl.constexpr, NORM: tl.constexpr, MODULATE: tl.constexpr, NORM_WEIGHT: tl.constexpr,
-    NORM_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr, ONE_SAMPLE: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-):  # fmt: skip
-    """A tile of x (as loaded) → act(x) or [modulate(] norm(x) [)] [· inv_smooth] in float32, each step before
-    the smoothing rounded to x's dtype as PyTorch's ops round it; 0 outside. NORM: `mean`, `rstd` are the rows'
-    statistics; ONE_SAMPLE: the program's BLOCK_M rows are tokens of one sample (one shift and scale row for all)."""
-    dtype: tl.constexpr = v.dtype
-    ROUND: tl.constexpr = dtype != tl.float32
-    h = v.to(tl.float32)
-    if NORM != 0:
-        inside = row_ok[:, None] & (cols < K)[None, :]
-        if MODULATE:  # loaded first: their loads then overlap the norm's arithmetic
-            gain = 1.0 + _per_sample(scale_mod, rows, cols, row_ok, K, tokens, stride_mod, ONE_SAMPLE, BLOCK_M)
-            bias = _per_sample(shift, rows, cols, row_ok, K, tokens, stride_mod, ONE_SAMPLE, BLOCK_M)
-        h = _normalized(h, mean, rstd, norm_weight, norm_bias, cols, K, dtype, NORM, NORM_WEIGHT, NORM_BIAS, EMULATE)
-        if MODULATE:
-            if ROUND:
-                h = rounded(product(h, rounded(gain, dtype, EMULATE), EMULATE), dtype, EMULATE)
-                h = rounded(h + bias, dtype, EMULATE)
-            else:
-                h = product(h, gain, EMULATE) + bias
-        h = tl.where(inside, h, 0.0)
-    if ACT == 1:  # exact GELU
-        h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
-    if ACT == 2:  # tanh approximation, tanh(u) = 1 − 2 / (e^{2u} + 1): up to 7e-5 relative off PyTorch's for
-        # inputs in [-3, -1] (and 0 below -3, |error| ≤ 3.2e-7), far under the bf16 step the result is rounded to
-        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
-        h = 0.5 * h * (2.0 - 2.0 / (tl.exp(tl.minimum(2.0 * u, 80.0)) + 1.0))
-    if ACT == 3:  # SiLU, x / (1 + e^-x) as PyTorch computes it (e^-x = inf below -88: -0, as PyTorch's)
-        h = h / (1.0 + tl.exp(-h))
-    if ROUND and ACT != 0:
-        h = rounded(h, dtype, EMULATE)
-    if HAS_SMOOTH:
-        r = tl.load(inv_smooth + cols, mask=cols < K, other=1.0).to(tl.float32)[None, :]
-        h = h * r  # in float32, as x · inv_smooth promotes to, and not rounded to x's dtype
-    return h
-
-
-@triton.jit
-def _rstd(m2, K, eps):
-    """1 / sqrt(m2 / K + eps) (m2: the biased variance's or the mean square's sum), correctly rounded
-    (PyTorch's CPU norms; its CUDA ones take an approximate rsqrt, a float32 ulp or two apart)."""
-    # eps in float32 as Triton's launcher passes it (inductor passes a Python float as float64)
-    return tl.math.div_rn(tl.full(m2.shape, 1.0, tl.float32), tl.sqrt_rn(m2 / K + tl.cast(eps, tl.float32)))
 
 
 @triton.jit
@@ -218,16 +85,18 @@ def _rows_one_pass_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     head_cols = tl.arange(0, HEAD)
-    head_x = _load_rows(x, rows, head_cols, row_ok, K, stride_xm)
+    head_x = producers.load_rows(x, rows, head_cols, row_ok, K, stride_xm)
     if RESIDUAL != 0:
-        head_x = _residual_added(head_x, update, gate, x_out, rows, head_cols, row_ok, K, tokens, stride_um,
-                                 stride_om, stride_mod, RESIDUAL, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
+        head_x = producers.residual_added(head_x, update, gate, x_out, rows, head_cols, row_ok, K, tokens,
+                                          stride_um, stride_om, stride_mod, RESIDUAL, EMULATE, ONE_SAMPLE,
+                                          BLOCK_M)  # fmt: skip
     if TAIL > 0:
         tail_cols = HEAD + tl.arange(0, TAIL)
-        tail_x = _load_rows(x, rows, tail_cols, row_ok, K, stride_xm)
+        tail_x = producers.load_rows(x, rows, tail_cols, row_ok, K, stride_xm)
         if RESIDUAL != 0:
-            tail_x = _residual_added(tail_x, update, gate, x_out, rows, tail_cols, row_ok, K, tokens, stride_um,
-                                     stride_om, stride_mod, RESIDUAL, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
+            tail_x = producers.residual_added(tail_x, update, gate, x_out, rows, tail_cols, row_ok, K, tokens,
+                                              stride_um, stride_om, stride_mod, RESIDUAL, EMULATE, ONE_SAMPLE,
+                                              BLOCK_M)  # fmt: skip
     mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
     rstd = mean
     if NORM == 1:  # both tiles are in registers: mean first, then the centred sum of squares
@@ -240,20 +109,20 @@ def _rows_one_pass_kernel(
         if TAIL > 0:
             centred = tl.where((tail_cols < K)[None, :], tail_x.to(tl.float32) - mean[:, None], 0.0)
             m2 += tl.sum(centred * centred, axis=1)
-        rstd = _rstd(m2, K, eps)
+        rstd = producers.rstd(m2, K, eps)
     if NORM > 1:  # RMS: the sum of squares (0 outside)
         squares = tl.sum(head_x.to(tl.float32) * head_x.to(tl.float32), axis=1)
         if TAIL > 0:
             squares += tl.sum(tail_x.to(tl.float32) * tail_x.to(tl.float32), axis=1)
-        rstd = _rstd(squares, K, eps)
-    head = _transformed(head_x, mean, rstd, shift, scale_mod, norm_weight, norm_bias, inv_smooth, rows, head_cols,
-                        row_ok, K, tokens, stride_mod, ACT, NORM, MODULATE, NORM_WEIGHT, NORM_BIAS, HAS_SMOOTH,
-                        EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
+        rstd = producers.rstd(squares, K, eps)
+    head = producers.transformed(head_x, mean, rstd, shift, scale_mod, norm_weight, norm_bias, inv_smooth, rows,
+                                 head_cols, row_ok, K, tokens, stride_mod, ACT, NORM, MODULATE, NORM_WEIGHT,
+                                 NORM_BIAS, HAS_SMOOTH, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
     amax = tl.max(tl.abs(head), axis=1)
     if TAIL > 0:
-        tail = _transformed(tail_x, mean, rstd, shift, scale_mod, norm_weight, norm_bias, inv_smooth, rows,
-                            tail_cols, row_ok, K, tokens, stride_mod, ACT, NORM, MODULATE, NORM_WEIGHT, NORM_BIAS,
-                            HAS_SMOOTH, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
+        tail = producers.transformed(tail_x, mean, rstd, shift, scale_mod, norm_weight, norm_bias, inv_smooth, rows,
+                                     tail_cols, row_ok, K, tokens, stride_mod, ACT, NORM, MODULATE, NORM_WEIGHT,
+                                     NORM_BIAS, HAS_SMOOTH, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
         amax = tl.maximum(amax, tl.max(tl.abs(tail), axis=1))
     scale = _row_scale(amax)
     tl.store(scales + rows, scale, mask=row_ok)
@@ -281,7 +150,7 @@ def _rows_multi_pass_kernel(
     if NORM == 1:
         m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            v = _load_rows(x, rows, k0 + rk, row_ok, K, stride_xm).to(tl.float32)
+            v = producers.load_rows(x, rows, k0 + rk, row_ok, K, stride_xm).to(tl.float32)
             n_seen = k0 * 1.0
             n_chunk = tl.minimum(K - k0, BLOCK_K) * 1.0
             chunk_mean = tl.sum(v, axis=1) / n_chunk
@@ -289,25 +158,27 @@ def _rows_multi_pass_kernel(
             delta = chunk_mean - mean
             mean += delta * (n_chunk / (n_seen + n_chunk))
             m2 += tl.sum(centred * centred, axis=1) + delta * delta * (n_seen * n_chunk / (n_seen + n_chunk))
-        rstd = _rstd(m2, K, eps)
+        rstd = producers.rstd(m2, K, eps)
     if NORM > 1:
         squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            v = _load_rows(x, rows, k0 + rk, row_ok, K, stride_xm).to(tl.float32)
+            v = producers.load_rows(x, rows, k0 + rk, row_ok, K, stride_xm).to(tl.float32)
             squares += tl.sum(v * v, axis=1)
-        rstd = _rstd(squares, K, eps)
+        rstd = producers.rstd(squares, K, eps)
     amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        h = _transformed(_load_rows(x, rows, k0 + rk, row_ok, K, stride_xm), mean, rstd, shift, scale_mod,
-                         norm_weight, norm_bias, inv_smooth, rows, k0 + rk, row_ok, K, tokens, stride_mod, ACT, NORM,
-                         MODULATE, NORM_WEIGHT, NORM_BIAS, HAS_SMOOTH, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
+        h = producers.transformed(producers.load_rows(x, rows, k0 + rk, row_ok, K, stride_xm), mean, rstd, shift,
+                                  scale_mod, norm_weight, norm_bias, inv_smooth, rows, k0 + rk, row_ok, K, tokens,
+                                  stride_mod, ACT, NORM, MODULATE, NORM_WEIGHT, NORM_BIAS, HAS_SMOOTH, EMULATE,
+                                  ONE_SAMPLE, BLOCK_M)  # fmt: skip
         amax = tl.maximum(amax, tl.max(tl.abs(h), axis=1))
     scale = _row_scale(amax)
     tl.store(scales + rows, scale, mask=row_ok)
     for k0 in range(0, K, BLOCK_K):
-        h = _transformed(_load_rows(x, rows, k0 + rk, row_ok, K, stride_xm), mean, rstd, shift, scale_mod,
-                         norm_weight, norm_bias, inv_smooth, rows, k0 + rk, row_ok, K, tokens, stride_mod, ACT, NORM,
-                         MODULATE, NORM_WEIGHT, NORM_BIAS, HAS_SMOOTH, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
+        h = producers.transformed(producers.load_rows(x, rows, k0 + rk, row_ok, K, stride_xm), mean, rstd, shift,
+                                  scale_mod, norm_weight, norm_bias, inv_smooth, rows, k0 + rk, row_ok, K, tokens,
+                                  stride_mod, ACT, NORM, MODULATE, NORM_WEIGHT, NORM_BIAS, HAS_SMOOTH, EMULATE,
+                                  ONE_SAMPLE, BLOCK_M)  # fmt: skip
         _store_codes(codes, h, scale, rows, k0 + rk, row_ok, K, stride_cm, EMULATE)
 
 
