@@ -42,7 +42,7 @@ case $part in
     e2e --batch 64 --sample-steps 50 --config w4a8fp8 --backend fp8-cached --fast-accum on
     e2e --batch 64 --sample-steps 50 --config ternary-a8fp8 --backend fp8-cached --all-linears
     e2e --batch 64 --sample-steps 50 --config w4a8fp8 --backend fp8 ;;  # weights 4-bit in memory, expanded per call
-  prepass)  # the pre-pass at DiT-XL/2's batch-64 inputs against inductor, with its launch sweep (smoothed too)
+  prepass)  # the pre-pass at DiT-XL/2's batch-64 inputs and other producers against inductor, its launch sweep
     timeout "$(left)" python bench/bench_prepass.py --out "$out/prepass" >>"$out/log_$part.txt" 2>&1
     exit 0 ;;
   small)  # batch 2 under CUDA graphs, samples vs the reference backend, few-row GEMMs as kernels alone

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ditq.kernels.lowbit import LOWBIT_MAX_ROWS, code_offset, lowbit_forward, lowbit_gemm
-from ditq.kernels.reference import Modulation, Residual, smoothed_by_reciprocal
+from ditq.kernels.reference import Modulation, Norm, Residual, smoothed_by_reciprocal
 from ditq.kernels.triton import FP8_K_STEP, device_support, kernel_op
 from ditq.quant.primitives import FP8_MAX, fp8_cast, fp8_quantize, fp8_scale
 from ditq.quant.qlinear import QuantLinear
@@ -86,7 +86,8 @@ def expand_fp8(qweight: torch.Tensor, bits: int, n_cols: int, ternary: bool) -> 
 
 
 def _quantized_rows_fake(x, inv_smooth, activation, shift=None, scale=None, tokens=1, eps=0.0, lowrank_down=None,
-                         lowrank_down_scale=None, update=None, gate=None):  # fmt: skip
+                         lowrank_down_scale=None, update=None, gate=None, norm=None, norm_weight=None,
+                         norm_bias=None):  # fmt: skip
     extra = 0 if lowrank_down is None else 2 * lowrank_down.shape[1]
     return (x.new_empty((x.shape[0], x.shape[1] + extra), dtype=torch.float8_e4m3fn),
             x.new_empty((x.shape[0], 1), dtype=torch.float32), x.new_empty(x.shape if update is not None else 0))  # fmt: skip
@@ -105,19 +106,30 @@ def quantize_rows(
     lowrank_down_scale: torch.Tensor | None = None,
     update: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
+    norm: str | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(e4m3 codes (M, K [+ 2·rank]), float32 row scales (M, 1), x') of h = activation(x), or modulate(LayerNorm(x),
-    shift, scale) with a shift, [· inv_smooth], x (M, K), by the Triton pre-pass; with SVDQuant's down-projection
-    (`_lowrank_parts`) its e4m3 activations P follow, twice (`ditq.kernels.triton.lowrank`). With an `update`
-    (and a shift), x' = x + gate·update replaces x first and is returned; else x' is empty."""
+    """(e4m3 codes (M, K [+ 2·rank]), float32 row scales (M, 1), x') of h = activation(x), or
+    [modulate(] norm(x) [, shift, scale)] [· inv_smooth], x (M, K), by the Triton pre-pass; with SVDQuant's
+    down-projection (`_lowrank_parts`) its e4m3 activations P follow, twice (`ditq.kernels.triton.lowrank`).
+    `norm`: one of `reference.NORMS` with `eps` and an optional `norm_weight`, `norm_bias` (K,); None: adaLN's
+    LayerNorm without affine with a shift, no norm without. With an `update`, x' = x + gate·update (x + update
+    without a gate; a gate needs a shift: its rows per sample are `tokens`) replaces x first and is returned;
+    else x' is empty."""
     from ditq.kernels.triton.rowquant import quantize_rows_fp8
 
+    if norm is None and (norm_weight is not None or norm_bias is not None):
+        raise ValueError("norm_weight and norm_bias need a norm")
+    kind = norm or ("layer" if shift is not None else None)
     modulation = None if shift is None else Modulation(shift, scale, tokens, eps)
     residual = None if update is None else Residual(update, gate)
     x_new = torch.empty(x.shape if residual else 0, dtype=x.dtype, device=x.device)
     lowrank = None if lowrank_down is None else (lowrank_down, lowrank_down_scale)
-    codes, scales = quantize_rows_fp8(x, inv_smooth, activation, modulation, residual=residual,
-                                      residual_out=x_new if residual else None, lowrank=lowrank)  # fmt: skip
+    codes, scales = quantize_rows_fp8(x, inv_smooth, activation, modulation,
+                                      norm=None if kind is None else Norm(kind, eps, norm_weight, norm_bias),
+                                      residual=residual, residual_out=x_new if residual else None,
+                                      lowrank=lowrank)  # fmt: skip
     return codes, scales, x_new
 
 

@@ -26,19 +26,22 @@ from ditq.quant.spec import QuantSpec
 __all__ = [
     "INPUT_ACTIVATIONS",
     "Modulation",
+    "NORMS",
+    "Norm",
     "Residual",
     "activate",
     "group_linear",
     "linear_reference",
     "linear_with",
     "modulated",
+    "normalized",
     "quantize_activations",
     "residual_added",
     "smoothed_by_reciprocal",
 ]
 
 # the activations the FP8 input pre-pass can apply to x before quantizing it (`ditq.kernels.fusion` folds them in)
-INPUT_ACTIVATIONS = ("none", "gelu", "gelu_tanh")
+INPUT_ACTIVATIONS = ("none", "gelu", "gelu_tanh", "silu")
 
 
 def linear_reference(
@@ -120,6 +123,8 @@ def activate(x: torch.Tensor, activation: str | None) -> torch.Tensor:
         return x
     if activation not in INPUT_ACTIVATIONS:
         raise ValueError(f"activation {activation!r} is not one of {INPUT_ACTIVATIONS}")
+    if activation == "silu":
+        return F.silu(x)
     return F.gelu(x, approximate="tanh" if activation == "gelu_tanh" else "none")
 
 
@@ -127,9 +132,38 @@ def _act_part(spec: QuantSpec) -> tuple:
     return (spec.a_bits, spec.a_format, spec.a_group_size, spec.a_symmetric, spec.a_dynamic, spec.smooth)
 
 
+NORMS = ("layer", "rms", "rms_cast")
+
+
+class Norm(NamedTuple):
+    """A normalization of each row (K): `kind` "layer" is F.layer_norm and "rms" F.rms_norm (torch.nn.RMSNorm,
+    no bias): normalized and scaled in float32, rounded to x's dtype once; "rms_cast" is RMSNorm written as
+    plain ops (diffusers' RMSNorm): normalized in float32 and cast to x's dtype, then × weight and + bias as ops
+    of x's dtype, each rounded. `weight`, `bias`: (K,) in x's dtype, or None."""
+
+    kind: str
+    eps: float
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+
+def normalized(x: torch.Tensor, norm: Norm) -> torch.Tensor:
+    """norm(x) over the last dimension, in x's dtype, rounded where the module computing it rounds."""
+    k = x.shape[-1]
+    if norm.kind == "layer":
+        return F.layer_norm(x, (k,), norm.weight, norm.bias, norm.eps)
+    if norm.kind == "rms":
+        return F.rms_norm(x, (k,), norm.weight, norm.eps)
+    h = x.float()
+    h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps)).to(x.dtype)
+    h = h if norm.weight is None else h * norm.weight
+    return h if norm.bias is None else h + norm.bias
+
+
 class Modulation(NamedTuple):
-    """adaLN's input transform, modulate(LayerNorm(x), shift, scale): LayerNorm without affine over each row,
-    then x·(1 + scale) + shift with `shift`, `scale` (samples, K) per sample of `tokens` consecutive rows."""
+    """adaLN's input transform, modulate(LayerNorm(x), shift, scale): LayerNorm without affine over each row
+    (unless another `Norm` comes with it), then x·(1 + scale) + shift with `shift`, `scale` (samples, K) per
+    sample of `tokens` consecutive rows."""
 
     shift: torch.Tensor
     scale: torch.Tensor
@@ -137,22 +171,26 @@ class Modulation(NamedTuple):
     eps: float
 
 
-def modulated(x: torch.Tensor, modulation: Modulation) -> torch.Tensor:
-    """modulate(LayerNorm(x), shift, scale) for x (samples · tokens, K), as the zoo's DiT block computes it."""
-    k = x.shape[-1]
-    h = F.layer_norm(x, (k,), eps=modulation.eps).unflatten(0, (-1, modulation.tokens))  # (samples, tokens, K)
+def modulated(x: torch.Tensor, modulation: Modulation, norm: Norm | None = None) -> torch.Tensor:
+    """modulate(norm(x), shift, scale) for x (samples · tokens, K), as the zoo's DiT block computes it; `norm`
+    None: adaLN's LayerNorm without affine."""
+    h = normalized(x, norm or Norm("layer", modulation.eps))
+    h = h.unflatten(0, (-1, modulation.tokens))  # (samples, tokens, K)
     return modulate(h, modulation.shift, modulation.scale).flatten(0, 1)
 
 
 class Residual(NamedTuple):
-    """A DiT block's gated residual update before its next LayerNorm, x + gate·update: `update` shaped like x,
-    `gate` (samples, K) per sample (of a `Modulation`'s tokens)."""
+    """A block's residual update before its next norm, x + gate·update (a DiT block's), or x + update without
+    a gate (a model that gates the update before the add): `update` shaped like x, `gate` (samples, K) per
+    sample (of a `Modulation`'s tokens)."""
 
     update: torch.Tensor
-    gate: torch.Tensor
+    gate: torch.Tensor | None = None
 
 
 def residual_added(x: torch.Tensor, residual: Residual, tokens: int) -> torch.Tensor:
-    """x + gate·update for x (samples · tokens, K), as the zoo's DiT block computes it."""
+    """x + gate·update for x (samples · tokens, K), as the zoo's DiT block computes it; x + update without a gate."""
+    if residual.gate is None:
+        return x + residual.update
     update = residual.update.unflatten(0, (-1, tokens))  # (samples, tokens, K)
     return (x.unflatten(0, (-1, tokens)) + residual.gate.unsqueeze(1) * update).flatten(0, 1)

@@ -1,20 +1,24 @@
 """Per-token FP8 quantization of a wide activation in one read, with what produces it fused in: the input
 pre-pass of an FP8 GEMM whose input no compiler fuses well.
 
-    x (M, K) ──► h = act(x) or modulate(LayerNorm(x), shift, scale) [· inv_smooth]
+    x (M, K) ──► [x += (gate ·) update] ──► h = act(x) or [modulate(] norm(x) [, shift, scale)] [· inv_smooth]
              ──► s = max|h| / 448 per row, codes = e4m3(h · (1/s))
 
-Two producers are fused. The input of an MLP's second Linear is GELU(fc1(x)): `torch.compile` fuses the GELU,
-the row absmax and the cast into one reduction kernel, but over rows wider than 1,024 it loops twice and
-recomputes the GELU (DiT-XL/2 fc2, 16,384 × 4,608: 316 µs on an H100 against 106 µs for bf16's GELU alone).
-The input of a DiT block's qkv and fc1 is adaLN's modulate(LayerNorm(x)) (no affine; shift and scale per
-sample, rows = samples × `tokens` tokens): inductor's kernel for it loops over each row once per reduction
-(mean and variance, then absmax) before the cast. Here each program holds whole rows in registers — a
-power-of-two head tile plus a tail tile, so a row of 4,608 = 4,096 + 512 columns wastes no lanes — reads x
-once and writes codes and scales once; rows too wide to hold take a kernel that walks K again for each step
-(the LayerNorm's statistics, the absmax, the cast). Every value is rounded where the PyTorch reference rounds it
-(the activation, the LayerNorm, each modulate op and the smoothing in x's dtype; scale = absmax · (1/448),
-floored; codes = e4m3(h · (1/scale)), round to nearest even).
+The producers fused are those of a transformer's Linear inputs. The input of an MLP's second Linear is
+GELU(fc1(x)): `torch.compile` fuses the GELU, the row absmax and the cast into one reduction kernel, but over
+rows wider than 1,024 it loops twice and recomputes the GELU (DiT-XL/2 fc2, 16,384 × 4,608: 316 µs on an H100
+against 106 µs for bf16's GELU alone); SiLU (adaLN's and timestep MLPs' input) likewise. The input of a DiT
+block's qkv and fc1 is adaLN's modulate(LayerNorm(x)) (shift and scale per sample, rows = samples × `tokens`
+tokens), often after the block's residual add: inductor's kernel for it loops over each row once per reduction
+(mean and variance, then absmax) before the cast. The norm may be a LayerNorm with or without an affine, or an
+RMSNorm (torch's, rounded once, or diffusers', rounded before its weight: `reference.Norm`), modulated or not;
+the residual gated (x + gate·update) or not. Here each program holds whole rows in registers — a power-of-two
+head tile plus a tail tile, so a row of 4,608 = 4,096 + 512 columns wastes no lanes — reads x once and writes
+codes and scales once; rows too wide to hold take a kernel that walks K again for each step (the norm's
+statistics, the absmax, the cast). Each producer is a compile-time branch: a launch compiles only its own. Every
+value is rounded where the PyTorch reference rounds it (the residual's product and sum, the activation, the
+norm, each modulate op and the smoothing in x's dtype; scale = absmax · (1/448), floored; codes =
+e4m3(h · (1/scale)), round to nearest even).
 """
 
 from __future__ import annotations
@@ -25,10 +29,13 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ditq.kernels.reference import (
+    NORMS,
     Modulation,
+    Norm,
     Residual,
     activate,
     modulated,
+    normalized,
     residual_added,
     smoothed_by_reciprocal,
 )
@@ -39,7 +46,8 @@ from ditq.quant.primitives import FP8_MAX, SCALE_FLOOR, fp8_cast, fp8_scale
 
 __all__ = ["quantize_rows_fp8", "quantize_rows_fp8_reference"]
 
-ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2}  # kernel codes of `reference.INPUT_ACTIVATIONS`
+ACTIVATIONS = {"none": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}  # kernel codes of `reference.INPUT_ACTIVATIONS`
+NORM_CODES = {"layer": 1, "rms": 2, "rms_cast": 3}  # of `reference.NORMS`; 0: no norm
 # The one-pass kernel's launch (`quantize_rows_fp8`): (elements one program holds at most, rows × padded width;
 # elements per thread, which sets its warps: as few as hold the rows at about that many)
 UNSMOOTHED_LAUNCH = (4096, 72)
@@ -71,18 +79,22 @@ def _per_sample(t, rows, cols, row_ok, K, tokens, stride_mod, ONE_SAMPLE: tl.con
 
 @triton.jit
 def _residual_added(
-    v, update, gate, x_out, rows, cols, row_ok, K, tokens, stride_um, stride_om, stride_mod, EMULATE: tl.constexpr,
-    ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr,
+    v, update, gate, x_out, rows, cols, row_ok, K, tokens, stride_um, stride_om, stride_mod, RESIDUAL: tl.constexpr,
+    EMULATE: tl.constexpr, ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """x + gate · update for a tile of x (as loaded), the product and the sum each rounded to x's dtype as
-    PyTorch's two ops round them; stored to `x_out` and returned in x's dtype."""
+    """x + gate · update (RESIDUAL 1) or x + update (2) for a tile of x (as loaded), the product and the sum
+    each rounded to x's dtype as PyTorch's ops round them; stored to `x_out` and returned in x's dtype."""
     dtype: tl.constexpr = v.dtype
     y = _load_rows(update, rows, cols, row_ok, K, stride_um).to(tl.float32)
-    g = _per_sample(gate, rows, cols, row_ok, K, tokens, stride_mod, ONE_SAMPLE, BLOCK_M)
+    if RESIDUAL == 1:
+        g = _per_sample(gate, rows, cols, row_ok, K, tokens, stride_mod, ONE_SAMPLE, BLOCK_M)
+        y = product(g, y, EMULATE)
+        if dtype != tl.float32:
+            y = rounded(y, dtype, EMULATE)
     if dtype != tl.float32:
-        total = rounded(v.to(tl.float32) + rounded(product(g, y, EMULATE), dtype, EMULATE), dtype, EMULATE)
+        total = rounded(v.to(tl.float32) + y, dtype, EMULATE)
     else:
-        total = v + product(g, y, EMULATE)
+        total = v + y
     total = total.to(dtype)
     tl.store(x_out + rows.to(tl.int64)[:, None] * stride_om + cols[None, :], total,
              mask=row_ok[:, None] & (cols < K)[None, :])  # fmt: skip
@@ -90,28 +102,70 @@ def _residual_added(
 
 
 @triton.jit
-def _transformed(
-    v, mean, rstd, shift, scale_mod, inv_smooth, rows, cols, row_ok, K, tokens, stride_mod,
-    ACT: tl.constexpr, NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr,
-    ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr,
+def _per_channel(t, cols, K):
+    """A (K,) tensor's values at the tile's columns in float32, as a (1, cols) row; 0 outside."""
+    return tl.load(t + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _normalized(
+    h, mean, rstd, norm_weight, norm_bias, cols, K, dtype: tl.constexpr, NORM: tl.constexpr,
+    NORM_WEIGHT: tl.constexpr, NORM_BIAS: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
-    """A tile of x (as loaded) → act(x) or modulate(LayerNorm(x)) [· inv_smooth] in float32, each step before
+    """norm(h) for a float32 tile of x, rounded to x's dtype where PyTorch rounds it: NORM 1 (LayerNorm) and 2
+    (F.rms_norm) once after the weight and bias, in float32 before; 3 ("rms_cast") before the weight, then
+    after the product and after the sum. `mean` (LayerNorm), `rstd`: the rows' statistics."""
+    ROUND: tl.constexpr = dtype != tl.float32
+    if NORM == 1:
+        h = (h - mean[:, None]) * rstd[:, None]
+    else:
+        h = h * rstd[:, None]
+    if NORM == 3:
+        if ROUND:
+            h = rounded(h, dtype, EMULATE)
+        if NORM_WEIGHT:
+            h = product(h, _per_channel(norm_weight, cols, K), EMULATE)
+            if ROUND:
+                h = rounded(h, dtype, EMULATE)
+        if NORM_BIAS:
+            h = h + _per_channel(norm_bias, cols, K)
+            if ROUND:
+                h = rounded(h, dtype, EMULATE)
+    else:
+        if NORM_WEIGHT:
+            h = h * _per_channel(norm_weight, cols, K)
+        if NORM_BIAS:
+            h = h + _per_channel(norm_bias, cols, K)
+        if ROUND:
+            h = rounded(h, dtype, EMULATE)
+    return h
+
+
+@triton.jit
+def _transformed(
+    v, mean, rstd, shift, scale_mod, norm_weight, norm_bias, inv_smooth, rows, cols, row_ok, K, tokens, stride_mod,
+    ACT: tl.constexpr, NORM: tl.constexpr, MODULATE: tl.constexpr, NORM_WEIGHT: tl.constexpr,
+    NORM_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr, ONE_SAMPLE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """A tile of x (as loaded) → act(x) or [modulate(] norm(x) [)] [· inv_smooth] in float32, each step before
     the smoothing rounded to x's dtype as PyTorch's ops round it; 0 outside. NORM: `mean`, `rstd` are the rows'
     statistics; ONE_SAMPLE: the program's BLOCK_M rows are tokens of one sample (one shift and scale row for all)."""
     dtype: tl.constexpr = v.dtype
     ROUND: tl.constexpr = dtype != tl.float32
     h = v.to(tl.float32)
-    if NORM:
+    if NORM != 0:
         inside = row_ok[:, None] & (cols < K)[None, :]
-        h = (h - mean[:, None]) * rstd[:, None]
-        gain = 1.0 + _per_sample(scale_mod, rows, cols, row_ok, K, tokens, stride_mod, ONE_SAMPLE, BLOCK_M)
-        bias = _per_sample(shift, rows, cols, row_ok, K, tokens, stride_mod, ONE_SAMPLE, BLOCK_M)
-        if ROUND:
-            h = rounded(h, dtype, EMULATE)
-            h = rounded(product(h, rounded(gain, dtype, EMULATE), EMULATE), dtype, EMULATE)
-            h = rounded(h + bias, dtype, EMULATE)
-        else:
-            h = product(h, gain, EMULATE) + bias
+        if MODULATE:  # loaded first: their loads then overlap the norm's arithmetic
+            gain = 1.0 + _per_sample(scale_mod, rows, cols, row_ok, K, tokens, stride_mod, ONE_SAMPLE, BLOCK_M)
+            bias = _per_sample(shift, rows, cols, row_ok, K, tokens, stride_mod, ONE_SAMPLE, BLOCK_M)
+        h = _normalized(h, mean, rstd, norm_weight, norm_bias, cols, K, dtype, NORM, NORM_WEIGHT, NORM_BIAS, EMULATE)
+        if MODULATE:
+            if ROUND:
+                h = rounded(product(h, rounded(gain, dtype, EMULATE), EMULATE), dtype, EMULATE)
+                h = rounded(h + bias, dtype, EMULATE)
+            else:
+                h = product(h, gain, EMULATE) + bias
         h = tl.where(inside, h, 0.0)
     if ACT == 1:  # exact GELU
         h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
@@ -119,6 +173,8 @@ def _transformed(
         # inputs in [-3, -1] (and 0 below -3, |error| ≤ 3.2e-7), far under the bf16 step the result is rounded to
         u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
         h = 0.5 * h * (2.0 - 2.0 / (tl.exp(tl.minimum(2.0 * u, 80.0)) + 1.0))
+    if ACT == 3:  # SiLU, x / (1 + e^-x) as PyTorch computes it (e^-x = inf below -88: -0, as PyTorch's)
+        h = h / (1.0 + tl.exp(-h))
     if ROUND and ACT != 0:
         h = rounded(h, dtype, EMULATE)
     if HAS_SMOOTH:
@@ -129,8 +185,8 @@ def _transformed(
 
 @triton.jit
 def _rstd(m2, K, eps):
-    """1 / sqrt(biased variance + eps), correctly rounded (PyTorch's CPU LayerNorm; its CUDA one takes an
-    approximate rsqrt, a float32 ulp or two apart)."""
+    """1 / sqrt(m2 / K + eps) (m2: the biased variance's or the mean square's sum), correctly rounded
+    (PyTorch's CPU norms; its CUDA ones take an approximate rsqrt, a float32 ulp or two apart)."""
     # eps in float32 as Triton's launcher passes it (inductor passes a Python float as float64)
     return tl.math.div_rn(tl.full(m2.shape, 1.0, tl.float32), tl.sqrt_rn(m2 / K + tl.cast(eps, tl.float32)))
 
@@ -152,28 +208,29 @@ def _store_codes(codes, h, scale, rows, cols, row_ok, K, stride_cm, EMULATE: tl.
 @triton.jit
 def _rows_one_pass_kernel(
     x, inv_smooth, shift, scale_mod, codes, scales, M, K, tokens, eps, stride_xm, stride_cm, stride_mod,
-    update, gate, x_out, stride_um, stride_om,
-    ACT: tl.constexpr, NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr,
-    ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr, RESIDUAL: tl.constexpr,
+    norm_weight, norm_bias, update, gate, x_out, stride_um, stride_om,
+    ACT: tl.constexpr, NORM: tl.constexpr, MODULATE: tl.constexpr, NORM_WEIGHT: tl.constexpr,
+    NORM_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr, ONE_SAMPLE: tl.constexpr,
+    BLOCK_M: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr, RESIDUAL: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_M whole rows per program: columns [0, HEAD) and [HEAD, HEAD + TAIL), both powers of two.
-    RESIDUAL: x is first replaced by x + gate · update, which is also written to `x_out`."""
+    RESIDUAL: x is first replaced by x + gate · update (1) or x + update (2), which is also written to `x_out`."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     head_cols = tl.arange(0, HEAD)
     head_x = _load_rows(x, rows, head_cols, row_ok, K, stride_xm)
-    if RESIDUAL:
+    if RESIDUAL != 0:
         head_x = _residual_added(head_x, update, gate, x_out, rows, head_cols, row_ok, K, tokens, stride_um,
-                                 stride_om, stride_mod, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
+                                 stride_om, stride_mod, RESIDUAL, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
     if TAIL > 0:
         tail_cols = HEAD + tl.arange(0, TAIL)
         tail_x = _load_rows(x, rows, tail_cols, row_ok, K, stride_xm)
-        if RESIDUAL:
+        if RESIDUAL != 0:
             tail_x = _residual_added(tail_x, update, gate, x_out, rows, tail_cols, row_ok, K, tokens, stride_um,
-                                     stride_om, stride_mod, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
+                                     stride_om, stride_mod, RESIDUAL, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
     mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
     rstd = mean
-    if NORM:  # both tiles are in registers: mean first, then the centred sum of squares
+    if NORM == 1:  # both tiles are in registers: mean first, then the centred sum of squares
         total = tl.sum(head_x.to(tl.float32), axis=1)
         if TAIL > 0:
             total += tl.sum(tail_x.to(tl.float32), axis=1)
@@ -184,12 +241,19 @@ def _rows_one_pass_kernel(
             centred = tl.where((tail_cols < K)[None, :], tail_x.to(tl.float32) - mean[:, None], 0.0)
             m2 += tl.sum(centred * centred, axis=1)
         rstd = _rstd(m2, K, eps)
-    head = _transformed(head_x, mean, rstd, shift, scale_mod, inv_smooth, rows, head_cols, row_ok, K, tokens,
-                        stride_mod, ACT, NORM, HAS_SMOOTH, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
+    if NORM > 1:  # RMS: the sum of squares (0 outside)
+        squares = tl.sum(head_x.to(tl.float32) * head_x.to(tl.float32), axis=1)
+        if TAIL > 0:
+            squares += tl.sum(tail_x.to(tl.float32) * tail_x.to(tl.float32), axis=1)
+        rstd = _rstd(squares, K, eps)
+    head = _transformed(head_x, mean, rstd, shift, scale_mod, norm_weight, norm_bias, inv_smooth, rows, head_cols,
+                        row_ok, K, tokens, stride_mod, ACT, NORM, MODULATE, NORM_WEIGHT, NORM_BIAS, HAS_SMOOTH,
+                        EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
     amax = tl.max(tl.abs(head), axis=1)
     if TAIL > 0:
-        tail = _transformed(tail_x, mean, rstd, shift, scale_mod, inv_smooth, rows, tail_cols, row_ok, K, tokens,
-                            stride_mod, ACT, NORM, HAS_SMOOTH, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
+        tail = _transformed(tail_x, mean, rstd, shift, scale_mod, norm_weight, norm_bias, inv_smooth, rows,
+                            tail_cols, row_ok, K, tokens, stride_mod, ACT, NORM, MODULATE, NORM_WEIGHT, NORM_BIAS,
+                            HAS_SMOOTH, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
         amax = tl.maximum(amax, tl.max(tl.abs(tail), axis=1))
     scale = _row_scale(amax)
     tl.store(scales + rows, scale, mask=row_ok)
@@ -201,18 +265,20 @@ def _rows_one_pass_kernel(
 @triton.jit
 def _rows_multi_pass_kernel(
     x, inv_smooth, shift, scale_mod, codes, scales, M, K: tl.constexpr, tokens, eps, stride_xm, stride_cm, stride_mod,
-    ACT: tl.constexpr, NORM: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr,
-    ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    norm_weight, norm_bias,
+    ACT: tl.constexpr, NORM: tl.constexpr, MODULATE: tl.constexpr, NORM_WEIGHT: tl.constexpr,
+    NORM_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr, ONE_SAMPLE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """For rows too wide to hold, walks K once per step: (NORM) the rows' mean and variance, merged chunk by
-    chunk (Chan et al.); the row absmax; the codes. K is a compile-time constant (a layer's width; also what
-    Triton's CPU interpreter needs for a loop bound)."""
+    chunk (Chan et al.), or their sum of squares (RMS); the row absmax; the codes. K is a compile-time constant
+    (a layer's width; also what Triton's CPU interpreter needs for a loop bound)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rk = tl.arange(0, BLOCK_K)
     mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
     rstd = mean
-    if NORM:
+    if NORM == 1:
         m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             v = _load_rows(x, rows, k0 + rk, row_ok, K, stride_xm).to(tl.float32)
@@ -224,18 +290,24 @@ def _rows_multi_pass_kernel(
             mean += delta * (n_chunk / (n_seen + n_chunk))
             m2 += tl.sum(centred * centred, axis=1) + delta * delta * (n_seen * n_chunk / (n_seen + n_chunk))
         rstd = _rstd(m2, K, eps)
+    if NORM > 1:
+        squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            v = _load_rows(x, rows, k0 + rk, row_ok, K, stride_xm).to(tl.float32)
+            squares += tl.sum(v * v, axis=1)
+        rstd = _rstd(squares, K, eps)
     amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        h = _transformed(_load_rows(x, rows, k0 + rk, row_ok, K, stride_xm), mean, rstd, shift, scale_mod, inv_smooth,
-                         rows, k0 + rk, row_ok, K, tokens, stride_mod, ACT, NORM, HAS_SMOOTH, EMULATE,
-                         ONE_SAMPLE, BLOCK_M)  # fmt: skip
+        h = _transformed(_load_rows(x, rows, k0 + rk, row_ok, K, stride_xm), mean, rstd, shift, scale_mod,
+                         norm_weight, norm_bias, inv_smooth, rows, k0 + rk, row_ok, K, tokens, stride_mod, ACT, NORM,
+                         MODULATE, NORM_WEIGHT, NORM_BIAS, HAS_SMOOTH, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
         amax = tl.maximum(amax, tl.max(tl.abs(h), axis=1))
     scale = _row_scale(amax)
     tl.store(scales + rows, scale, mask=row_ok)
     for k0 in range(0, K, BLOCK_K):
-        h = _transformed(_load_rows(x, rows, k0 + rk, row_ok, K, stride_xm), mean, rstd, shift, scale_mod, inv_smooth,
-                         rows, k0 + rk, row_ok, K, tokens, stride_mod, ACT, NORM, HAS_SMOOTH, EMULATE,
-                         ONE_SAMPLE, BLOCK_M)  # fmt: skip
+        h = _transformed(_load_rows(x, rows, k0 + rk, row_ok, K, stride_xm), mean, rstd, shift, scale_mod,
+                         norm_weight, norm_bias, inv_smooth, rows, k0 + rk, row_ok, K, tokens, stride_mod, ACT, NORM,
+                         MODULATE, NORM_WEIGHT, NORM_BIAS, HAS_SMOOTH, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
         _store_codes(codes, h, scale, rows, k0 + rk, row_ok, K, stride_cm, EMULATE)
 
 
@@ -245,6 +317,7 @@ def quantize_rows_fp8(
     activation: str = "none",
     modulation: Modulation | None = None,
     *,
+    norm: Norm | None = None,
     residual: Residual | None = None,
     residual_out: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
@@ -252,12 +325,14 @@ def quantize_rows_fp8(
     row_elements: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(e4m3 codes (M, K [+ 2R]), float32 scales (M, 1)) of h = activation(x) or modulate(LayerNorm(x))
-    [· inv_smooth], inv_smooth (K,) the float32 reciprocal of SVDQuant's smoothing (`ditq.kernels.fp8` says why a
-    product).
+    """(e4m3 codes (M, K [+ 2R]), float32 scales (M, 1)) of h = activation(x), norm(x) or
+    modulate(norm(x), shift, scale), [· inv_smooth], inv_smooth (K,) the float32 reciprocal of SVDQuant's
+    smoothing (`ditq.kernels.fp8` says why a product). `norm` None with a modulation: adaLN's LayerNorm without
+    affine (`modulation.eps`).
 
-    `residual` (with a modulation): x is first replaced by x + gate·update, the block's residual add, which is
-    written to `residual_out` (contiguous (M, K) in x's dtype): one pass over x fewer than adding it apart.
+    `residual`: x is first replaced by x + gate·update (a gate needs a modulation: its rows per sample) or
+    x + update, the block's residual add, which is written to `residual_out` (contiguous (M, K) in x's dtype):
+    one pass over x fewer than adding it apart.
     `out`: an e4m3 (M, ≥ K) tensor, unit column stride, whose first K columns receive the codes (the FP8 path
     appends SVDQuant's low-rank activations behind them); it is returned as the codes.
     `lowrank` = (L1_q (K, R) e4m3, scale (1, R) float32): SVDQuant's P = (X_q · L1_q) · scale then fills the
@@ -271,7 +346,8 @@ def quantize_rows_fp8(
     (163 µs against 258 at the unsmoothed launch); at 1,152 one launch for three inputs whose bests differ (up
     to 8.5 µs faster each), chosen while smoothing still divided rather than multiplied.
     """
-    m, k = _check_operands(x, inv_smooth, activation, modulation, out, residual, residual_out)
+    norm = norm or (None if modulation is None else Norm("layer", modulation.eps))
+    m, k = _check_operands(x, inv_smooth, activation, modulation, out, norm, residual, residual_out)
     rank = 0 if lowrank is None else check_lowrank(k, *lowrank)
     x = x if x.stride(-1) == 1 else x.contiguous()
     codes = torch.empty(m, k + 2 * rank, dtype=torch.float8_e4m3fn, device=x.device) if out is None else out
@@ -281,25 +357,26 @@ def quantize_rows_fp8(
     if m == 0:  # an empty batch: nothing to launch
         return codes, scales
     shift, scale_mod, gate = (x, x, x) if modulation is None else _sample_rows(modulation, residual)
-    common = dict(ACT=ACTIVATIONS[activation], NORM=modulation is not None, HAS_SMOOTH=inv_smooth is not None,
-                  EMULATE=interpreted())  # fmt: skip
+    weight, bias = (None, None) if norm is None else (norm.weight, norm.bias)  # x in their place: never read
+    common = dict(ACT=ACTIVATIONS[activation], NORM=0 if norm is None else NORM_CODES[norm.kind],
+                  MODULATE=modulation is not None, NORM_WEIGHT=weight is not None, NORM_BIAS=bias is not None,
+                  HAS_SMOOTH=inv_smooth is not None, EMULATE=interpreted())  # fmt: skip
+    tokens = 1 if modulation is None else modulation.tokens
     head, tail = row_tiles(k)
     one_pass = head + tail <= MAX_RESIDENT
     if residual is not None and not one_pass:  # the multi-pass kernel reads x once per step: add it first
-        x = residual_out.copy_(residual_added(x, residual, modulation.tokens))
-    args = (x, x if inv_smooth is None else inv_smooth, shift, scale_mod, codes, scales, m, k,
-            *((1, 0.0) if modulation is None else (modulation.tokens, float(modulation.eps))),
-            x.stride(0), codes.stride(0), shift.stride(0))  # fmt: skip
+        x = residual_out.copy_(residual_added(x, residual, tokens))
+    args = (x, x if inv_smooth is None else inv_smooth, shift, scale_mod, codes, scales, m, k, tokens,
+            0.0 if norm is None else float(norm.eps), x.stride(0), codes.stride(0), shift.stride(0),
+            x if weight is None else weight, x if bias is None else bias)  # fmt: skip
     if one_pass:
-        default_elements, per_thread = UNSMOOTHED_LAUNCH if inv_smooth is None else SMOOTHED_LAUNCH
-        fits = max(1, (row_elements or default_elements) // (head + tail))
-        block_m = min(1 << (fits.bit_length() - 1), triton.next_power_of_2(m))  # powers of two
-        warps = triton.next_power_of_2(triton.cdiv(block_m * (head + tail), 32 * per_thread))
+        block_m, warps = one_pass_launch(m, k, inv_smooth is not None, row_elements)
         update, x_new = (x, x) if residual is None else (residual.update.contiguous(), residual_out)
         wrap_triton(_rows_one_pass_kernel)[(triton.cdiv(m, block_m),)](
             *args, update, gate, x_new, update.stride(0), x_new.stride(0),
             ONE_SAMPLE=_one_sample(modulation, block_m), BLOCK_M=block_m, HEAD=head, TAIL=tail,
-            RESIDUAL=residual is not None, num_warps=num_warps or min(8, warps), **common,
+            RESIDUAL=0 if residual is None else 2 if residual.gate is None else 1,
+            num_warps=num_warps or warps, **common,
         )  # fmt: skip
     else:
         block_m, block_k = MULTI_PASS_BLOCKS
@@ -312,6 +389,16 @@ def quantize_rows_fp8(
     return codes, scales
 
 
+def one_pass_launch(m: int, k: int, smoothed: bool, row_elements: int | None = None) -> tuple[int, int]:
+    """The one-pass kernel's default launch for m rows of k: (rows per program, warps), both powers of two
+    (`quantize_rows_fp8` says where they come from)."""
+    head, tail = row_tiles(k)
+    default_elements, per_thread = SMOOTHED_LAUNCH if smoothed else UNSMOOTHED_LAUNCH
+    fits = max(1, (row_elements or default_elements) // (head + tail))
+    block_m = min(1 << (fits.bit_length() - 1), triton.next_power_of_2(m))
+    return block_m, min(8, triton.next_power_of_2(triton.cdiv(block_m * (head + tail), 32 * per_thread)))
+
+
 def row_tiles(k: int) -> tuple[int, int]:
     """The one-pass kernel's two power-of-two column tiles for rows of k: (head, tail), tail 0 for a power of two."""
     head = 1 << (k.bit_length() - 1)
@@ -319,9 +406,10 @@ def row_tiles(k: int) -> tuple[int, int]:
 
 
 def _sample_rows(modulation: Modulation, residual: Residual | None) -> tuple[torch.Tensor, ...]:
-    """shift, scale and gate (shift again without a residual) with unit column stride and one row stride
+    """shift, scale and gate (shift again without a gate) with unit column stride and one row stride
     between them, as the kernel reads them; adaLN's chunks of one tensor already are (no copy)."""
-    rows = (modulation.shift, modulation.scale, modulation.shift if residual is None else residual.gate)
+    gate = modulation.shift if residual is None or residual.gate is None else residual.gate
+    rows = (modulation.shift, modulation.scale, gate)
     if any(t.stride(1) != 1 or t.stride(0) != rows[0].stride(0) for t in rows):
         return tuple(t.contiguous() for t in rows)
     return rows
@@ -338,6 +426,7 @@ def _check_operands(
     activation: str,
     modulation: Modulation | None,
     out: torch.Tensor | None,
+    norm: Norm | None = None,
     residual: Residual | None = None,
     residual_out: torch.Tensor | None = None,
 ) -> tuple[int, int]:
@@ -353,20 +442,24 @@ def _check_operands(
                             or out.shape[1] < k or out.stride(1) != 1):  # fmt: skip
         raise ValueError(f"out must be e4m3 ({m}, >= {k}) with unit column stride, got {out.dtype} "
                          f"{tuple(out.shape)} strides {out.stride()}")  # fmt: skip
-    if residual is not None and modulation is None:
-        raise ValueError("a residual is added before a LayerNorm: it needs a modulation")
+    if activation != "none" and (norm is not None or residual is not None):
+        raise ValueError("a norm or a residual takes activation 'none' (the activation would come first), "
+                         f"got {activation!r}")  # fmt: skip
+    if norm is not None:
+        _check_norm(norm, x)
     if modulation is not None:
-        if activation != "none":
-            raise ValueError(f"a modulation takes activation 'none' (LayerNorm first), got {activation!r}")
         if modulation.tokens < 1 or m % modulation.tokens:
             raise ValueError(f"{m} rows are not whole samples of modulation.tokens={modulation.tokens}")
         samples = m // modulation.tokens
         per_sample = [("modulation shift", modulation.shift), ("modulation scale", modulation.scale)]
-        for name, t in per_sample + ([] if residual is None else [("residual gate", residual.gate)]):
+        gate = [] if residual is None or residual.gate is None else [("residual gate", residual.gate)]
+        for name, t in per_sample + gate:
             if tuple(t.shape) != (samples, k) or t.dtype != x.dtype:
                 raise ValueError(f"{name} must be ({samples}, {k}) in {x.dtype} for {m} rows of "
                                  f"{modulation.tokens} tokens, got {t.dtype} {tuple(t.shape)}")  # fmt: skip
     if residual is not None:
+        if residual.gate is not None and modulation is None:
+            raise ValueError("a gated residual reads its gate per sample: it needs a modulation")
         if residual.update.shape != x.shape or residual.update.dtype != x.dtype:
             raise ValueError(f"residual update must be {x.dtype} {tuple(x.shape)} like x, got "
                              f"{residual.update.dtype} {tuple(residual.update.shape)}")  # fmt: skip
@@ -377,18 +470,34 @@ def _check_operands(
     return m, k
 
 
+def _check_norm(norm: Norm, x: torch.Tensor) -> None:
+    """A ValueError naming what of `norm` the kernel cannot apply to x's rows."""
+    if norm.kind not in NORMS:
+        raise ValueError(f"norm {norm.kind!r} is not one of {NORMS}")
+    if norm.kind == "rms" and norm.bias is not None:
+        raise ValueError("norm 'rms' takes no bias (F.rms_norm has none; 'rms_cast' adds one)")
+    for name, t in (("norm weight", norm.weight), ("norm bias", norm.bias)):
+        if t is not None and (tuple(t.shape) != (x.shape[1],) or t.dtype != x.dtype or not t.is_contiguous()):
+            raise ValueError(f"{name} must be contiguous ({x.shape[1]},) in {x.dtype}, got {t.dtype} "
+                             f"{tuple(t.shape)}")  # fmt: skip
+
+
 def quantize_rows_fp8_reference(
     x: torch.Tensor,
     inv_smooth: torch.Tensor | None = None,
     activation: str = "none",
     modulation: Modulation | None = None,
     residual: Residual | None = None,
+    norm: Norm | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same in PyTorch, as the FP8 backend computes it without the kernel (with a residual, of the sum
     `residual_added` returns)."""
     if residual is not None:
-        x = residual_added(x, residual, modulation.tokens)
-    h = activate(x, activation) if modulation is None else modulated(x, modulation)
+        x = residual_added(x, residual, 1 if modulation is None else modulation.tokens)
+    if modulation is not None:
+        h = modulated(x, modulation, norm)
+    else:
+        h = activate(x, activation) if norm is None else normalized(x, norm)
     h = smoothed_by_reciprocal(h, inv_smooth)
     scales = fp8_scale(h)
     return fp8_cast(h, scales), scales
