@@ -5,12 +5,12 @@ kernel of x's producer, but badly where the producer is itself a row reduction o
 (`ditq.kernels.triton.rowquant` says why and what it costs). The Triton pre-pass `ditq::quantize_rows_fp8` reads
 each row once and applies the producer itself. This pass finds, on any traced model, every FP8 layer's input
 (the op `ditq::fp8_input_codes`, or a pre-pass call of a layer with a low-rank branch) and, where x comes from
-one of these, moves the producer into the pre-pass:
-- modulate(LayerNorm(x), shift, scale): LayerNorm without affine, then x·(1 + scale) + shift with shift and scale
-  one row per sample ((N, 1, K) against x (N, T, K), in any spelling: `unsqueeze(1)`, `[:, None]`, a chunk);
-- before that LayerNorm, a gated residual add x' = x + gate·update (gate per sample): the pre-pass writes x'
-  beside the codes, and every later reader of x' reads that;
-- GELU (exact or tanh), as the pre-pass's activation;
+one of these (`ditq.kernels.producers` matches them), moves the producer into the pre-pass:
+- a norm (LayerNorm, RMSNorm), then adaLN's modulate x·(1 + scale) + shift with shift and scale one row per
+  sample ((N, 1, K) against x (N, T, K), in any spelling: `unsqueeze(1)`, `[:, None]`, a chunk), or no modulate;
+- before that norm, a residual add x' = x + gate·update (gate per sample, under a modulate) or x + update: the
+  pre-pass writes x' beside the codes, and every later reader of x' reads that;
+- GELU (exact or tanh) or SiLU, as the pre-pass's activation;
 - an attention output (reshapes of `scaled_dot_product_attention`'s result): nothing to fold, but one read by the
   pre-pass beats inductor's absmax and cast kernels (DiT-XL/2 W4A8-FP8 at batch 64 on an H200: 1.35× bf16
   against 1.30×, `bench/results/e2e_fp8_v12_models_h200.md`).
@@ -26,20 +26,18 @@ pass already installed; graphs without ditq's FP8 ops are left untouched. Eager 
 
 from __future__ import annotations
 
-import inspect
 import operator
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from ditq.kernels import producers
 from ditq.kernels.fp8 import fp8_input_codes
+from ditq.kernels.producers import Producer, is_method, producer_of, shape
 
 __all__ = ["COUNTER", "FusionPass", "fold_fp8_inputs", "install_fusion_pass"]
 
@@ -48,14 +46,7 @@ PRE_PASS = torch.ops.ditq.quantize_rows_fp8.default  # defined with `fp8_input_c
 _MARKERS = (fp8_input_codes, fp8_input_codes.overloadpacket)
 _PRE_PASSES = (PRE_PASS, PRE_PASS.overloadpacket)
 _PRE_PASS_ARGS = tuple(a.name for a in PRE_PASS._schema.arguments)
-_GELU = {"none": "gelu", "tanh": "gelu_tanh"}
-_ADD = (operator.add, torch.add)
-_MUL = (operator.mul, torch.mul)
-_VIEWS = {"reshape", "view", "transpose", "permute", "flatten", "unflatten", "contiguous"}
 _IN_PLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
-# the producers' signatures (F.gelu is a builtin without one)
-_SIGNATURES = {F.layer_norm: inspect.signature(F.layer_norm), F.dropout: inspect.signature(F.dropout),
-               F.gelu: inspect.signature(lambda input, approximate="none": None)}  # fmt: skip
 
 
 class FusionPass(CustomGraphPass):
@@ -70,9 +61,11 @@ class FusionPass(CustomGraphPass):
         fold_fp8_inputs(graph)
 
     def uuid(self) -> Any:
-        """This file's hash, with the chained passes' ids; None (no caching) when one of them has none."""
+        """The pass's source and the op's signature (what it can fold), with the chained passes' ids; None (no
+        caching) when one of them has none."""
         ids = [p.uuid() if isinstance(p, CustomGraphPass) else None for p in _passes(self.previous)]
-        return None if None in ids else (get_hash_for_files((__file__,)), *ids)
+        own = get_hash_for_files((__file__, producers.__file__), str(PRE_PASS._schema))
+        return None if None in ids else (own, *ids)
 
 
 def install_fusion_pass() -> None:
@@ -84,74 +77,6 @@ def install_fusion_pass() -> None:
 
 def _passes(custom: Any) -> tuple:
     return () if custom is None else tuple(custom) if isinstance(custom, (list, tuple)) else (custom,)
-
-
-# ---- what produced x --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Producer:
-    """What the pre-pass computes for x: `activation` of `x`, or modulate(LayerNorm(x)) with `shift` and `scale`
-    (N, 1, K) after x = `x` + `gate`·`update` where `residual` (the add) is not None."""
-
-    kind: str  # "norm_modulate", "gelu" or "attention"
-    x: fx.Node
-    activation: str = "none"
-    shift: fx.Node | None = None
-    scale: fx.Node | None = None
-    eps: float = 0.0
-    residual: fx.Node | None = None
-    update: fx.Node | None = None
-    gate: fx.Node | None = None
-
-
-def producer_of(x: fx.Node) -> Producer | None:
-    """The producer of a layer's input x that the pre-pass can compute, or None."""
-    source = _through_identities(x)
-    return _modulated(source) or _gelu(source) or _attention_output(x)
-
-
-def _modulated(node: fx.Node) -> Producer | None:
-    """x·(1 + scale) + shift of x = LayerNorm(x₀) (no affine, over the last dim) with per-sample shift and scale."""
-    for product, shift in _operands(node, _ADD):
-        for normed, gain in _operands(product, _MUL):
-            scale, norm = _added_to_one(gain), _bound(normed, F.layer_norm)
-            if scale is None or norm is None or norm["weight"] is not None or norm["bias"] is not None:
-                continue
-            x = norm["input"]
-            if tuple(norm["normalized_shape"]) != _shape(x)[-1:] or not _per_sample(x, shift, gain):
-                continue
-            if _value(scale).numel() != _shape(x)[0] * _shape(x)[2] or not _same_dtype(x, scale):
-                continue
-            fields = dict(x=x, shift=shift, scale=scale, eps=float(norm["eps"]))
-            return Producer("norm_modulate", **(fields | _gated_residual(x)))
-    return None
-
-
-def _gated_residual(node: fx.Node) -> dict[str, fx.Node]:
-    """{residual, x, update, gate} when `node` = x + gate·update with a per-sample gate, else {}."""
-    for x, product in _operands(node, _ADD):
-        for gate, update in _operands(product, _MUL):
-            if _shape(update) == _shape(x) and _per_sample(x, gate) and _same_dtype(x, update):
-                return dict(residual=node, x=x, update=update, gate=gate)
-    return {}
-
-
-def _gelu(node: fx.Node) -> Producer | None:
-    bound = _bound(node, F.gelu)
-    if bound is None or bound["approximate"] not in _GELU or not _float(bound["input"]):
-        return None
-    return Producer("gelu", bound["input"], activation=_GELU[bound["approximate"]])
-
-
-def _attention_output(node: fx.Node) -> Producer | None:
-    """x itself, when it is an attention's output seen through reshapes, and x's rows are contiguous (a slice
-    of the rows of several samples would cost a copy first)."""
-    source = node
-    while _is_method(source, _VIEWS) or _same_dtype_cast(source):
-        source = source.args[0]
-    attention = source.op == "call_function" and source.target is F.scaled_dot_product_attention
-    return Producer("attention", node) if attention and _float(node) and _value(node).is_contiguous() else None
 
 
 # ---- the rewrite ------------------------------------------------------------------------------------------
@@ -196,18 +121,21 @@ class _Rewrite:
             counters[COUNTER]["residual"] += 1
             with self.graph.inserting_after(fused):
                 x_new = self._call("call_function", operator.getitem, (fused, 2))
-                x_new = self._call("call_method", "view", (x_new, *_shape(producer.residual)))
+                x_new = self._call("call_method", "view", (x_new, *shape(producer.residual)))
             producer.residual.replace_all_uses_with(x_new)
             self.dropped.append(producer.residual)
 
     def _pre_pass(self, args: dict[str, Any], p: Producer) -> fx.Node:
-        k = _shape(p.x)[-1]
+        k = shape(p.x)[-1]
         args = args | dict(x=self._rows(p.x, -1, k), activation=p.activation)
         if p.shift is not None:  # (N, T, K) rows of N samples
-            n, tokens = _shape(p.x)[:2]
+            n, tokens = shape(p.x)[:2]
             args |= dict(shift=self._rows(p.shift, n, k), scale=self._rows(p.scale, n, k), tokens=tokens, eps=p.eps)
+        if p.norm is not None:  # another norm than the op's default (only where the op takes one)
+            args |= dict(norm=p.norm, norm_weight=p.norm_weight, norm_bias=p.norm_bias, eps=p.eps)
         if p.residual is not None:
-            args |= dict(update=self._rows(p.update, -1, k), gate=self._rows(p.gate, _shape(p.x)[0], k))
+            gate = None if p.gate is None else self._rows(p.gate, shape(p.x)[0], k)
+            args |= dict(update=self._rows(p.update, -1, k), gate=gate)
         return self._call("call_function", PRE_PASS, tuple(args[name] for name in _PRE_PASS_ARGS))
 
     def _rows(self, node: fx.Node, rows: int, k: int) -> fx.Node:
@@ -230,13 +158,14 @@ class _Rewrite:
     def finish(self) -> None:
         """Erase what lost its users (the folded producers), then restore a topological order: a later reader of a
         residual sum now reads the pre-pass's output."""
-        pending = list(self.dropped)
+        pending, erased = list(self.dropped), set()
         while pending:
             node = pending.pop()
-            if node.op in ("call_function", "call_method") and not node.users and not node.is_impure():
-                inputs = node.all_input_nodes
-                self.graph.erase_node(node)
-                pending.extend(inputs)
+            if node in erased or node.op not in ("call_function", "call_method") or node.users or node.is_impure():
+                continue
+            pending.extend(node.all_input_nodes)
+            self.graph.erase_node(node)
+            erased.add(node)
         from torch._inductor.pattern_matcher import stable_topological_sort
 
         stable_topological_sort(self.graph)
@@ -255,9 +184,9 @@ def _foldable(node: fx.Node, args: dict[str, Any]) -> Producer | None:
     call that folds nothing yet (a low-rank layer's)."""
     x = args["x"]
     if node.target in _PRE_PASSES:
-        if args["activation"] != "none" or args["shift"] is not None or args["update"] is not None:
+        if args["activation"] != "none" or any(args.get(a) is not None for a in ("shift", "update", "norm")):
             return None
-        x = x.args[0] if _is_method(x, {"reshape", "view"}) else x
+        x = x.args[0] if is_method(x, {"reshape", "view"}) else x
     producer = producer_of(x) if isinstance(x, fx.Node) else None
     if producer is None or producer.kind == "attention" and node.target in _PRE_PASSES:
         return None
@@ -269,102 +198,12 @@ def _foldable(node: fx.Node, args: dict[str, Any]) -> Producer | None:
 def _key(target: Any, args: dict[str, Any]) -> tuple:
     """Equal for two calls computing the same codes: x up to a reshape of the same node."""
     x = args["x"]
-    if _is_method(x, {"reshape", "view"}):
-        x = ("reshape", x.args[0], _shape(x))
+    if is_method(x, {"reshape", "view"}):
+        x = ("reshape", x.args[0], shape(x))
     return (target in _MARKERS, x, *(args[n] for n in _PRE_PASS_ARGS[1:]))
 
 
 # ---- graph reading ---------------------------------------------------------------------------------------
-
-
-def _value(node: Any) -> torch.Tensor | None:
-    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
-    return value if isinstance(value, torch.Tensor) else None
-
-
-def _shape(node: Any) -> tuple[int, ...]:
-    value = _value(node)
-    return () if value is None else tuple(value.shape)
-
-
-def _float(node: Any) -> bool:
-    value = _value(node)
-    return value is not None and value.dtype in (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _per_sample(x: fx.Node, *rows: fx.Node) -> bool:
-    """Whether x is (N, T, K) in a pre-pass dtype and each of `rows` (N, 1, K) in x's dtype."""
-    shape = _shape(x)
-    if len(shape) != 3 or not _float(x):
-        return False
-    return all(_shape(n) == (shape[0], 1, shape[2]) for n in rows) and _same_dtype(x, *rows)
-
-
-def _same_dtype(x: fx.Node, *others: fx.Node) -> bool:
-    return all(_value(n) is not None and _value(n).dtype == _value(x).dtype for n in others)
-
-
-def _operands(node: Any, targets: tuple) -> Iterator[tuple[fx.Node, fx.Node]]:
-    """Both orders of a binary add or mul's two tensor operands (none for anything else)."""
-    binary = isinstance(node, fx.Node) and len(node.args) == 2 and not node.kwargs and (
-        node.op == "call_function" and node.target in targets
-        or node.op == "call_method" and node.target == targets[0].__name__)  # fmt: skip
-    if binary and all(isinstance(a, fx.Node) for a in node.args):
-        a, b = node.args
-        yield a, b
-        yield b, a
-
-
-def _added_to_one(node: Any) -> fx.Node | None:
-    """s where node = 1 + s or s + 1, seen through unsqueezes (`(1 + scale)[:, None]`)."""
-    while isinstance(node, fx.Node):
-        if node.op == "call_function" and node.target in _ADD and len(node.args) == 2 and not node.kwargs:
-            a, b = node.args
-            s = b if a == 1 else a if b == 1 else None
-            return s if _value(s) is not None else None
-        if not _unsqueezed(node):
-            return None
-        node = node.args[0]
-    return None
-
-
-def _unsqueezed(node: fx.Node) -> bool:
-    """Whether node only adds unit dims to its input: unsqueeze, or indexing with full slices and None."""
-    if _is_method(node, {"unsqueeze"}) or node.op == "call_function" and node.target is torch.unsqueeze:
-        return True
-    index = node.args[1] if node.op == "call_function" and node.target is operator.getitem else 0
-    index = index if isinstance(index, tuple) else (index,)
-    return all(i is None or i is Ellipsis or i == slice(None) for i in index) and None in index
-
-
-def _through_identities(node: fx.Node) -> fx.Node:
-    """node's input while node is an identity at inference: dropout outside training, a cast to its own dtype."""
-    while True:
-        dropout = _bound(node, F.dropout)
-        if dropout is not None and (not dropout["training"] or dropout["p"] == 0):
-            node = dropout["input"]
-        elif _same_dtype_cast(node):
-            node = node.args[0]
-        else:
-            return node
-
-
-def _bound(node: Any, fn: Callable) -> dict[str, Any] | None:
-    """node's arguments by name with defaults, if it calls `fn`."""
-    if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target is fn):
-        return None
-    bound = _SIGNATURES[fn].bind(*node.args, **node.kwargs)
-    bound.apply_defaults()
-    return bound.arguments
-
-
-def _is_method(node: Any, names: set[str]) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_method" and node.target in names
-
-
-def _same_dtype_cast(node: fx.Node) -> bool:
-    return _is_method(node, {"to"}) and _value(node) is not None and _value(node.args[0]) is not None and (
-        _value(node).dtype == _value(node.args[0]).dtype)  # fmt: skip
 
 
 def _depends_on(node: Any, ancestor: fx.Node) -> bool:
@@ -383,7 +222,7 @@ def _depends_on(node: Any, ancestor: fx.Node) -> bool:
 def _mutated(p: Producer) -> bool:
     """Whether an operand the pre-pass would read is written in place somewhere (the pre-grad graph is not
     functional): moving the read could then see another value."""
-    operands = [n for n in (p.x, p.shift, p.scale, p.update, p.gate) if n is not None]
+    operands = [n for n in (p.x, p.shift, p.scale, p.update, p.gate, p.norm_weight, p.norm_bias) if n is not None]
     return any(
         user.op == "call_function" and user.target in _IN_PLACE
         or user.op == "call_method" and str(user.target).endswith("_")

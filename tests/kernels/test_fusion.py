@@ -11,12 +11,14 @@ from collections import Counter
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
 
 import ditq
 from ditq.kernels import prepare_for_inference
 from ditq.kernels.fusion import COUNTER, FusionPass, fold_fp8_inputs
+from ditq.models import create
 from ditq.models.dit import DiTBlock
 from ditq.quant.primitives import fp8_cast, fp8_scale
 from ditq.quant.qlinear import QuantLinear
@@ -89,7 +91,7 @@ def test_few_rows_on_the_fp8_backend_keep_the_lowbit_route_and_nothing_is_folded
 #   gated add, GELU → ff.net.2, attention output → to_out.0; the ff's gated add → next block's norm1;
 # - PixArt (ada_norm_single): as DiT, plus a cross-attention whose to_q reads the residual sum (no norm: plain),
 #   whose to_k/to_v read the caption (plain once, deduped in every later layer) and whose output → to_out.0;
-#   norm2's residual add is the cross-attention's, un-gated: not folded;
+#   norm2's residual add is the cross-attention's, without a gate;
 # - SD3 (joint blocks, the last one context_pre_only): both streams as DiT's, the last block's context stream
 #   ending at add_q/k/v (an AdaLayerNormContinuous: `(1 + scale)[:, None, :]`); the joint attention's outputs
 #   are token slices of two samples' rows (not contiguous): plain;
@@ -99,7 +101,7 @@ L = 2
 DIFFUSERS = {
     "DiTTransformer2DModel": ({}, dict(norm_modulate=2 * L, deduped=2 * L, gelu=L, attention=L, residual=2 * L - 1)),
     "PixArtTransformer2DModel": ({}, dict(norm_modulate=2 * L, deduped=2 * L + 2 * L - 1, attention=2 * L,
-                                          plain=L + 1, gelu=L, residual=L - 1)),
+                                          plain=L + 1, gelu=L, residual=L + L - 1)),
     "SD3Transformer2DModel": ({}, dict(norm_modulate=2 * L + L + L - 1, deduped=4 * L, gelu=2 * L - 1,
                                        residual=2 * L - 1 + 2 * (L - 1), plain=2 * L - 1)),
     "FluxTransformer2DModel": (dict(num_layers=1, num_single_layers=1), dict(norm_modulate=4 + 1, deduped=4 + 3,
@@ -151,14 +153,14 @@ class Modulated(torch.nn.Module):
         elif self.variant == "shared_shift":  # one shift for every sample: not per sample
             x = x + gate[:, None] * update
             h = self.norm(x) * (1 + scale[:, None]) + shift[:1, None]
-        elif self.variant == "full_gate":  # a gate per token: the add is not folded, the norm is
+        elif self.variant == "full_gate":  # a gate per token: the product stays an op, the add is folded
             x = x + gate[:, None] * update * update.sign()
             h = self.norm(x) * (1 + scale[:, None]) + shift[:, None]
         elif self.variant == "in_place":  # x written in place after its norm: nothing may move its read
             x = x.clone()
             h = self.norm(x) * (1 + scale[:, None]) + shift[:, None]
             x.mul_(2)
-        else:  # "affine": a LayerNorm with weights (not in the pre-pass)
+        else:  # "affine": a LayerNorm with weights
             x = x + gate[:, None] * update
             h = self.norm(x) * (1 + scale[:, None]) + shift[:, None]
         return self.q(h) + self.k(h) * self.v(h) + x
@@ -173,16 +175,74 @@ def modulated_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize(("variant", "expected"), [
     ("chunked", dict(norm_modulate=1, residual=1, deduped=2)),
     ("shared_shift", dict(plain=1, deduped=2)),
-    ("full_gate", dict(norm_modulate=1, deduped=2)),
+    ("full_gate", dict(norm_modulate=1, residual=1, deduped=2)),
     ("in_place", dict(plain=1, deduped=2)),
-    ("affine", dict(plain=1, deduped=2)),
+    ("affine", dict(norm_modulate=1, residual=1, deduped=2)),
 ])  # fmt: skip
-def test_only_per_sample_modulation_of_a_plain_layer_norm_is_folded(variant, expected):
+def test_a_modulate_is_folded_with_per_sample_shift_and_scale_only(variant, expected):
     model = prepare_for_inference(Modulated(variant).eval(), "fp8-cached")
     x, update, c = modulated_inputs()
     counters[COUNTER].clear()
     assert_compiled_matches_eager(model, x, update, c, backend=pre_grad_only)
     assert +counters[COUNTER] == Counter(expected)
+
+
+class Normalized(torch.nn.Module):
+    """norm(x + update) into q, k and v, or SiLU(x) into them, with `norm` one of `NORMS`' modules."""
+
+    def __init__(self, norm: str):
+        super().__init__()
+        self.norm = NORMS[norm]()
+        self.q, self.k, self.v = (QuantLinear.from_linear(torch.nn.Linear(48, 48), SPEC) for _ in "qkv")
+        with torch.no_grad():
+            for p in self.norm.parameters():
+                p.normal_(1.0, 0.5)
+
+    def forward(self, x: torch.Tensor, update: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        h = F.silu(x) if isinstance(self.norm, torch.nn.SiLU) else self.norm(x + update)
+        return self.q(h) + self.k(h) * self.v(h)
+
+
+def diffusers_rms_norm(**kwargs) -> torch.nn.Module:
+    pytest.importorskip("diffusers")
+    from diffusers.models.normalization import RMSNorm
+
+    return RMSNorm(48, eps=1e-6, **kwargs)
+
+
+NORMS = {
+    "layer_norm_affine": lambda: torch.nn.LayerNorm(48, eps=1e-6),
+    "rms_norm": lambda: torch.nn.RMSNorm(48, eps=1e-6),
+    "diffusers_rms_norm": lambda: diffusers_rms_norm(bias=True),
+    "diffusers_rms_norm_without_weight": lambda: diffusers_rms_norm(elementwise_affine=False),
+    "silu": torch.nn.SiLU,
+}
+
+
+@pytest.mark.parametrize("norm", list(NORMS))
+def test_a_norm_without_a_modulate_and_silu_are_folded(norm):
+    model = prepare_for_inference(Normalized(norm).eval(), "fp8-cached")
+    folded_kind = dict(silu=1) if norm == "silu" else dict(norm=1, residual=1)
+    counters[COUNTER].clear()
+    assert_compiled_matches_eager(model, *modulated_inputs(), backend=pre_grad_only)
+    assert +counters[COUNTER] == Counter(deduped=2, **folded_kind)
+
+
+def test_a_large_dit_folds_its_rms_norms_and_modulates():
+    """Per block: RMSNorm + modulate → qkv and → the SwiGLU's w1 and w3 (one pre-pass), the attention output →
+    proj, w2 reads SiLU(w1·x) ⊙ w3·x (plain); the gated adds as the DiT's."""
+    depth = 2
+    torch.manual_seed(0)
+    model = create("LargeDiT-MNIST", depth=depth, hidden_size=64, num_heads=2).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    prepare_for_inference(ditq.quantize(model, FP8), "fp8-cached")
+    g = torch.Generator().manual_seed(3)
+    args = (torch.randn(3, 1, 32, 32, generator=g), torch.randint(0, 1000, (3,), generator=g),
+            torch.randint(0, 10, (3,), generator=g))  # fmt: skip
+    assert folded(model, *args) == Counter(norm_modulate=2 * depth, deduped=depth, attention=depth, plain=depth,
+                                           residual=2 * depth - 1)  # fmt: skip
 
 
 def test_layers_of_an_input_group_share_their_smoothing_and_quantize_their_input_once():
