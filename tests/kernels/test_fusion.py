@@ -245,16 +245,21 @@ def test_a_large_dit_folds_its_rms_norms_and_modulates():
                                            residual=2 * depth - 1)  # fmt: skip
 
 
-def test_layers_of_an_input_group_share_their_smoothing_and_quantize_their_input_once():
-    """Equal smoothing vectors held by three layers become one tensor, so Dynamo gives the graph one input for
-    them and the three pre-passes are one; a layer smoothing otherwise keeps its own."""
+@pytest.mark.parametrize("lowrank", [False, True], ids=["smooth", "smooth+lowrank"])
+def test_layers_of_an_input_group_share_their_input_buffers_and_quantize_their_input_once(lowrank):
+    """Equal smoothing vectors (and low-rank down-projections, whose layers call the pre-pass themselves) held by
+    layers become one tensor each, so Dynamo gives the graph one input for them and their pre-passes are one; a
+    layer smoothing otherwise keeps its own."""
     model = Modulated("chunked")
-    smooth = torch.rand(48) + 0.5
+    smooth, down = torch.rand(48) + 0.5, torch.randn(48, 4) * 0.1
+    spec = dataclasses.replace(SPEC, smooth=True, rank=4 if lowrank else 0)
     for name, s in (("q", smooth), ("k", smooth.clone()), ("v", smooth + 1)):
-        setattr(model, name, QuantLinear.from_linear(torch.nn.Linear(48, 48), dataclasses.replace(SPEC, smooth=True),
-                                                     smooth=s))  # fmt: skip
+        extras = dict(lowrank_down=down.clone(), lowrank_up=torch.randn(4, 48) * 0.1) if lowrank else {}
+        setattr(model, name, QuantLinear.from_linear(torch.nn.Linear(48, 48), spec, smooth=s, **extras))
     prepare_for_inference(model.eval(), "fp8-cached")
-    assert model.q.inv_smooth is model.k.inv_smooth and model.v.inv_smooth is not model.q.inv_smooth
+    shared = ("inv_smooth", "lowrank_down_fp8", "lowrank_down_scale") if lowrank else ("inv_smooth",)
+    assert all(getattr(model.q, b) is getattr(model.k, b) for b in shared)
+    assert model.v.inv_smooth is not model.q.inv_smooth
     x, update, c = modulated_inputs()
     counters[COUNTER].clear()
     assert_compiled_matches_eager(model, x, update, c, backend=pre_grad_only)
@@ -282,6 +287,16 @@ def test_the_pass_leaves_graphs_without_fp8_inputs_alone(backend):
     counters[COUNTER].clear()
     fold_fp8_inputs(gm.graph)
     assert str(gm.graph) == before and not +counters[COUNTER]
+
+
+def test_the_pass_run_again_changes_nothing():
+    model = prepare_for_inference(Modulated("chunked").eval(), "fp8-cached")
+    gm = captured_graph(model, *modulated_inputs())
+    fold_fp8_inputs(gm.graph)
+    once = str(gm.graph)
+    counters[COUNTER].clear()
+    fold_fp8_inputs(gm.graph)
+    assert str(gm.graph) == once and not +counters[COUNTER]
 
 
 class Marking:
