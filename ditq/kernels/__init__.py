@@ -19,13 +19,13 @@ Backends here:
 - `"fp8"` / `"fp8-cached"` (`ditq.kernels.fp8`): W4A8-FP8 on sm_89+ for symmetric int2–int4 or ternary
   weights with dynamic per-token FP8 activations: per-channel layers through cuBLAS FP8 on e4m3 weight codes,
   per-group ones (groups a multiple of 32) through the lowbit kernel's FP8 mode; `"fp8"` sends few-row
-  calls to the lowbit kernel. Both first move each MLP's GELU into its second Linear and each zoo DiT block's
-  LayerNorm + modulate into qkv and fc1 (`ditq.kernels.fusion`), whose inputs they then quantize in the
-  Triton pre-pass, as they do the block's attention output; and both fold SVDQuant's smoothing into the
-  producer of a layer's input where the architecture's adapter says what that is (`ditq.kernels.folding`), so
-  the pre-pass no longer multiplies by its reciprocal. The reference and dequantized backends leave the model's
-  weights as they are (the oracle, and what search and evaluation save): their x / smooth is an ordinary op
-  that the compiler fuses into x's producer.
+  calls to the lowbit kernel. Preparing a model for them installs a `torch.compile` graph pass
+  (`ditq.kernels.fusion`) that folds what produces a layer's input (LayerNorm + adaLN modulate and the residual
+  add before it, a GELU) into the layer's Triton input pre-pass, on any model; and it folds SVDQuant's smoothing
+  into the producer of a layer's input where the architecture's adapter says what that is
+  (`ditq.kernels.folding`), so the pre-pass no longer multiplies by its reciprocal. The reference and dequantized
+  backends leave the model's weights as they are (the oracle, and what search and evaluation save): their
+  x / smooth is an ordinary op that the compiler fuses into x's producer.
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ from torch import nn
 from ditq.adapters import adapter_for
 from ditq.kernels import fp8, lowbit, ops
 from ditq.kernels.folding import fold_smoothing
-from ditq.kernels.fusion import fuse_input_activations
-from ditq.kernels.reference import activate, group_linear, linear_reference, quantize_activations
+from ditq.kernels.fusion import install_fusion_pass
+from ditq.kernels.reference import group_linear, linear_reference, quantize_activations
 from ditq.quant.qlinear import BACKEND_FORWARDS, QuantLinear
 
 __all__ = [
@@ -70,8 +70,11 @@ class Backend:
     convert: Callable[[QuantLinear, torch.dtype], dict[str, torch.Tensor]] = lambda module, dtype: {}
     # buffers `.to(dtype)` must not cast (FP8 codes, float32 scales)
     fixed_dtype_buffers: tuple[str, ...] = ()
-    # whether `prepare_for_inference` first moves GELUs and DiT-block norms into the next Linear (`ditq.kernels.fusion`)
-    fuses_input_activations: bool = False
+    # whether `prepare_for_inference` installs the graph pass that folds producers into FP8 input pre-passes
+    # (`ditq.kernels.fusion`), and shares equal `shared_input_buffers` among layers so that a compiled graph
+    # sees one input for them and quantizes an input read by several such layers once
+    fuses_producers: bool = False
+    shared_input_buffers: tuple[str, ...] = ()
     # whether `prepare_for_inference` folds SVDQuant's smoothing into the producers of the layers it runs
     folds_smoothing: bool = False
 
@@ -101,8 +104,8 @@ def prepare_for_inference(
 
     `dtype` is the compute dtype of buffers a backend precomputes (default: each layer's float dtype,
     the dtype of its bias or low-rank factors, else float32). Calling it again switches backends and
-    drops the kernel buffers the previous one added; the FP8 backends' rewrites of GELUs and DiT blocks
-    (`ditq.kernels.fusion`) stay, since every backend computes the same outputs through them.
+    drops the kernel buffers the previous one added. For the FP8 backends it installs their `torch.compile`
+    graph pass (`ditq.kernels.fusion`), which leaves graphs without their ops alone.
     `fast_accumulation` (the FP8 backends only; default `fp8.DEFAULT_FAST_ACCUMULATION`) lets cuBLAS's FP8
     GEMMs keep the tensor cores' partial sums unpromoted along K. `fold=False` keeps the FP8 backends from
     folding smoothing into producers (`ditq.kernels.folding`; to measure what it saves); a fold made by an
@@ -119,11 +122,11 @@ def prepare_for_inference(
         raise TypeError(f"fold must be True or False, got {fold!r}")
     fast = fp8.DEFAULT_FAST_ACCUMULATION if fast_accumulation is None else fast_accumulation
     chosen = BACKENDS[name]
-    if chosen.fuses_input_activations:
-        logger.info("moved %d activation(s) and norm(s) into the next Linear", fuse_input_activations(model))
     if chosen.folds_smoothing and fold:
         folded = fold_smoothing(model, adapter_for(model).fold_sites(model), lambda m: chosen.supports(m) is None)
         logger.info("folded the smoothing of %d layer(s) into the producers of their inputs", folded)
+    if chosen.fuses_producers:
+        install_fusion_pass()
     declined: Counter[str] = Counter()
     for module in model.modules():
         if not isinstance(module, QuantLinear):
@@ -143,7 +146,24 @@ def prepare_for_inference(
             module.fast_accumulation = fast
     for reason, count in declined.items():
         logger.warning("backend %r cannot run %d layer(s) (%s); they keep the reference", name, count, reason)
+    _share_equal(model, chosen.shared_input_buffers)
     return model
+
+
+def _share_equal(model: nn.Module, names: tuple[str, ...]) -> None:
+    """Make layers whose buffer `name` holds equal values hold one tensor (an input group's smoothing)."""
+    for name in names:
+        kept: list[torch.Tensor] = []
+        for module in model.modules():
+            t = module._buffers.get(name) if isinstance(module, QuantLinear) else None
+            if t is None:
+                continue
+            same = next((k for k in kept if k.shape == t.shape and k.dtype == t.dtype and k.device == t.device
+                         and torch.equal(k, t)), None)  # fmt: skip
+            if same is None:
+                kept.append(t)
+            else:
+                module._buffers[name] = same
 
 
 def _float_dtype(module: QuantLinear) -> torch.dtype:
@@ -155,7 +175,7 @@ def _float_dtype(module: QuantLinear) -> torch.dtype:
 
 def _reference_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return ops.quant_linear(
-        activate(x, m.input_activation),
+        x,
         m.qweight,
         m.scales,
         m.zeros,
@@ -171,7 +191,7 @@ def _reference_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 
 def _dequantized_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
     return linear_reference(
-        activate(x, m.input_activation), m.weight_dq, m.bias, m.input_smooth, m.lowrank_down, m.lowrank_up, m.act_scale, m.act_zero, m.spec
+        x, m.weight_dq, m.bias, m.input_smooth, m.lowrank_down, m.lowrank_up, m.act_scale, m.act_zero, m.spec
     )
 
 
@@ -191,7 +211,8 @@ register_backend(
         supports=fp8.fp8_support,
         convert=lambda m, dtype: fp8.weight_scale(m),
         fixed_dtype_buffers=("fp8_scale_w", *fp8.LOWRANK_BUFFERS, "lowrank_up_fp8", "weight_row_shift", "inv_smooth"),
-        fuses_input_activations=True,
+        fuses_producers=True,
+        shared_input_buffers=fp8.INPUT_BUFFERS,
         folds_smoothing=True,
     )
 )
@@ -202,7 +223,8 @@ register_backend(
         supports=fp8.fp8_support,
         convert=lambda m, dtype: fp8.expanded_weight(m),
         fixed_dtype_buffers=("fp8_scale_w", "weight_fp8", *fp8.LOWRANK_BUFFERS, "inv_smooth"),
-        fuses_input_activations=True,
+        fuses_producers=True,
+        shared_input_buffers=fp8.INPUT_BUFFERS,
         folds_smoothing=True,
     )
 )

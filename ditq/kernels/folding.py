@@ -66,8 +66,6 @@ def folded_layers(model: nn.Module) -> list[str]:
 
 def _refusal(readers: list[QuantLinear]) -> str | None:
     """Why readers of one tensor cannot all take it divided by one smoothing vector, or None."""
-    if any(r.input_activation not in (None, "none") for r in readers):
-        return "a reader applies an activation to its input first"
     if any(not torch.equal(r.smooth, readers[0].smooth) for r in readers[1:]):
         return "the layers reading one tensor hold different smoothing vectors"
     return None

@@ -5,14 +5,14 @@
     packed codes ──(Triton op `ditq::expand_fp8`: exact e4m3)──► W_q, then U_high, U_low ─────────┼─► _scaled_mm
     ([X_q | P | P], [W_q | U_high | U_low]ᵀ, s_x, s_w) + b: main product and low-rank branch in ONE GEMM ─┘
 
-The activation quantization is left as ordinary PyTorch ops on purpose: under `torch.compile` they fuse
-into the kernel that produces x (LayerNorm + adaLN modulate, ...), so quantizing costs no extra pass over
-the activations — a separate quantization kernel (the first version of this backend, and torchao's float8)
+The activation quantization is the op `ditq::fp8_input_codes`, ordinary PyTorch ops on purpose: under
+`torch.compile` they fuse into the kernel that produces x, so quantizing costs no extra pass over the
+activations — a separate quantization kernel (the first version of this backend, and torchao's float8)
 re-reads every activation once more, which cost more than the FP8 GEMMs saved. The exceptions are the
-producers inductor fuses badly with a row reduction (`ditq.kernels.fusion` moves them): a layer's
-`input_activation` (an MLP's GELU moved into its second Linear) and a DiT block's LayerNorm + adaLN modulate
-(`fp8_linear` with a `Modulation`). There the Triton op `ditq::quantize_rows_fp8` applies the producer, the smoothing
-and the row scale in one read of each row; so it does for every layer with a low-rank branch. SVDQuant's
+producers inductor fuses badly with a row reduction (LayerNorm + adaLN modulate, GELU): the graph pass of
+`ditq.kernels.fusion` replaces such an input's op by the Triton op `ditq::quantize_rows_fp8`, which applies the
+producer, the smoothing and the row scale in one read of each row; every layer with a low-rank branch calls
+that op itself. Eager runs the ordinary ops. SVDQuant's
 smoothing x / smooth is applied as x · inv_smooth, its float32 reciprocal computed once in
 `prepare_for_inference`, the product kept in float32 (at most one bf16 step from the quotient the other backends
 compute; unrounded, so eager, compiled and the pre-pass give the same codes): with the correctly rounded
@@ -55,8 +55,8 @@ __all__ = [
     "DEFAULT_FAST_ACCUMULATION",
     "FP8_BACKENDS",
     "expand_fp8",
+    "fp8_input_codes",
     "fp8_linear",
-    "fp8_linear_after_residual",
     "fp8_support",
     "quantize_rows",
     "uses_few_row_path",
@@ -133,39 +133,35 @@ def quantize_rows(
     return codes, scales, x_new
 
 
-def fp8_linear(m: QuantLinear, x: torch.Tensor, modulation: Modulation | None = None) -> torch.Tensor:
-    """y = m(x), or m(modulate(LayerNorm(x), shift, scale)) with a `modulation`, through one FP8 GEMM with
-    row-wise scales on both sides (SVDQuant's up-projection rides in it as 2·rank more columns of K); `m`
-    runs on an FP8 backend."""
-    codes, scale_x, _ = _input_codes(m, x, modulation)
+def fp8_linear(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """y = m(x) through one FP8 GEMM with row-wise scales on both sides (SVDQuant's up-projection rides in it as
+    2·rank more columns of K); `m` runs on an FP8 backend."""
+    codes, scale_x = _input_codes(m, x)
     return _gemm(m, codes, scale_x, x)
 
 
-def fp8_linear_after_residual(
-    m: QuantLinear, x: torch.Tensor, residual: Residual, modulation: Modulation
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(m(modulate(LayerNorm(x'), shift, scale)), x') with x' = x + gate·update: a DiT block's residual add
-    inside the pre-pass, which reads x and the update once and writes x' (the block's new residual stream)
-    beside the codes, where adding apart costs one more pass over x."""
-    codes, scale_x, x_new = _input_codes(m, x, modulation, residual)
-    return _gemm(m, codes, scale_x, x), x_new.view(x.shape)
+def _plain_input_codes(x: torch.Tensor, inv_smooth: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    h = smoothed_by_reciprocal(x, inv_smooth).reshape(-1, x.shape[-1])  # (M, K)
+    scale_x = fp8_scale(h)  # (M, 1) float32
+    return fp8_cast(h, scale_x), scale_x
 
 
-def _input_codes(
-    m: QuantLinear, x: torch.Tensor, modulation: Modulation | None, residual: Residual | None = None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The GEMM's activation operand: (e4m3 codes (M, K [+ 2·rank]), row scales (M, 1), x' or None)."""
-    k = x.shape[-1]
-    inv_smooth = _inv_smooth(m)
-    if m.input_activation is None and modulation is None and m.lowrank_up is None:
-        # ordinary ops, fused by the compiler into x's producer
-        h = smoothed_by_reciprocal(x, inv_smooth).reshape(-1, k)  # (M, K)
-        scale_x = fp8_scale(h)  # (M, 1) float32
-        return fp8_cast(h, scale_x), scale_x, None
-    lowrank = (None, None) if m.lowrank_up is None else (m.lowrank_down_fp8, m.lowrank_down_scale)
-    update = () if residual is None else (residual.update.reshape(-1, k), residual.gate)
-    return quantize_rows(x.reshape(-1, k), inv_smooth, m.input_activation or "none",
-                         *(modulation or (None, None, 1, 0.0)), *lowrank, *update)  # fmt: skip
+# The input of an FP8 layer without a low-rank branch: (e4m3 codes (M, K), float32 row scales (M, 1)) of
+# x · inv_smooth. Ordinary ops (CompositeImplicitAutograd): eager runs them, and `torch.compile` keeps the call as
+# one node for the fusion pass (`ditq.kernels.fusion`), which turns it into the pre-pass with x's producer folded
+# in; a call left alone decomposes into these ops, which inductor fuses into the producer.
+torch.library.define("ditq::fp8_input_codes", "(Tensor x, Tensor? inv_smooth) -> (Tensor, Tensor)")
+torch.library.impl("ditq::fp8_input_codes", "CompositeImplicitAutograd")(_plain_input_codes)
+fp8_input_codes = torch.ops.ditq.fp8_input_codes.default
+
+
+def _input_codes(m: QuantLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The GEMM's activation operand: (e4m3 codes (M, K [+ 2·rank]), row scales (M, 1))."""
+    if m.lowrank_up is None:
+        return fp8_input_codes(x, _inv_smooth(m))
+    codes, scale_x, _ = quantize_rows(x.reshape(-1, x.shape[-1]), _inv_smooth(m), "none", None, None, 1, 0.0,
+                                      m.lowrank_down_fp8, m.lowrank_down_scale)  # fmt: skip
+    return codes, scale_x
 
 
 def _inv_smooth(m: QuantLinear) -> torch.Tensor | None:
@@ -266,6 +262,7 @@ def expanded_weight(m: QuantLinear) -> dict[str, torch.Tensor]:
 
 MAX_ROW_SHIFT = 2.0**9  # q · 2^-j stays exact in e4m3 for |q| ≤ 8 while j ≤ 9 (subnormals are steps of 2^-9)
 LOWRANK_BUFFERS = ("lowrank_down_fp8", "lowrank_down_scale")  # what both FP8 backends keep of the branch
+INPUT_BUFFERS = ("inv_smooth", *LOWRANK_BUFFERS)  # what the input's pre-pass reads: equal in an input group
 LOWRANK_RANGE = "the low-rank branch needs more than 2^9 of headroom beside the weight's channel scales (or one is 0)"
 GROUPED_LOWRANK = "a low-rank branch needs per-channel weight scales (the branch rides in cuBLAS's FP8 GEMM)"
 

@@ -1,168 +1,242 @@
-"""Moving what produces a Linear's input into that Linear, so an FP8 backend computes it while quantizing it.
+"""A `torch.compile` graph pass that folds what produces an FP8 layer's input into that layer's input pre-pass.
 
-Two producers are moved, each where a compiler fuses it badly with the per-token absmax and FP8 cast that
-follow (`ditq.kernels.triton.rowquant` says why and what it costs), and one input without a producer to fuse
-into is sent to the pre-pass too:
-- an MLP's GELU, into its second Linear: the zoo's `Mlp` (fc2(act(fc1(x)))) and diffusers' `FeedForward` whose
-  first module is its `GELU` (proj, then gelu; PixArt, FLUX, SD3) with dropout 0. The activation becomes an
-  identity and the Linear takes it as `QuantLinear.input_activation`, which every backend honours;
-- a zoo `DiTBlock`'s two LayerNorm + adaLN modulate steps, into qkv and fc1: the block's forward hands x, shift
-  and scale to the FP8 pre-pass when the Linear runs on an FP8 backend, and computes the norm as before
-  otherwise (any backend, any mix of layers). The gated residual add before each norm goes in too: the
-  attention's into fc1's pre-pass, the MLP's into the next block's qkv pre-pass (a zoo `DiT` whose blocks are
-  rewritten carries it from block to block), so no pass over the residual stream is left between blocks;
-- such a block's attention output, the input of its projection (input activation "none"): quantized in one
-  read by the pre-pass where inductor made two kernels of the row absmax and the cast (DiT-XL/2 W4A8-FP8 at
-  batch 64 on an H200: 1.35× bf16 against 1.30×, `bench/results/e2e_fp8_v12_models_h200.md`).
-Only blocks whose forward is known are rewritten, and outputs stay equal. The rewrites stay when the backend is
-switched (every backend computes the same outputs through them) and are not saved: parameter names are kept,
-and a loaded model is the plain one.
+An FP8 layer quantizes its input per token: the row absmax, then the e4m3 cast. Inductor fuses that into the
+kernel of x's producer, but badly where the producer is itself a row reduction or costly per element
+(`ditq.kernels.triton.rowquant` says why and what it costs). The Triton pre-pass `ditq::quantize_rows_fp8` reads
+each row once and applies the producer itself. This pass finds, on any traced model, every FP8 layer's input
+(the op `ditq::fp8_input_codes`, or a pre-pass call of a layer with a low-rank branch) and, where x comes from
+one of these (`ditq.kernels.producers` matches them), moves the producer into the pre-pass:
+- a norm (LayerNorm, RMSNorm), then adaLN's modulate x·(1 + scale) + shift with shift and scale one row per
+  sample ((N, 1, K) against x (N, T, K), in any spelling: `unsqueeze(1)`, `[:, None]`, a chunk), or no modulate;
+- before that norm, a residual add x' = x + gate·update (gate per sample, under a modulate) or x + update: the
+  pre-pass writes x' beside the codes, and every later reader of x' reads that;
+- GELU (exact or tanh) or SiLU, as the pre-pass's activation;
+- an attention output (reshapes of `scaled_dot_product_attention`'s result): nothing to fold, but one read by the
+  pre-pass beats inductor's absmax and cast kernels (DiT-XL/2 W4A8-FP8 at batch 64 on an H200: 1.35× bf16
+  against 1.30×, `bench/results/e2e_fp8_v12_models_h200.md`).
+Any other input is left alone: `ditq::fp8_input_codes` then decomposes into ordinary ops that inductor fuses
+into the producer. Identical pre-passes (q, k and v reading one x with the same smoothing) run once.
+
+It is a pre-grad pass (`torch._inductor.config.pre_grad_custom_pass`) on Dynamo's torch-level graph, where a
+LayerNorm or a GELU is one node with fake tensors for shapes. Later, a `triton_op` (the pre-pass on GPUs) is
+decomposed into its kernels during AOT tracing and LayerNorm into its statistics, so a post-grad pass would
+see neither. `install_fusion_pass` (called by `prepare_for_inference` for the FP8 backends) chains it after a
+pass already installed; graphs without ditq's FP8 ops are left untouched. Eager models run the plain ops.
 """
 
 from __future__ import annotations
 
+import operator
+from typing import Any
+
 import torch
-from torch import nn
-from torch.nn.modules import module as torch_module
+from torch import fx
+from torch._dynamo.utils import counters
+from torch._inductor import config as inductor_config
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from ditq.kernels.fp8 import FP8_BACKENDS, fp8_linear, fp8_linear_after_residual, uses_few_row_path
-from ditq.kernels.reference import Modulation, Residual
-from ditq.models.dit import DiT, DiTBlock, Mlp, modulate
-from ditq.quant.qlinear import QuantLinear
+from ditq.kernels import producers
+from ditq.kernels.fp8 import fp8_input_codes
+from ditq.kernels.producers import Producer, is_method, producer_of, shape
 
-__all__ = ["fuse_input_activations"]
+__all__ = ["COUNTER", "FusionPass", "fold_fp8_inputs", "install_fusion_pass"]
 
-_GELU_NAMES = {"none": "gelu", "tanh": "gelu_tanh"}
-
-
-def fuse_input_activations(model: nn.Module) -> int:
-    """Rewrite every recognised GELU MLP and DiT block of `model` whose Linears are QuantLinears; returns how
-    many were rewritten."""
-    fused = 0
-    for module in list(model.modules()):
-        if isinstance(module, Mlp) and _fusable(module.act, module.fc2):
-            module.fc2.input_activation = _GELU_NAMES[module.act.approximate]
-            module.act = nn.Identity()
-            fused += 1
-        elif _is_diffusers_gelu_feed_forward(module):
-            gelu, _dropout, out = module.net[:3]
-            out.input_activation = _GELU_NAMES[gelu.approximate]
-            module.net[0] = Projection(gelu.proj)  # keeps the parameter names (net.0.proj.*): files still load
-            fused += 1
-        if type(module) is DiTBlock and any(isinstance(m, QuantLinear) for m in (module.attn.qkv, module.mlp.fc1)):
-            module.__class__ = NormFusedDiTBlock
-            if _takes_activation(module.attn.proj):
-                module.attn.proj.input_activation = "none"
-            fused += 1
-    for module in model.modules():  # the model itself or a DiT inside a wrapper
-        if type(module) is DiT and any(type(block) is NormFusedDiTBlock for block in module.blocks):
-            module.__class__ = ResidualCarryingDiT
-    return fused
+COUNTER = "ditq_fusion"  # `torch._dynamo.utils.counters[COUNTER][kind]`: what the pass folded, by kind
+PRE_PASS = torch.ops.ditq.quantize_rows_fp8.default  # defined with `fp8_input_codes` by `ditq.kernels.fp8`
+_MARKERS = (fp8_input_codes, fp8_input_codes.overloadpacket)
+_PRE_PASSES = (PRE_PASS, PRE_PASS.overloadpacket)
+_PRE_PASS_ARGS = tuple(a.name for a in PRE_PASS._schema.arguments)
+_IN_PLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
 
 
-class Projection(nn.Module):
-    """diffusers' GELU module without its activation: `proj` alone, under the same name."""
+class FusionPass(CustomGraphPass):
+    """`fold_fp8_inputs` after `previous` (the pre-grad pass installed before, or None)."""
 
-    def __init__(self, proj: nn.Module):
-        super().__init__()
-        self.proj = proj
+    def __init__(self, previous: Any = None):
+        self.previous = previous
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
+    def __call__(self, graph: fx.Graph) -> None:
+        for custom_pass in _passes(self.previous):
+            custom_pass(graph)
+        fold_fp8_inputs(graph)
 
-
-class NormFusedDiTBlock(DiTBlock):
-    """A `DiTBlock` whose LayerNorm + modulate steps run inside qkv's and fc1's FP8 input pre-pass."""
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        return _added(*self.forward_deferred(x, c, None))
-
-    def forward_deferred(
-        self, x: torch.Tensor, c: torch.Tensor, pending: Residual | None
-    ) -> tuple[torch.Tensor, Residual]:
-        """(x, the MLP's gated update not yet added) from x + `pending` (the previous block's, or None): the
-        add of each is left to the pre-pass of the Linear after it, which reads x once and writes the sum."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
-            6, dim=1
-        )  # 6 × (N, D)
-        gates = () if pending is None else (pending.gate,)
-        if _in_pre_pass(self.attn.qkv, x, shift_msa, scale_msa, *gates):
-            modulation = Modulation(shift_msa, scale_msa, x.shape[1], self.norm1.eps)
-            if pending is None:
-                qkv = fp8_linear(self.attn.qkv, x, modulation)
-            else:
-                qkv, x = fp8_linear_after_residual(self.attn.qkv, x, pending, modulation)
-        else:
-            x = _added(x, pending)
-            qkv = self.attn.qkv(modulate(self.norm1(x), shift_msa, scale_msa))  # (N, T, 3·D)
-        update = self.attn.attend(qkv)  # (N, T, D)
-        if _in_pre_pass(self.mlp.fc1, x, shift_mlp, scale_mlp, gate_msa):
-            modulation = Modulation(shift_mlp, scale_mlp, x.shape[1], self.norm2.eps)
-            hidden, x = fp8_linear_after_residual(self.mlp.fc1, x, Residual(update, gate_msa), modulation)
-        else:
-            x = _added(x, Residual(update, gate_msa))  # (N, T, D)
-            hidden = self.mlp.fc1(modulate(self.norm2(x), shift_mlp, scale_mlp))  # (N, T, F)
-        return x, Residual(self.mlp.fc2(self.mlp.act(hidden)), gate_mlp)
+    def uuid(self) -> Any:
+        """The pass's source and the op's signature (what it can fold), with the chained passes' ids; None (no
+        caching) when one of them has none."""
+        ids = [p.uuid() if isinstance(p, CustomGraphPass) else None for p in _passes(self.previous)]
+        own = get_hash_for_files((__file__, producers.__file__), str(PRE_PASS._schema))
+        return None if None in ids else (own, *ids)
 
 
-class ResidualCarryingDiT(DiT):
-    """A zoo `DiT` that hands each rewritten block's MLP residual add to the next block's qkv pre-pass. A block
-    with forward hooks is called as a module instead, so that its hooks run and see its complete output."""
-
-    def run_blocks(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        pending = None
-        for block in self.blocks:
-            if type(block) is NormFusedDiTBlock and not _hooked(block):
-                x, pending = block.forward_deferred(x, c, pending)
-            else:
-                x, pending = block(_added(x, pending), c), None
-        return _added(x, pending)
+def install_fusion_pass() -> None:
+    """Make every later `torch.compile` fold FP8 layers' producers (once; a pass already there runs first)."""
+    current = inductor_config.pre_grad_custom_pass
+    if not any(isinstance(p, FusionPass) for p in _passes(current)):
+        inductor_config.pre_grad_custom_pass = FusionPass(current)
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Whether calling `module` would run forward hooks of its own or global ones."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or torch_module._global_forward_hooks
-                or torch_module._global_forward_pre_hooks)  # fmt: skip
+def _passes(custom: Any) -> tuple:
+    return () if custom is None else tuple(custom) if isinstance(custom, (list, tuple)) else (custom,)
 
 
-def _added(x: torch.Tensor, residual: Residual | None) -> torch.Tensor:
-    """x + gate·update for x (N, T, D) as the plain block adds it, or x when nothing is pending."""
-    return x if residual is None else x + residual.gate.unsqueeze(1) * residual.update
+# ---- the rewrite ------------------------------------------------------------------------------------------
 
 
-def _in_pre_pass(linear: nn.Module, x: torch.Tensor, *per_sample: torch.Tensor) -> bool:
-    """Whether linear(modulate(norm(x), shift, scale)) runs in the FP8 pre-pass: `linear` on an FP8 backend, not
-    on its few-row route, and adaLN's tensors one (D,) row per sample in x's dtype (else the block computes as
-    the plain one: broadcasting, promoting). Module hooks on `linear` do not run on the pre-pass path."""
-    rows_per_sample = all(t.shape == (x.shape[0], x.shape[-1]) and t.dtype == x.dtype for t in per_sample)
-    return (isinstance(linear, QuantLinear) and linear.backend in FP8_BACKENDS and rows_per_sample
-            and not uses_few_row_path(linear, x))  # fmt: skip
+def fold_fp8_inputs(graph: fx.Graph) -> None:
+    """Replace each FP8 layer input in `graph` by a pre-pass call with its producer folded in; dedupe equal
+    ones. Counts go to `counters[COUNTER]`."""
+    inputs = [n for n in graph.nodes if n.op == "call_function" and n.target in _MARKERS + _PRE_PASSES]
+    if not inputs:
+        return
+    rewrite = _Rewrite(graph)
+    for node in inputs:
+        rewrite.fold(node)
+    rewrite.finish()
 
 
-def _fusable(activation: nn.Module, linear: nn.Module) -> bool:
-    return (
-        isinstance(activation, nn.GELU)
-        and activation.approximate in _GELU_NAMES
-        and _takes_activation(linear)
-    )
+class _Rewrite:
+    """One run of the pass over a graph: the nodes it made (each once) and the inputs it replaced."""
+
+    def __init__(self, graph: fx.Graph):
+        self.graph = graph
+        self.made: dict[tuple, fx.Node] = {}  # an input's or a new node's key → the node computing it
+        self.dropped: list[fx.Node] = []  # nodes that may have lost their last user
+
+    def fold(self, node: fx.Node) -> None:
+        args = _pre_pass_args(node)
+        key = _key(node.target, args)
+        if key in self.made:  # the same input quantized the same way earlier
+            self._replace(node, self.made[key], "deduped")
+            return
+        producer = _foldable(node, args)
+        if producer is None:
+            self.made[key] = node
+            counters[COUNTER]["plain"] += node.target in _MARKERS
+            return
+        with self.graph.inserting_before(node):
+            fused = self._pre_pass(args, producer)
+        self.made[key] = fused
+        self._replace(node, fused, producer.kind)
+        if producer.residual is not None:
+            counters[COUNTER]["residual"] += 1
+            with self.graph.inserting_after(fused):
+                x_new = self._call("call_function", operator.getitem, (fused, 2))
+                x_new = self._call("call_method", "view", (x_new, *shape(producer.residual)))
+            producer.residual.replace_all_uses_with(x_new)
+            self.dropped.append(producer.residual)
+
+    def _pre_pass(self, args: dict[str, Any], p: Producer) -> fx.Node:
+        k = shape(p.x)[-1]
+        args = args | dict(x=self._rows(p.x, -1, k), activation=p.activation)
+        if p.shift is not None:  # (N, T, K) rows of N samples
+            n, tokens = shape(p.x)[:2]
+            args |= dict(shift=self._rows(p.shift, n, k), scale=self._rows(p.scale, n, k), tokens=tokens, eps=p.eps)
+        if p.norm is not None:  # another norm than the op's default (only where the op takes one)
+            args |= dict(norm=p.norm, norm_weight=p.norm_weight, norm_bias=p.norm_bias, eps=p.eps)
+        if p.residual is not None:
+            gate = None if p.gate is None else self._rows(p.gate, shape(p.x)[0], k)
+            args |= dict(update=self._rows(p.update, -1, k), gate=gate)
+        return self._call("call_function", PRE_PASS, tuple(args[name] for name in _PRE_PASS_ARGS))
+
+    def _rows(self, node: fx.Node, rows: int, k: int) -> fx.Node:
+        return self._call("call_method", "reshape", (node, rows, k))
+
+    def _call(self, op: str, target: Any, args: tuple) -> fx.Node:
+        """A node of the graph computing target(*args), made once per run, with its fake value."""
+        key = (op, target, args)
+        if key not in self.made:
+            node = self.graph.create_node(op, target, args)
+            node.meta["example_value"] = _fake_value(op, target, args)
+            self.made[key] = node
+        return self.made[key]
+
+    def _replace(self, node: fx.Node, by: fx.Node, kind: str) -> None:
+        node.replace_all_uses_with(by)
+        self.dropped.append(node)
+        counters[COUNTER][kind] += 1
+
+    def finish(self) -> None:
+        """Erase what lost its users (the folded producers), then restore a topological order: a later reader of a
+        residual sum now reads the pre-pass's output."""
+        pending, erased = list(self.dropped), set()
+        while pending:
+            node = pending.pop()
+            if node in erased or node.op not in ("call_function", "call_method") or node.users or node.is_impure():
+                continue
+            pending.extend(node.all_input_nodes)
+            self.graph.erase_node(node)
+            erased.add(node)
+        from torch._inductor.pattern_matcher import stable_topological_sort
+
+        stable_topological_sort(self.graph)
 
 
-def _takes_activation(linear: nn.Module) -> bool:
-    """A QuantLinear without an input activation yet."""
-    return isinstance(linear, QuantLinear) and linear.input_activation is None
+def _pre_pass_args(node: fx.Node) -> dict[str, Any]:
+    """The pre-pass's arguments by name for a marker (x, inv_smooth) or a pre-pass call."""
+    defaults = {a.name: a.default_value for a in PRE_PASS._schema.arguments}
+    if node.target in _MARKERS:
+        return defaults | dict(x=node.args[0], inv_smooth=node.args[1], activation="none")
+    return defaults | dict(zip(_PRE_PASS_ARGS, node.args, strict=False)) | node.kwargs  # defaults may be left out
 
 
-def _is_diffusers_gelu_feed_forward(module: nn.Module) -> bool:
-    """diffusers' FeedForward: net = [GELU(proj, approximate), Dropout, Linear, ...], applied in order."""
-    net = getattr(module, "net", None)
-    if type(module).__name__ != "FeedForward" or not isinstance(net, nn.ModuleList) or len(net) < 3:
-        return False
-    gelu, dropout, out = net[:3]
-    return (
-        type(gelu).__module__ == "diffusers.models.activations"
-        and type(gelu).__name__ == "GELU"
-        and getattr(gelu, "approximate", None) in _GELU_NAMES
-        and isinstance(dropout, nn.Dropout)
-        and dropout.p == 0
-        and _takes_activation(out)
-    )
+def _foldable(node: fx.Node, args: dict[str, Any]) -> Producer | None:
+    """The producer to fold into this input, if any: a marker's x (N, T, K) or (M, K), or the 2-D x of a pre-pass
+    call that folds nothing yet (a low-rank layer's)."""
+    x = args["x"]
+    if node.target in _PRE_PASSES:
+        if args["activation"] != "none" or any(args.get(a) is not None for a in ("shift", "update", "norm")):
+            return None
+        x = x.args[0] if is_method(x, {"reshape", "view"}) else x
+    producer = producer_of(x) if isinstance(x, fx.Node) else None
+    if producer is None or producer.kind == "attention" and node.target in _PRE_PASSES:
+        return None
+    cycle = producer.residual is not None and any(
+        _depends_on(n, producer.residual) for n in (producer.shift, producer.scale, args["inv_smooth"]))
+    return None if cycle or _mutated(producer) else producer
+
+
+def _key(target: Any, args: dict[str, Any]) -> tuple:
+    """Equal for two calls computing the same codes: x up to a reshape of the same node."""
+    x = args["x"]
+    if is_method(x, {"reshape", "view"}):
+        x = ("reshape", x.args[0], shape(x))
+    return (target in _MARKERS, x, *(args[n] for n in _PRE_PASS_ARGS[1:]))
+
+
+# ---- graph reading ---------------------------------------------------------------------------------------
+
+
+def _depends_on(node: Any, ancestor: fx.Node) -> bool:
+    """Whether `ancestor` is among the nodes `node` is computed from."""
+    seen, pending = set(), [node] if isinstance(node, fx.Node) else []
+    while pending:
+        current = pending.pop()
+        if current is ancestor:
+            return True
+        if current not in seen:
+            seen.add(current)
+            pending.extend(current.all_input_nodes)
+    return False
+
+
+def _mutated(p: Producer) -> bool:
+    """Whether an operand the pre-pass would read is written in place somewhere (the pre-grad graph is not
+    functional): moving the read could then see another value."""
+    operands = [n for n in (p.x, p.shift, p.scale, p.update, p.gate, p.norm_weight, p.norm_bias) if n is not None]
+    return any(
+        user.op == "call_function" and user.target in _IN_PLACE
+        or user.op == "call_method" and str(user.target).endswith("_")
+        for node in operands for user in node.users
+    )  # fmt: skip
+
+
+def _fake_value(op: str, target: Any, args: tuple) -> Any:
+    """target(*args) on the args' fake tensors, as Dynamo records node values."""
+    fakes = [a.meta["example_value"] if isinstance(a, fx.Node) else a for a in args]
+    leaves = torch.utils._pytree.tree_leaves(fakes)
+    with next(f.fake_mode for f in leaves if isinstance(f, torch.Tensor)):  # Dynamo's, not the compiler's
+        if op == "call_method":
+            return getattr(fakes[0], target)(*fakes[1:])
+        if target is operator.getitem:
+            return fakes[0][fakes[1]]
+        return target(*fakes)

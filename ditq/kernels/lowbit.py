@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ditq.kernels.reference import activate, linear_with, smoothed_by_reciprocal
+from ditq.kernels.reference import linear_with, smoothed_by_reciprocal
 from ditq.kernels.triton import device_support, kernel_op
 from ditq.quant.packing import signed_offset
 from ditq.quant.qlinear import QuantLinear
@@ -63,7 +63,7 @@ def lowbit_forward(m: QuantLinear, x: torch.Tensor, inv_smooth: torch.Tensor | N
         return lowbit_gemm(h_q.to(x.dtype), m.qweight, m.scales, m.zeros, bias, spec.w_bits, offset,
                            spec.group_size or 0)  # fmt: skip
 
-    h = smoothed_by_reciprocal(activate(x, m.input_activation), inv_smooth)
+    h = smoothed_by_reciprocal(x, inv_smooth)
     smooth = m.input_smooth if inv_smooth is None else None
     y = linear_with(matmul, h, smooth, m.lowrank_down, m.lowrank_up, m.act_scale, m.act_zero, spec)
     return y.to(x.dtype)

@@ -40,7 +40,7 @@ __all__ = [
     "smoothed_by_reciprocal",
 ]
 
-# what `QuantLinear.input_activation` may name: an activation applied to x before anything else
+# the activations the FP8 input pre-pass can apply to x before quantizing it (`ditq.kernels.fusion` folds them in)
 INPUT_ACTIVATIONS = ("none", "gelu", "gelu_tanh", "silu")
 
 
@@ -91,14 +91,13 @@ def group_linear(x: torch.Tensor, members: Sequence[QuantLinear]) -> list[torch.
     group = lead.spec.input_group
     for m in members[1:]:
         if (m.spec.input_group != group or _act_part(m.spec) != _act_part(lead.spec)
-                or m.input_activation != lead.input_activation or m.smoothing_folded != lead.smoothing_folded):  # fmt: skip
-            raise ValueError(f"layers of input group {group!r} must share its id, input activation, activation "
-                             "quantization and folded smoothing")  # fmt: skip
+                or m.smoothing_folded != lead.smoothing_folded):  # fmt: skip
+            raise ValueError(f"layers of input group {group!r} must share its id, activation quantization and "
+                             "folded smoothing")  # fmt: skip
         for name in ("smooth", "lowrank_down", "act_scale", "act_zero"):
             a, b = getattr(lead, name), getattr(m, name)
             if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
                 raise ValueError(f"layers of input group {group!r} hold different {name!r} tensors")
-    x = activate(x, lead.input_activation)
     h = x if lead.input_smooth is None else x / lead.input_smooth.to(x.dtype)  # (..., in), once
     h_q = quantize_activations(h, lead.spec, lead.act_scale, lead.act_zero)  # once
     down = None if lead.lowrank_down is None else h @ lead.lowrank_down.to(x.dtype)  # (..., rank), once
@@ -121,11 +120,11 @@ def smoothed_by_reciprocal(x: torch.Tensor, inv_smooth: torch.Tensor | None) -> 
 
 
 def activate(x: torch.Tensor, activation: str | None) -> torch.Tensor:
-    """x through a layer's input activation (`QuantLinear.input_activation`, None = none), in x's dtype."""
+    """x through one of `INPUT_ACTIVATIONS` (None = none), in x's dtype: the pre-pass's reference."""
     if activation in (None, "none"):
         return x
     if activation not in INPUT_ACTIVATIONS:
-        raise ValueError(f"input activation {activation!r} is not one of {INPUT_ACTIVATIONS}")
+        raise ValueError(f"activation {activation!r} is not one of {INPUT_ACTIVATIONS}")
     if activation == "silu":
         return F.silu(x)
     return F.gelu(x, approximate="tanh" if activation == "gelu_tanh" else "none")

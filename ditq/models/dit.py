@@ -312,16 +312,10 @@ class ConditionalTransformer(nn.Module):
         """x: (N, C, H, W) noisy input, t: (N,) timesteps, y: (N,) int labels → (N, out_channels, H, W)."""
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D), T = H·W / p²
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, cond)
-        x = self.run_blocks(x, c)  # (N, T, D)
-        x = self.final_layer(x, c)  # (N, T, p·p·out_channels)
-        return unpatchify(x, self.patch_size, self.out_channels)  # (N, out_channels, H, W)
-
-    def run_blocks(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """The blocks in order; a kernel rewrite may carry work from one block into the next
-        (`ditq.kernels.fusion`)."""
         for block in self.blocks:
             x = block(x, c)  # (N, T, D)
-        return x
+        x = self.final_layer(x, c)  # (N, T, p·p·out_channels)
+        return unpatchify(x, self.patch_size, self.out_channels)  # (N, out_channels, H, W)
 
 
 class DiT(ConditionalTransformer):

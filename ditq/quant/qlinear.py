@@ -27,10 +27,7 @@ Layers of one `spec.input_group` hold equal `smooth`, `lowrank_down`, `act_scale
 
 `forward` runs the backend chosen by `ditq.prepare_for_inference` (default: the reference oracle); the
 choice is a plain attribute set once, so the forward holds no dispatch logic that `torch.compile` must
-trace. `input_activation` ("gelu", "gelu_tanh", "none"; None by default) is an activation the layer applies to x
-first: `prepare_for_inference` moves an MLP's GELU into its second Linear this way for backends that fuse
-it into their input pre-pass, and gives a DiT block's attention projection "none", an identity that sends
-its input through that pre-pass (`ditq.kernels.fusion`); every backend honours it.
+trace.
 
 `.to(dtype)`/`.half()` leave the integer buffers alone (torch never casts them) and keep `scales`,
 `smooth` and `act_scale` in float32: they are part of the quantized format, not the compute dtype.
@@ -77,7 +74,6 @@ class QuantLinear(nn.Module):
 
     kind = "quant_linear"
     backend = "reference"  # set per instance by ditq.prepare_for_inference
-    input_activation: str | None = None  # applied to x first; set per instance by ditq.kernels.fusion
     fixed_dtype_buffers: tuple[str, ...] = ()  # kernel buffers whose dtype is part of the kernel's format
     layer_name: str | None = None  # its name in the model, given by ditq.quant.modules.install; errors name it
     # x arrives divided by `smooth` already: set by ditq.kernels.folding, which folded it into x's producer
@@ -303,7 +299,6 @@ class QuantLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bias={self.bias is not None}, spec={describe_spec(self.spec)}"
-            + ("" if self.input_activation is None else f", input_activation={self.input_activation}")
         )
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantLinear:

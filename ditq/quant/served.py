@@ -68,5 +68,4 @@ def served_layer(layer: QuantLinear) -> QuantLinear:
     plain.set_codes(codes, scales)
     for name in _CARRIED_BUFFERS:  # the same tensors: layers of an input group keep sharing theirs
         plain.register_buffer(name, getattr(layer, name))
-    plain.input_activation = layer.input_activation
     return plain.train(layer.training)

@@ -140,7 +140,7 @@ def test_fp8_backends_smooth_by_the_reciprocal_in_every_path(backend, monkeypatc
     give the same codes, from values at most one bf16 step from the quotient; "fp8"'s few-row route (the lowbit
     kernel) smooths by the same product."""
     from ditq.kernels import lowbit
-    from ditq.kernels.fp8 import _input_codes
+    from ditq.kernels.fp8 import _input_codes, quantize_rows
     from ditq.quant.primitives import fp8_cast, fp8_scale
 
     m = layer(QuantSpec(w_bits=4, a_bits=8, a_format="fp8", smooth=True))
@@ -155,14 +155,12 @@ def test_fp8_backends_smooth_by_the_reciprocal_in_every_path(backend, monkeypatc
     expected_scales = fp8_scale(product)
     expected = fp8_cast(product, expected_scales).float()
     assert (expected != fp8_cast(product.to(torch.bfloat16), expected_scales).float()).any()  # unrounded counts
-    ordinary, ordinary_scales, _ = _input_codes(m, x, None)
+    ordinary, ordinary_scales = _input_codes(m, x)
     torch._dynamo.reset()
-    compiled, compiled_scales, _ = torch.compile(lambda v: _input_codes(m, v, None), fullgraph=True)(x)
-    m.input_activation = "none"  # an identity, which sends x through the pre-pass
-    pre_pass, pre_pass_scales, _ = _input_codes(m, x, None)
+    compiled, compiled_scales = torch.compile(lambda v: _input_codes(m, v), fullgraph=True)(x)
+    pre_pass, pre_pass_scales, _ = quantize_rows(x, m.inv_smooth, "none")
     for codes, scales in ((ordinary, ordinary_scales), (compiled, compiled_scales), (pre_pass, pre_pass_scales)):
         assert torch.equal(scales, expected_scales) and torch.equal(codes.float(), expected)
-    m.input_activation = None
     few = x[:5]
     y = m(few)
     assert y.dtype == torch.bfloat16 and y.shape == (5, m.out_features)

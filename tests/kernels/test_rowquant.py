@@ -1,32 +1,20 @@
-"""The FP8 input pre-pass (`ditq::quantize_rows_fp8`) against its PyTorch reference, and the MLP rewrite that
-feeds it (`ditq.kernels.fusion`). Triton runs under `TRITON_INTERPRET=1` on the CPU: shapes are small and odd
-(M not a multiple of anything; widths 48 = 32 + 16, 50 = 32 + 18 and 131 = 128 + 3 columns)."""
+"""The FP8 input pre-pass (`ditq::quantize_rows_fp8`) against its PyTorch reference; `test_fusion.py` tests the
+graph pass that folds producers into it. Triton runs under `TRITON_INTERPRET=1` on the CPU: shapes are small and
+odd (M not a multiple of anything; widths 48 = 32 + 16, 50 = 32 + 18 and 131 = 128 + 3 columns)."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 import torch
 
-from ditq.kernels import fp8, prepare_for_inference
 from ditq.kernels.fp8 import quantize_rows
-from ditq.kernels.fusion import NormFusedDiTBlock, ResidualCarryingDiT
-from ditq.kernels.reference import Modulation, Residual, group_linear, residual_added
+from ditq.kernels.reference import Modulation, Residual, residual_added
 from ditq.kernels.triton import rowquant
 from ditq.kernels.triton.lowrank import append_lowrank_codes_reference
 from ditq.kernels.triton.rowquant import quantize_rows_fp8, quantize_rows_fp8_reference
-from ditq.models.dit import DiT, DiTBlock, Mlp
-from ditq.quant.qlinear import QuantLinear
-from ditq.quant.spec import QuantSpec
-from tests.kernels.compiled import assert_compiled_matches_eager
 from tests.kernels.test_lowrank import assert_low_rank_codes_round_the_exact_sums, low_rank_down
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# a backend's output against the reference's: a rare activation code one e4m3 step off (the kernel's GELU is a
-# little off PyTorch's at places), and on Hopper the FP8 tensor cores' reduced-precision accumulation
-# (seen on an H200: 1.2e-3 through an MLP, 5.7e-3 through a block, where attention amplifies it)
-BACKEND_TOL = 1e-2 if DEVICE == "cuda" else 1e-3
 
 
 def operands(m: int, k: int, dtype: torch.dtype, smooth: bool, seed: int = 0):
@@ -233,203 +221,3 @@ def test_pre_pass_op_passes_opcheck():
     ):
         torch.library.opcheck(quantize_rows, args, test_utils=utils)
 
-
-# ---- the MLP rewrite --------------------------------------------------------------------------------------
-
-SPEC = QuantSpec(w_bits=4, a_bits=8, a_format="fp8", smooth=True, rank=4)
-
-
-def quantized_mlp(approximate: str = "tanh", lowrank: bool = False) -> Mlp:
-    """fc1 and fc2 with smoothing, and SVDQuant's low-rank branch if `lowrank`."""
-    torch.manual_seed(0)
-    mlp = Mlp(48, 96)
-    mlp.act = torch.nn.GELU(approximate=approximate)
-    for name in ("fc1", "fc2"):
-        lin = getattr(mlp, name)
-        k, n = lin.in_features, lin.out_features
-        if lowrank:
-            q = QuantLinear.from_linear(lin, SPEC, smooth=torch.rand(k) + 0.5, lowrank_down=torch.randn(k, 4) * 0.1,
-                                        lowrank_up=torch.randn(4, n) * 0.1)  # fmt: skip
-        else:
-            q = QuantLinear.from_linear(lin, dataclasses.replace(SPEC, rank=0), smooth=torch.rand(k) + 0.5)
-        setattr(mlp, name, q)
-    return mlp.to(DEVICE).eval()
-
-
-def tolerance(backend: str, lowrank: bool) -> float:
-    """A backend's relative distance to the reference: FP8 backends carry a low-rank branch in e4m3, a few %
-    of it (`tests/kernels/test_fp8.py` checks them exactly against that computation)."""
-    return 0.05 if lowrank and backend in fp8.FP8_BACKENDS else BACKEND_TOL
-
-
-def test_group_linear_applies_the_members_input_activation():
-    mlp = prepare_for_inference(quantized_mlp(), "fp8")
-    x = torch.randn(3, 5, 96, generator=torch.Generator().manual_seed(3)).to(DEVICE)
-    prepare_for_inference(mlp, "reference")
-    with torch.no_grad():
-        torch.testing.assert_close(group_linear(x, [mlp.fc2])[0], mlp.fc2(x))
-
-
-@pytest.mark.parametrize("lowrank", [False, True], ids=["smooth", "smooth+lowrank"])
-@pytest.mark.parametrize("approximate", ["tanh", "none"])
-def test_fp8_backends_move_the_gelu_into_fc2_and_every_backend_keeps_the_output(approximate, lowrank):
-    mlp = quantized_mlp(approximate, lowrank)
-    x = torch.randn(3, 50, 48, generator=torch.Generator().manual_seed(1)).to(DEVICE)  # > LOWBIT_MAX_ROWS rows
-    with torch.no_grad():
-        ref = mlp(x)
-        prepare_for_inference(mlp, "fp8")
-        assert isinstance(mlp.act, torch.nn.Identity)
-        assert mlp.fc2.input_activation == {"tanh": "gelu_tanh", "none": "gelu"}[approximate]
-        assert mlp.fc1.input_activation is None and "input_activation=gelu" in repr(mlp.fc2)
-        for backend in ("fp8", "fp8-cached", "reference", "dequantized", "lowbit"):
-            prepare_for_inference(mlp, backend)
-            assert float((mlp(x) - ref).norm() / ref.norm()) < tolerance(backend, lowrank)
-            assert mlp(x[:, :2]).shape == (3, 2, 48)  # few rows: the fp8 backend's lowbit route applies it too
-
-
-def test_a_fused_mlp_compiles_fullgraph_to_what_eager_computes():
-    mlp = prepare_for_inference(quantized_mlp(), "fp8")
-    x = torch.randn(130, 48, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    torch._dynamo.reset()
-    with torch.no_grad():
-        torch.testing.assert_close(torch.compile(mlp, fullgraph=True)(x), mlp(x), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("svdquant", [False, True], ids=["rtn", "smooth+lowrank"])
-def test_fp8_backends_move_the_block_norms_into_qkv_and_fc1_and_every_backend_keeps_the_output(svdquant, monkeypatch):
-    torch.manual_seed(0)
-    block = DiTBlock(48, 4, mlp_ratio=2.0)
-    for p in block.parameters():
-        p.data.normal_(0, 0.2)
-    for parent, name in ((block.attn, "qkv"), (block.attn, "proj"), (block.mlp, "fc1"), (block.mlp, "fc2")):
-        lin = getattr(parent, name)
-        k, n = lin.in_features, lin.out_features
-        extras = dict(smooth=torch.rand(k) + 0.5, lowrank_down=torch.randn(k, 4) * 0.1, lowrank_up=torch.randn(4, n) * 0.1)
-        setattr(parent, name, QuantLinear.from_linear(lin, SPEC if svdquant else dataclasses.replace(SPEC, smooth=False, rank=0),
-                                                      **(extras if svdquant else {})))  # fmt: skip
-    block = block.to(DEVICE).eval()
-    x = torch.randn(3, 50, 48, generator=torch.Generator().manual_seed(1)).to(DEVICE)  # > LOWBIT_MAX_ROWS rows
-    c = torch.randn(3, 48, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    calls = []
-    monkeypatch.setattr(fp8, "quantize_rows", lambda *args: calls.append(args[3] is not None) or quantize_rows(*args))
-    with torch.no_grad():
-        ref = block(x, c)
-        prepare_for_inference(block, "fp8-cached")
-        assert type(block) is NormFusedDiTBlock
-        block(x, c)
-        assert calls.count(True) == 2  # qkv's and fc1's inputs went through the modulated pre-pass
-        assert calls.count(False) == 2 and block.attn.proj.input_activation == "none"  # proj's and fc2's plain
-        for backend in ("fp8-cached", "fp8", "reference", "dequantized", "lowbit"):
-            prepare_for_inference(block, backend)
-            assert float((block(x, c) - ref).norm() / ref.norm()) < tolerance(backend, svdquant), backend
-            assert block(x[:, :2], c).shape == (3, 2, 48)  # few rows: the fp8 backend's lowbit route
-        prepare_for_inference(block, "fp8-cached")
-    assert_compiled_matches_eager(block, x, c)
-
-
-def test_a_fused_tiny_dit_saves_and_loads_as_the_unfused_model(tmp_path, tiny_dit):
-    import ditq
-
-    ditq.quantize(tiny_dit, ditq.RTN(w_bits=4, a_bits=8, a_format="fp8"))
-    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.tensor([1, 10])
-    with torch.no_grad():
-        ref = tiny_dit(x, t, y)
-        prepare_for_inference(tiny_dit, "fp8-cached")  # "fp8" would hand these few rows to the lowbit kernel
-        assert all(isinstance(b.mlp.act, torch.nn.Identity) and type(b) is NormFusedDiTBlock for b in tiny_dit.blocks)
-        assert type(tiny_dit) is ResidualCarryingDiT
-        assert float((tiny_dit(x, t, y) - ref).norm() / ref.norm()) < 1e-3
-        ditq.save(tiny_dit, tmp_path / "q.safetensors")
-        loaded = ditq.load(tmp_path / "q.safetensors")
-        assert type(loaded) is DiT
-        assert all(isinstance(b.mlp.act, torch.nn.GELU) and type(b) is DiTBlock for b in loaded.blocks)
-        torch.testing.assert_close(loaded(x, t, y), ref)
-
-
-def test_a_dit_inside_a_wrapper_carries_its_residuals_too(tiny_dit):
-    import ditq
-
-    class Wrapper(torch.nn.Module):
-        def __init__(self, dit: torch.nn.Module):
-            super().__init__()
-            self.dit = dit
-
-        def forward(self, *args):
-            return self.dit(*args)
-
-    ditq.quantize(tiny_dit, ditq.RTN(w_bits=4, a_bits=8, a_format="fp8"))
-    wrapper = Wrapper(tiny_dit)
-    prepare_for_inference(wrapper, "fp8-cached")
-    assert type(wrapper.dit) is ResidualCarryingDiT
-
-
-def test_each_mlp_residual_add_rides_in_the_next_blocks_qkv_pre_pass_and_every_backend_keeps_the_output(monkeypatch):
-    """Blocks of a rewritten DiT hand the MLP's x + gate·update on: the next block's qkv pre-pass adds it (all but
-    the first block), the last one is added before the final layer; a block left plain takes x complete."""
-    import ditq
-    from tests.tiny import make_tiny_dit
-
-    model = make_tiny_dit(depth=4)
-    ditq.quantize(model, ditq.RTN(w_bits=4, a_bits=8, a_format="fp8", skip=("x_embedder*", "t_embedder*",
-                  "y_embedder*", "final_layer*", "*adaLN_modulation*", "blocks.2.*")))  # fmt: skip
-    model = model.to(DEVICE)
-    g = torch.Generator().manual_seed(3)
-    # 9 samples of 16 tokens: more rows than "fp8" hands to the lowbit kernel, so every backend runs its pre-pass
-    x = torch.randn(9, 1, 8, 8, generator=g)
-    t, y = torch.randint(0, 1000, (9,), generator=g), torch.randint(0, 10, (9,), generator=g)
-    x, t, y = x.to(DEVICE), t.to(DEVICE), y.to(DEVICE)
-    added = []  # per pre-pass: the residual update it adds (its shape and dtype), or None
-
-    def spy(*args):
-        added.append(None if len(args) <= 9 else (tuple(args[9].shape), args[9].dtype))
-        return quantize_rows(*args)
-
-    monkeypatch.setattr(fp8, "quantize_rows", spy)
-    with torch.no_grad():
-        ref = model(x, t, y)
-        prepare_for_inference(model, "fp8-cached")
-        assert type(model) is ResidualCarryingDiT and type(model.blocks[2]) is DiTBlock
-        fused = model(x, t, y)
-        # qkv, proj, fc1 (attention's add), fc2 per fused block; qkv adds the MLP's of blocks 0 (→ 1) only: block 2
-        # is plain, so block 1's add is done before it and block 3 starts from a complete x
-        update = ((9 * 16, 128), x.dtype)
-
-        def per_block(*qkv_adds):
-            return [add for qkv_add in qkv_adds for add in (qkv_add, None, update, None)]
-
-        assert added == per_block(None, update, None)
-        assert float((fused - ref).norm() / ref.norm()) < 2e-2
-        seen = []  # a hook on a rewritten block runs: that block adds its own residual and hands nothing on
-        handle = model.blocks[1].register_forward_hook(lambda module, args, out: seen.append(out))
-        added.clear()
-        hooked = model(x, t, y)
-        handle.remove()
-        assert len(seen) == 1 and added == per_block(None, None, None)
-        # the pre-pass rounds its sum where PyTorch's add does: the same codes, bit for bit
-        torch.testing.assert_close(hooked, fused, rtol=0, atol=0)
-        for backend in ("fp8", "dequantized"):
-            prepare_for_inference(model, backend)
-            assert float((model(x, t, y) - ref).norm() / ref.norm()) < 2e-2, backend
-        prepare_for_inference(model, "reference")
-        torch.testing.assert_close(model(x, t, y), ref, rtol=0, atol=0)  # the plain model's ops, in its order
-        prepare_for_inference(model, "fp8-cached")
-    assert_compiled_matches_eager(model, x, t, y)
-
-
-def test_diffusers_gelu_feed_forward_is_fused_keeps_its_output_and_saves(tmp_path):
-    pytest.importorskip("diffusers")
-    from diffusers.models.attention import FeedForward
-
-    import ditq
-
-    torch.manual_seed(0)
-    ff = torch.nn.Sequential(FeedForward(48, mult=2, activation_fn="gelu-approximate")).eval()
-    ditq.quantize(ff, ditq.RTN(w_bits=4, a_bits=8, a_format="fp8"))
-    x = torch.randn(2, 70, 48)
-    with torch.no_grad():
-        ref = ff(x)
-        prepare_for_inference(ff, "fp8")
-        assert isinstance(ff[0].net[0].proj, QuantLinear) and ff[0].net[2].input_activation == "gelu_tanh"
-        assert float((ff(x) - ref).norm() / ref.norm()) < 1e-3
-        path = ditq.save(ff, tmp_path / "ff.safetensors")  # the parameter names are the model's own
-        fresh = torch.nn.Sequential(FeedForward(48, mult=2, activation_fn="gelu-approximate")).eval()
-        torch.testing.assert_close(ditq.load(path, model=fresh)(x), ref)
