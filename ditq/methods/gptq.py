@@ -15,12 +15,14 @@ The algorithm box, for W (out, in) and calibration inputs X (rows, in):
 
 Groups are the spec's contiguous input-channel groups in the original order, so the result is exactly
 what `QuantLinear.set_codes` stores for that spec; with act-order a group's scale is fixed when the sweep
-first touches any of its columns. Q-DiT reuses this with per-layer group sizes.
+first touches any of its columns. Q-DiT reuses this with per-layer group sizes. Q(w_j) is the nearest code;
+a `round_column` replaces it and says what q̂_j is (MatGPTQ's nested codes, `ditq.methods.matquant`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -29,7 +31,11 @@ from ditq.quant.primitives import compute_qparams, qrange
 from ditq.quant.spec import QuantSpec
 from ditq.threads import torch_threads
 
-__all__ = ["gptq", "hessian"]
+__all__ = ["RoundColumn", "gptq", "hessian"]
+
+# (column (out,), its rows' scales (out,)) → (codes (out,), q̂ (out,): the reconstruction whose error the sweep
+# feeds back). For symmetric specs; the default is the nearest code of the spec's grid, q̂ = scale · code.
+RoundColumn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def hessian(inputs: torch.Tensor) -> torch.Tensor:
@@ -54,6 +60,7 @@ def gptq(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
+    round_column: RoundColumn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(codes, scales, zeros) of `weight` (out, in) for `spec`, minimising ‖X Wᵀ − X Ŵᵀ‖² given H = mean x xᵀ.
 
@@ -61,15 +68,19 @@ def gptq(
     float32 (out, n_groups): exactly what `QuantLinear.set_codes` takes. `damp` is λ, the fraction of
     mean(diag H) added to the diagonal; if H is still not positive definite the damping is raised tenfold
     (up to 1.0) before giving up. Runs on weight's device in float32 (the Cholesky in float64); on the CPU on
-    one thread, as the sweep is thousands of small ops (`ditq.threads`).
+    one thread, as the sweep is thousands of small ops (`ditq.threads`). `round_column` (symmetric specs)
+    chooses each column's codes and the reconstruction fed back in place of the nearest code.
     """
     _check_args(weight, hessian, spec, block_size, damp, act_order)
+    if round_column is not None and not spec.symmetric:
+        raise ValueError("gptq: round_column takes symmetric specs (no zero points)")
     with torch_threads(1) if weight.device.type == "cpu" else nullcontext():
-        return _sweep(weight, hessian, spec, block_size, damp, act_order)
+        return _sweep(weight, hessian, spec, block_size, damp, act_order, round_column)
 
 
 def _sweep(
-    weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, block_size: int, damp: float, act_order: bool
+    weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, block_size: int, damp: float, act_order: bool,
+    round_column: RoundColumn | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`gptq` after its checks, on the threads it chose."""
     out_f, in_f = weight.shape
@@ -114,11 +125,14 @@ def _sweep(
                 ready[g] = True
             col = wb[i]
             s = scales[g]
-            z = None if zeros is None else zeros[g].float()
-            q = torch.round(col / s) if z is None else torch.round(col / s) + z
-            q = q.clamp_(qmin, qmax)
+            if round_column is not None:
+                q, dq = round_column(col, s)
+            else:
+                z = None if zeros is None else zeros[g].float()
+                q = torch.round(col / s) if z is None else torch.round(col / s) + z
+                q = q.clamp_(qmin, qmax)
+                dq = s * (q if z is None else q - z)
             block_codes[i] = q
-            dq = s * (q if z is None else q - z)
             err = (col - dq) / ub[i, i]
             wb[i + 1:] -= ub[i, i + 1:, None] * err  # the block's later columns
             errors[i] = err
