@@ -19,6 +19,8 @@ from ditq.quant.fakequant import FakeQuantLinear
 from ditq.quant.primitives import dequantize, qrange, slice_codes
 from ditq.quant.qlinear import QuantLinear
 from ditq.quant.spec import QuantSpec
+from ditq.recipes import recipe_from_dict
+from ditq.train import build_parser, config_from_args
 from ditq.training import loop
 from ditq.training.config import TrainConfig
 from ditq.training.distributed import DistEnv
@@ -64,7 +66,7 @@ def test_a_nested_step_takes_the_weighted_sum_of_each_widths_gradients(tmp_path:
     weights = {8: 2.0, 4: 1.0, 2: 0.25}
     recipe = replace(NESTED, nested_weights=tuple(weights.values())).to_dict()
     cfg = TrainConfig(model_overrides=dict(depth=1, hidden_size=64, patch_size=8, class_dropout_prob=0.5),
-                      recipe=recipe, out_dir=str(tmp_path), global_batch_size=16, grad_clip=None, device="cpu",
+                      recipe=recipe, out_dir=str(tmp_path), global_batch_size=4, grad_clip=None, device="cpu",
                       progress=False)  # fmt: skip
     run = loop.start_run(cfg, DistEnv(rank=0, world_size=1, device=torch.device("cpu"), owns_group=False))
     g = torch.Generator().manual_seed(0)
@@ -92,6 +94,12 @@ def test_a_nested_step_takes_the_weighted_sum_of_each_widths_gradients(tmp_path:
     for name, grad in grads.items():
         assert torch.equal(grad, expected[name]), name
     assert {m.spec.w_bits for m in run.model.modules() if isinstance(m, FakeQuantLinear)} == {4}
+
+
+def test_train_command_takes_the_matquant_preset() -> None:
+    cfg = config_from_args(build_parser().parse_args(["--recipe", "matquant", "--loss", "distill", "--teacher",
+                                                      "DiT-MNIST"]))  # fmt: skip
+    assert recipe_from_dict(cfg.recipe) == QAT(w_bits=4, stored_bits=8, nested_bits=(8, 4, 2))
 
 
 # --------------------------------------------------------------------------------------------
