@@ -11,7 +11,11 @@ significant bits, S(q, r) (`ditq.quant.primitives.slice_codes`). Three ways to g
              = argmin_c  B_c − 2t·A_c,   A_c = Σ_r λ̄_r S(c, r),  B_c = Σ_r λ̄_r S(c, r)²   (λ̄ = λ / Σλ)
           q̂  = s·A_q, so the error fed back, (w − q̂) / U_jj, is the λ-mean over slices of (w − s·S(q, r))
 
-  The (out, 2^B) scores of a column are one broadcast: all 256 codes are searched, vectorised over the rows.
+  The (out, 2^B) scores of a column are one product: all 256 codes are searched, vectorised over the rows.
+  `per_width_feedback` keeps one copy W_r of the weight per width instead, each compensated with its own slice's
+  error (w_r − s·S(q, r)) / U_jj, the code minimising Σ_r λ_r (w_r − s·S(c, r))²: the objective is then one GPTQ
+  objective per width, and no width is compensated for another's rounding (the λ-mean is: on DiT-MNIST it
+  costs the int8 slice most of its precision).
 - the naive baseline (`matquant-naive`, `matquant-naive-rtn`): plain int8 GPTQ (or RTN) codes, chosen for the
   stored width alone (`nested_bits=(8,)`) and served at any width all the same: what MatQuant must beat.
 
@@ -34,7 +38,7 @@ from tqdm.auto import tqdm
 
 from ditq.calib import CalibData
 from ditq.checks import naming_layer
-from ditq.methods.gptq import RoundColumn, gptq, hessian
+from ditq.methods.gptq import gptq, hessian
 from ditq.qat import QAT, check_nested_weights
 from ditq.quant.primitives import qrange, slice_codes
 from ditq.quant.qlinear import QuantLinear
@@ -42,7 +46,7 @@ from ditq.quant.spec import QuantSpec
 from ditq.recipes import Needs, Recipe, register_preset
 from ditq.registry import register_method
 
-__all__ = ["MATQUANT", "MatGPTQ", "nested_rounding"]
+__all__ = ["MATQUANT", "MatGPTQ", "NestedRounding"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +60,7 @@ class MatGPTQ(Recipe):
     nested_bits: tuple = (8, 4, 2)  # widths whose weighted error the codes minimise; (stored_bits,) = naive
     nested_weights: tuple = ()  # λ_r of each of nested_bits; () = all 1
     extra_precision: bool = False  # the 2-bit slice keeps its top bucket (5 levels, not nested)
+    per_width_feedback: bool = False  # each width's own error to its own copy of W (False: the λ-mean, MatGPTQ)
     group_size: int | None = None
     a_bits: int | None = None  # dynamic per-token activations
     a_format: Literal["int", "fp8"] = "int"
@@ -93,26 +98,38 @@ class MatGPTQ(Recipe):
         return self.nested_bits == (self.spec().code_bits,)
 
 
-def nested_rounding(
-    stored_bits: int, widths: tuple[int, ...], weights: tuple[float, ...] = (), *, extra_precision: bool = False,
-    device: torch.device | str | None = None,
-) -> RoundColumn:
-    """GPTQ's column quantizer for nested codes: per weight, the code c of the `stored_bits` grid minimising
-    Σ_r λ_r (w − s·S(c, r))² over r in `widths` (λ = `weights`, default all 1), and q̂ = s·Σ_r λ̄_r S(c, r)."""
-    lo, hi = qrange(stored_bits, symmetric=True)
-    codes = torch.arange(lo, hi + 1, device=device, dtype=torch.int8)  # (2^B,)
-    slices = torch.stack([slice_codes(codes, stored_bits, r, extra_precision=extra_precision).float()
-                          for r in widths])  # fmt: skip  # (R, 2^B)
-    lam = torch.tensor(weights or (1.0,) * len(widths), device=device, dtype=torch.float32)
-    lam = lam / lam.sum()
-    mean, mean_square = lam @ slices, lam @ slices.square()  # A_c, B_c: (2^B,)
+class NestedRounding:
+    """GPTQ's column quantizer for nested codes (a `ditq.methods.gptq.ColumnRounding`): per weight, the code c of
+    the `stored_bits` grid minimising Σ_r λ_r (w_r − s·S(c, r))² over r in `widths` (λ = `weights`, default all 1).
 
-    def round_column(col: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        t = (col / scale).unsqueeze(1)  # (out, 1)
-        best = (mean_square - 2 * t * mean).argmin(dim=1)  # (out,): Σ λ̄ (t − S)² less t², over every code
-        return codes[best].float(), scale * mean[best]
+    MatGPTQ's rule (`per_width=False`): one target, w_r = w for every r, and q̂ = s·Σ_r λ̄_r S(c, r) fed back.
+    `per_width`: one target per width, w_r compensated only with the r-bit slice's own errors, q̂_r = s·S(c, r):
+    the objective is a sum of one GPTQ objective per width, and each width's error is compensated for that width.
+    Targets are widest first (the scales come from the first).
+    """
 
-    return round_column
+    def __init__(self, stored_bits: int, widths: tuple[int, ...], weights: tuple[float, ...] = (), *,
+                 extra_precision: bool = False, per_width: bool = False,
+                 device: torch.device | str | None = None) -> None:  # fmt: skip
+        order = sorted(range(len(widths)), key=lambda i: -widths[i])
+        lo, hi = qrange(stored_bits, symmetric=True)
+        self.codes = torch.arange(lo, hi + 1, device=device, dtype=torch.int8)  # (2^B,)
+        self.slices = torch.stack([slice_codes(self.codes, stored_bits, widths[i], extra_precision=extra_precision)
+                                   for i in order]).float()  # fmt: skip  # (R, 2^B)
+        lam = torch.tensor([float(weights[i]) if weights else 1.0 for i in order], device=device)
+        lam = lam / lam.sum()  # λ̄: (R,)
+        self.mean_square = lam @ self.slices.square()  # Σ_r λ̄_r S(c, r)²: (2^B,)
+        # Σ_r λ̄_r t_r S(c, r) = tᵀ · mix for targets t (T,): one row per target.
+        self.mix = lam[:, None] * self.slices if per_width else (lam @ self.slices)[None]  # (T, 2^B)
+        self.targets = self.mix.shape[0]
+        self.per_width = per_width
+
+    def __call__(self, columns: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = columns / scale  # (T, out)
+        # Σ_r λ̄_r (t_r − S(c, r))² less the terms free of c, for every code c: (out, 2^B)
+        best = (self.mean_square - 2 * (t.T @ self.mix)).argmin(dim=1)  # (out,)
+        served = self.slices[:, best] if self.per_width else self.mix[:, best]  # (T, out)
+        return self.codes[best].float(), scale * served
 
 
 @register_method(MatGPTQ)
@@ -148,12 +165,12 @@ def matgptq_linear(name: str, linear: nn.Linear, recipe: MatGPTQ, calib: CalibDa
             h = hessian(calib.inputs[name].to(weight.device))
         else:
             h = torch.eye(linear.in_features, device=weight.device)
-        round_column = None if recipe.naive else nested_rounding(
+        rounding = None if recipe.naive else NestedRounding(
             spec.code_bits, recipe.nested_bits, recipe.nested_weights, extra_precision=recipe.extra_precision,
-            device=weight.device,
+            per_width=recipe.per_width_feedback, device=weight.device,
         )
         codes, scales, _ = gptq(weight, h, spec, block_size=recipe.block_size, damp=recipe.damp,
-                                act_order=recipe.act_order, round_column=round_column)  # fmt: skip
+                                act_order=recipe.act_order, rounding=rounding)  # fmt: skip
     module = QuantLinear.from_linear(linear, spec)
     module.set_codes(codes, scales)
     return module

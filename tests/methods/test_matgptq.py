@@ -7,7 +7,7 @@ import torch
 
 import ditq
 from ditq.methods.gptq import gptq
-from ditq.methods.matquant import MatGPTQ, nested_rounding
+from ditq.methods.matquant import MatGPTQ, NestedRounding
 from ditq.quant.primitives import dequantize, slice_codes
 from ditq.quant.qlinear import QuantLinear
 from ditq.quant.spec import QuantSpec
@@ -45,23 +45,29 @@ def slice_errors(w, h, codes, scales, widths=WIDTHS) -> dict[int, float]:
 
 @pytest.mark.parametrize("weights", [(), (1.0, 4.0, 0.5)], ids=["equal", "weighted"])
 @pytest.mark.parametrize("extra_precision", [False, True], ids=["nested", "extra-precision"])
-def test_each_weight_gets_the_code_of_least_weighted_slice_error(weights, extra_precision: bool) -> None:
+@pytest.mark.parametrize("per_width", [False, True], ids=["mean-feedback", "per-width-feedback"])
+def test_each_weight_gets_the_code_of_least_weighted_slice_error(weights, extra_precision: bool,
+                                                                 per_width: bool) -> None:
     """Against a float64 brute force over all 256 codes: the chosen code's objective is the minimum up to the
-    float32 rounding of the scores (relative 1e-5 of a score, scores being O(128²·scale²))."""
+    float32 rounding of the scores (relative 1e-5 of a score, scores being O(128²·scale²)). Per width, each
+    width's target is its own column."""
     g = torch.Generator().manual_seed(1)
-    col = torch.randn(4096, generator=g) * 3
+    rounding = NestedRounding(8, WIDTHS, weights, extra_precision=extra_precision, per_width=per_width)
+    assert rounding.targets == (3 if per_width else 1)
+    columns = torch.randn(rounding.targets, 4096, generator=g) * 3
     scale = torch.rand(4096, generator=g) * 0.05 + 0.01
-    codes, q_hat = nested_rounding(8, WIDTHS, weights, extra_precision=extra_precision)(col, scale)
+    codes, q_hat = rounding(columns, scale)
     lam = torch.tensor(weights or (1.0,) * 3, dtype=torch.float64)
     lam = lam / lam.sum()
     every = torch.arange(-128, 128, dtype=torch.int8)
     served = torch.stack([slice_codes(every, 8, r, extra_precision=extra_precision).double() for r in WIDTHS])
-    w, s = col.double()[:, None], scale.double()[:, None]
-    objective = sum(lam[i] * (w - s * served[i]).square() for i in range(3))  # (4096, 256)
+    w, s = columns.double().expand(3, -1)[:, :, None], scale.double()[:, None]  # (3, 4096, 1): w_r
+    objective = sum(lam[i] * (w[i] - s * served[i]).square() for i in range(3))  # (4096, 256)
     chosen = objective.gather(1, (codes.long() + 128)[:, None])[:, 0]
     assert codes.dtype == torch.float32 and bool((codes == codes.round()).all())
     assert bool((chosen <= objective.min(dim=1).values + 1e-5 * (128 * s[:, 0]) ** 2).all())
-    expected_q_hat = (lam[:, None] * served).sum(0)[codes.long() + 128] * s[:, 0]
+    slices = served[:, codes.long() + 128] * s[:, 0]  # (3, 4096): s·S(q, r)
+    expected_q_hat = slices if per_width else (lam[:, None] * slices).sum(0, keepdim=True)
     torch.testing.assert_close(q_hat.double(), expected_q_hat, rtol=1e-6, atol=0)
 
 
@@ -70,7 +76,7 @@ def test_without_feedback_every_weight_is_at_least_as_good_as_its_nearest_code()
     weight, so no weight does worse than with the naive (nearest int8) code."""
     w, _ = layer_problem()
     eye = torch.eye(w.shape[1])
-    nested, scales, _ = gptq(w, eye, STORED, round_column=nested_rounding(8, WIDTHS))
+    nested, scales, _ = gptq(w, eye, STORED, rounding=NestedRounding(8, WIDTHS))
     naive, naive_scales, _ = gptq(w, eye, STORED)
     assert torch.equal(scales, naive_scales)  # no feedback: both take the scales of the weight itself
 
@@ -87,13 +93,23 @@ def test_without_feedback_every_weight_is_at_least_as_good_as_its_nearest_code()
 # --------------------------------------------------------------------------------------------
 
 
-def test_nested_gptq_beats_slicing_plain_int8_gptq_on_the_weighted_objective() -> None:
+@pytest.mark.parametrize("per_width", [False, True], ids=["mean-feedback", "per-width-feedback"])
+def test_nested_gptq_beats_slicing_plain_int8_gptq_on_the_weighted_objective(per_width: bool) -> None:
     w, h = layer_problem()
     naive = slice_errors(w, h, *gptq(w, h, STORED)[:2])
-    nested = slice_errors(w, h, *gptq(w, h, STORED, round_column=nested_rounding(8, WIDTHS))[:2])
+    nested = slice_errors(w, h, *gptq(w, h, STORED, rounding=NestedRounding(8, WIDTHS, per_width=per_width))[:2])
     assert all(torch.isfinite(torch.tensor(e)) for e in nested.values())
     assert sum(nested.values()) < sum(naive.values())
     assert nested[2] < naive[2]  # the width the naive codes neglect most
+
+
+def test_per_width_feedback_compensates_each_width_better_than_the_mean() -> None:
+    """The λ-mean error compensates every width for the others' rounding; fed back per width, each slice's own
+    output error is lower, at every width of this layer."""
+    w, h = layer_problem()
+    mean = slice_errors(w, h, *gptq(w, h, STORED, rounding=NestedRounding(8, WIDTHS))[:2])
+    per_width = slice_errors(w, h, *gptq(w, h, STORED, rounding=NestedRounding(8, WIDTHS, per_width=True))[:2])
+    assert all(per_width[r] < mean[r] for r in WIDTHS)
 
 
 def test_the_naive_recipe_is_plain_int8_gptq() -> None:
@@ -138,7 +154,8 @@ def test_rtn_baseline_needs_no_calibration_and_matches_round_to_nearest() -> Non
 
 
 def test_recipe_round_trips_and_builds_the_nested_spec() -> None:
-    recipe = MatGPTQ(nested_bits=(8, 4, 3), nested_weights=(1, 2, 1), extra_precision=True, group_size=32)
+    recipe = MatGPTQ(nested_bits=(8, 4, 3), nested_weights=(1, 2, 1), extra_precision=True, group_size=32,
+                     per_width_feedback=True)
     assert recipe_from_dict(recipe.to_dict()) == recipe
     assert recipe_from_dict({"method": "matgptq", "nested_bits": [8, 2]}).nested_bits == (8, 2)
     spec = recipe.spec()
