@@ -6,12 +6,13 @@ each `FakeQuantLinear` for the packed `QuantLinear` that serves the same weights
 `QAT(w_format="ternary", w_bits=2, learnable_scale=True)` (preset `terdit`, `ditq.methods.terdit`); a
 fused Linear that a model declares in a module's `fused_linears` ({child name: parts}, e.g. DiT's
 `qkv` in 3) gets one ternary scale per part (`split_fused`); MatQuant (SPEC §6) is
-`QAT(w_bits=4, stored_bits=8, nested_bits=(8, 4, 2))`, trained on the sum of the losses at each served
-bit-width (`ditq.training`) and served at any of them (`set_served_bits`).
+`QAT(w_bits=4, stored_bits=8, nested_bits=(8, 4, 2))` (preset `matquant`), trained on Σ_r λ_r · L(model at
+r bits), λ_r the `nested_weights` (`ditq.training`), and served at any width (`set_served_bits`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -45,17 +46,21 @@ class QAT(Recipe):
     learnable_scale: bool = False
     stored_bits: int | None = None  # None = w_bits; MatQuant stores 8
     nested_bits: tuple = ()  # served bit-widths trained jointly, e.g. (8, 4, 2); () = w_bits alone
+    nested_weights: tuple = ()  # λ_r, the loss weight of each of nested_bits; () = all 1
+    extra_precision: bool = False  # the 2-bit slice keeps its top bucket (`QuantSpec.extra_precision`)
     split_fused: bool = True  # ternary: one γ/α per part of a fused Linear (q, k, v of `qkv`)
 
     def __post_init__(self) -> None:
-        if isinstance(self.nested_bits, list):  # JSON gives lists back
-            object.__setattr__(self, "nested_bits", tuple(self.nested_bits))
+        for name in ("nested_bits", "nested_weights"):
+            if isinstance(getattr(self, name), list):  # JSON gives lists back
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         super().__post_init__()
         spec = self.spec()  # QuantSpec names bad bits, formats and group sizes
         if self.learnable_scale and self.w_format == "int" and not self.symmetric:
             raise ValueError("learnable_scale trains symmetric scales only; set symmetric=True")
         if self.nested_bits:
             self._check_nested(spec)
+        check_nested_weights(self.nested_weights, self.nested_bits)
 
     def _check_nested(self, spec: QuantSpec) -> None:
         bits = self.nested_bits
@@ -87,6 +92,22 @@ class QAT(Recipe):
     def served_bits(self) -> tuple[int, ...]:
         """The bit-widths a training step takes a loss at: `nested_bits`, or `w_bits` alone."""
         return self.nested_bits or (self.w_bits,)
+
+    @property
+    def served_weights(self) -> tuple[float, ...]:
+        """λ_r of each of `served_bits`: `nested_weights`, or all 1."""
+        return tuple(float(w) for w in self.nested_weights) or (1.0,) * len(self.served_bits)
+
+
+def check_nested_weights(weights: tuple, bits: tuple) -> None:
+    """Raise ValueError unless `weights` (λ_r) is empty or one finite positive number per width of `bits`."""
+    if not weights:
+        return
+    if len(weights) != len(bits):
+        raise ValueError(f"nested_weights={weights!r} must give one weight per width of nested_bits={bits!r}")
+    if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0
+               for w in weights):
+        raise ValueError(f"nested_weights={weights!r} must be finite numbers > 0")
 
 
 def prepare(model: nn.Module, recipe: QAT) -> nn.Module:

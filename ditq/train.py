@@ -14,6 +14,12 @@ Quantization-aware training (a QAT recipe: a preset name, inline JSON or a JSON/
     python -m ditq.train --recipe terdit --set adaln_norm=true --init-from DiT-MNIST --lr 5e-4 \
         --lr-schedule step --lr-decay-step 1500 --steps 2000 --out runs/dit-mnist-terdit
 
+MatQuant (one int8 checkpoint served at 8, 4 or 2 bits, trained on the λ-weighted sum of the three losses),
+distilled from the bundled model::
+
+    python -m ditq.train --recipe matquant --init-from DiT-MNIST --loss distill --teacher DiT-MNIST \
+        --steps 2000 --out runs/dit-mnist-matquant
+
 The run writes ``log.jsonl``, ``checkpoints/last.safetensors`` (continue with ``--resume``) and
 ``ema.safetensors``, the fp32 EMA weights with the model's arch and config in their header (a QAT run's
 are the prepared model: ``ditq.load`` it, then ``ditq.qat.convert`` packs it). Ctrl-C finishes the step,
@@ -118,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     a(
         "--recipe",
         type=_parse_recipe,
-        help="QAT recipe: a preset (terdit, terdit-a8), inline JSON or a JSON/YAML file (default: FP training)",
+        help="QAT recipe: a preset (terdit, terdit-a8, matquant), inline JSON or a JSON/YAML file (default: FP "
+        "training)",
     )
     a("--loss", choices=LOSSES, help="diffusion (default) or distill (needs --teacher)")
     a("--teacher", help="distill: zoo name with bundled weights or ditq checkpoint of the FP teacher")

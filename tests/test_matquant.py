@@ -1,10 +1,12 @@
-"""MatQuant serving: nested slices of one stored int8 checkpoint, on FakeQuantLinear and QuantLinear alike,
-in memory (`set_served_bits`) and on loading (`ditq.load(path, bits=...)`)."""
+"""MatQuant: joint training over nested widths (λ-weighted), and serving nested slices of one stored int8
+checkpoint, on FakeQuantLinear and QuantLinear alike, in memory (`set_served_bits`) and on loading
+(`ditq.load(path, bits=...)`)."""
 
 from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,12 @@ from ditq.quant.fakequant import FakeQuantLinear
 from ditq.quant.primitives import dequantize, qrange, slice_codes
 from ditq.quant.qlinear import QuantLinear
 from ditq.quant.spec import QuantSpec
+from ditq.recipes import recipe_from_dict
+from ditq.train import build_parser, config_from_args
+from ditq.training import loop
+from ditq.training.config import TrainConfig
+from ditq.training.distributed import DistEnv
+from ditq.training.rng import capture_rng, restore_rng
 from tests.test_qat import inputs, qat_steps, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,6 +42,64 @@ def sliced_weight(layer: QuantLinear, bits: int) -> torch.Tensor:
     """Ŵ at `bits` computed here from the stored codes, independently of the layer's own spec."""
     codes = slice_codes(layer.weight_codes(), layer.spec.code_bits, bits)
     return dequantize(codes, layer.scales, layer.zeros, layer.spec.group_size)
+
+
+# --------------------------------------------------------------------------------------------
+# Joint training: Σ_r λ_r · L_r
+# --------------------------------------------------------------------------------------------
+
+
+def test_recipe_weights_each_width_and_refuses_bad_weights() -> None:
+    assert ditq.load_recipe("matquant").served_weights == (1.0, 1.0, 1.0)
+    assert replace(NESTED, nested_weights=[1, 0.5, 2]).served_weights == (1.0, 0.5, 2.0)
+    for weights in [(1, 1), (1, 0, 1), (1, float("nan"), 1), (1, True, 1)]:
+        with pytest.raises(ValueError, match=r"nested_weights="):
+            replace(NESTED, nested_weights=weights)
+    with pytest.raises(ValueError, match=r"one weight per width of nested_bits=\(\)"):
+        QAT(w_bits=4, nested_weights=(2.0,))
+
+
+def test_a_nested_step_takes_the_weighted_sum_of_each_widths_gradients(tmp_path: Path) -> None:
+    """Weights that are powers of two scale every gradient exactly, so the sum is checked bit for bit. The
+    zero-initialised adaLN and final layer are perturbed so that the labels matter, and a high label dropout
+    makes widths that drew their own drops differ."""
+    weights = {8: 2.0, 4: 1.0, 2: 0.25}
+    recipe = replace(NESTED, nested_weights=tuple(weights.values())).to_dict()
+    cfg = TrainConfig(model_overrides=dict(depth=1, hidden_size=64, patch_size=8, class_dropout_prob=0.5),
+                      recipe=recipe, out_dir=str(tmp_path), global_batch_size=4, grad_clip=None, device="cpu",
+                      progress=False)  # fmt: skip
+    run = loop.start_run(cfg, DistEnv(rank=0, world_size=1, device=torch.device("cpu"), owns_group=False))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in run.model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    x, y = run.batches.at(0, run.noise_gen)
+    draws = capture_rng(run.noise_gen, x.device)
+    expected, total = {}, torch.zeros(())
+    for bits, weight in weights.items():
+        restore_rng(draws, run.noise_gen, x.device)
+        ditq.set_served_bits(run.model, bits)
+        run.model.zero_grad(set_to_none=True)
+        loss = run.loss_fn(run.model_fn, x, y, run.noise_gen)
+        loss.backward()
+        total += weight * loss.detach()
+        for name, p in run.model.named_parameters():
+            if p.grad is not None:
+                expected[name] = weight * p.grad if name not in expected else expected[name] + weight * p.grad
+    restore_rng(draws, run.noise_gen, x.device)
+    step_loss, _ = loop.train_step(run, x, y)
+    assert torch.equal(step_loss, total)
+    grads = {name: p.grad for name, p in run.model.named_parameters() if p.grad is not None}
+    assert grads.keys() == expected.keys()
+    for name, grad in grads.items():
+        assert torch.equal(grad, expected[name]), name
+    assert {m.spec.w_bits for m in run.model.modules() if isinstance(m, FakeQuantLinear)} == {4}
+
+
+def test_train_command_takes_the_matquant_preset() -> None:
+    cfg = config_from_args(build_parser().parse_args(["--recipe", "matquant", "--loss", "distill", "--teacher",
+                                                      "DiT-MNIST"]))  # fmt: skip
+    assert recipe_from_dict(cfg.recipe) == QAT(w_bits=4, stored_bits=8, nested_bits=(8, 4, 2))
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,6 +139,49 @@ def test_reslicing_a_slice_is_not_the_slice() -> None:
     q = torch.tensor([5], dtype=torch.int8)
     assert slice_codes(q, 5, 3).item() == 4 and slice_codes(q, 5, 2).item() == 8
     assert slice_codes(slice_codes(q, 5, 3), 5, 2).item() == 0
+
+
+@pytest.mark.parametrize("stored", range(3, 9))
+def test_extra_precision_int2_keeps_its_top_bucket_off_the_stored_grid(stored: int) -> None:
+    lo, hi = qrange(stored, symmetric=True)
+    q = torch.arange(lo, hi + 1, dtype=torch.int8)
+    step = 2 ** (stored - 2)
+    nested, extra = slice_codes(q, stored, 2), slice_codes(q, stored, 2, extra_precision=True)
+    assert extra.dtype == torch.int16
+    assert sorted(set(extra.tolist())) == [k * step for k in (-2, -1, 0, 1, 2)]  # 5 levels: 3-bit codes
+    top = 2 * q.int() >= 3 * step  # round(q / step) = 2: the bucket the nested slice clamps onto 1
+    assert bool((extra[top] == 2 * step).all()) and bool((nested[top] == step).all())
+    assert torch.equal(extra[~top], nested[~top].to(torch.int16))
+    assert bool(((extra.int() - q.int()).abs() <= step // 2).all())  # round to nearest, never clamped
+    assert 2 * step > hi  # the new level is no stored code: the slice is not nested in the stored grid
+    for r in range(3, stored + 1):  # only the 2-bit slice changes
+        assert torch.equal(slice_codes(q, stored, r, extra_precision=True), slice_codes(q, stored, r))
+
+
+def test_extra_precision_needs_wider_stored_codes() -> None:
+    for stored in (None, 2):
+        with pytest.raises(ValueError, match=rf"extra_precision widens .* got stored_bits={stored}"):
+            QuantSpec(w_bits=2, stored_bits=stored, extra_precision=True)
+
+
+@pytest.mark.parametrize("learnable_scale", [False, True], ids=["minmax", "lsq"])
+def test_extra_precision_model_trains_converts_and_reloads_its_int2_slice(tmp_path: Path,
+                                                                          learnable_scale: bool) -> None:
+    torch.manual_seed(0)
+    fake = prepare(tiny(), replace(NESTED, extra_precision=True, learnable_scale=learnable_scale))
+    qat_steps(fake, 2)
+    ditq.set_served_bits(fake, 2)
+    path = ditq.save(convert(copy.deepcopy(fake)), tmp_path / "extra.safetensors")
+    loaded = ditq.load(path, bits=2)
+    fake_weights = {n: m.quantized_weight().detach() for n, m in fake.named_modules()
+                    if isinstance(m, FakeQuantLinear)}
+    for name, layer in packed_layers(loaded).items():
+        assert layer.spec.extra_precision, name
+        codes = slice_codes(layer.weight_codes(), 8, 2, extra_precision=True)
+        assert torch.equal(layer.dequantized_weight(), fake_weights[name]), name
+        assert torch.equal(layer.dequantized_weight(), dequantize(codes, layer.scales, None, 32)), name
+    assert any(int(slice_codes(m.weight_codes(), 8, 2, extra_precision=True).max()) == 128
+               for m in packed_layers(loaded).values())  # the extra level is served
 
 
 # --------------------------------------------------------------------------------------------

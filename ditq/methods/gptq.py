@@ -15,13 +15,17 @@ The algorithm box, for W (out, in) and calibration inputs X (rows, in):
 
 Groups are the spec's contiguous input-channel groups in the original order, so the result is exactly
 what `QuantLinear.set_codes` stores for that spec; with act-order a group's scale is fixed when the sweep
-first touches any of its columns. Q-DiT reuses this with per-layer group sizes.
+first touches any of its columns. Q-DiT reuses this with per-layer group sizes. Q(w_j) is the nearest code;
+a `ColumnRounding` replaces it (MatGPTQ's nested codes, `ditq.methods.matquant`): it may keep several targets
+(copies of W, each compensated with its own error: one per served width), chooses one code per weight from
+their columns and returns each target's q̂_j. Scales come from the first target.
 """
 
 from __future__ import annotations
 
 import math
 from contextlib import nullcontext
+from typing import Protocol
 
 import torch
 
@@ -29,7 +33,19 @@ from ditq.quant.primitives import compute_qparams, qrange
 from ditq.quant.spec import QuantSpec
 from ditq.threads import torch_threads
 
-__all__ = ["gptq", "hessian"]
+__all__ = ["ColumnRounding", "gptq", "hessian"]
+
+
+class ColumnRounding(Protocol):
+    """How the sweep turns a column into codes, for symmetric specs (the default: the nearest code, one target).
+
+    The sweep keeps `targets` copies of W; the call gets column j of each, (targets, out), and the rows'
+    scales (out,), and returns the codes (out,) and each target's reconstruction q̂ (targets, out), whose error
+    (w − q̂) / U_jj the sweep feeds back to that target's remaining columns."""
+
+    targets: int
+
+    def __call__(self, columns: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def hessian(inputs: torch.Tensor) -> torch.Tensor:
@@ -54,6 +70,7 @@ def gptq(
     block_size: int = 128,
     damp: float = 0.01,
     act_order: bool = False,
+    rounding: ColumnRounding | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(codes, scales, zeros) of `weight` (out, in) for `spec`, minimising ‖X Wᵀ − X Ŵᵀ‖² given H = mean x xᵀ.
 
@@ -61,28 +78,33 @@ def gptq(
     float32 (out, n_groups): exactly what `QuantLinear.set_codes` takes. `damp` is λ, the fraction of
     mean(diag H) added to the diagonal; if H is still not positive definite the damping is raised tenfold
     (up to 1.0) before giving up. Runs on weight's device in float32 (the Cholesky in float64); on the CPU on
-    one thread, as the sweep is thousands of small ops (`ditq.threads`).
+    one thread, as the sweep is thousands of small ops (`ditq.threads`). `rounding` (symmetric specs) chooses
+    each column's codes and what is fed back in place of the nearest code (`ColumnRounding`).
     """
     _check_args(weight, hessian, spec, block_size, damp, act_order)
+    if rounding is not None and not spec.symmetric:
+        raise ValueError("gptq: a ColumnRounding takes symmetric specs (no zero points)")
     with torch_threads(1) if weight.device.type == "cpu" else nullcontext():
-        return _sweep(weight, hessian, spec, block_size, damp, act_order)
+        return _sweep(weight, hessian, spec, block_size, damp, act_order, rounding)
 
 
 def _sweep(
-    weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, block_size: int, damp: float, act_order: bool
+    weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec, block_size: int, damp: float, act_order: bool,
+    rounding: ColumnRounding | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`gptq` after its checks, on the threads it chose."""
     out_f, in_f = weight.shape
     bits, symmetric, group = spec.code_bits, spec.symmetric, spec.group_size
     qmin, qmax = qrange(bits, symmetric)
     device = weight.device
-    w = weight.detach().float().clone()  # (out, in), updated in place by the sweep
+    targets = 1 if rounding is None else rounding.targets
+    w = weight.detach().float().expand(targets, out_f, in_f).clone()  # (T, out, in), updated by the sweep
     h = hessian.detach().to(device=device, dtype=torch.float64).clone()
     dead = torch.diag(h) <= 0
     h[dead, dead] = 1.0  # an input never seen: its column is rounded and its error goes nowhere
 
     perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(in_f, device=device)
-    w, h = w[:, perm], h[perm][:, perm]
+    w, h = w[:, :, perm], h[perm][:, perm]
     u = _inverse_cholesky(h, damp).float()  # (in, in) upper
 
     n_groups = spec.n_groups(in_f)
@@ -97,33 +119,36 @@ def _sweep(
 
     for b0 in range(0, in_f, block_size):
         b1 = min(b0 + block_size, in_f)
-        # The block's columns as rows (B, out): each column is read and updated contiguously.
-        wb = w[:, b0:b1].T.contiguous()
-        errors = torch.zeros_like(wb)  # (B, out)
-        block_codes = torch.empty_like(wb)  # (B, out)
+        # The block's columns as rows (T, B, out): each column is read and updated contiguously.
+        wb = w[:, :, b0:b1].transpose(1, 2).contiguous()
+        errors = torch.zeros_like(wb)  # (T, B, out)
+        block_codes = torch.empty_like(wb[0])  # (B, out)
         ub = u[b0:b1, b0:b1]
         for i in range(b1 - b0):
             g = group_of[b0 + i]
             if not ready[g]:
                 cols = position[g * gsize:(g + 1) * gsize]  # sweep positions of the group's columns
-                current = _current_columns(w, wb, errors[:i], u, b0, b1, i, cols)
+                current = _current_columns(w[0], wb[0], errors[0, :i], u, b0, b1, i, cols)
                 s, z = compute_qparams(current, bits, None, symmetric)  # (out, 1)
                 scales[g] = spec.store_scale(s)[:, 0]  # codes against the scale as stored
                 if zeros is not None:
                     zeros[g] = z[:, 0]
                 ready[g] = True
-            col = wb[i]
+            col = wb[:, i]  # (T, out)
             s = scales[g]
-            z = None if zeros is None else zeros[g].float()
-            q = torch.round(col / s) if z is None else torch.round(col / s) + z
-            q = q.clamp_(qmin, qmax)
+            if rounding is not None:
+                q, dq = rounding(col, s)
+            else:
+                z = None if zeros is None else zeros[g].float()
+                q = torch.round(col[0] / s) if z is None else torch.round(col[0] / s) + z
+                q = q.clamp_(qmin, qmax)
+                dq = s * (q if z is None else q - z)
             block_codes[i] = q
-            dq = s * (q if z is None else q - z)
-            err = (col - dq) / ub[i, i]
-            wb[i + 1:] -= ub[i, i + 1:, None] * err  # the block's later columns
-            errors[i] = err
+            err = (col - dq) / ub[i, i]  # (T, out)
+            wb[:, i + 1:] -= ub[i, i + 1:, None] * err[:, None]  # the block's later columns
+            errors[:, i] = err
         codes[:, perm[b0:b1]] = block_codes.T.to(codes.dtype)
-        w[:, b1:] -= errors.T.contiguous() @ u[b0:b1, b1:]
+        w[:, :, b1:] -= errors.transpose(1, 2) @ u[b0:b1, b1:]
     return codes, scales.T.contiguous(), None if zeros is None else zeros.T.contiguous()
 
 

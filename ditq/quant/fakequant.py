@@ -47,6 +47,7 @@ from ditq.quant.primitives import (
     qrange,
     quantize,
     slice_codes,
+    slice_range,
     straight_through,
 )
 from ditq.quant.qlinear import QuantLinear, quantize_activations, served_spec
@@ -180,7 +181,7 @@ class FakeQuantLinear(nn.Module):
         scale, zero = self._int_qparams()
         codes = quantize(self.weight, scale, zero, spec.code_bits, spec.symmetric)
         if spec.w_bits < spec.code_bits:
-            codes = slice_codes(codes, spec.code_bits, spec.w_bits)
+            codes = slice_codes(codes, spec.code_bits, spec.w_bits, extra_precision=spec.extra_precision)
         w_hat = dequantize(codes, scale, zero, spec.group_size)
         return straight_through(self.weight.float(), w_hat)
 
@@ -231,7 +232,7 @@ class FakeQuantLinear(nn.Module):
         w = self.weight.float().reshape(self.out_features, n_groups, group)
         q = _round_ste(w / s.unsqueeze(-1)).clamp(qmin, qmax)
         if spec.w_bits < spec.code_bits:
-            lo, hi = qrange(spec.w_bits, True)
+            lo, hi = slice_range(spec.w_bits, spec.extra_precision)
             step = 2 ** (spec.code_bits - spec.w_bits)
             q = _round_ste(q / step).clamp(lo, hi) * step
         return (q * s.unsqueeze(-1)).reshape(self.out_features, self.in_features)

@@ -54,6 +54,7 @@ __all__ = [
     "qrange",
     "quantize",
     "slice_codes",
+    "slice_range",
     "straight_through",
     "ternary_absmean",
 ]
@@ -284,19 +285,35 @@ def fake_quantize(
     return straight_through(x, x_hat, mask)
 
 
-def slice_codes(codes: torch.Tensor, stored_bits: int, served_bits: int) -> torch.Tensor:
+def slice_range(served_bits: int, extra_precision: bool = False) -> tuple[int, int]:
+    """(lo, hi) of a `served_bits` slice in its own units: the signed grid, or with `extra_precision` on a
+    2-bit slice one level more at the top, hi = 2^(r−1) (MatQuant's extra-precision int2)."""
+    lo, hi = qrange(served_bits, symmetric=True)
+    return lo, hi + int(extra_precision and served_bits == 2)
+
+
+def slice_codes(
+    codes: torch.Tensor, stored_bits: int, served_bits: int, *, extra_precision: bool = False
+) -> torch.Tensor:
     """The `served_bits` most significant bits of symmetric `stored_bits` codes, on the stored grid (SPEC §6).
 
     S(q, r) = clamp(round(q / 2^(s−r)), −2^(r−1), 2^(r−1) − 1) · 2^(s−r): rounded, not truncated, with the
-    top bucket clamped; the result is dequantized with the same scale as the stored codes.
+    top bucket clamped; the result is dequantized with the same scale as the stored codes. The r-bit grid is
+    a subset of every wider one (nested grids), so a slice is served unchanged by any wider slice.
+
+    `extra_precision` (2-bit slices only, `slice_range`): the top bucket keeps its own level 2^(r−1) instead
+    of being clamped onto 2^(r−1) − 1, so the slice takes 5 values {−2, −1, 0, 1, 2} · 2^(s−2) and its codes
+    need one more bit. The new level, 2^(s−1), is not a stored code: that slice is no longer nested in the
+    stored grid. Such slices come back as int16 (2^7 does not fit an int8).
     """
     check_bits(stored_bits)
     check_bits(served_bits)
     if served_bits > stored_bits:
         raise ValueError(f"served_bits={served_bits} exceeds stored_bits={stored_bits}")
     step = 2 ** (stored_bits - served_bits)
-    lo, hi = qrange(served_bits, symmetric=True)
-    return (torch.round(codes.float() / step).clamp(lo, hi) * step).to(codes.dtype)
+    lo, hi = slice_range(served_bits, extra_precision)
+    dtype = torch.int16 if hi * step > qrange(stored_bits, symmetric=True)[1] else codes.dtype
+    return (torch.round(codes.float() / step).clamp(lo, hi) * step).to(dtype)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -385,7 +385,7 @@ def dequantize_weight(
     """Ŵ (out, in) in `dtype`: unpack, slice stored codes to the served bits, scale (and shift)."""
     codes = unpack_codes(qweight, spec, in_features)
     if spec.code_bits != spec.w_bits:
-        codes = slice_codes(codes, spec.code_bits, spec.w_bits)
+        codes = slice_codes(codes, spec.code_bits, spec.w_bits, extra_precision=spec.extra_precision)
     return dequantize(codes, scales, zeros, spec.group_size, dtype=dtype)
 
 

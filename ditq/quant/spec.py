@@ -33,7 +33,10 @@ class QuantSpec:
 
     `w_bits` are the bits the layer is *served* at; `stored_bits` (None = `w_bits`) are the bits its
     codes are stored at. With `stored_bits=8, w_bits=4` the layer keeps int8 codes and runs on their
-    four most significant bits (MatQuant's nested slices, SPEC §6).
+    four most significant bits (MatQuant's nested slices, SPEC §6). `extra_precision` gives a 2-bit slice
+    of wider codes a fifth level, +2^(stored−1), the top bucket that the nested slice clamps (MatQuant's
+    extra-precision int2, `ditq.quant.primitives.slice_codes`): the stored codes are the same, the served
+    2-bit slice takes 3-bit codes and is no longer a point of the stored grid.
     `input_group` names the layers that read the same input tensor (q/k/v): they share one smoothing
     vector, one activation quantization and one low-rank down-projection.
     `layout` names how `qweight` is packed: checkpoints always hold "canonical"; a kernel converter may
@@ -57,11 +60,12 @@ class QuantSpec:
     stored_bits: int | None = None
     layout: str = "canonical"
     scale_dtype: str = "float32"
+    extra_precision: bool = False
 
     def __post_init__(self) -> None:
         _check_choice("w_format", self.w_format, WEIGHT_FORMATS)
         _check_int("w_bits", self.w_bits, 2, 8)
-        for name in ("symmetric", "a_symmetric", "a_dynamic", "smooth"):
+        for name in ("symmetric", "a_symmetric", "a_dynamic", "smooth", "extra_precision"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r} must be True or False")
         if self.w_format == "ternary":
@@ -73,6 +77,9 @@ class QuantSpec:
             _check_int("stored_bits", self.stored_bits, self.w_bits, 8)
             if self.w_format == "ternary" or not self.symmetric:
                 raise ValueError("stored_bits (nested bit-widths) applies to symmetric int weights only")
+        if self.extra_precision and (self.stored_bits is None or self.stored_bits <= 2):
+            raise ValueError(f"extra_precision widens the 2-bit slice of wider stored codes; got stored_bits="
+                             f"{self.stored_bits} (set stored_bits > 2, e.g. 8)")
         _check_group("group_size", self.group_size)
         _check_choice("a_format", self.a_format, ACT_FORMATS)
         if self.a_bits is not None:

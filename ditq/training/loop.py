@@ -4,8 +4,9 @@ One step: pick this rank's batch from a seeded per-epoch permutation (`data.Batc
 objective (`ditq.training.losses`: DiT's diffusion loss, or distillation from a frozen teacher), backward
 (DDP averages gradients), clip, AdamW, EMA update. Label dropout to the null class (classifier-free
 guidance) happens inside the model because it is in train mode. With a QAT recipe the model (and so its
-EMA) is `ditq.qat.prepare`d first; with nested bit-widths (MatQuant) the step's loss is the sum of the
-losses at each served bit-width, all on the same batch, timesteps and noise.
+EMA) is `ditq.qat.prepare`d first; with nested bit-widths (MatQuant) the step's loss is Σ_r λ_r · L_r, the
+losses at each served bit-width r weighted by the recipe's `nested_weights`, all on the same batch, timesteps,
+noise and label dropout.
 
 Exact resume: the checkpoint holds model, EMA, optimizer, step and every rank's RNG states; the
 data order is a pure function of (seed, epoch, step), so a run interrupted after a checkpoint and
@@ -133,6 +134,7 @@ class Run:
     loss_fn: Loss
     noise_gen: torch.Generator
     served_bits: tuple[int, ...] = ()  # nested bit-widths trained jointly; () = one
+    served_weights: tuple[float, ...] = ()  # λ_r of each of served_bits
     default_bits: int = 0
     start: int = 0
     elapsed_before: float = 0.0
@@ -191,6 +193,7 @@ def start_run(cfg: TrainConfig, env: DistEnv) -> Run:
         loss_fn,
         torch.Generator(device=device),
         served_bits=nested,
+        served_weights=recipe.served_weights if nested else (),
         default_bits=recipe.w_bits if nested else 0,
     )
     seed_rank(cfg.seed, env.rank, run.noise_gen)
@@ -242,21 +245,25 @@ def announce(run: Run) -> None:
 
 
 def train_step(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero grads, loss (summed over nested bit-widths, same draws for each), backward, clip, AdamW step.
+    """Zero grads, loss (Σ_r λ_r · L_r over nested bit-widths, same draws for each), backward, clip, AdamW step.
 
+    Each width replays the same draws (`capture_rng`): the loss's generator and torch's global one, which the
+    model's label dropout reads.
     Returns the detached loss and the gradient norm before clipping.
     """
     run.opt.zero_grad(set_to_none=True)
-    bits = run.served_bits or (None,)
-    draws = run.noise_gen.get_state()
+    widths = list(zip(run.served_bits, run.served_weights, strict=True)) or [(None, 1.0)]
+    draws = capture_rng(run.noise_gen, x.device) if run.served_bits else None
     total = torch.zeros((), device=x.device)
-    for i, b in enumerate(bits):
+    for i, (b, weight) in enumerate(widths):
         if b is not None:
             set_served_bits(run.model, b)
-            run.noise_gen.set_state(draws)
-        last = i == len(bits) - 1
+            restore_rng(draws, run.noise_gen, x.device)
+        last = i == len(widths) - 1
         with nullcontext() if last or not isinstance(run.net, DDP) else run.net.no_sync():
             loss = run.loss_fn(run.model_fn, x, y, run.noise_gen)
+            if weight != 1.0:
+                loss = weight * loss
             loss.backward()
         total += loss.detach()
     if run.served_bits:
