@@ -30,8 +30,8 @@ from ditq.quant.fakequant import set_served_bits
 from ditq.quant.modules import QUANT_MODULES, is_quantized, quant_module_entries, swap_in
 from ditq.quant.qlinear import _FLOAT32_BUFFERS, INPUT_GROUP_BUFFERS, QuantLinear
 
-__all__ = ["CheckpointError", "float_storage", "load", "model_size_bytes", "read_header", "save",
-           "stored_tensors"]
+__all__ = ["CheckpointError", "apply_served_bits", "float_storage", "load", "model_size_bytes", "read_header",
+           "save", "served_bits_plan", "stored_tensors"]
 
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WIDE_FLOAT_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # what a default save may narrow
@@ -89,7 +89,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, model: 
     """
     device = check_device(device)
     path = Path(path)
-    plan = None if bits is None else _served_bits_plan(bits)
+    plan = None if bits is None else served_bits_plan(bits)
     tensors, header = read_file(path, kind="checkpoint")
     header, tensors = _upgrade(header, tensors, path)
     groups = header_field(path, header, "input_groups", dict)
@@ -99,8 +99,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, model: 
     skeleton = _skeleton(header, path, model)
     try:
         if plan is not None:
-            for pattern, width in reversed(plan.items()):  # earlier patterns applied last: the first match wins
-                set_served_bits(skeleton, width, pattern)
+            apply_served_bits(skeleton, plan)
         _check_fits(skeleton, tensors, groups, path)
         try:
             skeleton.load_state_dict(_widen_floats(skeleton, _expand_groups(tensors, groups), header, path),
@@ -127,7 +126,13 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, model: 
     return skeleton
 
 
-def _served_bits_plan(bits: ServedBits) -> dict[str, int]:
+def apply_served_bits(model: nn.Module, plan: Mapping[str, int]) -> None:
+    """Serve `model`'s nested layers at a plan's widths: each layer at its first matching pattern's."""
+    for pattern, width in reversed(plan.items()):  # earlier patterns applied last: the first match wins
+        set_served_bits(model, width, pattern)
+
+
+def served_bits_plan(bits: ServedBits) -> dict[str, int]:
     """`load`'s `bits` as an ordered mapping of layer-name pattern → served bits; a JSON file is read and the
     plan's form checked (the widths against each layer's stored bits when it is applied)."""
     if isinstance(bits, (str, os.PathLike)):

@@ -1,0 +1,80 @@
+"""Which slice each nested layer of a model serves (MatQuant, SPEC §6), and what that slice costs.
+
+A nested layer (a `QuantLinear` or `FakeQuantLinear` whose `spec.stored_bits` is set) keeps one set of
+int8 codes and serves its r most significant bits; `set_served_bits` / `ditq.io.apply_served_bits` move it
+between slices. A served-bits plan maps layer-name patterns to widths, the first matching pattern winning,
+as `ditq.load(path, bits=...)` reads it. The cost of a slice is what it would take stored on its own: its
+r-bit codes at their packed slot width plus the shared scales (`QuantSpec.bits_per_weight` of the spec
+served at r with `stored_bits` unset), so the average bits of a mixed model are those of the model one
+would ship for it, not of the int8 checkpoint every slice is cut from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from fnmatch import fnmatchcase
+
+from torch import nn
+
+from ditq.quant.fakequant import FakeQuantLinear
+from ditq.quant.qlinear import QuantLinear, served_spec
+from ditq.quant.spec import QuantSpec
+
+__all__ = ["average_bits", "nested_layers", "served_widths", "slice_bits_per_weight"]
+
+
+def nested_layers(model: nn.Module) -> dict[str, QuantLinear | FakeQuantLinear]:
+    """Name → layer for every nested layer of `model`, in module order."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, (QuantLinear, FakeQuantLinear)) and module.spec.stored_bits is not None
+    }
+
+
+def served_widths(model: nn.Module, plan: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Name → served bits of every nested layer: now (`plan` None), or once `plan` is applied.
+
+    Checks the plan as applying it would, without touching the model: every pattern must match a nested
+    layer and every width must be a slice of the layer's stored codes (ValueError naming the culprit).
+    """
+    layers = nested_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no nested layer (spec.stored_bits set) to serve")
+    widths = {name: layer.spec.w_bits for name, layer in layers.items()}
+    if plan is None:
+        return widths
+    claimed: set[str] = set()
+    for pattern, bits in plan.items():
+        matched = [name for name in layers if fnmatchcase(name, pattern)]
+        if not matched:
+            raise ValueError(f"pattern {pattern!r} matches no nested layer of {type(model).__name__}")
+        for name in matched:
+            try:
+                served_spec(layers[name].spec, bits)
+            except ValueError as err:
+                raise ValueError(f"pattern {pattern!r} → {bits!r}: layer {name!r}: {err}") from None
+            if name not in claimed:  # the first matching pattern wins
+                widths[name] = bits
+                claimed.add(name)
+    return widths
+
+
+def slice_bits_per_weight(spec: QuantSpec, bits: int, in_features: int, out_features: int) -> float:
+    """Stored bits per weight of the `bits`-bit slice of a nested layer, stored as a layer of its own."""
+    return replace(served_spec(spec, bits), stored_bits=None).bits_per_weight(in_features, out_features)
+
+
+def average_bits(model: nn.Module, widths: Mapping[str, int]) -> float:
+    """Bits per weight of `model`'s nested layers served at `widths` (every nested layer named), averaged
+    with each layer weighted by its number of weights."""
+    layers = nested_layers(model)
+    missing = sorted(set(layers) - set(widths))
+    if missing:
+        raise ValueError(f"widths lack nested layers {missing[:3]}{' …' if len(missing) > 3 else ''}")
+    total = sum(
+        slice_bits_per_weight(m.spec, widths[n], m.in_features, m.out_features) * m.in_features * m.out_features
+        for n, m in layers.items()
+    )
+    return total / sum(m.in_features * m.out_features for m in layers.values())
