@@ -11,6 +11,7 @@ would ship for it, not of the int8 checkpoint every slice is cut from.
 
 from __future__ import annotations
 
+import glob
 from collections.abc import Mapping
 from dataclasses import replace
 from fnmatch import fnmatchcase
@@ -21,7 +22,7 @@ from ditq.quant.fakequant import FakeQuantLinear
 from ditq.quant.qlinear import QuantLinear, served_spec
 from ditq.quant.spec import QuantSpec
 
-__all__ = ["average_bits", "nested_layers", "served_widths", "slice_bits_per_weight"]
+__all__ = ["average_bits", "exact_plan", "nested_layers", "served_widths", "slice_bits_per_weight"]
 
 
 def nested_layers(model: nn.Module) -> dict[str, QuantLinear | FakeQuantLinear]:
@@ -33,11 +34,13 @@ def nested_layers(model: nn.Module) -> dict[str, QuantLinear | FakeQuantLinear]:
     }
 
 
-def served_widths(model: nn.Module, plan: Mapping[str, int] | None = None) -> dict[str, int]:
+def served_widths(model: nn.Module, plan: Mapping[str, int] | None = None, *, complete: bool = False
+                  ) -> dict[str, int]:
     """Name → served bits of every nested layer: now (`plan` None), or once `plan` is applied.
 
     Checks the plan as applying it would, without touching the model: every pattern must match a nested
-    layer and every width must be a slice of the layer's stored codes (ValueError naming the culprit).
+    layer and every width must be a slice of the layer's stored codes (ValueError naming the culprit);
+    `complete`: every nested layer must match a pattern, so the plan alone decides what is served.
     """
     layers = nested_layers(model)
     if not layers:
@@ -58,7 +61,16 @@ def served_widths(model: nn.Module, plan: Mapping[str, int] | None = None) -> di
             if name not in claimed:  # the first matching pattern wins
                 widths[name] = bits
                 claimed.add(name)
+    unclaimed = [name for name in layers if name not in claimed]
+    if complete and unclaimed:
+        raise ValueError(f"no pattern matches nested layers {unclaimed[:3]}{' …' if len(unclaimed) > 3 else ''}; "
+                         "end the plan with a '*' pattern")
     return widths
+
+
+def exact_plan(widths: Mapping[str, int]) -> dict[str, int]:
+    """The served-bits plan that serves each named layer its width: names escaped into exact patterns."""
+    return {glob.escape(name): bits for name, bits in widths.items()}
 
 
 def slice_bits_per_weight(spec: QuantSpec, bits: int, in_features: int, out_features: int) -> float:

@@ -10,7 +10,6 @@ one entry per layer, that `ditq.load(path, bits="plan.json")` applies.
 
 from __future__ import annotations
 
-import glob
 import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -21,7 +20,7 @@ from torch import nn
 
 from ditq.io import apply_served_bits
 from ditq.kernels import prepare_for_inference
-from ditq.quant.served import nested_layers, served_widths, slice_bits_per_weight
+from ditq.quant.served import exact_plan, nested_layers, served_widths, slice_bits_per_weight
 from ditq.search.space import Genome, SearchSpace, check_bits_budget
 
 
@@ -101,7 +100,7 @@ class BitsSearch:
             yield
         finally:
             prepare_for_inference(self.model, "reference")
-            apply_served_bits(self.model, _plan(before))
+            apply_served_bits(self.model, exact_plan(before))
 
     def candidate(self, genome: Genome) -> nn.Module:
         """The nested model serving `genome`'s widths, as `ditq.load(path, bits=plan)` serves them."""
@@ -111,11 +110,7 @@ class BitsSearch:
 
     def output(self, genome: Genome) -> dict[str, int]:
         """The served-bits plan of `genome`: every layer's name (as an exact pattern) → its width."""
-        return _plan(self.space.assignment(genome))
-
-
-def _plan(widths: dict[str, int]) -> dict[str, int]:
-    return {glob.escape(name): width for name, width in widths.items()}
+        return exact_plan(self.space.assignment(genome))
 
 
 def _weights_digest(model: nn.Module) -> str:
