@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -82,7 +83,16 @@ class BitsSearch:
         """What makes this search this one, beside the genetic algorithm's settings (a resume must match)."""
         return {"space": {"kind": "bits", "widths": list(self.widths), "budget": self.budget_given,
                           "backend": self.backend},
-                "model": {"weights": _weights_digest(self.model)}}  # fmt: skip
+                "model": {"weights": self.weights_digest}}  # fmt: skip
+
+    @cached_property
+    def weights_digest(self) -> str:
+        """Names the weights searched, so a resumed search refuses another checkpoint's state."""
+        digest = hashlib.sha256()
+        for name, tensor in self.model.state_dict().items():
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+        return digest.hexdigest()[:16]
 
     def initial(self) -> list[Genome]:
         """The widest uniform width within budget, to seed the first population."""
@@ -112,11 +122,3 @@ class BitsSearch:
         """The served-bits plan of `genome`: every layer's name (as an exact pattern) → its width."""
         return exact_plan(self.space.assignment(genome))
 
-
-def _weights_digest(model: nn.Module) -> str:
-    """Names the weights a search ran on, so a resumed search refuses another checkpoint's."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()[:16]

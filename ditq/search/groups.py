@@ -41,7 +41,11 @@ def check_budget(budget: str | float) -> str | float:
 
 
 class GroupSearch:
-    """The group-size space of `base`'s layers in `fp_model` and how a genome becomes a model to score."""
+    """The group-size space of `base`'s layers in `fp_model` and how a genome becomes a model to score.
+
+    `calib` (GPTQ's inputs, static activation scales) is read only by `candidate`, so a caller may check the
+    space against a saved search before calibrating, then set it.
+    """
 
     output_file = "recipe.json"
 
