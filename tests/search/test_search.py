@@ -156,7 +156,9 @@ def test_cli_writes_a_recipe_and_names_bad_input(tmp_path, capsys, monkeypatch, 
     assert main(["--out", str(tmp_path / "t"), "--budget", "g96", *flags]) == 2
     assert "g96" in capsys.readouterr().err
     assert main(["--out", str(tmp_path / "u"), "--candidates", "32,x", *flags]) == 2
-    assert "'x'" in capsys.readouterr().err
+    assert "--candidates: 'x'" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "v"), "--widths", "8,4", *flags]) == 2
+    assert "--widths apply to --space bits" in capsys.readouterr().err
 
 
 # ---- bad budgets, bad saved files, non-finite fitness, Ctrl-C ---------------------------------------------
