@@ -4,8 +4,9 @@ The search takes one nested model (int8 codes, `spec.stored_bits` set, e.g. `dit
 checkpoint) and serves every genome from its stored codes with `set_served_bits`: no layer is quantized
 again. A layer offers the widths asked for (by default the checkpoint recipe's `nested_bits`) up to its
 stored bits. A width costs what its slice would take stored on its own (`ditq.quant.served`): 5–7-bit
-codes take a byte, so a 6-bit slice costs as much as the 8-bit one. The result is a served-bits plan,
-one entry per layer, that `ditq.load(path, bits="plan.json")` applies.
+codes take a byte and 3-bit codes four bits, so a 6-bit slice costs as much as the 8-bit one; of widths
+that cost the same a layer offers only the widest, which serves more of the same stored bits for nothing.
+The result is a served-bits plan, one entry per layer, that `ditq.load(path, bits="plan.json")` applies.
 """
 
 from __future__ import annotations
@@ -66,15 +67,16 @@ class BitsSearch:
         self.budget_given = check_bits_budget(budget)
         names, sizes, choices, bits = [], [], [], []
         for name, layer in layers.items():
-            allowed = tuple(w for w in self.widths if w <= layer.spec.code_bits)
-            if not allowed:
+            cost = {w: slice_bits_per_weight(layer.spec, w, layer.in_features, layer.out_features)
+                    for w in self.widths if w <= layer.spec.code_bits}  # fmt: skip
+            if not cost:
                 raise ValueError(f"layer {name!r} stores {layer.spec.code_bits}-bit codes: none of the widths "
                                  f"{list(self.widths)} is a slice of them")  # fmt: skip
+            widest = {c: w for w, c in reversed(cost.items())}  # of the widths that cost the same, the widest
             names.append(name)
             sizes.append(layer.in_features * layer.out_features)
-            choices.append(allowed)
-            bits.append({w: slice_bits_per_weight(layer.spec, w, layer.in_features, layer.out_features)
-                         for w in allowed})  # fmt: skip
+            choices.append(tuple(w for w in cost if widest[cost[w]] == w))
+            bits.append({w: cost[w] for w in choices[-1]})
         self.names = tuple(names)
         self.space = SearchSpace(self.names, tuple(sizes), tuple(choices), tuple(bits), self.budget_given,
                                  what="width")  # fmt: skip

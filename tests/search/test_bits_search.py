@@ -47,9 +47,11 @@ def test_a_slice_costs_its_codes_slot_and_the_shared_scales(fp_and_checkpoint):
     search = BitsSearch(nested, budget=3.5)
     layer = nested.get_submodule("blocks.0.mlp.fc2")  # in 512: one float32 scale per row
     costs = search.space.bits[search.space.names.index("blocks.0.mlp.fc2")]
-    assert costs == {8: 8 + 32 / 512, 6: 8 + 32 / 512, 4: 4 + 32 / 512, 3: 4 + 32 / 512, 2: 2 + 32 / 512}
-    assert slice_bits_per_weight(layer.spec, 4, 512, layer.out_features) == costs[4]
-    assert search.space.choices[0] == WIDTHS  # the checkpoint recipe's nested_bits, widest first
+    assert costs == {8: 8 + 32 / 512, 4: 4 + 32 / 512, 2: 2 + 32 / 512}  # 6 and 3 cost as much as 8 and 4
+    assert slice_bits_per_weight(layer.spec, 6, 512, layer.out_features) == costs[8]
+    assert slice_bits_per_weight(layer.spec, 3, 512, layer.out_features) == costs[4]
+    assert search.space.choices[0] == (8, 4, 2)  # of the checkpoint recipe's nested_bits, widest first
+    assert BitsSearch(nested, widths=(6, 3, 2), budget=3.5).space.choices[0] == (6, 3, 2)
     with pytest.raises(ValueError, match="below the cheapest"):
         BitsSearch(nested, budget=2.0)  # the scales alone take more than nothing
     with pytest.raises(ValueError, match="widths"):
