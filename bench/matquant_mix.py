@@ -40,7 +40,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True, help="path stem of the .json and .md written")
     p.add_argument("--checkpoint", type=Path, help="a nested MatQuant checkpoint of DiT-MNIST (default: int8 RTN)")
     p.add_argument("--widths", default="8,6,4,3,2", help="served widths (rows, search choices)")
-    p.add_argument("--group-size", type=int, default=None, help="group size of the int8 RTN stand-in (default per channel)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="group size of the int8 RTN stand-in (default per channel)")
     p.add_argument("--budget", type=float, default=3.0, help="bits per weight of the searched plan and the schedules")
     p.add_argument("--samples", type=int, default=32, help="images per row")
     p.add_argument("--steps", type=int, default=25, help="DDIM steps")
@@ -87,8 +88,8 @@ def main() -> None:
         row(f"uniform int{width}", "uniform", average_bits(nested, dict.fromkeys(names, width)), draw(nested))
 
     search = BitsSearch(nested, widths, args.budget)
-    config = SearchConfig(generations=args.generations, population=args.population, top_k=min(4, args.population), n_crossover=4,
-                          n_mutation=4, mutation_prob=0.2, fitness="psnr",
+    config = SearchConfig(generations=args.generations, population=args.population, top_k=min(4, args.population),
+                          n_crossover=4, n_mutation=4, mutation_prob=0.2, fitness="psnr",
                           fitness_settings=FitnessSettings(samples=args.fitness_samples, steps=args.steps,
                                                            cfg_scale=args.cfg_scale, seed=args.fitness_seed))  # fmt: skip
     with tempfile.TemporaryDirectory() as work:

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 WIDTHS = (8, 6, 4, 3, 2)
 NESTED = QAT(w_bits=8, stored_bits=8, nested_bits=WIDTHS)  # converted untrained: int8 round to nearest
 CONFIG = SearchConfig(generations=3, population=6, top_k=2, n_crossover=3, n_mutation=3, mutation_prob=0.3, seed=1)
-X, T, Y = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(5)), torch.tensor([10, 900]), torch.tensor([1, 2])
+X = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(5))
+T, Y = torch.tensor([10, 900]), torch.tensor([1, 2])
 
 
 @pytest.fixture(scope="module")
