@@ -15,7 +15,7 @@ from ditq.io import load, save
 from ditq.kernels import prepare_for_inference
 from ditq.qat import QAT, convert, prepare
 from ditq.quant.fakequant import set_served_bits
-from ditq.quant.served import export_served
+from ditq.quant.export import export_served
 from ditq.methods.qdit import QDiT
 from ditq.methods.svdquant import SVDQuant
 from ditq.recipes import RTN, Recipe, load_recipe

@@ -87,6 +87,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--vae", help="local diffusers AutoencoderKL folder: decode a latent zoo DiT (DiT-XL/2)")
     s.add_argument("--bits", type=served_bits,
                    help="serve a nested (MatQuant) --model at this width (2..8) or JSON per-layer plan")
+    s.add_argument("--bits-schedule", help="serve a nested (MatQuant) checkpoint at other widths at other steps: "
+                                           "FROM:BITS pairs (0:2,0.5:4,0.8:8) or a JSON schedule file")
     _sampling_args(s, samples=16)
     s.add_argument("--out", required=True, type=Path, help="PNG path of the grid")
     s.set_defaults(run=_sample)
@@ -304,10 +306,17 @@ def _sample(args: argparse.Namespace) -> None:
             raise ValueError("--vae applies to zoo latent DiTs; a pipeline has its own VAE")
         if args.bits is not None and args.model is None:
             raise ValueError("--bits serves a nested --model checkpoint in the pipeline; give one")
+        if args.bits_schedule is not None:
+            raise ValueError("--bits-schedule applies to --model, not to --pipeline")
         from ditq.integrations.commands import sample_pipeline
 
         return sample_pipeline(args)
     check_steps(args.steps, args.sampler, "--steps")
+    if args.bits_schedule is not None and args.vae is not None:
+        raise ValueError("--bits-schedule applies to pixel-space models, not to latents decoded by --vae")
+    if args.bits_schedule is not None and args.bits is not None:
+        raise ValueError("--bits and --bits-schedule both choose the served widths; give one")
+    schedule = None if args.bits_schedule is None else _bits_schedule(args.bits_schedule)
     model, source = open_model(args.model, weights=args.weights, seed=args.seed, device=args.device, bits=args.bits)
     _check_zoo_model(model, f"--model {args.model}")
     if args.vae is not None:
@@ -322,12 +331,24 @@ def _sample(args: argparse.Namespace) -> None:
         from ditq.integrations.commands import sample_latent_dit
 
         return sample_latent_dit(args, model)
+    if schedule is not None:
+        print(f"bits schedule: {schedule.average_bits(model, args.steps):.4f} bits per weight on average over "
+              f"{args.steps} steps (steps per entry: {schedule.steps_served(args.steps)})")
     labels = torch.arange(args.samples) % model.num_classes
     images = sample(model, labels, steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg, seed=args.seed,
-                    progress=True)
+                    progress=True, bits_schedule=schedule)
     save_image(tile(images, per_row=min(args.samples, 2 * model.num_classes if model.num_classes <= 16 else 8)),
                args.out)
     print(f"wrote {args.out} ({args.samples} samples, {args.sampler} {args.steps} steps, cfg {args.cfg})")
+
+
+def _bits_schedule(text: str):
+    from ditq.bits_schedule import BitsSchedule
+
+    try:
+        return BitsSchedule.read(text) if Path(text).is_file() else BitsSchedule.parse(text)
+    except ValueError as err:
+        raise ValueError(f"--bits-schedule: {err}") from None
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -408,7 +429,7 @@ def _row_name(path: str, bits: int | str | None) -> str:
 def _served_checkpoint(path: Path, bits: int | str | None, device: str) -> torch.nn.Module:
     """The checkpoint as saved, or (bits given) the slice it serves at `bits`, exported as deployed."""
     from ditq import io
-    from ditq.quant.served import export_served
+    from ditq.quant.export import export_served
 
     model = io.load(path, device=device, bits=bits)
     return model if bits is None else export_served(model)
@@ -418,8 +439,8 @@ def _export(args: argparse.Namespace) -> None:
     from collections import Counter
 
     from ditq import io
+    from ditq.quant.export import export_served
     from ditq.quant.qlinear import QuantLinear
-    from ditq.quant.served import export_served
 
     check_output_file(args.out, "--out", ".safetensors")
     if Path(args.model).resolve() == args.out.resolve():

@@ -31,8 +31,8 @@ from ditq.quant.fakequant import set_served_bits
 from ditq.quant.modules import QUANT_MODULES, is_quantized, quant_module_entries, swap_in
 from ditq.quant.qlinear import _FLOAT32_BUFFERS, INPUT_GROUP_BUFFERS, QuantLinear
 
-__all__ = ["CheckpointError", "float_storage", "load", "model_size_bytes", "read_header", "save",
-           "stored_tensors"]
+__all__ = ["CheckpointError", "apply_served_bits", "float_storage", "load", "model_size_bytes", "read_header",
+           "save", "served_bits_plan", "stored_tensors"]
 
 FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WIDE_FLOAT_DTYPES = {"float32": torch.float32, "float64": torch.float64}  # what a default save may narrow
@@ -96,7 +96,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, model: 
     """
     device = check_device(device)
     path = Path(path)
-    plan = None if bits is None else _served_bits_plan(bits)
+    plan = None if bits is None else served_bits_plan(bits)
     tensors, header = read_file(path, kind="checkpoint")
     header, tensors = _upgrade(header, tensors, path)
     groups = header_field(path, header, "input_groups", dict)
@@ -107,8 +107,7 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, model: 
     try:
         if plan is not None:
             try:
-                for pattern, width in reversed(plan.items()):  # earlier patterns applied last: the first match wins
-                    set_served_bits(skeleton, width, pattern)
+                apply_served_bits(skeleton, plan)
             except ValueError as err:
                 raise ValueError(f"{path}: {err}") from None
         _check_fits(skeleton, tensors, groups, path)
@@ -137,7 +136,13 @@ def load(path: str | os.PathLike, device: str | torch.device = "cpu", *, model: 
     return skeleton
 
 
-def _served_bits_plan(bits: ServedBits) -> dict[str, int]:
+def apply_served_bits(model: nn.Module, plan: Mapping[str, int]) -> None:
+    """Serve `model`'s nested layers at a plan's widths: each layer at its first matching pattern's."""
+    for pattern, width in reversed(plan.items()):  # earlier patterns applied last: the first match wins
+        set_served_bits(model, width, pattern)
+
+
+def served_bits_plan(bits: ServedBits) -> dict[str, int]:
     """`load`'s `bits` as an ordered mapping of layer-name pattern → served bits; a JSON file is read and the
     plan's form checked (the widths against each layer's stored bits when it is applied)."""
     if isinstance(bits, (str, os.PathLike)):

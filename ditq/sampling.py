@@ -8,6 +8,7 @@ VAE and conditioning, so ditq adds no second way to call it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 from collections.abc import Iterable, Mapping, Sequence
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ditq.adapters import ADAPTERS, ZooAdapter, adapter_for
+from ditq.bits_schedule import BitsSchedule
 from ditq.checks import check_count
 from ditq.diffusion import sample_images
 from ditq.diffusion.samplers import SAMPLERS, check_steps
@@ -33,6 +35,7 @@ def sample(
     sampler: str = "ddim",
     batch_size: int | None = None,
     progress: bool = False,
+    bits_schedule: BitsSchedule | Sequence | None = None,
 ) -> Tensor:
     """One image per class label, (N, C, H, W) in [−1, 1] on the model's device.
 
@@ -41,6 +44,8 @@ def sample(
     by (seed, k), so the images depend on the seed and the labels, not on `batch_size` (None: all at once;
     up to the batch invariance of the model's own kernels). A latent model (DiT-XL/2) returns its latents,
     to be decoded by its VAE. `model` may be `torch.compile`d; it runs in eval mode under no_grad.
+    `bits_schedule` serves a nested (MatQuant) model at other widths at other steps (`BitsSchedule`, or the
+    list of (from, bits) pairs it takes); the model serves its own widths again afterwards.
     """
     _check_model(model)
     labels = _check_labels(labels, int(_unwrapped(model).num_classes))
@@ -53,8 +58,13 @@ def sample(
     check_count("seed", seed, minimum=0)
     if batch_size is not None:
         check_count("batch_size", batch_size)
-    return sample_images(model, labels, steps=steps, sampler=sampler, cfg_scale=float(cfg_scale), seed=seed,
-                         batch_size=batch_size, progress=progress)  # fmt: skip
+    serving = contextlib.nullcontext(None)
+    if bits_schedule is not None:
+        schedule = bits_schedule if isinstance(bits_schedule, BitsSchedule) else BitsSchedule(bits_schedule)
+        serving = schedule.serving(_unwrapped(model))  # checks every entry against the model first
+    with serving as before_step:
+        return sample_images(model, labels, steps=steps, sampler=sampler, cfg_scale=float(cfg_scale), seed=seed,
+                             batch_size=batch_size, progress=progress, before_step=before_step)  # fmt: skip
 
 
 def _unwrapped(model: nn.Module) -> nn.Module:

@@ -31,10 +31,9 @@ from ditq.methods.qdit import QDiT, average_bits_per_weight, gptq_cache
 from ditq.recipes import RTN
 from ditq.search import (
     FitnessSettings,
+    GroupSearch,
     SearchConfig,
-    SearchSpace,
     make_fitness,
-    quantize_candidate,
     run_search,
 )
 from ditq.search.fitness import spearman
@@ -70,7 +69,8 @@ def main() -> None:
                               seed=0)  # fmt: skip
         folder = work / f"w{bits}_{fitness}"
         shutil.rmtree(folder, ignore_errors=True)
-        result = run_search(fp, QDiT(w_bits=bits, a_bits=8), config, folder, calib=calib, progress=False)
+        searched = GroupSearch(fp, QDiT(w_bits=bits, a_bits=8), calib=calib)
+        result = run_search(fp, searched, config, folder, progress=False)
         report["searches"][f"W{bits}A8 {fitness}"] = {
             "seconds": round(result.seconds, 1), "evaluations": result.evaluations,
             "best_fitness": result.best_fitness, "best_bits": result.best_bits, "budget_bits": result.budget_bits,
@@ -79,7 +79,7 @@ def main() -> None:
         }  # fmt: skip
         print(f"search W{bits}A8 {fitness}: {result.evaluations} evaluations, {result.seconds:.1f} s, "
               f"best {result.best_fitness:.4f}", flush=True)  # fmt: skip
-        return result.recipe
+        return searched.recipe(searched.space.genome(result.best))
 
     def rows_for(bits: int, searched: dict[str, QDiT]) -> dict[str, ditq.Recipe]:
         rows: dict[str, ditq.Recipe] = {
@@ -101,15 +101,15 @@ def main() -> None:
         recipes |= rows_for(bits, {f: search(bits, f) for f in fitnesses})
 
     # How well does each proxy rank candidates against the FID fitness? Random W4 genomes within budget.
-    space = SearchSpace.build(fp, QDiT(w_bits=4, a_bits=8), budget="g128")
+    w4 = GroupSearch(fp, QDiT(w_bits=4, a_bits=8), budget="g128", calib=calib)
     rng = np.random.default_rng(1)
-    genomes = [space.uniform(128)] + [random_genome(space, rng) for _ in range(n["rho_candidates"] - 1)]
+    genomes = [w4.uniform(128)] + [random_genome(w4.space, rng) for _ in range(n["rho_candidates"] - 1)]
     scores: dict[str, list[float]] = {f: [] for f in ("fid", "psnr", "output")}
     seconds = dict.fromkeys(scores, 0.0)
     fits = {f: make_fitness(f, fp, fit_settings(f)) for f in scores}
     with gptq_cache():
         for genome in genomes:
-            model = quantize_candidate(fp, space, genome, calib)
+            model = w4.candidate(genome)
             for f, fitness in fits.items():
                 began = time.perf_counter()
                 scores[f].append(fitness(model))

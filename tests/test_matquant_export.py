@@ -17,7 +17,7 @@ from ditq.kernels.lowbit import LOWBIT_MAX_ROWS
 from ditq.qat import QAT, convert, prepare
 from ditq.quant.packing import packed_cols
 from ditq.quant.qlinear import QuantLinear, quantize_activations
-from ditq.quant.served import served_layer
+from ditq.quant.export import served_layer
 from ditq.quant.spec import QuantSpec
 from tests.test_matquant import NESTED, packed_layers, sliced_weight
 from tests.test_qat import inputs, qat_steps, tiny

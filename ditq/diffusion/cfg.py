@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ditq.diffusion.losses import ModelFn
-from ditq.diffusion.samplers import SAMPLERS, create_diffusion, respacing, standard_normal
+from ditq.diffusion.samplers import SAMPLERS, StepHook, create_diffusion, respacing, standard_normal
 
 
 def _param_dtype(model: nn.Module) -> torch.dtype:
@@ -81,6 +81,7 @@ def sample_images(
     progress: bool = False,
     guide_channels: int | None = None,
     first_index: int = 0,
+    before_step: StepHook | None = None,
 ) -> Tensor:
     """Class-conditional samples (N, C, H, W) in [−1, 1] on the model's device.
 
@@ -89,8 +90,9 @@ def sample_images(
     own generator seeded by (seed, k), so images depend on the seed but not on `batch_size` (up to
     the batch-invariance of the model's own kernels); `first_index` numbers the first sample, so a
     shard of a larger run (one rank of a data-parallel evaluation) draws the same noise as the whole
-    run would. `guide_channels`: see `guided`. The model runs in eval mode under no_grad;
-    its training flag is restored afterwards.
+    run would. `guide_channels`: see `guided`. `before_step(step, steps)` runs before each model call of
+    every batch (`GaussianDiffusion.sample`). The model runs in eval mode under no_grad; its training flag is
+    restored afterwards.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -128,6 +130,7 @@ def sample_images(
                     noise=x_T,
                     generator=generators,
                     progress=progress,
+                    before_step=before_step,
                 )
                 images.append(x_0.clamp(-1, 1))
     finally:

@@ -7,7 +7,7 @@ with the *original* timestep of each index, so a model trained on 1000 steps sam
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ from ditq.diffusion.schedule import (
 )
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
+StepHook = Callable[[int, int], None]  # (step, steps), step 0 the noisiest: runs before that step's model call
 SAMPLERS = ("ddim", "ddpm")
 
 # ---------------------------------------------------------------------------------------------
@@ -193,12 +194,14 @@ class GaussianDiffusion:
         progress: bool = False,
         clip_denoised: bool = False,
         device: torch.device | str | None = None,
+        before_step: StepHook | None = None,
     ) -> Tensor:
         """x_0 from x_T (`noise`, or drawn from `generator`) by DDPM or DDIM over every chain step.
 
         `generator` (one, or one per sample) also supplies the per-step noise of DDPM and of DDIM
         with eta > 0. `eta` is used by DDIM only. `device` defaults to that of `noise`, then of the
-        first tensor in `model_kwargs`, then the CPU.
+        first tensor in `model_kwargs`, then the CPU. `before_step(step, steps)` runs before each
+        model call, step 0 the noisiest (e.g. to serve a nested model at another width).
         """
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -214,7 +217,9 @@ class GaussianDiffusion:
 
         schedule = self.schedule_on(device)
         indices = range(self.num_timesteps - 1, -1, -1)
-        for i in tqdm(indices, desc=sampler, disable=not progress):
+        for step, i in enumerate(tqdm(indices, desc=sampler, disable=not progress)):
+            if before_step is not None:
+                before_step(step, self.num_timesteps)
             original_t = int(self.timestep_map[i])  # the model was trained on the original steps
             t_model = torch.full((shape[0],), original_t, dtype=torch.long, device=device)
             output = model_fn(x, t_model, **model_kwargs)

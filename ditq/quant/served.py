@@ -1,71 +1,92 @@
-"""`export_served`: a nested (MatQuant) model as deployed, each layer packed at the width it serves.
+"""Which slice each nested layer of a model serves (MatQuant, SPEC §6), and what that slice costs.
 
-A nested `QuantLinear` keeps B-bit codes q (`spec.stored_bits`) and serves their r most significant bits,
-S(q, r) = k · 2^(B−r) with k in the signed r-bit range (`slice_codes`), times the shared scale s. Exported,
-the layer is a plain r-bit `QuantLinear` holding k and s · 2^(B−r): the same weight, bit for bit, since
-scaling by a power of two is exact in floating point (s is at least the smallest normal of its dtype and
-|k| ≥ 1 wherever the weight is not 0, so neither product is subnormal; an overflowing scale is refused).
-Its codes pack into r-bit slots, so the file is small, and the kernel backends that read packed int2–int4
-codes (`lowbit`, `fp8`, `fp8-cached`) run it as they run any layer quantized at r bits.
+A nested layer (a `QuantLinear` or `FakeQuantLinear` whose `spec.stored_bits` is set) keeps one set of
+int8 codes and serves its r most significant bits; `set_served_bits` / `ditq.io.apply_served_bits` move it
+between slices. A served-bits plan maps layer-name patterns to widths, the first matching pattern winning,
+as `ditq.load(path, bits=...)` reads it. The cost of a slice is what it would take stored on its own: its
+r-bit codes at their packed slot width plus the shared scales (`QuantSpec.bits_per_weight` of the spec
+served at r with `stored_bits` unset), so the average bits of a mixed model are those of the model one
+would ship for it, not of the int8 checkpoint every slice is cut from.
 """
 
 from __future__ import annotations
 
+import glob
+from collections.abc import Mapping
 from dataclasses import replace
+from fnmatch import fnmatchcase
 
-import torch
 from torch import nn
 
-from ditq.checks import naming_layer
 from ditq.quant.fakequant import FakeQuantLinear
-from ditq.quant.modules import install
-from ditq.quant.primitives import slice_codes
-from ditq.quant.qlinear import QuantLinear
+from ditq.quant.qlinear import QuantLinear, served_spec
+from ditq.quant.spec import QuantSpec
 
-__all__ = ["export_served", "served_layer"]
-
-_CARRIED_BUFFERS = ("bias", "smooth", "lowrank_down", "lowrank_up", "act_scale", "act_zero")
+__all__ = ["average_bits", "exact_plan", "nested_layers", "served_widths", "slice_bits_per_weight"]
 
 
-def export_served(model: nn.Module) -> nn.Module:
-    """Replace, in place, every nested `QuantLinear` of `model` by the plain `QuantLinear` of the slice it
-    serves (`served_layer`); returns the model. Choose the widths first (`ditq.load(path, bits=...)` or
-    `ditq.set_served_bits`). The new layers run the reference backend until `prepare_for_inference`.
+def nested_layers(model: nn.Module) -> dict[str, QuantLinear | FakeQuantLinear]:
+    """Name → layer for every nested layer of `model`, in module order."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, (QuantLinear, FakeQuantLinear)) and module.spec.stored_bits is not None
+    }
 
-    Raises ValueError, before changing anything, when a nested layer is still a `FakeQuantLinear` (convert the
-    model first), when no layer is nested, or when a layer's scales overflow at its served width.
+
+def served_widths(model: nn.Module, plan: Mapping[str, int] | None = None, *, complete: bool = False
+                  ) -> dict[str, int]:
+    """Name → served bits of every nested layer: now (`plan` None), or once `plan` is applied.
+
+    Checks the plan as applying it would, without touching the model: every pattern must match a nested
+    layer and every width must be a slice of the layer's stored codes (ValueError naming the culprit);
+    `complete`: every nested layer must match a pattern, so the plan alone decides what is served.
     """
-    training = [n for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)
-                and m.spec.stored_bits is not None]
-    if training:
-        raise ValueError(f"layer {training[0]!r} is a FakeQuantLinear (quantization-aware training); "
-                         "ditq.convert the model before exporting it")
-    nested = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)
-              and m.spec.stored_bits is not None}
-    if not nested:
-        raise ValueError(f"{type(model).__name__} has no nested layer (spec.stored_bits set) to export")
-    built = {}
-    for name, layer in nested.items():
-        with naming_layer(f"layer {name!r}"):
-            built[name] = served_layer(layer)
-    install(model, built)
-    return model
+    layers = nested_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no nested layer (spec.stored_bits set) to serve")
+    widths = {name: layer.spec.w_bits for name, layer in layers.items()}
+    if plan is None:
+        return widths
+    claimed: set[str] = set()
+    for pattern, bits in plan.items():
+        matched = [name for name in layers if fnmatchcase(name, pattern)]
+        if not matched:
+            raise ValueError(f"pattern {pattern!r} matches no nested layer of {type(model).__name__}")
+        for name in matched:
+            try:
+                served_spec(layers[name].spec, bits)
+            except ValueError as err:
+                raise ValueError(f"pattern {pattern!r} → {bits!r}: layer {name!r}: {err}") from None
+            if name not in claimed:  # the first matching pattern wins
+                widths[name] = bits
+                claimed.add(name)
+    unclaimed = [name for name in layers if name not in claimed]
+    if complete and unclaimed:
+        raise ValueError(f"no pattern matches nested layers {unclaimed[:3]}{' …' if len(unclaimed) > 3 else ''}; "
+                         "end the plan with a '*' pattern")
+    return widths
 
 
-@torch.no_grad()
-def served_layer(layer: QuantLinear) -> QuantLinear:
-    """The plain `QuantLinear` (stored bits = served bits) computing what nested `layer` serves, bit for bit:
-    codes S(q, r) / 2^(B−r), scales × 2^(B−r); every other buffer is the layer's own tensor."""
-    spec = layer.spec
-    step = 2 ** (spec.code_bits - spec.w_bits)
-    scales = layer.scales * step  # exact: a power of two
-    if not bool(torch.isfinite(scales).all()):
-        raise ValueError(f"its {layer.scales.dtype} scales overflow when multiplied by {step} for "
-                         f"{spec.w_bits}-bit codes; store the scales as float32")
-    codes = torch.div(slice_codes(layer.weight_codes(), spec.code_bits, spec.w_bits), step, rounding_mode="floor")
-    plain = QuantLinear(layer.in_features, layer.out_features, replace(spec, stored_bits=None),
-                        bias=layer.bias is not None, device=layer.qweight.device)
-    plain.set_codes(codes, scales)
-    for name in _CARRIED_BUFFERS:  # the same tensors: layers of an input group keep sharing theirs
-        plain.register_buffer(name, getattr(layer, name))
-    return plain.train(layer.training)
+def exact_plan(widths: Mapping[str, int]) -> dict[str, int]:
+    """The served-bits plan that serves each named layer its width: names escaped into exact patterns."""
+    return {glob.escape(name): bits for name, bits in widths.items()}
+
+
+def slice_bits_per_weight(spec: QuantSpec, bits: int, in_features: int, out_features: int) -> float:
+    """Stored bits per weight of the `bits`-bit slice of a nested layer, stored as a layer of its own."""
+    return replace(served_spec(spec, bits), stored_bits=None).bits_per_weight(in_features, out_features)
+
+
+def average_bits(model: nn.Module, widths: Mapping[str, int]) -> float:
+    """Bits per weight of `model`'s nested layers served at `widths` (every nested layer named), averaged
+    with each layer weighted by its number of weights."""
+    layers = nested_layers(model)
+    missing = sorted(set(layers) - set(widths))
+    if missing:
+        raise ValueError(f"widths lack nested layers {missing[:3]}{' …' if len(missing) > 3 else ''}")
+    total = sum(
+        slice_bits_per_weight(m.spec, widths[n], m.in_features, m.out_features) * m.in_features * m.out_features
+        for n, m in layers.items()
+    )
+    return total / sum(m.in_features * m.out_features for m in layers.values())

@@ -1,22 +1,26 @@
-"""Q-DiT's automatic granularity allocation: evolutionary search over per-layer group sizes (`ditq search`)."""
+"""Per-layer evolutionary searches (`ditq search`): Q-DiT's group sizes and MatQuant's served bit-widths."""
 
+from ditq.search.bits import BitsSearch
 from ditq.search.cli import main
 from ditq.search.fitness import FITNESSES, Fitness, FitnessSettings, make_fitness, spearman
-from ditq.search.run import SearchConfig, SearchResult, quantize_candidate, run_search
-from ditq.search.space import DEFAULT_CANDIDATES, SearchSpace, genome_key
+from ditq.search.groups import DEFAULT_CANDIDATES, GroupSearch
+from ditq.search.run import Search, SearchConfig, SearchResult, run_search
+from ditq.search.space import SearchSpace, genome_key
 
 __all__ = [
     "DEFAULT_CANDIDATES",
     "FITNESSES",
+    "BitsSearch",
     "Fitness",
     "FitnessSettings",
+    "GroupSearch",
+    "Search",
     "SearchConfig",
     "SearchResult",
     "SearchSpace",
     "genome_key",
     "main",
     "make_fitness",
-    "quantize_candidate",
     "run_search",
     "spearman",
 ]

@@ -1,10 +1,10 @@
-"""Genetic operators over group-size genomes; every genome they return lies in the space and within budget.
+"""Genetic operators over per-layer genomes; every genome they return lies in the space and within budget.
 
 One generation, as in Q-DiT's search: keep the top-k genomes evaluated so far, breed `n_crossover` children
 by uniform crossover of two random top-k parents and `n_mutation` by mutating one (each gene redrawn with
 probability `prob`), refill with random genomes up to the population size. A child over budget is drawn
-again (a few times) and then repaired: random genes move to their next coarser (cheaper) group size until
-the genome fits. Children already evaluated or already in the new population are dropped. All randomness
+again (a few times) and then repaired: random genes move to their layer's next cheaper choice until the
+genome fits. Children already evaluated or already in the new population are dropped. All randomness
 comes from one numpy Generator, so a generation is a pure function of its state.
 """
 

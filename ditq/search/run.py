@@ -1,17 +1,19 @@
-"""Q-DiT's automatic granularity allocation: an evolutionary search over per-layer group sizes.
+"""The evolutionary search over a per-layer space (Q-DiT's group sizes, MatQuant's served widths).
 
-    population ← the uniform baseline (e.g. g128 everywhere) + random genomes within budget
+    population ← the space's baseline (e.g. g128 everywhere) + random genomes within budget
     for each generation:
-        evaluate every new genome: requantize the FP model with it (the final model's quantizer, GPTQ
-            memoised per layer and group size), sample, score (fitness cache keyed by the genome)
+        evaluate every new genome: build the model it describes (`search.candidate`: requantize the FP
+            model with its group sizes, or serve the nested model's codes at its widths), sample, score
+            (fitness cache keyed by the genome)
         parents ← top-k of everything evaluated so far
         population ← crossover and mutation children of the parents (within budget, unseen) + random refill
         save the state (atomically)
-    best ← the genome of lowest fitness → a QDiT recipe file
+    best ← the genome of lowest fitness → `search.output_file` (a QDiT recipe, a served-bits plan)
 
-Evaluations are split over torch.distributed ranks when a process group is up (rank r takes every r-th new
-genome; results are all-gathered), so every rank selects the same parents and the search ends as it does in
-one process.
+A search (`GroupSearch`, `BitsSearch`) owns its space and how a genome becomes a model; this loop, the
+genetic operators, the fitness cache and the saved state are shared. Evaluations are split over
+torch.distributed ranks when a process group is up (rank r takes every r-th new genome; results are
+all-gathered), so every rank selects the same parents and the search ends as it does in one process.
 """
 
 from __future__ import annotations
@@ -20,32 +22,21 @@ import hashlib
 import json
 import math
 import time
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from ditq.api import requantize
 from ditq.atomic import json_text, write_json
-from ditq.calib import CalibData
 from ditq.checks import check_counts
-from ditq.kernels import prepare_for_inference
-from ditq.methods.qdit import QDiT, gptq_cache
 from ditq.search.fitness import FITNESSES, Fitness, FitnessSettings, make_fitness
 from ditq.search.genetic import next_population, random_genome, top_k
-from ditq.search.space import (
-    DEFAULT_CANDIDATES,
-    Genome,
-    SearchSpace,
-    check_budget,
-    genome_from_key,
-    genome_key,
-    parse_group,
-)
+from ditq.search.space import Gene, Genome, SearchSpace, genome_from_key, genome_key
 from ditq.search.state import (
     LOG_FILE,
     STATE_FILE,
@@ -55,8 +46,20 @@ from ditq.search.state import (
     save_state,
 )
 
-RECIPE_FILE = "recipe.json"
 RESULT_FILE = "result.json"
+
+
+class Search(Protocol):
+    """A space and how its genomes become models (`GroupSearch`, `BitsSearch`)."""
+
+    space: SearchSpace
+    output_file: str  # where the best genome's `output` is written
+
+    def settings(self) -> dict[str, Any]: ...  # what a resumed search must match, beside the GA settings
+    def initial(self) -> list[Genome]: ...  # baselines seeded into the first population
+    def evaluating(self) -> AbstractContextManager[None]: ...  # held while candidates are built
+    def candidate(self, genome: Genome) -> nn.Module: ...  # the model to score
+    def output(self, genome: Genome) -> dict[str, Any]: ...  # the best genome as a file
 
 
 @dataclass(frozen=True)
@@ -69,12 +72,9 @@ class SearchConfig:
     n_crossover: int = 6
     n_mutation: int = 6
     mutation_prob: float = 0.1
-    candidates: tuple[int | None, ...] = DEFAULT_CANDIDATES
-    budget: str | float = "g128"
     fitness: str = "psnr"
     fitness_settings: FitnessSettings = field(default_factory=FitnessSettings)
     seed: int = 0
-    backend: str = "dequantized"
 
     def __post_init__(self) -> None:
         check_counts(self, ("generations", "population", "top_k"), what="search ")
@@ -85,17 +85,16 @@ class SearchConfig:
             raise ValueError(f"mutation_prob={self.mutation_prob!r} must lie in (0, 1]")
         if self.fitness not in FITNESSES:
             raise ValueError(f"fitness {self.fitness!r} is not one of {FITNESSES}")
-        check_budget(self.budget)
 
 
 @dataclass(frozen=True)
 class SearchResult:
-    best: dict[str, int | None]  # layer → group size
+    best: dict[str, Gene]  # layer → gene (group size, served width)
     best_key: str
     best_fitness: float
     best_bits: float  # average bits per weight of the best assignment
     budget_bits: float
-    recipe: QDiT
+    output: dict[str, Any]  # what `output_file` holds: the best genome as a recipe or a plan
     evaluations: int  # distinct genomes evaluated (over all runs of a resumed search)
     seconds: float  # wall time of the search (over all runs of a resumed search)
     history: list[dict[str, Any]]
@@ -103,30 +102,29 @@ class SearchResult:
 
 def run_search(
     fp_model: nn.Module,
-    base: QDiT,
+    search: Search,
     config: SearchConfig,
     out_dir: str | Path,
     *,
-    calib: CalibData | None = None,
     fitness: Fitness | None = None,
     progress: bool = True,
 ) -> SearchResult:
-    """Search group sizes for `base`'s layers; resumes from `out_dir` when it holds this search's state.
+    """Search `search`'s space, scored against `fp_model`; resumes from `out_dir` when it holds this search.
 
-    Writes `state.json`, `evaluations.jsonl`, `recipe.json` (the best assignment as a QDiT recipe) and
-    `result.json` under `out_dir`. `fitness` replaces the built-in one named by `config.fitness`.
+    Writes `state.json`, `evaluations.jsonl`, `search.output_file` (the best genome) and `result.json`
+    under `out_dir`. `fitness` replaces the built-in one named by `config.fitness`.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    space = SearchSpace.build(fp_model, base, config.candidates, config.budget)
-    settings = _settings(space, base, config, fitness)
+    space = search.space
+    settings = _settings(search, config, fitness)
     digest = _digest(settings)
-    state, cache = saved_search(out, space, base, config, fitness)
+    state, cache = saved_search(out, search, config, fitness)
     if state is None:
         rng = np.random.default_rng(config.seed)
         state = {"settings": settings, "generation": 0, "fitness": {}, "history": [], "seconds": 0.0,
-                 "population": [genome_key(g) for g in _initial(space, config, rng)]}  # fmt: skip
+                 "population": [genome_key(g) for g in _initial(search, config, rng)]}  # fmt: skip
     else:
         rng = np.random.default_rng()
         rng.bit_generator.state = state["rng"]
@@ -135,10 +133,10 @@ def run_search(
     population = [genome_from_key(k) for k in state["population"]]
     bar = tqdm(total=config.generations, initial=state["generation"], desc=f"search ({config.fitness})",
                disable=not progress or rank != 0)  # fmt: skip
-    with gptq_cache():
+    with search.evaluating():
         for generation in range(state["generation"], config.generations):
             pending = [g for g in population if genome_key(g) not in cache]
-            cache |= _evaluate(fp_model, space, pending, fitness, calib, config.backend, out, digest, generation)
+            cache |= _evaluate(search, pending, fitness, out, digest, generation)
             parents = top_k(cache, config.top_k)
             state["history"].append({"generation": generation, "best_key": parents[0],
                                      "best_fitness": cache[parents[0]], "evaluated": len(cache)})  # fmt: skip
@@ -159,13 +157,12 @@ def run_search(
     best = genome_from_key(best_key)
     result = SearchResult(
         best=space.assignment(best), best_key=best_key, best_fitness=cache[best_key],
-        best_bits=space.average_bits(best), budget_bits=space.budget, recipe=space.recipe(best),
-        evaluations=len(cache), seconds=float(state["seconds"]),
-        history=state["history"],
+        best_bits=space.average_bits(best), budget_bits=space.budget, output=search.output(best),
+        evaluations=len(cache), seconds=float(state["seconds"]), history=state["history"],
     )  # fmt: skip
     if rank == 0:
-        write_json(out / RECIPE_FILE, result.recipe.to_dict(), indent=1)
-        summary = {k: v for k, v in asdict(result).items() if k != "recipe"}
+        write_json(out / search.output_file, result.output, indent=1)
+        summary = {k: v for k, v in asdict(result).items() if k != "output"}
         write_json(out / RESULT_FILE, summary | {"settings": settings}, indent=1)
     if world > 1:
         dist.barrier()
@@ -173,51 +170,41 @@ def run_search(
 
 
 def saved_search(
-    out: Path, space: SearchSpace, base: QDiT, config: SearchConfig, fitness: Fitness | None = None
+    out: Path, search: Search, config: SearchConfig, fitness: Fitness | None = None
 ) -> tuple[dict[str, Any] | None, dict[str, float]]:
     """What `out` holds of this search: its state (None when there is none) and the fitness of every genome
     evaluated so far. A state of another search, or a damaged state or log, is a ValueError naming the file."""
-    settings = _settings(space, base, config, fitness)
+    settings = _settings(search, config, fitness)
     digest = _digest(settings)
     state = load_state(out)
     cache: dict[str, float] = {}
     if state is not None:
         _check_same(out / STATE_FILE, state["settings"], settings)
         for key in (*state["population"], *state["fitness"]):
-            _check_key(space, key, out / STATE_FILE)
+            _check_key(search.space, key, out / STATE_FILE)
         cache |= state["fitness"]
     for line, record in load_evaluations(out):
         if record["settings"] == digest:
-            cache[_check_key(space, record["key"], f"{out / LOG_FILE} line {line}")] = float(record["fitness"])
+            cache[_check_key(search.space, record["key"], f"{out / LOG_FILE} line {line}")] = float(record["fitness"])
     return state, cache
 
 
-def quantize_candidate(
-    fp_model: nn.Module, space: SearchSpace, genome: Genome, calib: CalibData | None, backend: str = "dequantized"
-) -> nn.Module:
-    """The FP model with `genome`'s group sizes, built by `requantize` exactly as `ditq quantize` builds it."""
-    recipe = space.recipe(genome)
-    model = requantize(fp_model, dict.fromkeys(space.names, recipe), calib)
-    return prepare_for_inference(model, backend)
-
-
 def _evaluate(
-    fp_model: nn.Module, space: SearchSpace, pending: list[Genome], fitness: Fitness, calib: CalibData | None,
-    backend: str, out: Path, digest: str, generation: int,
+    search: Search, pending: list[Genome], fitness: Fitness, out: Path, digest: str, generation: int
 ) -> dict[str, float]:
     """Fitness of each pending genome; with several ranks each takes its share and all get every result."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     found: dict[str, float] = {}
     for genome in pending[rank::world]:
         began = time.perf_counter()
-        value = float(fitness(quantize_candidate(fp_model, space, genome, calib, backend)))
+        value = float(fitness(search.candidate(genome)))
         key = genome_key(genome)
         if not math.isfinite(value):
             raise ValueError(f"the fitness of candidate {key} is {value}: a search can only rank finite values "
                              "(are the quantized model's outputs finite?)")  # fmt: skip
         found[key] = value
         append_evaluation(out, {"settings": digest, "key": key, "fitness": value, "generation": generation,
-                                "bits": space.average_bits(genome), "rank": rank,
+                                "bits": search.space.average_bits(genome), "rank": rank,
                                 "seconds": round(time.perf_counter() - began, 4)})  # fmt: skip
     if world > 1:
         gathered: list[dict[str, float] | None] = [None] * world
@@ -226,29 +213,25 @@ def _evaluate(
     return found
 
 
-def _initial(space: SearchSpace, config: SearchConfig, rng: np.random.Generator) -> list[Genome]:
-    """The uniform baseline of the budget (when it names one) plus distinct random genomes."""
-    population: list[Genome] = []
-    if isinstance(config.budget, str) and (config.budget.startswith("g") or config.budget == "ch"):
-        baseline = space.uniform(None if config.budget == "ch" else parse_group(config.budget[1:]))
-        if space.within_budget(baseline):
-            population.append(baseline)
+def _initial(search: Search, config: SearchConfig, rng: np.random.Generator) -> list[Genome]:
+    """The search's baselines plus distinct random genomes."""
+    population = search.initial()[: config.population]
     keys = {genome_key(g) for g in population}
     for _ in range(config.population * 20):
         if len(population) >= config.population:
             break
-        genome = random_genome(space, rng)
+        genome = random_genome(search.space, rng)
         if genome_key(genome) not in keys:
             keys.add(genome_key(genome))
             population.append(genome)
     return population
 
 
-def _settings(space: SearchSpace, base: QDiT, config: SearchConfig, fitness: Fitness | None) -> dict[str, Any]:
+def _settings(search: Search, config: SearchConfig, fitness: Fitness | None) -> dict[str, Any]:
     data = asdict(config)
-    data["candidates"] = [c for c in config.candidates]
     data["fitness"] = config.fitness if fitness is None else f"custom:{type(fitness).__name__}"
-    return {"config": data, "base": base.to_dict(), "layers": list(space.names), "budget_bits": space.budget}
+    return {"config": data, **search.settings(), "layers": list(search.space.names),
+            "budget_bits": search.space.budget}  # fmt: skip
 
 
 def _digest(settings: dict[str, Any]) -> str:
@@ -268,7 +251,7 @@ def _check_key(space: SearchSpace, key: str, where: str | Path) -> str:
 def _check_same(path: Path, saved: dict[str, Any], now: dict[str, Any]) -> None:
     """A resumed search must be the same search; name what differs."""
     saved, now = json.loads(json.dumps(saved)), json.loads(json.dumps(now))
-    for part in ("config", "base"):
+    for part in sorted(k for k, v in now.items() if isinstance(v, dict)):
         was = saved[part] if isinstance(saved.get(part), dict) else {}
         for key in sorted(set(was) | set(now[part])):
             if was.get(key) != now[part].get(key):

@@ -15,11 +15,10 @@ from ditq.api import shallow_clone
 from ditq.methods.qdit import QDiT
 from ditq.search import (
     FitnessSettings,
+    GroupSearch,
     SearchConfig,
-    SearchSpace,
     genome_key,
     main,
-    quantize_candidate,
     run_search,
 )
 from ditq.search.fitness import Fitness, make_fitness
@@ -36,11 +35,16 @@ def fp_and_calib():
 
 
 @pytest.fixture(scope="module")
-def space(fp_and_calib):
-    return SearchSpace.build(fp_and_calib[0], QDiT(w_bits=4), CANDIDATES, "g128")
+def search(fp_and_calib):
+    return GroupSearch(fp_and_calib[0], QDiT(w_bits=4), CANDIDATES, "g128")
 
 
-def test_space_offers_only_dividing_candidates_and_budget_is_the_uniform_baseline(space, fp_and_calib):
+@pytest.fixture(scope="module")
+def space(search):
+    return search.space
+
+
+def test_space_offers_only_dividing_candidates_and_budget_is_the_uniform_baseline(search, space, fp_and_calib):
     fp = fp_and_calib[0]
     for name, allowed in zip(space.names, space.choices, strict=True):
         width = fp.get_submodule(name).in_features
@@ -48,13 +52,13 @@ def test_space_offers_only_dividing_candidates_and_budget_is_the_uniform_baselin
         assert None in allowed
     assert space.choices[space.names.index("blocks.0.attn.qkv")] == (32, 64, None)  # 128 = one group = per channel
     assert space.choices[space.names.index("blocks.0.mlp.fc2")] == (32, 64, 128, 256, None)
-    assert space.budget == space.average_bits(space.uniform(128))
+    assert space.budget == space.average_bits(search.uniform(128))
     with pytest.raises(ValueError, match="below the cheapest"):
-        SearchSpace.build(fp, QDiT(w_bits=4), CANDIDATES, 4.0)
+        GroupSearch(fp, QDiT(w_bits=4), CANDIDATES, 4.0)
     with pytest.raises(ValueError, match="no candidate group size"):
-        SearchSpace.build(fp, QDiT(w_bits=4), (96,), "g32")
+        GroupSearch(fp, QDiT(w_bits=4), (96,), "g32")
     with pytest.raises(ValueError, match="budget 'g96'.*blocks.0.attn.qkv"):
-        SearchSpace.build(fp, QDiT(w_bits=4), CANDIDATES, "g96")
+        GroupSearch(fp, QDiT(w_bits=4), CANDIDATES, "g96")
 
 
 def test_genetic_operators_stay_in_the_space_and_within_budget(space):
@@ -95,37 +99,37 @@ CONFIG = SearchConfig(generations=3, population=6, top_k=2, n_crossover=3, n_mut
 
 def test_cache_kill_and_resume_give_the_uninterrupted_result(fp_and_calib, tmp_path, one_thread):
     fp, calib = fp_and_calib
-    base = QDiT(w_bits=3)
+    search = GroupSearch(fp, QDiT(w_bits=3), calib=calib)
     whole = Counting(fp)
-    expected = run_search(fp, base, CONFIG, tmp_path / "whole", calib=calib, fitness=whole, progress=False)
+    expected = run_search(fp, search, CONFIG, tmp_path / "whole", fitness=whole, progress=False)
     assert whole.calls == expected.evaluations  # each genome evaluated once: the cache answers repeats
     assert expected.evaluations > CONFIG.population  # later generations added new genomes
     lines = (tmp_path / "whole" / "evaluations.jsonl").read_text().splitlines()
     assert len(lines) == expected.evaluations
 
     with pytest.raises(KeyboardInterrupt):  # killed in the middle of generation 1
-        run_search(fp, base, CONFIG, tmp_path / "cut", calib=calib, fitness=Counting(fp, die_after=8), progress=False)
+        run_search(fp, search, CONFIG, tmp_path / "cut", fitness=Counting(fp, die_after=8), progress=False)
     with open(tmp_path / "cut" / "evaluations.jsonl", "a") as log:
         log.write('{"torn": ')  # a line cut short by the kill
     resumed = Counting(fp)
-    result = run_search(fp, base, CONFIG, tmp_path / "cut", calib=calib, fitness=resumed, progress=False)
+    result = run_search(fp, search, CONFIG, tmp_path / "cut", fitness=resumed, progress=False)
     assert resumed.calls == expected.evaluations - 8  # nothing evaluated twice
     assert (result.best_key, result.best_fitness, result.history) == (
         expected.best_key, expected.best_fitness, expected.history)  # fmt: skip
     assert json.loads((tmp_path / "cut" / "state.json").read_text())["fitness"] == json.loads(
         (tmp_path / "whole" / "state.json").read_text())["fitness"]  # fmt: skip
     again = Counting(fp)
-    run_search(fp, base, CONFIG, tmp_path / "cut", calib=calib, fitness=again, progress=False)
+    run_search(fp, search, CONFIG, tmp_path / "cut", fitness=again, progress=False)
     assert again.calls == 0  # a finished search only reports
     with pytest.raises(ValueError, match="config.seed=3"):
-        run_search(fp, base, replace(CONFIG, seed=4), tmp_path / "cut", calib=calib, fitness=again, progress=False)
+        run_search(fp, search, replace(CONFIG, seed=4), tmp_path / "cut", fitness=again, progress=False)
 
     # the recipe file builds, through `ditq.quantize`, the very model the search scored
     recipe = ditq.load_recipe(tmp_path / "whole" / "recipe.json")
-    assert recipe == expected.recipe and recipe.w_bits == 3
+    best = search.space.genome(expected.best)
+    assert recipe == search.recipe(best) and recipe.to_dict() == expected.output and recipe.w_bits == 3
     final = ditq.prepare_for_inference(ditq.quantize(shallow_clone(fp), recipe, calib), "dequantized")
-    space = SearchSpace.build(fp, base, CONFIG.candidates, CONFIG.budget)
-    searched = quantize_candidate(fp, space, space.genome(expected.best), calib)
+    searched = search.candidate(best)
     x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([10, 500]), torch.tensor([1, 2])
     assert torch.equal(final(x, t, y), searched(x, t, y))
     assert Counting(fp)(final) == pytest.approx(expected.best_fitness, rel=1e-6)
@@ -134,9 +138,9 @@ def test_cache_kill_and_resume_give_the_uninterrupted_result(fp_and_calib, tmp_p
 
 def test_fitnesses_rank_a_bad_model_below_a_good_one(fp_and_calib, one_thread):
     fp, calib = fp_and_calib
-    space = SearchSpace.build(fp, QDiT(w_bits=4), CANDIDATES, "g128")
-    good = quantize_candidate(fp, space, space.uniform(None), calib)
-    bad = quantize_candidate(fp, SearchSpace.build(fp, QDiT(w_bits=2), CANDIDATES, "g128"), space.uniform(None), calib)
+    four = GroupSearch(fp, QDiT(w_bits=4), CANDIDATES, "g128", calib=calib)
+    good = four.candidate(four.uniform(None))
+    bad = GroupSearch(fp, QDiT(w_bits=2), CANDIDATES, "g128", calib=calib).candidate(four.uniform(None))
     for name in ("psnr", "output"):
         fitness = make_fitness(name, fp, FitnessSettings(samples=2, steps=2))
         assert fitness(fp) <= fitness(good) < fitness(bad)
@@ -152,7 +156,9 @@ def test_cli_writes_a_recipe_and_names_bad_input(tmp_path, capsys, monkeypatch, 
     assert main(["--out", str(tmp_path / "t"), "--budget", "g96", *flags]) == 2
     assert "g96" in capsys.readouterr().err
     assert main(["--out", str(tmp_path / "u"), "--candidates", "32,x", *flags]) == 2
-    assert "'x'" in capsys.readouterr().err
+    assert "--candidates: 'x'" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path / "v"), "--widths", "8,4", *flags]) == 2
+    assert "--widths apply to --space bits" in capsys.readouterr().err
 
 
 # ---- bad budgets, bad saved files, non-finite fitness, Ctrl-C ---------------------------------------------
@@ -162,11 +168,9 @@ RTN_BASE = QDiT(w_bits=3, gptq=False)  # round to nearest: no calibration, quick
 
 
 @pytest.mark.parametrize("budget", [float("nan"), float("inf"), -float("inf"), 0.0, -1.0, "g0", "x"])
-def test_budget_out_of_range_is_refused_up_front(budget, space, fp_and_calib):
+def test_budget_out_of_range_is_refused_up_front(budget, fp_and_calib):
     with pytest.raises(ValueError, match="budget"):
-        replace(CONFIG, budget=budget)
-    with pytest.raises(ValueError, match="budget"):
-        SearchSpace.build(fp_and_calib[0], QDiT(w_bits=4), CANDIDATES, budget)
+        GroupSearch(fp_and_calib[0], QDiT(w_bits=4), CANDIDATES, budget)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +180,8 @@ def finished(fp_and_calib, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as `one_thread` does for a test
     try:
-        run_search(fp_and_calib[0], RTN_BASE, SMALL, out, fitness=Counting(fp_and_calib[0]), progress=False)
+        run_search(fp_and_calib[0], GroupSearch(fp_and_calib[0], RTN_BASE), SMALL, out,
+                   fitness=Counting(fp_and_calib[0]), progress=False)
     finally:
         torch.set_num_threads(threads)
     return out
@@ -190,9 +195,9 @@ def _resume(finished, tmp_path, fp_and_calib, edit_state=None, edit_log=None):
         (out / "state.json").write_text(edit_state((out / "state.json").read_text()))
     if edit_log is not None:
         (out / "evaluations.jsonl").write_text(edit_log((out / "evaluations.jsonl").read_text()))
-    fp, calib = fp_and_calib
+    fp = fp_and_calib[0]
     with pytest.raises(ValueError) as info:
-        run_search(fp, RTN_BASE, SMALL, out, fitness=Counting(fp), progress=False)
+        run_search(fp, GroupSearch(fp, RTN_BASE), SMALL, out, fitness=Counting(fp), progress=False)
     return out, str(info.value)
 
 
@@ -253,7 +258,7 @@ class Broken(Counting):
 def test_a_non_finite_fitness_is_refused_and_never_written(value, fp_and_calib, tmp_path, one_thread):
     fp = fp_and_calib[0]
     with pytest.raises(ValueError, match=r"fitness of candidate [\w,]+ is (nan|inf)"):
-        run_search(fp, RTN_BASE, SMALL, tmp_path, fitness=Broken(fp, 2, value), progress=False)
+        run_search(fp, GroupSearch(fp, RTN_BASE), SMALL, tmp_path, fitness=Broken(fp, 2, value), progress=False)
     for path in tmp_path.iterdir():  # strict JSON in every file
         assert "NaN" not in path.read_text() and "Infinity" not in path.read_text(), path
 
