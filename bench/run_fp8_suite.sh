@@ -7,6 +7,8 @@
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh tests     # the kernel tests on the GPU (they compile every variant)
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh models    # every FP8-path model at batch 64 + sampling
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh fold      # SVDQuant r32 with its smoothing folded or kept at run time
+#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh pass      # the fusion pass on GPU; samples vs reference; batch 64
+#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh gluon     # the Gluon W4A8 GEMM checked and timed
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh prepass   # the pre-pass against inductor, its launch sweep
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh small     # batch 2 under CUDA graphs; samples; few-row GEMMs
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh gemms     # GEMMs alone: W4A8 variants, SVDQuant's extra K columns
@@ -16,7 +18,7 @@
 set -u
 out=${OUT:?set OUT to the results folder}
 e2e() { timeout "$(left)" python bench/bench_e2e.py "$@" >>"$out/e2e_$part.jsonl" 2>>"$out/log_$part.txt" || echo "failed: $*" >>"$out/log_$part.txt"; }
-part=${1:?kernels, tests, models, fold, prepass, small, gemms, profile or profile-small}
+part=${1:?kernels, tests, models, fold, pass, gluon, prepass, small, gemms, profile or profile-small}
 deadline=$(( $(date +%s) + ${SUITE_SECONDS:-570} ))  # steps that would run past it are cut
 left() { echo $(( deadline - $(date +%s) > 1 ? deadline - $(date +%s) : 1 )); }
 case $part in
@@ -48,6 +50,21 @@ case $part in
     e2e --batch 64 --sample-steps 50 --config bf16
     e2e --batch 64 --sample-steps 50 --config svdquant-w4a8fp8-r32 --backend fp8-cached
     e2e --batch 64 --sample-steps 50 --config svdquant-w4a8fp8-r32 --backend fp8-cached --no-fold ;;
+  pass)  # the fusion pass on a GPU (counts, errors), samples through it against the reference backend, then every
+          # FP8-path model at batch 64 (forward only: a compile each, ~1 min)
+    nvidia-smi -L
+    timeout "$(left)" python bench/check_fusion_gpu.py >"$out/fusion.txt" 2>&1; tail -20 "$out/fusion.txt"
+    timeout "$(left)" python bench/samples_match.py --out "$out/samples_match.json" >>"$out/log_$part.txt" 2>&1
+    e2e --batch 64 --config bf16
+    e2e --batch 64 --config w4a8fp8 --backend fp8-cached
+    e2e --batch 64 --config svdquant-w4a8fp8-r32 --backend fp8-cached
+    e2e --batch 64 --config ternary-a8fp8 --backend fp8-cached --all-linears
+    e2e --batch 64 --config w4a8fp8 --backend fp8 ;;
+  gluon)  # the Gluon W4A8-FP8 GEMM: bit-exact checks, then timed against cuBLAS FP8 and bf16
+    nvidia-smi -L
+    timeout "$(left)" python bench/bench_gluon_w4a8.py --out "$out/gluon_w4a8" >"$out/log_$part.txt" 2>&1
+    tail -5 "$out/log_$part.txt"
+    exit 0 ;;
   prepass)  # the pre-pass at DiT-XL/2's batch-64 inputs and other producers against inductor, its launch sweep
     timeout "$(left)" python bench/bench_prepass.py --out "$out/prepass" >>"$out/log_$part.txt" 2>&1
     exit 0 ;;
@@ -75,6 +92,6 @@ case $part in
     timeout "$(left)" python bench/profile_e2e.py --batch 2 --all-linears --configs bf16,w4a8fp8:fp8-cached,w4a8fp8:fp8 \
       --out "$out" >>"$out/log_$part.txt" 2>&1
     exit 0 ;;
-  *) echo "unknown part $part (kernels, tests, models, fold, prepass, small, gemms, profile or profile-small)"; exit 2 ;;
+  *) echo "unknown part $part (kernels, tests, models, fold, pass, gluon, prepass, small, gemms, profile or profile-small)"; exit 2 ;;
 esac
 python bench/e2e_table.py "$out/e2e_$part.jsonl" "$out/e2e_$part" && rm "$out/e2e_$part.jsonl"
