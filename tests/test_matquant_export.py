@@ -15,9 +15,9 @@ from ditq.io import model_size_bytes, stored_tensors
 from ditq.kernels import prepare_for_inference
 from ditq.kernels.lowbit import LOWBIT_MAX_ROWS
 from ditq.qat import QAT, convert, prepare
+from ditq.quant.export import served_layer
 from ditq.quant.packing import packed_cols
 from ditq.quant.qlinear import QuantLinear, quantize_activations
-from ditq.quant.export import served_layer
 from ditq.quant.spec import QuantSpec
 from tests.test_matquant import NESTED, packed_layers, sliced_weight
 from tests.test_qat import inputs, qat_steps, tiny
