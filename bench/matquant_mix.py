@@ -3,7 +3,7 @@ searched per-layer plan (Mix'n'Match) and at per-timestep schedules of the same 
 
 Every row samples the same labels from the same noise as the FP model (DDIM, classifier-free guidance) and
 reports the mean PSNR of its images against the FP images and the bits per weight of the served layers
-(`ditq.quant.served`: codes at their packed slot width plus the scales). The search scores candidates on
+(`ditq.quant.served`, nominal: the served width plus the scales). The search scores candidates on
 other noise (`--fitness-seed`) than the rows are measured on. Without `--checkpoint` the nested model is
 DiT-MNIST's int8 round to nearest (`QAT(w_bits=8, stored_bits=8, nested_bits=...)`, converted untrained), a
 quick stand-in for a trained MatQuant checkpoint. Writes `<out>.json` (the rows `pareto_plot.py` draws)
@@ -135,7 +135,7 @@ def markdown(report: dict) -> str:
     s = report["settings"]
     lines = [f"# MatQuant Mix'n'Match and per-timestep widths on DiT-MNIST ({report['model']})", "",
              f"{s['samples']} images, DDIM {s['steps']} steps, cfg {s['cfg_scale']}, seed {s['seed']}; PSNR against "
-             f"the FP images from the same noise; bits per weight of the served layers (codes + scales). "
+             f"the FP images from the same noise; nominal bits per weight of the served layers (width + scales). "
              f"{report['seconds']} s.", "",
              "| row | bits/weight | PSNR dB (mean) | PSNR dB (worst image) |", "|---|---|---|---|"]  # fmt: skip
     for r in sorted(report["rows"], key=lambda r: r["bits"]):

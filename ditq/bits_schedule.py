@@ -117,9 +117,10 @@ class BitsSchedule:
                 raise ValueError(f"bits schedule entry {k}: {err}") from None
         return resolved
 
-    def average_bits(self, model: nn.Module, steps: int) -> float:
-        """Bits per weight of `model`'s nested layers, averaged over `steps` sampling steps."""
-        per_entry = [average_bits(model, widths) for widths in self.widths(model)]
+    def average_bits(self, model: nn.Module, steps: int, cost: str = "nominal") -> float:
+        """Bits per weight of `model`'s nested layers by `cost` (`ditq.quant.served.COSTS`), averaged over
+        `steps` sampling steps."""
+        per_entry = [average_bits(model, widths, cost) for widths in self.widths(model)]
         return sum(n * bits for n, bits in zip(self.steps_served(steps), per_entry, strict=True)) / steps
 
     @contextmanager

@@ -332,7 +332,8 @@ def _sample(args: argparse.Namespace) -> None:
 
         return sample_latent_dit(args, model)
     if schedule is not None:
-        print(f"bits schedule: {schedule.average_bits(model, args.steps):.4f} bits per weight on average over "
+        print(f"bits schedule: {schedule.average_bits(model, args.steps):.4f} bits per weight on average "
+              f"({schedule.average_bits(model, args.steps, 'stored'):.4f} as stored) over "
               f"{args.steps} steps (steps per entry: {schedule.steps_served(args.steps)})")
     labels = torch.arange(args.samples) % model.num_classes
     images = sample(model, labels, steps=args.steps, sampler=args.sampler, cfg_scale=args.cfg, seed=args.seed,

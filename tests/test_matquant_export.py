@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,30 @@ def test_a_per_layer_plan_exports_each_layer_at_its_width(nested_file: Path) -> 
     assert widths == {"blocks.0.attn.qkv": 8, "blocks.0.attn.proj": 8, "blocks.0.mlp.fc1": 4, "blocks.0.mlp.fc2": 2}
     with torch.no_grad():
         assert torch.equal(exported(*inputs()), sliced(*inputs()))
+
+
+def test_an_extra_precision_int2_slice_exports_as_3_bit_codes_bit_for_bit(tmp_path: Path) -> None:
+    """The extra level, +2 in the slice's units, needs a third bit: the export is a 3-bit layer holding the
+    five levels, and computes what the served slice computes (its top bucket is not clamped)."""
+    torch.manual_seed(0)
+    fake = prepare(tiny(), replace(NESTED, extra_precision=True))
+    qat_steps(fake, 2)
+    sliced = convert(fake)
+    ditq.set_served_bits(sliced, 2)
+    exported = ditq.export_served(copy.deepcopy(sliced))
+    top = 0
+    for name, layer in packed_layers(exported).items():
+        assert layer.spec == replace(packed_layers(sliced)[name].spec, w_bits=3, stored_bits=None,
+                                     extra_precision=False), name
+        codes = layer.weight_codes()
+        assert int(codes.min()) >= -2 and int(codes.max()) <= 2, name
+        top += int((codes == 2).sum())
+    assert top > 0  # the extra level is exported, not clamped onto +1
+    with torch.no_grad():
+        served = sliced(*inputs())
+        assert torch.equal(exported(*inputs()), served)
+        reloaded = ditq.load(ditq.save(exported, tmp_path / "ep2.safetensors"))
+        assert torch.equal(reloaded(*inputs()), served)
 
 
 def test_every_exported_layer_of_at_most_4_bits_takes_the_lowbit_kernel(nested_file: Path) -> None:

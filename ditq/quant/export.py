@@ -11,8 +11,6 @@ codes (`lowbit`, `fp8`, `fp8-cached`) run it as they run any layer quantized at 
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import nn
 
@@ -21,6 +19,7 @@ from ditq.quant.fakequant import FakeQuantLinear
 from ditq.quant.modules import install
 from ditq.quant.primitives import slice_codes
 from ditq.quant.qlinear import QuantLinear
+from ditq.quant.served import standalone_spec
 
 __all__ = ["export_served", "served_layer"]
 
@@ -57,13 +56,15 @@ def served_layer(layer: QuantLinear) -> QuantLinear:
     """The plain `QuantLinear` (stored bits = served bits) computing what nested `layer` serves, bit for bit:
     codes S(q, r) / 2^(B−r), scales × 2^(B−r); every other buffer is the layer's own tensor."""
     spec = layer.spec
+    plain_spec = standalone_spec(spec, spec.w_bits)
     step = 2 ** (spec.code_bits - spec.w_bits)
     scales = layer.scales * step  # exact: a power of two
     if not bool(torch.isfinite(scales).all()):
         raise ValueError(f"its {layer.scales.dtype} scales overflow when multiplied by {step} for "
                          f"{spec.w_bits}-bit codes; store the scales as float32")
-    codes = torch.div(slice_codes(layer.weight_codes(), spec.code_bits, spec.w_bits), step, rounding_mode="floor")
-    plain = QuantLinear(layer.in_features, layer.out_features, replace(spec, stored_bits=None),
+    sliced = slice_codes(layer.weight_codes(), spec.code_bits, spec.w_bits, extra_precision=spec.extra_precision)
+    codes = torch.div(sliced, step, rounding_mode="floor").to(torch.int8)  # fits: at most 2^(r−1) in units
+    plain = QuantLinear(layer.in_features, layer.out_features, plain_spec,
                         bias=layer.bias is not None, device=layer.qweight.device)
     plain.set_codes(codes, scales)
     for name in _CARRIED_BUFFERS:  # the same tensors: layers of an input group keep sharing theirs

@@ -3,15 +3,23 @@
 A nested layer (a `QuantLinear` or `FakeQuantLinear` whose `spec.stored_bits` is set) keeps one set of
 int8 codes and serves its r most significant bits; `set_served_bits` / `ditq.io.apply_served_bits` move it
 between slices. A served-bits plan maps layer-name patterns to widths, the first matching pattern winning,
-as `ditq.load(path, bits=...)` reads it. The cost of a slice is what it would take stored on its own: its
-r-bit codes at their packed slot width plus the shared scales (`QuantSpec.bits_per_weight` of the spec
-served at r with `stored_bits` unset), so the average bits of a mixed model are those of the model one
-would ship for it, not of the int8 checkpoint every slice is cut from.
+as `ditq.load(path, bits=...)` reads it.
+
+A slice is costed as a layer of its own (`standalone_spec`), not as the int8 checkpoint every slice is cut
+from, in one of two ways (`COSTS`):
+
+- "nominal" (the default): log2 of the slice's levels (r bits, log2 5 ≈ 2.32 for the extra-precision int2)
+  plus the shared scales: the effective bits MatQuant's paper reports, the budget users compare widths by
+  (int3 costs 3 bits, less than int4);
+- "stored": its codes at their packed slot width plus the scales (`QuantSpec.bits_per_weight`), what the
+  exported file takes (`ditq.export_served`): 5–7-bit codes take a byte and 3-bit codes four bits, so int6
+  costs as much as int8 and int3 as much as int4.
 """
 
 from __future__ import annotations
 
 import glob
+import math
 from collections.abc import Mapping
 from dataclasses import replace
 from fnmatch import fnmatchcase
@@ -19,10 +27,15 @@ from fnmatch import fnmatchcase
 from torch import nn
 
 from ditq.quant.fakequant import FakeQuantLinear
+from ditq.quant.packing import slot_bits
+from ditq.quant.primitives import slice_range
 from ditq.quant.qlinear import QuantLinear, served_spec
 from ditq.quant.spec import QuantSpec
 
-__all__ = ["average_bits", "exact_plan", "nested_layers", "served_widths", "slice_bits_per_weight"]
+__all__ = ["COSTS", "average_bits", "exact_plan", "nested_layers", "served_widths", "slice_bits_per_weight",
+           "standalone_spec"]
+
+COSTS = ("nominal", "stored")
 
 
 def nested_layers(model: nn.Module) -> dict[str, QuantLinear | FakeQuantLinear]:
@@ -73,20 +86,36 @@ def exact_plan(widths: Mapping[str, int]) -> dict[str, int]:
     return {glob.escape(name): bits for name, bits in widths.items()}
 
 
-def slice_bits_per_weight(spec: QuantSpec, bits: int, in_features: int, out_features: int) -> float:
-    """Stored bits per weight of the `bits`-bit slice of a nested layer, stored as a layer of its own."""
-    return replace(served_spec(spec, bits), stored_bits=None).bits_per_weight(in_features, out_features)
+def standalone_spec(spec: QuantSpec, bits: int) -> QuantSpec:
+    """The spec of the `bits`-bit slice of nested `spec` as a plain layer (`stored_bits` unset): its codes
+    are the slice's own units, so an extra-precision int2 slice (levels −2..2) is a 3-bit layer."""
+    served = served_spec(spec, bits)
+    lo, hi = slice_range(bits, served.extra_precision)
+    return replace(served, w_bits=(hi - lo).bit_length(), stored_bits=None, extra_precision=False)
 
 
-def average_bits(model: nn.Module, widths: Mapping[str, int]) -> float:
-    """Bits per weight of `model`'s nested layers served at `widths` (every nested layer named), averaged
-    with each layer weighted by its number of weights."""
+def slice_bits_per_weight(spec: QuantSpec, bits: int, in_features: int, out_features: int,
+                          cost: str = "nominal") -> float:
+    """Bits per weight of the `bits`-bit slice of a nested layer as a layer of its own, by `cost` (`COSTS`)."""
+    if cost not in COSTS:
+        raise ValueError(f"cost={cost!r} is not one of {COSTS}")
+    alone = standalone_spec(spec, bits)
+    stored = alone.bits_per_weight(in_features, out_features)
+    if cost == "stored":
+        return stored
+    lo, hi = slice_range(bits, spec.extra_precision)
+    return stored - slot_bits(alone.w_bits) + math.log2(hi - lo + 1)
+
+
+def average_bits(model: nn.Module, widths: Mapping[str, int], cost: str = "nominal") -> float:
+    """Bits per weight of `model`'s nested layers served at `widths` (every nested layer named), by `cost`
+    (`COSTS`), averaged with each layer weighted by its number of weights."""
     layers = nested_layers(model)
     missing = sorted(set(layers) - set(widths))
     if missing:
         raise ValueError(f"widths lack nested layers {missing[:3]}{' …' if len(missing) > 3 else ''}")
     total = sum(
-        slice_bits_per_weight(m.spec, widths[n], m.in_features, m.out_features) * m.in_features * m.out_features
+        slice_bits_per_weight(m.spec, widths[n], m.in_features, m.out_features, cost) * m.in_features * m.out_features
         for n, m in layers.items()
     )
     return total / sum(m.in_features * m.out_features for m in layers.values())

@@ -22,7 +22,7 @@ from torch import nn
 
 from ditq.io import apply_served_bits
 from ditq.kernels import prepare_for_inference
-from ditq.quant.served import exact_plan, nested_layers, served_widths, slice_bits_per_weight
+from ditq.quant.served import COSTS, exact_plan, nested_layers, served_widths, slice_bits_per_weight
 from ditq.search.space import Genome, SearchSpace, check_bits_budget
 
 
@@ -53,8 +53,11 @@ class BitsSearch:
         widths: Sequence[int] | None = None,
         budget: float = 4.0,
         *,
+        cost: str = "nominal",
         backend: str = "dequantized",
     ) -> None:
+        if cost not in COSTS:
+            raise ValueError(f"cost={cost!r} is not one of {COSTS}")
         layers = nested_layers(model)
         if not layers:
             raise ValueError(f"{type(model).__name__} has no nested layer (spec.stored_bits set): the bit-width "
@@ -63,11 +66,11 @@ class BitsSearch:
             widths = checkpoint_widths(model)
             if widths is None:
                 raise ValueError("the checkpoint's recipe names no nested_bits; give the widths to choose from")
-        self.model, self.widths, self.backend = model, check_widths(widths), backend
+        self.model, self.widths, self.cost, self.backend = model, check_widths(widths), cost, backend
         self.budget_given = check_bits_budget(budget)
         names, sizes, choices, bits = [], [], [], []
         for name, layer in layers.items():
-            cost = {w: slice_bits_per_weight(layer.spec, w, layer.in_features, layer.out_features)
+            cost = {w: slice_bits_per_weight(layer.spec, w, layer.in_features, layer.out_features, self.cost)
                     for w in self.widths if w <= layer.spec.code_bits}  # fmt: skip
             if not cost:
                 raise ValueError(f"layer {name!r} stores {layer.spec.code_bits}-bit codes: none of the widths "
@@ -84,7 +87,7 @@ class BitsSearch:
     def settings(self) -> dict[str, Any]:
         """What makes this search this one, beside the genetic algorithm's settings (a resume must match)."""
         return {"space": {"kind": "bits", "widths": list(self.widths), "budget": self.budget_given,
-                          "backend": self.backend},
+                          "cost": self.cost, "backend": self.backend},
                 "model": {"weights": self.weights_digest}}  # fmt: skip
 
     @cached_property

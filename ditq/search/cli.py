@@ -9,6 +9,7 @@ MatQuant's Mix'n'Match (`--space bits`): a served width per layer of one nested 
 the full-precision --model, written as a served-bits plan for `ditq.load(path, bits=...)`:
 
     ditq search --space bits --checkpoint nested.safetensors --widths 8,6,4,3,2 --budget 3.0 --out DIR
+    (--cost stored: budget the exported file's packed bits instead of the nominal widths)
     ditq.load("nested.safetensors", bits="DIR/plan.json")
 
 Run it again with the same --out to resume a killed or interrupted search; under torchrun the fitness
@@ -34,7 +35,7 @@ from ditq.cli_checks import (
     rerun_command,
     run_command,
 )
-from ditq.quant.served import nested_layers
+from ditq.quant.served import COSTS, nested_layers
 from ditq.search.bits import check_widths
 from ditq.search.fitness import FITNESSES, FitnessSettings
 from ditq.search.groups import check_budget
@@ -67,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     bits.add_argument("--checkpoint", type=Path, help="the nested (MatQuant) checkpoint whose slices are served")
     bits.add_argument("--widths", type=_widths, default=None,
                       help="widths to choose from, e.g. 8,6,4,3,2 (default: the checkpoint recipe's nested_bits)")
+    bits.add_argument("--cost", choices=COSTS, default="nominal",
+                      help="what a width costs against --budget: nominal, its bits + scales (int3: 3 bits, the "
+                           "paper's effective bits); stored, its packed slot + scales (int3: 4 bits, as exported)")
     p.add_argument("--fitness", choices=FITNESSES, default="psnr",
                    help="fid: FID of fixed-noise samples; psnr: their PSNR vs the FP samples; output: the final "
                         "output's error on the FP trajectories (cheapest)")
@@ -95,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 GROUP_FLAGS = {"--w-bits": "w_bits", "--a-bits": "a_bits", "--candidates": "candidates", "--no-gptq": "no_gptq",
                "--static-acts": "static_acts", "--calib-samples": "calib_samples", "--calib-steps": "calib_steps"}
-BITS_FLAGS = {"--checkpoint": "checkpoint", "--widths": "widths"}
+BITS_FLAGS = {"--checkpoint": "checkpoint", "--widths": "widths", "--cost": "cost"}
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -188,7 +192,7 @@ def _bits_search(args: argparse.Namespace, fp_model: torch.nn.Module, device: st
         ):
             raise ValueError(f"--checkpoint {args.checkpoint}: layer {name!r} has no Linear of its shape in "
                              f"--model {args.model}; give the full-precision model it was quantized from")
-    return BitsSearch(nested, args.widths, args.budget)
+    return BitsSearch(nested, args.widths, args.budget, cost=args.cost)
 
 
 def _bits_or_none(text: str) -> int | None:

@@ -1,6 +1,7 @@
 """Mix'n'Match searched: one served width per nested layer of one MatQuant checkpoint, under a bit budget."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -43,14 +44,14 @@ class Counting(Fitness):
         return self.inner(model)
 
 
-def test_a_slice_costs_its_codes_slot_and_the_shared_scales(fp_and_checkpoint):
+def test_a_stored_slice_costs_its_codes_slot_and_the_shared_scales(fp_and_checkpoint):
     nested = ditq.load(fp_and_checkpoint[1])
-    search = BitsSearch(nested, budget=3.5)
+    search = BitsSearch(nested, budget=3.5, cost="stored")
     layer = nested.get_submodule("blocks.0.mlp.fc2")  # in 512: one float32 scale per row
     costs = search.space.bits[search.space.names.index("blocks.0.mlp.fc2")]
     assert costs == {8: 8 + 32 / 512, 4: 4 + 32 / 512, 2: 2 + 32 / 512}  # 6 and 3 cost as much as 8 and 4
-    assert slice_bits_per_weight(layer.spec, 6, 512, layer.out_features) == costs[8]
-    assert slice_bits_per_weight(layer.spec, 3, 512, layer.out_features) == costs[4]
+    assert slice_bits_per_weight(layer.spec, 6, 512, layer.out_features, "stored") == costs[8]
+    assert slice_bits_per_weight(layer.spec, 3, 512, layer.out_features, "stored") == costs[4]
     assert search.space.choices[0] == (8, 4, 2)  # of the checkpoint recipe's nested_bits, widest first
     assert BitsSearch(nested, widths=(6, 3, 2), budget=3.5).space.choices[0] == (6, 3, 2)
     with pytest.raises(ValueError, match="below the cheapest"):
@@ -59,6 +60,33 @@ def test_a_slice_costs_its_codes_slot_and_the_shared_scales(fp_and_checkpoint):
         BitsSearch(nested, widths=(4, 9), budget=3.5)
     with pytest.raises(ValueError, match="no nested layer"):
         BitsSearch(fp_and_checkpoint[0], budget=3.5)
+
+
+def test_a_nominal_slice_costs_its_width_and_the_shared_scales(fp_and_checkpoint):
+    """The paper's effective bits: every width is offered, int3 below int4, so a 3-bit budget can be met by
+    more than uniform int3 (under the stored cost, int3 takes int4's slot and is never offered)."""
+    nested = ditq.load(fp_and_checkpoint[1])
+    uniform3 = average_bits(nested, dict.fromkeys(served_widths(nested), 3))
+    search = BitsSearch(nested, budget=uniform3)
+    assert search.cost == "nominal" and search.settings()["space"]["cost"] == "nominal"
+    costs = search.space.bits[search.space.names.index("blocks.0.mlp.fc2")]
+    assert costs == {w: w + 32 / 512 for w in WIDTHS}
+    assert all(choices == WIDTHS for choices in search.space.choices)
+    assert search.initial() == [(3,) * len(search.space.names)]  # the widest uniform width within budget
+    stored = BitsSearch(nested, budget=uniform3, cost="stored")
+    assert stored.initial() == [(2,) * len(stored.space.names)]  # int3 costs int4's slot there
+    with pytest.raises(ValueError, match=r"cost='packed' is not one of \('nominal', 'stored'\)"):
+        BitsSearch(nested, budget=3.0, cost="packed")
+
+
+def test_the_extra_precision_int2_slice_costs_five_levels_nominally_and_a_4_bit_slot_stored():
+    layer = convert(prepare(make_tiny_mnist_dit(), QAT(w_bits=2, stored_bits=8, nested_bits=(8, 2),
+                                                       extra_precision=True))).get_submodule("blocks.0.mlp.fc2")
+    scales = 32 / 512
+    assert slice_bits_per_weight(layer.spec, 2, 512, layer.out_features) == pytest.approx(math.log2(5) + scales,
+                                                                                          rel=1e-15)
+    assert slice_bits_per_weight(layer.spec, 2, 512, layer.out_features, "stored") == 4 + scales  # 3-bit codes
+    assert slice_bits_per_weight(layer.spec, 4, 512, layer.out_features) == 4 + scales  # wider slices: as ever
 
 
 def test_search_respects_the_budget_resumes_and_its_plan_reloads_bit_exactly(fp_and_checkpoint, tmp_path):
