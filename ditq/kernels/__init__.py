@@ -77,6 +77,8 @@ class Backend:
     shared_input_buffers: tuple[str, ...] = ()
     # whether `prepare_for_inference` folds SVDQuant's smoothing into the producers of the layers it runs
     folds_smoothing: bool = False
+    # a kernel buffer holding the codes exactly on the device: `qweight` is then parked in host memory
+    codes_copy: str | None = None
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -142,6 +144,8 @@ def prepare_for_inference(
         module.kernel_buffers = tuple(extra)
         module.fixed_dtype_buffers = tuple(b for b in target.fixed_dtype_buffers if b in extra)
         module.backend = target.name
+        if target.codes_copy in extra:
+            module.park_codes()
         if target.name in fp8.FP8_BACKENDS:
             module.fast_accumulation = fast
     for reason, count in declined.items():
@@ -223,6 +227,7 @@ register_backend(
         supports=fp8.fp8_support,
         convert=lambda m, dtype: fp8.expanded_weight(m),
         fixed_dtype_buffers=("fp8_scale_w", "weight_fp8", *fp8.LOWRANK_BUFFERS, "inv_smooth"),
+        codes_copy="weight_fp8",
         fuses_producers=True,
         shared_input_buffers=fp8.INPUT_BUFFERS,
         folds_smoothing=True,

@@ -65,7 +65,7 @@ def served_layer(layer: QuantLinear) -> QuantLinear:
     sliced = slice_codes(layer.weight_codes(), spec.code_bits, spec.w_bits, extra_precision=spec.extra_precision)
     codes = torch.div(sliced, step, rounding_mode="floor").to(torch.int8)  # fits: at most 2^(r−1) in units
     plain = QuantLinear(layer.in_features, layer.out_features, plain_spec,
-                        bias=layer.bias is not None, device=layer.qweight.device)
+                        bias=layer.bias is not None, device=layer.scales.device)
     plain.set_codes(codes, scales)
     for name in _CARRIED_BUFFERS:  # the same tensors: layers of an input group keep sharing theirs
         plain.register_buffer(name, getattr(layer, name))

@@ -29,6 +29,11 @@ Layers of one `spec.input_group` hold equal `smooth`, `lowrank_down`, `act_scale
 choice is a plain attribute set once, so the forward holds no dispatch logic that `torch.compile` must
 trace.
 
+A kernel backend that holds an exact copy of the codes on the device (`fp8-cached`'s e4m3 weights) parks
+`qweight` in host memory (`park_codes`), so the device holds one copy of the weights, not two; device moves
+leave it there, and it comes back to the layer's device when the backend's buffers are dropped (another backend,
+new codes, loaded tensors). A checkpoint saved meanwhile reads it from the host.
+
 `.to(dtype)`/`.half()` leave the integer buffers alone (torch never casts them) and keep `scales`,
 `smooth` and `act_scale` in float32: they are part of the quantized format, not the compute dtype.
 `bias` and the low-rank factors follow the module dtype; the output dtype always follows x.
@@ -78,6 +83,7 @@ class QuantLinear(nn.Module):
     layer_name: str | None = None  # its name in the model, given by ditq.quant.modules.install; errors name it
     # x arrives divided by `smooth` already: set by ditq.kernels.folding, which folded it into x's producer
     smoothing_folded: bool = False
+    codes_home: torch.device | None = None  # where `qweight` returns to while it is parked in host memory
 
     def __init__(
         self,
@@ -229,6 +235,13 @@ class QuantLinear(nn.Module):
         for name in getattr(self, "kernel_buffers", ()):
             delattr(self, name)
         self.kernel_buffers, self.fixed_dtype_buffers, self.backend = (), (), "reference"
+        if self.codes_home is not None:
+            self.qweight, self.codes_home = self.qweight.to(self.codes_home), None
+
+    def park_codes(self) -> None:
+        """Move the packed codes to host memory while a kernel buffer holds them exactly on the device."""
+        if self.codes_home is None and self.qweight.device.type != "cpu":
+            self.qweight, self.codes_home = self.qweight.cpu(), self.qweight.device
 
     def serve_bits(self, bits: int) -> None:
         """Serve the `bits` most significant bits of the stored codes (`served_spec`); a kernel
@@ -306,7 +319,13 @@ class QuantLinear(nn.Module):
         dtype under dtype casts."""
         names = _FLOAT32_BUFFERS + self.fixed_dtype_buffers
         kept = {n: self._buffers[n] for n in names if self._buffers.get(n) is not None}
+        parked = self._buffers["qweight"] if self.codes_home is not None else None
+        if parked is not None:  # moved by nothing: an empty stand-in goes through `fn`
+            self._buffers["qweight"] = parked.new_empty(0)
         super()._apply(fn, recurse)
+        if parked is not None:
+            self.codes_home = self._buffers["qweight"].device
+            self._buffers["qweight"] = parked
         for name, old in kept.items():
             new = self._buffers[name]
             if new.dtype == old.dtype:

@@ -273,3 +273,21 @@ def test_a_dtype_cast_after_prepare_keeps_the_kernel_format():
     assert m.bias.dtype == torch.bfloat16
     x = torch.randn(131, 48, generator=torch.Generator().manual_seed(5)).to(DEVICE, torch.bfloat16)
     assert m(x).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="codes are parked from a CUDA device in host memory")
+@pytest.mark.parametrize("name", ["int4", "int4_smooth_rank4"])
+def test_fp8_cached_parks_the_codes_in_host_memory_and_brings_them_back(name):
+    m = layer(SPECS[name], torch.bfloat16)
+    codes, device = m.qweight.clone(), m.qweight.device
+    x = torch.randn(5, 48, device=DEVICE, dtype=torch.bfloat16)
+    reference = m(x)
+    prepare_for_inference(m, "fp8-cached")
+    assert m.qweight.device.type == "cpu" and m.codes_home == device  # one copy of the weights on the device
+    cached = m(x)
+    m.to(DEVICE)  # a device move leaves parked codes parked
+    assert m.qweight.device.type == "cpu" and torch.equal(m.state_dict()["qweight"], codes.cpu())
+    assert torch.equal(m(x), cached)
+    prepare_for_inference(m, "reference")  # dropping the backend's buffers brings the codes back
+    assert m.codes_home is None and m.qweight.device == device and torch.equal(m.qweight, codes)
+    assert torch.equal(m(x), reference)
