@@ -202,7 +202,11 @@ def operands(m: int = 4, k: int = 256, n: int = 16, bits: int = 4, group_size: i
     ("change", "message"),
     [
         (dict(x=torch.zeros(4, 256)), r"x must be contiguous 2-D e4m3 codes, got torch.float32 \(4, 256\)"),
-        (dict(x=torch.zeros(4, 192, dtype=torch.float8_e4m3fn)), "K must be a multiple of 128, got 192"),
+        (
+            dict(x=torch.zeros(4, 192, dtype=torch.float8_e4m3fn)),
+            "K must be a positive multiple of 128, got 192",
+        ),
+        (dict(x=torch.zeros(4, 0, dtype=torch.float8_e4m3fn)), "K must be a positive multiple of 128, got 0"),
         (
             dict(x_scale=torch.ones(3, 1)),
             r"x_scale must be 4 contiguous float32 row scales, got torch.float32 \(3, 1\)",
@@ -221,7 +225,7 @@ def operands(m: int = 4, k: int = 256, n: int = 16, bits: int = 4, group_size: i
         ),
         (dict(bias=torch.zeros(8)), r"bias must be contiguous \(16,\), got \(8,\)"),
     ],
-    ids=["float-x", "k", "x-scale", "packed", "n", "scales", "bias"],
+    ids=["float-x", "k", "empty-k", "x-scale", "packed", "n", "scales", "bias"],
 )
 def test_operands_the_kernel_would_misread_are_refused(change: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):

@@ -15,6 +15,11 @@ already in wgmma's K-major form) are B, read by the tensor cores from shared mem
   from zero and joins the float32 accumulator times its scale.
 - The epilogue scales rows by the channel scales and columns by the token scales, adds the bias and writes the
   tile through shared memory with a TMA store, which clips the edges.
+- The K loop is known to run at least once (`gl.assume`; the host refuses K = 0). A loop that may run zero
+  times keeps an exit path that sets the accumulator's zeros; where LLVM places them after the loop's last
+  wgmma and before its wait (it did for 4-bit codes, not for 2-bit), ptxas reports "(C7515) wgmma.mma_async
+  instructions are serialized due to non wgmma instructions defining accumulator registers" and waits after
+  every wgmma of the kernel.
 
 The kernel needs sm_90 (wgmma, TMA, setmaxnreg). `tests/kernels/test_gluon_w4a8_compile.py` compiles it for
 sm_90a on the CPU and checks registers, spills and the instructions; `bench/bench_gluon_w4a8.py` checks it
@@ -190,10 +195,10 @@ def _consume(w_bufs, x_bufs, ready, empty, w_scales, off_n, N, n_groups, k_steps
     so the tensor cores multiply one half while the next is converted. Returns
     (the (BLOCK_N, BLOCK_T) float32 accumulator,), group scales applied, channel scales not.
 
-    Waits are for every product in flight (one left in flight across a wait makes ptxas serialize the wgmmas):
-    at each block's first half (the previous block's products; then its slot is freed), and per group at each
-    group's first half (the previous group's product, folded into the accumulator times its scale). Converted
-    codes never cross an iteration: 8-bit values carried by the loop are unpacked and re-packed byte by byte."""
+    Waits are for every product in flight: at each block's first half (the previous block's products; then its
+    slot is freed), and per group at each group's first half (the previous group's product, folded into the
+    accumulator times its scale). Converted codes never cross an iteration: 8-bit values carried by the loop
+    are unpacked and re-packed byte by byte."""
     STAGES: gl.constexpr = w_bufs.shape[0]
     BLOCK_N: gl.constexpr = w_bufs.shape[1]
     HALF: gl.constexpr = BLOCK_K // 2
@@ -254,6 +259,7 @@ def _w4a8_kernel(w_desc, x_desc, out_desc, w_scales, x_scales, bias, M, N, n_gro
     off_n = gl.program_id(0) * BLOCK_N
     off_t = gl.program_id(1) * BLOCK_T
     k_steps = x_desc.shape[1] // BLOCK_K
+    gl.assume(k_steps > 0)  # no zero-trip path: ptxas pipelines the wgmmas (module docstring)
     (acc,) = gl.warp_specialize([
         (_consume, (w_bufs, x_bufs, ready, empty, w_scales, off_n, N, n_groups, k_steps, SLOT, OFFSET, GROUP,
                     BLOCK_T, num_warps)),
@@ -325,8 +331,8 @@ def _check(x, x_scale, packed, scales, bias, bits, group_size, out_dtype) -> Non
     if x.ndim != 2 or x.dtype != torch.float8_e4m3fn or not x.is_contiguous():
         raise ValueError(f"x must be contiguous 2-D e4m3 codes, got {x.dtype} {tuple(x.shape)}")
     m, k = x.shape
-    if k % K_BLOCK:
-        raise ValueError(f"K must be a multiple of {K_BLOCK}, got {k}")
+    if k == 0 or k % K_BLOCK:
+        raise ValueError(f"K must be a positive multiple of {K_BLOCK}, got {k}")
     if x_scale.dtype != torch.float32 or x_scale.numel() != m or not x_scale.is_contiguous():
         raise ValueError(
             f"x_scale must be {m} contiguous float32 row scales, got {x_scale.dtype} {tuple(x_scale.shape)}"
