@@ -352,10 +352,10 @@ def _bits_schedule(text: str):
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from ditq.atomic import write_text
+    from ditq.atomic import write_json, write_text
     from ditq.bundled import open_model
     from ditq.eval.metrics import check_scored_samples
-    from ditq.eval.report import render_table
+    from ditq.eval.report import json_scores, render_table
     from ditq.eval.runner import SampleSettings, check_scorable, evaluate
     from ditq.io import model_size_bytes
     from ditq.pipeline import CalibSettings, post_training_quantize
@@ -413,7 +413,7 @@ def _eval(args: argparse.Namespace) -> None:
     results["calibration"] = {"samples": calib_settings.samples, "steps": calib_settings.steps,
                               "seed": calib_settings.seed} if recipes else None
     results["device"] = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
-    write_text(args.out / "report.json", json.dumps(results, indent=2) + "\n")
+    write_json(args.out / "report.json", json_scores(results))
     table = render_table(results)
     write_text(args.out / "report.md", table)
     print(table)

@@ -28,9 +28,9 @@ import torch
 
 from ditq import io
 from ditq.api import check_plan
-from ditq.atomic import write_text
+from ditq.atomic import write_json, write_text
 from ditq.bundled import open_model
-from ditq.eval.report import render_layer_table
+from ditq.eval.report import json_scores, render_layer_table
 from ditq.eval.runner import SampleSettings, check_scorable, draw_models, score_models
 from ditq.grid import make_grid, save_image
 from ditq.kernels import prepare_for_inference
@@ -127,7 +127,7 @@ def run_demo(
         n_show = 2 * fp_model.num_classes  # samples are labelled 0, 1, …, 9, 0, 1, …: two of each digit
         rows = [(labels[name], images[name][:n_show]) for name in ("fp", "baseline", "quant") if name in images]
         save_image(make_grid(rows), out_dir / GRID)
-        write_text(out_dir / REPORT_JSON, json.dumps(report, indent=2) + "\n")
+        write_json(out_dir / REPORT_JSON, json_scores(report))
         write_text(out_dir / REPORT_MD, render_markdown(report))
     print(f"total: {stages.elapsed():.1f} s")
     return report
