@@ -217,7 +217,8 @@ def _sampling_args(p: argparse.ArgumentParser, samples: int) -> None:
     p.add_argument("--samples", type=positive_int, default=samples, help="images per model")
     p.add_argument("--steps", type=positive_int, default=50, help="sampling steps (respaced from 1000)")
     p.add_argument("--cfg", type=finite_float, default=1.5, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="reverse-process sampler")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim",
+                   help="reverse-process sampler of a zoo model (a pipeline samples with its own scheduler)")
 
 
 def _calib_args(p: argparse.ArgumentParser) -> None:
@@ -308,6 +309,8 @@ def _sample(args: argparse.Namespace) -> None:
             raise ValueError("--bits serves a nested --model checkpoint in the pipeline; give one")
         if args.bits_schedule is not None:
             raise ValueError("--bits-schedule applies to --model, not to --pipeline")
+        if args.sampler != "ddim":
+            raise ValueError(f"--sampler {args.sampler} applies to --model; a --pipeline samples with its own scheduler")
         from ditq.integrations.commands import sample_pipeline
 
         return sample_pipeline(args)
