@@ -24,6 +24,7 @@ import torch
 from ditq.fileformat import CheckpointError, header_field, read_file, write_file
 
 _KINDS = ("absmax", "step_absmax", "inputs", "input_steps")
+_CHECKED_KINDS = ("absmax", "step_absmax", "inputs")  # the float data a NaN or infinity would poison
 
 
 @dataclass
@@ -37,6 +38,10 @@ class CalibData:
     timesteps: tuple[int, ...] = ()
     n_samples: int = 0
     steps: int = 0
+    # name → the tensors found finite: a layer's data is scanned once, not on every `require` (a search
+    # quantizes hundreds of candidates from one CalibData); a tensor put in their place is scanned again
+    _finite: dict[str, tuple[torch.Tensor | None, ...]] = field(default_factory=dict, init=False, repr=False,
+                                                                compare=False)
 
     def require(self, name: str, rows: bool = False) -> None:
         """Raise naming `name` if it has no statistics (or, with `rows`, no sampled input rows), or if any of
@@ -55,10 +60,14 @@ class CalibData:
             self._check_finite(name, where)
 
     def _check_finite(self, name: str, where: str) -> None:
-        for kind in ("absmax", "step_absmax", "inputs"):
-            tensor = getattr(self, kind).get(name)
+        tensors = tuple(getattr(self, kind).get(name) for kind in _CHECKED_KINDS)
+        checked = self._finite.get(name)
+        if checked is not None and all(a is b for a, b in zip(checked, tensors, strict=True)):
+            return
+        for kind, tensor in zip(_CHECKED_KINDS, tensors, strict=True):
             if tensor is not None and not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"{where}: {kind} of layer {name!r} holds NaN or infinite values")
+        self._finite[name] = tensors
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write through `ditq.fileformat` (atomic, verified, hashed), so a long calibration is never lost."""

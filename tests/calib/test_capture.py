@@ -144,3 +144,18 @@ def test_a_linear_called_with_a_keyword_input_is_captured():
     model = KeywordCall()
     data = ditq.calibrate(model, run=lambda m: m(torch.randn(4, 8)), rows_per_layer=3)
     assert data.inputs["a"].shape == (3, 8)
+
+
+def test_require_scans_a_layers_data_once_and_a_replaced_tensor_again(monkeypatch):
+    rows = torch.ones(8, 4)
+    calib = CalibData(absmax={"a": torch.ones(4)}, step_absmax={"a": torch.ones(2, 4)}, inputs={"a": rows},
+                      input_steps={"a": torch.zeros(8, dtype=torch.int64)})
+    scanned = []
+    isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: scanned.append(t) or isfinite(t))
+    calib.require("a", rows=True)
+    calib.require("a", rows=True)
+    assert len(scanned) == 3  # absmax, step_absmax and the rows, each once
+    calib.inputs["a"] = torch.full_like(rows, float("nan"))
+    with pytest.raises(ValueError, match="inputs of layer 'a' holds NaN"):
+        calib.require("a", rows=True)
