@@ -20,7 +20,7 @@ from ditq.methods.rtn import check_rtn, rtn_linear
 from ditq.quant.modules import install, is_quantized
 from ditq.quant.spec import QuantSpec
 from ditq.recipes import Recipe
-from ditq.registry import PLAN_CHECKS, method_for
+from ditq.registry import METHODS, PLAN_CHECKS, method_for
 
 
 def quantize(model: nn.Module, recipe: Recipe, calib: CalibData | None = None) -> nn.Module:
@@ -33,9 +33,8 @@ def quantize(model: nn.Module, recipe: Recipe, calib: CalibData | None = None) -
     """
     if not isinstance(recipe, Recipe):
         raise TypeError(f"recipe must be a ditq recipe (e.g. ditq.RTN(...)), got {type(recipe).__name__}")
-    method = method_for(recipe)
     targets = check_plan(model, recipe)
-    built = method(model, targets, calib)
+    built = METHODS[type(recipe)](model, targets, calib)  # check_plan found the method
     _check_built(model, targets, built, type(recipe).__name__)
     install(model, built)
     model.ditq_recipe = recipe.to_dict()
@@ -72,11 +71,16 @@ def check_plan(model: nn.Module, recipe: Recipe) -> dict[str, Recipe]:
     a skeleton whose weights are not loaded yet)."""
     method_for(recipe)
     targets = plan(model, recipe)
+    _check_targets(model, targets, type(recipe))
+    return targets
+
+
+def _check_targets(model: nn.Module, targets: dict[str, Recipe], recipe_type: type[Recipe]) -> None:
+    """Every target's spec fits its layer's shape, and the method's own plan check passes."""
     check_fits(model, targets)
-    check = PLAN_CHECKS.get(type(recipe))
+    check = PLAN_CHECKS.get(recipe_type)
     if check is not None:
         check(model, targets)
-    return targets
 
 
 def check_fits(model: nn.Module, targets: Mapping[str, Recipe]) -> None:
@@ -118,6 +122,8 @@ def requantize(
     for name, how in modules.items():
         if isinstance(how, Recipe):
             by_method.setdefault(type(how), {})[name] = how.for_module(name)
+    for recipe_type, targets in by_method.items():  # all checked before any is built
+        _check_targets(fp_model, targets, recipe_type)
     built: dict[str, nn.Module] = {}
     for recipe_type, targets in by_method.items():
         made = method_for(next(iter(targets.values())))(fp_model, targets, calib)

@@ -217,7 +217,8 @@ def _sampling_args(p: argparse.ArgumentParser, samples: int) -> None:
     p.add_argument("--samples", type=positive_int, default=samples, help="images per model")
     p.add_argument("--steps", type=positive_int, default=50, help="sampling steps (respaced from 1000)")
     p.add_argument("--cfg", type=finite_float, default=1.5, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim", help="reverse-process sampler")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim",
+                   help="reverse-process sampler of a zoo model (a pipeline samples with its own scheduler)")
 
 
 def _calib_args(p: argparse.ArgumentParser) -> None:
@@ -308,6 +309,8 @@ def _sample(args: argparse.Namespace) -> None:
             raise ValueError("--bits serves a nested --model checkpoint in the pipeline; give one")
         if args.bits_schedule is not None:
             raise ValueError("--bits-schedule applies to --model, not to --pipeline")
+        if args.sampler != "ddim":
+            raise ValueError(f"--sampler {args.sampler} applies to --model; a --pipeline samples with its own scheduler")
         from ditq.integrations.commands import sample_pipeline
 
         return sample_pipeline(args)
@@ -353,10 +356,10 @@ def _bits_schedule(text: str):
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from ditq.atomic import write_text
+    from ditq.atomic import write_json, write_text
     from ditq.bundled import open_model
     from ditq.eval.metrics import check_scored_samples
-    from ditq.eval.report import render_table
+    from ditq.eval.report import json_scores, render_table
     from ditq.eval.runner import SampleSettings, check_scorable, evaluate
     from ditq.io import model_size_bytes
     from ditq.pipeline import CalibSettings, post_training_quantize
@@ -414,7 +417,7 @@ def _eval(args: argparse.Namespace) -> None:
     results["calibration"] = {"samples": calib_settings.samples, "steps": calib_settings.steps,
                               "seed": calib_settings.seed} if recipes else None
     results["device"] = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
-    write_text(args.out / "report.json", json.dumps(results, indent=2) + "\n")
+    write_json(args.out / "report.json", json_scores(results))
     table = render_table(results)
     write_text(args.out / "report.md", table)
     print(table)

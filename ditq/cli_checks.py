@@ -6,7 +6,6 @@ Bad values are refused before any work; a user error ends in one line, `ditq <co
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import shlex
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ditq.atomic import TEMP_NAME, write_text
+from ditq.atomic import TEMP_NAME, write_json
 
 __all__ = ["USER_ERRORS", "HelpFormatter", "OneLineParser", "UsageError",
            "default_device", "device_arg", "error_line", "finite_float",
@@ -166,8 +165,10 @@ def default_device() -> str:
 def write_report(path: Path, report: dict, checkpoint: Path) -> None:
     """`--report`, written once the checkpoint is saved: should it fail, the checkpoint stays and the error
     says so (the report is checked writable before any work, so this takes a full disk or the like)."""
+    from ditq.eval.report import json_scores
+
     try:
-        write_text(path, json.dumps(report, indent=2) + "\n")
+        write_json(path, json_scores(report))
     except OSError as err:
         raise OSError(err.errno, f"{err.strerror or err}; {checkpoint} is saved, without this report",
                       err.filename or str(path)) from err

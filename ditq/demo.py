@@ -4,9 +4,10 @@ The recipe is the best 4-bit one measured on this model (SVDQuant + GPTQ, W4A8-F
 RTN W4A8 beside it as the baseline, both from one calibration. Writes `grid.png` (FP, baseline and quantized
 rows, same seeds and noise), the quantized checkpoint, `report.json` and `report.md` into the output folder.
 It calibrates and quantizes through `ditq.pipeline`, like `ditq quantize`, so its per-layer errors and sizes
-match what that command prints. It prints one line per stage with the seconds it took. The whole demo is about
-4.5 CPU-minutes of work, nine tenths of it sampling 100 images from each of the three models: 145 s on 2 idle
-cores of an x86 CPU, and proportionally longer on a machine busy with other work.
+match what that command prints. With `progress` it prints one line per stage with the seconds it took; without,
+it prints nothing. The whole demo is about 4.5 CPU-minutes of work, nine tenths of it sampling 100 images from
+each of the three models: 145 s on 2 idle cores of an x86 CPU, and proportionally longer on a machine busy with
+other work.
 
 Threads are chosen per stage (`ditq.threads`): calibration samples on one thread, SVDQuant spreads its grid
 points and the evaluation its models over the cores, one thread each, so a busy machine slows the demo in
@@ -28,13 +29,14 @@ import torch
 
 from ditq import io
 from ditq.api import check_plan
-from ditq.atomic import write_text
+from ditq.atomic import write_json, write_text
 from ditq.bundled import open_model
-from ditq.eval.report import render_layer_table
+from ditq.eval.report import json_scores, render_layer_table
 from ditq.eval.runner import SampleSettings, check_scorable, draw_models, score_models
 from ditq.grid import make_grid, save_image
 from ditq.kernels import prepare_for_inference
 from ditq.pipeline import CalibSettings, post_training_quantize
+from ditq.progress import stage
 from ditq.recipes import Recipe, load_recipe
 from ditq.threads import torch_threads
 
@@ -65,7 +67,7 @@ def run_demo(
     It samples at most `DEMO_BATCH` images per forward, whatever `settings.batch_size` says: the images are
     the same, and on a CPU smaller batches are faster (see `DEMO_BATCH`).
     """
-    stages = _Stages()
+    stages = _Stages(progress)
     out_dir = Path(out_dir)
     settings = settings or SampleSettings(samples=100, steps=25, cfg_scale=1.5, seed=0)
     settings = replace(settings, batch_size=min(settings.batch_size, DEMO_BATCH))
@@ -80,7 +82,7 @@ def run_demo(
     for each in (recipe, baseline):  # it calibrates here itself, so it checks the plans before, as the pipeline does
         if each is not None:
             check_plan(fp_model, each)
-    print(f"model: {source}")
+    stage(progress, f"model: {source}")
     calib_settings = CalibSettings(seed=settings.seed + 1)
     with stages(f"calibrate ({calib_settings.samples} samples × {calib_settings.steps} steps)"), torch_threads(1):
         calib = calib_settings.calibrate(fp_model, progress=progress)
@@ -102,7 +104,7 @@ def run_demo(
             prepare_for_inference(models[name], "dequantized")
     with stages(f"sample {settings.samples} images × {len(models)} models, {workers} workers"):
         drawn = draw_models(models, settings, progress=progress, workers=workers)
-    print("  " + ", ".join(f"{labels[name]} {drawn[name][1]:.1f} s" for name in models))
+    stage(progress, "  " + ", ".join(f"{labels[name]} {drawn[name][1]:.1f} s" for name in models))
     with stages("metrics (FID, IS, precision/recall, PSNR/SSIM)"):
         results = score_models(models, drawn, settings, sizes)
     images = {name: images for name, (images, _) in drawn.items()}
@@ -127,16 +129,18 @@ def run_demo(
         n_show = 2 * fp_model.num_classes  # samples are labelled 0, 1, …, 9, 0, 1, …: two of each digit
         rows = [(labels[name], images[name][:n_show]) for name in ("fp", "baseline", "quant") if name in images]
         save_image(make_grid(rows), out_dir / GRID)
-        write_text(out_dir / REPORT_JSON, json.dumps(report, indent=2) + "\n")
+        write_json(out_dir / REPORT_JSON, json_scores(report))
         write_text(out_dir / REPORT_MD, render_markdown(report))
-    print(f"total: {stages.elapsed():.1f} s")
+    stage(progress, f"total: {stages.elapsed():.1f} s")
     return report
 
 
 class _Stages:
-    """The demo's clock: `with stages(name):` prints `name: seconds` when the stage ends and records it."""
+    """The demo's clock: `with stages(name):` records the stage's seconds and, with `progress`, prints
+    `name: seconds` when it ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, progress: bool) -> None:
+        self.progress = progress
         self.start = time.perf_counter()
         self.seconds: dict[str, float] = {}
 
@@ -145,7 +149,7 @@ class _Stages:
         start = time.perf_counter()
         yield
         self.seconds[name] = round(time.perf_counter() - start, 1)
-        print(f"{name}: {self.seconds[name]:.1f} s", flush=True)
+        stage(self.progress, f"{name}: {self.seconds[name]:.1f} s")
 
     def elapsed(self) -> float:
         return round(time.perf_counter() - self.start, 1)

@@ -602,6 +602,7 @@ CLI_CASES = [
     ("eval_vae_without_inception", ["eval", "--fp", "{d}/fp.safetensors", "--recipe", "w8a8", "--vae", "{d}", "--samples", "4", "--steps", "2", "--out", "{d}/ev", *QUICK], ["--inception", "--ref-batch"]),
     ("eval_inception_without_vae", ["eval", "--fp", "{d}/fp.safetensors", "--inception", "{d}/bad.json", "--samples", "4", "--steps", "2", "--out", "{d}/ev", *CPU], ["--vae"]),
     ("unknown_sampler", ["sample", "--model", "{d}/fp.safetensors", "--out", "{d}/g.png", "--sampler", "euler"], ["--sampler", "euler"]),
+    ("sample_pipeline_with_a_sampler", ["sample", "--pipeline", "{d}", "--sampler", "ddpm", "--out", "{d}/g.png"], ["--sampler ddpm", "--pipeline", "scheduler"]),
     # bench
     ("bench_unknown_backend", ["bench", "--model", "{d}/q.safetensors", "--backend", "triton"], ["--backend", "triton", "lowbit"]),
     ("bench_cuda_graphs_on_cpu", ["bench", "--model", "{d}/q.safetensors", "--cuda-graphs", *CPU], ["--cuda-graphs", "cpu"]),

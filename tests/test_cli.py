@@ -16,6 +16,11 @@ from tests.tiny import make_tiny_mnist_dit
 HEADER_BYTES_MAX = 64 * 1024  # a checkpoint's JSON header: what the file holds beyond its tensors
 
 
+def not_json(constant: str) -> None:
+    """`json.loads(..., parse_constant=not_json)` refuses NaN and ±Infinity, which strict JSON does not have."""
+    raise AssertionError(f"{constant} in a JSON file")
+
+
 @pytest.fixture
 def fp_ckpt(tmp_path):
     return ditq.save(make_tiny_mnist_dit(), tmp_path / "fp.safetensors")
@@ -73,11 +78,11 @@ def test_eval_reports_fp_and_recipes(fp_ckpt, tmp_path):
                  "--steps", "2", "--batch-size", "3", "--calib-samples", "2", "--calib-steps", "2",
                  "--out", str(tmp_path / "ev"), "--device", "cpu"])
     assert code == 0
-    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    report = json.loads((tmp_path / "ev" / "report.json").read_text(), parse_constant=not_json)
     assert {"FP", "W8A8", "fp"} <= set(report)
     assert report["settings"]["samples"] == 6
     assert report["calibration"] == {"samples": 2, "steps": 2, "seed": 1}
-    assert report["fp"]["psnr_vs_fp"] == float("inf")  # the same checkpoint, scored again from the same noise
+    assert report["fp"]["psnr_vs_fp"] == "inf"  # the same checkpoint, scored again from the same noise
     assert report["fp"]["size_bytes"] == os.path.getsize(fp_ckpt)
     assert report["FP"]["size_bytes"] == model_size_bytes(ditq.load(fp_ckpt), torch.float16)
     assert report["W8A8"]["size_bytes"] < report["FP"]["size_bytes"]
@@ -108,10 +113,10 @@ def test_a_report_that_cannot_be_written_leaves_the_saved_checkpoint(fp_ckpt, tm
     the error says so: a failure never removes what was written (it could be the only copy)."""
     import ditq.cli_checks
 
-    def fail(path, text):
+    def fail(path, data):
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(ditq.cli_checks, "write_text", fail)
+    monkeypatch.setattr(ditq.cli_checks, "write_json", fail)
     out = tmp_path / "q.safetensors"
     out.write_bytes(b"an older checkpoint")
     assert main(["quantize", "--model", str(fp_ckpt), "--recipe", "w8a8", "--out", str(out), "--calib-samples", "1",

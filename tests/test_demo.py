@@ -18,7 +18,7 @@ def test_demo_writes_grid_reports_and_checkpoint(tmp_path, capsys):
     ckpt = ditq.save(make_tiny_mnist_dit(), tmp_path / "fp.safetensors")
     settings = SampleSettings(samples=20, steps=2, batch_size=20)
     with torch_threads(2):  # two workers, whatever the machine
-        report = run_demo(tmp_path / "out", model_ref=str(ckpt), settings=settings, progress=False)
+        report = run_demo(tmp_path / "out", model_ref=str(ckpt), settings=settings, progress=True)
     # one line per stage with its seconds, as each ends, then the total
     timed = dict(re.findall(r"^(.+): (\d+\.\d) s$", capsys.readouterr().out, flags=re.MULTILINE))
     stages = ["load model", "calibrate (16 samples × 25 steps)", "quantize SVDQuant W4A8-FP8 g64 r32 +GPTQ",
@@ -43,6 +43,15 @@ def test_demo_writes_grid_reports_and_checkpoint(tmp_path, capsys):
     assert saved["samples"] == 20
     assert Image.open(tmp_path / "out" / "grid.png").size[1] > 3 * 64  # three rows of 2×-scaled 32px tiles
     assert "20 samples" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_a_quiet_demo_prints_nothing(tmp_path, capsys):
+    ckpt = ditq.save(make_tiny_mnist_dit(), tmp_path / "fp.safetensors")
+    settings = SampleSettings(samples=10, steps=2, batch_size=10)
+    report = run_demo(tmp_path / "out", recipe="w8a8", baseline=None, model_ref=str(ckpt), settings=settings,
+                      progress=False)
+    assert capsys.readouterr() == ("", "")
+    assert list(report["stages"])[0] == "load model"  # the stages are still timed and reported
 
 
 def test_a_recipe_that_cannot_apply_costs_no_calibration(monkeypatch, tmp_path):

@@ -129,4 +129,5 @@ class _Recorder:
             sample = self.reservoirs.pop(name).sample()
             if sample is not None:
                 data.inputs[name], data.input_steps[name] = sample
+        data.share_identical_rows()
         return data

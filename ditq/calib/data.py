@@ -9,6 +9,9 @@ Per Linear (by module name):
 | `inputs`      | the layer's input | (rows, in)           | a seeded uniform sample of input rows, arrival order |
 | `input_steps` | int64             | (rows,)              | the step each kept row was seen at                   |
 
+Layers that read one tensor and each kept every row they saw hold the same rows (a DiT's adaLN Linears all
+read SiLU(c)); `share_identical_rows` keeps one copy for them, bit for bit the same data.
+
 A step is one call of the model's own forward: one sampler step for zoo models (`timesteps[s]` is the
 diffusion timestep the model saw at step s), one call of whatever the user's `run` does otherwise.
 """
@@ -24,6 +27,7 @@ import torch
 from ditq.fileformat import CheckpointError, header_field, read_file, write_file
 
 _KINDS = ("absmax", "step_absmax", "inputs", "input_steps")
+_CHECKED_KINDS = ("absmax", "step_absmax", "inputs")  # the float data a NaN or infinity would poison
 
 
 @dataclass
@@ -37,6 +41,10 @@ class CalibData:
     timesteps: tuple[int, ...] = ()
     n_samples: int = 0
     steps: int = 0
+    # name → the tensors found finite: a layer's data is scanned once, not on every `require` (a search
+    # quantizes hundreds of candidates from one CalibData); a tensor put in their place is scanned again
+    _finite: dict[str, tuple[torch.Tensor | None, ...]] = field(default_factory=dict, init=False, repr=False,
+                                                                compare=False)
 
     def require(self, name: str, rows: bool = False) -> None:
         """Raise naming `name` if it has no statistics (or, with `rows`, no sampled input rows), or if any of
@@ -55,14 +63,37 @@ class CalibData:
             self._check_finite(name, where)
 
     def _check_finite(self, name: str, where: str) -> None:
-        for kind in ("absmax", "step_absmax", "inputs"):
-            tensor = getattr(self, kind).get(name)
+        tensors = tuple(getattr(self, kind).get(name) for kind in _CHECKED_KINDS)
+        checked = self._finite.get(name)
+        if checked is not None and all(a is b for a, b in zip(checked, tensors, strict=True)):
+            return
+        for kind, tensor in zip(_CHECKED_KINDS, tensors, strict=True):
             if tensor is not None and not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"{where}: {kind} of layer {name!r} holds NaN or infinite values")
+        self._finite[name] = tensors
+
+    def share_identical_rows(self) -> None:
+        """Make layers whose sampled rows and steps are bitwise equal hold one copy of them. Only layers with
+        equal statistics are compared (a layer's rows are a sample of what its absmax saw)."""
+        leads: dict[tuple, list[str]] = {}
+        for name, rows in self.inputs.items():
+            key = (rows.shape, rows.dtype, self.absmax[name].numpy().tobytes())
+            candidates = leads.setdefault(key, [])
+            lead = next((c for c in candidates if _same_bits(self.inputs[c], rows)
+                         and _same_bits(self.input_steps[c], self.input_steps[name])), None)
+            if lead is None:
+                candidates.append(name)
+            else:
+                self.inputs[name], self.input_steps[name] = self.inputs[lead], self.input_steps[lead]
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write through `ditq.fileformat` (atomic, verified, hashed), so a long calibration is never lost."""
-        tensors = {f"{kind}/{name}": t for kind in _KINDS for name, t in getattr(self, kind).items()}
+        """Write through `ditq.fileformat` (atomic, verified, hashed), so a long calibration is never lost.
+        The file holds each layer's own copy of shared rows; `load` shares them again."""
+        tensors, written = {}, set()
+        for kind in _KINDS:
+            for name, tensor in getattr(self, kind).items():
+                tensors[f"{kind}/{name}"] = tensor.clone() if id(tensor) in written else tensor
+                written.add(id(tensor))
         info = {"n_samples": self.n_samples, "steps": self.steps, "timesteps": list(self.timesteps)}
         return write_file(path, tensors, kind="calibration", header={"calibration": info})
 
@@ -88,5 +119,12 @@ class CalibData:
             steps = data.input_steps.get(name)
             if steps is None or steps.shape != rows.shape[:1] or name not in data.absmax:
                 raise CheckpointError(f"{path}: calibration entries of layer {name!r} are incomplete")
+        data.share_identical_rows()
         data.check_finite(str(path))
         return data
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bit for bit (`torch.equal` calls 0.0 and -0.0 equal)."""
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.contiguous().view(torch.uint8),
+                                                                      b.contiguous().view(torch.uint8))

@@ -1,8 +1,15 @@
-"""Markdown for evaluation results: the score table (one row per model, the FP reference first) and the
-per-layer error table of a quantized model. Each table says which model it is for."""
+"""Reports of evaluation results: the score table in Markdown (one row per model, the FP reference first),
+the per-layer error table of a quantized model (each table says which model it is for), and the scores as
+strict JSON.
+
+A score need not be finite: the PSNR of identical images is +inf, and an all-zero layer (adaLN-Zero before
+training) has a NaN relative error and a −inf SQNR. Strict JSON has no such numbers, so `json_scores` writes
+each as the string "inf", "-inf" or "nan", which `float()` reads back; every other value is unchanged.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 COLUMNS = (
@@ -60,3 +67,14 @@ def render_layer_table(layers: list[dict[str, Any]], model: str) -> str:
             f"{row['weight_rel_err']:.4f} | {row['output_rel_err']:.4f} | {row['sqnr_db']:.1f} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def json_scores(data: Any) -> Any:
+    """`data` (dicts, lists, numbers, strings) with every non-finite float as "inf", "-inf" or "nan"."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return str(data)
+    if isinstance(data, dict):
+        return {key: json_scores(value) for key, value in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [json_scores(value) for value in data]
+    return data

@@ -7,7 +7,6 @@ module stays one screen of argparse per command.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -187,9 +186,10 @@ def sample_latent_dit(args: argparse.Namespace, model: torch.nn.Module) -> None:
 
 def eval_imagenet(args: argparse.Namespace, models: dict, sizes: dict, out: Path) -> dict:
     """`ditq eval --vae --inception --ref-batch`: the ADM protocol, data-parallel under torchrun."""
-    from ditq.atomic import write_text
+    from ditq.atomic import write_json, write_text
     from ditq.eval.imagenet import evaluate_imagenet, load_vae
     from ditq.eval.inception import load_inception, load_reference_stats
+    from ditq.eval.report import json_scores
     from ditq.eval.runner import SampleSettings
     from ditq.training.distributed import setup_distributed
 
@@ -218,7 +218,7 @@ def eval_imagenet(args: argparse.Namespace, models: dict, sizes: dict, out: Path
             progress=True,
         )
         if env.is_main:
-            write_text(out / "report.json", json.dumps(results, indent=2) + "\n")
+            write_json(out / "report.json", json_scores(results))
             lines = ["| model | FID | sFID | IS | precision | recall |", "|---|---|---|---|---|---|"]
             for name in models:
                 r = results[name]

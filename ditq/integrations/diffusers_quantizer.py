@@ -74,6 +74,7 @@ class DitqConfig(QuantizationConfigMixin):
         self.quant_method = Method.DITQ
         self.recipe = recipe if isinstance(recipe, str) else dict(recipe)
         self.backend = backend
+        self.parsed_recipe = parsed  # what the quantizer applies: the recipe as checked here
 
     @classmethod
     def from_dict(
@@ -87,6 +88,10 @@ class DitqConfig(QuantizationConfigMixin):
     def to_diff_dict(self) -> dict[str, Any]:
         """What diffusers prints and stores in the model's config: every field (there are two)."""
         return {"quant_method": self.quant_method.value, "recipe": self.recipe, "backend": self.backend}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as given, for JSON (without `parsed_recipe`, which `from_dict` parses again)."""
+        return self.to_diff_dict()
 
 
 class DitqQuantizer(DiffusersQuantizer):
@@ -103,12 +108,12 @@ class DitqQuantizer(DiffusersQuantizer):
             )
 
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
-        check_plan(model, load_recipe(self.quantization_config.recipe))  # names and shapes: no weights yet
+        check_plan(model, self.quantization_config.parsed_recipe)  # names and shapes: no weights yet
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         config = self.quantization_config
-        quantize(model, load_recipe(config.recipe))
+        quantize(model, config.parsed_recipe)
         return prepare_for_inference(model, config.backend)
 
     @property

@@ -264,7 +264,8 @@ MAX_ROW_SHIFT = 2.0**9  # q · 2^-j stays exact in e4m3 for |q| ≤ 8 while j �
 LOWRANK_BUFFERS = ("lowrank_down_fp8", "lowrank_down_scale")  # what both FP8 backends keep of the branch
 INPUT_BUFFERS = ("inv_smooth", *LOWRANK_BUFFERS)  # what the input's pre-pass reads: equal in an input group
 LOWRANK_RANGE = "the low-rank branch needs more than 2^9 of headroom beside the weight's channel scales (or one is 0)"
-GROUPED_LOWRANK = "a low-rank branch needs per-channel weight scales (the branch rides in cuBLAS's FP8 GEMM)"
+GROUPED_LOWRANK = ("a low-rank branch needs per-channel weight scales (the branch rides in cuBLAS's FP8 GEMM): "
+                   "quantize with SVDQuant(group_size=None, ...), not the svdquant-w4a8 preset's groups of 64")
 
 
 def _lowrank_parts(m: QuantLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ditq.adapters import adapter_for
-from ditq.api import check_fits, check_plan
+from ditq.api import check_plan
 from ditq.calib import CalibData
 from ditq.calib.reservoir import layer_generator
 from ditq.checks import naming_layer
@@ -401,17 +401,16 @@ def _load_module(linear: nn.Linear, spec: QuantSpec, name: str, tensors: dict[st
 
 def plan_units(model: nn.Module, targets: dict[str, SVDQuant], calib: CalibData | None
                ) -> list[tuple[str | None, tuple[str, ...]]]:
-    """[(group id or None, layer names)] in module order, after every check (so nothing slow runs first)."""
+    """[(group id or None, layer names)] in module order, after every check the plan's (`ditq.api.check_plan`)
+    leaves to the weights and calibration data (so nothing slow runs first)."""
     if calib is None:
         raise ValueError("SVDQuant needs calibration data (calib=ditq.calibrate(model, ...)): its smoothing "
                          "and error search read each layer's inputs")
-    check_fits(model, targets)
     for name in targets:
         linear = model.get_submodule(name)
         if not bool(torch.isfinite(linear.weight).all()):
             raise ValueError(f"{name}: weight holds NaN or infinite values")
         calib.require(name, rows=True)
-    check_svdquant_plan(model, targets)
     declared = next(iter(targets.values())).input_groups
     if declared is None:
         adapter = adapter_for(model)

@@ -144,3 +144,40 @@ def test_a_linear_called_with_a_keyword_input_is_captured():
     model = KeywordCall()
     data = ditq.calibrate(model, run=lambda m: m(torch.randn(4, 8)), rows_per_layer=3)
     assert data.inputs["a"].shape == (3, 8)
+
+
+def test_require_scans_a_layers_data_once_and_a_replaced_tensor_again(monkeypatch):
+    rows = torch.ones(8, 4)
+    calib = CalibData(absmax={"a": torch.ones(4)}, step_absmax={"a": torch.ones(2, 4)}, inputs={"a": rows},
+                      input_steps={"a": torch.zeros(8, dtype=torch.int64)})
+    scanned = []
+    isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: scanned.append(t) or isfinite(t))
+    calib.require("a", rows=True)
+    calib.require("a", rows=True)
+    assert len(scanned) == 3  # absmax, step_absmax and the rows, each once
+    calib.inputs["a"] = torch.full_like(rows, float("nan"))
+    with pytest.raises(ValueError, match="inputs of layer 'a' holds NaN"):
+        calib.require("a", rows=True)
+
+
+def test_adaln_linears_share_one_copy_of_their_identical_rows_and_quantize_bit_for_bit(tmp_path):
+    """Every adaLN Linear reads SiLU(c); with fewer rows than `rows_per_layer` each keeps all of them, the same."""
+    from ditq.methods.svdquant import SVDQuant
+
+    model = make_tiny_dit()
+    calib = ditq.calibrate(model, n_samples=2, steps=2)
+    adaln = [n for n in calib.inputs if "adaLN_modulation" in n]
+    assert len(adaln) == len(model.blocks) + 1
+    assert all(calib.inputs[n] is calib.inputs[adaln[0]] for n in adaln)
+    assert all(calib.input_steps[n] is calib.input_steps[adaln[0]] for n in adaln)
+    assert calib.inputs["blocks.0.attn.qkv"] is not calib.inputs["blocks.1.attn.qkv"]  # other inputs, own rows
+    loaded = CalibData.load(calib.save(tmp_path / "calib.safetensors"))
+    assert all(loaded.inputs[n] is loaded.inputs[adaln[0]] for n in adaln)
+    copies = CalibData(absmax=calib.absmax, step_absmax=calib.step_absmax,
+                       inputs={n: rows.clone() for n, rows in calib.inputs.items()},
+                       input_steps={n: steps.clone() for n, steps in calib.input_steps.items()},
+                       timesteps=calib.timesteps, n_samples=calib.n_samples, steps=calib.steps)
+    recipe = SVDQuant(quantize_modulation=True, a_bits=8, a_format="fp8", alphas=(0.5,), gptq=True)
+    shared, own = (ditq.quantize(make_tiny_dit(), recipe, calib=c).state_dict() for c in (calib, copies))
+    assert shared.keys() == own.keys() and all(torch.equal(shared[k], own[k]) for k in shared)

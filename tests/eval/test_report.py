@@ -1,7 +1,12 @@
-"""Markdown reports: each table names the model it is for, and the per-layer columns are explained."""
+"""Reports: each Markdown table names the model it is for, the per-layer columns are explained, and the scores
+are strict JSON."""
 
+import json
+import math
+
+from ditq.atomic import json_text
 from ditq.demo import render_markdown
-from ditq.eval.report import LAYER_COLUMNS, render_layer_table, render_table
+from ditq.eval.report import LAYER_COLUMNS, json_scores, render_layer_table, render_table
 
 SETTINGS = {"samples": 4, "sampler": "ddim", "steps": 2, "cfg_scale": 1.5, "seed": 0, "batch_size": 4}
 SCORES = {"size_bytes": 1000, "fid": 5.0, "class_acc": 0.9, "is": 9.0, "precision": 0.8, "recall": 0.7}
@@ -32,3 +37,11 @@ def test_the_demo_report_names_the_model_of_each_table():
     text = render_markdown(report)
     assert "## Scores of DiT-MNIST (bundled trained weights), in full precision and quantized" in text
     assert "Per-layer quantization error of RTN W4A8" in text and LAYER_COLUMNS[2] in text
+
+
+def test_non_finite_scores_become_strings_that_float_reads_back():
+    report = {"fp": {"psnr_vs_fp": math.inf, "fid": 1.5}, "layers": [{"sqnr_db": -math.inf, "weight_rel_err": math.nan}]}
+    text = json_text(json_scores(report), what="report")  # strict: raises on NaN or ±Infinity
+    saved = json.loads(text)
+    assert saved == {"fp": {"psnr_vs_fp": "inf", "fid": 1.5}, "layers": [{"sqnr_db": "-inf", "weight_rel_err": "nan"}]}
+    assert float(saved["fp"]["psnr_vs_fp"]) == math.inf and float(saved["layers"][0]["sqnr_db"]) == -math.inf

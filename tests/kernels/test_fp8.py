@@ -252,7 +252,9 @@ def test_fp8_layers_compile_fullgraph_to_what_eager_computes(backend):
     ("spec", "reason"),
     [
         (QuantSpec(w_bits=4, group_size=16, a_bits=8, a_format="fp8"), "groups of a multiple of 32 columns"),
-        (QuantSpec(w_bits=4, group_size=48, a_bits=8, a_format="fp8", rank=4), "needs per-channel weight scales"),
+        (QuantSpec(w_bits=4, group_size=48, a_bits=8, a_format="fp8", rank=4),
+         "needs per-channel weight scales (the branch rides in cuBLAS's FP8 GEMM): quantize with "
+         "SVDQuant(group_size=None, ...), not the svdquant-w4a8 preset"),
         (QuantSpec(w_bits=8, a_bits=8, a_format="fp8"), "int2–int4"),
         (QuantSpec(w_bits=4, symmetric=False, a_bits=8, a_format="fp8"), "symmetric"),
         (QuantSpec(w_bits=4, a_bits=8), "dynamic per-token FP8"),
