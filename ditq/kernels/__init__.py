@@ -213,7 +213,7 @@ register_backend(
         "fp8",
         fp8.per_call_forward,
         supports=fp8.fp8_support,
-        convert=lambda m, dtype: fp8.weight_scale(m),
+        convert=lambda m, dtype: fp8.per_call_buffers(m),
         fixed_dtype_buffers=("fp8_scale_w", *fp8.LOWRANK_BUFFERS, "lowrank_up_fp8", "weight_row_shift", "inv_smooth"),
         fuses_producers=True,
         shared_input_buffers=fp8.INPUT_BUFFERS,

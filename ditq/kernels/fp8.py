@@ -45,6 +45,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ditq.kernels.hopper import WGMMA_CODES, gluon_support, gluon_w4a8_gemm, wgmma_codes
 from ditq.kernels.lowbit import LOWBIT_MAX_ROWS, code_offset, lowbit_forward, lowbit_gemm
 from ditq.kernels.reference import Modulation, Norm, Residual, smoothed_by_reciprocal
 from ditq.kernels.triton import FP8_K_STEP, device_support, kernel_op
@@ -58,6 +59,7 @@ __all__ = [
     "fp8_input_codes",
     "fp8_linear",
     "fp8_support",
+    "per_call_buffers",
     "quantize_rows",
     "uses_few_row_path",
 ]
@@ -172,6 +174,12 @@ def _inv_smooth(m: QuantLinear) -> torch.Tensor | None:
 
 def _gemm(m: QuantLinear, codes: torch.Tensor, scale_x: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The layer's one FP8 GEMM of x's codes: (..., out_features) in x's dtype."""
+    packed = getattr(m, WGMMA_CODES, None)
+    if packed is not None:  # "fp8" on Hopper: the Gluon kernel converts the packed codes in registers
+        spec = m.spec
+        y = gluon_w4a8_gemm(codes, scale_x, packed, m.scales, m.bias, spec.w_bits, spec.w_format == "ternary",
+                            spec.group_size or 0, x.dtype)  # fmt: skip
+        return y.reshape(*x.shape[:-1], m.out_features)
     if m.spec.group_size is not None:  # the packed codes, a scale per group: the lowbit kernel's FP8 mode
         bias = None if m.bias is None else m.bias.to(x.dtype)
         y = lowbit_gemm(codes, m.qweight, m.scales, None, bias, m.spec.w_bits, code_offset(m), m.spec.group_size,
@@ -230,8 +238,7 @@ def weight_scale(m: QuantLinear) -> dict[str, torch.Tensor]:
     """The per-channel scales as cuBLAS's row-wise `scale_b` (1, N), SVDQuant's branch if `m` has one, and the
     reciprocal of its smoothing (float32 (K,)) if it smooths at run time; no scales for per-group layers (the lowbit kernel
     reads the packed codes and the scales as they are)."""
-    smooth = m.input_smooth
-    smoothing = {} if smooth is None else {"inv_smooth": (1 / smooth.detach().float()).contiguous()}
+    smoothing = _reciprocal_smoothing(m)
     if m.spec.group_size is not None:
         return smoothing
     scale = m.scales.detach().reshape(1, m.out_features).float()
@@ -246,6 +253,20 @@ def weight_scale(m: QuantLinear) -> dict[str, torch.Tensor]:
                "lowrank_down_scale": down_scale, "lowrank_up_fp8": _bytes_cat(high, low)}  # fmt: skip
     # only where a row moved: "fp8" divides its expanded codes by it on every call
     return buffers | ({"weight_row_shift": (1 / shift).reshape(-1, 1)} if (shift > 1).any() else {})
+
+
+def per_call_buffers(m: QuantLinear) -> dict[str, torch.Tensor]:
+    """What "fp8" adds to `m`: `weight_scale`'s buffers, or where the Gluon GEMM runs `m` (`ditq.kernels.hopper`,
+    decided here once) its codes re-packed for that kernel and the reciprocal of its smoothing."""
+    if gluon_support(m) is None:
+        return _reciprocal_smoothing(m) | wgmma_codes(m)
+    return weight_scale(m)
+
+
+def _reciprocal_smoothing(m: QuantLinear) -> dict[str, torch.Tensor]:
+    """{"inv_smooth": float32 (K,) 1 / smoothing} where `m` smooths at run time, else nothing."""
+    smooth = m.input_smooth
+    return {} if smooth is None else {"inv_smooth": (1 / smooth.detach().float()).contiguous()}
 
 
 def expanded_weight(m: QuantLinear) -> dict[str, torch.Tensor]:
