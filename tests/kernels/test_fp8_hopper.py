@@ -88,7 +88,9 @@ def test_layers_the_kernel_refuses_keep_the_fp8_path_they_had(spec, k, reason, o
 
 @pytest.mark.parametrize("bits", [5, 8])
 def test_5_to_8_bit_layers_get_no_repacked_codes(bits, on_hopper):
-    m = prepare_for_inference(QuantLinear.from_linear(torch.nn.Linear(256, 32), fp8_spec(w_bits=bits)).to(DEVICE), "fp8")
+    m = prepare_for_inference(
+        QuantLinear.from_linear(torch.nn.Linear(256, 32), fp8_spec(w_bits=bits)).to(DEVICE), "fp8"
+    )
     assert m.backend == "reference" and not hasattr(m, hopper.WGMMA_CODES)
 
 
@@ -132,7 +134,9 @@ def exact_layer_and_input(spec: QuantSpec, k: int = 256, n: int = 32) -> tuple[Q
     "fields", [dict(), dict(w_bits=3), dict(w_bits=2), dict(w_bits=2, w_format="ternary"), dict(smooth=True)],
     ids=["int4", "int3", "int2", "ternary", "int4_smooth"],
 )  # fmt: skip
-def test_the_gluon_path_computes_the_reference_bit_for_bit_on_exact_data(fields, group_size, on_hopper, monkeypatch):
+def test_the_gluon_path_computes_the_reference_bit_for_bit_on_exact_data(
+    fields, group_size, on_hopper, monkeypatch
+):
     m, x = exact_layer_and_input(fp8_spec(group_size=group_size, **fields))
     reference = m(x)  # the oracle: dequantized weights, fake-quantized input, float32 matmul
     prepare_for_inference(m, "fp8")
@@ -177,7 +181,9 @@ def test_a_dit_compiled_fullgraph_runs_the_gluon_gemm_and_keeps_its_folds(on_hop
 
     counters[COUNTER].clear()
     assert_compiled_matches_eager(model, *args, backend=recorded)
-    assert +counters[COUNTER] == Counter(norm_modulate=2 * depth, residual=2 * depth - 1, gelu=depth, attention=depth)
+    assert +counters[COUNTER] == Counter(
+        norm_modulate=2 * depth, residual=2 * depth - 1, gelu=depth, attention=depth
+    )
     (graph,) = [gm.graph for gm in graphs]
     ops = Counter(node.target for node in graph.nodes if node.op == "call_function")
     assert ops[GEMM] == 4 * depth and not ops[torch.ops.ditq.expand_fp8.default]
