@@ -138,6 +138,8 @@ def prepare_for_inference(
         if reason is not None:
             declined[reason] += 1
         target = BACKENDS["reference"] if reason else chosen
+        if target.name in fp8.FP8_BACKENDS:  # before `convert`: "fp8" chooses its GEMM by it
+            module.fast_accumulation = fast
         extra = target.convert(module, dtype or _float_dtype(module))
         for buffer, tensor in extra.items():
             module.register_buffer(buffer, tensor, persistent=False)
@@ -146,8 +148,6 @@ def prepare_for_inference(
         module.backend = target.name
         if target.codes_copy in extra:
             module.park_codes()
-        if target.name in fp8.FP8_BACKENDS:
-            module.fast_accumulation = fast
     for reason, count in declined.items():
         logger.warning("backend %r cannot run %d layer(s) (%s); they keep the reference", name, count, reason)
     _share_equal(model, chosen.shared_input_buffers)

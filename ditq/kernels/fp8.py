@@ -257,8 +257,9 @@ def weight_scale(m: QuantLinear) -> dict[str, torch.Tensor]:
 
 def per_call_buffers(m: QuantLinear) -> dict[str, torch.Tensor]:
     """What "fp8" adds to `m`: `weight_scale`'s buffers, or where the Gluon GEMM runs `m` (`ditq.kernels.hopper`,
-    decided here once) its codes re-packed for that kernel and the reciprocal of its smoothing."""
-    if gluon_support(m) is None:
+    decided here once, after `prepare_for_inference` set `m.fast_accumulation`) its codes re-packed for that kernel
+    and the reciprocal of its smoothing."""
+    if gluon_support(m, m.fast_accumulation) is None:
         return _reciprocal_smoothing(m) | wgmma_codes(m)
     return weight_scale(m)
 

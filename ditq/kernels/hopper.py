@@ -36,10 +36,13 @@ def device_capability(device: torch.device) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability(device) if device.type == "cuda" else None
 
 
-def gluon_support(m: QuantLinear) -> str | None:
-    """None when the Gluon GEMM can run `m`, a layer the FP8 backends run, else why not."""
+def gluon_support(m: QuantLinear, fast_accumulation: bool) -> str | None:
+    """None when the Gluon GEMM can run `m`, a layer the FP8 backends run, else why not. Per channel it sums all
+    of K on the tensor cores, as cuBLAS's fast accumulation does: not for a layer prepared without it."""
     if device_capability(m.qweight.device) != CAPABILITY:
         return "the Gluon GEMM needs compute capability 9.0"
+    if m.spec.group_size is None and not fast_accumulation:
+        return "per channel, the Gluon GEMM accumulates on the tensor cores (fast accumulation)"
     if m.lowrank_up is not None:
         return "a low-rank branch rides in cuBLAS's FP8 GEMM"
     if m.spec.group_size not in GROUP_SIZES:

@@ -81,9 +81,28 @@ def test_layers_the_kernel_refuses_keep_the_fp8_path_they_had(spec, k, reason, o
     extras = dict(smooth=torch.rand(k, generator=g) + 0.5, lowrank_down=torch.randn(k, 4, generator=g) * 0.1,
                   lowrank_up=torch.randn(4, 32, generator=g) * 0.1) if spec.rank else {}  # fmt: skip
     m = QuantLinear.from_linear(torch.nn.Linear(k, 32), spec, **extras).to(DEVICE)
-    assert reason in hopper.gluon_support(m)
+    assert reason in hopper.gluon_support(m, fast_accumulation=True)
     prepare_for_inference(m, "fp8")
     assert m.backend == "fp8" and hopper.WGMMA_CODES not in m.kernel_buffers
+
+
+@pytest.mark.parametrize("group_size", [None, 64], ids=["channel", "g64"])
+def test_without_fast_accumulation_only_per_group_layers_take_the_gluon_gemm(
+    group_size, on_hopper, monkeypatch
+):
+    """Per channel the kernel sums all of K on the tensor cores: a layer prepared without fast accumulation keeps
+    cuBLAS's promoted sums; per group, each group's sum joins a float32 accumulator either way."""
+    m = QuantLinear.from_linear(torch.nn.Linear(256, 32), fp8_spec(group_size=group_size)).to(DEVICE)
+    prepare_for_inference(m, "fp8", fast_accumulation=False)
+    assert (hopper.WGMMA_CODES in m.kernel_buffers) == (group_size is not None)
+    asked, scaled_mm = [], torch._scaled_mm
+    monkeypatch.setattr(
+        torch, "_scaled_mm", lambda *a, **kw: asked.append(kw["use_fast_accum"]) or scaled_mm(*a, **kw)
+    )
+    m(torch.randn(160, 256, device=DEVICE))
+    assert asked == ([False] if group_size is None else [])
+    prepare_for_inference(m, "fp8")  # the default: fast accumulation
+    assert hopper.WGMMA_CODES in m.kernel_buffers
 
 
 @pytest.mark.parametrize("bits", [5, 8])
@@ -98,7 +117,7 @@ def test_5_to_8_bit_layers_get_no_repacked_codes(bits, on_hopper):
 def test_devices_other_than_sm90_keep_the_expansion(capability, monkeypatch):
     monkeypatch.setattr(hopper, "device_capability", lambda device: capability)
     m = QuantLinear.from_linear(torch.nn.Linear(256, 32), fp8_spec()).to(DEVICE)
-    assert hopper.gluon_support(m) == "the Gluon GEMM needs compute capability 9.0"
+    assert hopper.gluon_support(m, fast_accumulation=True) == "the Gluon GEMM needs compute capability 9.0"
     prepare_for_inference(m, "fp8")
     assert m.backend == "fp8" and "fp8_scale_w" in m.kernel_buffers and not hasattr(m, hopper.WGMMA_CODES)
 
