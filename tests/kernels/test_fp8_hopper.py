@@ -206,3 +206,20 @@ def test_a_dit_compiled_fullgraph_runs_the_gluon_gemm_and_keeps_its_folds(on_hop
     (graph,) = [gm.graph for gm in graphs]
     ops = Counter(node.target for node in graph.nodes if node.op == "call_function")
     assert ops[GEMM] == 4 * depth and not ops[torch.ops.ditq.expand_fp8.default]
+
+
+def test_the_op_passes_opcheck_for_its_fake(on_hopper):
+    m, x = exact_layer_and_input(fp8_spec(group_size=64))
+    codes, scale_x = fp8.fp8_input_codes(x.reshape(-1, 256), None)
+    for args in ((codes, scale_x, repack_for_wgmma(m.qweight, 4, 256), m.scales, m.bias, 4, False, 64, torch.float32),
+                 (codes[:7], scale_x[:7], repack_for_wgmma(m.qweight, 4, 256), m.scales, None, 4, False, 64,
+                  torch.bfloat16)):  # fmt: skip
+        # not "test_schema": its mutation check compares inputs with `allclose`, which e4m3 tensors lack
+        torch.library.opcheck(hopper.gluon_w4a8_gemm, args, test_utils=("test_faketensor",))
+
+
+def test_a_layer_compiled_by_inductor_computes_what_eager_does(on_hopper):
+    m, x = exact_layer_and_input(fp8_spec())
+    prepare_for_inference(m, "fp8")
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(m, fullgraph=True)(x), m(x))  # exact data: any summation order
