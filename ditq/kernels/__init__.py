@@ -19,7 +19,8 @@ Backends here:
 - `"fp8"` / `"fp8-cached"` (`ditq.kernels.fp8`): W4A8-FP8 on sm_89+ for symmetric int2–int4 or ternary
   weights with dynamic per-token FP8 activations: per-channel layers through cuBLAS FP8 on e4m3 weight codes,
   per-group ones (groups a multiple of 32) through the lowbit kernel's FP8 mode; `"fp8"` sends few-row
-  calls to the lowbit kernel. Preparing a model for them installs a `torch.compile` graph pass
+  calls to the lowbit kernel, and on sm_90 runs its other calls through the Gluon W4A8 kernel on codes re-packed
+  at prepare (`ditq.kernels.hopper`: per-channel or g64/g128 layers without a low-rank branch). Preparing a model for them installs a `torch.compile` graph pass
   (`ditq.kernels.fusion`) that folds what produces a layer's input (LayerNorm + adaLN modulate and the residual
   add before it, a GELU) into the layer's Triton input pre-pass, on any model; and it folds SVDQuant's smoothing
   into the producer of a layer's input where the architecture's adapter says what that is
