@@ -8,8 +8,9 @@ e4m3 in registers: no expansion per call, no 8-bit copy. The layer keeps `qweigh
 few-row calls go to the lowbit kernel, which reads the canonical layout only: the 2–4-bit codes are held twice.
 
 The kernel runs symmetric int2–int4 or ternary codes with per-channel scales or groups of 64 or 128 columns, K a
-multiple of 128. SVDQuant layers (a low-rank branch) keep the expansion and cuBLAS, where the branch rides in the
-GEMM as more columns of K; every other layer keeps the `"fp8"` path it had.
+multiple of 128; per channel it sums all of K on the tensor cores, so only for layers prepared with fast
+accumulation (the default). SVDQuant layers (a low-rank branch) keep the expansion and cuBLAS, where the branch
+rides in the GEMM as more columns of K; every other layer keeps the `"fp8"` path it had.
 
 `ditq::gluon_w4a8_gemm` is an opaque custom op with a fake for shapes: `torch.library.triton_op` traces Triton
 kernels through their TTIR and rebuilds TMA descriptors without a shared-memory layout, which a Gluon kernel does
