@@ -186,9 +186,8 @@ def test_a_dit_compiled_fullgraph_runs_the_gluon_gemm_and_keeps_its_folds(on_hop
     input pre-passes, and the compiled model computes what eager does. Per block, qkv, proj, fc1 and fc2 run
     the Gluon GEMM (144 rows); adaLN's 9 rows go to the lowbit kernel."""
     depth = 2
-    model = make_tiny_dit(depth=depth)
-    prepare_for_inference(ditq.quantize(model, ditq.RTN(w_bits=4, a_bits=8, a_format="fp8")), "fp8")
-    model.to(DEVICE)
+    model = ditq.quantize(make_tiny_dit(depth=depth), ditq.RTN(w_bits=4, a_bits=8, a_format="fp8")).to(DEVICE)
+    prepare_for_inference(model, "fp8")  # on the device: the choice reads its capability
     g = torch.Generator().manual_seed(3)
     args = tuple(a.to(DEVICE) for a in (torch.randn(9, 1, 8, 8, generator=g), torch.randint(0, 1000, (9,), generator=g),
                                         torch.randint(0, 10, (9,), generator=g)))  # fmt: skip
