@@ -37,9 +37,10 @@ layer), `"fp8-cached"` expands once in `prepare_for_inference` (8-bit weights in
 expansion). On sm_90, `"fp8"` expands nothing for the layers the Gluon W4A8 kernel runs (per-channel or g64/g128
 scales, no low-rank branch, K a multiple of 128; per channel only with fast accumulation): their GEMM is that
 kernel on codes re-packed at prepare, converted to e4m3 in registers (`ditq.kernels.hopper`, op
-`ditq::gluon_w4a8_gemm`), which the fusion pass leaves as it is (it rewrites the layer's input only). `"fp8"` sends calls of at most `LOWBIT_MAX_ROWS` rows, bound by weight bytes, to the
-`"lowbit"` kernel instead, which reads the packed codes directly (activations smoothed the same way and
-fake-quantized to the same FP8 values, a low-rank branch in float32) rather than expanding them. Both run on
+`ditq::gluon_w4a8_gemm`), which the fusion pass leaves as it is (it rewrites the layer's input only).
+`"fp8"` sends calls of at most `LOWBIT_MAX_ROWS` rows, bound by weight bytes, to the `"lowbit"` kernel instead,
+which reads the packed codes directly (activations smoothed the same way and fake-quantized to the same FP8
+values, a low-rank branch in float32) rather than expanding them. Both run on
 CUDA devices with FP8 tensor cores (sm_89+), and on the CPU under `TRITON_INTERPRET=1` (tests).
 """
 
