@@ -22,9 +22,9 @@ Backends here:
   calls to the lowbit kernel, and on sm_90 runs its other calls through the Gluon W4A8 kernel on codes re-packed
   at prepare (`ditq.kernels.hopper`: per-channel or g64/g128 layers without a low-rank branch). Preparing a
   model for them installs a `torch.compile` graph pass (`ditq.kernels.fusion`) that folds what produces a
-  layer's input (LayerNorm + adaLN modulate and the residual add before it, a GELU) into the layer's Triton input pre-pass, on any model; and it folds SVDQuant's smoothing
-  into the producer of a layer's input where the architecture's adapter says what that is
-  (`ditq.kernels.folding`), so the pre-pass no longer multiplies by its reciprocal. The reference and dequantized
+  layer's input (LayerNorm + adaLN modulate and the residual add before it, a GELU) into the layer's Triton
+  input pre-pass, on any model; and it folds SVDQuant's smoothing into the producer of a layer's input where
+  the architecture's adapter says what that is (`ditq.kernels.folding`), so the pre-pass no longer multiplies by its reciprocal. The reference and dequantized
   backends leave the model's weights as they are (the oracle, and what search and evaluation save): their
   x / smooth is an ordinary op that the compiler fuses into x's producer.
 """
