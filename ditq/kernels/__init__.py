@@ -24,9 +24,10 @@ Backends here:
   model for them installs a `torch.compile` graph pass (`ditq.kernels.fusion`) that folds what produces a
   layer's input (LayerNorm + adaLN modulate and the residual add before it, a GELU) into the layer's Triton
   input pre-pass, on any model; and it folds SVDQuant's smoothing into the producer of a layer's input where
-  the architecture's adapter says what that is (`ditq.kernels.folding`), so the pre-pass no longer multiplies by its reciprocal. The reference and dequantized
-  backends leave the model's weights as they are (the oracle, and what search and evaluation save): their
-  x / smooth is an ordinary op that the compiler fuses into x's producer.
+  the architecture's adapter says what that is (`ditq.kernels.folding`), so the pre-pass no longer multiplies
+  by its reciprocal. The reference and dequantized backends leave the model's weights as they are (the oracle,
+  and what search and evaluation save): their x / smooth is an ordinary op that the compiler fuses into x's
+  producer.
 """
 
 from __future__ import annotations
