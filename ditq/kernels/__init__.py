@@ -19,13 +19,15 @@ Backends here:
 - `"fp8"` / `"fp8-cached"` (`ditq.kernels.fp8`): W4A8-FP8 on sm_89+ for symmetric int2–int4 or ternary
   weights with dynamic per-token FP8 activations: per-channel layers through cuBLAS FP8 on e4m3 weight codes,
   per-group ones (groups a multiple of 32) through the lowbit kernel's FP8 mode; `"fp8"` sends few-row
-  calls to the lowbit kernel. Preparing a model for them installs a `torch.compile` graph pass
-  (`ditq.kernels.fusion`) that folds what produces a layer's input (LayerNorm + adaLN modulate and the residual
-  add before it, a GELU) into the layer's Triton input pre-pass, on any model; and it folds SVDQuant's smoothing
-  into the producer of a layer's input where the architecture's adapter says what that is
-  (`ditq.kernels.folding`), so the pre-pass no longer multiplies by its reciprocal. The reference and dequantized
-  backends leave the model's weights as they are (the oracle, and what search and evaluation save): their
-  x / smooth is an ordinary op that the compiler fuses into x's producer.
+  calls to the lowbit kernel, and on sm_90 runs its other calls through the Gluon W4A8 kernel on codes re-packed
+  at prepare (`ditq.kernels.hopper`: per-channel or g64/g128 layers without a low-rank branch). Preparing a
+  model for them installs a `torch.compile` graph pass (`ditq.kernels.fusion`) that folds what produces a
+  layer's input (LayerNorm + adaLN modulate and the residual add before it, a GELU) into the layer's Triton
+  input pre-pass, on any model; and it folds SVDQuant's smoothing into the producer of a layer's input where
+  the architecture's adapter says what that is (`ditq.kernels.folding`), so the pre-pass no longer multiplies
+  by its reciprocal. The reference and dequantized backends leave the model's weights as they are (the oracle,
+  and what search and evaluation save): their x / smooth is an ordinary op that the compiler fuses into x's
+  producer.
 """
 
 from __future__ import annotations
@@ -138,6 +140,8 @@ def prepare_for_inference(
         if reason is not None:
             declined[reason] += 1
         target = BACKENDS["reference"] if reason else chosen
+        if target.name in fp8.FP8_BACKENDS:  # before `convert`: "fp8" chooses its GEMM by it
+            module.fast_accumulation = fast
         extra = target.convert(module, dtype or _float_dtype(module))
         for buffer, tensor in extra.items():
             module.register_buffer(buffer, tensor, persistent=False)
@@ -146,8 +150,6 @@ def prepare_for_inference(
         module.backend = target.name
         if target.codes_copy in extra:
             module.park_codes()
-        if target.name in fp8.FP8_BACKENDS:
-            module.fast_accumulation = fast
     for reason, count in declined.items():
         logger.warning("backend %r cannot run %d layer(s) (%s); they keep the reference", name, count, reason)
     _share_equal(model, chosen.shared_input_buffers)
@@ -213,7 +215,7 @@ register_backend(
         "fp8",
         fp8.per_call_forward,
         supports=fp8.fp8_support,
-        convert=lambda m, dtype: fp8.weight_scale(m),
+        convert=lambda m, dtype: fp8.per_call_buffers(m),
         fixed_dtype_buffers=("fp8_scale_w", *fp8.LOWRANK_BUFFERS, "lowrank_up_fp8", "weight_row_shift", "inv_smooth"),
         fuses_producers=True,
         shared_input_buffers=fp8.INPUT_BUFFERS,

@@ -34,9 +34,13 @@ a separate 16-bit up-projection would re-read and re-write every output (DiT-XL/
 Two backends, which differ for per-channel layers only (per-group layers read their packed codes in both):
 `"fp8"` expands the codes on every call (weights stay 2–4-bit in memory; the expansion costs a few µs per
 layer), `"fp8-cached"` expands once in `prepare_for_inference` (8-bit weights in memory, no per-call
-expansion). `"fp8"` sends calls of at most `LOWBIT_MAX_ROWS` rows, bound by weight bytes, to the
-`"lowbit"` kernel instead, which reads the packed codes directly (activations smoothed the same way and
-fake-quantized to the same FP8 values, a low-rank branch in float32) rather than expanding them. Both run on
+expansion). On sm_90, `"fp8"` expands nothing for the layers the Gluon W4A8 kernel runs (per-channel or g64/g128
+scales, no low-rank branch, K a multiple of 128; per channel only with fast accumulation): their GEMM is that
+kernel on codes re-packed at prepare, converted to e4m3 in registers (`ditq.kernels.hopper`, op
+`ditq::gluon_w4a8_gemm`), which the fusion pass leaves as it is (it rewrites the layer's input only).
+`"fp8"` sends calls of at most `LOWBIT_MAX_ROWS` rows, bound by weight bytes, to the `"lowbit"` kernel instead,
+which reads the packed codes directly (activations smoothed the same way and fake-quantized to the same FP8
+values, a low-rank branch in float32) rather than expanding them. Both run on
 CUDA devices with FP8 tensor cores (sm_89+), and on the CPU under `TRITON_INTERPRET=1` (tests).
 """
 
@@ -45,6 +49,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ditq.kernels.hopper import WGMMA_CODES, gluon_support, gluon_w4a8_gemm, wgmma_codes
 from ditq.kernels.lowbit import LOWBIT_MAX_ROWS, code_offset, lowbit_forward, lowbit_gemm
 from ditq.kernels.reference import Modulation, Norm, Residual, smoothed_by_reciprocal
 from ditq.kernels.triton import FP8_K_STEP, device_support, kernel_op
@@ -58,6 +63,7 @@ __all__ = [
     "fp8_input_codes",
     "fp8_linear",
     "fp8_support",
+    "per_call_buffers",
     "quantize_rows",
     "uses_few_row_path",
 ]
@@ -172,6 +178,12 @@ def _inv_smooth(m: QuantLinear) -> torch.Tensor | None:
 
 def _gemm(m: QuantLinear, codes: torch.Tensor, scale_x: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The layer's one FP8 GEMM of x's codes: (..., out_features) in x's dtype."""
+    packed = getattr(m, WGMMA_CODES, None)
+    if packed is not None:  # "fp8" on Hopper: the Gluon kernel converts the packed codes in registers
+        spec = m.spec
+        y = gluon_w4a8_gemm(codes, scale_x, packed, m.scales, m.bias, spec.w_bits, spec.w_format == "ternary",
+                            spec.group_size or 0, x.dtype)  # fmt: skip
+        return y.reshape(*x.shape[:-1], m.out_features)
     if m.spec.group_size is not None:  # the packed codes, a scale per group: the lowbit kernel's FP8 mode
         bias = None if m.bias is None else m.bias.to(x.dtype)
         y = lowbit_gemm(codes, m.qweight, m.scales, None, bias, m.spec.w_bits, code_offset(m), m.spec.group_size,
@@ -230,8 +242,7 @@ def weight_scale(m: QuantLinear) -> dict[str, torch.Tensor]:
     """The per-channel scales as cuBLAS's row-wise `scale_b` (1, N), SVDQuant's branch if `m` has one, and the
     reciprocal of its smoothing (float32 (K,)) if it smooths at run time; no scales for per-group layers (the lowbit kernel
     reads the packed codes and the scales as they are)."""
-    smooth = m.input_smooth
-    smoothing = {} if smooth is None else {"inv_smooth": (1 / smooth.detach().float()).contiguous()}
+    smoothing = _reciprocal_smoothing(m)
     if m.spec.group_size is not None:
         return smoothing
     scale = m.scales.detach().reshape(1, m.out_features).float()
@@ -246,6 +257,21 @@ def weight_scale(m: QuantLinear) -> dict[str, torch.Tensor]:
                "lowrank_down_scale": down_scale, "lowrank_up_fp8": _bytes_cat(high, low)}  # fmt: skip
     # only where a row moved: "fp8" divides its expanded codes by it on every call
     return buffers | ({"weight_row_shift": (1 / shift).reshape(-1, 1)} if (shift > 1).any() else {})
+
+
+def per_call_buffers(m: QuantLinear) -> dict[str, torch.Tensor]:
+    """What "fp8" adds to `m`: `weight_scale`'s buffers, or where the Gluon GEMM runs `m` (`ditq.kernels.hopper`,
+    decided here once, after `prepare_for_inference` set `m.fast_accumulation`) its codes re-packed for that kernel
+    and the reciprocal of its smoothing."""
+    if gluon_support(m, m.fast_accumulation) is None:
+        return _reciprocal_smoothing(m) | wgmma_codes(m)
+    return weight_scale(m)
+
+
+def _reciprocal_smoothing(m: QuantLinear) -> dict[str, torch.Tensor]:
+    """{"inv_smooth": float32 (K,) 1 / smoothing} where `m` smooths at run time, else nothing."""
+    smooth = m.input_smooth
+    return {} if smooth is None else {"inv_smooth": (1 / smooth.detach().float()).contiguous()}
 
 
 def expanded_weight(m: QuantLinear) -> dict[str, torch.Tensor]:
