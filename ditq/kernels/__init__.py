@@ -19,8 +19,9 @@ Backends here:
 - `"fp8"` / `"fp8-cached"` (`ditq.kernels.fp8`): W4A8-FP8 on sm_89+ for symmetric int2–int4 or ternary
   weights with dynamic per-token FP8 activations: per-channel layers through cuBLAS FP8 on e4m3 weight codes,
   per-group ones (groups a multiple of 32) through the lowbit kernel's FP8 mode; `"fp8"` sends few-row
-  calls to the lowbit kernel, and on sm_90 runs its other calls through the Gluon W4A8 kernel on codes re-packed
-  at prepare (`ditq.kernels.hopper`: per-channel or g64/g128 layers without a low-rank branch). Preparing a
+  calls to the lowbit kernel, except on sm_90, where every call of a layer the Gluon W4A8 kernel takes runs
+  there on codes re-packed at prepare, the packed codes parked in host memory (`ditq.kernels.hopper`:
+  per-channel or g64/g128 layers without a low-rank branch). Preparing a
   model for them installs a `torch.compile` graph pass (`ditq.kernels.fusion`) that folds what produces a
   layer's input (LayerNorm + adaLN modulate and the residual add before it, a GELU) into the layer's Triton
   input pre-pass, on any model; and it folds SVDQuant's smoothing into the producer of a layer's input where
@@ -41,7 +42,7 @@ import torch
 from torch import nn
 
 from ditq.adapters import adapter_for
-from ditq.kernels import fp8, lowbit, ops
+from ditq.kernels import fp8, hopper, lowbit, ops
 from ditq.kernels.folding import fold_smoothing
 from ditq.kernels.fusion import install_fusion_pass
 from ditq.kernels.reference import group_linear, linear_reference, quantize_activations
@@ -220,6 +221,7 @@ register_backend(
         fuses_producers=True,
         shared_input_buffers=fp8.INPUT_BUFFERS,
         folds_smoothing=True,
+        codes_copy=hopper.WGMMA_CODES,
     )
 )
 register_backend(

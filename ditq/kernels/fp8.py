@@ -234,8 +234,9 @@ def per_call_forward(m: QuantLinear, x: torch.Tensor) -> torch.Tensor:
 def uses_few_row_path(m: QuantLinear, x: torch.Tensor) -> bool:
     """Whether the "fp8" backend hands `m(x)` to the lowbit kernel: few-token GEMMs are bound by weight bytes,
     and reading the packed codes directly beats expanding them first (H100, adaLN 64×1152×6912: lowbit
-    15.7 µs; expansion 16.4 µs + FP8 GEMM 12.7 µs)."""
-    return m.backend == "fp8" and x.numel() <= LOWBIT_MAX_ROWS * x.shape[-1]
+    15.7 µs; expansion 16.4 µs + FP8 GEMM 12.7 µs). Not a layer on the Gluon GEMM, which reads them 2–4-bit too
+    and holds them alone (`ditq.kernels.hopper`)."""
+    return m.backend == "fp8" and WGMMA_CODES not in m.kernel_buffers and x.numel() <= LOWBIT_MAX_ROWS * x.shape[-1]
 
 
 def weight_scale(m: QuantLinear) -> dict[str, torch.Tensor]:

@@ -2,10 +2,11 @@
 
 `prepare_for_inference(model, "fp8")` gives each layer this kernel can run, on a CUDA device of compute capability
 9.0, its codes re-packed in the kernel's layout (`ditq.kernels.triton.wgmma_codes`) as the non-persistent buffer
-`qweight_wgmma`: the same bytes as `qweight`, which checkpoints keep in the canonical layout. Its calls of more
-than `LOWBIT_MAX_ROWS` rows then multiply those codes on the FP8 tensor cores (`ditq.kernels.fp8`), converted to
-e4m3 in registers: no expansion per call, no 8-bit copy. The layer keeps `qweight` on the device as well, since its
-few-row calls go to the lowbit kernel, which reads the canonical layout only: the 2–4-bit codes are held twice.
+`qweight_wgmma`: the same bytes as `qweight`, which checkpoints keep in the canonical layout. All its calls
+then multiply those codes on the FP8 tensor cores (`ditq.kernels.fp8`), converted to e4m3 in registers: no
+expansion per call, no 8-bit copy. Few-row calls too, though the lowbit kernel would take them on other GPUs:
+it reads only the canonical layout, and keeping both layouts on the device would hold the codes twice; so
+`qweight` is parked in host memory while the re-packed codes serve (`QuantLinear.park_codes`).
 
 The kernel runs symmetric int2–int4 or ternary codes with per-channel scales or groups of 64 or 128 columns, K a
 multiple of 128; per channel it sums all of K on the tensor cores, so only for layers prepared with fast

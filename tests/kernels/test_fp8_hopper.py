@@ -62,7 +62,8 @@ def test_supported_layers_get_their_codes_repacked_as_a_kernel_buffer(spec, on_h
     prepare_for_inference(m, "fp8")
     assert m.backend == "fp8" and hopper.WGMMA_CODES in m.kernel_buffers
     assert torch.equal(m.qweight_wgmma, repack_for_wgmma(codes, spec.w_bits, 256))
-    assert torch.equal(m.qweight, codes)  # still on the device, for the few-row route
+    assert torch.equal(m.qweight.cpu(), codes.cpu())  # parked in host memory on a GPU: one copy there
+    assert m.codes_home == (codes.device if codes.is_cuda else None)
     assert hopper.WGMMA_CODES not in m.state_dict()  # checkpoints keep the canonical layout
     assert "fp8_scale_w" not in m.kernel_buffers  # the kernel reads `scales` as they are
     prepare_for_inference(m, "fp8-cached")  # another backend drops it
@@ -165,7 +166,8 @@ def test_the_gluon_path_computes_the_reference_bit_for_bit_on_exact_data(
     assert out.dtype == reference.dtype and torch.equal(out, reference)
 
 
-def test_few_row_calls_still_go_to_the_lowbit_kernel(on_hopper, monkeypatch):
+def test_few_row_calls_go_to_the_gluon_gemm_too(on_hopper, monkeypatch):
+    """The lowbit kernel reads the canonical layout, which is not on the device: few rows run the Gluon GEMM."""
     m, x = exact_layer_and_input(fp8_spec())
     few = x[0, :100]  # ≤ LOWBIT_MAX_ROWS rows
     reference = m(few)
@@ -174,7 +176,7 @@ def test_few_row_calls_still_go_to_the_lowbit_kernel(on_hopper, monkeypatch):
     monkeypatch.setattr(fp8, "lowbit_forward", lambda *a: lowbit.append(a) or route(*a))
     calls = gemm_calls(monkeypatch)
     out = m(few)
-    assert len(lowbit) == 1 and not calls
+    assert not lowbit and len(calls) == 1
     torch.testing.assert_close(out, reference, rtol=0, atol=0)  # exact data: no rounding anywhere
 
 
