@@ -9,8 +9,8 @@ import torch
 import ditq
 from ditq.qat import QAT, convert, prepare
 from ditq.quant.served import average_bits, served_widths, slice_bits_per_weight
-from ditq.search import BitsSearch, FitnessSettings, SearchConfig, main, run_search
-from ditq.search.fitness import Fitness, make_fitness
+from ditq.search import BitsSearch, SearchConfig, main, run_search
+from tests.search.test_search import Counting
 from tests.tiny import make_tiny_mnist_dit
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,20 +28,6 @@ def fp_and_checkpoint(tmp_path_factory):
     fp = make_tiny_mnist_dit()
     nested = convert(prepare(make_tiny_mnist_dit(), NESTED))
     return fp, ditq.save(nested, tmp_path_factory.mktemp("nested") / "nested.safetensors")
-
-
-class Counting(Fitness):
-    """The `output` fitness, counting its calls; `die_after` simulates a kill mid-generation."""
-
-    def __init__(self, fp, die_after=None):
-        self.inner = make_fitness("output", fp, FitnessSettings(samples=2, steps=2))
-        self.calls, self.die_after = 0, die_after
-
-    def __call__(self, model):
-        if self.die_after is not None and self.calls >= self.die_after:
-            raise KeyboardInterrupt("killed")
-        self.calls += 1
-        return self.inner(model)
 
 
 def test_a_stored_slice_costs_its_codes_slot_and_the_shared_scales(fp_and_checkpoint):
