@@ -195,7 +195,7 @@ def float_storage(model: nn.Module, float_dtype: torch.dtype | None = None) -> s
     return f"{', '.join(stored)} ({'exact' if exact else 'rounded from ' + ', '.join(held)})"
 
 
-# ---- helpers ---------------------------------------------------------------------------------------
+# ---- internals -------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 int2, against MatGPTQ, QAT and GPTQ / RTN at each width alone, and int8 codes sliced naively; then Mix'n'Match
 (a searched served width per layer) and per-timestep schedules on the joint QAT checkpoint.
 
-Four stages, each one call of at most ~9 minutes on one H100, run in this order with the same --out (a
+Four stages, each at most ~9 minutes on one H100, run in this order with the same --out (a
 folder kept between the calls); a stage run again skips what it finished (training resumes from its last
 checkpoint, rows and searches are kept in --out), so a stage cut short is simply run again:
 

@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 
 from tests.tiny import make_tiny_dit  # noqa: E402
 
-THREADS = torch.get_num_threads()  # the session's; what a test changes it must give back
+THREADS = torch.get_num_threads()  # the run's; what a test changes it must give back
 
 
 @pytest.fixture(autouse=True)

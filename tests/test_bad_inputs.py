@@ -1,4 +1,4 @@
-"""A catalogue of bad inputs (issue 8), tried as a new user would, against the API and the CLI.
+"""A catalogue of bad inputs, tried as a new user would, against the API and the CLI.
 
 For each: the exception type (CLI: exit code 2 and one line, no traceback), a message that names the file,
 layer or field at fault, and a working folder left exactly as it was (nothing created, nothing changed).

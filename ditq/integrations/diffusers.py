@@ -405,7 +405,7 @@ def load_pipeline(path: str, *, device: str = "cpu", dtype: torch.dtype = torch.
     return pipe.to(device)
 
 
-# ---- helpers ----------------------------------------------------------------------------------------
+# ---- internals --------------------------------------------------------------------------------------
 
 
 @contextmanager

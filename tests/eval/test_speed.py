@@ -1,4 +1,4 @@
-"""Timing helpers: how many calls each clock covers, and bad counts refused by name."""
+"""Timing functions: how many calls each clock covers, and bad counts refused by name."""
 
 from __future__ import annotations
 

@@ -120,7 +120,7 @@ def test_a_diffusers_transformer_folds_what_its_blocks_imply(class_name):
     prepare_for_inference(ditq.quantize(model, FP8), "fp8-cached")
     inputs = SUPPORTED[class_name].example_inputs(model, 2, 8, 7, 0.5, torch.Generator().manual_seed(1))
 
-    class Positional(torch.nn.Module):  # the helper passes positional arguments
+    class Positional(torch.nn.Module):  # `folded` passes positional arguments
         def __init__(self):
             super().__init__()
             self.model = model

@@ -2,7 +2,7 @@
 and no launch of the input pre-pass spills registers to local memory (ptxas's report).
 
 The CPU interpreter runs a kernel's Python, not its compilation: a kernel that the interpreter runs can still be
-refused by the compiler (a helper whose two constexpr branches return tiles of different shapes was, on an
+refused by the compiler (a function whose two constexpr branches return tiles of different shapes was, on an
 H200). This compiles the launches the backends make, in a subprocess where `TRITON_INTERPRET` is unset (under
 the interpreter `@triton.jit` gives objects the compiler cannot take), into a fresh cache.
 

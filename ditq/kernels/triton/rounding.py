@@ -1,4 +1,4 @@
-"""Rounding helpers the kernels share: a float32 value rounded as PyTorch rounds it, also under Triton's CPU
+"""Roundings the kernels share: a float32 value rounded as PyTorch rounds it, also under Triton's CPU
 interpreter, and a product that is never contracted into an FMA."""
 
 from __future__ import annotations
