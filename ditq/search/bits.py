@@ -3,9 +3,10 @@
 The search takes one nested model (int8 codes, `spec.stored_bits` set, e.g. `ditq.load` of a MatQuant
 checkpoint) and serves every genome from its stored codes with `set_served_bits`: no layer is quantized
 again. A layer offers the widths asked for (by default the checkpoint recipe's `nested_bits`) up to its
-stored bits. A width costs what its slice would take stored on its own (`ditq.quant.served`): 5–7-bit
-codes take a byte and 3-bit codes four bits, so a 6-bit slice costs as much as the 8-bit one; of widths
-that cost the same a layer offers only the widest, which serves more of the same stored bits for nothing.
+stored bits. A width costs its slice as a layer of its own (`ditq.quant.served.COSTS`): "nominal" (the
+default), its bits plus the scales; "stored", its packed slot plus the scales, as exported (5–7-bit codes
+take a byte and 3-bit codes four bits, so a 6-bit slice costs as much as the 8-bit one). Of widths that
+cost the same a layer offers only the widest, which serves more of the same stored bits for nothing.
 The result is a served-bits plan, one entry per layer, that `ditq.load(path, bits="plan.json")` applies.
 """
 
