@@ -28,7 +28,7 @@ so per-channel layers stay on cuBLAS at every size. SVDQuant's branch (x/smooth)
 as 2·rank more columns of K (`_lowrank_parts`): its operands are e4m3 too (a few % of the branch off where the
 other backends keep it in x's dtype, no loss of sample quality seen: `bench/results/lowrank_precision_cpu.json`);
 a separate 16-bit up-projection would re-read and re-write every output (DiT-XL/2 SVDQuant r32 at batch 64 on an H200:
-0.71× bf16 that way, 1.06× this way; 1.10× on 2026-12-04 with the MLP residual carried,
+0.71× bf16 that way, 1.06× this way; 1.10× on 2026-12-04 with the MLP's residual add in the next pre-pass,
 `bench/results/e2e_fp8_v10_models_h200.md`).
 
 Two backends, which differ for per-channel layers only (per-group layers read their packed codes in both):
