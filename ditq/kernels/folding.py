@@ -3,8 +3,8 @@
 A smoothed layer computes Q(x/s)·Ŵᵀ + (x/s)·L1·L2 + b. Where x is made of a producer's rows (`FoldSite`, declared
 by the architecture's adapter), dividing those rows by s once makes the producer emit x/s, and the layer reads it
 as it comes (`QuantLinear.smoothing_folded`): the same outputs but for the roundings of the intermediates. The
-FP8 backends fold (their pre-pass otherwise multiplies every input by 1/s: 1.3–2.9× an unsmoothed launch's time
-on an H200, `ditq.kernels.fp8`). What a producer's rows become:
+FP8 backends fold (their pre-pass otherwise multiplies every input by 1/s; dividing by s took 1.3–2.9× an
+unsmoothed launch's time on an H200, `ditq.kernels.fp8`). What a producer's rows become:
 - Linear rows (a value projection, adaLN's shift): weight and bias rows / s; a quantized Linear's per-channel or
   per-group scales, bias and low-rank up-projection columns / s, exact on its codes;
 - adaLN's scale rows, read as (1 + scale): weight rows / s and bias (b + 1)/s − 1, so 1 + scale' = (1 + scale)/s;
