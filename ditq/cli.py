@@ -158,7 +158,7 @@ def _presets_help() -> str:
     needs = {"nothing": "needs nothing", "calibration": "needs calibration (done here)",
              "training": "needs training: `ditq train --recipe {}`, not quantize"}  # fmt: skip
     width = max(map(len, PRESETS))
-    lines = [f"  {name:<{width}}  {type(recipe).__name__} {_spec_summary(recipe.spec())}; "
+    lines = [f"  {name:<{width}}  {type(recipe).__name__} {_spec_summary(recipe.spec(), _nested(recipe))}; "
              + needs[recipe.needs()].format(name) for name, recipe in PRESETS.items()]  # fmt: skip
     return "\n".join([
         "presets (--recipe NAME):", *lines, "",
@@ -167,11 +167,19 @@ def _presets_help() -> str:
     ])  # fmt: skip
 
 
-def _spec_summary(spec) -> str:
-    """e.g. `W4 g128, A8 per token`, `ternary per channel, A16`, `W4 g64, A4 g64, rank 32, smoothed`."""
+def _nested(recipe) -> tuple[int, ...]:
+    """The widths a nested (MatQuant) recipe chooses or trains its codes for; () for another recipe."""
+    return tuple(getattr(recipe, "nested_bits", None) or ())
+
+
+def _spec_summary(spec, nested: tuple[int, ...] = ()) -> str:
+    """e.g. `W4 g128, A8 per token`, `ternary per channel, A16`, `W4 g64, A4 g64, rank 32, smoothed`,
+    `W4 per channel from int8 codes fit to 8/4/2 bits, A16`."""
     weights = f"W{spec.w_bits}" + (f" g{spec.group_size}" if spec.group_size else " per channel")
     if spec.w_format == "ternary":
         weights = "ternary"
+    if spec.stored_bits is not None:
+        weights += f" from int{spec.stored_bits} codes" + (f" fit to {'/'.join(map(str, nested))} bits" if nested else "")
     if spec.a_bits is None:
         acts = "A16"
     else:

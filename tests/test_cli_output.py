@@ -65,6 +65,9 @@ def test_quantize_help_lists_every_registered_preset_and_what_it_needs(monkeypat
         (line,) = [line for line in text.splitlines() if line.startswith(f"  {name} ")]
         assert needs[recipe.needs()] in line
     assert "RTN W3 per channel, A16; needs nothing" in text
+    ptq, naive = (next(line for line in text.splitlines() if line.startswith(f"  {name} "))
+                  for name in ("matquant-ptq", "matquant-naive"))  # fmt: skip
+    assert "int8 codes fit to 8/4/3/2 bits" in ptq and "int8 codes fit to 8 bits" in naive  # told apart
     assert "slower than full precision on the CPU" in _flat(text)
 
 
