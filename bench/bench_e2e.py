@@ -8,7 +8,7 @@ line per run goes to stdout. `bench/e2e_table.py` turns the lines into the commi
 
 Configs: `bf16` (the model as is), `torchao-fp8-row` (torchao's float8 row-wise, the peer), an RTN preset (`w4a8`, `w4a16`, `w4a4`, `w8a8`), or one of the FP8-path
 recipes below (per-channel int4 or ternary weights, per-token FP8 activations), run through `--backend`
-("dequantized" by default; "fp8" / "fp8-cached" for the Triton + cuBLAS FP8 path). `--all-linears` also
+("dequantized" by default; "fp8" / "fp8-cached" for the Triton + cuBLAS FP8 path, "fp8-gluon" for the Gluon W4A8 GEMM on Hopper). `--all-linears` also
 quantizes the adaLN modulation Linears (the presets keep them 16-bit). Timing: CUDA events around each forward after warm-up, median of the
 repeats; batch counts the CFG-doubled batch the model sees. `--sample-steps N` also times whole N-step DDIM
 sampling runs with classifier-free guidance (batch/2 images, the compiled model called once per step on the

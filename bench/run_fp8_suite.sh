@@ -8,7 +8,7 @@
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh models    # every FP8-path model at batch 64 + sampling
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh fold      # SVDQuant r32 with its smoothing folded or kept at run time
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh pass      # the fusion pass on GPU; samples vs reference; batch 64
-#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh gluon     # the Gluon W4A8 GEMM checked and timed
+#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh gluon     # the Gluon W4A8 GEMM checked and timed; fp8-gluon's tests
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh prepass   # the pre-pass against inductor, its launch sweep
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh small     # batch 2 under CUDA graphs; samples; few-row GEMMs
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh gemms     # GEMMs alone: W4A8 variants, SVDQuant's extra K columns
@@ -59,11 +59,14 @@ case $part in
     e2e --batch 64 --config w4a8fp8 --backend fp8-cached
     e2e --batch 64 --config svdquant-w4a8fp8-r32 --backend fp8-cached
     e2e --batch 64 --config ternary-a8fp8 --backend fp8-cached --all-linears
-    e2e --batch 64 --config w4a8fp8 --backend fp8 ;;
+    e2e --batch 64 --config w4a8fp8 --backend fp8
+    e2e --batch 64 --config w4a8fp8 --backend fp8-gluon ;;
   gluon)  # the Gluon W4A8-FP8 GEMM: bit-exact checks, then timed against cuBLAS FP8 and bf16
     nvidia-smi -L
     timeout "$(left)" python bench/bench_gluon_w4a8.py --out "$out/gluon_w4a8" >"$out/log_$part.txt" 2>&1
     tail -5 "$out/log_$part.txt"
+    timeout "$(left)" python -m pytest -q -p no:cacheprovider tests/kernels/test_fp8_hopper.py >"$out/gpu_tests.txt" 2>&1
+    tail -3 "$out/gpu_tests.txt"  # the fp8-gluon backend on the real kernel
     exit 0 ;;
   prepass)  # the pre-pass at DiT-XL/2's batch-64 inputs and other producers against inductor, its launch sweep
     timeout "$(left)" python bench/bench_prepass.py --out "$out/prepass" >>"$out/log_$part.txt" 2>&1

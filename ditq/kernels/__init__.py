@@ -19,9 +19,10 @@ Backends here:
 - `"fp8"` / `"fp8-cached"` (`ditq.kernels.fp8`): W4A8-FP8 on sm_89+ for symmetric int2–int4 or ternary
   weights with dynamic per-token FP8 activations: per-channel layers through cuBLAS FP8 on e4m3 weight codes,
   per-group ones (groups a multiple of 32) through the lowbit kernel's FP8 mode; `"fp8"` sends few-row
-  calls to the lowbit kernel, except on sm_90, where every call of a layer the Gluon W4A8 kernel takes runs
-  there on codes re-packed at prepare, the packed codes parked in host memory (`ditq.kernels.hopper`:
-  per-channel or g64/g128 layers without a low-rank branch). Preparing a
+  calls to the lowbit kernel. `"fp8-gluon"` is `"fp8"` but for the layers the Gluon W4A8 kernel takes on sm_90
+  (`ditq.kernels.hopper`: per-channel or g64/g128 layers without a low-rank branch): every call of theirs runs
+  there on codes re-packed at prepare, the packed codes parked in host memory; it is a backend of its own
+  until its speed and outputs are measured on a GPU. Preparing a
   model for them installs a `torch.compile` graph pass (`ditq.kernels.fusion`) that folds what produces a
   layer's input (LayerNorm + adaLN modulate and the residual add before it, a GELU) into the layer's Triton
   input pre-pass, on any model; and it folds SVDQuant's smoothing into the producer of a layer's input where
@@ -141,7 +142,7 @@ def prepare_for_inference(
         if reason is not None:
             declined[reason] += 1
         target = BACKENDS["reference"] if reason else chosen
-        if target.name in fp8.FP8_BACKENDS:  # before `convert`: "fp8" chooses its GEMM by it
+        if target.name in fp8.FP8_BACKENDS:  # before `convert`: "fp8-gluon" chooses its GEMM by it
             module.fast_accumulation = fast
         extra = target.convert(module, dtype or _float_dtype(module))
         for buffer, tensor in extra.items():
@@ -216,7 +217,19 @@ register_backend(
         "fp8",
         fp8.per_call_forward,
         supports=fp8.fp8_support,
-        convert=lambda m, dtype: fp8.per_call_buffers(m),
+        convert=lambda m, dtype: fp8.weight_scale(m),
+        fixed_dtype_buffers=("fp8_scale_w", *fp8.LOWRANK_BUFFERS, "lowrank_up_fp8", "weight_row_shift", "inv_smooth"),
+        fuses_producers=True,
+        shared_input_buffers=fp8.INPUT_BUFFERS,
+        folds_smoothing=True,
+    )
+)
+register_backend(
+    Backend(
+        "fp8-gluon",
+        fp8.per_call_forward,
+        supports=fp8.fp8_support,
+        convert=lambda m, dtype: fp8.gluon_or_per_call_buffers(m),
         fixed_dtype_buffers=("fp8_scale_w", *fp8.LOWRANK_BUFFERS, "lowrank_up_fp8", "weight_row_shift", "inv_smooth"),
         fuses_producers=True,
         shared_input_buffers=fp8.INPUT_BUFFERS,

@@ -34,11 +34,11 @@ a separate 16-bit up-projection would re-read and re-write every output (DiT-XL/
 Two backends, which differ for per-channel layers only (per-group layers read their packed codes in both):
 `"fp8"` expands the codes on every call (weights stay 2–4-bit in memory; the expansion costs a few µs per
 layer), `"fp8-cached"` expands once in `prepare_for_inference` (8-bit weights in memory, no per-call
-expansion). On sm_90, `"fp8"` expands nothing for the layers the Gluon W4A8 kernel runs (per-channel or g64/g128
-scales, no low-rank branch, K a multiple of 128; per channel only with fast accumulation): their GEMM is that
-kernel on codes re-packed at prepare, converted to e4m3 in registers (`ditq.kernels.hopper`, op
-`ditq::gluon_w4a8_gemm`), which the fusion pass leaves as it is (it rewrites the layer's input only).
-`"fp8"` sends calls of at most `LOWBIT_MAX_ROWS` rows, bound by weight bytes, to the `"lowbit"` kernel instead,
+expansion). `"fp8-gluon"` is `"fp8"` but on sm_90 it expands nothing for the layers the Gluon W4A8 kernel runs
+(per-channel or g64/g128 scales, no low-rank branch, K a multiple of 128; per channel only with fast
+accumulation): their GEMM is that kernel on codes re-packed at prepare, converted to e4m3 in registers
+(`ditq.kernels.hopper`, op `ditq::gluon_w4a8_gemm`), which the fusion pass leaves as it is (it rewrites the
+layer's input only). `"fp8"` sends calls of at most `LOWBIT_MAX_ROWS` rows, bound by weight bytes, to the `"lowbit"` kernel instead,
 which reads the packed codes directly (activations smoothed the same way and fake-quantized to the same FP8
 values, a low-rank branch in float32) rather than expanding them. Both run on
 CUDA devices with FP8 tensor cores (sm_89+), and on the CPU under `TRITON_INTERPRET=1` (tests).
@@ -63,13 +63,13 @@ __all__ = [
     "fp8_input_codes",
     "fp8_linear",
     "fp8_support",
-    "per_call_buffers",
+    "gluon_or_per_call_buffers",
     "quantize_rows",
     "uses_few_row_path",
 ]
 
 MIN_CAPABILITY = (8, 9)
-FP8_BACKENDS = ("fp8", "fp8-cached")
+FP8_BACKENDS = ("fp8", "fp8-gluon", "fp8-cached")
 # cuBLAS FP8 GEMMs with fast accumulation: the tensor cores' partial sums are not promoted to float32 along K
 # (torchao's float8 inference runs so too). The FP8 backends' default; `prepare_for_inference(...,
 # fast_accumulation=False)` turns it off. On an H200: a FLUX.1-dev-size transformer (K up to 15,360) at 1024 px
@@ -179,7 +179,7 @@ def _inv_smooth(m: QuantLinear) -> torch.Tensor | None:
 def _gemm(m: QuantLinear, codes: torch.Tensor, scale_x: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The layer's one FP8 GEMM of x's codes: (..., out_features) in x's dtype."""
     packed = getattr(m, WGMMA_CODES, None)
-    if packed is not None:  # "fp8" on Hopper: the Gluon kernel converts the packed codes in registers
+    if packed is not None:  # "fp8-gluon" on Hopper: the Gluon kernel converts the packed codes in registers
         spec = m.spec
         y = gluon_w4a8_gemm(codes, scale_x, packed, m.scales, m.bias, spec.w_bits, spec.w_format == "ternary",
                             spec.group_size or 0, x.dtype)  # fmt: skip
@@ -236,7 +236,8 @@ def uses_few_row_path(m: QuantLinear, x: torch.Tensor) -> bool:
     and reading the packed codes directly beats expanding them first (H100, adaLN 64×1152×6912: lowbit
     15.7 µs; expansion 16.4 µs + FP8 GEMM 12.7 µs). Not a layer on the Gluon GEMM, which reads them 2–4-bit too
     and holds them alone (`ditq.kernels.hopper`)."""
-    return m.backend == "fp8" and WGMMA_CODES not in m.kernel_buffers and x.numel() <= LOWBIT_MAX_ROWS * x.shape[-1]
+    return (m.backend in ("fp8", "fp8-gluon") and WGMMA_CODES not in m.kernel_buffers
+            and x.numel() <= LOWBIT_MAX_ROWS * x.shape[-1])  # fmt: skip
 
 
 def weight_scale(m: QuantLinear) -> dict[str, torch.Tensor]:
@@ -260,10 +261,10 @@ def weight_scale(m: QuantLinear) -> dict[str, torch.Tensor]:
     return buffers | ({"weight_row_shift": (1 / shift).reshape(-1, 1)} if (shift > 1).any() else {})
 
 
-def per_call_buffers(m: QuantLinear) -> dict[str, torch.Tensor]:
-    """What "fp8" adds to `m`: `weight_scale`'s buffers, or where the Gluon GEMM runs `m` (`ditq.kernels.hopper`,
-    decided here once, after `prepare_for_inference` set `m.fast_accumulation`) its codes re-packed for that kernel
-    and the reciprocal of its smoothing."""
+def gluon_or_per_call_buffers(m: QuantLinear) -> dict[str, torch.Tensor]:
+    """What "fp8-gluon" adds to `m`: where the Gluon GEMM runs `m` (`ditq.kernels.hopper`, decided here once,
+    after `prepare_for_inference` set `m.fast_accumulation`) its codes re-packed for that kernel and the reciprocal
+    of its smoothing; else what "fp8" adds, `weight_scale`'s buffers."""
     if gluon_support(m, m.fast_accumulation) is None:
         return _reciprocal_smoothing(m) | wgmma_codes(m)
     return weight_scale(m)

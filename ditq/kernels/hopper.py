@@ -1,6 +1,8 @@
-"""The `"fp8"` backend's GEMM on Hopper (sm_90): the Gluon W4A8 kernel, reading the layer's codes 2–4-bit.
+"""The `"fp8-gluon"` backend's GEMM on Hopper (sm_90): the Gluon W4A8 kernel, reading the layer's codes 2–4-bit.
 
-`prepare_for_inference(model, "fp8")` gives each layer this kernel can run, on a CUDA device of compute capability
+`"fp8-gluon"` is the `"fp8"` backend with this GEMM where it can run; a backend of its own until the kernel's
+speed and outputs are measured on a GPU (its tests here run its float64 reference). `prepare_for_inference(model,
+"fp8-gluon")` gives each layer this kernel can run, on a CUDA device of compute capability
 9.0, its codes re-packed in the kernel's layout (`ditq.kernels.triton.wgmma_codes`) as the non-persistent buffer
 `qweight_wgmma`: the same bytes as `qweight`, which checkpoints keep in the canonical layout. All its calls
 then multiply those codes on the FP8 tensor cores (`ditq.kernels.fp8`), converted to e4m3 in registers: no
@@ -11,7 +13,7 @@ it reads only the canonical layout, and keeping both layouts on the device would
 The kernel runs symmetric int2–int4 or ternary codes with per-channel scales or groups of 64 or 128 columns, K a
 multiple of 128; per channel it sums all of K on the tensor cores, so only for layers prepared with fast
 accumulation (the default). SVDQuant layers (a low-rank branch) keep the expansion and cuBLAS, where the branch
-rides in the GEMM as more columns of K; every other layer keeps the `"fp8"` path it had.
+rides in the GEMM as more columns of K; every other layer takes the `"fp8"` path.
 
 `ditq::gluon_w4a8_gemm` is an opaque custom op with a fake for shapes: `torch.library.triton_op` traces Triton
 kernels through their TTIR and rebuilds TMA descriptors without a shared-memory layout, which a Gluon kernel does

@@ -1,4 +1,4 @@
-"""The `"fp8"` backend on Hopper (`ditq.kernels.hopper`): which layers get the Gluon GEMM's re-packed codes, the
+"""The `"fp8-gluon"` backend on Hopper (`ditq.kernels.hopper`): which layers get the Gluon GEMM's re-packed codes, the
 backend's output through its op against the reference, few-row calls, and a compiled DiT.
 
 On the CPU, a capability of 9.0 is read for the CPU (`hopper.device_capability`) and the op computes the kernel's
@@ -59,8 +59,8 @@ def test_supported_layers_get_their_codes_repacked_as_a_kernel_buffer(spec, on_h
     extras = dict(smooth=torch.rand(256) + 0.5) if spec.smooth else {}
     m = QuantLinear.from_linear(torch.nn.Linear(256, 32), spec, **extras).to(DEVICE)
     codes = m.qweight.clone()
-    prepare_for_inference(m, "fp8")
-    assert m.backend == "fp8" and hopper.WGMMA_CODES in m.kernel_buffers
+    prepare_for_inference(m, "fp8-gluon")
+    assert m.backend == "fp8-gluon" and hopper.WGMMA_CODES in m.kernel_buffers
     assert torch.equal(m.qweight_wgmma, repack_for_wgmma(codes, spec.w_bits, 256))
     assert torch.equal(m.qweight.cpu(), codes.cpu())  # parked in host memory on a GPU: one copy there
     assert m.codes_home == (codes.device if codes.is_cuda else None)
@@ -83,8 +83,8 @@ def test_layers_the_kernel_refuses_keep_the_fp8_path_they_had(spec, k, reason, o
                   lowrank_up=torch.randn(4, 32, generator=g) * 0.1) if spec.rank else {}  # fmt: skip
     m = QuantLinear.from_linear(torch.nn.Linear(k, 32), spec, **extras).to(DEVICE)
     assert reason in hopper.gluon_support(m, fast_accumulation=True)
-    prepare_for_inference(m, "fp8")
-    assert m.backend == "fp8" and hopper.WGMMA_CODES not in m.kernel_buffers
+    prepare_for_inference(m, "fp8-gluon")
+    assert m.backend == "fp8-gluon" and hopper.WGMMA_CODES not in m.kernel_buffers
 
 
 @pytest.mark.parametrize("group_size", [None, 64], ids=["channel", "g64"])
@@ -94,7 +94,7 @@ def test_without_fast_accumulation_only_per_group_layers_take_the_gluon_gemm(
     """Per channel the kernel sums all of K on the tensor cores: a layer prepared without fast accumulation keeps
     cuBLAS's promoted sums; per group, each group's sum joins a float32 accumulator either way."""
     m = QuantLinear.from_linear(torch.nn.Linear(256, 32), fp8_spec(group_size=group_size)).to(DEVICE)
-    prepare_for_inference(m, "fp8", fast_accumulation=False)
+    prepare_for_inference(m, "fp8-gluon", fast_accumulation=False)
     assert (hopper.WGMMA_CODES in m.kernel_buffers) == (group_size is not None)
     asked, scaled_mm = [], torch._scaled_mm
     monkeypatch.setattr(
@@ -102,14 +102,20 @@ def test_without_fast_accumulation_only_per_group_layers_take_the_gluon_gemm(
     )
     m(torch.randn(160, 256, device=DEVICE))
     assert asked == ([False] if group_size is None else [])
-    prepare_for_inference(m, "fp8")  # the default: fast accumulation
+    prepare_for_inference(m, "fp8-gluon")  # the default: fast accumulation
     assert hopper.WGMMA_CODES in m.kernel_buffers
+
+
+def test_the_fp8_backend_keeps_its_expansion_on_hopper(on_hopper):
+    m = QuantLinear.from_linear(torch.nn.Linear(256, 32), fp8_spec()).to(DEVICE)
+    prepare_for_inference(m, "fp8")
+    assert m.backend == "fp8" and "fp8_scale_w" in m.kernel_buffers and not hasattr(m, hopper.WGMMA_CODES)
 
 
 @pytest.mark.parametrize("bits", [5, 8])
 def test_5_to_8_bit_layers_get_no_repacked_codes(bits, on_hopper):
     m = prepare_for_inference(
-        QuantLinear.from_linear(torch.nn.Linear(256, 32), fp8_spec(w_bits=bits)).to(DEVICE), "fp8"
+        QuantLinear.from_linear(torch.nn.Linear(256, 32), fp8_spec(w_bits=bits)).to(DEVICE), "fp8-gluon"
     )
     assert m.backend == "reference" and not hasattr(m, hopper.WGMMA_CODES)
 
@@ -119,8 +125,8 @@ def test_devices_other_than_sm90_keep_the_expansion(capability, monkeypatch):
     monkeypatch.setattr(hopper, "device_capability", lambda device: capability)
     m = QuantLinear.from_linear(torch.nn.Linear(256, 32), fp8_spec()).to(DEVICE)
     assert hopper.gluon_support(m, fast_accumulation=True) == "the Gluon GEMM needs compute capability 9.0"
-    prepare_for_inference(m, "fp8")
-    assert m.backend == "fp8" and "fp8_scale_w" in m.kernel_buffers and not hasattr(m, hopper.WGMMA_CODES)
+    prepare_for_inference(m, "fp8-gluon")
+    assert m.backend == "fp8-gluon" and "fp8_scale_w" in m.kernel_buffers and not hasattr(m, hopper.WGMMA_CODES)
 
 
 # ---- what the backend computes through the op ---------------------------------------------------------------
@@ -159,7 +165,7 @@ def test_the_gluon_path_computes_the_reference_bit_for_bit_on_exact_data(
 ):
     m, x = exact_layer_and_input(fp8_spec(group_size=group_size, **fields))
     reference = m(x)  # the oracle: dequantized weights, fake-quantized input, float32 matmul
-    prepare_for_inference(m, "fp8")
+    prepare_for_inference(m, "fp8-gluon")
     calls = gemm_calls(monkeypatch)
     out = m(x)
     assert len(calls) == 1 and calls[0][0].dtype == torch.float8_e4m3fn and calls[0][2] is m.qweight_wgmma
@@ -171,7 +177,7 @@ def test_few_row_calls_go_to_the_gluon_gemm_too(on_hopper, monkeypatch):
     m, x = exact_layer_and_input(fp8_spec())
     few = x[0, :100]  # ≤ LOWBIT_MAX_ROWS rows
     reference = m(few)
-    prepare_for_inference(m, "fp8")
+    prepare_for_inference(m, "fp8-gluon")
     lowbit, route = [], fp8.lowbit_forward
     monkeypatch.setattr(fp8, "lowbit_forward", lambda *a: lowbit.append(a) or route(*a))
     calls = gemm_calls(monkeypatch)
@@ -189,7 +195,7 @@ def test_a_dit_compiled_fullgraph_runs_the_gluon_gemm_and_keeps_its_folds(on_hop
     the Gluon GEMM (144 rows); adaLN's 9 rows go to the lowbit kernel."""
     depth = 2
     model = ditq.quantize(make_tiny_dit(depth=depth), ditq.RTN(w_bits=4, a_bits=8, a_format="fp8")).to(DEVICE)
-    prepare_for_inference(model, "fp8")  # on the device: the choice reads its capability
+    prepare_for_inference(model, "fp8-gluon")  # on the device: the choice reads its capability
     g = torch.Generator().manual_seed(3)
     args = tuple(a.to(DEVICE) for a in (torch.randn(9, 1, 8, 8, generator=g), torch.randint(0, 1000, (9,), generator=g),
                                         torch.randint(0, 10, (9,), generator=g)))  # fmt: skip
@@ -221,6 +227,6 @@ def test_the_op_passes_opcheck_for_its_fake(on_hopper):
 
 def test_a_layer_compiled_by_inductor_computes_what_eager_does(on_hopper):
     m, x = exact_layer_and_input(fp8_spec())
-    prepare_for_inference(m, "fp8")
+    prepare_for_inference(m, "fp8-gluon")
     torch._dynamo.reset()
     assert torch.equal(torch.compile(m, fullgraph=True)(x), m(x))  # exact data: any summation order
