@@ -11,8 +11,10 @@ resumes bit-exactly in the next call if its folder --out/runs/NAME (its training
     PYTHONPATH=. python scripts/gpu_terdit_scratch.py --out runs/terdit-scratch --stage report   # table, curves
     PYTHONPATH=. python scripts/gpu_terdit_scratch.py --out /tmp/ts --device cpu --tiny --runs ternary fp  # smoke
 
-A training state is 16 bytes per parameter (fp32 latent weights, EMA, AdamW's two moments): 156 MB for
-DiT-MNIST, 520 MB for the S-sized model. Where that cannot be kept between calls, a run must finish in one.
+Between calls, --out's results.json (the rows) and runs/*/log.jsonl (the curves) are all the report needs; a
+run's training state, runs/NAME/checkpoints/, only continues a cut run. It is 16 bytes per parameter (fp32
+latent weights, EMA, AdamW's two moments): 156 MB for DiT-MNIST, 520 MB for the S-sized model; where that
+cannot be kept between calls, a run must finish in one (a cut run's row says how far it got).
 
 Runs (--runs; a --tag suffix keeps ablations apart, e.g. `--runs ternary --lr 1e-3 --tag lr1e-3`):
   ternary, ternary-rmsnorm        DiT-MNIST (9.8M parameters), 15,000 steps at batch 1,024: the FP model's budget
@@ -39,6 +41,7 @@ import argparse
 import json
 import multiprocessing
 import statistics
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
@@ -61,6 +64,7 @@ from ditq.training.loop import CHECKPOINT_NAME, LOG_NAME, build_model
 
 STAGES = ("train", "eval", "report")
 FP_STEPS, FP_BATCH = 15_000, 1024  # the bundled DiT-MNIST's training run
+BUNDLED_LOG = Path(__file__).resolve().parents[1] / "docs" / "training" / "train_log.jsonl"  # its curve
 SHAPES = {"mnist": {}, "s": dict(hidden_size=384, depth=12, num_heads=6)}
 TINY_SHAPES = {"mnist": dict(depth=2, hidden_size=64, num_heads=2, patch_size=8),
                "s": dict(depth=3, hidden_size=96, num_heads=3, patch_size=8)}  # fmt: skip
@@ -173,17 +177,24 @@ def check_runs(configs: dict[str, tuple[str, TrainConfig]], args: argparse.Names
         folder = Path(cfg.out_dir)
         saved_path = folder / "config.json"
         if saved_path.exists():
-            saved = {k: v for k, v in json.loads(saved_path.read_text()).items() if k not in PER_CALL}
+            saved = TrainConfig.from_dict(json.loads(saved_path.read_text())).to_dict()
+            saved = {k: v for k, v in saved.items() if k not in PER_CALL}
             new = {k: v for k, v in cfg.to_dict().items() if k not in PER_CALL}
             changed = [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in new.items() if saved.get(k) != v]
             if changed:
-                raise SystemExit(f"gpu_terdit_scratch: error: run {label} was started with other settings "
-                                 f"({'; '.join(changed)}): pass another --tag")  # fmt: skip
+                refuse(
+                    f"run {label} was started with other settings ({'; '.join(changed)}): pass another --tag"
+                )
         row = rows.get(label)
         if row and row["steps_done"] < row["steps"] and not (folder / CHECKPOINT_NAME).exists():
-            raise SystemExit(f"gpu_terdit_scratch: error: run {label} stopped at step {row['steps_done']} of "
-                             f"{row['steps']} and its training state ({folder / CHECKPOINT_NAME}) is not here: "
-                             "pass another --tag to train it again")  # fmt: skip
+            refuse(f"run {label} stopped at step {row['steps_done']} of {row['steps']} and its training state "
+                   f"({folder / CHECKPOINT_NAME}) is not here: pass another --tag to train it again")  # fmt: skip
+
+
+def refuse(message: str) -> None:
+    """Bad input: one line, exit status 2, before any work."""
+    print(f"gpu_terdit_scratch: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def run_one(cfg: TrainConfig) -> str:
@@ -291,7 +302,7 @@ def write_report(args: argparse.Namespace, report: dict) -> None:
 
 
 def loss_curve(args: argparse.Namespace, label: str) -> list[tuple[int, float]]:
-    path = args.out / "runs" / label / LOG_NAME
+    path = BUNDLED_LOG if label == "fp-bundled" else args.out / "runs" / label / LOG_NAME
     if not path.exists():
         return []
     return [(r["step"], r["loss"]) for r in map(json.loads, path.read_text().splitlines())]
