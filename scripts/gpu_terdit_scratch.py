@@ -7,7 +7,7 @@ after the call began, then evaluates every run it trained at the step reached: t
 packed 2-bit export reloaded from disk (`export_packed`, the deployment path). A run cut at the deadline
 resumes bit-exactly in the next call if its folder --out/runs/NAME (its training state) is still there:
 
-    PYTHONPATH=. python scripts/gpu_terdit_scratch.py --out runs/terdit-scratch --runs ternary --deadline 480
+    PYTHONPATH=. python scripts/gpu_terdit_scratch.py --out runs/terdit-scratch --runs ternary --deadline 520
     PYTHONPATH=. python scripts/gpu_terdit_scratch.py --out runs/terdit-scratch --stage report   # table, curves
     PYTHONPATH=. python scripts/gpu_terdit_scratch.py --out /tmp/ts --device cpu --tiny --runs ternary fp  # smoke
 
@@ -55,6 +55,7 @@ from ditq.atomic import write_json, write_text
 from ditq.bundled import bundled_path
 from ditq.eval.features import load_feature_net, load_real_stats
 from ditq.eval.runner import SampleSettings, draw, score
+from ditq.fileformat import header_field, read_header
 from ditq.io import model_size_bytes
 from ditq.methods.terdit import TERDIT, export_packed
 from ditq.train import TrainConfig, train
@@ -103,8 +104,9 @@ def main() -> None:
     p.add_argument(
         "--deadline",
         type=float,
-        default=480.0,
-        help="seconds after the call began at which training stops (checkpoint written)",
+        default=520.0,
+        help="seconds after the call began at which training stops, checkpoint written (scoring follows: "
+        "a call lasts about a minute longer)",
     )
     p.add_argument(
         "--steps", type=int, help="optimizer steps of every run named (default: each run's budget)"
@@ -131,12 +133,16 @@ def main() -> None:
     args = p.parse_args()
     if args.tiny:
         args.batch, args.warmup, args.samples, args.sample_steps = 16, 2, 20, 4
-        args.steps = args.steps or 6
+        args.steps = 6 if args.steps is None else args.steps
     args.started = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
-    configs = {
-        name + (f"-{args.tag}" if args.tag else ""): (name, train_config(name, args)) for name in args.runs
-    }
+    try:
+        configs = {
+            name + (f"-{args.tag}" if args.tag else ""): (name, train_config(name, args))
+            for name in args.runs
+        }
+    except (ValueError, TypeError) as err:
+        refuse(str(err))
     check_runs(configs, args)  # before any work
     for stage in STAGES if args.stage == "all" else (args.stage,):
         began = time.monotonic()
@@ -149,7 +155,7 @@ def main() -> None:
 
 def train_config(name: str, args: argparse.Namespace) -> TrainConfig:
     spec = RUNS[name]
-    steps = args.steps or spec.steps
+    steps = spec.steps if args.steps is None else args.steps
     shape = (TINY_SHAPES if args.tiny else SHAPES)[spec.shape] | (
         {"adaln_norm": True} if spec.rmsnorm else {}
     )
@@ -205,7 +211,7 @@ def run_one(cfg: TrainConfig) -> str:
         how = "finished"
     except TrainingInterrupted as stop:
         how = stop.reason
-    step = load_train_state(Path(cfg.out_dir) / CHECKPOINT_NAME).step
+    step = checkpoint_step(cfg)
     return f"{Path(cfg.out_dir).name}: step {step} of {cfg.steps}, {how} ({time.monotonic() - began:.0f} s)"
 
 
@@ -219,9 +225,14 @@ def stage_train(configs: dict[str, tuple[str, TrainConfig]], args: argparse.Name
             print(line, flush=True)
 
 
-def finished(cfg: TrainConfig) -> bool:
+def checkpoint_step(cfg: TrainConfig) -> int:
+    """The step of the run's last checkpoint, 0 without one (read from its header alone)."""
     path = Path(cfg.out_dir) / CHECKPOINT_NAME
-    return path.exists() and load_train_state(path).step >= cfg.steps
+    return header_field(path, read_header(path, kind="train_state"), "step", int) if path.exists() else 0
+
+
+def finished(cfg: TrainConfig) -> bool:
+    return checkpoint_step(cfg) >= cfg.steps
 
 
 # ---- scores ----------------------------------------------------------------------------------------------
