@@ -217,7 +217,12 @@ def run_one(cfg: TrainConfig) -> str:
 
 def stage_train(configs: dict[str, tuple[str, TrainConfig]], args: argparse.Namespace) -> None:
     left = args.deadline - (time.monotonic() - args.started)  # a call makes at least one step
-    todo = [replace(cfg, time_limit_s=max(left, 1e-3)) for _, cfg in configs.values() if not finished(cfg)]
+    rows = read_report(args)["rows"]
+    todo = [
+        replace(cfg, time_limit_s=max(left, 1e-3))
+        for label, (_, cfg) in configs.items()
+        if max(checkpoint_step(cfg), rows.get(label, {}).get("steps_done", 0)) < cfg.steps
+    ]  # a finished run's row stands where its training state was not kept
     if not todo:
         return
     with ProcessPoolExecutor(len(todo), mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -229,10 +234,6 @@ def checkpoint_step(cfg: TrainConfig) -> int:
     """The step of the run's last checkpoint, 0 without one (read from its header alone)."""
     path = Path(cfg.out_dir) / CHECKPOINT_NAME
     return header_field(path, read_header(path, kind="train_state"), "step", int) if path.exists() else 0
-
-
-def finished(cfg: TrainConfig) -> bool:
-    return checkpoint_step(cfg) >= cfg.steps
 
 
 # ---- scores ----------------------------------------------------------------------------------------------
@@ -363,7 +364,19 @@ def markdown(report: dict) -> str:
             f"{'yes' if r['rmsnorm'] else 'no'} | {steps} | {r['steps_done'] * r['batch'] / (FP_STEPS * FP_BATCH):.2f} | "
             f"{r['fid_mean']:.2f} ± {r['fid_half_spread']:.2f} | {r['class_acc']:.3f} | {r['file_bytes'] / 2**20:.2f} |"
         )  # fmt: skip
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + gaps(report["rows"])) + "\n"
+
+
+def gaps(rows: dict) -> list[str]:
+    """The scaling claim's numbers: ternary FID − FP FID for each model size trained on the same images."""
+    found = []
+    for t_label, t in rows.items():
+        for f_label, f in rows.items():
+            same = all(t[k] == f[k] for k in ("shape", "steps_done", "batch"))
+            if t["ternary"] and not f["ternary"] and same:
+                found.append(f"- {t_label} − {f_label} ({t['params'] / 1e6:.1f}M parameters, "
+                             f"{t['steps_done']:,} steps): FID {t['fid_mean'] - f['fid_mean']:+.2f}")  # fmt: skip
+    return ["", "Ternary − FP at equal images:", *found] if found else []
 
 
 if __name__ == "__main__":
