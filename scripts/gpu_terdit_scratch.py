@@ -30,9 +30,9 @@ one call per run. Compare the S rows with `fp` and `ternary` run at --steps 4000
 15,000-step rows.
 
 Recipes: FP runs use the bundled model's (lr 3e-4 constant, 500 warm-up steps, EMA 0.9995); ternary runs
-TerDiT's (`terdit` preset, lr 5e-4 ×0.1 at 75% of the steps) with the same warm-up and EMA. The ternary flags
-(--lr, --lr-schedule, --lr-drop-at, --warmup, --weight-decay, --fixed-scale, --ema-decay) make ablations
-flags, not edits. FID ± is half the spread over the seeds.
+TerDiT's (`terdit` preset, lr 5e-4 ×0.1 at 75% of the steps) with the same warm-up and EMA. Ablations are
+flags, not edits: --lr, --lr-schedule, --lr-drop-at, --weight-decay (of the latent weights) and --fixed-scale
+(α = γ) for the ternary runs, --warmup and --ema-decay for every run. FID ± is half the spread over the seeds.
 """
 
 from __future__ import annotations
