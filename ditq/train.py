@@ -22,8 +22,9 @@ distilled from the bundled model::
 
 The run writes ``log.jsonl``, ``checkpoints/last.safetensors`` (continue with ``--resume``) and
 ``ema.safetensors``, the fp32 EMA weights with the model's arch and config in their header (a QAT run's
-are the prepared model: ``ditq.load`` it, then ``ditq.qat.convert`` packs it). Ctrl-C finishes the step,
-writes the checkpoint and prints the command that resumes the run (exit code 130).
+are the prepared model: ``ditq.load`` it, then ``ditq.qat.convert`` packs it). Ctrl-C (or the
+``--time-limit``) finishes the step, writes the checkpoint and prints the command that resumes the run (exit
+code 130).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ _FIELDS = {
     "ema_decay": "ema_decay", "num_timesteps": "num_timesteps", "mixed_precision": "mixed_precision",
     "seed": "seed", "device": "device", "log_every": "log_every", "ckpt_every": "ckpt_every",
     "data": "data", "loss": "loss", "teacher": "teacher", "teacher_steps": "teacher_steps",
-    "init_from": "init_from",
+    "init_from": "init_from", "time_limit": "time_limit_s",
 }  # fmt: skip
 
 
@@ -158,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="steps between checkpoints (default 1000; one is always written at the end)",
     )
     a("--resume", action="store_true", help="continue from OUT/checkpoints/last.safetensors if it exists")
+    a(
+        "--time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="stop after the step that passes this many seconds, checkpoint written (continue with --resume)",
+    )
     a("--no-progress", action="store_true", help="no progress bar")
     a("--export-fp16", metavar="PATH", help="also write the fp16 copy of the EMA weights to PATH")
     a("--debug", action="store_true", help="show the full traceback of an error")
@@ -201,7 +208,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     except TrainingInterrupted as stop:
         resume_argv = argv if "--resume" in argv else [*argv, "--resume"]
         if rank == 0:
-            print(f"{PROG}: interrupted after step {stop.step} of {cfg.steps}; checkpoint {stop.checkpoint}; "
+            print(f"{PROG}: {stop.reason} after step {stop.step} of {cfg.steps}; checkpoint {stop.checkpoint}; "
                   f"resume with: {rerun_command('train', resume_argv)}", file=sys.stderr)  # fmt: skip
         return 130
     if args.export_fp16 and rank == 0:

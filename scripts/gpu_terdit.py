@@ -9,7 +9,8 @@ Step budget: the FP model trained 15k steps at batch 1024 (~38 steps/s compiled)
 small model is bound by launches, not by the GPU, so the four variants train side by side in four processes,
 each compiled (fullgraph: the fake quantizers trace cleanly). The paper's schedule is kept: lr 5e-4, dropped
 ×0.1 at 75% of the steps. A from-scratch run sees a fraction of the FP run's images, so its rows show the
-trend, not a converged model.
+trend, not a converged model: `scripts/gpu_terdit_scratch.py` trains them to the FP run's budget and
+supersedes them.
 
 Writes results.json, results.md and loss_curves.png (when matplotlib is importable) under --out.
 """

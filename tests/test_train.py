@@ -23,7 +23,7 @@ from ditq.quant.fakequant import FakeQuantLinear
 from ditq.train import TrainConfig, build_parser, config_from_args, export_fp16, main, read_weights, train
 from ditq.training import loop, schedules
 from ditq.training.checkpoint import load_train_state
-from ditq.training.interrupt import StopRequest
+from ditq.training.interrupt import StopRequest, TrainingInterrupted
 from ditq.training.losses import DistillLoss
 
 TINY = dict(depth=2, hidden_size=64, patch_size=8)  # ~0.2M parameters, 16 tokens
@@ -193,6 +193,22 @@ def test_qat_run_resumes_bit_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyP
         train(tiny_config(resumed, resume=True, steps=8, model_overrides=TINY_QAT, recipe={"method": "qat"}))
 
 
+def test_a_time_limit_cuts_a_run_into_calls_that_resume_bit_exactly(tmp_path: Path) -> None:
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    train(tiny_config(straight))
+    reached = []
+    while True:  # every call passes its limit within its first step: one step per call
+        try:
+            train(tiny_config(cut, time_limit_s=1e-9, resume=True))
+            break
+        except TrainingInterrupted as stop:
+            assert stop.reason == "stopped at the time limit"
+            reached.append(load_train_state(stop.checkpoint).step)
+    assert reached == [1, 2, 3, 4, 5]
+    assert_same_runs(straight, cut)
+    assert [r["step"] for r in read_log(cut)] == [2, 4, 6]
+
+
 TINY_FLAGS = ["--set", "depth=2", "--set", "hidden_size=64", "--set", "patch_size=8", "--device", "cpu",
               "--steps", "6", "--batch-size", "16", "--lr", "1e-3", "--log-every", "2", "--ckpt-every", "3",
               "--no-progress"]  # fmt: skip  # tiny_config's run
@@ -236,6 +252,14 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes_exactly(
     assert main(command[2:]) == 0
     assert_same_runs(straight, resumed)
     assert [r["step"] for r in read_log(resumed)] == [2, 4, 6]
+
+
+def test_time_limit_flag_stops_with_the_command_that_resumes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    assert main([*TINY_FLAGS, "--out", str(out), "--time-limit", "1e-9"]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith(f"ditq train: stopped at the time limit after step 1 of 6; checkpoint {out}/checkpoints/")
+    assert err.rstrip().endswith("--time-limit 1e-9 --resume"), err
 
 
 def test_ranks_stop_after_the_same_step() -> None:
@@ -438,6 +462,7 @@ def test_ddp_two_cpu_processes_agree_and_resume_exactly(tmp_path: Path) -> None:
         ("betas", (0.9,), ValueError),
         ("betas", (0.9, 1.0), ValueError),
         ("grad_clip", 0.0, ValueError),
+        ("time_limit_s", 0.0, ValueError),
         ("ema_decay", 1.0, ValueError),
         ("lr_schedule", "linear", ValueError),
         ("mixed_precision", "fp8", ValueError),

@@ -68,6 +68,7 @@ class TrainConfig:
     log_every: int = 100
     ckpt_every: int = 1000  # a checkpoint is also written at the last step
     resume: bool = False  # continue from out_dir/checkpoints/last.safetensors when it exists
+    time_limit_s: float | None = None  # seconds: stop, checkpoint written, after the step that passes them
     progress: bool = True  # tqdm bar on rank 0
 
     def __post_init__(self) -> None:
@@ -107,6 +108,8 @@ class TrainConfig:
             raise ValueError(f"betas={self.betas!r} must be two numbers in [0, 1)")
         if self.grad_clip is not None:
             _check_positive("grad_clip", self.grad_clip)
+        if self.time_limit_s is not None:
+            _check_positive("time_limit_s", self.time_limit_s)
         if not (_is_real(self.ema_decay) and 0.0 <= self.ema_decay < 1.0):
             raise ValueError(f"ema_decay={self.ema_decay!r} must lie in [0, 1)")
         if self.lr_schedule not in LR_SCHEDULES:

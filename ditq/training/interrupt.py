@@ -1,5 +1,7 @@
-"""Ctrl-C during training: the step in progress finishes, a resumable checkpoint is written, the run stops.
+"""Ctrl-C or a time limit during training: the step in progress finishes, a resumable checkpoint is written,
+the run stops.
 
+A time limit lets a run be cut into calls of bounded length, each continuing the last (`resume=True`).
 SIGINT only raises a flag, so no step is cut in half; the loop asks `StopRequest.should_stop()` after every
 step. Under DDP every rank must stop after the same step (writing the checkpoint is collective), so the ranks
 agree through an all-reduce of their flags on a CPU (gloo) group, started after one step and read after the
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -21,18 +24,20 @@ __all__ = ["StopRequest", "TrainingInterrupted"]
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped a run after `step`; `checkpoint` continues it (`TrainConfig(resume=True)`, `--resume`)."""
+    """Ctrl-C or the time limit stopped a run after `step`; `checkpoint` continues it (`TrainConfig(resume=True)`,
+    `--resume`). `reason` says which: "interrupted" or "stopped at the time limit"."""
 
-    def __init__(self, step: int, checkpoint: Path) -> None:
-        super().__init__(f"stopped after step {step}; checkpoint {checkpoint}")
-        self.step, self.checkpoint = step, checkpoint
+    def __init__(self, step: int, checkpoint: Path, reason: str = "interrupted") -> None:
+        super().__init__(f"{reason} after step {step}; checkpoint {checkpoint}")
+        self.step, self.checkpoint, self.reason = step, checkpoint, reason
 
 
 class StopRequest:
-    """Within `with`: SIGINT asks for a stop after the current step, which every rank agrees on."""
+    """Within `with`: SIGINT, or the `time.monotonic()` clock passing `deadline`, asks for a stop after the
+    current step, which every rank agrees on."""
 
-    def __init__(self, world_size: int) -> None:
-        self.world_size = world_size
+    def __init__(self, world_size: int, deadline: float | None = None) -> None:
+        self.world_size, self.deadline = world_size, deadline
         self.interrupted = False
         self._group: Any = None
         self._pending: tuple[Any, torch.Tensor] | None = None  # the all-reduce started after the last step
@@ -57,20 +62,27 @@ class StopRequest:
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
         self.interrupted = True
 
+    @property
+    def reason(self) -> str:
+        return "interrupted" if self.interrupted else "stopped at the time limit"
+
+    def _wants_stop(self) -> bool:
+        return self.interrupted or (self.deadline is not None and time.monotonic() >= self.deadline)
+
     def should_stop(self) -> bool:
         """Whether to stop after this step; every rank calls it once per step.
 
-        Alone: whether Ctrl-C was pressed. Under DDP: whether any rank had been interrupted by the end of the
-        previous step.
+        Alone: whether Ctrl-C was pressed or the deadline passed. Under DDP: whether any rank had been
+        interrupted or past the deadline by the end of the previous step.
         """
         if self._group is None:
-            return self.interrupted
+            return self._wants_stop()
         if self._pending is not None:
             work, flags = self._pending
             work.wait()
             self._pending = None
             if flags.item():  # the same answer on every rank: all stop here, none starts another all-reduce
                 return True
-        flags = torch.tensor([int(self.interrupted)])
+        flags = torch.tensor([int(self._wants_stop())])
         self._pending = (dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group, async_op=True), flags)
         return False

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -300,17 +301,18 @@ def save_checkpoint(run: Run, done: int, elapsed: float) -> None:
     env.barrier()
 
 
-def run_steps(run: Run) -> None:
+def run_steps(run: Run, deadline: float | None = None) -> None:
     """Steps `run.start` .. `cfg.steps`: batch, step, EMA, log lines and checkpoints as configured.
 
-    Ctrl-C: the step finishes, its checkpoint is written, then `TrainingInterrupted` (a KeyboardInterrupt).
+    Ctrl-C, or the `time.monotonic()` clock passing `deadline`: the step finishes, its checkpoint is written,
+    then `TrainingInterrupted` (a KeyboardInterrupt).
     """
     cfg, env = run.cfg, run.env
     pbar = tqdm(
         total=cfg.steps, initial=run.start, disable=not (env.is_main and cfg.progress), dynamic_ncols=True
     )
     meter = LogMeter(env.device, run.elapsed_before, env.world_size)
-    with pbar, StopRequest(env.world_size) as stop:
+    with pbar, StopRequest(env.world_size, deadline) as stop:
         for step in range(run.start, cfg.steps):
             x, y = run.batches.at(step, run.noise_gen)  # (B, C, H, W), (B,)
             lr = lr_at(cfg, step)
@@ -333,7 +335,7 @@ def run_steps(run: Run) -> None:
             if done < cfg.steps and stop.should_stop():
                 if not saved:
                     save_checkpoint(run, done, meter.elapsed())
-                raise TrainingInterrupted(done, run.out / CHECKPOINT_NAME)
+                raise TrainingInterrupted(done, run.out / CHECKPOINT_NAME, stop.reason)
 
 
 def ship_ema(run: Run) -> Path:
@@ -376,24 +378,26 @@ def train(cfg: TrainConfig) -> Path:
     """Train `cfg.model` on MNIST and return the path of the final EMA weights (fp32 safetensors).
 
     Run directly for one device or under torchrun for DDP. On CUDA it enables TF32 matmuls
-    (`torch.set_float32_matmul_precision("high")`) for the duration of the call only.
+    (`torch.set_float32_matmul_precision("high")`) for the duration of the call only. With
+    `cfg.time_limit_s`, the clock starts here (building, loading and compiling count).
     """
+    deadline = None if cfg.time_limit_s is None else time.monotonic() + cfg.time_limit_s
     env = setup_distributed(cfg.device)
     on_cuda = env.device.type == "cuda"
     previous_precision = torch.get_float32_matmul_precision()
     if on_cuda:
         torch.set_float32_matmul_precision("high")
     try:
-        return _train(cfg, env)
+        return _train(cfg, env, deadline)
     finally:
         torch.set_float32_matmul_precision(previous_precision)
         if env.owns_group:
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, env: DistEnv) -> Path:
+def _train(cfg: TrainConfig, env: DistEnv, deadline: float | None) -> Path:
     check_before_work(cfg, env)
     run = start_run(cfg, env)
     announce(run)
-    run_steps(run)
+    run_steps(run, deadline)
     return ship_ema(run)
