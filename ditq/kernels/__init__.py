@@ -34,6 +34,7 @@ Backends here:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Callable
@@ -212,31 +213,20 @@ register_backend(
     )
 )
 register_backend(Backend("lowbit", lowbit.lowbit_forward, supports=lowbit.lowbit_support))
-register_backend(
-    Backend(
-        "fp8",
-        fp8.per_call_forward,
-        supports=fp8.fp8_support,
-        convert=lambda m, dtype: fp8.weight_scale(m),
-        fixed_dtype_buffers=("fp8_scale_w", *fp8.LOWRANK_BUFFERS, "lowrank_up_fp8", "weight_row_shift", "inv_smooth"),
-        fuses_producers=True,
-        shared_input_buffers=fp8.INPUT_BUFFERS,
-        folds_smoothing=True,
-    )
+_PER_CALL_FP8 = Backend(
+    "fp8",
+    fp8.per_call_forward,
+    supports=fp8.fp8_support,
+    convert=lambda m, dtype: fp8.weight_scale(m),
+    fixed_dtype_buffers=("fp8_scale_w", *fp8.LOWRANK_BUFFERS, "lowrank_up_fp8", "weight_row_shift", "inv_smooth"),
+    fuses_producers=True,
+    shared_input_buffers=fp8.INPUT_BUFFERS,
+    folds_smoothing=True,
 )
-register_backend(
-    Backend(
-        "fp8-gluon",
-        fp8.per_call_forward,
-        supports=fp8.fp8_support,
-        convert=lambda m, dtype: fp8.gluon_or_per_call_buffers(m),
-        fixed_dtype_buffers=("fp8_scale_w", *fp8.LOWRANK_BUFFERS, "lowrank_up_fp8", "weight_row_shift", "inv_smooth"),
-        fuses_producers=True,
-        shared_input_buffers=fp8.INPUT_BUFFERS,
-        folds_smoothing=True,
-        codes_copy=hopper.WGMMA_CODES,
-    )
-)
+register_backend(_PER_CALL_FP8)
+# "fp8" but with the Gluon GEMM on sm_90 where it runs a layer (its codes re-packed, the packed ones parked)
+register_backend(dataclasses.replace(_PER_CALL_FP8, name="fp8-gluon", codes_copy=hopper.WGMMA_CODES,
+                                     convert=lambda m, dtype: fp8.gluon_or_per_call_buffers(m)))
 register_backend(
     Backend(
         "fp8-cached",
