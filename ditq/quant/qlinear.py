@@ -29,7 +29,7 @@ Layers of one `spec.input_group` hold equal `smooth`, `lowrank_down`, `act_scale
 choice is a plain attribute set once, so the forward holds no dispatch logic that `torch.compile` must
 trace.
 
-A kernel backend that holds an exact copy of the codes on the device (`fp8-cached`'s e4m3 weights, `fp8`'s
+A kernel backend that holds an exact copy of the codes on the device (`fp8-cached`'s e4m3 weights, `fp8-gluon`'s
 codes re-packed for the Gluon GEMM on sm_90) parks `qweight` in host memory (`park_codes`), so the device holds
 one copy of the weights, not two; device moves leave it there, and it comes back to the layer's device when the
 backend's buffers are dropped (another backend, new codes, loaded tensors). A checkpoint saved meanwhile reads it
