@@ -11,7 +11,7 @@ import triton.language as tl
 
 from ditq.kernels.triton.rounding import product, rounded
 
-__all__ = ["load_rows", "residual_added", "rstd", "transformed"]
+__all__ = ["inv_std", "load_rows", "residual_sum", "transformed"]
 
 
 @triton.jit
@@ -34,7 +34,7 @@ def _per_sample(t, rows, cols, row_ok, K, tokens, stride_mod, ONE_SAMPLE: tl.con
 
 
 @triton.jit
-def residual_added(
+def residual_sum(
     v, update, gate, x_out, rows, cols, row_ok, K, tokens, stride_um, stride_om, stride_mod, RESIDUAL: tl.constexpr,
     EMULATE: tl.constexpr, ONE_SAMPLE: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
@@ -140,7 +140,7 @@ def transformed(
 
 
 @triton.jit
-def rstd(m2, K, eps):
+def inv_std(m2, K, eps):
     """1 / sqrt(m2 / K + eps) (m2: the biased variance's or the mean square's sum), correctly rounded
     (PyTorch's CPU norms; its CUDA ones take an approximate rsqrt, a float32 ulp or two apart)."""
     # eps in float32 as Triton's launcher passes it (inductor passes a Python float as float64)

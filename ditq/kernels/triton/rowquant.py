@@ -39,7 +39,8 @@ from ditq.kernels.reference import (
     residual_added,
     smoothed_by_reciprocal,
 )
-from ditq.kernels.triton import interpreted, producers
+from ditq.kernels.triton import interpreted
+from ditq.kernels.triton.producers import inv_std, load_rows, residual_sum, transformed
 from ditq.kernels.triton.lowrank import append_lowrank_codes, check_lowrank
 from ditq.kernels.triton.rounding import rounded
 from ditq.quant.primitives import FP8_MAX, SCALE_FLOOR, fp8_cast, fp8_scale
@@ -85,16 +86,16 @@ def _rows_one_pass_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     head_cols = tl.arange(0, HEAD)
-    head_x = producers.load_rows(x, rows, head_cols, row_ok, K, stride_xm)
+    head_x = load_rows(x, rows, head_cols, row_ok, K, stride_xm)
     if RESIDUAL != 0:
-        head_x = producers.residual_added(head_x, update, gate, x_out, rows, head_cols, row_ok, K, tokens,
+        head_x = residual_sum(head_x, update, gate, x_out, rows, head_cols, row_ok, K, tokens,
                                           stride_um, stride_om, stride_mod, RESIDUAL, EMULATE, ONE_SAMPLE,
                                           BLOCK_M)  # fmt: skip
     if TAIL > 0:
         tail_cols = HEAD + tl.arange(0, TAIL)
-        tail_x = producers.load_rows(x, rows, tail_cols, row_ok, K, stride_xm)
+        tail_x = load_rows(x, rows, tail_cols, row_ok, K, stride_xm)
         if RESIDUAL != 0:
-            tail_x = producers.residual_added(tail_x, update, gate, x_out, rows, tail_cols, row_ok, K, tokens,
+            tail_x = residual_sum(tail_x, update, gate, x_out, rows, tail_cols, row_ok, K, tokens,
                                               stride_um, stride_om, stride_mod, RESIDUAL, EMULATE, ONE_SAMPLE,
                                               BLOCK_M)  # fmt: skip
     mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -109,18 +110,18 @@ def _rows_one_pass_kernel(
         if TAIL > 0:
             centred = tl.where((tail_cols < K)[None, :], tail_x.to(tl.float32) - mean[:, None], 0.0)
             m2 += tl.sum(centred * centred, axis=1)
-        rstd = producers.rstd(m2, K, eps)
+        rstd = inv_std(m2, K, eps)
     if NORM > 1:  # RMS: the sum of squares (0 outside)
         squares = tl.sum(head_x.to(tl.float32) * head_x.to(tl.float32), axis=1)
         if TAIL > 0:
             squares += tl.sum(tail_x.to(tl.float32) * tail_x.to(tl.float32), axis=1)
-        rstd = producers.rstd(squares, K, eps)
-    head = producers.transformed(head_x, mean, rstd, shift, scale_mod, norm_weight, norm_bias, inv_smooth, rows,
+        rstd = inv_std(squares, K, eps)
+    head = transformed(head_x, mean, rstd, shift, scale_mod, norm_weight, norm_bias, inv_smooth, rows,
                                  head_cols, row_ok, K, tokens, stride_mod, ACT, NORM, MODULATE, NORM_WEIGHT,
                                  NORM_BIAS, HAS_SMOOTH, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
     amax = tl.max(tl.abs(head), axis=1)
     if TAIL > 0:
-        tail = producers.transformed(tail_x, mean, rstd, shift, scale_mod, norm_weight, norm_bias, inv_smooth, rows,
+        tail = transformed(tail_x, mean, rstd, shift, scale_mod, norm_weight, norm_bias, inv_smooth, rows,
                                      tail_cols, row_ok, K, tokens, stride_mod, ACT, NORM, MODULATE, NORM_WEIGHT,
                                      NORM_BIAS, HAS_SMOOTH, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
         amax = tl.maximum(amax, tl.max(tl.abs(tail), axis=1))
@@ -150,7 +151,7 @@ def _rows_multi_pass_kernel(
     if NORM == 1:
         m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            v = producers.load_rows(x, rows, k0 + rk, row_ok, K, stride_xm).to(tl.float32)
+            v = load_rows(x, rows, k0 + rk, row_ok, K, stride_xm).to(tl.float32)
             n_seen = k0 * 1.0
             n_chunk = tl.minimum(K - k0, BLOCK_K) * 1.0
             chunk_mean = tl.sum(v, axis=1) / n_chunk
@@ -158,16 +159,16 @@ def _rows_multi_pass_kernel(
             delta = chunk_mean - mean
             mean += delta * (n_chunk / (n_seen + n_chunk))
             m2 += tl.sum(centred * centred, axis=1) + delta * delta * (n_seen * n_chunk / (n_seen + n_chunk))
-        rstd = producers.rstd(m2, K, eps)
+        rstd = inv_std(m2, K, eps)
     if NORM > 1:
         squares = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            v = producers.load_rows(x, rows, k0 + rk, row_ok, K, stride_xm).to(tl.float32)
+            v = load_rows(x, rows, k0 + rk, row_ok, K, stride_xm).to(tl.float32)
             squares += tl.sum(v * v, axis=1)
-        rstd = producers.rstd(squares, K, eps)
+        rstd = inv_std(squares, K, eps)
     amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        h = producers.transformed(producers.load_rows(x, rows, k0 + rk, row_ok, K, stride_xm), mean, rstd, shift,
+        h = transformed(load_rows(x, rows, k0 + rk, row_ok, K, stride_xm), mean, rstd, shift,
                                   scale_mod, norm_weight, norm_bias, inv_smooth, rows, k0 + rk, row_ok, K, tokens,
                                   stride_mod, ACT, NORM, MODULATE, NORM_WEIGHT, NORM_BIAS, HAS_SMOOTH, EMULATE,
                                   ONE_SAMPLE, BLOCK_M)  # fmt: skip
@@ -175,7 +176,7 @@ def _rows_multi_pass_kernel(
     scale = _row_scale(amax)
     tl.store(scales + rows, scale, mask=row_ok)
     for k0 in range(0, K, BLOCK_K):
-        h = producers.transformed(producers.load_rows(x, rows, k0 + rk, row_ok, K, stride_xm), mean, rstd, shift,
+        h = transformed(load_rows(x, rows, k0 + rk, row_ok, K, stride_xm), mean, rstd, shift,
                                   scale_mod, norm_weight, norm_bias, inv_smooth, rows, k0 + rk, row_ok, K, tokens,
                                   stride_mod, ACT, NORM, MODULATE, NORM_WEIGHT, NORM_BIAS, HAS_SMOOTH, EMULATE,
                                   ONE_SAMPLE, BLOCK_M)  # fmt: skip
