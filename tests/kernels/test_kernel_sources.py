@@ -24,7 +24,6 @@ import ditq.kernels.triton as kernels_package
 KERNEL_TYPES = (JITFunction, InterpretedFunction)  # the tests run kernels under the interpreter
 
 
-
 def _jit_functions() -> list[tuple[str, JITFunction]]:
     found = []
     for info in pkgutil.iter_modules(kernels_package.__path__):

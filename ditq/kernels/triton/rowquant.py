@@ -40,8 +40,8 @@ from ditq.kernels.reference import (
     smoothed_by_reciprocal,
 )
 from ditq.kernels.triton import interpreted
-from ditq.kernels.triton.producers import inv_std, load_rows, residual_sum, transformed
 from ditq.kernels.triton.lowrank import append_lowrank_codes, check_lowrank
+from ditq.kernels.triton.producers import inv_std, load_rows, residual_sum, transformed
 from ditq.kernels.triton.rounding import rounded
 from ditq.quant.primitives import FP8_MAX, SCALE_FLOOR, fp8_cast, fp8_scale
 
