@@ -127,7 +127,7 @@ def error_bound(x, x_scale, q, scales, group: int | None, y_ref: torch.Tensor) -
     return y_ref.abs() * 2.0**-8 + (1 + 2.0**-8) * accumulated
 
 
-def measure(name: str, m: int, k: int, n: int) -> dict:
+def measure(name: str, m: int, k: int, n: int, launch: dict) -> dict:
     g = torch.Generator(device="cuda").manual_seed(0)
     layers = 8 if m > 2048 else 32
     x_codes, s_x = fp8_quantize(torch.randn(m, k, device="cuda", generator=g))
@@ -146,7 +146,7 @@ def measure(name: str, m: int, k: int, n: int) -> dict:
 
         def fused(i, scales=scales, weights=weights, bits=bits, ternary=ternary, group=group):
             return gluon_w4a8_linear(x_codes, s_x, weights[i], scales[i], bias[i], bits=bits, ternary=ternary,
-                                     group_size=group)  # fmt: skip
+                                     group_size=group, **launch)  # fmt: skip
 
         try:
             y = fused(0)[:CHECKED_ROWS].double()
@@ -180,6 +180,15 @@ def measure(name: str, m: int, k: int, n: int) -> dict:
     if "int4_us" in row:
         row["int4_x_cublas_fp8"] = row["cublas_fp8_us"] / row["int4_us"]
     return row
+
+
+def launch_overrides(text: str) -> dict[str, int]:
+    """`block_t=256,stages=3` → {"block_t": 256, "stages": 3}, keys of the default launch only."""
+    pairs = dict(item.split("=", 1) for item in text.split(",") if item)
+    unknown = set(pairs) - set(LAUNCH)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown launch settings {sorted(unknown)}; known: {sorted(LAUNCH)}")
+    return {key: int(value) for key, value in pairs.items()}
 
 
 def table(env: dict, checks: list[dict], rows: list[dict]) -> str:
@@ -216,9 +225,11 @@ def main() -> int:
         "--out", default=default, required=default is None, help="stem: writes <out>.json, .md"
     )
     parser.add_argument("--shapes", default=None, help="comma-separated shape names (default: all)")
+    parser.add_argument("--launch", type=launch_overrides, default={},
+                        help="launch settings instead of the default's, e.g. block_t=256,stages=3")  # fmt: skip
     args = parser.parse_args()
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "launch": LAUNCH}  # fmt: skip
+           "launch": LAUNCH | args.launch}  # fmt: skip
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     checks = []
     for bits, ternary in WIDTHS:
@@ -234,7 +245,7 @@ def main() -> int:
     wanted = None if args.shapes is None else set(args.shapes.split(","))
     for shape in SHAPES:
         if wanted is None or shape[0] in wanted:
-            rows.append(measure(*shape))
+            rows.append(measure(*shape, args.launch))
             print(json.dumps(rows[-1]), flush=True)
             Path(args.out + ".json").write_text(
                 json.dumps({"env": env, "checks": checks, "rows": rows}, indent=2)
