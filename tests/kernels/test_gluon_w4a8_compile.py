@@ -10,6 +10,7 @@ reports), as `test_hopper_compile.py` does for the Triton kernels.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
@@ -17,6 +18,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,7 @@ def launch_facts(bits: int, ternary: bool, group_size: int | None, out: str) -> 
         compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                                   options=dict(num_warps=launch["num_warps"], maxnreg=launch["maxnreg"]))  # fmt: skip
     report, ptx = log.getvalue(), compiled.asm["ptx"]
+    loop = k_loop_opcodes(compiled.asm["cubin"])
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     return dict(
         launch=[bits, ternary, group_size, out],
@@ -78,7 +81,27 @@ def launch_facts(bits: int, ternary: bool, group_size: int | None, out: str) -> 
         prmt=len(re.findall(r"\bprmt\.b32", ptx)),
         byte_loads=len(re.findall(r"ld\.shared\.v[24]\.b32", ptx)),
         setmaxnreg=sorted(set(re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))),
+        k_loop_instructions=sum(loop.values()),
+        k_loop_opcodes=dict(loop.most_common()),
     )
+
+
+def k_loop_opcodes(cubin: bytes) -> collections.Counter:
+    """SASS opcodes of the consumers' K loop (one K block of 128 columns): from the label that the branch after the
+    kernel's last wgmma jumps back to, through that branch."""
+    from triton import knobs
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        lines = subprocess.run([knobs.nvidia.nvdisasm.path, "-c", file.name], capture_output=True, text=True,
+                               check=True).stdout.splitlines()  # fmt: skip
+    last_mma = max(i for i, line in enumerate(lines) if "QGMMA" in line)
+    branch = next(i for i in range(last_mma, len(lines)) if re.search(r"\bBRA\b", lines[i]))
+    label = re.search(r"\(\.(L_x_\d+)\)", lines[branch]).group(1)
+    start = lines.index(f".{label}:")
+    opcodes = (re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line) for line in lines[start:branch + 1])
+    return collections.Counter(match.group(1) for match in opcodes if match)
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +161,17 @@ def test_wgmmas_are_not_serialized(facts, launch) -> None:
     may run zero times puts the accumulator's zeros on its exit path, between the last wgmma and the wait,
     which is enough for ptxas to serialize every wgmma of the kernel."""
     assert not facts[launch]["serialized"], facts[launch]
+
+
+@pytest.mark.parametrize("launch", [launch for launch in LAUNCHES if launch[2] is None], ids=ids)
+def test_a_k_block_costs_under_three_instructions_per_weight_converted(facts, launch) -> None:
+    """Per K block each of the 256 consumer threads converts 64 weights (128 channels x 128 columns) while its
+    warpgroup's wgmmas take 64 x BLOCK_T x 128 products: at 128 tokens the tensor cores leave about four issue
+    slots per weight before the conversion, not the products, sets the pace. The whole loop body (loads, waits,
+    conversion, four wgmmas) holds 172 instructions for 4-bit codes and 97 for 2-bit ones (sm_90a, Triton 3.6)."""
+    row = facts[launch]
+    assert row["k_loop_opcodes"]["QGMMA"] == 4, row
+    assert row["k_loop_instructions"] <= 3 * 64, row
 
 
 def main() -> int:
