@@ -72,7 +72,7 @@ def packed(q: torch.Tensor, bits: int, ternary: bool) -> torch.Tensor:
     return repack_for_wgmma(pack(to_unsigned(q, bits, ternary), bits), bits, q.shape[1])
 
 
-def check_codes(bits: int, ternary: bool, group: int | None) -> dict:
+def check_codes(bits: int, ternary: bool, group: int | None, launch: dict) -> dict:
     """One-hot rows: out[m, n] = q[n, m], exactly."""
     g = torch.Generator(device="cuda").manual_seed(bits)
     k = n = 256
@@ -80,7 +80,7 @@ def check_codes(bits: int, ternary: bool, group: int | None) -> dict:
     x = torch.eye(k, device="cuda").to(torch.float8_e4m3fn)
     scales = torch.ones(n, k // (group or k), device="cuda")
     y = gluon_w4a8_linear(x, torch.ones(k, 1, device="cuda"), packed(q, bits, ternary), scales, None, bits=bits,
-                          ternary=ternary, group_size=group, out_dtype=torch.float32)  # fmt: skip
+                          ternary=ternary, group_size=group, out_dtype=torch.float32, **launch)  # fmt: skip
     wrong = int((y != q.t().float()).sum())
     return {
         "check": "codes",
@@ -92,7 +92,7 @@ def check_codes(bits: int, ternary: bool, group: int | None) -> dict:
     }
 
 
-def check_integers(bits: int, ternary: bool, group: int | None) -> dict:
+def check_integers(bits: int, ternary: bool, group: int | None, launch: dict) -> dict:
     """x ∈ {−1, 0, 1}, power-of-two scales, bias on a 2^-3 grid, K = 256: exact in float32."""
     g = torch.Generator(device="cuda").manual_seed(10 + bits)
     m, k, n = 384, 256, 384
@@ -103,7 +103,7 @@ def check_integers(bits: int, ternary: bool, group: int | None) -> dict:
     bias = torch.randint(-64, 64, (n,), generator=g, device="cuda").float() / 8
     w = packed(q, bits, ternary)
     y = gluon_w4a8_linear(x, x_scale, w, scales, bias, bits=bits, ternary=ternary, group_size=group,
-                          out_dtype=torch.float32)  # fmt: skip
+                          out_dtype=torch.float32, **launch)  # fmt: skip
     ref = gluon_w4a8_reference(x, x_scale, w, scales, bias, bits=bits, ternary=ternary, group_size=group)
     row = {"check": "integers", "bits": bits, "ternary": ternary, "group": group,
            "wrong": int((y.double() != ref).sum())}  # fmt: skip
@@ -236,7 +236,7 @@ def main() -> int:
         for group in (None, 64, 128):
             for check in (check_codes, check_integers):
                 try:
-                    checks.append(check(bits, ternary, group))
+                    checks.append(check(bits, ternary, group, args.launch))
                 except Exception:
                     checks.append({"check": check.__name__, "bits": bits, "ternary": ternary, "group": group,
                                    "ok": False, "error": traceback.format_exc(limit=3)[-1500:]})  # fmt: skip
