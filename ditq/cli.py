@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -470,7 +469,7 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from ditq.atomic import write_text
+    from ditq.atomic import write_json
     from ditq.bundled import open_model
     from ditq.eval.speed import SpeedSettings, time_forward
     from ditq.io import model_size_bytes
@@ -527,7 +526,7 @@ def _bench(args: argparse.Namespace) -> None:
     if args.out is not None:
         report = {"device": device, "torch": torch.__version__, "backend": args.backend,
                   "settings": dataclasses.asdict(settings), "rows": rows}  # fmt: skip
-        write_text(args.out, json.dumps(report, indent=2) + "\n")
+        write_json(args.out, report)
         print(f"wrote {args.out}")
 
 
