@@ -6,7 +6,8 @@ Random weights in bf16 at 1024 px: a FLUX.1-dev-size FluxTransformer2DModel (19 
 For each model and batch, every config is rebuilt from the same seed and run on the same inputs: `bf16` (first:
 the baseline of the ratios and the output error), `torchao-fp8-row` (torchao's float8 dynamic row-wise, the peer,
 on the Linears ditq quantizes: the adapter's default skip) and `RECIPE@BACKEND` (a ditq recipe, prepared for a
-kernel backend), with `+fast-accum` for cuBLAS's fast accumulation on an FP8 backend (off without it).
+kernel backend), on an FP8 backend with `+fast-accum` or `+exact-accum` to set cuBLAS's fast accumulation
+(without either, the backend's default: on).
 
 Compiled with torch.compile block by block (each block of the transformer's ModuleLists, as diffusers'
 `compile_repeated_blocks` does; `--whole-graph` compiles the whole transformer). Per step: the median of CUDA-event
@@ -46,7 +47,7 @@ from ditq.eval.speed import time_calls
 from ditq.integrations.diffusers import SUPPORTED, _to
 from ditq.io import model_size_bytes
 from ditq.kernels import BACKENDS
-from ditq.kernels.fp8 import FP8_BACKENDS
+from ditq.kernels.fp8 import DEFAULT_FAST_ACCUMULATION, FP8_BACKENDS
 from ditq.quant.qlinear import QuantLinear
 from ditq.recipes import PRESETS, load_recipe
 
@@ -97,9 +98,9 @@ MODELS = {
 }  # fmt: skip
 TINY_SIZE, TINY_TEXT_TOKENS = 4, 8  # FLUX: 16 packed tokens; SD3, PixArt: 4×4 latents, 4 tokens of 2×2 patches
 DTYPE = torch.bfloat16
-FAST = "+fast-accum"
-DEFAULT_CONFIGS = ("bf16", "w4a8-fp8@fp8-cached", f"w4a8-fp8@fp8-cached{FAST}", "w4a8-fp8@fp8",
-                   f"w4a8-fp8@fp8{FAST}", TORCHAO)  # fmt: skip
+ACCUMULATION = {"+fast-accum": True, "+exact-accum": False}  # a config's suffix → fast_accumulation
+DEFAULT_CONFIGS = ("bf16", "w4a8-fp8@fp8-cached", "w4a8-fp8@fp8-cached+exact-accum", "w4a8-fp8@fp8",
+                   "w4a8-fp8@fp8+exact-accum", TORCHAO)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,24 +110,24 @@ class Config:
     label: str
     recipe: str | None = None
     backend: str | None = None
-    fast_accumulation: bool | None = None  # FP8 backends only
+    fast_accumulation: bool | None = None  # FP8 backends only; None: the backend's default
 
     @classmethod
     def parse(cls, label: str) -> Config:
         if label in ("bf16", TORCHAO):
             return cls(label)
-        recipe, at, backend = label.removesuffix(FAST).partition("@")
+        suffix = next((s for s in ACCUMULATION if label.endswith(s)), "")
+        recipe, at, backend = label.removesuffix(suffix).partition("@")
         if not at or backend not in BACKENDS:
-            raise ValueError(f"config {label!r} is not bf16, {TORCHAO} or RECIPE@BACKEND[{FAST}] with a backend of "
-                             f"{sorted(BACKENDS)}")  # fmt: skip
-        fast = label.endswith(FAST)
-        if fast and backend not in FP8_BACKENDS:
-            raise ValueError(f"config {label!r}: {FAST} needs an FP8 backend {list(FP8_BACKENDS)}")
+            raise ValueError(f"config {label!r} is not bf16, {TORCHAO} or RECIPE@BACKEND[{'|'.join(ACCUMULATION)}] "
+                             f"with a backend of {sorted(BACKENDS)}")  # fmt: skip
+        if suffix and backend not in FP8_BACKENDS:
+            raise ValueError(f"config {label!r}: {suffix} needs an FP8 backend {list(FP8_BACKENDS)}")
         try:  # an unknown preset or a bad file fails here, before any model is built
             load_recipe(recipe)
         except (ValueError, TypeError, OSError) as err:
             raise ValueError(f"config {label!r}: {err}") from None
-        return cls(label, recipe, backend, fast if backend in FP8_BACKENDS else None)
+        return cls(label, recipe, backend, ACCUMULATION.get(suffix))
 
 
 def build(size: ModelSize, tiny: bool, device: str) -> nn.Module:
@@ -209,7 +210,9 @@ def measure(model_name: str, batch: int, config: Config, args: argparse.Namespac
         if on_cuda:
             torch.cuda.reset_peak_memory_stats()
         times = time_calls(step, (), device, warmup=args.warmup, repeats=args.iters)
-    row = {"model": model_name, "batch": batch, "config": config.label, "fast_accum": config.fast_accumulation,
+    fast = DEFAULT_FAST_ACCUMULATION if config.fast_accumulation is None else config.fast_accumulation
+    row = {"model": model_name, "batch": batch, "config": config.label,
+           "fast_accum": fast if config.backend in FP8_BACKENDS else None,
            "step_ms": round(statistics.median(times), 2), "min_ms": round(min(times), 2),
            "max_ms": round(max(times), 2), "layers": layers}  # fmt: skip
     if config.label == "bf16":

@@ -25,7 +25,7 @@ def bench(monkeypatch):
 # the FP8 path once (its kernels run interpreted on the CPU: seconds), the reference op for the other two
 @pytest.mark.parametrize(
     ("model", "config"),
-    [("flux", "w4a8-fp8@fp8-cached+fast-accum"), ("sd3", "w4a8-fp8@reference"), ("pixart", "w4a8-fp8@reference")],
+    [("flux", "w4a8-fp8@fp8-cached+exact-accum"), ("sd3", "w4a8-fp8@fp8"), ("pixart", "w4a8-fp8@reference")],
 )
 def test_the_tiny_run_measures_bf16_then_the_quantized_model_on_its_backend(bench, model, config, tmp_path):
     out = tmp_path / "results"
@@ -34,8 +34,9 @@ def test_the_tiny_run_measures_bf16_then_the_quantized_model_on_its_backend(benc
     (run,) = json.loads(out.with_suffix(".json").read_text())["runs"]
     bf16, quantized = run["rows"]
     assert (bf16["config"], quantized["config"]) == ("bf16", config)
-    assert quantized["fast_accum"] is (True if config.endswith("+fast-accum") else None)
-    backend = config.removesuffix("+fast-accum").split("@")[1]
+    # the effective setting: the suffix's, else the FP8 backends' default (on); None off the FP8 backends
+    assert quantized["fast_accum"] is {"fp8-cached+exact-accum": False, "fp8": True}.get(config.split("@")[1])
+    backend = config.removesuffix("+exact-accum").split("@")[1]
     done, total = quantized["layers"].removesuffix(f" on {backend}").split("/")
     assert done == total and int(total) > 0
     assert math.isfinite(bf16["step_ms"]) and math.isfinite(quantized["step_ms"])

@@ -30,12 +30,8 @@ LAUNCHES = [(4, False, None, "bf16"), (4, False, 64, "bf16"), (4, False, 128, "f
 SERIALIZED = "wgmma.mma_async instructions are serialized"
 
 
-PIPELINED = (4, False, None, "bf16", "in_flight=1")  # the default launch but one product kept in flight
-
-
-def launch_facts(bits: int, ternary: bool, group_size: int | None, out: str, *changes: str) -> dict:
-    """Compile one launch (the default `LAUNCH`, `changes` as "key=value") for sm_90a; what ptxas reports and
-    what the PTX holds."""
+def launch_facts(bits: int, ternary: bool, group_size: int | None, out: str) -> dict:
+    """Compile one launch (the default `LAUNCH`) for sm_90a; what ptxas reports and what the PTX holds."""
     import torch
     import triton
     from triton.backends.compiler import GPUTarget
@@ -45,7 +41,7 @@ def launch_facts(bits: int, ternary: bool, group_size: int | None, out: str, *ch
     from ditq.kernels.triton import gluon_w4a8 as g
     from ditq.quant.packing import packed_cols, signed_offset, slot_bits
 
-    launch = g.LAUNCH | {key: int(value) for key, value in (change.split("=") for change in changes)}
+    launch = g.LAUNCH
     out_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[out]
     x = torch.empty(256, 256, dtype=torch.float8_e4m3fn)
     packed = torch.empty(256, packed_cols(256, bits), dtype=torch.uint8)
@@ -61,7 +57,7 @@ def launch_facts(bits: int, ternary: bool, group_size: int | None, out: str, *ch
     types = {name: mangle_type(g._descriptor(*d)) for name, d in descriptors.items()}
     types |= dict(w_scales="*fp32", x_scales="*fp32", bias="*bf16", M="i32", N="i32", n_groups="i32")
     constexprs = dict(SLOT=slot_bits(bits), OFFSET=signed_offset(bits, ternary), GROUP=group_size or 0, HAS_BIAS=True,
-                      STAGES=launch["stages"], IN_FLIGHT=launch["in_flight"], num_warps=launch["num_warps"])  # fmt: skip
+                      STAGES=launch["stages"], num_warps=launch["num_warps"])  # fmt: skip
     kernel = g._w4a8_kernel
     names = kernel.arg_names
     signature = {name: "constexpr" if name in constexprs else types[name] for name in names}
@@ -74,7 +70,7 @@ def launch_facts(bits: int, ternary: bool, group_size: int | None, out: str, *ch
     loop = k_loop_opcodes(compiled.asm["cubin"])
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", report)
     return dict(
-        launch=[bits, ternary, group_size, out, *changes],
+        launch=[bits, ternary, group_size, out],
         registers=int(re.search(r"Used (\d+) registers", report).group(1)),
         spill_stores=int(spills.group(1)),
         spill_loads=int(spills.group(2)),
@@ -178,16 +174,8 @@ def test_a_k_block_costs_under_three_instructions_per_weight_converted(facts, la
     assert row["k_loop_instructions"] <= 3 * 64, row
 
 
-def test_a_product_left_in_flight_across_k_blocks_keeps_the_wgmmas_pipelined(facts) -> None:
-    """`in_flight=1`: the wait at a K block's first half leaves the previous block's last product running; ptxas
-    must still neither serialize the wgmmas nor spill, and the loop keeps its four products."""
-    row = facts[PIPELINED]
-    assert not row["serialized"] and (row["spill_stores"], row["spill_loads"]) == (0, 0), row
-    assert row["k_loop_opcodes"]["QGMMA"] == 4, row
-
-
 def main() -> int:
-    for launch in [*LAUNCHES, PIPELINED]:
+    for launch in LAUNCHES:
         print(json.dumps(launch_facts(*launch)), flush=True)
     return 0
 

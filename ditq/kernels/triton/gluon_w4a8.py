@@ -47,12 +47,10 @@ from ditq.quant.packing import packed_cols, signed_offset, slot_bits
 
 __all__ = ["LAUNCH", "gluon_w4a8_linear", "gluon_w4a8_reference"]
 
-# (tokens per tile, warps of the consumer partition, pipeline stages, register budget per thread, wgmma groups left
-# in flight when a K block's first product issues): 128 output channels per tile. The register budget is the
-# kernel's `maxnreg`; the producer warp keeps 24 of it and the consumers get the rest (12 warps in all: 2 consumer
-# warpgroups and the producer's). `in_flight` = 1 (per channel only) keeps the tensor cores fed across K blocks,
-# each slot then freed one block later.
-LAUNCH = dict(block_t=128, num_warps=8, stages=4, maxnreg=168, in_flight=0)
+# (tokens per tile, warps of the consumer partition, pipeline stages, register budget per thread): 128 output
+# channels per tile. The register budget is the kernel's `maxnreg`; the producer warp keeps 24 of it and the
+# consumers get the rest (12 warps in all: 2 consumer warpgroups and the producer's).
+LAUNCH = dict(block_t=128, num_warps=8, stages=4, maxnreg=168)
 BLOCK_N = 128  # output channels per tile: two warpgroups of 64 rows (wgmma's M)
 BLOCK_K = gl.constexpr(K_BLOCK)  # K columns per pipeline step: a block of the re-packed layout
 PRODUCER_REGS = gl.constexpr(24)  # registers per thread of the producer warp (the least setmaxnreg allows)
@@ -192,15 +190,13 @@ def _produce(w_desc, x_desc, w_bufs, x_bufs, ready, empty, off_n, off_t, k_steps
 
 @gluon.jit
 def _consume(w_bufs, x_bufs, ready, empty, w_scales, off_n, N, n_groups, k_steps, SLOT: gl.constexpr,
-             OFFSET: gl.constexpr, GROUP: gl.constexpr, IN_FLIGHT: gl.constexpr, BLOCK_T: gl.constexpr,
-             num_warps: gl.constexpr):  # fmt: skip
+             OFFSET: gl.constexpr, GROUP: gl.constexpr, BLOCK_T: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
     """The consumer warpgroups: per half of each K block (64 columns), convert the codes and issue its product,
     so the tensor cores multiply one half while the next is converted. Returns
     (the (BLOCK_N, BLOCK_T) float32 accumulator,), group scales applied, channel scales not.
 
-    Waits are at each block's first half for every product in flight but IN_FLIGHT (per channel: 0, the previous
-    block's products, then its slot is freed; 1, all but the previous block's last half, then the slot of the
-    block before it is freed), and per group for every product at each group's first half (the previous group's product, folded into the
+    Waits are for every product in flight: at each block's first half (the previous block's products; then its
+    slot is freed), and per group at each group's first half (the previous group's product, folded into the
     accumulator times its scale). Converted codes never cross an iteration: 8-bit values carried by the loop
     are unpacked and re-packed byte by byte."""
     STAGES: gl.constexpr = w_bufs.shape[0]
@@ -227,8 +223,8 @@ def _consume(w_bufs, x_bufs, ready, empty, w_scales, off_n, N, n_groups, k_steps
             x = x_bufs.index(slot).slice(h * HALF, HALF, dim=1).permute((1, 0))  # K-major, as FP8 wgmma needs
             if GROUP == 0:
                 if h == 0:
-                    acc = warpgroup_mma_wait(num_outstanding=IN_FLIGHT, deps=(acc,))
-                    mbarrier.arrive(empty.index((i + STAGES - 1 - IN_FLIGHT) % STAGES), count=1, pred=i > IN_FLIGHT)
+                    acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+                    mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), count=1, pred=i > 0)
                 acc = warpgroup_mma(w, x, acc, is_async=True)
             elif h % PER_GROUP == 0:
                 acc += warpgroup_mma_wait(num_outstanding=0, deps=(product,)) * scale[:, None]
@@ -248,7 +244,7 @@ def _consume(w_bufs, x_bufs, ready, empty, w_scales, off_n, N, n_groups, k_steps
 @gluon.jit
 def _w4a8_kernel(w_desc, x_desc, out_desc, w_scales, x_scales, bias, M, N, n_groups, SLOT: gl.constexpr,
                  OFFSET: gl.constexpr, GROUP: gl.constexpr, HAS_BIAS: gl.constexpr, STAGES: gl.constexpr,
-                 IN_FLIGHT: gl.constexpr, num_warps: gl.constexpr):  # fmt: skip
+                 num_warps: gl.constexpr):  # fmt: skip
     """One (BLOCK_T tokens, BLOCK_N channels) tile of out (M, N); program (n tile, token tile), so programs in
     flight share their activation tile through the L2."""
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
@@ -266,7 +262,7 @@ def _w4a8_kernel(w_desc, x_desc, out_desc, w_scales, x_scales, bias, M, N, n_gro
     gl.assume(k_steps > 0)  # no zero-trip path: ptxas pipelines the wgmmas (module docstring)
     (acc,) = gl.warp_specialize([
         (_consume, (w_bufs, x_bufs, ready, empty, w_scales, off_n, N, n_groups, k_steps, SLOT, OFFSET, GROUP,
-                    IN_FLIGHT, BLOCK_T, num_warps)),
+                    BLOCK_T, num_warps)),
         (_produce, (w_desc, x_desc, w_bufs, x_bufs, ready, empty, off_n, off_t, k_steps)),
     ], [1], [PRODUCER_REGS])  # fmt: skip
 
@@ -305,7 +301,6 @@ def gluon_w4a8_linear(
     num_warps: int = LAUNCH["num_warps"],
     stages: int = LAUNCH["stages"],
     maxnreg: int = LAUNCH["maxnreg"],
-    in_flight: int = LAUNCH["in_flight"],
 ) -> torch.Tensor:
     """x (M, K) e4m3 codes with row scales x_scale (M, 1) float32, times the symmetric (or ternary) weights whose
     codes `packed` holds in the wgmma layout (`repack_for_wgmma`) and whose float32 scales are (N, 1) per channel
@@ -313,8 +308,8 @@ def gluon_w4a8_linear(
     m, k = x.shape
     n = packed.shape[0]
     _check(x, x_scale, packed, scales, bias, bits, group_size, out_dtype)
-    if in_flight not in (0, 1) or stages < 2 + in_flight:
-        raise ValueError(f"in_flight must be 0 or 1 with stages >= 2 + in_flight, got {in_flight} and {stages}")
+    if block_t != LAUNCH["block_t"]:  # 256 tokens compiled cleanly but gave wrong 2-bit products on an H100
+        raise ValueError(f"block_t must be {LAUNCH['block_t']}, the tile checked on a GPU; got {block_t}")
     byte_block = K_BLOCK * slot_bits(bits) // 8
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     w_desc = _descriptor(packed, [BLOCK_N, byte_block], gl.uint8)
@@ -324,7 +319,7 @@ def gluon_w4a8_linear(
     _w4a8_kernel[grid](
         w_desc, x_desc, out_desc, scales, x_scale, scales if bias is None else bias, m, n, scales.shape[1],
         SLOT=slot_bits(bits), OFFSET=signed_offset(bits, ternary), GROUP=group_size or 0, HAS_BIAS=bias is not None,
-        STAGES=stages, IN_FLIGHT=in_flight if group_size is None else 0, num_warps=num_warps, maxnreg=maxnreg,
+        STAGES=stages, num_warps=num_warps, maxnreg=maxnreg,
     )  # fmt: skip
     return out
 
