@@ -9,6 +9,7 @@
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh fold      # SVDQuant r32 with its smoothing folded or kept at run time
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh pass      # the fusion pass on GPU; samples vs reference; batch 64
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh gluon     # the Gluon W4A8 GEMM checked and timed; fp8-gluon's tests
+#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh flux      # FLUX-size via diffusers beside torchao (wheels in .whl/)
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh prepass   # the pre-pass against inductor, its launch sweep
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh small     # batch 2 under CUDA graphs; samples; few-row GEMMs
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh gemms     # GEMMs alone: W4A8 variants, SVDQuant's extra K columns
@@ -18,7 +19,7 @@
 set -u
 out=${OUT:?set OUT to the results folder}
 e2e() { timeout "$(left)" python bench/bench_e2e.py "$@" >>"$out/e2e_$part.jsonl" 2>>"$out/log_$part.txt" || echo "failed: $*" >>"$out/log_$part.txt"; }
-part=${1:?kernels, tests, models, fold, pass, gluon, prepass, small, gemms, profile or profile-small}
+part=${1:?kernels, tests, models, fold, pass, gluon, flux, prepass, small, gemms, profile or profile-small}
 deadline=$(( $(date +%s) + ${SUITE_SECONDS:-570} ))  # steps that would run past it are cut
 left() { echo $(( deadline - $(date +%s) > 1 ? deadline - $(date +%s) : 1 )); }
 case $part in
@@ -67,6 +68,15 @@ case $part in
     tail -5 "$out/log_$part.txt"
     timeout "$(left)" python -m pytest -q -p no:cacheprovider tests/kernels/test_fp8_hopper.py >"$out/gpu_tests.txt" 2>&1
     tail -3 "$out/gpu_tests.txt"  # the fp8-gluon backend on the real kernel
+    exit 0 ;;
+  flux)  # FLUX-size through diffusers: bf16, fp8-cached, torchao float8 row-wise (its compile: ~3.5 min on an H100),
+         # then fp8-gluon (4-bit resident). diffusers, importlib_metadata, zipp and torchao come as wheels in .whl/
+    nvidia-smi -L
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+    PYTHONPATH=/tmp/site:$PYTHONPATH timeout "$(left)" python bench/bench_diffusers.py --models flux --batches 1 \
+      --configs bf16,w4a8-fp8@fp8-cached,torchao-fp8-row,w4a8-fp8@fp8-gluon --out "$out/diffusers_flux" \
+      >"$out/log_$part.txt" 2>&1
+    tail -6 "$out/diffusers_flux.md"
     exit 0 ;;
   prepass)  # the pre-pass at DiT-XL/2's batch-64 inputs and other producers against inductor, its launch sweep
     timeout "$(left)" python bench/bench_prepass.py --out "$out/prepass" >>"$out/log_$part.txt" 2>&1
