@@ -15,7 +15,9 @@ timed forwards after warm-up. Memory: what the row's model holds once ready (wei
 peak during the timed steps, both over what was allocated before the row (`held_before_GiB`, 0 unless an earlier
 row's model outlived it), and the tensors as ditq stores them. The results file gathers runs: a run appends its
 rows to OUT.json (with the GPU, versions, shapes and the command; `notes` added to a run are printed above its
-table) and OUT.md is rewritten from all of them after every row, so a run cut short keeps what it measured.
+table) and OUT.md is rewritten from all of them after every row, so a run cut short keeps what it measured. A
+compiled row says what the FP8 fusion pass folded in the graphs it compiled (`fused`, by kind; block by block,
+each block class counts once); `--profile` writes each row's kernels by GPU time.
 
     PYTHONPATH=. python bench/bench_diffusers.py --models flux --out bench/results/diffusers_h100
     TRITON_INTERPRET=1 PYTHONPATH=. python bench/bench_diffusers.py --tiny --device cpu --no-compile --out /tmp/d
@@ -33,12 +35,15 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from bench_e2e import TORCHAO, torchao_fp8_row
 from torch import nn
+from torch._dynamo.utils import counters
+from torch.profiler import ProfilerActivity, profile
 
 import ditq
 from ditq.api import plan
@@ -48,6 +53,7 @@ from ditq.integrations.diffusers import SUPPORTED, _to
 from ditq.io import model_size_bytes
 from ditq.kernels import BACKENDS
 from ditq.kernels.fp8 import DEFAULT_FAST_ACCUMULATION, FP8_BACKENDS
+from ditq.kernels.fusion import COUNTER as FUSION_COUNTER
 from ditq.quant.qlinear import QuantLinear
 from ditq.recipes import PRESETS, load_recipe
 
@@ -196,7 +202,7 @@ def measure(model_name: str, batch: int, config: Config, args: argparse.Namespac
         gc.collect()
         torch.cuda.empty_cache()
         resident = torch.cuda.memory_allocated() - before
-    torch._dynamo.utils.counters.clear()
+    counters.clear()
     forward = model if args.no_compile else compiled(model, args.whole_graph)
 
     def step() -> torch.Tensor:
@@ -210,11 +216,14 @@ def measure(model_name: str, batch: int, config: Config, args: argparse.Namespac
         if on_cuda:
             torch.cuda.reset_peak_memory_stats()
         times = time_calls(step, (), device, warmup=args.warmup, repeats=args.iters)
+        if args.profile:
+            write_text(f"{args.out}_profile_{model_name}_b{batch}_{config.label}.txt", kernel_table(step, device))
     fast = DEFAULT_FAST_ACCUMULATION if config.fast_accumulation is None else config.fast_accumulation
     row = {"model": model_name, "batch": batch, "config": config.label,
            "fast_accum": fast if config.backend in FP8_BACKENDS else None,
            "step_ms": round(statistics.median(times), 2), "min_ms": round(min(times), 2),
-           "max_ms": round(max(times), 2), "layers": layers}  # fmt: skip
+           "max_ms": round(max(times), 2), "layers": layers,
+           "fused": ", ".join(f"{kind} {n}" for kind, n in sorted(counters[FUSION_COUNTER].items())) or None}  # fmt: skip
     if config.label == "bf16":
         reference.update(step_ms=row["step_ms"], out=out)
     elif "out" in reference:
@@ -228,9 +237,22 @@ def measure(model_name: str, batch: int, config: Config, args: argparse.Namespac
         row["stored_GiB"] = round(model_size_bytes(model, DTYPE) / 2**30, 3)
     row |= {"compile_s" if not args.no_compile else "first_call_s": round(first_s, 1),
             "prepare_s": round(prepare_s, 1),
-            "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}  # fmt: skip
+            "graphs": counters["stats"]["unique_graphs"]}  # fmt: skip
     torch._dynamo.reset()  # drops the compiled blocks, which hold the model
     return row
+
+
+def kernel_table(step: Callable[[], torch.Tensor], device: torch.device) -> str:
+    """Three profiled steps: the kernels (on a GPU) or operators (on the CPU) by total time, where a step goes."""
+    on_cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CUDA] if on_cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            step()
+        if on_cuda:
+            torch.cuda.synchronize(device)
+    return prof.key_averages().table(sort_by="cuda_time_total" if on_cuda else "cpu_time_total", row_limit=40,
+                                     max_name_column_width=90) + "\n"  # fmt: skip
 
 
 def environment(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
@@ -261,7 +283,7 @@ def environment(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
 
 COLUMNS = ("model", "batch", "config", "step_ms", "x_bf16", "resident_GiB", "peak_GiB", "stored_GiB",
-           "rel_err_vs_bf16", "compile_s", "layers")  # fmt: skip
+           "rel_err_vs_bf16", "compile_s", "layers", "fused")  # fmt: skip
 
 
 def markdown(runs: list[dict[str, Any]]) -> str:
@@ -296,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--whole-graph", action="store_true", help="compile the whole transformer, not block by block")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile 3 steps of each row: OUT_profile_<model>_b<batch>_<config>.txt")  # fmt: skip
     args = parser.parse_args(argv)
     try:
         args.models = [m for m in args.models.split(",") if m]

@@ -74,7 +74,7 @@ case $part in
     nvidia-smi -L
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
     PYTHONPATH=/tmp/site:$PYTHONPATH timeout "$(left)" python bench/bench_diffusers.py --models flux --batches 1 \
-      --configs bf16,w4a8-fp8@fp8-cached,torchao-fp8-row,w4a8-fp8@fp8-gluon --out "$out/diffusers_flux" \
+      --configs bf16,w4a8-fp8@fp8-cached,torchao-fp8-row,w4a8-fp8@fp8-gluon --profile --out "$out/diffusers_flux" \
       >"$out/log_$part.txt" 2>&1
     tail -6 "$out/diffusers_flux.md"
     exit 0 ;;

@@ -46,6 +46,17 @@ def test_the_tiny_run_measures_bf16_then_the_quantized_model_on_its_backend(benc
     assert f"| {model} | 1 | {config} |" in out.with_suffix(".md").read_text()
 
 
+def test_a_compiled_row_says_what_the_fusion_pass_folded_and_profile_writes_its_kernels(bench, tmp_path):
+    out = tmp_path / "results"
+    bench.main(["--tiny", "--device", DEVICE, "--models", "flux", "--configs", "w4a8-fp8@fp8-cached",
+                "--warmup", "0", "--iters", "1", "--profile", "--out", str(out)])  # fmt: skip
+    (row,) = json.loads(out.with_suffix(".json").read_text())["runs"][0]["rows"]
+    folded = dict(item.rsplit(" ", 1) for item in row["fused"].split(", "))
+    assert {"norm_modulate", "gelu", "residual"} <= folded.keys() and all(int(n) > 0 for n in folded.values())
+    table = (tmp_path / "results_profile_flux_b1_w4a8-fp8@fp8-cached.txt").read_text()
+    assert "Name" in table and "quantize_rows_fp8" in table
+
+
 @pytest.mark.parametrize(
     ("option", "message"),
     [
