@@ -183,7 +183,7 @@ def measure(name: str, m: int, k: int, n: int, launch: dict) -> dict:
 
 
 def launch_overrides(text: str) -> dict[str, int]:
-    """`block_t=256,stages=3` → {"block_t": 256, "stages": 3}, keys of the default launch only."""
+    """`stages=3,maxnreg=200` → {"stages": 3, "maxnreg": 200}, keys of the default launch only."""
     pairs = dict(item.split("=", 1) for item in text.split(",") if item)
     unknown = set(pairs) - set(LAUNCH)
     if unknown:
@@ -196,9 +196,9 @@ def table(env: dict, checks: list[dict], rows: list[dict]) -> str:
     lines = [
         f"# Gluon W4A8-FP8 GEMM — {env['gpu']}, torch {env['torch']}, Triton {env['triton']}",
         "",
-        f"Launch {env['launch']}, 128 output channels per tile. µs per GEMM (median of CUDA-graph replays over "
-        "`layers` distinct weights), × = bf16 / row, same run; every variant: the same e4m3 activation codes and",
-        "row scales, bias, bf16 out. cuBLAS FP8 = `_scaled_mm` (fast accumulation) on an 8-bit e4m3 copy of the",
+        f"Launch {env['launch']}, 128 tokens × 128 output channels per tile. µs per GEMM (median of CUDA-graph",
+        "replays over `layers` distinct weights), × = bf16 / row, same run; every variant: the same e4m3 activation",
+        "codes and row scales, bias, bf16 out. cuBLAS FP8 = `_scaled_mm` (fast accumulation) on an 8-bit e4m3 copy of the",
         "int4 codes (`fp8-cached`); int4 / g128 / g64 / ternary = the Gluon kernel on the packed codes.",
         "",
         f"Exact checks: {len(checks) - len(failed)} of {len(checks)} passed"
@@ -226,7 +226,7 @@ def main() -> int:
     )
     parser.add_argument("--shapes", default=None, help="comma-separated shape names (default: all)")
     parser.add_argument("--launch", type=launch_overrides, default={},
-                        help="launch settings instead of the default's, e.g. block_t=256,stages=3")  # fmt: skip
+                        help="launch settings instead of the default's, e.g. stages=3")  # fmt: skip
     args = parser.parse_args()
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "launch": LAUNCH | args.launch}  # fmt: skip

@@ -47,10 +47,10 @@ def launch_facts(bits: int, ternary: bool, group_size: int | None, out: str) -> 
     packed = torch.empty(256, packed_cols(256, bits), dtype=torch.uint8)
     descriptors = dict(
         w_desc=(packed, [g.BLOCK_N, packed_cols(128, bits)], g.gl.uint8),
-        x_desc=(x, [launch["block_t"], 128], g.gl.float8e4nv),
+        x_desc=(x, [g.BLOCK_T, 128], g.gl.float8e4nv),
         out_desc=(
             torch.empty(256, 256, dtype=out_dtype),
-            [launch["block_t"], g.BLOCK_N],
+            [g.BLOCK_T, g.BLOCK_N],
             g.OUT_DTYPES[out_dtype],
         ),
     )

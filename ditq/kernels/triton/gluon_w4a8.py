@@ -47,11 +47,12 @@ from ditq.quant.packing import packed_cols, signed_offset, slot_bits
 
 __all__ = ["LAUNCH", "gluon_w4a8_linear", "gluon_w4a8_reference"]
 
-# (tokens per tile, warps of the consumer partition, pipeline stages, register budget per thread): 128 output
-# channels per tile. The register budget is the kernel's `maxnreg`; the producer warp keeps 24 of it and the
-# consumers get the rest (12 warps in all: 2 consumer warpgroups and the producer's).
-LAUNCH = dict(block_t=128, num_warps=8, stages=4, maxnreg=168)
+# (warps of the consumer partition, pipeline stages, register budget per thread). The register budget is the
+# kernel's `maxnreg`; the producer warp keeps 24 of it and the consumers get the rest (12 warps in all: 2 consumer
+# warpgroups and the producer's).
+LAUNCH = dict(num_warps=8, stages=4, maxnreg=168)
 BLOCK_N = 128  # output channels per tile: two warpgroups of 64 rows (wgmma's M)
+BLOCK_T = 128  # tokens per tile; 256 compiled for sm_90a without spills but gave wrong 2-bit products on an H100
 BLOCK_K = gl.constexpr(K_BLOCK)  # K columns per pipeline step: a block of the re-packed layout
 PRODUCER_REGS = gl.constexpr(24)  # registers per thread of the producer warp (the least setmaxnreg allows)
 OUT_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}
@@ -297,7 +298,6 @@ def gluon_w4a8_linear(
     ternary: bool = False,
     group_size: int | None = None,
     out_dtype: torch.dtype = torch.bfloat16,
-    block_t: int = LAUNCH["block_t"],
     num_warps: int = LAUNCH["num_warps"],
     stages: int = LAUNCH["stages"],
     maxnreg: int = LAUNCH["maxnreg"],
@@ -308,14 +308,12 @@ def gluon_w4a8_linear(
     m, k = x.shape
     n = packed.shape[0]
     _check(x, x_scale, packed, scales, bias, bits, group_size, out_dtype)
-    if block_t != LAUNCH["block_t"]:  # 256 tokens compiled cleanly but gave wrong 2-bit products on an H100
-        raise ValueError(f"block_t must be {LAUNCH['block_t']}, the tile checked on a GPU; got {block_t}")
     byte_block = K_BLOCK * slot_bits(bits) // 8
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
     w_desc = _descriptor(packed, [BLOCK_N, byte_block], gl.uint8)
-    x_desc = _descriptor(x, [block_t, K_BLOCK], gl.float8e4nv)
-    out_desc = _descriptor(out, [block_t, BLOCK_N], OUT_DTYPES[out_dtype])
-    grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(m, block_t))
+    x_desc = _descriptor(x, [BLOCK_T, K_BLOCK], gl.float8e4nv)
+    out_desc = _descriptor(out, [BLOCK_T, BLOCK_N], OUT_DTYPES[out_dtype])
+    grid = (triton.cdiv(n, BLOCK_N), triton.cdiv(m, BLOCK_T))
     _w4a8_kernel[grid](
         w_desc, x_desc, out_desc, scales, x_scale, scales if bias is None else bias, m, n, scales.shape[1],
         SLOT=slot_bits(bits), OFFSET=signed_offset(bits, ternary), GROUP=group_size or 0, HAS_BIAS=bias is not None,
