@@ -20,7 +20,7 @@ from ditq.methods.rtn import check_rtn, rtn_linear
 from ditq.quant.modules import install, is_quantized
 from ditq.quant.spec import QuantSpec
 from ditq.recipes import Recipe
-from ditq.registry import METHODS, PLAN_CHECKS, method_for
+from ditq.registry import PLAN_CHECKS, method_for
 
 
 def quantize(model: nn.Module, recipe: Recipe, calib: CalibData | None = None) -> nn.Module:
@@ -34,7 +34,7 @@ def quantize(model: nn.Module, recipe: Recipe, calib: CalibData | None = None) -
     if not isinstance(recipe, Recipe):
         raise TypeError(f"recipe must be a ditq recipe (e.g. ditq.RTN(...)), got {type(recipe).__name__}")
     targets = check_plan(model, recipe)
-    built = METHODS[type(recipe)](model, targets, calib)  # check_plan found the method
+    built = method_for(recipe)(model, targets, calib)
     _check_built(model, targets, built, type(recipe).__name__)
     install(model, built)
     model.ditq_recipe = recipe.to_dict()
