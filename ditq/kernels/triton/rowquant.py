@@ -89,15 +89,15 @@ def _rows_one_pass_kernel(
     head_x = load_rows(x, rows, head_cols, row_ok, K, stride_xm)
     if RESIDUAL != 0:
         head_x = residual_sum(head_x, update, gate, x_out, rows, head_cols, row_ok, K, tokens,
-                                          stride_um, stride_om, stride_mod, RESIDUAL, EMULATE, ONE_SAMPLE,
-                                          BLOCK_M)  # fmt: skip
+                              stride_um, stride_om, stride_mod, RESIDUAL, EMULATE, ONE_SAMPLE,
+                              BLOCK_M)  # fmt: skip
     if TAIL > 0:
         tail_cols = HEAD + tl.arange(0, TAIL)
         tail_x = load_rows(x, rows, tail_cols, row_ok, K, stride_xm)
         if RESIDUAL != 0:
             tail_x = residual_sum(tail_x, update, gate, x_out, rows, tail_cols, row_ok, K, tokens,
-                                              stride_um, stride_om, stride_mod, RESIDUAL, EMULATE, ONE_SAMPLE,
-                                              BLOCK_M)  # fmt: skip
+                                  stride_um, stride_om, stride_mod, RESIDUAL, EMULATE, ONE_SAMPLE,
+                                  BLOCK_M)  # fmt: skip
     mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
     rstd = mean
     if NORM == 1:  # both tiles are in registers: mean first, then the centred sum of squares
@@ -117,13 +117,13 @@ def _rows_one_pass_kernel(
             squares += tl.sum(tail_x.to(tl.float32) * tail_x.to(tl.float32), axis=1)
         rstd = inv_std(squares, K, eps)
     head = transformed(head_x, mean, rstd, shift, scale_mod, norm_weight, norm_bias, inv_smooth, rows,
-                                 head_cols, row_ok, K, tokens, stride_mod, ACT, NORM, MODULATE, NORM_WEIGHT,
-                                 NORM_BIAS, HAS_SMOOTH, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
+                       head_cols, row_ok, K, tokens, stride_mod, ACT, NORM, MODULATE, NORM_WEIGHT,
+                       NORM_BIAS, HAS_SMOOTH, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
     amax = tl.max(tl.abs(head), axis=1)
     if TAIL > 0:
         tail = transformed(tail_x, mean, rstd, shift, scale_mod, norm_weight, norm_bias, inv_smooth, rows,
-                                     tail_cols, row_ok, K, tokens, stride_mod, ACT, NORM, MODULATE, NORM_WEIGHT,
-                                     NORM_BIAS, HAS_SMOOTH, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
+                           tail_cols, row_ok, K, tokens, stride_mod, ACT, NORM, MODULATE, NORM_WEIGHT,
+                           NORM_BIAS, HAS_SMOOTH, EMULATE, ONE_SAMPLE, BLOCK_M)  # fmt: skip
         amax = tl.maximum(amax, tl.max(tl.abs(tail), axis=1))
     scale = _row_scale(amax)
     tl.store(scales + rows, scale, mask=row_ok)
@@ -169,17 +169,17 @@ def _rows_multi_pass_kernel(
     amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         h = transformed(load_rows(x, rows, k0 + rk, row_ok, K, stride_xm), mean, rstd, shift,
-                                  scale_mod, norm_weight, norm_bias, inv_smooth, rows, k0 + rk, row_ok, K, tokens,
-                                  stride_mod, ACT, NORM, MODULATE, NORM_WEIGHT, NORM_BIAS, HAS_SMOOTH, EMULATE,
-                                  ONE_SAMPLE, BLOCK_M)  # fmt: skip
+                        scale_mod, norm_weight, norm_bias, inv_smooth, rows, k0 + rk, row_ok, K, tokens,
+                        stride_mod, ACT, NORM, MODULATE, NORM_WEIGHT, NORM_BIAS, HAS_SMOOTH, EMULATE,
+                        ONE_SAMPLE, BLOCK_M)  # fmt: skip
         amax = tl.maximum(amax, tl.max(tl.abs(h), axis=1))
     scale = _row_scale(amax)
     tl.store(scales + rows, scale, mask=row_ok)
     for k0 in range(0, K, BLOCK_K):
         h = transformed(load_rows(x, rows, k0 + rk, row_ok, K, stride_xm), mean, rstd, shift,
-                                  scale_mod, norm_weight, norm_bias, inv_smooth, rows, k0 + rk, row_ok, K, tokens,
-                                  stride_mod, ACT, NORM, MODULATE, NORM_WEIGHT, NORM_BIAS, HAS_SMOOTH, EMULATE,
-                                  ONE_SAMPLE, BLOCK_M)  # fmt: skip
+                        scale_mod, norm_weight, norm_bias, inv_smooth, rows, k0 + rk, row_ok, K, tokens,
+                        stride_mod, ACT, NORM, MODULATE, NORM_WEIGHT, NORM_BIAS, HAS_SMOOTH, EMULATE,
+                        ONE_SAMPLE, BLOCK_M)  # fmt: skip
         _store_codes(codes, h, scale, rows, k0 + rk, row_ok, K, stride_cm, EMULATE)
 
 
