@@ -1,7 +1,8 @@
 """The `"fp8-gluon"` backend's GEMM on Hopper (sm_90): the Gluon W4A8 kernel, reading the layer's codes 2–4-bit.
 
-`"fp8-gluon"` is the `"fp8"` backend with this GEMM where it can run; a backend of its own until the kernel's
-speed and outputs are measured on a GPU (its tests here run its float64 reference). `prepare_for_inference(model,
+`"fp8-gluon"` is the `"fp8"` backend with this GEMM where it can run; a backend of its own because the kernel,
+exact on an H100, runs at 0.64–0.76× cuBLAS FP8 there (`docs/results.md`; its CPU tests run its float64
+reference). `prepare_for_inference(model,
 "fp8-gluon")` gives each layer this kernel can run, on a CUDA device of compute capability
 9.0, its codes re-packed in the kernel's layout (`ditq.kernels.triton.wgmma_codes`) as the non-persistent buffer
 `qweight_wgmma`: the same bytes as `qweight`, which checkpoints keep in the canonical layout. All its calls
