@@ -20,15 +20,15 @@ Backends here:
   weights with dynamic per-token FP8 activations: per-channel layers through cuBLAS FP8 on e4m3 weight codes,
   per-group ones (groups a multiple of 32) through the lowbit kernel's FP8 mode; `"fp8"` sends few-row
   calls to the lowbit kernel. `"fp8-gluon"` is `"fp8"` but for the layers the Gluon W4A8 kernel takes on sm_90
-  (`ditq.kernels.hopper`: per-channel or g64/g128 layers without a low-rank branch): every call of theirs runs
-  there on codes re-packed at prepare, the packed codes parked in host memory; it is a backend of its own
-  because the kernel, exact on an H100, runs at 0.64–0.76× cuBLAS FP8 there. Preparing a model for them
-  installs a `torch.compile` graph pass (`ditq.kernels.fusion`) that folds what produces a layer's input (LayerNorm + adaLN modulate and the residual add before it, a GELU) into the layer's Triton
-  input pre-pass, on any model; and it folds SVDQuant's smoothing into the producer of a layer's input where
-  the architecture's adapter says what that is (`ditq.kernels.folding`), so the pre-pass no longer multiplies
-  by its reciprocal. The reference and dequantized backends leave the model's weights as they are (the oracle,
-  and what search and evaluation save): their x / smooth is an ordinary op that the compiler fuses into x's
-  producer.
+  (`ditq.kernels.hopper`: per-channel or g64/g128 layers without a low-rank branch): every call of theirs runs there
+  on codes re-packed at prepare, the packed codes parked in host memory; it is a backend of its own because the
+  kernel, exact on an H100, runs at 0.64–0.76× cuBLAS FP8 there. Preparing a model for them installs a
+  `torch.compile` graph pass (`ditq.kernels.fusion`) that folds what produces a layer's input (LayerNorm + adaLN
+  modulate and the residual add before it, a GELU) into the layer's Triton input pre-pass, on any model; and it
+  folds SVDQuant's smoothing into the producer of a layer's input where the architecture's adapter says what that is
+  (`ditq.kernels.folding`), so the pre-pass no longer multiplies by its reciprocal. The reference and dequantized
+  backends leave the model's weights as they are (the oracle, and what search and evaluation save): their x / smooth
+  is an ordinary op that the compiler fuses into x's producer.
 """
 
 from __future__ import annotations
