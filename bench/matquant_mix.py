@@ -1,5 +1,7 @@
 """MatQuant on DiT-MNIST: PSNR against full precision of one nested checkpoint served at uniform widths, at a
-searched per-layer plan (Mix'n'Match) and at per-timestep schedules of the same average bits per weight.
+searched per-layer plan (Mix'n'Match), at a plan allocated from per-layer sensitivities (`ditq.search.sensitivity`:
+each layer's one-width changes from uniform, scored by the cheap `output` fitness) and at per-timestep schedules
+of the same average bits per weight.
 
 Every row samples the same labels from the same noise as the FP model (DDIM, classifier-free guidance) and
 reports the mean PSNR of its images against the FP images and the bits per weight of the served layers
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 import ditq
+from ditq.atomic import write_json, write_text
 from ditq.bits_schedule import BitsSchedule
 from ditq.bundled import open_model
 from ditq.diffusion import sample_images
@@ -33,6 +35,8 @@ from ditq.io import apply_served_bits
 from ditq.qat import QAT, convert, prepare
 from ditq.quant.served import average_bits, served_widths
 from ditq.search import BitsSearch, FitnessSettings, SearchConfig, run_search
+from ditq.search.fitness import OutputFitness
+from ditq.search.sensitivity import allocate, measure_sensitivity
 
 
 def main() -> None:
@@ -49,6 +53,10 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="noise of the measured images")
     p.add_argument("--fitness-samples", type=int, default=16, help="images per fitness evaluation of the search")
     p.add_argument("--fitness-seed", type=int, default=7, help="noise the search scores candidates on")
+    p.add_argument("--sensitivity-samples", type=int, default=8,
+                   help="images whose trajectories score each single-layer change (the `output` fitness)")
+    p.add_argument("--search", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the evolutionary search (its row costs the most)")
     p.add_argument("--generations", type=int, default=4)
     p.add_argument("--population", type=int, default=12)
     p.add_argument("--threads", type=int, default=1, help="torch threads (more were slower on a busy 2-core machine)")
@@ -88,16 +96,30 @@ def main() -> None:
         row(f"uniform int{width}", "uniform", average_bits(nested, dict.fromkeys(names, width)), draw(nested))
 
     search = BitsSearch(nested, widths, args.budget)
-    config = SearchConfig(generations=args.generations, population=args.population, top_k=min(4, args.population),
-                          n_crossover=4, n_mutation=4, mutation_prob=0.2, fitness="psnr",
-                          fitness_settings=FitnessSettings(samples=args.fitness_samples, steps=args.steps,
-                                                           cfg_scale=args.cfg_scale, seed=args.fitness_seed))  # fmt: skip
-    with tempfile.TemporaryDirectory() as work:
-        result = run_search(fp, search, config, work, progress=False)
-    apply_served_bits(nested, result.output)
-    counts = {str(w): list(result.best.values()).count(w) for w in widths}
-    row(f"searched plan ({args.budget:g} budget)", "searched", result.best_bits, draw(nested),
-        layers_per_width=counts, evaluations=result.evaluations, plan=result.output)
+    if args.search:
+        config = SearchConfig(generations=args.generations, population=args.population,
+                              top_k=min(4, args.population), n_crossover=4, n_mutation=4, mutation_prob=0.2,
+                              fitness="psnr", fitness_settings=FitnessSettings(samples=args.fitness_samples,
+                              steps=args.steps, cfg_scale=args.cfg_scale, seed=args.fitness_seed))  # fmt: skip
+        with tempfile.TemporaryDirectory() as work:
+            result = run_search(fp, search, config, work, progress=False)
+        apply_served_bits(nested, result.output)
+        counts = {str(w): list(result.best.values()).count(w) for w in widths}
+        row(f"searched plan ({args.budget:g} budget)", "searched", result.best_bits, draw(nested),
+            layers_per_width=counts, evaluations=result.evaluations, plan=result.output)
+
+    uniform = search.initial()[0]  # the widest uniform width within the budget
+    sensitivity = measure_sensitivity(search, OutputFitness(fp, FitnessSettings(
+        samples=args.sensitivity_samples, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.fitness_seed)),
+        uniform, progress=False)  # fmt: skip
+    allocated = allocate(search.space, sensitivity)
+    apply_served_bits(nested, search.output(allocated))
+    row(f"allocated by sensitivity ({args.budget:g} budget)", "allocated", search.space.average_bits(allocated),
+        draw(nested), layers_per_width={str(w): allocated.count(w) for w in widths},
+        evaluations=1 + sum(len(d) - 1 for d in sensitivity.deltas), plan=search.output(allocated),
+        output_error={"uniform": sensitivity.fitness, "predicted": sensitivity.predicted(allocated)},
+        relative_change={name: {str(w): d / sensitivity.fitness for w, d in delta.items() if w != base}
+                         for name, delta, base in zip(search.space.names, sensitivity.deltas, uniform, strict=True)})
 
     for name, schedule in schedules(nested, widths, args.budget, args.steps).items():
         row(name, "schedule", schedule.average_bits(nested, args.steps), draw(nested, schedule),
@@ -106,9 +128,8 @@ def main() -> None:
 
     report = {"model": made, "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "seconds": round(time.perf_counter() - started, 1), "rows": rows}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(report))
+    write_json(args.out.with_suffix(".json"), report, indent=1)
+    write_text(args.out.with_suffix(".md"), markdown(report))
     print(f"wrote {args.out.with_suffix('.json')} and .md in {report['seconds']} s")
 
 
