@@ -34,9 +34,8 @@ from ditq.eval.metrics import psnr
 from ditq.io import apply_served_bits
 from ditq.qat import QAT, convert, prepare
 from ditq.quant.served import average_bits, served_widths
-from ditq.search import BitsSearch, FitnessSettings, SearchConfig, run_search
+from ditq.search import BitsSearch, FitnessSettings, SearchConfig, allocate, measure_sensitivity, run_search
 from ditq.search.fitness import OutputFitness
-from ditq.search.sensitivity import allocate, measure_sensitivity
 
 
 def main() -> None:

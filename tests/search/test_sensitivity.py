@@ -10,9 +10,8 @@ import torch
 import ditq
 from ditq.qat import convert, prepare
 from ditq.quant.served import average_bits, served_widths
-from ditq.search import BitsSearch, FitnessSettings
+from ditq.search import BitsSearch, FitnessSettings, allocate, measure_sensitivity
 from ditq.search.fitness import OutputFitness
-from ditq.search.sensitivity import allocate, measure_sensitivity
 from ditq.search.space import SearchSpace
 from tests.search.test_bits_search import NESTED
 from tests.tiny import make_tiny_mnist_dit
