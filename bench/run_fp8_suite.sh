@@ -7,7 +7,7 @@
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh tests     # the kernel tests on the GPU (they compile every variant)
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh models    # every FP8-path model at batch 64 + sampling
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh fold      # SVDQuant r32 with its smoothing folded or kept at run time
-#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh pass      # the fusion pass on GPU; samples vs reference; batch 64
+#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh pass      # the fusion pass on GPU (wheels in .whl/); batch 64; samples
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh gluon     # the Gluon W4A8 GEMM checked and timed; fp8-gluon's tests
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh flux      # FLUX-size via diffusers beside torchao (wheels in .whl/)
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh prepass   # the pre-pass against inductor, its launch sweep
@@ -22,6 +22,10 @@ e2e() { timeout "$(left)" python bench/bench_e2e.py "$@" >>"$out/e2e_$part.jsonl
 part=${1:?kernels, tests, models, fold, pass, gluon, flux, prepass, small, gemms, profile or profile-small}
 deadline=$(( $(date +%s) + ${SUITE_SECONDS:-570} ))  # steps that would run past it are cut
 left() { echo $(( deadline - $(date +%s) > 1 ? deadline - $(date +%s) : 1 )); }
+wheels() {  # diffusers, importlib_metadata, zipp and torchao, carried as wheels in .whl/ (no network there)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PYTHONPATH
+}
 case $part in
   kernels)
     python -m pytest -q -p no:cacheprovider tests/kernels/test_fp8.py tests/kernels/test_lowbit.py >"$out/gpu_tests.txt" 2>&1
@@ -51,9 +55,10 @@ case $part in
     e2e --batch 64 --sample-steps 50 --config bf16
     e2e --batch 64 --sample-steps 50 --config svdquant-w4a8fp8-r32 --backend fp8-cached
     e2e --batch 64 --sample-steps 50 --config svdquant-w4a8fp8-r32 --backend fp8-cached --no-fold ;;
-  pass)  # the fusion pass on a GPU (counts, errors), every FP8-path model at batch 64 (forward only: a compile
-          # each, ~1 min), then samples through the kernels against the reference backend
+  pass)  # the fusion pass on a GPU (counts, errors; the tiny FLUX needs diffusers from .whl/), every FP8-path model
+          # at batch 64 (forward only: a compile each, ~1 min), then samples through the kernels against the reference
     nvidia-smi -L
+    wheels
     timeout "$(left)" python bench/check_fusion_gpu.py >"$out/fusion.txt" 2>&1; tail -20 "$out/fusion.txt"
     e2e --batch 64 --config bf16
     e2e --batch 64 --config w4a8fp8 --backend fp8-cached
@@ -72,8 +77,8 @@ case $part in
   flux)  # FLUX-size through diffusers: bf16, fp8-cached, torchao float8 row-wise (its compile: ~3.5 min on an H100),
          # then fp8-gluon (4-bit resident). diffusers, importlib_metadata, zipp and torchao come as wheels in .whl/
     nvidia-smi -L
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-    PYTHONPATH=/tmp/site:$PYTHONPATH timeout "$(left)" python bench/bench_diffusers.py --models flux --batches 1 \
+    wheels
+    timeout "$(left)" python bench/bench_diffusers.py --models flux --batches 1 \
       --configs bf16,w4a8-fp8@fp8-cached,torchao-fp8-row,w4a8-fp8@fp8-gluon --profile --out "$out/diffusers_flux" \
       >"$out/log_$part.txt" 2>&1
     tail -6 "$out/diffusers_flux.md"
