@@ -13,7 +13,11 @@ one of these (`ditq.kernels.producers` matches them), moves the producer into th
 - GELU (exact or tanh) or SiLU, as the pre-pass's activation;
 - an attention output (reshapes of `scaled_dot_product_attention`'s result): nothing to fold, but one read by the
   pre-pass beats inductor's absmax and cast kernels (DiT-XL/2 W4A8-FP8 at batch 64 on an H200: 1.35× bf16
-  against 1.30×, `bench/results/e2e_fp8_v12_models_h200.md`).
+  against 1.30×, `bench/results/e2e_fp8_v12_models_h200.md`);
+- a concatenation along the last dim, its second part optionally through GELU or SiLU: FLUX's single blocks feed
+  their out projection cat([attention, GELU(mlp)]) (4,608 × 15,360), which inductor quantizes in two kernels, the
+  GELU recomputed (287 µs per block on an H100, `bench/results/diffusers_flux_profile_h100_*.txt`); the pre-pass
+  reads both parts once.
 Any other input is left alone: `ditq::fp8_input_codes` then decomposes into ordinary ops that inductor fuses
 into the producer. Identical pre-passes (q, k and v reading one x with the same smoothing) run once.
 
@@ -136,6 +140,8 @@ class _Rewrite:
         if p.residual is not None:
             gate = None if p.gate is None else self._rows(p.gate, shape(p.x)[0], k)
             args |= dict(update=self._rows(p.update, -1, k), gate=gate)
+        if p.second is not None:
+            args |= dict(second=self._rows(p.second, -1, shape(p.second)[-1]))
         return self._call("call_function", PRE_PASS, tuple(args[name] for name in _PRE_PASS_ARGS))
 
     def _rows(self, node: fx.Node, rows: int, k: int) -> fx.Node:
@@ -184,7 +190,7 @@ def _foldable(node: fx.Node, args: dict[str, Any]) -> Producer | None:
     call that folds nothing yet (a low-rank layer's)."""
     x = args["x"]
     if node.target in _PRE_PASSES:
-        if args["activation"] != "none" or any(args.get(a) is not None for a in ("shift", "update", "norm")):
+        if args["activation"] != "none" or any(args.get(a) is not None for a in ("shift", "update", "norm", "second")):
             return None
         x = x.args[0] if is_method(x, {"reshape", "view"}) else x
     producer = producer_of(x) if isinstance(x, fx.Node) else None
@@ -222,7 +228,8 @@ def _depends_on(node: Any, ancestor: fx.Node) -> bool:
 def _mutated(p: Producer) -> bool:
     """Whether an operand the pre-pass would read is written in place somewhere (the pre-grad graph is not
     functional): moving the read could then see another value."""
-    operands = [n for n in (p.x, p.shift, p.scale, p.update, p.gate, p.norm_weight, p.norm_bias) if n is not None]
+    operands = [n for n in (p.x, p.shift, p.scale, p.update, p.gate, p.norm_weight, p.norm_bias, p.second)
+                if n is not None]  # fmt: skip
     return any(
         user.op == "call_function" and user.target in _IN_PLACE
         or user.op == "call_method" and str(user.target).endswith("_")

@@ -4,8 +4,9 @@ Read on Dynamo's torch-level FX graph (`ditq.kernels.fusion`), whose nodes are t
 with fake tensors for their values (`node.meta["example_value"]`). A producer is matched by its own nodes only,
 whatever the model: a norm over the last dim (LayerNorm with or without affine, RMSNorm as `F.rms_norm` or as
 diffusers writes it), then optionally adaLN's x·(1 + scale) + shift with one row per sample, with the residual
-add before the norm; or an activation (GELU, SiLU); or an attention's output. What the op cannot apply (its
-signature says which norms it takes) is not matched.
+add before the norm; or an activation (GELU, SiLU); or an attention's output; or a concatenation of two parts
+along the last dim, the second optionally through an activation (FLUX's single blocks: cat([attention,
+GELU(mlp)])). What the op cannot apply (its signature says which norms it takes) is not matched.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Producer:
     add, whose readers then read the pre-pass's sum) is not None. `norm` None under a shift: LayerNorm without
     affine, the op's default."""
 
-    kind: str  # what counts it: "norm_modulate", "norm", "gelu", "silu" or "attention"
+    kind: str  # what counts it: "norm_modulate", "norm", "gelu", "silu", "attention" or "concat"
     x: fx.Node
     activation: str = "none"
     norm: str | None = None
@@ -64,12 +65,17 @@ class Producer:
     residual: fx.Node | None = None
     update: fx.Node | None = None
     gate: fx.Node | None = None
+    second: fx.Node | None = None  # concat: the part behind x, which goes through `activation`
+
+
+_CONCAT = "second" in {a.name for a in torch.ops.ditq.quantize_rows_fp8.default._schema.arguments}
 
 
 def producer_of(x: fx.Node) -> Producer | None:
     """The producer of a layer's input x that the pre-pass can compute, or None."""
     source = _through_identities(x)
-    return _modulated(source) or _normalized_alone(source) or _activation(source) or _attention_output(x)
+    return (_modulated(source) or _normalized_alone(source) or _activation(source) or _concatenated(source)
+            or _attention_output(x))  # fmt: skip
 
 
 def _modulated(node: fx.Node) -> Producer | None:
@@ -175,6 +181,25 @@ def _activation(node: fx.Node) -> Producer | None:
     else:
         return None
     return Producer(kind, x, activation=name) if name in INPUT_ACTIVATIONS and _float(x) else None
+
+
+def _concatenated(node: fx.Node) -> Producer | None:
+    """cat([x, second], -1) of two parts of one float dtype and one leading shape, `second` seen through its
+    activation where it has one the pre-pass applies."""
+    if not (_CONCAT and node.op == "call_function" and node.target is torch.cat):
+        return None
+    parts, dim = (list(node.args) + [node.kwargs.get("dim", 0)])[:2] if len(node.args) < 2 else node.args[:2]
+    if not (isinstance(parts, (list, tuple)) and len(parts) == 2 and all(isinstance(p, fx.Node) for p in parts)):
+        return None
+    x, second = parts
+    if dim not in (-1, len(shape(x)) - 1) or shape(x)[:-1] != shape(second)[:-1] or not _float(x):
+        return None
+    if not _same_dtype(x, second, node):
+        return None
+    activated = _activation(_through_identities(second))
+    if activated is not None and _same_dtype(x, activated.x):
+        return Producer("concat", x, activation=activated.activation, second=activated.x)
+    return Producer("concat", x, second=second)
 
 
 def _attention_output(node: fx.Node) -> Producer | None:

@@ -96,7 +96,8 @@ def test_few_rows_on_the_fp8_backend_keep_the_lowbit_route_and_nothing_is_folded
 #   ending at add_q/k/v (an AdaLayerNormContinuous: `(1 + scale)[:, None, :]`); the joint attention's outputs
 #   are token slices of two samples' rows (not contiguous): plain;
 # - FLUX: a double block as SD3's first; a single block's norm → proj_mlp, to_q/k/v (one pre-pass, three
-#   deduped), its proj_out reads a concatenation (plain), and blocks start from a concatenation (no residual).
+#   deduped), its proj_out reads cat([attention, GELU(proj_mlp)]) (concat: one pre-pass reads both), and blocks
+#   start from a concatenation (no residual).
 L = 2
 DIFFUSERS = {
     "DiTTransformer2DModel": ({}, dict(norm_modulate=2 * L, deduped=2 * L, gelu=L, attention=L, residual=2 * L - 1)),
@@ -105,7 +106,7 @@ DIFFUSERS = {
     "SD3Transformer2DModel": ({}, dict(norm_modulate=2 * L + L + L - 1, deduped=4 * L, gelu=2 * L - 1,
                                        residual=2 * L - 1 + 2 * (L - 1), plain=2 * L - 1)),
     "FluxTransformer2DModel": (dict(num_layers=1, num_single_layers=1), dict(norm_modulate=4 + 1, deduped=4 + 3,
-                                                                             gelu=2, residual=2, plain=2 + 1)),
+                                                                             gelu=2, residual=2, plain=2, concat=1)),
 }  # fmt: skip
 
 
@@ -226,6 +227,41 @@ def test_a_norm_without_a_modulate_and_silu_are_folded(norm):
     counters[COUNTER].clear()
     assert_compiled_matches_eager(model, *modulated_inputs(), backend=pre_grad_only)
     assert +counters[COUNTER] == Counter(deduped=2, **folded_kind)
+
+
+class Concatenated(torch.nn.Module):
+    """out(cat([a, act(mlp(x))], dim)) as FLUX's single block writes it, or a variant the pre-pass cannot read."""
+
+    def __init__(self, variant: str):
+        super().__init__()
+        self.variant = variant
+        self.mlp = torch.nn.Linear(48, 80)
+        self.out = QuantLinear.from_linear(torch.nn.Linear(48 + 80, 48), SPEC)
+
+    def forward(self, x: torch.Tensor, a: torch.Tensor, unused: torch.Tensor) -> torch.Tensor:
+        h = self.mlp(x)
+        if self.variant == "gelu_tanh":
+            h = F.gelu(h, approximate="tanh")
+        elif self.variant == "silu":
+            h = F.silu(h)
+        elif self.variant == "three_parts":
+            return self.out(torch.cat([a[..., :24], a[..., 24:], h], dim=-1))
+        elif self.variant == "other_dim":
+            u = torch.cat([a, h], dim=-1)
+            return self.out(torch.cat([u[:, :25], u[:, 25:]], dim=1))  # tokens, not channels
+        return self.out(torch.cat([a, h], dim=2))
+
+
+@pytest.mark.parametrize(("variant", "expected"), [
+    ("gelu_tanh", dict(concat=1)), ("silu", dict(concat=1)), ("none", dict(concat=1)),
+    ("three_parts", dict(plain=1)), ("other_dim", dict(plain=1)),
+])  # fmt: skip
+def test_a_concatenation_of_two_parts_is_folded_with_the_second_parts_activation(variant, expected):
+    model = prepare_for_inference(Concatenated(variant).eval(), "fp8-cached")
+    x, a, unused = modulated_inputs()
+    counters[COUNTER].clear()
+    assert_compiled_matches_eager(model, x, a, unused, backend=pre_grad_only)
+    assert +counters[COUNTER] == Counter(expected)
 
 
 def test_a_large_dit_folds_its_rms_norms_and_modulates():

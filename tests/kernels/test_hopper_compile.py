@@ -28,10 +28,11 @@ def _variants() -> list[tuple]:
         p = "*" + dtype
         return dict(x=p, inv_smooth="*fp32", shift=p, scale_mod=p, codes="*fp8e4nv", scales="*fp32", M="i32", K="i32",
                     tokens="i32", eps="fp32", stride_xm="i32", stride_cm="i32", stride_mod="i32", norm_weight=p,
-                    norm_bias=p, update=p, gate=p, x_out=p, stride_um="i32", stride_om="i32")  # fmt: skip
+                    norm_bias=p, update=p, gate=p, x_out=p, stride_um="i32", stride_om="i32", second=p, split="i32",
+                    stride_sm="i32")  # fmt: skip
 
     one_pass = dict(EMULATE=False, HAS_SMOOTH=False, ONE_SAMPLE=False, RESIDUAL=0, BLOCK_M=4, HEAD=1024, TAIL=128,
-                    NORM=0, MODULATE=False, NORM_WEIGHT=False, NORM_BIAS=False)  # fmt: skip
+                    NORM=0, MODULATE=False, NORM_WEIGHT=False, NORM_BIAS=False, SECOND_ACT=0, CONCAT=False)  # fmt: skip
     adaln = dict(ACT=0, NORM=1, MODULATE=True)  # LayerNorm without affine + modulate
     cases = [  # (x dtype, what differs from one_pass)
         ("bf16", dict(ACT=2, BLOCK_M=1, HEAD=4096, TAIL=512)),  # fc2's GELU input
@@ -70,6 +71,8 @@ def _variants() -> list[tuple]:
         ("bf16", 1152, False, adaln | dict(ONE_SAMPLE=True, RESIDUAL=2)),  # PixArt's fc1 input
         ("bf16", 1152, True, dict(RESIDUAL=2)),  # PixArt's cross-attention input
         ("fp32", 1152, False, dict(NORM=3, NORM_WEIGHT=True, NORM_BIAS=True, MODULATE=True, RESIDUAL=2)),
+        ("bf16", 3072 + 12288, False, dict(CONCAT=True, SECOND_ACT=2)),  # FLUX's single blocks: cat([attn, GELU])
+        ("bf16", 3072 + 12288, True, dict(CONCAT=True, SECOND_ACT=2)),
     ):
         block_m, warps = rowquant.one_pass_launch(4096, width, smoothed)
         head, tail = rowquant.row_tiles(width)

@@ -188,3 +188,48 @@ def test_the_op_refuses_a_norm_weight_without_a_norm(shift):
     modulation_rows = (x, x, 2, 1e-6) if shift else ()
     with pytest.raises(ValueError, match="norm_weight and norm_bias need a norm"):
         quantize_rows(x, None, "none", *modulation_rows, norm_bias=torch.ones(4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("activation", ["none", "gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize(("m", "k", "k2", "smooth"), [(7, 48, 83, False), (70, 20, 76, True), (5, 128, 3, True)],
+                         ids=["plain", "smooth", "short_second"])  # fmt: skip
+def test_pre_pass_concatenates_a_second_part_through_its_activation(m, k, k2, smooth, activation, dtype,
+                                                                     multi_pass):  # fmt: skip
+    """cat([x, act(second)], -1): the second part's columns sit across a tile's edge (48 + 83 = 131 = 128 + 3)."""
+    x, s = operands(m, k + k2, dtype, smooth, seed=k2)
+    first, second = x[:, :k].contiguous(), x[:, k:].contiguous() * 2
+    codes, scales = quantize_rows_fp8(first, s, activation, second=second)
+    ref_codes, ref_scales = quantize_rows_fp8_reference(first, s, activation, second=second)
+    assert codes.shape == (m, k + k2) and scales.shape == (m, 1)
+    assert_codes_match(codes, scales, ref_codes, ref_scales, exact=activation == "none", scale_rtol=1e-6)
+    if activation != "none":  # the activation is the second part's alone
+        everywhere = quantize_rows_fp8_reference(torch.cat([first, second], -1), s, activation)[0]
+        assert (everywhere[:, :k].float() != ref_codes[:, :k].float()).any()
+
+
+def test_the_op_concatenates_and_its_fake_has_both_parts_columns():
+    x, s = operands(6, 48, torch.bfloat16, True)
+    first, second = x[:, :16], x[:, 16:]
+    codes, scales, _ = quantize_rows(first.contiguous(), s, "gelu_tanh", second=second.contiguous())
+    ref_codes, ref_scales = quantize_rows_fp8_reference(first, s, "gelu_tanh", second=second)
+    assert_codes_match(codes, scales, ref_codes, ref_scales, exact=False, scale_rtol=1e-6)
+    torch.library.opcheck(quantize_rows, (first.contiguous(), s, "gelu"), dict(second=second.contiguous()),
+                          test_utils=("test_schema", "test_faketensor"))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(second=torch.zeros(3, 4)), r"second must be torch.float32 \(2, K₂ ≥ 1\)"),
+        (dict(second=torch.zeros(2, 0)), "second must be"),
+        (dict(second=torch.zeros(2, 4, dtype=torch.bfloat16)), "second must be"),
+        (dict(second=torch.zeros(2, 4), norm=Norm("rms", 1e-6)), "takes no norm, modulation or residual"),
+        (dict(second=torch.zeros(2, 4), inv_smooth=torch.ones(4)), r"inv_smooth must be contiguous \(8,\)"),
+    ],
+    ids=["rows", "empty", "dtype", "norm", "smooth_width"],
+)
+def test_a_bad_second_part_is_refused_by_name(kwargs, message):
+    args = dict(x=torch.zeros(2, 4), inv_smooth=None, activation="none") | kwargs
+    with pytest.raises(ValueError, match=message):
+        quantize_rows_fp8(**args)

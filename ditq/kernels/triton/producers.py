@@ -1,5 +1,6 @@
 """What the FP8 input pre-pass (`ditq.kernels.triton.rowquant`) applies to a tile of rows before it quantizes
-them: the producers of a transformer's Linear inputs (a residual add, an activation, a norm, adaLN's modulate),
+them: the producers of a transformer's Linear inputs (a residual add, an activation, a norm, adaLN's modulate, a
+concatenation whose second part goes through an activation),
 each computed as PyTorch's ops compute it, every value rounded to x's dtype where they round it, so that the
 kernels' codes are the reference's (ties aside). Each producer is a compile-time branch: a launch compiles only
 its own."""
@@ -11,7 +12,7 @@ import triton.language as tl
 
 from ditq.kernels.triton.rounding import product, rounded
 
-__all__ = ["inv_std", "load_rows", "residual_sum", "transformed"]
+__all__ = ["concat_rows", "inv_std", "load_rows", "residual_sum", "transformed"]
 
 
 @triton.jit
@@ -98,6 +99,36 @@ def _normalized(
 
 
 @triton.jit
+def _activated(h, ACT: tl.constexpr):
+    """ACT(h) in float32: 1 exact GELU, 2 its tanh approximation, 3 SiLU (0: h)."""
+    if ACT == 1:
+        h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    if ACT == 2:  # tanh(u) = 1 − 2 / (e^{2u} + 1): up to 7e-5 relative off PyTorch's for inputs in [-3, -1] (and 0
+        # below -3, |error| ≤ 3.2e-7), far under the bf16 step the result is rounded to
+        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
+        h = 0.5 * h * (2.0 - 2.0 / (tl.exp(tl.minimum(2.0 * u, 80.0)) + 1.0))
+    if ACT == 3:  # x / (1 + e^-x) as PyTorch computes it (e^-x = inf below -88: -0, as PyTorch's)
+        h = h / (1.0 + tl.exp(-h))
+    return h
+
+
+@triton.jit
+def concat_rows(x, tail, rows, cols, row_ok, split, K, stride_xm, stride_tm, ACT: tl.constexpr,
+                EMULATE: tl.constexpr):  # fmt: skip
+    """(rows, cols) tile of cat([x, ACT(tail)], -1) in x's dtype, x (M, split) and tail (M, K − split) of one dtype:
+    the activation in float32, rounded to that dtype as PyTorch's op on `tail` rounds it; 0 outside."""
+    first = load_rows(x, rows, cols, row_ok, split, stride_xm)
+    in_tail = row_ok[:, None] & ((cols >= split) & (cols < K))[None, :]
+    second = tl.load(tail + rows.to(tl.int64)[:, None] * stride_tm + (cols - split)[None, :], mask=in_tail,
+                     other=0.0)  # fmt: skip
+    if ACT != 0:
+        second = _activated(second.to(tl.float32), ACT)
+        if first.dtype != tl.float32:
+            second = rounded(second, first.dtype, EMULATE)
+    return tl.where((cols < split)[None, :], first, second.to(first.dtype))
+
+
+@triton.jit
 def transformed(
     v, mean, rstd, shift, scale_mod, norm_weight, norm_bias, inv_smooth, rows, cols, row_ok, K, tokens, stride_mod,
     ACT: tl.constexpr, NORM: tl.constexpr, MODULATE: tl.constexpr, NORM_WEIGHT: tl.constexpr,
@@ -123,16 +154,10 @@ def transformed(
             else:
                 h = product(h, gain, EMULATE) + bias
         h = tl.where(inside, h, 0.0)
-    if ACT == 1:  # exact GELU
-        h = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
-    if ACT == 2:  # tanh approximation, tanh(u) = 1 − 2 / (e^{2u} + 1): up to 7e-5 relative off PyTorch's for
-        # inputs in [-3, -1] (and 0 below -3, |error| ≤ 3.2e-7), far under the bf16 step the result is rounded to
-        u = 0.7978845608028654 * (h + 0.044715 * h * h * h)
-        h = 0.5 * h * (2.0 - 2.0 / (tl.exp(tl.minimum(2.0 * u, 80.0)) + 1.0))
-    if ACT == 3:  # SiLU, x / (1 + e^-x) as PyTorch computes it (e^-x = inf below -88: -0, as PyTorch's)
-        h = h / (1.0 + tl.exp(-h))
-    if ROUND and ACT != 0:
-        h = rounded(h, dtype, EMULATE)
+    if ACT != 0:
+        h = _activated(h, ACT)
+        if ROUND:
+            h = rounded(h, dtype, EMULATE)
     if HAS_SMOOTH:
         r = tl.load(inv_smooth + cols, mask=cols < K, other=1.0).to(tl.float32)[None, :]
         h = h * r  # in float32, as x · inv_smooth promotes to, and not rounded to x's dtype

@@ -2,6 +2,7 @@
 pre-pass of an FP8 GEMM whose input no compiler fuses well.
 
     x (M, K) ──► [x += (gate ·) update] ──► h = act(x) or [modulate(] norm(x) [, shift, scale)] [· inv_smooth]
+                                                 or cat([x, act(second)], -1)
              ──► s = max|h| / 448 per row, codes = e4m3(h · (1/s))
 
 The producers fused are those of a transformer's Linear inputs. The input of an MLP's second Linear is
@@ -41,7 +42,7 @@ from ditq.kernels.reference import (
 )
 from ditq.kernels.triton import interpreted
 from ditq.kernels.triton.lowrank import append_lowrank_codes, check_lowrank
-from ditq.kernels.triton.producers import inv_std, load_rows, residual_sum, transformed
+from ditq.kernels.triton.producers import concat_rows, inv_std, load_rows, residual_sum, transformed
 from ditq.kernels.triton.rounding import rounded
 from ditq.quant.primitives import FP8_MAX, SCALE_FLOOR, fp8_cast, fp8_scale
 
@@ -76,24 +77,33 @@ def _store_codes(codes, h, scale, rows, cols, row_ok, K, stride_cm, EMULATE: tl.
 @triton.jit
 def _rows_one_pass_kernel(
     x, inv_smooth, shift, scale_mod, codes, scales, M, K, tokens, eps, stride_xm, stride_cm, stride_mod,
-    norm_weight, norm_bias, update, gate, x_out, stride_um, stride_om,
+    norm_weight, norm_bias, update, gate, x_out, stride_um, stride_om, second, split, stride_sm,
     ACT: tl.constexpr, NORM: tl.constexpr, MODULATE: tl.constexpr, NORM_WEIGHT: tl.constexpr,
     NORM_BIAS: tl.constexpr, HAS_SMOOTH: tl.constexpr, EMULATE: tl.constexpr, ONE_SAMPLE: tl.constexpr,
     BLOCK_M: tl.constexpr, HEAD: tl.constexpr, TAIL: tl.constexpr, RESIDUAL: tl.constexpr,
+    SECOND_ACT: tl.constexpr, CONCAT: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_M whole rows per program: columns [0, HEAD) and [HEAD, HEAD + TAIL), both powers of two.
-    RESIDUAL: x is first replaced by x + gate · update (1) or x + update (2), which is also written to `x_out`."""
+    RESIDUAL: x is first replaced by x + gate · update (1) or x + update (2), which is also written to `x_out`.
+    CONCAT: the rows are cat([x, SECOND_ACT(second)], -1), x's `split` columns first."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     head_cols = tl.arange(0, HEAD)
-    head_x = load_rows(x, rows, head_cols, row_ok, K, stride_xm)
+    if CONCAT:
+        head_x = concat_rows(x, second, rows, head_cols, row_ok, split, K, stride_xm, stride_sm, SECOND_ACT, EMULATE)
+    else:
+        head_x = load_rows(x, rows, head_cols, row_ok, K, stride_xm)
     if RESIDUAL != 0:
         head_x = residual_sum(head_x, update, gate, x_out, rows, head_cols, row_ok, K, tokens,
                               stride_um, stride_om, stride_mod, RESIDUAL, EMULATE, ONE_SAMPLE,
                               BLOCK_M)  # fmt: skip
     if TAIL > 0:
         tail_cols = HEAD + tl.arange(0, TAIL)
-        tail_x = load_rows(x, rows, tail_cols, row_ok, K, stride_xm)
+        if CONCAT:
+            tail_x = concat_rows(x, second, rows, tail_cols, row_ok, split, K, stride_xm, stride_sm, SECOND_ACT,
+                                 EMULATE)  # fmt: skip
+        else:
+            tail_x = load_rows(x, rows, tail_cols, row_ok, K, stride_xm)
         if RESIDUAL != 0:
             tail_x = residual_sum(tail_x, update, gate, x_out, rows, tail_cols, row_ok, K, tokens,
                                   stride_um, stride_om, stride_mod, RESIDUAL, EMULATE, ONE_SAMPLE,
@@ -194,6 +204,7 @@ def quantize_rows_fp8(
     residual_out: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
+    second: torch.Tensor | None = None,
     row_elements: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,6 +212,11 @@ def quantize_rows_fp8(
     modulate(norm(x), shift, scale), [· inv_smooth], inv_smooth (K,) the float32 reciprocal of SVDQuant's
     smoothing (`ditq.kernels.fp8` says why a product). `norm` None with a modulation: adaLN's LayerNorm without
     affine (`modulation.eps`).
+
+    `second` (M, K₂) in x's dtype: h = cat([x, activation(second)], -1) instead, K = x's columns + K₂ (FLUX's
+    single blocks feed their out projection cat([attention, GELU(mlp)]): the pre-pass reads both parts once and
+    computes the GELU, where a concatenation would be written and read again). Rows too wide to hold in
+    registers are concatenated by PyTorch first.
 
     `residual`: x is first replaced by x + gate·update (a gate needs a modulation: its rows per sample) or
     x + update, the block's residual add, which is written to `residual_out` (contiguous (M, K) in x's dtype):
@@ -219,8 +235,16 @@ def quantize_rows_fp8(
     to 8.5 µs faster each), chosen while smoothing still divided rather than multiplied.
     """
     norm = norm or (None if modulation is None else Norm("layer", modulation.eps))
-    m, k = _check_operands(x, inv_smooth, activation, modulation, out, norm, residual, residual_out)
+    m, k = _check_operands(x, inv_smooth, activation, modulation, out, norm, residual, residual_out, second)
     rank = 0 if lowrank is None else check_lowrank(k, *lowrank)
+    second_act = "none"
+    if second is not None:
+        head, tail = row_tiles(k)
+        if head + tail > MAX_RESIDENT:
+            x, second = torch.cat([x, activate(second, activation)], dim=-1), None
+        else:
+            second_act, second = activation, second if second.stride(-1) == 1 else second.contiguous()
+        activation = "none"  # the activation was the second part's
     x = x if x.stride(-1) == 1 else x.contiguous()
     codes = torch.empty(m, k + 2 * rank, dtype=torch.float8_e4m3fn, device=x.device) if out is None else out
     if rank and codes.shape[1] != k + 2 * rank:
@@ -244,11 +268,12 @@ def quantize_rows_fp8(
     if one_pass:
         block_m, warps = one_pass_launch(m, k, inv_smooth is not None, row_elements)
         update, x_new = (x, x) if residual is None else (residual.update.contiguous(), residual_out)
+        parts = (x, x.shape[1], 0) if second is None else (second, x.shape[1], second.stride(0))
         wrap_triton(_rows_one_pass_kernel)[(triton.cdiv(m, block_m),)](
-            *args, update, gate, x_new, update.stride(0), x_new.stride(0),
+            *args, update, gate, x_new, update.stride(0), x_new.stride(0), *parts,
             ONE_SAMPLE=_one_sample(modulation, block_m), BLOCK_M=block_m, HEAD=head, TAIL=tail,
             RESIDUAL=0 if residual is None else 2 if residual.gate is None else 1,
-            num_warps=num_warps or warps, **common,
+            SECOND_ACT=ACTIVATIONS[second_act], CONCAT=second is not None, num_warps=num_warps or warps, **common,
         )  # fmt: skip
     else:
         block_m, block_k = MULTI_PASS_BLOCKS
@@ -301,6 +326,7 @@ def _check_operands(
     norm: Norm | None = None,
     residual: Residual | None = None,
     residual_out: torch.Tensor | None = None,
+    second: torch.Tensor | None = None,
 ) -> tuple[int, int]:
     """(M, K), or a ValueError naming what the kernel would read or write wrongly."""
     if x.ndim != 2 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -308,6 +334,13 @@ def _check_operands(
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
     m, k = x.shape
+    if second is not None:
+        if second.ndim != 2 or second.shape[0] != m or second.shape[1] == 0 or second.dtype != x.dtype:
+            raise ValueError(f"second must be {x.dtype} ({m}, K₂ ≥ 1) like x's rows, got {second.dtype} "
+                             f"{tuple(second.shape)}")  # fmt: skip
+        if norm is not None or modulation is not None or residual is not None:
+            raise ValueError("a concatenation (second) takes no norm, modulation or residual")
+        k += second.shape[1]
     if inv_smooth is not None and (tuple(inv_smooth.shape) != (k,) or not inv_smooth.is_contiguous()):
         raise ValueError(f"inv_smooth must be contiguous ({k},), got {tuple(inv_smooth.shape)}")
     if out is not None and (out.dtype != torch.float8_e4m3fn or out.ndim != 2 or out.shape[0] != m
@@ -361,9 +394,12 @@ def quantize_rows_fp8_reference(
     modulation: Modulation | None = None,
     residual: Residual | None = None,
     norm: Norm | None = None,
+    second: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same in PyTorch, as the FP8 backend computes it without the kernel (with a residual, of the sum
     `residual_added` returns)."""
+    if second is not None:
+        x, activation = torch.cat([x, activate(second, activation)], dim=-1), "none"
     if residual is not None:
         x = residual_added(x, residual, 1 if modulation is None else modulation.tokens)
     if modulation is not None:
