@@ -182,10 +182,7 @@ def modulated_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 ])  # fmt: skip
 def test_a_modulate_is_folded_with_per_sample_shift_and_scale_only(variant, expected):
     model = prepare_for_inference(Modulated(variant).eval(), "fp8-cached")
-    x, update, c = modulated_inputs()
-    counters[COUNTER].clear()
-    assert_compiled_matches_eager(model, x, update, c, backend=pre_grad_only)
-    assert +counters[COUNTER] == Counter(expected)
+    assert folded(model, *modulated_inputs()) == Counter(expected)
 
 
 class Normalized(torch.nn.Module):
@@ -224,9 +221,7 @@ NORMS = {
 def test_a_norm_without_a_modulate_and_silu_are_folded(norm):
     model = prepare_for_inference(Normalized(norm).eval(), "fp8-cached")
     folded_kind = dict(silu=1) if norm == "silu" else dict(norm=1, residual=1)
-    counters[COUNTER].clear()
-    assert_compiled_matches_eager(model, *modulated_inputs(), backend=pre_grad_only)
-    assert +counters[COUNTER] == Counter(deduped=2, **folded_kind)
+    assert folded(model, *modulated_inputs()) == Counter(deduped=2, **folded_kind)
 
 
 class Concatenated(torch.nn.Module):
@@ -258,10 +253,7 @@ class Concatenated(torch.nn.Module):
 ])  # fmt: skip
 def test_a_concatenation_of_two_parts_is_folded_with_the_second_parts_activation(variant, expected):
     model = prepare_for_inference(Concatenated(variant).eval(), "fp8-cached")
-    x, a, unused = modulated_inputs()
-    counters[COUNTER].clear()
-    assert_compiled_matches_eager(model, x, a, unused, backend=pre_grad_only)
-    assert +counters[COUNTER] == Counter(expected)
+    assert folded(model, *modulated_inputs()) == Counter(expected)
 
 
 def test_a_large_dit_folds_its_rms_norms_and_modulates():
