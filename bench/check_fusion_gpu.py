@@ -50,8 +50,9 @@ def tiny_flux() -> tuple[torch.nn.Module, tuple, Counter]:
     """A FLUX transformer of 1 double and 2 single blocks (width 256), 2 samples of 256 image + 16 text tokens;
     expected: the double block's norm1/norm1_context + modulate → q/k/v and the added projections (one pre-pass
     each, two deduped), norm2/norm2_context → ff/ff_context with the attention's residual adds, their GELUs; each
-    single block's norm + modulate → proj_mlp, q, k, v (one pre-pass, three deduped) and cat([attention,
-    GELU(mlp)]) → proj_out; left to inductor: the joint attention's outputs (token slices of two samples)."""
+    single block's norm + modulate of its cat([text, image]) tokens (read part by part) → proj_mlp, q, k, v (one
+    pre-pass, three deduped) and cat([attention, GELU(mlp)]) → proj_out; left to inductor: the joint attention's
+    outputs (token slices of two samples)."""
     import diffusers
 
     torch.manual_seed(0)
@@ -75,7 +76,7 @@ def tiny_flux() -> tuple[torch.nn.Module, tuple, Counter]:
         def forward(self, *values):
             return self.model(**dict(zip(inputs, values, strict=True)), return_dict=False)[0]
 
-    return Positional(), tuple(inputs.values()), Counter(norm_modulate=6, deduped=10, gelu=2, residual=2, plain=2, concat=2)
+    return Positional(), tuple(inputs.values()), Counter(norm_modulate=6, deduped=10, gelu=2, residual=2, plain=2, concat=2, token_concat=2)
 
 
 def check(name: str, model: torch.nn.Module, args: tuple, expected: Counter) -> bool:

@@ -93,10 +93,13 @@ def expand_fp8(qweight: torch.Tensor, bits: int, n_cols: int, ternary: bool) -> 
 
 def _quantized_rows_fake(x, inv_smooth, activation, shift=None, scale=None, tokens=1, eps=0.0, lowrank_down=None,
                          lowrank_down_scale=None, update=None, gate=None, norm=None, norm_weight=None,
-                         norm_bias=None, second=None):  # fmt: skip
-    extra = (0 if lowrank_down is None else 2 * lowrank_down.shape[1]) + (0 if second is None else second.shape[1])
-    return (x.new_empty((x.shape[0], x.shape[1] + extra), dtype=torch.float8_e4m3fn),
-            x.new_empty((x.shape[0], 1), dtype=torch.float32), x.new_empty(x.shape if update is not None else 0))  # fmt: skip
+                         norm_bias=None, second=None, first_tokens=0):  # fmt: skip
+    rows, cols = x.shape
+    if second is not None:
+        rows, cols = (rows + second.shape[0], cols) if first_tokens else (rows, cols + second.shape[1])
+    extra = 0 if lowrank_down is None else 2 * lowrank_down.shape[1]
+    return (x.new_empty((rows, cols + extra), dtype=torch.float8_e4m3fn), x.new_empty((rows, 1), dtype=torch.float32),
+            x.new_empty(x.shape if update is not None else 0))  # fmt: skip
 
 
 @kernel_op("ditq::quantize_rows_fp8", fake=_quantized_rows_fake)
@@ -116,10 +119,12 @@ def quantize_rows(
     norm_weight: torch.Tensor | None = None,
     norm_bias: torch.Tensor | None = None,
     second: torch.Tensor | None = None,
+    first_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(e4m3 codes (M, K [+ 2·rank]), float32 row scales (M, 1), x') of h = activation(x), or
     [modulate(] norm(x) [, shift, scale)] [· inv_smooth], x (M, K), or cat([x, activation(second)], -1) (K = the
-    columns of both) [· inv_smooth], by the Triton pre-pass; with SVDQuant's
+    columns of both) [· inv_smooth], or, with `first_tokens` T₁, any of them of the rows of x's samples of T₁
+    tokens and `second`'s tokens of each concatenated (M = the rows of both), by the Triton pre-pass; with SVDQuant's
     down-projection (`_lowrank_parts`) its e4m3 activations P follow, twice (`ditq.kernels.triton.lowrank`).
     `norm`: one of `reference.NORMS` with `eps` and an optional `norm_weight`, `norm_bias` (K,); None: adaLN's
     LayerNorm without affine with a shift, no norm without. With an `update`, x' = x + gate·update (x + update
@@ -137,7 +142,7 @@ def quantize_rows(
     codes, scales = quantize_rows_fp8(x, inv_smooth, activation, modulation,
                                       norm=None if kind is None else Norm(kind, eps, norm_weight, norm_bias),
                                       residual=residual, residual_out=x_new if residual else None,
-                                      lowrank=lowrank, second=second)  # fmt: skip
+                                      lowrank=lowrank, second=second, first_tokens=first_tokens)  # fmt: skip
     return codes, scales, x_new
 
 

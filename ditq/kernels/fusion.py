@@ -17,7 +17,10 @@ one of these (`ditq.kernels.producers` matches them), moves the producer into th
 - a concatenation along the last dim, its second part optionally through GELU or SiLU: FLUX's single blocks feed
   their out projection cat([attention, GELU(mlp)]) (4,608 × 15,360), which inductor quantizes in two kernels, the
   GELU recomputed (287 µs per block on an H100, `bench/results/diffusers_flux_profile_h100_*.txt`); the pre-pass
-  reads both parts once.
+  reads both parts once;
+- under any of these, a concatenation of tokens, cat([a, b], 1) of (N, T, K) tensors without a residual add to
+  fold (FLUX's single blocks normalize cat([text, image]), which inductor wrote first: 66 µs per block on the
+  H100): the pre-pass reads each sample's rows from both.
 Any other input is left alone: `ditq::fp8_input_codes` then decomposes into ordinary ops that inductor fuses
 into the producer. Identical pre-passes (q, k and v reading one x with the same smoothing) run once.
 
@@ -121,6 +124,7 @@ class _Rewrite:
             fused = self._pre_pass(args, producer)
         self.made[key] = fused
         self._replace(node, fused, producer.kind)
+        counters[COUNTER]["token_concat"] += producer.first_tokens > 0
         if producer.residual is not None:
             counters[COUNTER]["residual"] += 1
             with self.graph.inserting_after(fused):
@@ -134,6 +138,7 @@ class _Rewrite:
         args = args | dict(x=self._rows(p.x, -1, k), activation=p.activation)
         if p.shift is not None:  # (N, T, K) rows of N samples
             n, tokens = shape(p.x)[:2]
+            tokens += shape(p.second)[1] if p.first_tokens else 0
             args |= dict(shift=self._rows(p.shift, n, k), scale=self._rows(p.scale, n, k), tokens=tokens, eps=p.eps)
         if p.norm is not None:  # another norm than the op's default (only where the op takes one)
             args |= dict(norm=p.norm, norm_weight=p.norm_weight, norm_bias=p.norm_bias, eps=p.eps)
@@ -141,7 +146,7 @@ class _Rewrite:
             gate = None if p.gate is None else self._rows(p.gate, shape(p.x)[0], k)
             args |= dict(update=self._rows(p.update, -1, k), gate=gate)
         if p.second is not None:
-            args |= dict(second=self._rows(p.second, -1, shape(p.second)[-1]))
+            args |= dict(second=self._rows(p.second, -1, shape(p.second)[-1]), first_tokens=p.first_tokens)
         return self._call("call_function", PRE_PASS, tuple(args[name] for name in _PRE_PASS_ARGS))
 
     def _rows(self, node: fx.Node, rows: int, k: int) -> fx.Node:

@@ -11,6 +11,7 @@ GELU(mlp)])). What the op cannot apply (its signature says which norms it takes)
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import operator
 from collections.abc import Callable, Iterator
@@ -65,17 +66,51 @@ class Producer:
     residual: fx.Node | None = None
     update: fx.Node | None = None
     gate: fx.Node | None = None
-    second: fx.Node | None = None  # concat: the part behind x, which goes through `activation`
+    second: fx.Node | None = None  # concat: the part behind x, which goes through `activation`; else, with
+    first_tokens: int = 0  # T₁ > 0: x (N, T₁, K) and second (N, T₂, K) are the producer's input's tokens
 
 
-_CONCAT = "second" in {a.name for a in torch.ops.ditq.quantize_rows_fp8.default._schema.arguments}
+_OP_ARGS = {a.name for a in torch.ops.ditq.quantize_rows_fp8.default._schema.arguments}
+_CONCAT, _TOKEN_CONCAT = "second" in _OP_ARGS, "first_tokens" in _OP_ARGS
 
 
 def producer_of(x: fx.Node) -> Producer | None:
     """The producer of a layer's input x that the pre-pass can compute, or None."""
     source = _through_identities(x)
-    return (_modulated(source) or _normalized_alone(source) or _activation(source) or _concatenated(source)
-            or _attention_output(x))  # fmt: skip
+    found = (_modulated(source) or _normalized_alone(source) or _activation(source) or _concatenated(source)
+             or _attention_output(x))  # fmt: skip
+    return found if found is None else _tokens_apart(found)
+
+
+def _tokens_apart(p: Producer) -> Producer:
+    """p reading the two parts of its input where that input is cat([a, b], 1) of (N, T, K) tensors (FLUX's single
+    blocks normalize cat([text, image]) tokens), so that the concatenation is not written first; with a residual
+    (whose sum the pre-pass writes) or on its own input p stays."""
+    parts = _token_parts(p.x) if _TOKEN_CONCAT and p.residual is None and p.second is None else None
+    if parts is None or p.kind == "attention":
+        return p
+    first, second = parts
+    return dataclasses.replace(p, x=first, second=second, first_tokens=shape(first)[1])
+
+
+def _token_parts(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(a, b) where node = cat([a, b], dim=1) of two (N, T, K) tensors of one float dtype."""
+    parts, dim = _cat_operands(node)
+    if parts is None or len(shape(parts[0])) != 3 or dim not in (1, -2):
+        return None
+    a, b = parts
+    same = shape(a)[0] == shape(b)[0] and shape(a)[2] == shape(b)[2]
+    return (a, b) if same and _float(a) and _same_dtype(a, b) else None
+
+
+def _cat_operands(node: fx.Node) -> tuple[tuple[fx.Node, fx.Node] | None, Any]:
+    """((first, second), dim) when node concatenates two tensors, else (None, None)."""
+    if not (node.op == "call_function" and node.target is torch.cat):
+        return None, None
+    parts, dim = (list(node.args) + [node.kwargs.get("dim", 0)])[:2] if len(node.args) < 2 else node.args[:2]
+    if not (isinstance(parts, (list, tuple)) and len(parts) == 2 and all(isinstance(p, fx.Node) for p in parts)):
+        return None, None
+    return tuple(parts), dim
 
 
 def _modulated(node: fx.Node) -> Producer | None:
@@ -186,10 +221,8 @@ def _activation(node: fx.Node) -> Producer | None:
 def _concatenated(node: fx.Node) -> Producer | None:
     """cat([x, second], -1) of two parts of one float dtype and one leading shape, `second` seen through its
     activation where it has one the pre-pass applies."""
-    if not (_CONCAT and node.op == "call_function" and node.target is torch.cat):
-        return None
-    parts, dim = (list(node.args) + [node.kwargs.get("dim", 0)])[:2] if len(node.args) < 2 else node.args[:2]
-    if not (isinstance(parts, (list, tuple)) and len(parts) == 2 and all(isinstance(p, fx.Node) for p in parts)):
+    parts, dim = _cat_operands(node)
+    if not _CONCAT or parts is None:
         return None
     x, second = parts
     if dim not in (-1, len(shape(x)) - 1) or shape(x)[:-1] != shape(second)[:-1] or not _float(x):

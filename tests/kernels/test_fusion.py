@@ -96,8 +96,8 @@ def test_few_rows_on_the_fp8_backend_keep_the_lowbit_route_and_nothing_is_folded
 #   ending at add_q/k/v (an AdaLayerNormContinuous: `(1 + scale)[:, None, :]`); the joint attention's outputs
 #   are token slices of two samples' rows (not contiguous): plain;
 # - FLUX: a double block as SD3's first; a single block's norm → proj_mlp, to_q/k/v (one pre-pass, three
-#   deduped), its proj_out reads cat([attention, GELU(proj_mlp)]) (concat: one pre-pass reads both), and blocks
-#   start from a concatenation (no residual).
+#   deduped), its proj_out reads cat([attention, GELU(proj_mlp)]) (concat: one pre-pass reads both), and its norm
+#   reads cat([text, image]) tokens (token_concat: the pre-pass reads both, no residual).
 L = 2
 DIFFUSERS = {
     "DiTTransformer2DModel": ({}, dict(norm_modulate=2 * L, deduped=2 * L, gelu=L, attention=L, residual=2 * L - 1)),
@@ -106,7 +106,8 @@ DIFFUSERS = {
     "SD3Transformer2DModel": ({}, dict(norm_modulate=2 * L + L + L - 1, deduped=4 * L, gelu=2 * L - 1,
                                        residual=2 * L - 1 + 2 * (L - 1), plain=2 * L - 1)),
     "FluxTransformer2DModel": (dict(num_layers=1, num_single_layers=1), dict(norm_modulate=4 + 1, deduped=4 + 3,
-                                                                             gelu=2, residual=2, plain=2, concat=1)),
+                                                                             gelu=2, residual=2, plain=2, concat=1,
+                                                                             token_concat=1)),
 }  # fmt: skip
 
 
@@ -253,6 +254,34 @@ class Concatenated(torch.nn.Module):
 ])  # fmt: skip
 def test_a_concatenation_of_two_parts_is_folded_with_the_second_parts_activation(variant, expected):
     model = prepare_for_inference(Concatenated(variant).eval(), "fp8-cached")
+    assert folded(model, *modulated_inputs()) == Counter(expected)
+
+
+class TokensJoined(torch.nn.Module):
+    """q/k/v of modulate(LayerNorm(cat([text, image], 1))), the block's residual the concatenation itself (as FLUX's
+    single blocks); `added`: the norm reads cat(...) + update, whose sum the pre-pass writes (the tokens stay
+    concatenated)."""
+
+    def __init__(self, added: bool):
+        super().__init__()
+        self.added = added
+        self.norm = torch.nn.LayerNorm(48, elementwise_affine=False, eps=1e-6)
+        self.q, self.k, self.v = (QuantLinear.from_linear(torch.nn.Linear(48, 48), SPEC) for _ in "qkv")
+
+    def forward(self, image: torch.Tensor, update: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale, _ = c.chunk(3, dim=1)
+        x = torch.cat([image[:, :7], image[:, 7:]], dim=1)
+        x = x + update if self.added else x
+        h = self.norm(x) * (1 + scale[:, None]) + shift[:, None]
+        return self.q(h) + self.k(h) * self.v(h) + x
+
+
+@pytest.mark.parametrize(("added", "expected"), [
+    (False, dict(norm_modulate=1, token_concat=1, deduped=2)),
+    (True, dict(norm_modulate=1, residual=1, deduped=2)),
+])  # fmt: skip
+def test_a_norm_of_concatenated_tokens_reads_both_parts(added, expected):
+    model = prepare_for_inference(TokensJoined(added).eval(), "fp8-cached")
     assert folded(model, *modulated_inputs()) == Counter(expected)
 
 

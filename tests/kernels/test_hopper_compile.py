@@ -32,7 +32,7 @@ def _variants() -> list[tuple]:
                     stride_sm="i32")  # fmt: skip
 
     one_pass = dict(EMULATE=False, HAS_SMOOTH=False, ONE_SAMPLE=False, RESIDUAL=0, BLOCK_M=4, HEAD=1024, TAIL=128,
-                    NORM=0, MODULATE=False, NORM_WEIGHT=False, NORM_BIAS=False, SECOND_ACT=0, CONCAT=False)  # fmt: skip
+                    NORM=0, MODULATE=False, NORM_WEIGHT=False, NORM_BIAS=False, SECOND_ACT=0, CONCAT=0)  # fmt: skip
     adaln = dict(ACT=0, NORM=1, MODULATE=True)  # LayerNorm without affine + modulate
     cases = [  # (x dtype, what differs from one_pass)
         ("bf16", dict(ACT=2, BLOCK_M=1, HEAD=4096, TAIL=512)),  # fc2's GELU input
@@ -71,8 +71,9 @@ def _variants() -> list[tuple]:
         ("bf16", 1152, False, adaln | dict(ONE_SAMPLE=True, RESIDUAL=2)),  # PixArt's fc1 input
         ("bf16", 1152, True, dict(RESIDUAL=2)),  # PixArt's cross-attention input
         ("fp32", 1152, False, dict(NORM=3, NORM_WEIGHT=True, NORM_BIAS=True, MODULATE=True, RESIDUAL=2)),
-        ("bf16", 3072 + 12288, False, dict(CONCAT=True, SECOND_ACT=2)),  # FLUX's single blocks: cat([attn, GELU])
-        ("bf16", 3072 + 12288, True, dict(CONCAT=True, SECOND_ACT=2)),
+        ("bf16", 3072 + 12288, False, dict(CONCAT=1, SECOND_ACT=2)),  # FLUX's single blocks: cat([attn, GELU])
+        ("bf16", 3072 + 12288, True, dict(CONCAT=1, SECOND_ACT=2)),
+        ("bf16", 3072, False, adaln | dict(CONCAT=2, ONE_SAMPLE=True)),  # ... and their norm of cat([text, image])
     ):
         block_m, warps = rowquant.one_pass_launch(4096, width, smoothed)
         head, tail = rowquant.row_tiles(width)

@@ -233,3 +233,54 @@ def test_a_bad_second_part_is_refused_by_name(kwargs, message):
     args = dict(x=torch.zeros(2, 4), inv_smooth=None, activation="none") | kwargs
     with pytest.raises(ValueError, match=message):
         quantize_rows_fp8(**args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("producer", ["modulate", "rms_norm", "gelu"])
+@pytest.mark.parametrize(("samples", "first", "more", "k"), [(2, 3, 5, 48), (3, 2, 6, 131), (1, 7, 9, 50),
+                                                          (2, 16, 48, 131)],
+                         ids=["2x3+5", "3x2+6", "1x7+9", "one_sample"])  # fmt: skip
+def test_pre_pass_concatenates_tokens_per_sample(samples, first, more, k, producer, dtype, multi_pass):
+    """cat([x (N, T₁, K), second (N, T₂, K)], 1) read part by part: each program's rows (16 at these widths) from
+    both tensors, the modulation's rows per sample of T₁ + T₂ tokens (one_sample: 64 tokens, a program's rows
+    within one sample)."""
+    x = integers(samples * first, k, dtype, seed=1) if producer == "rms_norm" else operands(samples * first, k,
+                                                                                            dtype, False)[0]  # fmt: skip
+    second = integers(samples * more, k, dtype, seed=2) if producer == "rms_norm" else operands(samples * more, k,
+                                                                                                 dtype, False, 5)[0]  # fmt: skip
+    kwargs = dict(gelu=dict(activation="gelu_tanh"), rms_norm=dict(norm=norm_of("rms", k, dtype, True, False)),
+                  modulate=dict(modulation=modulation(samples, first + more, k, dtype)))[producer]  # fmt: skip
+    codes, scales = quantize_rows_fp8(x, None, second=second, first_tokens=first, **kwargs)
+    joined = torch.cat([x.reshape(samples, first, k), second.reshape(samples, more, k)], 1).reshape(-1, k)
+    ref_codes, ref_scales = quantize_rows_fp8_reference(joined, None, **kwargs)
+    assert torch.equal(quantize_rows_fp8_reference(x, None, second=second, first_tokens=first, **kwargs)[0].float(),
+                       ref_codes.float())  # fmt: skip
+    assert codes.shape == (samples * (first + more), k)
+    assert_codes_match(codes, scales, ref_codes, ref_scales, exact=producer == "rms_norm" and EXACT_RMS,
+                       scale_rtol=1e-6)  # fmt: skip
+
+
+def test_the_op_concatenates_tokens_and_its_fake_has_both_parts_rows():
+    x, second = operands(6, 48, torch.float32, False)[0], operands(4, 48, torch.float32, False, seed=1)[0]
+    mod = modulation(2, 5, 48, torch.float32)
+    codes, scales, _ = quantize_rows(x, None, "none", mod.shift, mod.scale, 5, 1e-6, second=second, first_tokens=3)
+    ref_codes, ref_scales = quantize_rows_fp8_reference(x, None, "none", mod, second=second, first_tokens=3)
+    assert_codes_match(codes, scales, ref_codes, ref_scales, exact=False, scale_rtol=1e-6)
+    torch.library.opcheck(quantize_rows, (x, None, "none", mod.shift, mod.scale, 5, 1e-6),
+                          dict(second=second, first_tokens=3), test_utils=("test_schema", "test_faketensor"))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(second=torch.zeros(3, 4), first_tokens=4), "whole samples of first_tokens=4"),
+        (dict(second=torch.zeros(3, 5), first_tokens=2), r"second torch.float32 \(rows, 4\)"),
+        (dict(second=torch.zeros(3, 4), first_tokens=1), "must be whole tokens of x's 2 samples"),
+        (dict(first_tokens=1), "needs a second part"),
+    ],
+    ids=["samples", "width", "tokens", "no_second"],
+)
+def test_a_bad_token_concatenation_is_refused_by_name(kwargs, message):
+    args = dict(x=torch.zeros(2, 4), inv_smooth=None, activation="none") | kwargs
+    with pytest.raises(ValueError, match=message):
+        quantize_rows_fp8(**args)

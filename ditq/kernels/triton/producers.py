@@ -1,6 +1,6 @@
 """What the FP8 input pre-pass (`ditq.kernels.triton.rowquant`) applies to a tile of rows before it quantizes
 them: the producers of a transformer's Linear inputs (a residual add, an activation, a norm, adaLN's modulate, a
-concatenation whose second part goes through an activation),
+concatenation of channels whose second part goes through an activation, or of tokens),
 each computed as PyTorch's ops compute it, every value rounded to x's dtype where they round it, so that the
 kernels' codes are the reference's (ties aside). Each producer is a compile-time branch: a launch compiles only
 its own."""
@@ -12,7 +12,7 @@ import triton.language as tl
 
 from ditq.kernels.triton.rounding import product, rounded
 
-__all__ = ["concat_rows", "inv_std", "load_rows", "residual_sum", "transformed"]
+__all__ = ["concat_rows", "inv_std", "load_rows", "residual_sum", "token_concat_rows", "transformed"]
 
 
 @triton.jit
@@ -126,6 +126,22 @@ def concat_rows(x, tail, rows, cols, row_ok, split, K, stride_xm, stride_tm, ACT
         if first.dtype != tl.float32:
             second = rounded(second, first.dtype, EMULATE)
     return tl.where((cols < split)[None, :], first, second.to(first.dtype))
+
+
+@triton.jit
+def token_concat_rows(x, second, rows, cols, row_ok, split, period, K, stride_xm, stride_sm):
+    """(rows, cols) tile of the rows of cat([x, second], dim=1) over samples of `period` tokens, each sample's
+    first `split` rows in x (N·split, K) and the rest in second (N·(period − split), K); 0 outside."""
+    sample, token = rows // period, rows % period
+    in_first = token < split
+    inside = (cols < K)[None, :]
+    first_rows = (sample * split + token).to(tl.int64)
+    second_rows = (sample * (period - split) + token - split).to(tl.int64)
+    first = tl.load(x + first_rows[:, None] * stride_xm + cols[None, :], mask=(row_ok & in_first)[:, None] & inside,
+                    other=0.0)  # fmt: skip
+    rest = tl.load(second + second_rows[:, None] * stride_sm + cols[None, :],
+                   mask=(row_ok & ~in_first)[:, None] & inside, other=0.0)  # fmt: skip
+    return tl.where(in_first[:, None], first, rest)
 
 
 @triton.jit

@@ -2,7 +2,8 @@
 pre-pass of an FP8 GEMM whose input no compiler fuses well.
 
     x (M, K) ──► [x += (gate ·) update] ──► h = act(x) or [modulate(] norm(x) [, shift, scale)] [· inv_smooth]
-                                                 or cat([x, act(second)], -1)
+                                                 or cat([x, act(second)], -1), or any of these of x's and
+                                                 second's tokens concatenated per sample
              ──► s = max|h| / 448 per row, codes = e4m3(h · (1/s))
 
 The producers fused are those of a transformer's Linear inputs. The input of an MLP's second Linear is
@@ -42,7 +43,14 @@ from ditq.kernels.reference import (
 )
 from ditq.kernels.triton import interpreted
 from ditq.kernels.triton.lowrank import append_lowrank_codes, check_lowrank
-from ditq.kernels.triton.producers import concat_rows, inv_std, load_rows, residual_sum, transformed
+from ditq.kernels.triton.producers import (
+    concat_rows,
+    inv_std,
+    load_rows,
+    residual_sum,
+    token_concat_rows,
+    transformed,
+)
 from ditq.kernels.triton.rounding import rounded
 from ditq.quant.primitives import FP8_MAX, SCALE_FLOOR, fp8_cast, fp8_scale
 
@@ -85,12 +93,15 @@ def _rows_one_pass_kernel(
 ):  # fmt: skip
     """BLOCK_M whole rows per program: columns [0, HEAD) and [HEAD, HEAD + TAIL), both powers of two.
     RESIDUAL: x is first replaced by x + gate · update (1) or x + update (2), which is also written to `x_out`.
-    CONCAT: the rows are cat([x, SECOND_ACT(second)], -1), x's `split` columns first."""
+    CONCAT 1: the rows are cat([x, SECOND_ACT(second)], -1), x's `split` columns first; 2: cat([x, second], 1),
+    each sample's `tokens` rows its `split` rows of x first."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     head_cols = tl.arange(0, HEAD)
-    if CONCAT:
+    if CONCAT == 1:
         head_x = concat_rows(x, second, rows, head_cols, row_ok, split, K, stride_xm, stride_sm, SECOND_ACT, EMULATE)
+    elif CONCAT == 2:
+        head_x = token_concat_rows(x, second, rows, head_cols, row_ok, split, tokens, K, stride_xm, stride_sm)
     else:
         head_x = load_rows(x, rows, head_cols, row_ok, K, stride_xm)
     if RESIDUAL != 0:
@@ -99,9 +110,11 @@ def _rows_one_pass_kernel(
                               BLOCK_M)  # fmt: skip
     if TAIL > 0:
         tail_cols = HEAD + tl.arange(0, TAIL)
-        if CONCAT:
+        if CONCAT == 1:
             tail_x = concat_rows(x, second, rows, tail_cols, row_ok, split, K, stride_xm, stride_sm, SECOND_ACT,
                                  EMULATE)  # fmt: skip
+        elif CONCAT == 2:
+            tail_x = token_concat_rows(x, second, rows, tail_cols, row_ok, split, tokens, K, stride_xm, stride_sm)
         else:
             tail_x = load_rows(x, rows, tail_cols, row_ok, K, stride_xm)
         if RESIDUAL != 0:
@@ -205,6 +218,7 @@ def quantize_rows_fp8(
     out: torch.Tensor | None = None,
     lowrank: tuple[torch.Tensor, torch.Tensor] | None = None,
     second: torch.Tensor | None = None,
+    first_tokens: int = 0,
     row_elements: int | None = None,
     num_warps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +229,10 @@ def quantize_rows_fp8(
 
     `second` (M, K₂) in x's dtype: h = cat([x, activation(second)], -1) instead, K = x's columns + K₂ (FLUX's
     single blocks feed their out projection cat([attention, GELU(mlp)]): the pre-pass reads both parts once and
-    computes the GELU, where a concatenation would be written and read again). Rows too wide to hold in
+    computes the GELU, where a concatenation would be written and read again). With `first_tokens` T₁ > 0 the
+    concatenation is of tokens instead: second (N·T₂, K) holds each of x's N samples' T₂ more tokens, the rows
+    are cat([x (N, T₁, K), second (N, T₂, K)], 1) and any producer applies to them (FLUX's single blocks
+    normalize cat([text, image]) tokens; a modulation's `tokens` must be T₁ + T₂). Rows too wide to hold in
     registers are concatenated by PyTorch first.
 
     `residual`: x is first replaced by x + gate·update (a gate needs a modulation: its rows per sample) or
@@ -235,16 +252,19 @@ def quantize_rows_fp8(
     to 8.5 µs faster each), chosen while smoothing still divided rather than multiplied.
     """
     norm = norm or (None if modulation is None else Norm("layer", modulation.eps))
-    m, k = _check_operands(x, inv_smooth, activation, modulation, out, norm, residual, residual_out, second)
+    m, k = _check_operands(x, inv_smooth, activation, modulation, out, norm, residual, residual_out, second,
+                           first_tokens)  # fmt: skip
     rank = 0 if lowrank is None else check_lowrank(k, *lowrank)
-    second_act = "none"
-    if second is not None:
-        head, tail = row_tiles(k)
-        if head + tail > MAX_RESIDENT:
-            x, second = torch.cat([x, activate(second, activation)], dim=-1), None
+    concat, split, period, second_act = 0, 0, 1, "none"
+    if second is not None and sum(row_tiles(k)) > MAX_RESIDENT:  # the multi-pass kernel reads one tensor
+        x, activation = joined(x, second, activation, first_tokens)
+        second = None
+    elif second is not None:
+        second = second if second.stride(-1) == 1 else second.contiguous()
+        if first_tokens:
+            concat, split, period = 2, first_tokens, _period(x, second, first_tokens)
         else:
-            second_act, second = activation, second if second.stride(-1) == 1 else second.contiguous()
-        activation = "none"  # the activation was the second part's
+            concat, split, second_act, activation = 1, x.shape[1], activation, "none"
     x = x if x.stride(-1) == 1 else x.contiguous()
     codes = torch.empty(m, k + 2 * rank, dtype=torch.float8_e4m3fn, device=x.device) if out is None else out
     if rank and codes.shape[1] != k + 2 * rank:
@@ -257,7 +277,7 @@ def quantize_rows_fp8(
     common = dict(ACT=ACTIVATIONS[activation], NORM=0 if norm is None else NORM_CODES[norm.kind],
                   MODULATE=modulation is not None, NORM_WEIGHT=weight is not None, NORM_BIAS=bias is not None,
                   HAS_SMOOTH=inv_smooth is not None, EMULATE=interpreted())  # fmt: skip
-    tokens = 1 if modulation is None else modulation.tokens
+    tokens = period if modulation is None else modulation.tokens
     head, tail = row_tiles(k)
     one_pass = head + tail <= MAX_RESIDENT
     if residual is not None and not one_pass:  # the multi-pass kernel reads x once per step: add it first
@@ -268,12 +288,12 @@ def quantize_rows_fp8(
     if one_pass:
         block_m, warps = one_pass_launch(m, k, inv_smooth is not None, row_elements)
         update, x_new = (x, x) if residual is None else (residual.update.contiguous(), residual_out)
-        parts = (x, x.shape[1], 0) if second is None else (second, x.shape[1], second.stride(0))
+        second = x if second is None else second
         wrap_triton(_rows_one_pass_kernel)[(triton.cdiv(m, block_m),)](
-            *args, update, gate, x_new, update.stride(0), x_new.stride(0), *parts,
+            *args, update, gate, x_new, update.stride(0), x_new.stride(0), second, split, second.stride(0),
             ONE_SAMPLE=_one_sample(modulation, block_m), BLOCK_M=block_m, HEAD=head, TAIL=tail,
             RESIDUAL=0 if residual is None else 2 if residual.gate is None else 1,
-            SECOND_ACT=ACTIVATIONS[second_act], CONCAT=second is not None, num_warps=num_warps or warps, **common,
+            SECOND_ACT=ACTIVATIONS[second_act], CONCAT=concat, num_warps=num_warps or warps, **common,
         )  # fmt: skip
     else:
         block_m, block_k = MULTI_PASS_BLOCKS
@@ -284,6 +304,21 @@ def quantize_rows_fp8(
     if rank:
         append_lowrank_codes(codes, *lowrank)
     return codes, scales
+
+
+def joined(x: torch.Tensor, second: torch.Tensor, activation: str, first_tokens: int) -> tuple[torch.Tensor, str]:
+    """(the rows `quantize_rows_fp8` quantizes with a `second` part, the activation left to apply to them)."""
+    if not first_tokens:
+        return torch.cat([x, activate(second, activation)], dim=-1), "none"
+    samples, k = x.shape[0] // first_tokens, x.shape[1]
+    parts = (x.reshape(samples, first_tokens, k), second.reshape(samples, -1, k))
+    return torch.cat(parts, dim=1).reshape(-1, k), activation
+
+
+def _period(x: torch.Tensor, second: torch.Tensor, first_tokens: int) -> int:
+    """Tokens per sample of a token concatenation: T₁ + T₂."""
+    samples = x.shape[0] // first_tokens
+    return first_tokens + (second.shape[0] // samples if samples else 0)
 
 
 def one_pass_launch(m: int, k: int, smoothed: bool, row_elements: int | None = None) -> tuple[int, int]:
@@ -327,6 +362,7 @@ def _check_operands(
     residual: Residual | None = None,
     residual_out: torch.Tensor | None = None,
     second: torch.Tensor | None = None,
+    first_tokens: int = 0,
 ) -> tuple[int, int]:
     """(M, K), or a ValueError naming what the kernel would read or write wrongly."""
     if x.ndim != 2 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -334,13 +370,25 @@ def _check_operands(
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} is not one of {sorted(ACTIVATIONS)}")
     m, k = x.shape
-    if second is not None:
+    if second is not None and first_tokens:
+        samples = m // first_tokens
+        if first_tokens < 0 or m % first_tokens or second.ndim != 2 or second.shape[1] != k or second.dtype != x.dtype:
+            raise ValueError(f"a token concatenation takes x of whole samples of first_tokens={first_tokens} rows and "
+                             f"second {x.dtype} (rows, {k}), got x {tuple(x.shape)}, second {second.dtype} "
+                             f"{tuple(second.shape)}")  # fmt: skip
+        if (second.shape[0] % samples if samples else second.shape[0]) or residual is not None:
+            raise ValueError(f"second's {second.shape[0]} rows must be whole tokens of x's {samples} samples, and "
+                             "a token concatenation takes no residual")  # fmt: skip
+        m += second.shape[0]
+    elif second is not None:
         if second.ndim != 2 or second.shape[0] != m or second.shape[1] == 0 or second.dtype != x.dtype:
             raise ValueError(f"second must be {x.dtype} ({m}, K₂ ≥ 1) like x's rows, got {second.dtype} "
                              f"{tuple(second.shape)}")  # fmt: skip
         if norm is not None or modulation is not None or residual is not None:
             raise ValueError("a concatenation (second) takes no norm, modulation or residual")
         k += second.shape[1]
+    elif first_tokens:
+        raise ValueError(f"first_tokens={first_tokens} needs a second part")
     if inv_smooth is not None and (tuple(inv_smooth.shape) != (k,) or not inv_smooth.is_contiguous()):
         raise ValueError(f"inv_smooth must be contiguous ({k},), got {tuple(inv_smooth.shape)}")
     if out is not None and (out.dtype != torch.float8_e4m3fn or out.ndim != 2 or out.shape[0] != m
@@ -395,11 +443,12 @@ def quantize_rows_fp8_reference(
     residual: Residual | None = None,
     norm: Norm | None = None,
     second: torch.Tensor | None = None,
+    first_tokens: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The same in PyTorch, as the FP8 backend computes it without the kernel (with a residual, of the sum
     `residual_added` returns)."""
     if second is not None:
-        x, activation = torch.cat([x, activate(second, activation)], dim=-1), "none"
+        x, activation = joined(x, second, activation, first_tokens)
     if residual is not None:
         x = residual_added(x, residual, 1 if modulation is None else modulation.tokens)
     if modulation is not None:
