@@ -30,6 +30,7 @@ from torch import nn
 
 import ditq
 from ditq.api import shallow_clone
+from ditq.atomic import write_json, write_text
 from ditq.methods import svdquant
 from ditq.methods.qdit import QDiT
 from ditq.methods.svdquant import SVDQuant
@@ -160,8 +161,8 @@ def main() -> None:
     print(markdown(rows, meta))
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-        args.out.with_suffix(".md").write_text(markdown(rows, meta))
+        write_json(args.out.with_suffix(".json"), {"meta": meta, "rows": rows}, indent=2)
+        write_text(args.out.with_suffix(".md"), markdown(rows, meta))
 
 
 if __name__ == "__main__":

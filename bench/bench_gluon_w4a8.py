@@ -32,6 +32,7 @@ import torch.nn.functional as F
 import triton
 from timing import replay_us
 
+from ditq.atomic import write_json, write_text
 from ditq.kernels.triton.expand import expand_to_fp8
 from ditq.kernels.triton.gluon_w4a8 import LAUNCH, gluon_w4a8_linear, gluon_w4a8_reference
 from ditq.kernels.triton.wgmma_codes import repack_for_wgmma
@@ -247,13 +248,9 @@ def main() -> int:
         if wanted is None or shape[0] in wanted:
             rows.append(measure(*shape, args.launch))
             print(json.dumps(rows[-1]), flush=True)
-            Path(args.out + ".json").write_text(
-                json.dumps({"env": env, "checks": checks, "rows": rows}, indent=2)
-            )
-    Path(args.out + ".json").write_text(
-        json.dumps({"env": env, "checks": checks, "rows": rows}, indent=2) + "\n"
-    )
-    Path(args.out + ".md").write_text(table(env, checks, rows))
+            write_json(args.out + ".json", {"env": env, "checks": checks, "rows": rows}, indent=2)
+    write_json(args.out + ".json", {"env": env, "checks": checks, "rows": rows}, indent=2)
+    write_text(args.out + ".md", table(env, checks, rows))
     print(table(env, checks, rows))
     bounded = all(r.get(f"{v}_err_over_bound", 0.0) <= 1.0 for r in rows for v in VARIANTS)
     return 0 if bounded and all(c["ok"] for c in checks) else 1

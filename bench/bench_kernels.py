@@ -22,6 +22,7 @@ import torch.nn.functional as F
 import triton
 from timing import replay_us
 
+from ditq.atomic import write_json, write_text
 from ditq.kernels import prepare_for_inference
 from ditq.kernels.triton.expand import expand_to_fp8
 from ditq.kernels.triton.lowbit_gemm import lowbit_linear
@@ -122,9 +123,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="output stem: writes <out>.json and <out>.md")
     args = parser.parse_args()
     tuning = tune_lowbit()
-    Path(args.out + ".tuning.json").write_text(
-        json.dumps(tuning) + "\n"
-    )  # kept if a later row runs out of time
+    write_json(args.out + ".tuning.json", tuning, indent=None)  # kept if a later row runs out of time
     rows = []
     for shape in SHAPES:
         rows.append(measure(*shape))
@@ -163,10 +162,8 @@ def main() -> None:
         f"- M={t['M']} K={t['K']} N={t['N']}: " + ", ".join(f"{c} {1e3 * ms:.1f}" for c, ms in t["best"])
         for t in tuning
     ]
-    Path(args.out + ".json").write_text(
-        json.dumps({"env": env, "rows": rows, "lowbit_tuning": tuning}, indent=2) + "\n"
-    )
-    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    write_json(args.out + ".json", {"env": env, "rows": rows, "lowbit_tuning": tuning}, indent=2)
+    write_text(args.out + ".md", "\n".join(lines) + "\n")
     for partial in (".tuning.json", ".rows.jsonl"):  # all in the JSON now
         Path(args.out + partial).unlink()
     print("\n".join(lines))

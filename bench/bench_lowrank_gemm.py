@@ -21,6 +21,7 @@ import torch
 import triton
 from timing import replay_us as bench
 
+from ditq.atomic import write_json, write_text
 from ditq.kernels.triton.lowrank import append_lowrank_codes
 
 SHAPES = [("qkv", 1152, 3456), ("proj", 1152, 1152), ("fc1", 1152, 4608), ("fc2", 4608, 1152)]  # (name, K, N)
@@ -79,7 +80,7 @@ def main() -> None:
     }
     if args.sweep:
         rows = [r for k in (1152, 4608) for r in sweep(k)]
-        args.out.with_suffix(".json").write_text(json.dumps(meta | {"rows": rows}, indent=1) + "\n")
+        write_json(args.out.with_suffix(".json"), meta | {"rows": rows}, indent=1)
         lines = [f"# The low-rank codes kernel's launches, {meta['gpu']}, M = {M}, rank 32, µs of CUDA-graph replays "
             "(10 fastest per K)", "",
                  "| K | block_m | block_k | warps | stages | µs |", "|---|---|---|---|---|---|"]  # fmt: skip
@@ -88,13 +89,13 @@ def main() -> None:
                 lines.append(
                     f"| {k} | {r['block_m']} | {r['block_k']} | {r['num_warps']} | {r['num_stages']} | {r['us']:.1f} |"
                 )
-        args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+        write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
         return
     rows = []
     for shape in SHAPES:
         rows.append(measure(*shape))
         print(json.dumps(rows[-1]), flush=True)
-    args.out.with_suffix(".json").write_text(json.dumps(meta | {"rows": rows}, indent=1) + "\n")
+    write_json(args.out.with_suffix(".json"), meta | {"rows": rows}, indent=1)
     head = [
         "layer (K×N)",
         "bf16",
@@ -108,7 +109,7 @@ def main() -> None:
         cells = [f"{r['layer']} ({r['K']}×{r['N']})", f"{r['bf16_us']:.1f}", *[f"{r[f'fp8_K+{e}_us']:.1f}" for e in EXTRA],
                  *[f"{r[f'lowrank_codes_r{q}_us']:.1f}" for q in (32, 64)]]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

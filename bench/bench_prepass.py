@@ -27,6 +27,7 @@ import torch
 import triton
 from timing import replay_us as bench
 
+from ditq.atomic import write_json, write_text
 from ditq.kernels.fp8 import quantize_rows
 from ditq.kernels.reference import Modulation, Norm, Residual, activate, modulated, normalized, residual_added
 from ditq.kernels.triton.lowrank import append_lowrank_codes_reference
@@ -131,7 +132,7 @@ def main() -> None:
     for case in CASES:
         rows.append(measure(*case))
         print(json.dumps(rows[-1]), flush=True)
-        args.out.with_suffix(".json").write_text(json.dumps(meta | {"rows": rows}, indent=1))  # partial kept
+        write_json(args.out.with_suffix(".json"), meta | {"rows": rows}, indent=1)  # partial kept
     lines = [f"# FP8 input pre-pass, {meta['gpu']}, torch {meta['torch']}, Triton {meta['triton']}", "",
              "| case | inductor µs | kernel µs | × inductor | bf16 producer alone µs | ideal µs | codes ≠ ref |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -141,7 +142,7 @@ def main() -> None:
             f"{r['inductor_us'] / r['kernel_us']:.2f} | {r.get('bf16_producer_us', float('nan')):.1f} | "
             f"{r['ideal_us_at_4.3tbps']:.1f} | {r['codes_differing']:.1e} |"
         )
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

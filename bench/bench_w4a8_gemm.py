@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
 from timing import replay_us
 
+from ditq.atomic import write_json, write_text
 from ditq.kernels.triton.expand import expand_to_fp8
 from ditq.kernels.triton.lowbit_gemm import lowbit_linear
 from ditq.quant.primitives import fp8_quantize
@@ -119,7 +119,7 @@ def main() -> None:
         if wanted is None or shape[0] in wanted:
             rows.append(measure(*shape))
             print(json.dumps({k: v for k, v in rows[-1].items() if not k.endswith("configs_us")}), flush=True)
-            Path(args.out + ".json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
+            write_json(args.out + ".json", {"env": env, "rows": rows}, indent=2)
     lines = [
         f"# W4A8-FP8 GEMMs at DiT-XL/2 shapes, kernels alone — {env['gpu']}, torch {env['torch']}, Triton {env['triton']}",
         "",
@@ -138,7 +138,7 @@ def main() -> None:
                  for key in ("cublas_fp8_cached", "expand_cublas_fp8", "fused", "fused_g128")]  # fmt: skip
         lines.append(f"| {r['shape']} | {r['M']}×{r['K']}×{r['N']} | {r['bf16_us']:.1f} | " + " | ".join(cells)
                      + f" | {r['fused_best']} | {r['fused_rel_err']:.1e} |")  # fmt: skip
-    Path(args.out + ".md").write_text("\n".join(lines) + "\n")
+    write_text(args.out + ".md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import triton
 from timing import replay_us
 
+from ditq.atomic import write_json, write_text
 from ditq.kernels.triton.expand import expand_to_fp8
 from ditq.kernels.triton.lowbit_gemm import effective_split, lowbit_linear
 from ditq.quant.packing import signed_offset
@@ -119,7 +120,7 @@ def main() -> None:
     for shape in SHAPES:
         rows.append(measure(*shape))
         print(json.dumps({k: v for k, v in rows[-1].items() if not k.endswith("configs_us")}), flush=True)
-        args.out.with_suffix(".json").write_text(json.dumps(meta | {"rows": rows}, indent=1))  # partial kept
+        write_json(args.out.with_suffix(".json"), meta | {"rows": rows}, indent=1)  # partial kept
     lines = [f"# Weight-bound GEMMs, kernels alone — {meta['gpu']}, torch {meta['torch']}, Triton {meta['triton']}",
              "", f"µs per layer, median of CUDA-graph replays over {LAYERS} layers with distinct weights; "
              "× = bf16 / lowbit, same run. Best = the best launch config (block_n, block_k, warps, stages); split: "
@@ -134,7 +135,7 @@ def main() -> None:
                                              for kind in ("default", "best", "best_split")]]  # fmt: skip
         lines.append(f"| {r['shape']} | {r['M']}×{r['K']}×{r['N']} | {r['bf16_us']:.2f} | " + " | ".join(cells)
                      + f" | {r['int4_best']} / {r['ternary_best']} |")  # fmt: skip
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_text(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

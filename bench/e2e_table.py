@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from ditq.atomic import write_json, write_text
+
 
 def main(lines_path: str, out_stem: str) -> None:
     rows = [json.loads(line) for line in Path(lines_path).read_text().splitlines() if line.startswith("{")]
@@ -53,8 +55,8 @@ def main(lines_path: str, out_stem: str) -> None:
             f"{'yes' if r.get('all_linears') else 'no'} | {weights} | {held} | "
             f"{r['median_ms']:.2f} | {ratio} | {back_to_back} | {sampling} | {r['compile_s']} | {r['compiled_vs_eager_rel_err']:.1e} |"
         )
-    Path(out_stem + ".json").write_text(json.dumps(rows, indent=2) + "\n")
-    Path(out_stem + ".md").write_text("\n".join(lines) + "\n")
+    write_json(out_stem + ".json", rows, indent=2)
+    write_text(out_stem + ".md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

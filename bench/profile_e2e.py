@@ -17,6 +17,8 @@ import torch
 from bench_e2e import build
 from torch.profiler import ProfilerActivity, profile
 
+from ditq.atomic import write_text
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -50,7 +52,7 @@ def main() -> None:
             table += "\n" + prof.key_averages().table(
                 sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=90
             )
-        (args.out / f"profile_{entry.replace(':', '_')}.txt").write_text(table + "\n")
+        write_text(args.out / f"profile_{entry.replace(':', '_')}.txt", table + "\n")
         print(entry, "\n", table[:6000], flush=True)
         del model, compiled
         torch.cuda.empty_cache()

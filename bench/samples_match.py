@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import ditq
+from ditq.atomic import write_json
 from ditq.bundled import bundled_path
 from ditq.demo import DEMO_RECIPE
 from ditq.eval.runner import SampleSettings, compare_pixels, draw
@@ -70,7 +71,7 @@ def main() -> None:
     result = {"gpu": torch.cuda.get_device_name() if args.device == "cuda" else args.device, "torch": torch.__version__,
               "triton": __import__("triton").__version__, "settings": dataclasses.asdict(settings),
               "vs_reference_backend": models}  # fmt: skip
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result, indent=2)
     print(json.dumps(result, indent=2))
 
 

@@ -15,7 +15,6 @@ scored on >= 1,000 samples at 50 steps, so every searched recipe is also a 25 â†
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 
 import ditq
 from ditq.api import shallow_clone
+from ditq.atomic import json_text, write_text
 from ditq.bundled import open_model
 from ditq.eval.runner import SampleSettings, evaluate
 from ditq.methods.qdit import QDiT, average_bits_per_weight, gptq_cache
@@ -134,9 +134,10 @@ def main() -> None:
         print(f"evaluated seed {seed} ({time.perf_counter() - started:.0f} s)", flush=True)
     report["seconds"] = round(time.perf_counter() - started, 1)
     shutil.rmtree(work, ignore_errors=True)
-    (args.out / "results.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    json_path = args.out / "results.json"
+    write_text(json_path, json_text(report, what=str(json_path), indent=1, default=str) + "\n")
     table = _markdown(report)
-    (args.out / "results.md").write_text(table)
+    write_text(args.out / "results.md", table)
     print(table)
 
 

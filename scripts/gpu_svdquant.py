@@ -30,6 +30,7 @@ import torch
 
 import ditq
 from ditq.api import plan, shallow_clone
+from ditq.atomic import write_json, write_text
 from ditq.bundled import open_model
 from ditq.eval.features import load_feature_net, load_real_stats
 from ditq.eval.runner import SampleSettings, compare_pixels, draw, score
@@ -144,9 +145,9 @@ def table(args: argparse.Namespace) -> None:
     finally:
         shutil.rmtree(state_root, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    write_json(args.out / "results.json", results, indent=1)
     md = markdown(results, settings)
-    (args.out / "results.md").write_text(md)
+    write_text(args.out / "results.md", md)
     print(md)
 
 
@@ -211,13 +212,13 @@ def timing_xl(args: argparse.Namespace) -> None:
         print(f"{name}: {seconds:.1f}s, peak {report[name]['peak_gpu_gib']} GiB", flush=True)
         del quantized
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "timing_xl.json").write_text(json.dumps(report, indent=1))
+    write_json(args.out / "timing_xl.json", report, indent=1)
     md = [f"{report['model']} on {report['device']}: calibration capture ({sizes['n_samples']} samples × "
           f"{sizes['steps']} steps, {sizes['rows_per_layer']} rows per layer) {report['capture_s']} s, then per "
           "recipe (a state file written per group, as a resumable run does):",
           "", "| recipe | layers | seconds | peak GPU memory (GiB) |", "|---|---|---|---|"]
     md += [f"| {n} | {report[n]['layers']} | {report[n]['seconds']} | {report[n]['peak_gpu_gib']} |" for n, _ in variants]
-    (args.out / "timing_xl.md").write_text("\n".join(md) + "\n")
+    write_text(args.out / "timing_xl.md", "\n".join(md) + "\n")
     print("\n".join(md))
 
 

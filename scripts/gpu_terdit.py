@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import ditq
+from ditq.atomic import write_json, write_text
 from ditq.bundled import bundled_path
 from ditq.eval.runner import SampleSettings, evaluate
 from ditq.io import model_size_bytes
@@ -144,10 +145,10 @@ def main() -> None:
         "fp32_bytes": fp32_bytes, "fp16_bytes": model_size_bytes(fp, torch.float16),
         "train_seconds": round(train_s, 1), "total_seconds": round(time.perf_counter() - t0, 1), "rows": rows,
     }  # fmt: skip
-    (args.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out / "results.json", result, indent=2)
     plot(rows, args.out / "loss_curves.png")
     table = markdown(result, args)
-    (args.out / "results.md").write_text(table)
+    write_text(args.out / "results.md", table)
     print(table)
 
 
