@@ -49,7 +49,8 @@ from torch.profiler import ProfilerActivity, profile
 
 import ditq
 from ditq.api import plan
-from ditq.atomic import write_text
+from ditq.atomic import write_json, write_text
+from ditq.eval.report import json_scores
 from ditq.eval.speed import time_calls
 from ditq.integrations.diffusers import SUPPORTED, _to
 from ditq.io import model_size_bytes
@@ -356,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
                 row = measure(model_name, batch, config, args, reference)
                 run["rows"].append(row)
                 print(json.dumps(row), flush=True)
-                write_text(json_path, json.dumps({"runs": runs}, indent=2) + "\n")
+                write_json(json_path, json_scores({"runs": runs}), indent=2)  # a NaN error reads "nan"
                 write_text(md_path, markdown(runs))
                 if args.device.startswith("cuda"):
                     torch.cuda.empty_cache()

@@ -25,6 +25,7 @@ import ditq
 from ditq.atomic import write_json
 from ditq.bundled import bundled_path
 from ditq.demo import DEMO_RECIPE
+from ditq.eval.report import json_scores
 from ditq.eval.runner import SampleSettings, compare_pixels, draw
 from ditq.pipeline import CalibSettings, post_training_quantize
 from ditq.recipes import PRESETS
@@ -71,7 +72,7 @@ def main() -> None:
     result = {"gpu": torch.cuda.get_device_name() if args.device == "cuda" else args.device, "torch": torch.__version__,
               "triton": __import__("triton").__version__, "settings": dataclasses.asdict(settings),
               "vs_reference_backend": models}  # fmt: skip
-    write_json(args.out, result, indent=2)
+    write_json(args.out, json_scores(result), indent=2)  # identical images: PSNR inf, written "inf"
     print(json.dumps(result, indent=2))
 
 

@@ -51,6 +51,7 @@ from ditq.bits_schedule import BitsSchedule
 from ditq.bundled import bundled_path
 from ditq.diffusion import sample_images
 from ditq.eval.features import load_feature_net, load_real_stats
+from ditq.eval.report import json_scores
 from ditq.eval.runner import SampleSettings, compare_pixels, draw, score
 from ditq.io import apply_served_bits
 from ditq.kernels import prepare_for_inference
@@ -414,7 +415,7 @@ def read_report(args: argparse.Namespace) -> dict:
 
 
 def write_report(args: argparse.Namespace, report: dict) -> None:
-    write_json(args.out / "results.json", report, indent=1)
+    write_json(args.out / "results.json", json_scores(report), indent=1)
     write_text(args.out / "results.md", markdown(report))
 
 

@@ -26,6 +26,7 @@ import ditq
 from ditq.api import shallow_clone
 from ditq.atomic import json_text, write_text
 from ditq.bundled import open_model
+from ditq.eval.report import json_scores
 from ditq.eval.runner import SampleSettings, evaluate
 from ditq.methods.qdit import QDiT, average_bits_per_weight, gptq_cache
 from ditq.recipes import RTN
@@ -135,7 +136,7 @@ def main() -> None:
     report["seconds"] = round(time.perf_counter() - started, 1)
     shutil.rmtree(work, ignore_errors=True)
     json_path = args.out / "results.json"
-    write_text(json_path, json_text(report, what=str(json_path), indent=1, default=str) + "\n")
+    write_text(json_path, json_text(json_scores(report), what=str(json_path), indent=1, default=str) + "\n")
     table = _markdown(report)
     write_text(args.out / "results.md", table)
     print(table)

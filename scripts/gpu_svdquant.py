@@ -33,6 +33,7 @@ from ditq.api import plan, shallow_clone
 from ditq.atomic import write_json, write_text
 from ditq.bundled import open_model
 from ditq.eval.features import load_feature_net, load_real_stats
+from ditq.eval.report import json_scores
 from ditq.eval.runner import SampleSettings, compare_pixels, draw, score
 from ditq.io import model_size_bytes, stored_tensors
 from ditq.methods.svdquant import SVDQuant, svdquant_quantize
@@ -145,7 +146,7 @@ def table(args: argparse.Namespace) -> None:
     finally:
         shutil.rmtree(state_root, ignore_errors=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "results.json", results, indent=1)
+    write_json(args.out / "results.json", json_scores(results), indent=1)
     md = markdown(results, settings)
     write_text(args.out / "results.md", md)
     print(md)

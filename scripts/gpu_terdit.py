@@ -30,6 +30,7 @@ import torch
 import ditq
 from ditq.atomic import write_json, write_text
 from ditq.bundled import bundled_path
+from ditq.eval.report import json_scores
 from ditq.eval.runner import SampleSettings, evaluate
 from ditq.io import model_size_bytes
 from ditq.methods.terdit import TERDIT, export_packed
@@ -145,7 +146,7 @@ def main() -> None:
         "fp32_bytes": fp32_bytes, "fp16_bytes": model_size_bytes(fp, torch.float16),
         "train_seconds": round(train_s, 1), "total_seconds": round(time.perf_counter() - t0, 1), "rows": rows,
     }  # fmt: skip
-    write_json(args.out / "results.json", result, indent=2)
+    write_json(args.out / "results.json", json_scores(result), indent=2)
     plot(rows, args.out / "loss_curves.png")
     table = markdown(result, args)
     write_text(args.out / "results.md", table)

@@ -54,6 +54,7 @@ import ditq
 from ditq.atomic import write_json, write_text
 from ditq.bundled import bundled_path
 from ditq.eval.features import load_feature_net, load_real_stats
+from ditq.eval.report import json_scores
 from ditq.eval.runner import SampleSettings, draw, score
 from ditq.fileformat import header_field, read_header
 from ditq.io import model_size_bytes
@@ -309,7 +310,7 @@ def read_report(args: argparse.Namespace) -> dict:
 
 
 def write_report(args: argparse.Namespace, report: dict) -> None:
-    write_json(args.out / "results.json", report, indent=1)
+    write_json(args.out / "results.json", json_scores(report), indent=1)
     write_text(args.out / "results.md", markdown(report))
 
 
