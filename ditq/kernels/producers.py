@@ -6,7 +6,8 @@ whatever the model: a norm over the last dim (LayerNorm with or without affine, 
 diffusers writes it), then optionally adaLN's x·(1 + scale) + shift with one row per sample, with the residual
 add before the norm; or an activation (GELU, SiLU); or an attention's output; or a concatenation of two parts
 along the last dim, the second optionally through an activation (FLUX's single blocks: cat([attention,
-GELU(mlp)])). What the op cannot apply (its signature says which norms it takes) is not matched.
+GELU(mlp)])). A producer's input that concatenates two parts' tokens is read part by part (FLUX's single blocks
+normalize cat([text, image])). What the op cannot apply (its signature says which norms it takes) is not matched.
 """
 
 from __future__ import annotations
@@ -66,12 +67,8 @@ class Producer:
     residual: fx.Node | None = None
     update: fx.Node | None = None
     gate: fx.Node | None = None
-    second: fx.Node | None = None  # concat: the part behind x, which goes through `activation`; else, with
-    first_tokens: int = 0  # T₁ > 0: x (N, T₁, K) and second (N, T₂, K) are the producer's input's tokens
-
-
-_OP_ARGS = {a.name for a in torch.ops.ditq.quantize_rows_fp8.default._schema.arguments}
-_CONCAT, _TOKEN_CONCAT = "second" in _OP_ARGS, "first_tokens" in _OP_ARGS
+    second: fx.Node | None = None  # the input's second part: its channels behind x's (through `activation`) or,
+    first_tokens: int = 0  # when this (T₁) is > 0, its tokens behind x's (N, T₁, K) in each sample
 
 
 def producer_of(x: fx.Node) -> Producer | None:
@@ -86,7 +83,7 @@ def _tokens_apart(p: Producer) -> Producer:
     """p reading the two parts of its input where that input is cat([a, b], 1) of (N, T, K) tensors (FLUX's single
     blocks normalize cat([text, image]) tokens), so that the concatenation is not written first; with a residual
     (whose sum the pre-pass writes) or on its own input p stays."""
-    parts = _token_parts(p.x) if _TOKEN_CONCAT and p.residual is None and p.second is None else None
+    parts = _token_parts(p.x) if p.residual is None and p.second is None else None
     if parts is None or p.kind == "attention":
         return p
     first, second = parts
@@ -222,7 +219,7 @@ def _concatenated(node: fx.Node) -> Producer | None:
     """cat([x, second], -1) of two parts of one float dtype and one leading shape, `second` seen through its
     activation where it has one the pre-pass applies."""
     parts, dim = _cat_operands(node)
-    if not _CONCAT or parts is None:
+    if parts is None:
         return None
     x, second = parts
     if dim not in (-1, len(shape(x)) - 1) or shape(x)[:-1] != shape(second)[:-1] or not _float(x):
