@@ -277,8 +277,10 @@ def test_the_op_concatenates_tokens_and_its_fake_has_both_parts_rows():
         (dict(second=torch.zeros(3, 5), first_tokens=2), r"second torch.float32 \(rows, 4\)"),
         (dict(second=torch.zeros(3, 4), first_tokens=1), "must be whole tokens of x's 2 samples"),
         (dict(first_tokens=1), "needs a second part"),
+        (dict(second=torch.zeros(4, 4), first_tokens=1, modulation=modulation(2, 2, 4, torch.float32)),
+         "must be the concatenation's 3 tokens"),
     ],
-    ids=["samples", "width", "tokens", "no_second"],
+    ids=["samples", "width", "tokens", "no_second", "modulation_tokens"],
 )
 def test_a_bad_token_concatenation_is_refused_by_name(kwargs, message):
     args = dict(x=torch.zeros(2, 4), inv_smooth=None, activation="none") | kwargs

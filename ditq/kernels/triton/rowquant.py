@@ -379,6 +379,10 @@ def _check_operands(
         if (second.shape[0] % samples if samples else second.shape[0]) or residual is not None:
             raise ValueError(f"second's {second.shape[0]} rows must be whole tokens of x's {samples} samples, and "
                              "a token concatenation takes no residual")  # fmt: skip
+        period = _period(x, second, first_tokens)
+        if modulation is not None and modulation.tokens != period:
+            raise ValueError(f"modulation.tokens={modulation.tokens} must be the concatenation's {period} tokens per "
+                             "sample")  # fmt: skip
         m += second.shape[0]
     elif second is not None:
         if second.ndim != 2 or second.shape[0] != m or second.shape[1] == 0 or second.dtype != x.dtype:
