@@ -153,12 +153,12 @@ def qat_runs() -> dict[str, QAT]:
     return {"matquant-qat": JOINT} | {f"qat-w{bits}": QAT(w_bits=bits) for bits in WIDTHS}
 
 
-def run_qat(name: str, recipe: QAT, args: argparse.Namespace, fp_file: Path) -> str:
+def run_qat(name: str, recipe: QAT, args: argparse.Namespace, fp_file: Path, device: str) -> str:
     cfg = TrainConfig(
         model="DiT-MNIST", model_overrides=dict(TINY) if args.tiny else {}, recipe=recipe.to_dict(),
         init_from=str(fp_file), loss="distill", teacher=str(fp_file), out_dir=str(args.out / "runs" / name),
         steps=args.steps, global_batch_size=args.batch, lr=args.lr, warmup_steps=min(50, args.steps // 4),
-        seed=0, device=args.device, log_every=max(1, args.steps // 50), ckpt_every=max(1, args.steps // 10),
+        seed=0, device=device, log_every=max(1, args.steps // 50), ckpt_every=max(1, args.steps // 10),
         resume=True, progress=False, compile=args.compile,
     )  # fmt: skip
     start = time.perf_counter()
@@ -167,15 +167,18 @@ def run_qat(name: str, recipe: QAT, args: argparse.Namespace, fp_file: Path) -> 
 
 
 def stage_train(args: argparse.Namespace, fp: nn.Module, fp_file: Path) -> bool:
-    """Every QAT run side by side (a step of this small model is bound by launches, not by the GPU), then
-    each converted into models/."""
+    """Every QAT run side by side, spread over the GPUs there are (a step of this small model is bound by launches,
+    not by the GPU), then each converted into models/."""
     todo = {
         name: recipe
         for name, recipe in qat_runs().items()
         if not (args.out / "models" / f"{name}.safetensors").exists()
     }
+    gpus = torch.cuda.device_count() if args.device == "cuda" else 0  # runs spread over the GPUs there are
+    devices = [f"cuda:{i % gpus}" if gpus > 1 else args.device for i in range(len(todo))]
     with ProcessPoolExecutor(max(1, len(todo)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        for line in [pool.submit(run_qat, name, recipe, args, fp_file) for name, recipe in todo.items()]:
+        for line in [pool.submit(run_qat, name, recipe, args, fp_file, device)
+                     for (name, recipe), device in zip(todo.items(), devices, strict=True)]:  # fmt: skip
             print(line.result(), flush=True)
     for name in todo:
         trained = ditq.load(args.out / "runs" / name / "ema.safetensors")

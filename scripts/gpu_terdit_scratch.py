@@ -2,7 +2,7 @@
 RMSNorm, and the scaling claim (the ternary-vs-FP gap at a 3.3× larger model, DiT-S's width and depth).
 Supersedes the from-scratch rows of `scripts/gpu_terdit.py` (2,000 steps); its fine-tuned rows stay there.
 
-Each call trains the runs it names side by side (one process each), until they finish or --deadline seconds
+Each call trains the runs it names side by side (one process each, spread over the GPUs there are), until they finish or --deadline seconds
 after the call began, then evaluates every run it trained at the step reached: the ternary runs through their
 packed 2-bit export reloaded from disk (`export_packed`, the deployment path). A run cut at the deadline
 resumes bit-exactly in the next call if its folder --out/runs/NAME (its training state) is still there:
@@ -226,6 +226,8 @@ def stage_train(configs: dict[str, tuple[str, TrainConfig]], args: argparse.Name
     ]  # a finished run's row stands where its training state was not kept
     if not todo:
         return
+    gpus = torch.cuda.device_count() if args.device == "cuda" else 0  # runs spread over the GPUs there are
+    todo = [replace(cfg, device=f"cuda:{i % gpus}") if gpus > 1 else cfg for i, cfg in enumerate(todo)]
     with ProcessPoolExecutor(len(todo), mp_context=multiprocessing.get_context("spawn")) as pool:
         for line in pool.map(run_one, todo):
             print(line, flush=True)
