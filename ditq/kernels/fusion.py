@@ -203,7 +203,7 @@ def _foldable(node: fx.Node, args: dict[str, Any]) -> Producer | None:
         return None
     cycle = producer.residual is not None and any(
         _depends_on(n, producer.residual) for n in (producer.shift, producer.scale, args["inv_smooth"]))
-    return None if cycle or _mutated(producer) else producer
+    return None if cycle or _mutated(producer, x) else producer
 
 
 def _key(target: Any, args: dict[str, Any]) -> tuple:
@@ -230,15 +230,22 @@ def _depends_on(node: Any, ancestor: fx.Node) -> bool:
     return False
 
 
-def _mutated(p: Producer) -> bool:
-    """Whether an operand the pre-pass would read is written in place somewhere (the pre-grad graph is not
-    functional): moving the read could then see another value."""
-    operands = [n for n in (p.x, p.shift, p.scale, p.update, p.gate, p.norm_weight, p.norm_bias, p.second)
-                if n is not None]  # fmt: skip
+def _mutated(p: Producer, x: fx.Node) -> bool:
+    """Whether a node the pre-pass would read, or one it would compute instead (from x back to those it reads: a
+    norm's output, a concatenation), is written in place somewhere (the pre-grad graph is not functional): moving
+    the read, or skipping the node, could then see another value."""
+    operands = {n for n in (p.x, p.shift, p.scale, p.update, p.gate, p.norm_weight, p.norm_bias, p.second)
+                if n is not None}  # fmt: skip
+    computed, pending = set(), [x]
+    while pending:
+        node = pending.pop()
+        if node not in computed and node not in operands:
+            computed.add(node)
+            pending.extend(node.all_input_nodes)
     return any(
         user.op == "call_function" and user.target in _IN_PLACE
         or user.op == "call_method" and str(user.target).endswith("_")
-        for node in operands for user in node.users
+        for node in operands | computed for user in node.users
     )  # fmt: skip
 
 

@@ -96,15 +96,16 @@ def _token_parts(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     if parts is None or len(shape(parts[0])) != 3 or dim not in (1, -2):
         return None
     a, b = parts
-    same = shape(a)[0] == shape(b)[0] and shape(a)[2] == shape(b)[2]
+    same = shape(a)[0] == shape(b)[0] and shape(a)[2] == shape(b)[2] and min(shape(a)[1], shape(b)[1]) > 0
     return (a, b) if same and _float(a) and _same_dtype(a, b) else None
 
 
 def _cat_operands(node: fx.Node) -> tuple[tuple[fx.Node, fx.Node] | None, Any]:
     """((first, second), dim) when node concatenates two tensors, else (None, None)."""
-    if not (node.op == "call_function" and node.target is torch.cat):
+    if not (node.op == "call_function" and node.target in (torch.cat, torch.concat)):
         return None, None
-    parts, dim = (list(node.args) + [node.kwargs.get("dim", 0)])[:2] if len(node.args) < 2 else node.args[:2]
+    parts = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
     if not (isinstance(parts, (list, tuple)) and len(parts) == 2 and all(isinstance(p, fx.Node) for p in parts)):
         return None, None
     return tuple(parts), dim

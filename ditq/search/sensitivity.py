@@ -65,6 +65,11 @@ def measure_sensitivity(
 
 def allocate(space: SearchSpace, sensitivity: Sensitivity) -> Genome:
     """The genome the sensitivities predict best within `space.budget` (the module's algorithm)."""
+    space.check(sensitivity.baseline)
+    for name, allowed, delta in zip(space.names, space.choices, sensitivity.deltas, strict=True):
+        if not set(allowed) <= set(delta):
+            raise ValueError(f"layer {name!r}: the sensitivities measured {sorted(map(str, delta))}, not every choice "
+                             f"of this space ({sorted(map(str, allowed))})")  # fmt: skip
     total = sum(space.sizes)
 
     def at_price(price: float) -> Genome:

@@ -245,12 +245,19 @@ class Concatenated(torch.nn.Module):
         elif self.variant == "other_dim":
             u = torch.cat([a, h], dim=-1)
             return self.out(torch.cat([u[:, :25], u[:, 25:]], dim=1))  # tokens, not channels
+        elif self.variant == "keywords":
+            return self.out(torch.cat(tensors=[a, F.gelu(h)], dim=-1))
+        elif self.variant == "written_in_place":  # the concatenation changed after it was made: nothing may skip it
+            u = torch.cat([a, F.gelu(h)], dim=-1)
+            u.abs_()
+            return self.out(u)
         return self.out(torch.cat([a, h], dim=2))
 
 
 @pytest.mark.parametrize(("variant", "expected"), [
     ("gelu_tanh", dict(concat=1)), ("silu", dict(concat=1)), ("none", dict(concat=1)),
-    ("three_parts", dict(plain=1)), ("other_dim", dict(plain=1)),
+    ("three_parts", dict(plain=1)), ("other_dim", dict(plain=1)), ("keywords", dict(concat=1)),
+    ("written_in_place", dict(plain=1)),
 ])  # fmt: skip
 def test_a_concatenation_of_two_parts_is_folded_with_the_second_parts_activation(variant, expected):
     model = prepare_for_inference(Concatenated(variant).eval(), "fp8-cached")
@@ -259,30 +266,51 @@ def test_a_concatenation_of_two_parts_is_folded_with_the_second_parts_activation
 
 class TokensJoined(torch.nn.Module):
     """q/k/v of modulate(LayerNorm(cat([text, image], 1))), the block's residual the concatenation itself (as FLUX's
-    single blocks); `added`: the norm reads cat(...) + update, whose sum the pre-pass writes (the tokens stay
-    concatenated)."""
+    single blocks); "added": the norm reads cat(...) + update, whose sum the pre-pass writes (the tokens stay
+    concatenated); "written_in_place": the concatenation changed in place before the norm; "empty_first": a part
+    of no tokens (nothing to split)."""
 
-    def __init__(self, added: bool):
+    def __init__(self, variant: str):
         super().__init__()
-        self.added = added
+        self.variant, self.first = variant, 0 if variant == "empty_first" else 7
         self.norm = torch.nn.LayerNorm(48, elementwise_affine=False, eps=1e-6)
         self.q, self.k, self.v = (QuantLinear.from_linear(torch.nn.Linear(48, 48), SPEC) for _ in "qkv")
 
     def forward(self, image: torch.Tensor, update: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         shift, scale, _ = c.chunk(3, dim=1)
-        x = torch.cat([image[:, :7], image[:, 7:]], dim=1)
-        x = x + update if self.added else x
+        x = torch.cat([image[:, : self.first], image[:, self.first :]], dim=1)
+        if self.variant == "added":
+            x = x + update
+        elif self.variant == "written_in_place":
+            x.abs_()
         h = self.norm(x) * (1 + scale[:, None]) + shift[:, None]
         return self.q(h) + self.k(h) * self.v(h) + x
 
 
-@pytest.mark.parametrize(("added", "expected"), [
-    (False, dict(norm_modulate=1, token_concat=1, deduped=2)),
-    (True, dict(norm_modulate=1, residual=1, deduped=2)),
+@pytest.mark.parametrize(("variant", "expected"), [
+    ("plain", dict(norm_modulate=1, token_concat=1, deduped=2)),
+    ("added", dict(norm_modulate=1, residual=1, deduped=2)),
+    ("written_in_place", dict(plain=1, deduped=2)),
+    ("empty_first", dict(norm_modulate=1, deduped=2)),
 ])  # fmt: skip
-def test_a_norm_of_concatenated_tokens_reads_both_parts(added, expected):
-    model = prepare_for_inference(TokensJoined(added).eval(), "fp8-cached")
+def test_a_norm_of_concatenated_tokens_reads_both_parts(variant, expected):
+    model = prepare_for_inference(TokensJoined(variant).eval(), "fp8-cached")
     assert folded(model, *modulated_inputs()) == Counter(expected)
+
+
+def test_an_activation_written_in_place_before_its_layer_is_not_folded():
+    class Activated(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = QuantLinear.from_linear(torch.nn.Linear(48, 48), SPEC)
+
+        def forward(self, x: torch.Tensor, update: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            h = F.gelu(x)
+            h.abs_()  # the GELU's output is not what the layer reads
+            return self.lin(h)
+
+    model = prepare_for_inference(Activated().eval(), "fp8-cached")
+    assert folded(model, *modulated_inputs()) == Counter(plain=1)
 
 
 def test_a_large_dit_folds_its_rms_norms_and_modulates():

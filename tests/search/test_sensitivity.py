@@ -1,5 +1,6 @@
 """Allocation from per-layer sensitivities: single-layer changes measured, then the budget spent where they pay."""
 
+import dataclasses
 import itertools
 import math
 from contextlib import nullcontext
@@ -67,19 +68,41 @@ def test_the_budget_goes_where_a_bit_buys_the_most():
         assert allocate(roomier.space, sensitivity) == expected
 
 
-def test_the_allocation_fits_the_budget_and_is_no_worse_than_the_baseline_it_was_measured_at():
-    """Random additive fitnesses and layer sizes: the allocation always fits, and (as the Lagrangian optimum at its
-    price) its predicted fitness never exceeds the baseline's when the baseline fits the budget."""
+def test_the_allocation_fits_the_budget_and_no_single_change_within_it_is_predicted_better():
+    """Random additive fitnesses and layer sizes: the allocation always fits; unless it falls back to the baseline
+    (predicted better), no one-layer change that fits lowers its prediction (the greedy steps spent what the
+    price left); and it is never predicted worse than the baseline."""
     rng = torch.Generator().manual_seed(0)
+    baseline, moved = (3,) * 5, 0
     for _ in range(50):
         sizes = (torch.randint(1, 1000, (5,), generator=rng)).tolist()
         values = [dict(zip(WIDTHS, torch.rand(3, generator=rng).sort().values.tolist(), strict=True))
                   for _ in sizes]  # fmt: skip
         search = Additive(sizes, 3.0, values)
-        sensitivity = measure_sensitivity(search, search.fitness, (3,) * 5, progress=False)
+        sensitivity = measure_sensitivity(search, search.fitness, baseline, progress=False)
         genome = allocate(search.space, sensitivity)
         assert search.space.within_budget(genome)
-        assert search.fitness(genome) <= search.fitness((3,) * 5) + 1e-12
+        assert search.fitness(genome) <= search.fitness(baseline) + 1e-12
+        if genome == baseline:
+            continue
+        moved += 1
+        neighbours = [genome[:i] + (w,) + genome[i + 1 :] for i in range(5) for w in WIDTHS]
+        fitting = [n for n in neighbours if search.space.within_budget(n)]
+        assert min(map(search.fitness, fitting)) >= search.fitness(genome) - 1e-12
+    assert moved > 10  # the check above ran
+
+
+def test_sensitivities_of_another_space_are_refused_by_name():
+    search = Additive([10, 10], 3.0, [{4: 0.0, 3: 1.0, 2: 2.0}] * 2)
+    sensitivity = measure_sensitivity(search, search.fitness, (3, 3), progress=False)
+    wider = Additive([10, 10], 3.0, [{4: 0.0, 3: 1.0, 2: 2.0}] * 2)
+    wider.space = dataclasses.replace(wider.space, choices=((8, 4, 3, 2), WIDTHS), bits=({8: 8.0, 4: 4.0, 3: 3.0,
+                                      2: 2.0}, wider.space.bits[1]))  # fmt: skip
+    with pytest.raises(ValueError, match="layer 'l0': the sensitivities measured"):
+        allocate(wider.space, sensitivity)
+    three = Additive([10, 10, 10], 3.0, [{4: 0.0, 3: 1.0, 2: 2.0}] * 3)
+    with pytest.raises(ValueError, match="a genome needs 3 genes"):
+        allocate(three.space, sensitivity)
 
 
 def test_a_fitness_that_is_not_finite_is_refused():

@@ -113,19 +113,19 @@ def _activated(h, ACT: tl.constexpr):
 
 
 @triton.jit
-def concat_rows(x, tail, rows, cols, row_ok, split, K, stride_xm, stride_tm, ACT: tl.constexpr,
+def concat_rows(x, second, rows, cols, row_ok, split, K, stride_xm, stride_sm, ACT: tl.constexpr,
                 EMULATE: tl.constexpr):  # fmt: skip
-    """(rows, cols) tile of cat([x, ACT(tail)], -1) in x's dtype, x (M, split) and tail (M, K − split) of one dtype:
-    the activation in float32, rounded to that dtype as PyTorch's op on `tail` rounds it; 0 outside."""
+    """(rows, cols) tile of cat([x, ACT(second)], -1) in x's dtype, x (M, split) and second (M, K − split) of one
+    dtype: the activation in float32, rounded to that dtype as PyTorch's op on `second` rounds it; 0 outside."""
     first = load_rows(x, rows, cols, row_ok, split, stride_xm)
-    in_tail = row_ok[:, None] & ((cols >= split) & (cols < K))[None, :]
-    second = tl.load(tail + rows.to(tl.int64)[:, None] * stride_tm + (cols - split)[None, :], mask=in_tail,
-                     other=0.0)  # fmt: skip
+    in_second = row_ok[:, None] & ((cols >= split) & (cols < K))[None, :]
+    rest = tl.load(second + rows.to(tl.int64)[:, None] * stride_sm + (cols - split)[None, :], mask=in_second,
+                   other=0.0)  # fmt: skip
     if ACT != 0:
-        second = _activated(second.to(tl.float32), ACT)
+        rest = _activated(rest.to(tl.float32), ACT)
         if first.dtype != tl.float32:
-            second = rounded(second, first.dtype, EMULATE)
-    return tl.where((cols < split)[None, :], first, second.to(first.dtype))
+            rest = rounded(rest, first.dtype, EMULATE)
+    return tl.where((cols < split)[None, :], first, rest.to(first.dtype))
 
 
 @triton.jit

@@ -93,8 +93,8 @@ def _rows_one_pass_kernel(
 ):  # fmt: skip
     """BLOCK_M whole rows per program: columns [0, HEAD) and [HEAD, HEAD + TAIL), both powers of two.
     RESIDUAL: x is first replaced by x + gate · update (1) or x + update (2), which is also written to `x_out`.
-    CONCAT 1: the rows are cat([x, SECOND_ACT(second)], -1), x's `split` columns first; 2: cat([x, second], 1),
-    each sample's `tokens` rows its `split` rows of x first."""
+    CONCAT 1: the rows are cat([x, SECOND_ACT(second)], -1), `split` = x's columns; 2: cat([x, second], 1) per
+    sample, `split` = x's tokens per sample and `tokens` the sample's tokens in both (the rows' period)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     head_cols = tl.arange(0, HEAD)
@@ -230,10 +230,10 @@ def quantize_rows_fp8(
     `second` (M, K₂) in x's dtype: h = cat([x, activation(second)], -1) instead, K = x's columns + K₂ (FLUX's
     single blocks feed their out projection cat([attention, GELU(mlp)]): the pre-pass reads both parts once and
     computes the GELU, where a concatenation would be written and read again). With `first_tokens` T₁ > 0 the
-    concatenation is of tokens instead: second (N·T₂, K) holds each of x's N samples' T₂ more tokens, the rows
-    are cat([x (N, T₁, K), second (N, T₂, K)], 1) and any producer applies to them (FLUX's single blocks
-    normalize cat([text, image]) tokens; a modulation's `tokens` must be T₁ + T₂). Rows too wide to hold in
-    registers are concatenated by PyTorch first.
+    concatenation is of tokens instead (never both): second (N·T₂, K) holds each of x's N samples' T₂ more tokens,
+    the rows are cat([x (N, T₁, K), second (N, T₂, K)], 1), and the activation, norm or modulation applies to them
+    (FLUX's single blocks normalize cat([text, image]) tokens; a modulation's `tokens` must be T₁ + T₂). Rows too
+    wide to hold in registers are concatenated by PyTorch first.
 
     `residual`: x is first replaced by x + gate·update (a gate needs a modulation: its rows per sample) or
     x + update, the block's residual add, which is written to `residual_out` (contiguous (M, K) in x's dtype):
