@@ -11,7 +11,8 @@ one of these (`ditq.kernels.producers` matches them), moves the producer into th
 - before that norm, a residual add x' = x + gate·update (gate per sample, under a modulate) or x + update: the
   pre-pass writes x' beside the codes, and every later reader of x' reads that;
 - GELU (exact or tanh) or SiLU, as the pre-pass's activation;
-- an attention output (reshapes of `scaled_dot_product_attention`'s result): nothing to fold, but one read by the
+- an attention output (reshapes of `scaled_dot_product_attention`'s result, or one sample's text or image tokens
+  of a joint attention's, contiguous rows): nothing to fold, but one read by the
   pre-pass beats inductor's absmax and cast kernels (DiT-XL/2 W4A8-FP8 at batch 64 on an H200: 1.35× bf16
   against 1.30×, `bench/results/e2e_fp8_v12_models_h200.md`);
 - a concatenation along the last dim, its second part optionally through GELU or SiLU: FLUX's single blocks feed

@@ -234,13 +234,27 @@ def _concatenated(node: fx.Node) -> Producer | None:
 
 
 def _attention_output(node: fx.Node) -> Producer | None:
-    """x itself, when it is an attention's output seen through reshapes, and x's rows are contiguous (a slice
-    of the rows of several samples would cost a copy first)."""
+    """x itself, when it is an attention's output seen through reshapes and slices (a joint attention's text or
+    image tokens), and x's rows are contiguous (a slice of the rows of several samples would cost a copy
+    first; one sample's tokens are contiguous rows)."""
     source = node
-    while is_method(source, _VIEWS) or _same_dtype_cast(source):
-        source = source.args[0]
+    while is_method(source, _VIEWS) or _same_dtype_cast(source) or _sliced(source) is not None:
+        if _sliced(source) is not None and not value(source).is_contiguous():
+            return None  # the rows of several samples: a copy (`.contiguous()`) would be written for the pre-pass
+        source = _sliced(source) or source.args[0]
     attention = source.op == "call_function" and source.target is F.scaled_dot_product_attention
     return Producer("attention", node) if attention and _float(node) and value(node).is_contiguous() else None
+
+
+def _sliced(node: fx.Node) -> fx.Node | None:
+    """t where node is a part of t: `t[:, a:b]` (slices alone) or a piece of `t.split(...)` / `split_with_sizes`."""
+    if not (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node)):
+        return None
+    base, index = node.args
+    if isinstance(index, int) and is_method(base, {"split", "split_with_sizes"}):
+        return base.args[0]
+    slices = index if isinstance(index, tuple) else (index,)
+    return base if all(isinstance(i, slice) for i in slices) else None
 
 
 # ---- reading the graph ------------------------------------------------------------------------------------

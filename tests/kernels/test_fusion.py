@@ -94,7 +94,7 @@ def test_few_rows_on_the_fp8_backend_keep_the_lowbit_route_and_nothing_is_folded
 #   norm2's residual add is the cross-attention's, without a gate;
 # - SD3 (joint blocks, the last one context_pre_only): both streams as DiT's, the last block's context stream
 #   ending at add_q/k/v (an AdaLayerNormContinuous: `(1 + scale)[:, None, :]`); the joint attention's outputs
-#   are token slices of two samples' rows (not contiguous): plain;
+#   are token slices of two samples' rows (not contiguous): plain (one sample's: attention outputs);
 # - FLUX: a double block as SD3's first; a single block's norm → proj_mlp, to_q/k/v (one pre-pass, three
 #   deduped), its proj_out reads cat([attention, GELU(proj_mlp)]) (concat: one pre-pass reads both), and its norm
 #   reads cat([text, image]) tokens (token_concat: the pre-pass reads both, no residual).
@@ -111,16 +111,15 @@ DIFFUSERS = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("class_name", list(DIFFUSERS))
-def test_a_diffusers_transformer_folds_what_its_blocks_imply(class_name):
+def diffusers_folds(class_name: str, samples: int) -> Counter:
+    """What the pass folds compiling the tiny `class_name` (DIFFUSERS' config changes) on `samples` samples."""
     pytest.importorskip("diffusers")
     from ditq.integrations.diffusers import SUPPORTED
     from tests.integrations.tiny_diffusers import make_transformer
 
-    changes, expected = DIFFUSERS[class_name]
-    model = make_transformer(class_name, **changes)
+    model = make_transformer(class_name, **DIFFUSERS[class_name][0])
     prepare_for_inference(ditq.quantize(model, FP8), "fp8-cached")
-    inputs = SUPPORTED[class_name].example_inputs(model, 2, 8, 7, 0.5, torch.Generator().manual_seed(1))
+    inputs = SUPPORTED[class_name].example_inputs(model, samples, 8, 7, 0.5, torch.Generator().manual_seed(1))
 
     class Positional(torch.nn.Module):  # `folded` passes positional arguments
         def __init__(self):
@@ -130,7 +129,23 @@ def test_a_diffusers_transformer_folds_what_its_blocks_imply(class_name):
         def forward(self, *values):
             return self.model(**dict(zip(inputs, values, strict=True)), return_dict=False)[0]
 
-    assert folded(Positional(), *inputs.values()) == Counter(expected)
+    return folded(Positional(), *inputs.values())
+
+
+@pytest.mark.parametrize("class_name", list(DIFFUSERS))
+def test_a_diffusers_transformer_folds_what_its_blocks_imply(class_name):
+    assert diffusers_folds(class_name, 2) == Counter(DIFFUSERS[class_name][1])
+
+
+@pytest.mark.parametrize(("class_name", "slices"), [("FluxTransformer2DModel", 2), ("SD3Transformer2DModel", 3)])
+def test_one_samples_joint_attention_outputs_are_folded_as_attention_outputs(class_name, slices):
+    """A joint attention's text and image tokens of one sample are contiguous rows: its outputs' slices go through
+    the pre-pass (of several samples they are strided, and stay plain)."""
+    expected = Counter(DIFFUSERS[class_name][1])
+    assert expected["plain"] == slices
+    expected["plain"] -= slices
+    expected["attention"] += slices
+    assert diffusers_folds(class_name, 1) == +expected
 
 
 # ---- what is not folded -------------------------------------------------------------------------------------
