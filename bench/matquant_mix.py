@@ -21,6 +21,7 @@ import argparse
 import copy
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -107,18 +108,9 @@ def main() -> None:
         row(f"searched plan ({args.budget:g} budget)", "searched", result.best_bits, draw(nested),
             layers_per_width=counts, evaluations=result.evaluations, plan=result.output)
 
-    uniform = search.initial()[0]  # the widest uniform width within the budget
-    sensitivity = measure_sensitivity(search, OutputFitness(fp, FitnessSettings(
-        samples=args.sensitivity_samples, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.fitness_seed)),
-        uniform, progress=False)  # fmt: skip
-    allocated = allocate(search.space, sensitivity)
-    apply_served_bits(nested, search.output(allocated))
-    row(f"allocated by sensitivity ({args.budget:g} budget)", "allocated", search.space.average_bits(allocated),
-        draw(nested), layers_per_width={str(w): allocated.count(w) for w in widths},
-        evaluations=1 + sum(len(d) - 1 for d in sensitivity.deltas), plan=search.output(allocated),
-        output_error={"uniform": sensitivity.fitness, "predicted": sensitivity.predicted(allocated)},
-        relative_change={name: {str(w): d / sensitivity.fitness for w, d in delta.items() if w != base}
-                         for name, delta, base in zip(search.space.names, sensitivity.deltas, uniform, strict=True)})
+    name, bits, plan, detail = allocated_by_sensitivity(fp, nested, search, args)
+    apply_served_bits(nested, plan)
+    row(name, "allocated", bits, draw(nested), layers_per_width=Counter(map(str, plan.values())), plan=plan, **detail)
 
     for name, schedule in schedules(nested, widths, args.budget, args.steps).items():
         row(name, "schedule", schedule.average_bits(nested, args.steps), draw(nested, schedule),
@@ -130,6 +122,23 @@ def main() -> None:
     write_json(args.out.with_suffix(".json"), report, indent=1)
     write_text(args.out.with_suffix(".md"), markdown(report))
     print(f"wrote {args.out.with_suffix('.json')} and .md in {report['seconds']} s")
+
+
+def allocated_by_sensitivity(fp: torch.nn.Module, nested: torch.nn.Module, search: BitsSearch,
+                             args: argparse.Namespace) -> tuple[str, float, dict[str, int], dict]:  # fmt: skip
+    """The plan `ditq.search.sensitivity` allocates from uniform (the widest width within the budget), scoring each
+    one-layer change by the `output` fitness on the search's noise: (row name, bits, plan, what it measured)."""
+    uniform = search.initial()[0]
+    fitness = OutputFitness(fp, FitnessSettings(samples=args.sensitivity_samples, steps=args.steps,
+                                                cfg_scale=args.cfg_scale, seed=args.fitness_seed))  # fmt: skip
+    sensitivity = measure_sensitivity(search, fitness, uniform, progress=False)
+    allocated = allocate(search.space, sensitivity)
+    relative = {name: {str(w): d / sensitivity.fitness for w, d in delta.items() if w != base}
+                for name, delta, base in zip(search.space.names, sensitivity.deltas, uniform, strict=True)}  # fmt: skip
+    detail = dict(evaluations=1 + sum(len(d) - 1 for d in sensitivity.deltas), relative_change=relative,
+                  output_error={"uniform": sensitivity.fitness, "predicted": sensitivity.predicted(allocated)})  # fmt: skip
+    return (f"allocated by sensitivity ({args.budget:g} budget)", search.space.average_bits(allocated),
+            search.output(allocated), detail)
 
 
 def schedules(model: torch.nn.Module, widths: tuple[int, ...], budget: float, steps: int) -> dict[str, BitsSchedule]:
