@@ -272,6 +272,8 @@ def environment(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         **{p: version(p) for p in ("torch", "triton", "diffusers", "torchao")},
         "command": shlex.join(["python", "bench/bench_diffusers.py", *argv]),
         "compile": "off" if args.no_compile else "whole graph" if args.whole_graph else "block by block",
+        # whether inductor launches user-defined Triton kernels (ditq's) through its static launcher, as its own
+        "static_launch_user_kernels": inductor_config.static_launch_user_defined_triton_kernels,
         "dtype": "bfloat16",
         "warmup": args.warmup,
         "iters": args.iters,
@@ -295,8 +297,9 @@ def markdown(runs: list[dict[str, Any]]) -> str:
              "Written by `bench/bench_diffusers.py`; ratios (× bf16: bf16's step over the row's) are within one run."]  # fmt: skip
     for run in runs:
         lines += ["", f"{run['gpu']}; torch {run['torch']}, Triton {run['triton']}, diffusers {run['diffusers']}, "
-                  f"torchao {run['torchao']}; compile: {run['compile']}; median of {run['iters']} steps after "
-                  f"{run['warmup']} warm-up", "", f"    {run['command']}", "",
+                  f"torchao {run['torchao']}; compile: {run['compile']}"
+                  f"{'; static launch of ditq kernels' if run.get('static_launch_user_kernels') else ''}; median of "
+                  f"{run['iters']} steps after {run['warmup']} warm-up", "", f"    {run['command']}", "",
                   *(f"{note}\n" for note in run.get("notes", ())),
                   "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]  # fmt: skip
         lines += ["| " + " | ".join(_cell(row.get(c)) for c in COLUMNS) + " |" for row in run["rows"]]

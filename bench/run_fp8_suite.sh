@@ -11,6 +11,7 @@
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh gluon     # the Gluon W4A8 GEMM checked and timed; fp8-gluon's tests
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh flux      # FLUX-size via diffusers beside torchao (wheels in .whl/)
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh sd3       # the same at SD3-medium's size (pixart: PixArt-Σ's)
+#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh flux-4bit # FLUX-size with the weights 4-bit resident (fp8-gluon, fp8)
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh prepass   # the pre-pass against inductor, its launch sweep
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh small     # batch 2 under CUDA graphs; samples; few-row GEMMs
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh gemms     # GEMMs alone: W4A8 variants, SVDQuant's extra K columns
@@ -20,7 +21,7 @@
 set -u
 out=${OUT:?set OUT to the results folder}
 e2e() { timeout "$(left)" python bench/bench_e2e.py "$@" >>"$out/e2e_$part.jsonl" 2>>"$out/log_$part.txt" || echo "failed: $*" >>"$out/log_$part.txt"; }
-part=${1:?kernels, tests, models, fold, pass, gluon, flux, sd3, pixart, prepass, small, gemms, profile or profile-small}
+part=${1:?kernels, tests, models, fold, pass, gluon, flux, sd3, pixart, flux-4bit, prepass, small, gemms, profile or profile-small}
 deadline=$(( $(date +%s) + ${SUITE_SECONDS:-570} ))  # steps that would run past it are cut
 left() { echo $(( deadline - $(date +%s) > 1 ? deadline - $(date +%s) : 1 )); }
 wheels() {  # diffusers, importlib_metadata, zipp and torchao, carried as wheels in .whl/ (no network there)
@@ -76,14 +77,24 @@ case $part in
     tail -3 "$out/gpu_tests.txt"  # the fp8-gluon backend on the real kernel
     exit 0 ;;
   flux|sd3|pixart)  # a diffusers transformer at its published size: bf16, fp8-cached, torchao float8 row-wise (its
-         # compile: ~3.5–6 min on an H100), then fp8-gluon (4-bit resident), each row profiled. diffusers,
-         # importlib_metadata, zipp and torchao come as wheels in .whl/
+         # compile: ~3.5–6 min on an H100), each row profiled; then bf16 and fp8-cached again with inductor launching
+         # ditq's Triton kernels (user-defined kernels to it) through its static launcher, as it launches its own: what
+         # that takes off the host's time. diffusers, importlib_metadata, zipp and torchao come as wheels in .whl/
     nvidia-smi -L
     wheels
     timeout "$(left)" python bench/bench_diffusers.py --models "$part" --batches 1 \
-      --configs bf16,w4a8-fp8@fp8-cached,torchao-fp8-row,w4a8-fp8@fp8-gluon --profile --out "$out/diffusers_$part" \
-      >"$out/log_$part.txt" 2>&1
-    tail -6 "$out/diffusers_$part.md"
+      --configs bf16,w4a8-fp8@fp8-cached,torchao-fp8-row --profile --out "$out/diffusers_$part" >"$out/log_$part.txt" 2>&1
+    TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=1 timeout "$(left)" python bench/bench_diffusers.py \
+      --models "$part" --batches 1 --configs bf16,w4a8-fp8@fp8-cached --out "$out/diffusers_${part}_static_launch" \
+      >>"$out/log_$part.txt" 2>&1
+    tail -6 "$out/diffusers_$part.md" "$out/diffusers_${part}_static_launch.md"
+    exit 0 ;;
+  flux-4bit)  # FLUX-size with the weights 4-bit in GPU memory: fp8-gluon (Hopper) and fp8 beside bf16, profiled
+    nvidia-smi -L
+    wheels
+    timeout "$(left)" python bench/bench_diffusers.py --models flux --batches 1 \
+      --configs bf16,w4a8-fp8@fp8-gluon,w4a8-fp8@fp8 --profile --out "$out/diffusers_flux_4bit" >"$out/log_$part.txt" 2>&1
+    tail -6 "$out/diffusers_flux_4bit.md"
     exit 0 ;;
   prepass)  # the pre-pass at DiT-XL/2's batch-64 inputs and other producers against inductor, its launch sweep
     timeout "$(left)" python bench/bench_prepass.py --out "$out/prepass" >>"$out/log_$part.txt" 2>&1
@@ -112,6 +123,6 @@ case $part in
     timeout "$(left)" python bench/profile_e2e.py --batch 2 --all-linears --configs bf16,w4a8fp8:fp8-cached,w4a8fp8:fp8 \
       --out "$out" >>"$out/log_$part.txt" 2>&1
     exit 0 ;;
-  *) echo "unknown part $part (kernels, tests, models, fold, pass, gluon, flux, sd3, pixart, prepass, small, gemms, profile or profile-small)"; exit 2 ;;
+  *) echo "unknown part $part (kernels, tests, models, fold, pass, gluon, flux, sd3, pixart, flux-4bit, prepass, small, gemms, profile or profile-small)"; exit 2 ;;
 esac
 python bench/e2e_table.py "$out/e2e_$part.jsonl" "$out/e2e_$part" && rm "$out/e2e_$part.jsonl"
