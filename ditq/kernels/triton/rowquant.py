@@ -83,6 +83,18 @@ def _store_codes(codes, h, scale, rows, cols, row_ok, K, stride_cm, EMULATE: tl.
 
 
 @triton.jit
+def _input_tile(x, second, rows, cols, row_ok, split, period, K, stride_xm, stride_sm, SECOND_ACT: tl.constexpr,
+                CONCAT: tl.constexpr, EMULATE: tl.constexpr):  # fmt: skip
+    """A (rows, cols) tile of the pre-pass's input in x's dtype: x's rows, or (CONCAT 1) cat([x, SECOND_ACT(second)],
+    -1) with x's `split` columns first, or (2) cat([x, second], 1) per sample of `period` rows, `split` of them x's."""
+    if CONCAT == 1:
+        return concat_rows(x, second, rows, cols, row_ok, split, K, stride_xm, stride_sm, SECOND_ACT, EMULATE)
+    if CONCAT == 2:
+        return token_concat_rows(x, second, rows, cols, row_ok, split, period, K, stride_xm, stride_sm)
+    return load_rows(x, rows, cols, row_ok, K, stride_xm)
+
+
+@triton.jit
 def _rows_one_pass_kernel(
     x, inv_smooth, shift, scale_mod, codes, scales, M, K, tokens, eps, stride_xm, stride_cm, stride_mod,
     norm_weight, norm_bias, update, gate, x_out, stride_um, stride_om, second, split, stride_sm,
@@ -98,25 +110,16 @@ def _rows_one_pass_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     head_cols = tl.arange(0, HEAD)
-    if CONCAT == 1:
-        head_x = concat_rows(x, second, rows, head_cols, row_ok, split, K, stride_xm, stride_sm, SECOND_ACT, EMULATE)
-    elif CONCAT == 2:
-        head_x = token_concat_rows(x, second, rows, head_cols, row_ok, split, tokens, K, stride_xm, stride_sm)
-    else:
-        head_x = load_rows(x, rows, head_cols, row_ok, K, stride_xm)
+    head_x = _input_tile(x, second, rows, head_cols, row_ok, split, tokens, K, stride_xm, stride_sm, SECOND_ACT,
+                         CONCAT, EMULATE)  # fmt: skip
     if RESIDUAL != 0:
         head_x = residual_sum(head_x, update, gate, x_out, rows, head_cols, row_ok, K, tokens,
                               stride_um, stride_om, stride_mod, RESIDUAL, EMULATE, ONE_SAMPLE,
                               BLOCK_M)  # fmt: skip
     if TAIL > 0:
         tail_cols = HEAD + tl.arange(0, TAIL)
-        if CONCAT == 1:
-            tail_x = concat_rows(x, second, rows, tail_cols, row_ok, split, K, stride_xm, stride_sm, SECOND_ACT,
-                                 EMULATE)  # fmt: skip
-        elif CONCAT == 2:
-            tail_x = token_concat_rows(x, second, rows, tail_cols, row_ok, split, tokens, K, stride_xm, stride_sm)
-        else:
-            tail_x = load_rows(x, rows, tail_cols, row_ok, K, stride_xm)
+        tail_x = _input_tile(x, second, rows, tail_cols, row_ok, split, tokens, K, stride_xm, stride_sm, SECOND_ACT,
+                             CONCAT, EMULATE)  # fmt: skip
         if RESIDUAL != 0:
             tail_x = residual_sum(tail_x, update, gate, x_out, rows, tail_cols, row_ok, K, tokens,
                                   stride_um, stride_om, stride_mod, RESIDUAL, EMULATE, ONE_SAMPLE,
