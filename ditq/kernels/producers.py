@@ -83,8 +83,8 @@ def _tokens_apart(p: Producer) -> Producer:
     """p reading the two parts of its input where that input is cat([a, b], 1) of (N, T, K) tensors (FLUX's single
     blocks normalize cat([text, image]) tokens), so that the concatenation is not written first; with a residual
     (whose sum the pre-pass writes) or on its own input p stays."""
-    parts = _token_parts(p.x) if p.residual is None and p.second is None else None
-    if parts is None or p.kind == "attention":
+    parts = _token_parts(p.x) if p.residual is None and p.second is None and p.kind != "attention" else None
+    if parts is None:
         return p
     first, second = parts
     return dataclasses.replace(p, x=first, second=second, first_tokens=shape(first)[1])
@@ -238,10 +238,16 @@ def _attention_output(node: fx.Node) -> Producer | None:
     image tokens), and x's rows are contiguous (a slice of the rows of several samples would cost a copy
     first; one sample's tokens are contiguous rows)."""
     source = node
-    while is_method(source, _VIEWS) or _same_dtype_cast(source) or _sliced(source) is not None:
-        if _sliced(source) is not None and not value(source).is_contiguous():
-            return None  # the rows of several samples: a copy (`.contiguous()`) would be written for the pre-pass
-        source = _sliced(source) or source.args[0]
+    while True:
+        whole = _sliced(source)
+        if whole is not None:
+            if not value(source).is_contiguous():
+                return None  # the rows of several samples: a copy (`.contiguous()`) would be written for the pre-pass
+            source = whole
+        elif is_method(source, _VIEWS) or _same_dtype_cast(source):
+            source = source.args[0]
+        else:
+            break
     attention = source.op == "call_function" and source.target is F.scaled_dot_product_attention
     return Producer("attention", node) if attention and _float(node) and value(node).is_contiguous() else None
 
