@@ -19,7 +19,6 @@ this principle with Hessian traces; here Δ is measured directly with the search
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
@@ -103,8 +102,3 @@ def _spend_what_is_left(space: SearchSpace, sensitivity: Sensitivity, genome: Ge
             return genome
         genome = best
 
-
-def allocation_report(space: SearchSpace, sensitivity: Sensitivity, genome: Genome) -> Mapping[str, object]:
-    """What `allocate` chose, for a results file: the genes, the bits, and the fitness it predicts."""
-    return {"plan": space.assignment(genome), "bits": space.average_bits(genome),
-            "predicted_fitness": sensitivity.predicted(genome), "baseline_fitness": sensitivity.fitness}  # fmt: skip
