@@ -21,7 +21,6 @@ import argparse
 import copy
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -104,13 +103,12 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as work:
             result = run_search(fp, search, config, work, progress=False)
         apply_served_bits(nested, result.output)
-        counts = {str(w): list(result.best.values()).count(w) for w in widths}
         row(f"searched plan ({args.budget:g} budget)", "searched", result.best_bits, draw(nested),
-            layers_per_width=counts, evaluations=result.evaluations, plan=result.output)
+            layers_per_width=per_width(result.output, widths), evaluations=result.evaluations, plan=result.output)
 
     name, bits, plan, detail = allocated_by_sensitivity(fp, nested, search, args)
     apply_served_bits(nested, plan)
-    row(name, "allocated", bits, draw(nested), layers_per_width=Counter(map(str, plan.values())), plan=plan, **detail)
+    row(name, "allocated", bits, draw(nested), layers_per_width=per_width(plan, widths), plan=plan, **detail)
 
     for name, schedule in schedules(nested, widths, args.budget, args.steps).items():
         row(name, "schedule", schedule.average_bits(nested, args.steps), draw(nested, schedule),
@@ -122,6 +120,12 @@ def main() -> None:
     write_json(args.out.with_suffix(".json"), report, indent=1)
     write_text(args.out.with_suffix(".md"), markdown(report))
     print(f"wrote {args.out.with_suffix('.json')} and .md in {report['seconds']} s")
+
+
+def per_width(plan: dict[str, int], widths: tuple[int, ...]) -> dict[str, int]:
+    """How many layers a plan serves at each width."""
+    served = list(plan.values())
+    return {str(w): served.count(w) for w in widths}
 
 
 def allocated_by_sensitivity(fp: torch.nn.Module, nested: torch.nn.Module, search: BitsSearch,
