@@ -244,10 +244,10 @@ def test_pre_pass_concatenates_tokens_per_sample(samples, first, more, k, produc
     """cat([x (N, T₁, K), second (N, T₂, K)], 1) read part by part: each program's rows (16 at these widths) from
     both tensors, the modulation's rows per sample of T₁ + T₂ tokens (one_sample: 64 tokens, a program's rows
     within one sample)."""
-    x = integers(samples * first, k, dtype, seed=1) if producer == "rms_norm" else operands(samples * first, k,
-                                                                                            dtype, False)[0]  # fmt: skip
-    second = integers(samples * more, k, dtype, seed=2) if producer == "rms_norm" else operands(samples * more, k,
-                                                                                                 dtype, False, 5)[0]  # fmt: skip
+    def rows(n: int, seed: int) -> torch.Tensor:  # RMS norms on small integers: their sums are exact (module doc)
+        return integers(n, k, dtype, seed) if producer == "rms_norm" else operands(n, k, dtype, False, seed)[0]
+
+    x, second = rows(samples * first, 1), rows(samples * more, 2)
     kwargs = dict(gelu=dict(activation="gelu_tanh"), rms_norm=dict(norm=norm_of("rms", k, dtype, True, False)),
                   modulate=dict(modulation=modulation(samples, first + more, k, dtype)))[producer]  # fmt: skip
     codes, scales = quantize_rows_fp8(x, None, second=second, first_tokens=first, **kwargs)
