@@ -2,9 +2,9 @@
 RMSNorm, and the scaling claim (the ternary-vs-FP gap at a 3.3× larger model, DiT-S's width and depth).
 Supersedes the from-scratch rows of `scripts/gpu_terdit.py` (2,000 steps); its fine-tuned rows stay there.
 
-Each call trains the runs it names side by side (one process each, spread over the GPUs there are), until they finish or --deadline seconds
-after the call began, then evaluates every run it trained at the step reached: the ternary runs through their
-packed 2-bit export reloaded from disk (`export_packed`, the deployment path). A run cut at the deadline
+Each call trains the runs it names side by side (one process each, spread over the GPUs there are), until they
+finish or --deadline seconds after the call began, then evaluates every run it trained at the step reached: the
+ternary runs through their packed 2-bit export reloaded from disk (`export_packed`, the deployment path). A run cut at the deadline
 resumes bit-exactly in the next call if its folder --out/runs/NAME (its training state) is still there:
 
     PYTHONPATH=. python scripts/gpu_terdit_scratch.py --out runs/terdit-scratch --runs ternary --deadline 520
