@@ -4,8 +4,9 @@ Supersedes the from-scratch rows of `scripts/gpu_terdit.py` (2,000 steps); its f
 
 Each call trains the runs it names side by side (one process each, spread over the GPUs there are), until they
 finish or --deadline seconds after the call began, then evaluates every run it trained at the step reached: the
-ternary runs through their packed 2-bit export reloaded from disk (`export_packed`, the deployment path). A run cut at the deadline
-resumes bit-exactly in the next call if its folder --out/runs/NAME (its training state) is still there:
+ternary runs through their packed 2-bit export reloaded from disk (`export_packed`, the deployment path). A run
+cut at the deadline resumes bit-exactly in the next call if its folder --out/runs/NAME (its training state) is
+still there:
 
     PYTHONPATH=. python scripts/gpu_terdit_scratch.py --out runs/terdit-scratch --runs ternary --deadline 520
     PYTHONPATH=. python scripts/gpu_terdit_scratch.py --out runs/terdit-scratch --stage report   # table, curves
