@@ -1,6 +1,6 @@
 """MatQuant on DiT-MNIST: PSNR against full precision of one nested checkpoint served at uniform widths, at a
 searched per-layer plan (Mix'n'Match), at a plan allocated from per-layer sensitivities (`ditq.search.sensitivity`:
-each layer's one-width changes from uniform, scored by the cheap `output` fitness) and at per-timestep schedules
+each layer's one-width changes from uniform, scored by `--sensitivity-fitness`) and at per-timestep schedules
 of the same average bits per weight.
 
 Every row samples the same labels from the same noise as the FP model (DDIM, classifier-free guidance) and
@@ -34,8 +34,16 @@ from ditq.eval.metrics import psnr
 from ditq.io import apply_served_bits
 from ditq.qat import QAT, convert, prepare
 from ditq.quant.served import average_bits, served_widths
-from ditq.search import BitsSearch, FitnessSettings, SearchConfig, allocate, measure_sensitivity, run_search
-from ditq.search.fitness import OutputFitness
+from ditq.search import (
+    FITNESSES,
+    BitsSearch,
+    FitnessSettings,
+    SearchConfig,
+    allocate,
+    make_fitness,
+    measure_sensitivity,
+    run_search,
+)
 
 
 def main() -> None:
@@ -53,7 +61,10 @@ def main() -> None:
     p.add_argument("--fitness-samples", type=int, default=16, help="images per fitness evaluation of the search")
     p.add_argument("--fitness-seed", type=int, default=7, help="noise the search scores candidates on")
     p.add_argument("--sensitivity-samples", type=int, default=8,
-                   help="images whose trajectories score each single-layer change (the `output` fitness)")
+                   help="images that score each single-layer change")
+    p.add_argument("--sensitivity-fitness", choices=FITNESSES, default="output",
+                   help="what scores a single-layer change: `output` (teacher-forced, one forward per step) or a "
+                        "whole sampled chain (`psnr`, `fid`)")
     p.add_argument("--search", action=argparse.BooleanOptionalAction, default=True,
                    help="run the evolutionary search (its row costs the most)")
     p.add_argument("--generations", type=int, default=4)
@@ -131,18 +142,19 @@ def per_width(plan: dict[str, int], widths: tuple[int, ...]) -> dict[str, int]:
 def allocated_by_sensitivity(fp: torch.nn.Module, nested: torch.nn.Module, search: BitsSearch,
                              args: argparse.Namespace) -> tuple[str, float, dict[str, int], dict]:  # fmt: skip
     """The plan `ditq.search.sensitivity` allocates from uniform (the widest width within the budget), scoring each
-    one-layer change by the `output` fitness on the search's noise: (row name, bits, plan, what it measured)."""
+    one-layer change by `args.sensitivity_fitness` on the search's noise: (row name, bits, plan, what it measured)."""
     uniform = search.initial()[0]
-    fitness = OutputFitness(fp, FitnessSettings(samples=args.sensitivity_samples, steps=args.steps,
-                                                cfg_scale=args.cfg_scale, seed=args.fitness_seed))  # fmt: skip
+    fitness = make_fitness(args.sensitivity_fitness, fp, FitnessSettings(
+        samples=args.sensitivity_samples, steps=args.steps, cfg_scale=args.cfg_scale, seed=args.fitness_seed))
     sensitivity = measure_sensitivity(search, fitness, uniform, progress=False)
     allocated = allocate(search.space, sensitivity)
     relative = {name: {str(w): d / sensitivity.fitness for w, d in delta.items() if w != base}
                 for name, delta, base in zip(search.space.names, sensitivity.deltas, uniform, strict=True)}  # fmt: skip
     detail = dict(evaluations=1 + sum(len(d) - 1 for d in sensitivity.deltas), relative_change=relative,
-                  output_error={"uniform": sensitivity.fitness, "predicted": sensitivity.predicted(allocated)})  # fmt: skip
-    return (f"allocated by sensitivity ({args.budget:g} budget)", search.space.average_bits(allocated),
-            search.output(allocated), detail)
+                  fitness={"name": args.sensitivity_fitness, "uniform": sensitivity.fitness,
+                                            "predicted": sensitivity.predicted(allocated)})  # fmt: skip
+    name = f"allocated by {args.sensitivity_fitness} sensitivity ({args.budget:g} budget)"
+    return name, search.space.average_bits(allocated), search.output(allocated), detail
 
 
 def schedules(model: torch.nn.Module, widths: tuple[int, ...], budget: float, steps: int) -> dict[str, BitsSchedule]:
