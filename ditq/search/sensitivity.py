@@ -13,7 +13,10 @@ This is the Lagrangian relaxation of the multiple-choice knapsack "least total �
 where the price exhausts the budget; the greedy steps spend what it leaves over. The prediction is exact
 when the layers' effects add up; how far they do not shows as the gap between the predicted fitness
 (f₀ + Σ Δ) and the one measured. Mixed-precision allocation for DNNs (HAWQ and its successors) works on
-this principle with Hessian traces; here Δ is measured directly with the search's own fitness.
+this principle with Hessian traces; here Δ is measured directly with the search's own fitness. On a diffusion
+model the teacher-forced `output` fitness adds up well (one step's errors are independent), but it does not
+see errors compounding along the sampling chain; a sampled-chain fitness sees them and does not add up
+(docs/results.md, MatQuant: measured both ways on DiT-MNIST). Sample the plan before trusting it.
 """
 
 from __future__ import annotations
