@@ -7,7 +7,9 @@ For each model and batch, every config is rebuilt from the same seed and run on 
 the baseline of the ratios and the output error), `torchao-fp8-row` (torchao's float8 dynamic row-wise, the peer,
 on the Linears ditq quantizes: the adapter's default skip) and `RECIPE@BACKEND` (a ditq recipe, prepared for a
 kernel backend), on an FP8 backend with `+fast-accum` or `+exact-accum` to set cuBLAS's fast accumulation
-(without either, the backend's default: on).
+(without either, the backend's default: on), and with `+static-launch` compiled with inductor launching ditq's
+Triton kernels (user-defined kernels to it) through its static launcher, as it launches its own (less host time
+per launch; off by default in torch).
 
 Compiled with torch.compile block by block (each block of the transformer's ModuleLists, as diffusers'
 `compile_repeated_blocks` does; `--whole-graph` compiles the whole transformer). Per step: the median of CUDA-event
@@ -107,7 +109,8 @@ MODELS = {
 }  # fmt: skip
 TINY_SIZE, TINY_TEXT_TOKENS = 4, 8  # FLUX: 16 packed tokens; SD3, PixArt: 4×4 latents, 4 tokens of 2×2 patches
 DTYPE = torch.bfloat16
-ACCUMULATION = {"+fast-accum": True, "+exact-accum": False}  # a config's suffix → fast_accumulation
+OPTIONS = {"+fast-accum": ("fast_accumulation", True), "+exact-accum": ("fast_accumulation", False),
+           "+static-launch": ("static_launch", True)}  # a config's suffix → the Config field it sets
 DEFAULT_CONFIGS = ("bf16", "w4a8-fp8@fp8-cached", "w4a8-fp8@fp8-cached+exact-accum", "w4a8-fp8@fp8",
                    "w4a8-fp8@fp8+exact-accum", TORCHAO)  # fmt: skip
 
@@ -120,23 +123,30 @@ class Config:
     recipe: str | None = None
     backend: str | None = None
     fast_accumulation: bool | None = None  # FP8 backends only; None: the backend's default
+    static_launch: bool = False  # compiled with inductor's static launcher for ditq's Triton kernels
 
     @classmethod
     def parse(cls, label: str) -> Config:
         if label in ("bf16", TORCHAO):
             return cls(label)
-        suffix = next((s for s in ACCUMULATION if label.endswith(s)), "")
-        recipe, at, backend = label.removesuffix(suffix).partition("@")
+        base, suffixes = label, {}  # Config field → the suffix that sets it, read from the end
+        while suffix := next((s for s in OPTIONS if base.endswith(s)), None):
+            field = OPTIONS[suffix][0]
+            if field in suffixes:
+                raise ValueError(f"config {label!r}: {suffix} and {suffixes[field]} both set {field}")
+            suffixes[field], base = suffix, base.removesuffix(suffix)
+        recipe, at, backend = base.partition("@")
         if not at or backend not in BACKENDS:
-            raise ValueError(f"config {label!r} is not bf16, {TORCHAO} or RECIPE@BACKEND[{'|'.join(ACCUMULATION)}] "
-                             f"with a backend of {sorted(BACKENDS)}")  # fmt: skip
-        if suffix and backend not in FP8_BACKENDS:
-            raise ValueError(f"config {label!r}: {suffix} needs an FP8 backend {list(FP8_BACKENDS)}")
+            raise ValueError(f"config {label!r} is not bf16, {TORCHAO} or RECIPE@BACKEND with suffixes of "
+                             f"{list(OPTIONS)} and a backend of {sorted(BACKENDS)}")  # fmt: skip
+        if "fast_accumulation" in suffixes and backend not in FP8_BACKENDS:
+            raise ValueError(f"config {label!r}: {suffixes['fast_accumulation']} needs an FP8 backend "
+                             f"{list(FP8_BACKENDS)}")  # fmt: skip
         try:  # an unknown preset or a bad file fails here, before any model is built
             load_recipe(recipe)
         except (ValueError, TypeError, OSError) as err:
             raise ValueError(f"config {label!r}: {err}") from None
-        return cls(label, recipe, backend, ACCUMULATION.get(suffix))
+        return cls(label, recipe, backend, **{field: OPTIONS[suffix][1] for field, suffix in suffixes.items()})
 
 
 def build(size: ModelSize, tiny: bool, device: str) -> nn.Module:
@@ -214,7 +224,8 @@ def measure(model_name: str, batch: int, config: Config, args: argparse.Namespac
     device = torch.device(args.device)
     with torch.no_grad():
         start = time.perf_counter()
-        with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        launch = {"static_launch_user_defined_triton_kernels": True} if config.static_launch else {}
+        with inductor_config.patch(fx_graph_cache=False, **launch), functorch_config.patch(enable_autograd_cache=False):
             out = step().float()  # compiles with the passes run, not read from a cache: `fused` counts them
         first_s = time.perf_counter() - start
         if on_cuda:
@@ -224,7 +235,7 @@ def measure(model_name: str, batch: int, config: Config, args: argparse.Namespac
             write_text(f"{args.out}_profile_{model_name}_b{batch}_{config.label}.txt", kernel_table(step, device))
     fast = DEFAULT_FAST_ACCUMULATION if config.fast_accumulation is None else config.fast_accumulation
     row = {"model": model_name, "batch": batch, "config": config.label,
-           "fast_accum": fast if config.backend in FP8_BACKENDS else None,
+           "fast_accum": fast if config.backend in FP8_BACKENDS else None, "static_launch": config.static_launch,
            "step_ms": round(statistics.median(times), 2), "min_ms": round(min(times), 2),
            "max_ms": round(max(times), 2), "layers": layers,
            "fused": ", ".join(f"{kind} {n}" for kind, n in sorted(counters[FUSION_COUNTER].items())) or None}  # fmt: skip

@@ -77,17 +77,14 @@ case $part in
     tail -3 "$out/gpu_tests.txt"  # the fp8-gluon backend on the real kernel
     exit 0 ;;
   flux|sd3|pixart)  # a diffusers transformer at its published size: bf16, fp8-cached, torchao float8 row-wise (its
-         # compile: ~3.5–6 min on an H100), each row profiled; then bf16 and fp8-cached again with inductor launching
-         # ditq's Triton kernels (user-defined kernels to it) through its static launcher, as it launches its own: what
-         # that takes off the host's time. diffusers, importlib_metadata, zipp and torchao come as wheels in .whl/
+         # compile: ~3.5–6 min on an H100), then fp8-cached with inductor launching ditq's Triton kernels through its
+         # static launcher (what that takes off the host's time), each row profiled. diffusers, importlib_metadata,
+         # zipp and torchao come as wheels in .whl/
     nvidia-smi -L
     wheels
-    timeout "$(left)" python bench/bench_diffusers.py --models "$part" --batches 1 \
-      --configs bf16,w4a8-fp8@fp8-cached,torchao-fp8-row --profile --out "$out/diffusers_$part" >"$out/log_$part.txt" 2>&1
-    TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS=1 timeout "$(left)" python bench/bench_diffusers.py \
-      --models "$part" --batches 1 --configs bf16,w4a8-fp8@fp8-cached --out "$out/diffusers_${part}_static_launch" \
-      >>"$out/log_$part.txt" 2>&1
-    tail -6 "$out/diffusers_$part.md" "$out/diffusers_${part}_static_launch.md"
+    timeout "$(left)" python bench/bench_diffusers.py --models "$part" --batches 1 --profile --out "$out/diffusers_$part" \
+      --configs bf16,w4a8-fp8@fp8-cached,torchao-fp8-row,w4a8-fp8@fp8-cached+static-launch >"$out/log_$part.txt" 2>&1
+    tail -7 "$out/diffusers_$part.md"
     exit 0 ;;
   flux-4bit)  # FLUX-size with the weights 4-bit in GPU memory: fp8-gluon (Hopper) and fp8 beside bf16, profiled
     nvidia-smi -L

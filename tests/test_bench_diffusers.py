@@ -63,6 +63,8 @@ def test_a_compiled_row_says_what_the_fusion_pass_folded_and_profile_writes_its_
         (["--configs", "bf16,w4a8-fp8@fp9"], "config 'w4a8-fp8@fp9' is not bf16, torchao-fp8-row or RECIPE@BACKEND"),
         (["--configs", "w4a8-fp8@lowbit+fast-accum"], r"config 'w4a8-fp8@lowbit\+fast-accum': \+fast-accum needs an FP8"),
         (["--configs", "w4a9@fp8"], "config 'w4a9@fp8': recipe 'w4a9' is neither a preset"),
+        (["--configs", "w4a8-fp8@fp8+fast-accum+exact-accum"],
+         r"config 'w4a8-fp8@fp8\+fast-accum\+exact-accum': \+fast-accum and \+exact-accum both set fast_accumulation"),
         (["--models", "flux,sdxl"], r"--models \['sdxl'\]: choose from flux, sd3, pixart"),
     ],
 )
@@ -72,3 +74,14 @@ def test_a_bad_option_is_one_line_before_any_model_is_built(bench, option, messa
     assert exit_.value.code == 2
     assert re.search(f"error: {message}", capsys.readouterr().err.strip().splitlines()[-1])
     assert not list(tmp_path.iterdir())
+
+
+def test_suffixes_set_a_config_s_options_in_any_order(bench):
+    parse = bench.Config.parse
+    for label in ("w4a8-fp8@fp8-cached+exact-accum+static-launch", "w4a8-fp8@fp8-cached+static-launch+exact-accum"):
+        config = parse(label)
+        assert (config.recipe, config.backend, config.fast_accumulation, config.static_launch) == (
+            "w4a8-fp8", "fp8-cached", False, True)
+    plain = parse("w4a8-fp8@fp8-cached")
+    assert (plain.fast_accumulation, plain.static_launch) == (None, False)
+    assert parse("w4a8-fp8@lowbit+static-launch").static_launch  # any backend: the launcher is inductor's
