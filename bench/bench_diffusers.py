@@ -12,7 +12,7 @@ Triton kernels (user-defined kernels to it) through its static launcher, as it l
 per launch; off by default in torch).
 
 Compiled with torch.compile block by block (each block of the transformer's ModuleLists, as diffusers'
-`compile_repeated_blocks` does; `--whole-graph` compiles the whole transformer). Per step: the median of CUDA-event
+`compile_repeated_blocks` does; `--whole-graph` compiles the whole transformer, `--cuda-graphs` replays each compiled graph as a CUDA graph). Per step: the median of CUDA-event
 timed forwards after warm-up. Memory: what the row's model holds once ready (weights and kernel buffers), the
 peak during the timed steps, both over what was allocated before the row (`held_before_GiB`, 0 unless an earlier
 row's model outlived it), and the tensors as ditq stores them. The results file gathers runs: a run appends its
@@ -182,15 +182,17 @@ def prepare(model: nn.Module, config: Config) -> str | None:
     return f"{sum(m.backend == config.backend for m in layers)}/{len(layers)} on {config.backend}"
 
 
-def compiled(model: nn.Module, whole_graph: bool) -> nn.Module:
+def compiled(model: nn.Module, whole_graph: bool, cuda_graphs: bool) -> nn.Module:
     """The model compiled whole, or each block of its ModuleLists compiled in place (diffusers' regional
-    compilation: one compile per block class, reused by the others)."""
+    compilation: one compile per block class, reused by the others); with `cuda_graphs`, each compiled graph
+    replayed as a CUDA graph (mode 'reduce-overhead': no host time per kernel launch)."""
+    mode = "reduce-overhead" if cuda_graphs else None
     if whole_graph:
-        return torch.compile(model, dynamic=False)
+        return torch.compile(model, dynamic=False, mode=mode)
     for blocks in model.children():
         if isinstance(blocks, nn.ModuleList):
             for block in blocks:
-                block.compile(dynamic=False)
+                block.compile(dynamic=False, mode=mode)
     return model
 
 
@@ -216,7 +218,7 @@ def measure(model_name: str, batch: int, config: Config, args: argparse.Namespac
         torch.cuda.empty_cache()
         resident = torch.cuda.memory_allocated() - before
     counters.clear()
-    forward = model if args.no_compile else compiled(model, args.whole_graph)
+    forward = model if args.no_compile else compiled(model, args.whole_graph, args.cuda_graphs)
 
     def step() -> torch.Tensor:
         return forward(**inputs, return_dict=False)[0]
@@ -282,7 +284,8 @@ def environment(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name() if on_cuda else args.device,
         **{p: version(p) for p in ("torch", "triton", "diffusers", "torchao")},
         "command": shlex.join(["python", "bench/bench_diffusers.py", *argv]),
-        "compile": "off" if args.no_compile else "whole graph" if args.whole_graph else "block by block",
+        "compile": "off" if args.no_compile else ("whole graph" if args.whole_graph else "block by block")
+                   + (", CUDA graphs" if args.cuda_graphs else ""),
         # whether inductor launches user-defined Triton kernels (ditq's) through its static launcher, as its own
         "static_launch_user_kernels": inductor_config.static_launch_user_defined_triton_kernels,
         "dtype": "bfloat16",
@@ -334,6 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="two-block models at a few tokens, for a CPU check")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--whole-graph", action="store_true", help="compile the whole transformer, not block by block")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="every compiled row replays CUDA graphs (mode 'reduce-overhead'; a CUDA device)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--profile", action="store_true",
@@ -357,6 +362,9 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError("the transformers come from diffusers, which is not installed")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: no CUDA device here")
+        if args.cuda_graphs and (args.no_compile or not args.device.startswith("cuda")):
+            raise ValueError("--cuda-graphs replays compiled graphs on a CUDA device: not with --no-compile or "
+                             f"--device {args.device}")  # fmt: skip
         json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
         runs = json.loads(json_path.read_text())["runs"] if json_path.exists() else []
     except (ValueError, KeyError, json.JSONDecodeError) as err:

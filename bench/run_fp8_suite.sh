@@ -11,6 +11,7 @@
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh gluon     # the Gluon W4A8 GEMM checked and timed; fp8-gluon's tests
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh flux      # FLUX-size via diffusers beside torchao (wheels in .whl/)
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh sd3       # the same at SD3-medium's size (pixart: PixArt-Σ's)
+#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh flux-graphs  # the same under CUDA graphs (no host time per launch)
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh flux-4bit # FLUX-size with the weights 4-bit resident (fp8-gluon, fp8)
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh prepass   # the pre-pass against inductor, its launch sweep
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh small     # batch 2 under CUDA graphs; samples; few-row GEMMs
@@ -21,7 +22,7 @@
 set -u
 out=${OUT:?set OUT to the results folder}
 e2e() { timeout "$(left)" python bench/bench_e2e.py "$@" >>"$out/e2e_$part.jsonl" 2>>"$out/log_$part.txt" || echo "failed: $*" >>"$out/log_$part.txt"; }
-part=${1:?kernels, tests, models, fold, pass, gluon, flux, sd3, pixart, flux-4bit, prepass, small, gemms, profile or profile-small}
+part=${1:?kernels, tests, models, fold, pass, gluon, flux, sd3, pixart, flux-graphs, flux-4bit, prepass, small, gemms, profile or profile-small}
 deadline=$(( $(date +%s) + ${SUITE_SECONDS:-570} ))  # steps that would run past it are cut
 left() { echo $(( deadline - $(date +%s) > 1 ? deadline - $(date +%s) : 1 )); }
 wheels() {  # diffusers, importlib_metadata, zipp and torchao, carried as wheels in .whl/ (no network there)
@@ -86,6 +87,14 @@ case $part in
       --configs bf16,w4a8-fp8@fp8-cached,torchao-fp8-row,w4a8-fp8@fp8-cached+static-launch >"$out/log_$part.txt" 2>&1
     tail -7 "$out/diffusers_$part.md"
     exit 0 ;;
+  flux-graphs)  # the flux part's bf16, fp8-cached and torchao rows with every compiled block replayed as a CUDA graph
+                # (no host time per launch: what each row's GPU time alone gives)
+    nvidia-smi -L
+    wheels
+    timeout "$(left)" python bench/bench_diffusers.py --models flux --batches 1 --cuda-graphs \
+      --configs bf16,w4a8-fp8@fp8-cached,torchao-fp8-row --out "$out/diffusers_flux_graphs" >"$out/log_$part.txt" 2>&1
+    tail -6 "$out/diffusers_flux_graphs.md"
+    exit 0 ;;
   flux-4bit)  # FLUX-size with the weights 4-bit in GPU memory: fp8-gluon (Hopper) and fp8 beside bf16, profiled
     nvidia-smi -L
     wheels
@@ -120,6 +129,6 @@ case $part in
     timeout "$(left)" python bench/profile_e2e.py --batch 2 --all-linears --configs bf16,w4a8fp8:fp8-cached,w4a8fp8:fp8 \
       --out "$out" >>"$out/log_$part.txt" 2>&1
     exit 0 ;;
-  *) echo "unknown part $part (kernels, tests, models, fold, pass, gluon, flux, sd3, pixart, flux-4bit, prepass, small, gemms, profile or profile-small)"; exit 2 ;;
+  *) echo "unknown part $part (kernels, tests, models, fold, pass, gluon, flux, sd3, pixart, flux-graphs, flux-4bit, prepass, small, gemms, profile or profile-small)"; exit 2 ;;
 esac
 python bench/e2e_table.py "$out/e2e_$part.jsonl" "$out/e2e_$part" && rm "$out/e2e_$part.jsonl"
