@@ -13,13 +13,14 @@ per launch; off by default in torch).
 
 Compiled with torch.compile block by block (each block of the transformer's ModuleLists, as diffusers'
 `compile_repeated_blocks` does; `--whole-graph` compiles the whole transformer, `--cuda-graphs` replays each
-compiled graph as a CUDA graph). Per step: the median of CUDA-event timed forwards after warm-up. Memory: what
-the row's model holds once ready (weights and kernel buffers), the peak during the timed steps, both over what was allocated before the row (`held_before_GiB`, 0 unless an earlier
-row's model outlived it), and the tensors as ditq stores them. The results file gathers runs: a run appends its
-rows to OUT.json (with the GPU, versions, shapes and the command; `notes` added to a run are printed above its
-table) and OUT.md is rewritten from all of them after every row, so a run cut short keeps what it measured. A
-compiled row says what the FP8 fusion pass folded in the graphs it compiled (`fused`, by kind; block by block,
-each block class counts once); `--profile` writes each row's kernels by GPU time.
+compiled graph as a CUDA graph). Per step: the median of CUDA-event timed forwards after warm-up. Memory: what the
+row's model holds once ready (weights and kernel buffers), the peak during the timed steps, both over what was
+allocated before the row (`held_before_GiB`, 0 unless an earlier row's model outlived it), and the tensors as ditq
+stores them. The results file gathers runs: a run appends its rows to OUT.json (with the GPU, versions, shapes and
+the command; `notes` added to a run are printed above its table) and OUT.md is rewritten from all of them after
+every row, so a run cut short keeps what it measured. A compiled row says what the FP8 fusion pass folded in the
+graphs it compiled (`fused`, by kind; block by block, each block class counts once); `--profile` writes each row's
+kernels by GPU time.
 
     PYTHONPATH=. python bench/bench_diffusers.py --models flux --out bench/results/diffusers_h100
     TRITON_INTERPRET=1 PYTHONPATH=. python bench/bench_diffusers.py --tiny --device cpu --no-compile --out /tmp/d
