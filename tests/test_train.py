@@ -214,6 +214,15 @@ TINY_FLAGS = ["--set", "depth=2", "--set", "hidden_size=64", "--set", "patch_siz
               "--no-progress"]  # fmt: skip  # tiny_config's run
 
 
+@pytest.fixture
+def ctrl_c_delivered():
+    """Python's own SIGINT handler for the test: a test runner started with SIGINT ignored (`nohup ... &`) would
+    swallow the Ctrl-C these tests press, as ditq train rightly keeps an ignored Ctrl-C ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def press_ctrl_c_during_step(monkeypatch: pytest.MonkeyPatch, k: int) -> None:
     """SIGINT to this process while step `k` runs, as Ctrl-C in a terminal would send it."""
     real_step, calls = loop.train_step, []
@@ -228,7 +237,7 @@ def press_ctrl_c_during_step(monkeypatch: pytest.MonkeyPatch, k: int) -> None:
 
 
 def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes_exactly(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, ctrl_c_delivered
 ) -> None:
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main([*TINY_FLAGS, "--out", str(straight)]) == 0
@@ -262,7 +271,7 @@ def test_time_limit_flag_stops_with_the_command_that_resumes(tmp_path: Path, cap
     assert err.rstrip().endswith("--time-limit 1e-9 --resume"), err
 
 
-def test_ranks_stop_after_the_same_step() -> None:
+def test_ranks_stop_after_the_same_step(ctrl_c_delivered) -> None:
     """Under DDP a stop is agreed through an all-reduce started after one step and read after the next: every
     rank stops one step after the first one was interrupted (a one-process gloo group stands in for the ranks)."""
     handler = signal.getsignal(signal.SIGINT)
