@@ -366,6 +366,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.cuda_graphs and (args.no_compile or not args.device.startswith("cuda")):
             raise ValueError("--cuda-graphs replays compiled graphs on a CUDA device: not with --no-compile or "
                              f"--device {args.device}")  # fmt: skip
+        if args.no_compile and any(c.static_launch for c in configs):
+            raise ValueError("+static-launch is how compiled code launches ditq's kernels: not with --no-compile")
         json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")
         runs = json.loads(json_path.read_text())["runs"] if json_path.exists() else []
     except (ValueError, KeyError, json.JSONDecodeError) as err:

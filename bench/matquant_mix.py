@@ -152,7 +152,7 @@ def allocated_by_sensitivity(fp: torch.nn.Module, nested: torch.nn.Module, searc
                 for name, delta, base in zip(search.space.names, sensitivity.deltas, uniform, strict=True)}  # fmt: skip
     detail = dict(evaluations=1 + sum(len(d) - 1 for d in sensitivity.deltas), relative_change=relative,
                   fitness={"name": args.sensitivity_fitness, "uniform": sensitivity.fitness,
-                                            "predicted": sensitivity.predicted(allocated)})  # fmt: skip
+                           "predicted": sensitivity.predicted(allocated)})  # fmt: skip
     name = f"allocated by {args.sensitivity_fitness} sensitivity ({args.budget:g} budget)"
     return name, search.space.average_bits(allocated), search.output(allocated), detail
 

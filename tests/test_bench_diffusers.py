@@ -67,6 +67,7 @@ def test_a_compiled_row_says_what_the_fusion_pass_folded_and_profile_writes_its_
          r"config 'w4a8-fp8@fp8\+fast-accum\+exact-accum': \+fast-accum and \+exact-accum both set fast_accumulation"),
         (["--models", "flux,sdxl"], r"--models \['sdxl'\]: choose from flux, sd3, pixart"),
         (["--configs", "bf16", "--cuda-graphs"], "--cuda-graphs replays compiled graphs on a CUDA device: not with"),
+        (["--configs", "w4a8-fp8@fp8+static-launch", "--no-compile"], r"\+static-launch is how compiled code"),
     ],
 )
 def test_a_bad_option_is_one_line_before_any_model_is_built(bench, option, message, tmp_path, capsys):
