@@ -443,7 +443,16 @@ def _served_checkpoint(path: Path, bits: int | str | None, device: str) -> torch
     from ditq.quant.export import export_served
 
     model = io.load(path, device=device, bits=bits)
-    return model if bits is None else export_served(model)
+    return model if bits is None else export_served(_codes_of_trained(model))
+
+
+def _codes_of_trained(model: torch.nn.Module) -> torch.nn.Module:
+    """`ditq train` saves quantization-aware layers (FakeQuantLinear): packed into codes, as `ditq.convert` does,
+    so its checkpoint slices and exports like a converted one."""
+    from ditq.qat import convert
+    from ditq.quant.fakequant import FakeQuantLinear
+
+    return convert(model) if any(isinstance(m, FakeQuantLinear) for m in model.modules()) else model
 
 
 def _export(args: argparse.Namespace) -> None:
@@ -458,7 +467,7 @@ def _export(args: argparse.Namespace) -> None:
         raise ValueError(f"--out {args.out} would overwrite the --model file; choose another path")
     model = io.load(args.model, bits=args.bits)
     try:
-        export_served(model)
+        export_served(_codes_of_trained(model))
     except ValueError as err:
         raise ValueError(f"--model {args.model}: {err}") from None
     io.save(model, args.out, info={"exported_from": Path(args.model).name})

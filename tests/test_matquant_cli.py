@@ -105,6 +105,19 @@ def test_export_without_bits_keeps_the_widths_the_file_serves(files: Path, tmp_p
     assert set(widths(ditq.load(out)).values()) == {(4, None)}
 
 
+def test_a_trained_checkpoint_exports_like_its_conversion(tmp_path: Path) -> None:
+    """`ditq train` saves FakeQuantLinears; `export` (and `eval --bits`, through the same loader) takes that file
+    as it takes its conversion."""
+    trained = prepare(make_tiny_mnist_dit(), NESTED)
+    ditq.save(trained, tmp_path / "trained.safetensors")
+    ditq.save(convert(prepare(make_tiny_mnist_dit(), NESTED)), tmp_path / "converted.safetensors")
+    for name in ("trained", "converted"):
+        assert main(["export", "--model", str(tmp_path / f"{name}.safetensors"), "--bits", "2",
+                     "--out", str(tmp_path / f"{name}-w2.safetensors")]) == 0  # fmt: skip
+    ours, theirs = (ditq.load(tmp_path / f"{name}-w2.safetensors").state_dict() for name in ("trained", "converted"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_export_with_a_plan_keeps_each_layer_at_its_width(files: Path, tmp_path: Path) -> None:
     out = tmp_path / "mix.safetensors"
     assert main(["export", "--model", str(files / "nested.safetensors"), "--bits", str(files / "mix.json"),
