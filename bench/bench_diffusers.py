@@ -238,7 +238,8 @@ def measure(model_name: str, batch: int, config: Config, args: argparse.Namespac
             write_text(f"{args.out}_profile_{model_name}_b{batch}_{config.label}.txt", kernel_table(step, device))
     fast = DEFAULT_FAST_ACCUMULATION if config.fast_accumulation is None else config.fast_accumulation
     row = {"model": model_name, "batch": batch, "config": config.label,
-           "fast_accum": fast if config.backend in FP8_BACKENDS else None, "static_launch": config.static_launch,
+           "fast_accum": fast if config.backend in FP8_BACKENDS else None,
+           "static_launch": config.static_launch or inductor_config.static_launch_user_defined_triton_kernels,
            "step_ms": round(statistics.median(times), 2), "min_ms": round(min(times), 2),
            "max_ms": round(max(times), 2), "layers": layers,
            "fused": ", ".join(f"{kind} {n}" for kind, n in sorted(counters[FUSION_COUNTER].items())) or None}  # fmt: skip
