@@ -12,8 +12,8 @@ Triton kernels (user-defined kernels to it) through its static launcher, as it l
 per launch; off by default in torch).
 
 Compiled with torch.compile block by block (each block of the transformer's ModuleLists, as diffusers'
-`compile_repeated_blocks` does; `--whole-graph` compiles the whole transformer, `--cuda-graphs` replays each
-compiled graph as a CUDA graph). Per step: the median of CUDA-event timed forwards after warm-up. Memory: what the
+`compile_repeated_blocks` does; `--whole-graph` compiles the whole transformer, `--cuda-graphs` captures a whole
+compiled step as one CUDA graph and times its replays: the GPU's time without the host's per launch). Per step: the median of CUDA-event timed forwards after warm-up. Memory: what the
 row's model holds once ready (weights and kernel buffers), the peak during the timed steps, both over what was
 allocated before the row (`held_before_GiB`, 0 unless an earlier row's model outlived it), and the tensors as ditq
 stores them. The results file gathers runs: a run appends its rows to OUT.json (with the GPU, versions, shapes and
@@ -34,6 +34,7 @@ import gc
 import importlib.metadata
 import importlib.util
 import json
+import re
 import shlex
 import statistics
 import sys
@@ -183,18 +184,40 @@ def prepare(model: nn.Module, config: Config) -> str | None:
     return f"{sum(m.backend == config.backend for m in layers)}/{len(layers)} on {config.backend}"
 
 
-def compiled(model: nn.Module, whole_graph: bool, cuda_graphs: bool) -> nn.Module:
+def compiled(model: nn.Module, whole_graph: bool) -> nn.Module:
     """The model compiled whole, or each block of its ModuleLists compiled in place (diffusers' regional
-    compilation: one compile per block class, reused by the others); with `cuda_graphs`, each compiled graph
-    replayed as a CUDA graph (mode 'reduce-overhead': no host time per kernel launch)."""
-    mode = "reduce-overhead" if cuda_graphs else None
+    compilation: one compile per block class, reused by the others)."""
     if whole_graph:
-        return torch.compile(model, dynamic=False, mode=mode)
+        return torch.compile(model, dynamic=False)
     for blocks in model.children():
         if isinstance(blocks, nn.ModuleList):
             for block in blocks:
-                block.compile(dynamic=False, mode=mode)
+                block.compile(dynamic=False)
     return model
+
+
+def graphed(step: Callable[[], torch.Tensor], device: torch.device) -> Callable[[], torch.Tensor]:
+    """`step`, compiled already, captured as one CUDA graph: each call replays it, one launch for all its kernels.
+
+    Not inductor's CUDA graphs (mode 'reduce-overhead'): with blocks compiled one by one, a block class's graph
+    replays for the next block while the previous replay's output is still to be read (the residual stream), and
+    cudagraph trees stop with "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent
+    run" (PixArt-size, torch 2.11 on an H100)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up off the default stream, as capture wants
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+
+    def replay() -> torch.Tensor:
+        graph.replay()
+        return out
+
+    return replay
 
 
 def measure(model_name: str, batch: int, config: Config, args: argparse.Namespace,
@@ -219,7 +242,7 @@ def measure(model_name: str, batch: int, config: Config, args: argparse.Namespac
         torch.cuda.empty_cache()
         resident = torch.cuda.memory_allocated() - before
     counters.clear()
-    forward = model if args.no_compile else compiled(model, args.whole_graph, args.cuda_graphs)
+    forward = model if args.no_compile else compiled(model, args.whole_graph)
 
     def step() -> torch.Tensor:
         return forward(**inputs, return_dict=False)[0]
@@ -233,9 +256,11 @@ def measure(model_name: str, batch: int, config: Config, args: argparse.Namespac
         first_s = time.perf_counter() - start
         if on_cuda:
             torch.cuda.reset_peak_memory_stats()
-        times = time_calls(step, (), device, warmup=args.warmup, repeats=args.iters)
-        if args.profile:
-            write_text(f"{args.out}_profile_{model_name}_b{batch}_{config.label}.txt", kernel_table(step, device))
+        timed = graphed(step, device) if args.cuda_graphs else step
+        times = time_calls(timed, (), device, warmup=args.warmup, repeats=args.iters)
+        if args.profile:  # the label's '@' and '+' as '_': file names any copying tool takes
+            name = re.sub(r"[^\w.-]", "_", f"{model_name}_b{batch}_{config.label}")
+            write_text(f"{args.out}_profile_{name}.txt", kernel_table(timed, device))
     fast = DEFAULT_FAST_ACCUMULATION if config.fast_accumulation is None else config.fast_accumulation
     row = {"model": model_name, "batch": batch, "config": config.label,
            "fast_accum": fast if config.backend in FP8_BACKENDS else None,
@@ -340,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--whole-graph", action="store_true", help="compile the whole transformer, not block by block")
     parser.add_argument("--cuda-graphs", action="store_true",
-                        help="every compiled row replays CUDA graphs (mode 'reduce-overhead'; a CUDA device)")
+                        help="time each compiled row's step captured as one CUDA graph (a CUDA device)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--profile", action="store_true",
@@ -365,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: no CUDA device here")
         if args.cuda_graphs and (args.no_compile or not args.device.startswith("cuda")):
-            raise ValueError("--cuda-graphs replays compiled graphs on a CUDA device: not with --no-compile or "
+            raise ValueError("--cuda-graphs replays compiled steps on a CUDA device: not with --no-compile or "
                              f"--device {args.device}")  # fmt: skip
         if args.no_compile and any(c.static_launch for c in configs):
             raise ValueError("+static-launch is how compiled code launches ditq's kernels: not with --no-compile")

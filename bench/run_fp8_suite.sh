@@ -11,7 +11,7 @@
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh gluon     # the Gluon W4A8 GEMM checked and timed; fp8-gluon's tests
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh flux      # FLUX-size via diffusers beside torchao (wheels in .whl/)
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh sd3       # the same at SD3-medium's size (pixart: PixArt-Σ's)
-#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh flux-graphs  # the same under CUDA graphs (no host time per launch)
+#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh flux-graphs  # the same, steps as CUDA graphs (also sd3-, pixart-graphs)
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh flux-4bit # FLUX-size with the weights 4-bit resident (fp8-gluon, fp8)
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh prepass   # the pre-pass against inductor, its launch sweep
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh small     # batch 2 under CUDA graphs; samples; few-row GEMMs
@@ -22,7 +22,7 @@
 set -u
 out=${OUT:?set OUT to the results folder}
 e2e() { timeout "$(left)" python bench/bench_e2e.py "$@" >>"$out/e2e_$part.jsonl" 2>>"$out/log_$part.txt" || echo "failed: $*" >>"$out/log_$part.txt"; }
-part=${1:?kernels, tests, models, fold, pass, gluon, flux, sd3, pixart, flux-graphs, flux-4bit, prepass, small, gemms, profile or profile-small}
+part=${1:?kernels, tests, models, fold, pass, gluon, flux, sd3, pixart, flux|sd3|pixart-graphs, flux-4bit, prepass, small, gemms, profile or profile-small}
 deadline=$(( $(date +%s) + ${SUITE_SECONDS:-570} ))  # steps that would run past it are cut
 left() { echo $(( deadline - $(date +%s) > 1 ? deadline - $(date +%s) : 1 )); }
 wheels() {  # diffusers, importlib_metadata, zipp and torchao, carried as wheels in .whl/ (no network there)
@@ -87,13 +87,14 @@ case $part in
       --configs bf16,w4a8-fp8@fp8-cached,torchao-fp8-row,w4a8-fp8@fp8-cached+static-launch >"$out/log_$part.txt" 2>&1
     tail -7 "$out/diffusers_$part.md"
     exit 0 ;;
-  flux-graphs)  # the flux part's bf16, fp8-cached and torchao rows with every compiled block replayed as a CUDA graph
-                # (no host time per launch: what each row's GPU time alone gives)
+  flux-graphs|sd3-graphs|pixart-graphs)  # the model's bf16, fp8-cached and torchao rows, each compiled step captured
+    # as one CUDA graph (no host time per launch: what each row's GPU time alone gives; SD3 and PixArt at batch 1
+    # are bound by the host otherwise)
     nvidia-smi -L
     wheels
-    timeout "$(left)" python bench/bench_diffusers.py --models flux --batches 1 --cuda-graphs \
-      --configs bf16,w4a8-fp8@fp8-cached,torchao-fp8-row --out "$out/diffusers_flux_graphs" >"$out/log_$part.txt" 2>&1
-    tail -6 "$out/diffusers_flux_graphs.md"
+    timeout "$(left)" python bench/bench_diffusers.py --models "${part%-graphs}" --batches 1 --cuda-graphs \
+      --configs bf16,w4a8-fp8@fp8-cached,torchao-fp8-row --out "$out/diffusers_$part" >"$out/log_$part.txt" 2>&1
+    tail -6 "$out/diffusers_$part.md"
     exit 0 ;;
   flux-4bit)  # FLUX-size with the weights 4-bit in GPU memory: fp8-gluon (Hopper) and fp8 beside bf16, profiled
     nvidia-smi -L

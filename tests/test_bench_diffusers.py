@@ -53,7 +53,7 @@ def test_a_compiled_row_says_what_the_fusion_pass_folded_and_profile_writes_its_
     (row,) = json.loads(out.with_suffix(".json").read_text())["runs"][0]["rows"]
     folded = dict(item.rsplit(" ", 1) for item in row["fused"].split(", "))
     assert {"norm_modulate", "gelu", "residual"} <= folded.keys() and all(int(n) > 0 for n in folded.values())
-    table = (tmp_path / "results_profile_flux_b1_w4a8-fp8@fp8-cached.txt").read_text()
+    table = (tmp_path / "results_profile_flux_b1_w4a8-fp8_fp8-cached.txt").read_text()
     assert "Name" in table and "quantize_rows_fp8" in table
 
 
@@ -66,7 +66,7 @@ def test_a_compiled_row_says_what_the_fusion_pass_folded_and_profile_writes_its_
         (["--configs", "w4a8-fp8@fp8+fast-accum+exact-accum"],
          r"config 'w4a8-fp8@fp8\+fast-accum\+exact-accum': \+fast-accum and \+exact-accum both set fast_accumulation"),
         (["--models", "flux,sdxl"], r"--models \['sdxl'\]: choose from flux, sd3, pixart"),
-        (["--configs", "bf16", "--cuda-graphs"], "--cuda-graphs replays compiled graphs on a CUDA device: not with"),
+        (["--configs", "bf16", "--cuda-graphs"], "--cuda-graphs replays compiled steps on a CUDA device: not with"),
         (["--configs", "w4a8-fp8@fp8+static-launch", "--no-compile"], r"\+static-launch is how compiled code"),
     ],
 )
