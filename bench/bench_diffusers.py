@@ -13,14 +13,15 @@ per launch; off by default in torch).
 
 Compiled with torch.compile block by block (each block of the transformer's ModuleLists, as diffusers'
 `compile_repeated_blocks` does; `--whole-graph` compiles the whole transformer, `--cuda-graphs` captures a whole
-compiled step as one CUDA graph and times its replays: the GPU's time without the host's per launch). Per step: the median of CUDA-event timed forwards after warm-up. Memory: what the
-row's model holds once ready (weights and kernel buffers), the peak during the timed steps, both over what was
-allocated before the row (`held_before_GiB`, 0 unless an earlier row's model outlived it), and the tensors as ditq
+compiled step as one CUDA graph and times its replays: the GPU's time without the host's per launch). Per step:
+the median of CUDA-event timed forwards after warm-up; `host_ms`, the host's time to issue one (near the step's
+time: bound by the launches). Memory: what the row's model holds once ready (weights and kernel buffers), the peak
+during the timed steps, both over what was allocated before the row (`held_before_GiB`, 0 unless an earlier row's model outlived it), and the tensors as ditq
 stores them. The results file gathers runs: a run appends its rows to OUT.json (with the GPU, versions, shapes and
 the command; `notes` added to a run are printed above its table) and OUT.md is rewritten from all of them after
 every row, so a run cut short keeps what it measured. A compiled row says what the FP8 fusion pass folded in the
 graphs it compiled (`fused`, by kind; block by block, each block class counts once); `--profile` writes each row's
-kernels by GPU time.
+kernels by GPU time and the host's Python functions by own time.
 
     PYTHONPATH=. python bench/bench_diffusers.py --models flux --out bench/results/diffusers_h100
     TRITON_INTERPRET=1 PYTHONPATH=. python bench/bench_diffusers.py --tiny --device cpu --no-compile --out /tmp/d
@@ -29,11 +30,14 @@ kernels by GPU time.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import dataclasses
 import gc
 import importlib.metadata
 import importlib.util
+import io
 import json
+import pstats
 import re
 import shlex
 import statistics
@@ -258,6 +262,7 @@ def measure(model_name: str, batch: int, config: Config, args: argparse.Namespac
             torch.cuda.reset_peak_memory_stats()
         timed = graphed(step, device) if args.cuda_graphs else step
         times = time_calls(timed, (), device, warmup=args.warmup, repeats=args.iters)
+        host = host_ms(timed, device, args.iters)
         if args.profile:  # the label's '@' and '+' as '_': file names any copying tool takes
             name = re.sub(r"[^\w.-]", "_", f"{model_name}_b{batch}_{config.label}")
             write_text(f"{args.out}_profile_{name}.txt", kernel_table(timed, device))
@@ -266,7 +271,7 @@ def measure(model_name: str, batch: int, config: Config, args: argparse.Namespac
            "fast_accum": fast if config.backend in FP8_BACKENDS else None,
            "static_launch": config.static_launch or inductor_config.static_launch_user_defined_triton_kernels,
            "step_ms": round(statistics.median(times), 2), "min_ms": round(min(times), 2),
-           "max_ms": round(max(times), 2), "layers": layers,
+           "max_ms": round(max(times), 2), "host_ms": round(host, 2), "layers": layers,
            "fused": ", ".join(f"{kind} {n}" for kind, n in sorted(counters[FUSION_COUNTER].items())) or None}  # fmt: skip
     if config.label == "bf16":
         reference.update(step_ms=row["step_ms"], out=out)
@@ -287,7 +292,8 @@ def measure(model_name: str, batch: int, config: Config, args: argparse.Namespac
 
 
 def kernel_table(step: Callable[[], torch.Tensor], device: torch.device) -> str:
-    """Three profiled steps: the kernels (on a GPU) or operators (on the CPU) by total time, where a step goes."""
+    """Three profiled steps: the kernels (on a GPU) or operators (on the CPU) by total time, where a step goes;
+    then the Python functions by their own time over three more steps, where the host's time goes."""
     on_cuda = device.type == "cuda"
     activities = [ProfilerActivity.CUDA] if on_cuda else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
@@ -295,8 +301,30 @@ def kernel_table(step: Callable[[], torch.Tensor], device: torch.device) -> str:
             step()
         if on_cuda:
             torch.cuda.synchronize(device)
-    return prof.key_averages().table(sort_by="cuda_time_total" if on_cuda else "cpu_time_total", row_limit=40,
-                                     max_name_column_width=90) + "\n"  # fmt: skip
+    python = cProfile.Profile()
+    with python:
+        for _ in range(3):
+            step()
+    text = io.StringIO()
+    pstats.Stats(python, stream=text).sort_stats("tottime").print_stats(30)
+    return (prof.key_averages().table(sort_by="cuda_time_total" if on_cuda else "cpu_time_total", row_limit=40,
+                                      max_name_column_width=90)
+            + "\n\nThe host: Python functions by own time over 3 steps\n" + text.getvalue())  # fmt: skip
+
+
+def host_ms(step: Callable[[], torch.Tensor], device: torch.device, repeats: int) -> float:
+    """The host's time to issue one step from an idle GPU, the median of `repeats`: a step whose host time is
+    near its GPU time is bound by its launches (a step of more kernels than CUDA queues blocks at the queue)."""
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return statistics.median(times)
 
 
 def environment(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
@@ -329,7 +357,7 @@ def environment(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     }
 
 
-COLUMNS = ("model", "batch", "config", "step_ms", "x_bf16", "resident_GiB", "peak_GiB", "stored_GiB",
+COLUMNS = ("model", "batch", "config", "step_ms", "x_bf16", "host_ms", "resident_GiB", "peak_GiB", "stored_GiB",
            "rel_err_vs_bf16", "compile_s", "layers", "fused")  # fmt: skip
 
 

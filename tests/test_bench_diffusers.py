@@ -40,6 +40,7 @@ def test_the_tiny_run_measures_bf16_then_the_quantized_model_on_its_backend(benc
     done, total = quantized["layers"].removesuffix(f" on {backend}").split("/")
     assert done == total and int(total) > 0
     assert math.isfinite(bf16["step_ms"]) and math.isfinite(quantized["step_ms"])
+    assert 0 < quantized["host_ms"] < float("inf")  # on the CPU the host's time is the step
     # W4 per-channel + FP8 activations move each output by a few %, not by the output's size (a wrong path)
     assert 0 < quantized["rel_err_vs_bf16"] < 0.5
     assert run["shapes"][model]["config"]["num_layers"] <= 2
@@ -55,6 +56,7 @@ def test_a_compiled_row_says_what_the_fusion_pass_folded_and_profile_writes_its_
     assert {"norm_modulate", "gelu", "residual"} <= folded.keys() and all(int(n) > 0 for n in folded.values())
     table = (tmp_path / "results_profile_flux_b1_w4a8-fp8_fp8-cached.txt").read_text()
     assert "Name" in table and "quantize_rows_fp8" in table
+    assert "The host: Python functions by own time" in table and "tottime" in table
 
 
 @pytest.mark.parametrize(
