@@ -12,6 +12,7 @@
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh flux      # FLUX-size via diffusers beside torchao (wheels in .whl/)
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh sd3       # the same at SD3-medium's size (pixart: PixArt-Σ's)
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh flux-graphs  # the same, steps as CUDA graphs (also sd3-, pixart-graphs)
+#   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh launches  # SD3/PixArt: block by block vs whole graph, batch 1 and 4
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh flux-4bit # FLUX-size with the weights 4-bit resident (fp8-gluon, fp8)
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh prepass   # the pre-pass against inductor, its launch sweep
 #   PYTHONPATH=$PWD bash bench/run_fp8_suite.sh small     # batch 2 under CUDA graphs; samples; few-row GEMMs
@@ -22,7 +23,7 @@
 set -u
 out=${OUT:?set OUT to the results folder}
 e2e() { timeout "$(left)" python bench/bench_e2e.py "$@" >>"$out/e2e_$part.jsonl" 2>>"$out/log_$part.txt" || echo "failed: $*" >>"$out/log_$part.txt"; }
-part=${1:?kernels, tests, models, fold, pass, gluon, flux, sd3, pixart, flux|sd3|pixart-graphs, flux-4bit, prepass, small, gemms, profile or profile-small}
+part=${1:?kernels, tests, models, fold, pass, gluon, flux, sd3, pixart, flux|sd3|pixart-graphs, launches, flux-4bit, prepass, small, gemms, profile or profile-small}
 deadline=$(( $(date +%s) + ${SUITE_SECONDS:-570} ))  # steps that would run past it are cut
 left() { echo $(( deadline - $(date +%s) > 1 ? deadline - $(date +%s) : 1 )); }
 wheels() {  # diffusers, importlib_metadata, zipp and torchao, carried as wheels in .whl/ (no network there)
@@ -95,6 +96,16 @@ case $part in
     timeout "$(left)" python bench/bench_diffusers.py --models "${part%-graphs}" --batches 1 --cuda-graphs \
       --configs bf16,w4a8-fp8@fp8-cached,torchao-fp8-row --out "$out/diffusers_$part" >"$out/log_$part.txt" 2>&1
     tail -6 "$out/diffusers_$part.md"
+    exit 0 ;;
+  launches)  # SD3- and PixArt-size (host-bound at batch 1): block by block against the whole transformer as one
+             # graph (one guard check a step; the text tokens every block reads can be quantized once), batch 1 and 4
+    nvidia-smi -L
+    wheels
+    for whole in "" --whole-graph; do
+      timeout "$(left)" python bench/bench_diffusers.py --models pixart,sd3 --batches 1,4 $whole \
+        --configs bf16,w4a8-fp8@fp8-cached --out "$out/diffusers_launches" >>"$out/log_$part.txt" 2>&1
+    done
+    tail -12 "$out/diffusers_launches.md"
     exit 0 ;;
   flux-4bit)  # FLUX-size with the weights 4-bit in GPU memory: fp8-gluon (Hopper) and fp8 beside bf16, profiled
     nvidia-smi -L
