@@ -13,15 +13,15 @@ per launch; off by default in torch).
 
 Compiled with torch.compile block by block (each block of the transformer's ModuleLists, as diffusers'
 `compile_repeated_blocks` does; `--whole-graph` compiles the whole transformer, `--cuda-graphs` captures a whole
-compiled step as one CUDA graph and times its replays: the GPU's time without the host's per launch). Per step:
-the median of CUDA-event timed forwards after warm-up; `host_ms`, the host's time to issue one (near the step's
-time: bound by the launches). Memory: what the row's model holds once ready (weights and kernel buffers), the peak
-during the timed steps, both over what was allocated before the row (`held_before_GiB`, 0 unless an earlier row's model outlived it), and the tensors as ditq
-stores them. The results file gathers runs: a run appends its rows to OUT.json (with the GPU, versions, shapes and
-the command; `notes` added to a run are printed above its table) and OUT.md is rewritten from all of them after
-every row, so a run cut short keeps what it measured. A compiled row says what the FP8 fusion pass folded in the
-graphs it compiled (`fused`, by kind; block by block, each block class counts once); `--profile` writes each row's
-kernels by GPU time and the host's Python functions by own time.
+compiled step as one CUDA graph and times its replays: the GPU's time without the host's per launch). Per step: the
+median of CUDA-event timed forwards after warm-up; `host_ms`, the host's time to issue one (near the step's time:
+bound by the launches). Memory: what the row's model holds once ready (weights and kernel buffers), the peak during
+the timed steps, both over what was allocated before the row (`held_before_GiB`, 0 unless an earlier row's model
+outlived it), and the tensors as ditq stores them. The results file gathers runs: a run appends its rows to OUT.json
+(with the GPU, versions, shapes and the command; `notes` added to a run are printed above its table) and OUT.md is
+rewritten from all of them after every row, so a run cut short keeps what it measured. A compiled row says what the
+FP8 fusion pass folded in the graphs it compiled (`fused`, by kind; block by block, each block class counts once);
+`--profile` writes each row's kernels by GPU time and the host's Python functions by own time.
 
     PYTHONPATH=. python bench/bench_diffusers.py --models flux --out bench/results/diffusers_h100
     TRITON_INTERPRET=1 PYTHONPATH=. python bench/bench_diffusers.py --tiny --device cpu --no-compile --out /tmp/d
@@ -305,6 +305,8 @@ def kernel_table(step: Callable[[], torch.Tensor], device: torch.device) -> str:
     with python:
         for _ in range(3):
             step()
+    if on_cuda:
+        torch.cuda.synchronize(device)
     text = io.StringIO()
     pstats.Stats(python, stream=text).sort_stats("tottime").print_stats(30)
     return (prof.key_averages().table(sort_by="cuda_time_total" if on_cuda else "cpu_time_total", row_limit=40,
