@@ -255,8 +255,8 @@ def quantize_rows_fp8(
     to 8.5 µs faster each), chosen while smoothing still divided rather than multiplied.
     """
     norm = norm or (None if modulation is None else Norm("layer", modulation.eps))
-    m, k = _check_operands(x, inv_smooth, activation, modulation, out, norm, residual, residual_out, second,
-                           first_tokens)  # fmt: skip
+    m, k, token_period = _check_operands(x, inv_smooth, activation, modulation, out, norm, residual, residual_out,
+                                         second, first_tokens)  # fmt: skip
     rank = 0 if lowrank is None else check_lowrank(k, *lowrank)
     concat, split, period, second_act = 0, 0, 1, "none"
     if second is not None and sum(row_tiles(k)) > MAX_RESIDENT:  # the multi-pass kernel reads one tensor
@@ -265,7 +265,7 @@ def quantize_rows_fp8(
     elif second is not None:
         second = second if second.stride(-1) == 1 else second.contiguous()
         if first_tokens:
-            concat, split, period = 2, first_tokens, _period(x, second, first_tokens)
+            concat, split, period = 2, first_tokens, token_period
         else:
             concat, split, second_act, activation = 1, x.shape[1], activation, "none"
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -318,12 +318,6 @@ def joined(x: torch.Tensor, second: torch.Tensor, activation: str, first_tokens:
     return torch.cat(parts, dim=1).reshape(-1, k), activation
 
 
-def _period(x: torch.Tensor, second: torch.Tensor, first_tokens: int) -> int:
-    """Tokens per sample of a token concatenation: T₁ + T₂."""
-    samples = x.shape[0] // first_tokens
-    return first_tokens + (second.shape[0] // samples if samples else 0)
-
-
 def one_pass_launch(m: int, k: int, smoothed: bool, row_elements: int | None = None) -> tuple[int, int]:
     """The one-pass kernel's default launch for m rows of k: (rows per program, warps), both powers of two
     (`quantize_rows_fp8` says where they come from)."""
@@ -366,8 +360,10 @@ def _check_operands(
     residual_out: torch.Tensor | None = None,
     second: torch.Tensor | None = None,
     first_tokens: int = 0,
-) -> tuple[int, int]:
-    """(M, K), or a ValueError naming what the kernel would read or write wrongly."""
+) -> tuple[int, int, int]:
+    """(M, K, tokens per sample of a token concatenation (T₁ + T₂; else 1)), or a ValueError naming what the
+    kernel would read or write wrongly."""
+    period = 1
     if x.ndim != 2 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"quantize_rows_fp8 takes a 2-D float x (tokens, channels), got {x.dtype} {tuple(x.shape)}")
     if activation not in ACTIVATIONS:
@@ -382,7 +378,7 @@ def _check_operands(
         if (second.shape[0] % samples if samples else second.shape[0]) or residual is not None:
             raise ValueError(f"second's {second.shape[0]} rows must be whole tokens of x's {samples} samples, and "
                              "a token concatenation takes no residual")  # fmt: skip
-        period = _period(x, second, first_tokens)
+        period = first_tokens + (second.shape[0] // samples if samples else 0)  # tokens per sample: T₁ + T₂
         if modulation is not None and modulation.tokens != period:
             raise ValueError(f"modulation.tokens={modulation.tokens} must be the concatenation's {period} tokens per "
                              "sample")  # fmt: skip
@@ -427,7 +423,7 @@ def _check_operands(
                 or not residual_out.is_contiguous()):  # fmt: skip
             got = None if residual_out is None else f"{residual_out.dtype} {tuple(residual_out.shape)}"
             raise ValueError(f"residual_out must be contiguous {x.dtype} {tuple(x.shape)} with a residual, got {got}")
-    return m, k
+    return m, k, period
 
 
 def _check_norm(norm: Norm, x: torch.Tensor) -> None:
