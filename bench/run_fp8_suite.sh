@@ -23,7 +23,8 @@
 set -u
 out=${OUT:?set OUT to the results folder}
 e2e() { timeout "$(left)" python bench/bench_e2e.py "$@" >>"$out/e2e_$part.jsonl" 2>>"$out/log_$part.txt" || echo "failed: $*" >>"$out/log_$part.txt"; }
-part=${1:?kernels, tests, models, fold, pass, gluon, flux, sd3, pixart, flux|sd3|pixart-graphs, launches, flux-4bit, prepass, small, gemms, profile or profile-small}
+PARTS="kernels tests models fold pass gluon flux sd3 pixart flux-graphs sd3-graphs pixart-graphs launches flux-4bit prepass small gemms profile profile-small"
+part=${1:?name a part: $PARTS}
 deadline=$(( $(date +%s) + ${SUITE_SECONDS:-570} ))  # steps that would run past it are cut
 left() { echo $(( deadline - $(date +%s) > 1 ? deadline - $(date +%s) : 1 )); }
 wheels() {  # diffusers, importlib_metadata, zipp and torchao, carried as wheels in .whl/ (no network there)
@@ -141,6 +142,6 @@ case $part in
     timeout "$(left)" python bench/profile_e2e.py --batch 2 --all-linears --configs bf16,w4a8fp8:fp8-cached,w4a8fp8:fp8 \
       --out "$out" >>"$out/log_$part.txt" 2>&1
     exit 0 ;;
-  *) echo "unknown part $part (kernels, tests, models, fold, pass, gluon, flux, sd3, pixart, flux-graphs, flux-4bit, prepass, small, gemms, profile or profile-small)"; exit 2 ;;
+  *) echo "unknown part $part: one of $PARTS" >&2; exit 2 ;;
 esac
 python bench/e2e_table.py "$out/e2e_$part.jsonl" "$out/e2e_$part" && rm "$out/e2e_$part.jsonl"
