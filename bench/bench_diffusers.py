@@ -13,15 +13,17 @@ per launch; off by default in torch).
 
 Compiled with torch.compile block by block (each block of the transformer's ModuleLists, as diffusers'
 `compile_repeated_blocks` does; `--whole-graph` compiles the whole transformer, `--cuda-graphs` captures a whole
-compiled step as one CUDA graph and times its replays: the GPU's time without the host's per launch). Per step: the
-median of CUDA-event timed forwards after warm-up; `host_ms`, the host's time to issue one (near the step's time:
-bound by the launches). Memory: what the row's model holds once ready (weights and kernel buffers), the peak during
-the timed steps, both over what was allocated before the row (`held_before_GiB`, 0 unless an earlier row's model
-outlived it), and the tensors as ditq stores them. The results file gathers runs: a run appends its rows to OUT.json
-(with the GPU, versions, shapes and the command; `notes` added to a run are printed above its table) and OUT.md is
-rewritten from all of them after every row, so a run cut short keeps what it measured. A compiled row says what the
-FP8 fusion pass folded in the graphs it compiled (`fused`, by kind; block by block, each block class counts once);
-`--profile` writes each row's kernels by GPU time and the host's Python functions by own time.
+compiled step as one CUDA graph and times its replays: the GPU's time without the host's per launch; `--skip-guards`
+times each step with Dynamo's guards checked only where they choose between compiled versions: what the guards cost
+the host). Per step: the median of CUDA-event timed forwards after warm-up; `host_ms`, the host's time to issue one
+(near the step's time: bound by the launches). Memory: what the row's model holds once ready (weights and kernel
+buffers), the peak during the timed steps, both over what was allocated before the row (`held_before_GiB`, 0 unless
+an earlier row's model outlived it), and the tensors as ditq stores them. The results file gathers runs: a run
+appends its rows to OUT.json (with the GPU, versions, shapes and the command; `notes` added to a run are printed
+above its table) and OUT.md is rewritten from all of them after every row, so a run cut short keeps what it
+measured. A compiled row says what the FP8 fusion pass folded in the graphs it compiled (`fused`, by kind; block by
+block, each block class counts once); `--profile` writes each row's kernels by GPU time and the host's Python
+functions by own time.
 
     PYTHONPATH=. python bench/bench_diffusers.py --models flux --out bench/results/diffusers_h100
     TRITON_INTERPRET=1 PYTHONPATH=. python bench/bench_diffusers.py --tiny --device cpu --no-compile --out /tmp/d
@@ -261,11 +263,14 @@ def measure(model_name: str, batch: int, config: Config, args: argparse.Namespac
         if on_cuda:
             torch.cuda.reset_peak_memory_stats()
         timed = graphed(step, device) if args.cuda_graphs else step
-        times = time_calls(timed, (), device, warmup=args.warmup, repeats=args.iters)
-        host = host_ms(timed, device, args.iters)
-        if args.profile:  # the label's '@' and '+' as '_': file names any copying tool takes
-            name = re.sub(r"[^\w.-]", "_", f"{model_name}_b{batch}_{config.label}")
-            write_text(f"{args.out}_profile_{name}.txt", kernel_table(timed, device))
+        # Dynamo then checks only the guards that tell a function's compiled versions apart (compiled already)
+        stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=args.skip_guards)
+        with stance:
+            times = time_calls(timed, (), device, warmup=args.warmup, repeats=args.iters)
+            host = host_ms(timed, device, args.iters)
+            if args.profile:  # the label's '@' and '+' as '_': file names any copying tool takes
+                name = re.sub(r"[^\w.-]", "_", f"{model_name}_b{batch}_{config.label}")
+                write_text(f"{args.out}_profile_{name}.txt", kernel_table(timed, device))
     fast = DEFAULT_FAST_ACCUMULATION if config.fast_accumulation is None else config.fast_accumulation
     row = {"model": model_name, "batch": batch, "config": config.label,
            "fast_accum": fast if config.backend in FP8_BACKENDS else None,
@@ -342,7 +347,7 @@ def environment(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         **{p: version(p) for p in ("torch", "triton", "diffusers", "torchao")},
         "command": shlex.join(["python", "bench/bench_diffusers.py", *argv]),
         "compile": "off" if args.no_compile else ("whole graph" if args.whole_graph else "block by block")
-                   + (", CUDA graphs" if args.cuda_graphs else ""),
+                   + (", CUDA graphs" if args.cuda_graphs else "") + (", guards skipped" if args.skip_guards else ""),
         # whether inductor launches user-defined Triton kernels (ditq's) through its static launcher, as its own
         "static_launch_user_kernels": inductor_config.static_launch_user_defined_triton_kernels,
         "dtype": "bfloat16",
@@ -396,6 +401,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--whole-graph", action="store_true", help="compile the whole transformer, not block by block")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="time each compiled row's step captured as one CUDA graph (a CUDA device)")
+    parser.add_argument("--skip-guards", action="store_true",
+                        help="time compiled rows with Dynamo's guards skipped where they don't choose a compiled "
+                             "version (torch.compiler.set_stance's skip_guard_eval_unsafe): their host cost")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--profile", action="store_true",
@@ -422,6 +430,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.cuda_graphs and (args.no_compile or not args.device.startswith("cuda")):
             raise ValueError("--cuda-graphs replays compiled steps on a CUDA device: not with --no-compile or "
                              f"--device {args.device}")  # fmt: skip
+        if args.no_compile and args.skip_guards:
+            raise ValueError("--skip-guards skips the guards of compiled code: not with --no-compile")
         if args.no_compile and any(c.static_launch for c in configs):
             raise ValueError("+static-launch is how compiled code launches ditq's kernels: not with --no-compile")
         json_path, md_path = args.out.with_suffix(".json"), args.out.with_suffix(".md")

@@ -98,12 +98,13 @@ case $part in
       --configs bf16,w4a8-fp8@fp8-cached,torchao-fp8-row --out "$out/diffusers_$part" >"$out/log_$part.txt" 2>&1
     tail -6 "$out/diffusers_$part.md"
     exit 0 ;;
-  launches)  # SD3- and PixArt-size (host-bound at batch 1): block by block against the whole transformer as one
-             # graph (one guard check a step; the text tokens every block reads can be quantized once), batch 1 and 4
+  launches)  # SD3- and PixArt-size (host-bound at batch 1), batch 1 and 4: block by block, then with Dynamo's guards
+             # skipped (what they cost the host), then the whole transformer as one graph (one guard check a step;
+             # the text tokens every block reads can be quantized once)
     nvidia-smi -L
     wheels
-    for whole in "" --whole-graph; do
-      timeout "$(left)" python bench/bench_diffusers.py --models pixart,sd3 --batches 1,4 $whole \
+    for variant in "" --skip-guards --whole-graph; do
+      timeout "$(left)" python bench/bench_diffusers.py --models pixart,sd3 --batches 1,4 $variant \
         --configs bf16,w4a8-fp8@fp8-cached --out "$out/diffusers_launches" >>"$out/log_$part.txt" 2>&1
     done
     tail -12 "$out/diffusers_launches.md"

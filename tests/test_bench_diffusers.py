@@ -50,8 +50,10 @@ def test_the_tiny_run_measures_bf16_then_the_quantized_model_on_its_backend(benc
 def test_a_compiled_row_says_what_the_fusion_pass_folded_and_profile_writes_its_kernels(bench, tmp_path):
     out = tmp_path / "results"
     bench.main(["--tiny", "--device", DEVICE, "--models", "flux", "--configs", "w4a8-fp8@fp8-cached",
-                "--warmup", "0", "--iters", "1", "--profile", "--out", str(out)])  # fmt: skip
-    (row,) = json.loads(out.with_suffix(".json").read_text())["runs"][0]["rows"]
+                "--warmup", "0", "--iters", "1", "--profile", "--skip-guards", "--out", str(out)])  # fmt: skip
+    (run,) = json.loads(out.with_suffix(".json").read_text())["runs"]
+    (row,) = run["rows"]
+    assert run["compile"] == "block by block, guards skipped"
     folded = dict(item.rsplit(" ", 1) for item in row["fused"].split(", "))
     assert {"norm_modulate", "gelu", "residual"} <= folded.keys() and all(int(n) > 0 for n in folded.values())
     table = (tmp_path / "results_profile_flux_b1_w4a8-fp8_fp8-cached.txt").read_text()
@@ -68,6 +70,7 @@ def test_a_compiled_row_says_what_the_fusion_pass_folded_and_profile_writes_its_
         (["--configs", "w4a8-fp8@fp8+fast-accum+exact-accum"],
          r"config 'w4a8-fp8@fp8\+fast-accum\+exact-accum': \+fast-accum and \+exact-accum both set fast_accumulation"),
         (["--models", "flux,sdxl"], r"--models \['sdxl'\]: choose from flux, sd3, pixart"),
+        (["--configs", "bf16", "--skip-guards", "--no-compile"], "--skip-guards skips the guards of compiled code: not with --no-compile"),
         (["--configs", "bf16", "--cuda-graphs"], "--cuda-graphs replays compiled steps on a CUDA device: not with"),
         (["--configs", "w4a8-fp8@fp8+static-launch", "--no-compile"], r"\+static-launch is how compiled code"),
     ],
