@@ -263,9 +263,8 @@ def measure(model_name: str, batch: int, config: Config, args: argparse.Namespac
         if on_cuda:
             torch.cuda.reset_peak_memory_stats()
         timed = graphed(step, device) if args.cuda_graphs else step
-        # Dynamo then checks only the guards that tell a function's compiled versions apart (compiled already)
-        stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=args.skip_guards)
-        with stance:
+        # --skip-guards: Dynamo checks only the guards that tell a function's compiled versions apart
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=args.skip_guards):
             times = time_calls(timed, (), device, warmup=args.warmup, repeats=args.iters)
             host = host_ms(timed, device, args.iters)
             if args.profile:  # the label's '@' and '+' as '_': file names any copying tool takes
