@@ -7,9 +7,9 @@ For each model and batch, every config is rebuilt from the same seed and run on 
 the baseline of the ratios and the output error), `torchao-fp8-row` (torchao's float8 dynamic row-wise, the peer,
 on the Linears ditq quantizes: the adapter's default skip) and `RECIPE@BACKEND` (a ditq recipe, prepared for a
 kernel backend), on an FP8 backend with `+fast-accum` or `+exact-accum` to set cuBLAS's fast accumulation
-(without either, the backend's default: on), and with `+static-launch` compiled with inductor launching ditq's
+(without either, the backend's default: on), with `+static-launch` compiled with inductor launching ditq's
 Triton kernels (user-defined kernels to it) through its static launcher, as it launches its own (less host time
-per launch; off by default in torch).
+per launch; off by default in torch), and with `+unjoined` prepared with `join=False` (q, k and v as three GEMMs).
 
 Compiled with torch.compile block by block (each block of the transformer's ModuleLists, as diffusers'
 `compile_repeated_blocks` does; `--whole-graph` compiles the whole transformer, `--cuda-graphs` captures a whole
@@ -118,7 +118,7 @@ MODELS = {
 TINY_SIZE, TINY_TEXT_TOKENS = 4, 8  # FLUX: 16 packed tokens; SD3, PixArt: 4×4 latents, 4 tokens of 2×2 patches
 DTYPE = torch.bfloat16
 OPTIONS = {"+fast-accum": ("fast_accumulation", True), "+exact-accum": ("fast_accumulation", False),
-           "+static-launch": ("static_launch", True)}  # a config's suffix → the Config field it sets
+           "+static-launch": ("static_launch", True), "+unjoined": ("join", False)}  # suffix → the field it sets
 DEFAULT_CONFIGS = ("bf16", "w4a8-fp8@fp8-cached", "w4a8-fp8@fp8-cached+exact-accum", "w4a8-fp8@fp8",
                    "w4a8-fp8@fp8+exact-accum", TORCHAO)  # fmt: skip
 
@@ -132,6 +132,7 @@ class Config:
     backend: str | None = None
     fast_accumulation: bool | None = None  # FP8 backends only; None: the backend's default
     static_launch: bool = False  # compiled with inductor's static launcher for ditq's Triton kernels
+    join: bool = True  # "fp8-cached" joins the weights of layers that read one input (one GEMM for q, k, v)
 
     @classmethod
     def parse(cls, label: str) -> Config:
@@ -150,6 +151,8 @@ class Config:
         if "fast_accumulation" in suffixes and backend not in FP8_BACKENDS:
             raise ValueError(f"config {label!r}: {suffixes['fast_accumulation']} needs an FP8 backend "
                              f"{list(FP8_BACKENDS)}")  # fmt: skip
+        if "join" in suffixes and backend != "fp8-cached":
+            raise ValueError(f"config {label!r}: +unjoined needs fp8-cached, the backend that joins GEMMs")
         try:  # an unknown preset or a bad file fails here, before any model is built
             load_recipe(recipe)
         except (ValueError, TypeError, OSError) as err:
@@ -185,7 +188,7 @@ def prepare(model: nn.Module, config: Config) -> str | None:
         return None
     ditq.quantize(model, load_recipe(config.recipe))
     options = {} if config.fast_accumulation is None else {"fast_accumulation": config.fast_accumulation}
-    ditq.prepare_for_inference(model, config.backend, dtype=DTYPE, **options)
+    ditq.prepare_for_inference(model, config.backend, dtype=DTYPE, join=config.join, **options)
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     return f"{sum(m.backend == config.backend for m in layers)}/{len(layers)} on {config.backend}"
 

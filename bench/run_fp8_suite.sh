@@ -79,14 +79,13 @@ case $part in
     timeout "$(left)" python -m pytest -q -p no:cacheprovider tests/kernels/test_fp8_hopper.py >"$out/gpu_tests.txt" 2>&1
     tail -3 "$out/gpu_tests.txt"  # the fp8-gluon backend on the real kernel
     exit 0 ;;
-  flux|sd3|pixart)  # a diffusers transformer at its published size: bf16, fp8-cached, torchao float8 row-wise (its
-         # compile: ~3.5–6 min on an H100), then fp8-cached with inductor launching ditq's Triton kernels through its
-         # static launcher (what that takes off the host's time), each row profiled. diffusers, importlib_metadata,
-         # zipp and torchao come as wheels in .whl/
+  flux|sd3|pixart)  # a diffusers transformer at its published size: bf16, fp8-cached, fp8-cached with q, k and v
+         # as three GEMMs (what joining them gives), torchao float8 row-wise (its compile: ~3.5–6 min on an H100),
+         # each row profiled. diffusers, importlib_metadata, zipp and torchao come as wheels in .whl/
     nvidia-smi -L
     wheels
     timeout "$(left)" python bench/bench_diffusers.py --models "$part" --batches 1 --profile --out "$out/diffusers_$part" \
-      --configs bf16,w4a8-fp8@fp8-cached,torchao-fp8-row,w4a8-fp8@fp8-cached+static-launch >"$out/log_$part.txt" 2>&1
+      --configs bf16,w4a8-fp8@fp8-cached,w4a8-fp8@fp8-cached+unjoined,torchao-fp8-row >"$out/log_$part.txt" 2>&1
     tail -7 "$out/diffusers_$part.md"
     exit 0 ;;
   flux-graphs|sd3-graphs|pixart-graphs)  # the model's bf16, fp8-cached and torchao rows, each compiled step captured

@@ -119,6 +119,11 @@ class Adapter:
         """Where a Linear's smoothing folds into the producer of its input (none known for a generic model)."""
         return []
 
+    def gemm_groups(self, model: nn.Module) -> list[tuple[str, ...]]:
+        """Groups of Linears (names) whose calls read one input tensor, declared without running the model: the
+        FP8 backends run each group's GEMMs as one (`ditq.kernels.joined`). None known for a generic model."""
+        return []
+
 
 @dataclass(frozen=True)
 class ZooAdapter(Adapter):
@@ -165,10 +170,12 @@ class ZooAdapter(Adapter):
         """Every adaLN Linear reads SiLU(c) of the same condition c (one tensor per block, equal values);
         `qkv` is already one fused Linear; `block_groups` adds the per-block ones."""
         adaln = tuple(f"blocks.{i}.adaLN_modulation.1" for i in range(len(model.blocks)))
-        groups = [(*adaln, "final_layer.adaLN_modulation.1")]
-        for i in range(len(model.blocks)):
-            groups += [tuple(f"blocks.{i}.{name}" for name in group) for group in self.block_groups]
-        return groups
+        return [(*adaln, "final_layer.adaLN_modulation.1"), *self.gemm_groups(model)]
+
+    def gemm_groups(self, model: nn.Module) -> list[tuple[str, ...]]:
+        """`block_groups` in every block (the adaLN Linears read equal values, but each block its own tensor)."""
+        return [tuple(f"blocks.{i}.{name}" for name in group)
+                for i in range(len(model.blocks)) for group in self.block_groups]  # fmt: skip
 
 
 @dataclass(frozen=True)

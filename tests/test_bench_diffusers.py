@@ -55,7 +55,8 @@ def test_a_compiled_row_says_what_the_fusion_pass_folded_and_profile_writes_its_
     (row,) = run["rows"]
     assert run["compile"] == "block by block, guards skipped"
     folded = dict(item.rsplit(" ", 1) for item in row["fused"].split(", "))
-    assert {"norm_modulate", "gelu", "residual"} <= folded.keys() and all(int(n) > 0 for n in folded.values())
+    assert {"norm_modulate", "gelu", "residual", "joined_gemm"} <= folded.keys()
+    assert all(int(n) > 0 for n in folded.values())
     table = (tmp_path / "results_profile_flux_b1_w4a8-fp8_fp8-cached.txt").read_text()
     assert "Name" in table and "quantize_rows_fp8" in table
     assert "The host: Python functions by own time" in table and "tottime" in table
@@ -73,6 +74,7 @@ def test_a_compiled_row_says_what_the_fusion_pass_folded_and_profile_writes_its_
         (["--configs", "bf16", "--skip-guards", "--no-compile"], "--skip-guards skips the guards of compiled code: not with --no-compile"),
         (["--configs", "bf16", "--cuda-graphs"], "--cuda-graphs replays compiled steps on a CUDA device: not with"),
         (["--configs", "w4a8-fp8@fp8+static-launch", "--no-compile"], r"\+static-launch is how compiled code"),
+        (["--configs", "w4a8-fp8@fp8+unjoined"], r"config 'w4a8-fp8@fp8\+unjoined': \+unjoined needs fp8-cached"),
     ],
 )
 def test_a_bad_option_is_one_line_before_any_model_is_built(bench, option, message, tmp_path, capsys):
@@ -90,5 +92,6 @@ def test_suffixes_set_a_config_s_options_in_any_order(bench):
         assert (config.recipe, config.backend, config.fast_accumulation, config.static_launch) == (
             "w4a8-fp8", "fp8-cached", False, True)
     plain = parse("w4a8-fp8@fp8-cached")
-    assert (plain.fast_accumulation, plain.static_launch) == (None, False)
+    assert (plain.fast_accumulation, plain.static_launch, plain.join) == (None, False, True)
+    assert not parse("w4a8-fp8@fp8-cached+unjoined+fast-accum").join
     assert parse("w4a8-fp8@lowbit+static-launch").static_launch  # any backend: the launcher is inductor's

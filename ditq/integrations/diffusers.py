@@ -139,6 +139,22 @@ class DiffusersAdapter(Adapter):
     def trace_size(self, model: nn.Module) -> int:
         return min(self.default_size(model), 2 * int(model.config.patch_size))
 
+    def gemm_groups(self, model: nn.Module) -> list[tuple[str, ...]]:
+        """Per attention: q, k and v of a self-attention, k and v of a cross-attention (q reads the image tokens),
+        the added q, k and v of a joint attention (the text tokens); a FLUX single block's proj_mlp beside its
+        q, k and v (one normalised input for all four)."""
+        groups, taken = [], set()
+        for name, module in model.named_modules():
+            if type(module).__name__ == "FluxSingleTransformerBlock":
+                groups.append((*_projections(f"{name}.attn", "to_q", "to_k", "to_v"), f"{name}.proj_mlp"))
+                taken.add(f"{name}.attn")
+            elif name not in taken and not getattr(module, "fused_projections", False):
+                own = ("to_k", "to_v") if getattr(module, "is_cross_attention", False) else ("to_q", "to_k", "to_v")
+                for names in (own, ("add_q_proj", "add_k_proj", "add_v_proj")):
+                    if all(isinstance(getattr(module, n, None), nn.Module) for n in names):
+                        groups.append(_projections(name, *names))
+        return groups
+
     def fold_sites(self, model: nn.Module) -> list[FoldSite]:
         """The fold sites of every block of a type `BLOCK_FOLD_SITES` declares."""
         sites = []

@@ -24,7 +24,8 @@ Backends here:
   on codes re-packed at prepare, the packed codes parked in host memory; it is a backend of its own because the
   kernel, exact on an H100, runs at 0.64–0.76× cuBLAS FP8 there. Preparing a model for them installs a
   `torch.compile` graph pass (`ditq.kernels.fusion`) that folds what produces a layer's input (LayerNorm + adaLN
-  modulate and the residual add before it, a GELU) into the layer's Triton input pre-pass, on any model; and it
+  modulate and the residual add before it, a GELU) into the layer's Triton input pre-pass, on any model (and, for
+  `"fp8-cached"`, runs the GEMMs of layers that read one input as one: `ditq.kernels.joined`); and it
   folds SVDQuant's smoothing into the producer of a layer's input where the architecture's adapter says what that is
   (`ditq.kernels.folding`), so the pre-pass no longer multiplies by its reciprocal. The reference and dequantized
   backends leave the model's weights as they are (the oracle, and what search and evaluation save): their x / smooth
@@ -46,6 +47,7 @@ from ditq.adapters import adapter_for
 from ditq.kernels import fp8, hopper, lowbit, ops
 from ditq.kernels.folding import fold_smoothing
 from ditq.kernels.fusion import install_fusion_pass
+from ditq.kernels.joined import join_gemms
 from ditq.kernels.reference import group_linear, linear_reference, quantize_activations
 from ditq.quant.qlinear import BACKEND_FORWARDS, QuantLinear
 
@@ -83,6 +85,9 @@ class Backend:
     folds_smoothing: bool = False
     # a kernel buffer holding the codes exactly on the device: `qweight` is then parked in host memory
     codes_copy: str | None = None
+    # whether `prepare_for_inference` joins the weights of layers that read one input, where the architecture's
+    # adapter declares them (`ditq.kernels.joined`), so that the fusion pass can run their GEMMs as one
+    joins_gemms: bool = False
 
 
 BACKENDS: dict[str, Backend] = {}
@@ -105,6 +110,7 @@ def prepare_for_inference(
     dtype: torch.dtype | None = None,
     fast_accumulation: bool | None = None,
     fold: bool = True,
+    join: bool = True,
 ) -> nn.Module:
     """Choose `backend` for every QuantLinear of `model` and convert it; returns the model.
 
@@ -115,7 +121,8 @@ def prepare_for_inference(
     `fast_accumulation` (the FP8 backends only; default `fp8.DEFAULT_FAST_ACCUMULATION`) lets cuBLAS's FP8
     GEMMs keep the tensor cores' partial sums unpromoted along K. `fold=False` keeps the FP8 backends from
     folding smoothing into producers (`ditq.kernels.folding`; to measure what it saves); a fold made by an
-    earlier call stays, whatever the backend, and is never made twice.
+    earlier call stays, whatever the backend, and is never made twice. `join=False` keeps "fp8-cached" from
+    joining the weights of layers that read one input (`ditq.kernels.joined`; likewise to measure it).
     """
     name = ALIASES.get(backend, backend)
     if name not in BACKENDS:
@@ -124,8 +131,9 @@ def prepare_for_inference(
         raise ValueError(f"fast_accumulation is an option of the FP8 backends {list(fp8.FP8_BACKENDS)}, not of {backend!r}")
     if fast_accumulation is not None and not isinstance(fast_accumulation, bool):
         raise TypeError(f"fast_accumulation must be True, False or None, got {fast_accumulation!r}")
-    if not isinstance(fold, bool):
-        raise TypeError(f"fold must be True or False, got {fold!r}")
+    for option, value in (("fold", fold), ("join", join)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{option} must be True or False, got {value!r}")
     fast = fp8.DEFAULT_FAST_ACCUMULATION if fast_accumulation is None else fast_accumulation
     chosen = BACKENDS[name]
     if chosen.folds_smoothing and fold:
@@ -155,6 +163,9 @@ def prepare_for_inference(
     for reason, count in declined.items():
         logger.warning("backend %r cannot run %d layer(s) (%s); they keep the reference", name, count, reason)
     _share_equal(model, chosen.shared_input_buffers)
+    if chosen.joins_gemms and join:
+        joined = join_gemms(model, adapter_for(model).gemm_groups(model))
+        logger.info("joined the weights of %d layer(s) that read one input with others", joined)
     return model
 
 
@@ -234,6 +245,7 @@ register_backend(
         convert=lambda m, dtype: fp8.expanded_weight(m),
         fixed_dtype_buffers=("fp8_scale_w", "weight_fp8", *fp8.LOWRANK_BUFFERS, "inv_smooth"),
         codes_copy="weight_fp8",
+        joins_gemms=True,
         fuses_producers=True,
         shared_input_buffers=fp8.INPUT_BUFFERS,
         folds_smoothing=True,

@@ -58,8 +58,10 @@ from ditq.quant.qlinear import QuantLinear
 
 __all__ = [
     "DEFAULT_FAST_ACCUMULATION",
+    "cat_e4m3",
     "FP8_BACKENDS",
     "expand_fp8",
+    "fp8_gemm_rows",
     "fp8_input_codes",
     "fp8_linear",
     "fp8_support",
@@ -196,19 +198,36 @@ def _gemm(m: QuantLinear, codes: torch.Tensor, scale_x: torch.Tensor, x: torch.T
         y = lowbit_gemm(codes, m.qweight, m.scales, None, bias, m.spec.w_bits, code_offset(m), m.spec.group_size,
                         scale_x, x.dtype)  # fmt: skip
         return y.reshape(*x.shape[:-1], m.out_features)
-    fused_bias = m.bias is not None and x.dtype in (torch.bfloat16, torch.float16)
-    y = torch._scaled_mm(
-        codes,
-        _weight_codes(m).t(),
-        scale_a=scale_x,
-        scale_b=m.fp8_scale_w,
-        bias=m.bias.to(x.dtype) if fused_bias else None,
-        out_dtype=x.dtype,
-        use_fast_accum=m.fast_accumulation,  # set by prepare_for_inference
-    )  # (M, N)
-    if m.bias is not None and not fused_bias:
-        y = y + m.bias.to(x.dtype)
+    if m.gemm_group is None:
+        y = fp8_gemm_rows(codes, scale_x, _weight_codes(m), m.fp8_scale_w, m.bias, 0, m.out_features,
+                          m.fast_accumulation, x.dtype)  # fmt: skip
+    else:  # its rows of the weight, scales and bias its input group's first layer holds (`ditq.kernels.joined`)
+        first, (start, stop) = m.gemm_group[0], m.gemm_rows
+        y = fp8_gemm_rows(codes, scale_x, first.weight_fp8, first.fp8_scale_w, first.joined_bias, start, stop,
+                          m.fast_accumulation, x.dtype)  # fmt: skip
     return y.reshape(*x.shape[:-1], m.out_features)
+
+
+def _gemm_rows(codes: torch.Tensor, scale_x: torch.Tensor, weight: torch.Tensor, scale_w: torch.Tensor,
+               bias: torch.Tensor | None, start: int, stop: int, fast_accumulation: bool,
+               out_dtype: torch.dtype) -> torch.Tensor:  # fmt: skip
+    """codes · weight[start:stop]ᵀ · s_x · s_w[start:stop] + bias[start:stop]: (M, stop − start) in `out_dtype`."""
+    bias = None if bias is None else bias[start:stop].to(out_dtype)
+    fused_bias = bias is not None and out_dtype in (torch.bfloat16, torch.float16)
+    y = torch._scaled_mm(codes, weight[start:stop].t(), scale_a=scale_x, scale_b=scale_w[:, start:stop],
+                         bias=bias if fused_bias else None, out_dtype=out_dtype,
+                         use_fast_accum=fast_accumulation)  # fmt: skip
+    return y + bias if bias is not None and not fused_bias else y
+
+
+# One FP8 GEMM over output rows [start, stop) of an e4m3 weight (N, K): the layer's own weight (all its rows), or
+# the weight its input group shares (`ditq.kernels.joined`). Ordinary ops (CompositeImplicitAutograd), like
+# `fp8_input_codes`: `torch.compile` keeps the call as one node, and the fusion pass turns the calls of one group
+# on one input into a single GEMM over the group's rows and column slices of its output.
+torch.library.define("ditq::fp8_gemm_rows", "(Tensor codes, Tensor scale_x, Tensor weight, Tensor scale_w, "
+                     "Tensor? bias, SymInt start, SymInt stop, bool fast_accumulation, ScalarType out_dtype) -> Tensor")  # fmt: skip
+torch.library.impl("ditq::fp8_gemm_rows", "CompositeImplicitAutograd")(_gemm_rows)
+fp8_gemm_rows = torch.ops.ditq.fp8_gemm_rows.default
 
 
 def fp8_support(m: QuantLinear) -> str | None:
@@ -263,7 +282,7 @@ def weight_scale(m: QuantLinear) -> dict[str, torch.Tensor]:
     high = up_codes.to(torch.float8_e4m3fn)
     low = (up_codes - high.float()).to(torch.float8_e4m3fn)  # what one e4m3 rounding of U leaves
     buffers = smoothing | {"fp8_scale_w": (scale * shift.reshape(1, -1)).contiguous(), "lowrank_down_fp8": down_codes,
-               "lowrank_down_scale": down_scale, "lowrank_up_fp8": _bytes_cat(high, low)}  # fmt: skip
+               "lowrank_down_scale": down_scale, "lowrank_up_fp8": cat_e4m3([high, low])}  # fmt: skip
     # only where a row moved: "fp8" divides its expanded codes by it on every call
     return buffers | ({"weight_row_shift": (1 / shift).reshape(-1, 1)} if (shift > 1).any() else {})
 
@@ -340,13 +359,13 @@ def _with_lowrank(codes: torch.Tensor, row_shift: torch.Tensor | None, up_codes:
     """The (N, K + 2·rank) e4m3 weight: the codes' rows divided by their shift (exact; None: no row moved),
     then U's high and low parts behind them."""
     shifted = codes if row_shift is None else (codes.float() * row_shift).to(torch.float8_e4m3fn)
-    return _bytes_cat(shifted, up_codes)
+    return cat_e4m3([shifted, up_codes])
 
 
-def _bytes_cat(*codes: torch.Tensor) -> torch.Tensor:
-    """e4m3 tensors side by side (dim 1), joined as bytes: inductor's concatenation of e4m3 tensors fails on
-    Triton 3.6 (no `get_fp8e4nv`)."""
-    return torch.cat([c.view(torch.uint8) for c in codes], dim=1).view(torch.float8_e4m3fn)
+def cat_e4m3(codes: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
+    """e4m3 tensors joined along `dim` as bytes: inductor's concatenation of e4m3 tensors fails on Triton 3.6 (no
+    `get_fp8e4nv`)."""
+    return torch.cat([c.view(torch.uint8) for c in codes], dim=dim).view(torch.float8_e4m3fn)
 
 
 def _weight_codes(m: QuantLinear) -> torch.Tensor:

@@ -23,7 +23,9 @@ one of these (`ditq.kernels.producers` matches them), moves the producer into th
   fold (FLUX's single blocks normalize cat([text, image]), which inductor wrote first: 66 µs per block on the
   H100): the pre-pass reads each sample's rows from both.
 Any other input is left alone: `ditq::fp8_input_codes` then decomposes into ordinary ops that inductor fuses
-into the producer. Identical pre-passes (q, k and v reading one x with the same smoothing) run once.
+into the producer. Identical pre-passes (q, k and v reading one x with the same smoothing) run once, and the GEMMs
+of layers whose weights were joined (`ditq.kernels.joined`: calls `ditq::fp8_gemm_rows` over rows of one weight)
+that read those codes become one GEMM over their rows, each layer reading its columns of the output.
 
 It is a pre-grad pass (`torch._inductor.config.pre_grad_custom_pass`) on Dynamo's torch-level graph, where a
 LayerNorm or a GELU is one node with fake tensors for shapes. Later, a `triton_op` (the pre-pass on GPUs) is
@@ -35,6 +37,7 @@ pass already installed; graphs without ditq's FP8 ops are left untouched. Eager 
 from __future__ import annotations
 
 import operator
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -51,6 +54,8 @@ __all__ = ["COUNTER", "FusionPass", "fold_fp8_inputs", "install_fusion_pass"]
 
 COUNTER = "ditq_fusion"  # `torch._dynamo.utils.counters[COUNTER][kind]`: what the pass folded, by kind
 PRE_PASS = torch.ops.ditq.quantize_rows_fp8.default  # defined with `fp8_input_codes` by `ditq.kernels.fp8`
+GEMM_ROWS = torch.ops.ditq.fp8_gemm_rows.default
+_GEMM_ARGS = tuple(a.name for a in GEMM_ROWS._schema.arguments)
 _MARKERS = (fp8_input_codes, fp8_input_codes.overloadpacket)
 _PRE_PASSES = (PRE_PASS, PRE_PASS.overloadpacket)
 _PRE_PASS_ARGS = tuple(a.name for a in PRE_PASS._schema.arguments)
@@ -100,6 +105,52 @@ def fold_fp8_inputs(graph: fx.Graph) -> None:
     for node in inputs:
         rewrite.fold(node)
     rewrite.finish()
+    _join_gemms(graph)
+
+
+def _join_gemms(graph: fx.Graph) -> None:
+    """One GEMM for the calls of `ditq::fp8_gemm_rows` that read the same codes and adjacent rows of one weight;
+    each call becomes its columns of that GEMM's output."""
+    calls: dict[tuple, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in (GEMM_ROWS, GEMM_ROWS.overloadpacket):
+            args = _gemm_args(node)
+            if isinstance(args["start"], int) and isinstance(args["stop"], int):
+                key = tuple(_operand(args[n]) if n in ("codes", "scale_x") else args[n]
+                            for n in _GEMM_ARGS if n not in ("start", "stop"))  # fmt: skip
+                calls.setdefault(key, []).append(node)
+    for nodes in calls.values():
+        spans = sorted({(_gemm_args(n)["start"], _gemm_args(n)["stop"]) for n in nodes})
+        if len(spans) < 2 or any(a[1] != b[0] for a, b in pairwise(spans)):
+            continue  # one layer's rows, or rows with a gap (a layer of the group reads another input)
+        first = _gemm_args(nodes[0])
+        args = tuple(first[n] for n in _GEMM_ARGS[:5]) + (spans[0][0], spans[-1][1]) + tuple(first[n] for n in _GEMM_ARGS[7:])
+        with graph.inserting_before(nodes[0]):
+            joined = _new_node(graph, GEMM_ROWS, args)
+        for node in nodes:
+            start, stop = _gemm_args(node)["start"] - spans[0][0], _gemm_args(node)["stop"] - spans[0][0]
+            with graph.inserting_before(node):
+                columns = _new_node(graph, operator.getitem, (joined, (slice(None), slice(start, stop))))
+            node.replace_all_uses_with(columns)
+            graph.erase_node(node)
+        counters[COUNTER]["joined_gemm"] += len(nodes)
+
+
+def _gemm_args(node: fx.Node) -> dict[str, Any]:
+    return dict(zip(_GEMM_ARGS, node.args, strict=False)) | node.kwargs
+
+
+def _operand(node: Any) -> Any:
+    """Equal for two reads of one value: a getitem of the same node and index (each layer unpacks its codes)."""
+    if isinstance(node, fx.Node) and node.op == "call_function" and node.target is operator.getitem:
+        return ("getitem", *node.args)
+    return node
+
+
+def _new_node(graph: fx.Graph, target: Any, args: tuple) -> fx.Node:
+    node = graph.call_function(target, args)
+    node.meta["example_value"] = _fake_value("call_function", target, args)
+    return node
 
 
 class _Rewrite:

@@ -85,6 +85,10 @@ class QuantLinear(nn.Module):
     # x arrives divided by `smooth` already: set by ditq.kernels.folding, which folded it into x's producer
     smoothing_folded: bool = False
     codes_home: torch.device | None = None  # where `qweight` returns to while it is parked in host memory
+    # layers (this one among them) whose GEMMs read one weight that the first holds, this one its rows
+    # [start, stop): set by ditq.kernels.joined for layers that read one input
+    gemm_group: tuple[QuantLinear, ...] | None = None
+    gemm_rows: tuple[int, int] | None = None
 
     def __init__(
         self,
@@ -232,12 +236,17 @@ class QuantLinear(nn.Module):
         _copy_checked(self.scales, scales, "scales")
 
     def drop_kernel_buffers(self) -> None:
-        """Forget what a kernel backend precomputed and fall back to the reference (new codes, new backend)."""
+        """Forget what a kernel backend precomputed and fall back to the reference (new codes, new backend). A
+        layer whose GEMM joins others' takes them along: their shared weight holds its old codes."""
+        group, self.gemm_group, self.gemm_rows = self.gemm_group, None, None
         for name in getattr(self, "kernel_buffers", ()):
             delattr(self, name)
         self.kernel_buffers, self.fixed_dtype_buffers, self.backend = (), (), "reference"
         if self.codes_home is not None:
             self.qweight, self.codes_home = self.qweight.to(self.codes_home), None
+        for other in group or ():
+            if other.gemm_group is not None:
+                other.drop_kernel_buffers()
 
     def park_codes(self) -> None:
         """Move the packed codes to host memory while a kernel buffer holds them exactly on the device."""

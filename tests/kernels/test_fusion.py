@@ -98,16 +98,19 @@ def test_few_rows_on_the_fp8_backend_keep_the_lowbit_route_and_nothing_is_folded
 # - FLUX: a double block as SD3's first; a single block's norm → proj_mlp, to_q/k/v (one pre-pass, three
 #   deduped), its proj_out reads cat([attention, GELU(proj_mlp)]) (concat: one pre-pass reads both), and its norm
 #   reads cat([text, image]) tokens (token_concat: the pre-pass reads both, no residual).
+# Each attention's q, k and v (a cross-attention's k and v, a joint attention's added q, k and v, FLUX's single
+# blocks' proj_mlp with them) are one GEMM: `joined_gemm` counts the layers.
 L = 2
 DIFFUSERS = {
-    "DiTTransformer2DModel": ({}, dict(norm_modulate=2 * L, deduped=2 * L, gelu=L, attention=L, residual=2 * L - 1)),
+    "DiTTransformer2DModel": ({}, dict(norm_modulate=2 * L, deduped=2 * L, gelu=L, attention=L, residual=2 * L - 1,
+                                       joined_gemm=3 * L)),
     "PixArtTransformer2DModel": ({}, dict(norm_modulate=2 * L, deduped=2 * L + 2 * L - 1, attention=2 * L,
-                                          plain=L + 1, gelu=L, residual=L + L - 1)),
+                                          plain=L + 1, gelu=L, residual=L + L - 1, joined_gemm=(3 + 2) * L)),
     "SD3Transformer2DModel": ({}, dict(norm_modulate=2 * L + L + L - 1, deduped=4 * L, gelu=2 * L - 1,
-                                       residual=2 * L - 1 + 2 * (L - 1), plain=2 * L - 1)),
+                                       residual=2 * L - 1 + 2 * (L - 1), plain=2 * L - 1, joined_gemm=6 * L)),
     "FluxTransformer2DModel": (dict(num_layers=1, num_single_layers=1), dict(norm_modulate=4 + 1, deduped=4 + 3,
                                                                              gelu=2, residual=2, plain=2, concat=1,
-                                                                             token_concat=1)),
+                                                                             token_concat=1, joined_gemm=6 + 4)),
 }  # fmt: skip
 
 
@@ -329,8 +332,8 @@ def test_an_activation_written_in_place_before_its_layer_is_not_folded():
 
 
 def test_a_large_dit_folds_its_rms_norms_and_modulates():
-    """Per block: RMSNorm + modulate → qkv and → the SwiGLU's w1 and w3 (one pre-pass), the attention output →
-    proj, w2 reads SiLU(w1·x) ⊙ w3·x (plain); the gated adds as the DiT's."""
+    """Per block: RMSNorm + modulate → qkv and → the SwiGLU's w1 and w3 (one pre-pass, one GEMM), the attention
+    output → proj, w2 reads SiLU(w1·x) ⊙ w3·x (plain); the gated adds as the DiT's."""
     depth = 2
     torch.manual_seed(0)
     model = create("LargeDiT-MNIST", depth=depth, hidden_size=64, num_heads=2).eval()
@@ -342,7 +345,7 @@ def test_a_large_dit_folds_its_rms_norms_and_modulates():
     args = (torch.randn(3, 1, 32, 32, generator=g), torch.randint(0, 1000, (3,), generator=g),
             torch.randint(0, 10, (3,), generator=g))  # fmt: skip
     assert folded(model, *args) == Counter(norm_modulate=2 * depth, deduped=depth, attention=depth, plain=depth,
-                                           residual=2 * depth - 1)  # fmt: skip
+                                           residual=2 * depth - 1, joined_gemm=2 * depth)  # fmt: skip
 
 
 @pytest.mark.parametrize("lowrank", [False, True], ids=["smooth", "smooth+lowrank"])
