@@ -130,15 +130,14 @@ def quantize_rows(
     down-projection (`_lowrank_parts`) its e4m3 activations P follow, twice (`ditq.kernels.triton.lowrank`).
     `norm`: one of `reference.NORMS` with `eps` and an optional `norm_weight`, `norm_bias` (K,); None: adaLN's
     LayerNorm without affine with a shift, no norm without. With an `update`, x' = x + gate·update (x + update
-    without a gate; a gate needs a shift: its rows per sample are `tokens`) replaces x first and is returned;
-    else x' is empty."""
+    without a gate; a gate's rows per sample are `tokens`) replaces x first and is returned; else x' is empty."""
     from ditq.kernels.triton.rowquant import quantize_rows_fp8
 
     if norm is None and (norm_weight is not None or norm_bias is not None):
         raise ValueError("norm_weight and norm_bias need a norm")
     kind = norm or ("layer" if shift is not None else None)
     modulation = None if shift is None else Modulation(shift, scale, tokens, eps)
-    residual = None if update is None else Residual(update, gate)
+    residual = None if update is None else Residual(update, gate, tokens)
     x_new = torch.empty(x.shape if residual else 0, dtype=x.dtype, device=x.device)
     lowrank = None if lowrank_down is None else (lowrank_down, lowrank_down_scale)
     codes, scales = quantize_rows_fp8(x, inv_smooth, activation, modulation,

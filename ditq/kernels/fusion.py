@@ -9,7 +9,9 @@ one of these (`ditq.kernels.producers` matches them), moves the producer into th
 - a norm (LayerNorm, RMSNorm), then adaLN's modulate x·(1 + scale) + shift with shift and scale one row per
   sample ((N, 1, K) against x (N, T, K), in any spelling: `unsqueeze(1)`, `[:, None]`, a chunk), or no modulate;
 - before that norm, a residual add x' = x + gate·update (gate per sample, under a modulate) or x + update: the
-  pre-pass writes x' beside the codes, and every later reader of x' reads that;
+  pre-pass writes x' beside the codes, and every later reader of x' reads that; so too without a norm, where a
+  layer reads the sum as it is and other ops read it after (PixArt's cross-attention query is the block's
+  residual stream, x + gate·attention);
 - GELU (exact or tanh) or SiLU, as the pre-pass's activation;
 - an attention output (reshapes of `scaled_dot_product_attention`'s result, or one sample's text or image tokens
   of a joint attention's, contiguous rows): nothing to fold, but one read by the
@@ -197,6 +199,8 @@ class _Rewrite:
         if p.residual is not None:
             gate = None if p.gate is None else self._rows(p.gate, shape(p.x)[0], k)
             args |= dict(update=self._rows(p.update, -1, k), gate=gate)
+            if p.gate is not None and p.shift is None:  # a gate's rows per sample, without a modulation's
+                args |= dict(tokens=shape(p.x)[1])
         if p.second is not None:
             args |= dict(second=self._rows(p.second, -1, shape(p.second)[-1]), first_tokens=p.first_tokens)
         return self._call("call_function", PRE_PASS, tuple(args[name] for name in _PRE_PASS_ARGS))

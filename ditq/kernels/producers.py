@@ -6,7 +6,8 @@ whatever the model: a norm over the last dim (LayerNorm with or without affine, 
 diffusers writes it), then optionally adaLN's x·(1 + scale) + shift with one row per sample, with the residual
 add before the norm; or an activation (GELU, SiLU); or an attention's output; or a concatenation of two parts
 along the last dim, the second optionally through an activation (FLUX's single blocks: cat([attention,
-GELU(mlp)])). A producer's input that concatenates two parts' tokens is read part by part (FLUX's single blocks
+GELU(mlp)])); or, with no norm after it, a residual add whose sum other ops read too (PixArt's cross-attention
+query). A producer's input that concatenates two parts' tokens is read part by part (FLUX's single blocks
 normalize cat([text, image])). What the op cannot apply (its signature says which norms it takes) is not matched.
 """
 
@@ -32,6 +33,9 @@ __all__ = ["Producer", "is_method", "producer_of", "shape", "value"]
 # with affine, RMSNorm, a norm without a modulate, and the residual add without a gate that comes with them
 _OTHER_NORMS = "norm" in {a.name for a in torch.ops.ditq.quantize_rows_fp8.default._schema.arguments}
 _ADD = (operator.add, torch.add)
+# the ops of an FP8 layer's input (`ditq.kernels.fp8`): a reader of a sum that is one of them is a quantized layer
+_INPUT_OPS = tuple(target for op in (torch.ops.ditq.fp8_input_codes.default, torch.ops.ditq.quantize_rows_fp8.default)
+                   for target in (op, op.overloadpacket))  # fmt: skip
 _MUL = (operator.mul, torch.mul)
 _VIEWS = {"reshape", "view", "transpose", "permute", "flatten", "unflatten", "contiguous"}
 # the producers' signatures (torch's builtins have none; Dynamo records nn.RMSNorm as torch.rms_norm)
@@ -55,7 +59,7 @@ class Producer:
     add, whose readers then read the pre-pass's sum) is not None. `norm` None under a shift: LayerNorm without
     affine, the op's default."""
 
-    kind: str  # what counts it: "norm_modulate", "norm", "gelu", "silu", "attention" or "concat"
+    kind: str  # what counts it: "norm_modulate", "norm", "gelu", "silu", "attention", "concat" or "sum"
     x: fx.Node
     activation: str = "none"
     norm: str | None = None
@@ -75,7 +79,7 @@ def producer_of(x: fx.Node) -> Producer | None:
     """The producer of a layer's input x that the pre-pass can compute, or None."""
     source = _through_identities(x)
     found = (_modulated(source) or _normalized_alone(source) or _activation(source) or _concatenated(source)
-             or _attention_output(x))  # fmt: skip
+             or _attention_output(x) or _summed(source))  # fmt: skip
     return found if found is None else _tokens_apart(found)
 
 
@@ -136,6 +140,15 @@ def _normalized_alone(node: fx.Node) -> Producer | None:
     if norm is None or not _same_dtype(norm["x"], node):
         return None
     return Producer("norm", **(norm | _residual(norm["x"], modulated=False)))
+
+
+def _summed(node: fx.Node) -> Producer | None:
+    """A residual add read as it is, x + gate·update with a per-sample gate or x + update, whose sum other ops read
+    too (PixArt's cross-attention query is the block's residual stream): the pre-pass writes the sum beside the
+    codes. A sum only the layers read is left to inductor, which quantizes it without writing it."""
+    found = _residual(node, modulated=True)
+    readers = [u for u in node.users if not (u.op == "call_function" and u.target in _INPUT_OPS)]
+    return Producer("sum", **found) if found and readers else None
 
 
 def _residual(node: fx.Node, modulated: bool) -> dict[str, fx.Node]:

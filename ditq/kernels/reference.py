@@ -182,12 +182,13 @@ def modulated(x: torch.Tensor, modulation: Modulation, norm: Norm | None = None)
 
 
 class Residual(NamedTuple):
-    """A block's residual update before its next norm, x + gate·update (a DiT block's), or x + update without
-    a gate (a model that gates the update before the add): `update` shaped like x, `gate` (samples, K) per
-    sample (of a `Modulation`'s tokens)."""
+    """A block's residual update, x + gate·update (a DiT block's), or x + update without a gate (a model that
+    gates the update before the add): `update` shaped like x, `gate` (samples, K) per sample of a `Modulation`'s
+    tokens or, where no modulation follows the add (PixArt's cross-attention reads the sum as it is), of `tokens`."""
 
     update: torch.Tensor
     gate: torch.Tensor | None = None
+    tokens: int = 0
 
 
 def residual_added(x: torch.Tensor, residual: Residual, tokens: int) -> torch.Tensor:

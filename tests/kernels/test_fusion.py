@@ -89,9 +89,9 @@ def test_few_rows_on_the_fp8_backend_keep_the_lowbit_route_and_nothing_is_folded
 # (config changes, expected folds), from each architecture's blocks (L double-stream or DiT blocks):
 # - DiT (ada_norm_zero): norm1 → to_q/k/v (one pre-pass, two deduped), norm2 → ff.net.0.proj with the attention's
 #   gated add, GELU → ff.net.2, attention output → to_out.0; the ff's gated add → next block's norm1;
-# - PixArt (ada_norm_single): as DiT, plus a cross-attention whose to_q reads the residual sum (no norm: plain),
-#   whose to_k/to_v read the caption (plain once, deduped in every later layer) and whose output → to_out.0;
-#   norm2's residual add is the cross-attention's, without a gate;
+# - PixArt (ada_norm_single): as DiT, plus a cross-attention whose to_q reads the gated residual sum (no norm:
+#   sum, the pre-pass writes it), whose to_k/to_v read the caption (plain once, deduped in every later layer) and
+#   whose output → to_out.0; norm2's residual add is the cross-attention's, without a gate;
 # - SD3 (joint blocks, the last one context_pre_only): both streams as DiT's, the last block's context stream
 #   ending at add_q/k/v (an AdaLayerNormContinuous: `(1 + scale)[:, None, :]`); the joint attention's outputs
 #   are token slices of two samples' rows (not contiguous): plain (one sample's: attention outputs);
@@ -104,8 +104,8 @@ L = 2
 DIFFUSERS = {
     "DiTTransformer2DModel": ({}, dict(norm_modulate=2 * L, deduped=2 * L, gelu=L, attention=L, residual=2 * L - 1,
                                        joined_gemm=3 * L)),
-    "PixArtTransformer2DModel": ({}, dict(norm_modulate=2 * L, deduped=2 * L + 2 * L - 1, attention=2 * L,
-                                          plain=L + 1, gelu=L, residual=L + L - 1, joined_gemm=(3 + 2) * L)),
+    "PixArtTransformer2DModel": ({}, dict(norm_modulate=2 * L, deduped=2 * L + 2 * L - 1, attention=2 * L, plain=1,
+                                          sum=L, gelu=L, residual=L + L - 1 + L, joined_gemm=(3 + 2) * L)),
     "SD3Transformer2DModel": ({}, dict(norm_modulate=2 * L + L + L - 1, deduped=4 * L, gelu=2 * L - 1,
                                        residual=2 * L - 1 + 2 * (L - 1), plain=2 * L - 1, joined_gemm=6 * L)),
     "FluxTransformer2DModel": (dict(num_layers=1, num_single_layers=1), dict(norm_modulate=4 + 1, deduped=4 + 3,
@@ -241,6 +241,29 @@ def test_a_norm_without_a_modulate_and_silu_are_folded(norm):
     model = prepare_for_inference(Normalized(norm).eval(), "fp8-cached")
     folded_kind = dict(silu=1) if norm == "silu" else dict(norm=1, residual=1)
     assert folded(model, *modulated_inputs()) == Counter(deduped=2, **folded_kind)
+
+
+class Summed(torch.nn.Module):
+    """q reads x + gate·update as it is (PixArt's cross-attention query); the sum is the residual stream after it,
+    or (`read_after` False) only q reads it."""
+
+    def __init__(self, gated: bool, read_after: bool):
+        super().__init__()
+        self.gated, self.read_after = gated, read_after
+        self.q = QuantLinear.from_linear(torch.nn.Linear(48, 48), SPEC)
+
+    def forward(self, x: torch.Tensor, update: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        gate = c[:, None, :48]  # (N, 1, K)
+        h = x + gate * update if self.gated else update + x
+        return h + self.q(h) if self.read_after else self.q(h)
+
+
+@pytest.mark.parametrize(("gated", "read_after", "expected"), [
+    (True, True, dict(sum=1, residual=1)), (False, True, dict(sum=1, residual=1)), (True, False, dict(plain=1)),
+])  # fmt: skip
+def test_a_residual_sum_read_as_it_is_is_folded_where_the_stream_reads_it_after(gated, read_after, expected):
+    model = prepare_for_inference(Summed(gated, read_after).eval(), "fp8-cached")
+    assert folded(model, *modulated_inputs()) == Counter(expected)
 
 
 class Concatenated(torch.nn.Module):

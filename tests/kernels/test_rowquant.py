@@ -149,6 +149,26 @@ def test_a_low_rank_branch_needs_its_columns_in_out():
         quantize_rows_fp8(x, s, "none", lowrank=low_rank_down(50, 16))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(("samples", "tokens", "k", "wide"), [(3, 5, 131, False), (2, 32, 48, False), (1, 5, 131, True)],
+                         ids=["mixed", "one_sample", "multi_pass"])  # fmt: skip
+def test_pre_pass_quantizes_a_gated_sum_without_a_modulation(samples, tokens, k, wide, dtype, monkeypatch):
+    """x + gate·update read as it is (PixArt's cross-attention query): the gate's rows per sample come with the
+    residual; the codes are the sum's, exactly."""
+    if wide:
+        monkeypatch.setattr(rowquant, "MAX_RESIDENT", 32)
+    x, s = operands(samples * tokens, k, dtype, True, seed=k)
+    res = residual(samples, tokens, k, dtype, seed=k)._replace(tokens=tokens)
+    total = torch.full_like(x, float("nan"))
+    codes, scales = quantize_rows_fp8(x, s, "none", residual=res, residual_out=total)
+    assert torch.equal(total, residual_added(x, res, tokens))
+    ref_codes, ref_scales = quantize_rows_fp8_reference(x, s, "none", residual=res)
+    assert_codes_match(codes, scales, ref_codes, ref_scales, exact=True)
+    swapped = torch.empty_like(x)
+    quantize_rows_fp8(x, s, "none", residual=res._replace(gate=res.gate.flip(0)), residual_out=swapped)
+    assert samples == 1 or not torch.equal(swapped, total)  # each row reads its own sample's gate
+
+
 def test_the_residual_gate_is_read_per_sample():
     x, _ = operands(2 * 32, 48, torch.bfloat16, False)
     mod, res = modulation(2, 32, 48, torch.bfloat16), residual(2, 32, 48, torch.bfloat16)
@@ -186,7 +206,7 @@ def test_a_zero_row_gets_the_scale_floor_and_zero_codes():
         (dict(modulation=Modulation(torch.zeros(2, 4), torch.zeros(2, 4), 1, 1e-6), activation="gelu"),
          "takes activation 'none'"),
         (dict(residual=Residual(torch.zeros(2, 4), torch.zeros(2, 4)), residual_out=torch.zeros(2, 4)),
-         "needs a modulation"),
+         "without a modulation, its tokens must divide the 2 rows, got tokens=0"),
         (dict(modulation=Modulation(torch.zeros(2, 4), torch.zeros(2, 4), 1, 1e-6),
               residual=Residual(torch.zeros(2, 3), torch.zeros(2, 4)), residual_out=torch.zeros(2, 4)),
          r"residual update must be torch.float32 \(2, 4\)"),

@@ -172,9 +172,12 @@ def test_the_op_with_new_producers_passes_opcheck():
         (dict(residual=Residual(torch.zeros(2, 4)), residual_out=torch.zeros(2, 4), activation="gelu"),
          "takes activation 'none'"),
         (dict(residual=Residual(torch.zeros(2, 4), torch.zeros(2, 4)), residual_out=torch.zeros(2, 4),
-              norm=Norm("rms", 1e-6)), "gated residual .* needs a modulation"),
+              norm=Norm("rms", 1e-6)), "gated residual .* its tokens must divide the 2 rows, got tokens=0"),
+        (dict(residual=Residual(torch.zeros(2, 4), torch.zeros(3, 4), tokens=2), residual_out=torch.zeros(2, 4)),
+         r"residual gate must be \(1, 4\) in torch.float32 for 2 rows of 2 tokens, got torch.float32 \(3, 4\)"),
     ],
-    ids=["kind", "rms_bias", "weight_shape", "weight_dtype", "bias_stride", "norm_act", "residual_act", "gate_no_mod"],
+    ids=["kind", "rms_bias", "weight_shape", "weight_dtype", "bias_stride", "norm_act", "residual_act", "gate_no_mod",
+         "gate_shape"],
 )
 def test_bad_producers_are_refused_by_name(kwargs, message):
     args = dict(x=torch.zeros(2, 4), inv_smooth=None, activation="none") | kwargs

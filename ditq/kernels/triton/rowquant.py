@@ -238,9 +238,9 @@ def quantize_rows_fp8(
     (FLUX's single blocks normalize cat([text, image]) tokens; a modulation's `tokens` must be T₁ + T₂). Rows too
     wide to hold in registers are concatenated by PyTorch first.
 
-    `residual`: x is first replaced by x + gate·update (a gate needs a modulation: its rows per sample) or
-    x + update, the block's residual add, which is written to `residual_out` (contiguous (M, K) in x's dtype):
-    one pass over x fewer than adding it apart.
+    `residual`: x is first replaced by x + gate·update (a gate row per sample of the modulation's tokens, or of
+    `residual.tokens` without one) or x + update, the block's residual add, which is written to `residual_out`
+    (contiguous (M, K) in x's dtype): one pass over x fewer than adding it apart.
     `out`: an e4m3 (M, ≥ K) tensor, unit column stride, whose first K columns receive the codes (the FP8 path
     appends SVDQuant's low-rank activations behind them); it is returned as the codes.
     `lowrank` = (L1_q (K, R) e4m3, scale (1, R) float32): SVDQuant's P = (X_q · L1_q) · scale then fills the
@@ -275,12 +275,12 @@ def quantize_rows_fp8(
     scales = torch.empty(m, 1, dtype=torch.float32, device=x.device)
     if m == 0:  # an empty batch: nothing to launch
         return codes, scales
-    shift, scale_mod, gate = (x, x, x) if modulation is None else _sample_rows(modulation, residual)
+    shift, scale_mod, gate = _sample_rows(modulation, residual, x)
     weight, bias = (None, None) if norm is None else (norm.weight, norm.bias)  # x in their place: never read
     common = dict(ACT=ACTIVATIONS[activation], NORM=0 if norm is None else NORM_CODES[norm.kind],
                   MODULATE=modulation is not None, NORM_WEIGHT=weight is not None, NORM_BIAS=bias is not None,
                   HAS_SMOOTH=inv_smooth is not None, EMULATE=interpreted())  # fmt: skip
-    tokens = period if modulation is None else modulation.tokens
+    tokens = period if modulation is None and not _gated(residual) else _gate_period(modulation, residual)
     head, tail = row_tiles(k)
     one_pass = head + tail <= MAX_RESIDENT
     if residual is not None and not one_pass:  # the multi-pass kernel reads x once per step: add it first
@@ -334,10 +334,23 @@ def row_tiles(k: int) -> tuple[int, int]:
     return head, triton.next_power_of_2(k - head) if k > head else 0
 
 
-def _sample_rows(modulation: Modulation, residual: Residual | None) -> tuple[torch.Tensor, ...]:
-    """shift, scale and gate (shift again without a gate) with unit column stride and one row stride
-    between them, as the kernel reads them; adaLN's chunks of one tensor already are (no copy)."""
-    gate = modulation.shift if residual is None or residual.gate is None else residual.gate
+def _gated(residual: Residual | None) -> bool:
+    return residual is not None and residual.gate is not None
+
+
+def _gate_period(modulation: Modulation | None, residual: Residual | None) -> int:
+    """The rows per row of the per-sample operands: the modulation's tokens, else the gated residual's."""
+    return modulation.tokens if modulation is not None else residual.tokens
+
+
+def _sample_rows(modulation: Modulation | None, residual: Residual | None, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """shift, scale and gate (shift again without a gate; the gate in the place of all three without a
+    modulation; x, never read, without either) with unit column stride and one row stride between them, as the
+    kernel reads them; adaLN's chunks of one tensor already are (no copy)."""
+    if modulation is None:
+        gate = residual.gate.contiguous() if _gated(residual) else x
+        return gate, gate, gate
+    gate = residual.gate if _gated(residual) else modulation.shift
     rows = (modulation.shift, modulation.scale, gate)
     if any(t.stride(1) != 1 or t.stride(0) != rows[0].stride(0) for t in rows):
         return tuple(t.contiguous() for t in rows)
@@ -414,8 +427,14 @@ def _check_operands(
                 raise ValueError(f"{name} must be ({samples}, {k}) in {x.dtype} for {m} rows of "
                                  f"{modulation.tokens} tokens, got {t.dtype} {tuple(t.shape)}")  # fmt: skip
     if residual is not None:
-        if residual.gate is not None and modulation is None:
-            raise ValueError("a gated residual reads its gate per sample: it needs a modulation")
+        if _gated(residual) and modulation is None:
+            if residual.tokens < 1 or m % residual.tokens:
+                raise ValueError(f"a gated residual reads its gate per sample: without a modulation, its tokens "
+                                 f"must divide the {m} rows, got tokens={residual.tokens}")  # fmt: skip
+            if tuple(residual.gate.shape) != (m // residual.tokens, k) or residual.gate.dtype != x.dtype:
+                raise ValueError(f"residual gate must be ({m // residual.tokens}, {k}) in {x.dtype} for {m} rows of "
+                                 f"{residual.tokens} tokens, got {residual.gate.dtype} "
+                                 f"{tuple(residual.gate.shape)}")  # fmt: skip
         if residual.update.shape != x.shape or residual.update.dtype != x.dtype:
             raise ValueError(f"residual update must be {x.dtype} {tuple(x.shape)} like x, got "
                              f"{residual.update.dtype} {tuple(residual.update.shape)}")  # fmt: skip
@@ -453,7 +472,7 @@ def quantize_rows_fp8_reference(
     if second is not None:
         x, activation = joined(x, second, activation, first_tokens)
     if residual is not None:
-        x = residual_added(x, residual, 1 if modulation is None else modulation.tokens)
+        x = residual_added(x, residual, _gate_period(modulation, residual) if _gated(residual) else 1)
     if modulation is not None:
         h = modulated(x, modulation, norm)
     else:
