@@ -7,6 +7,7 @@ ends in one line, `ditq <command>: error: …`, with exit code 2; `--debug` show
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import logging
 import os
@@ -99,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--model", action="append", default=[], help="checkpoint to score (repeatable)")
     e.add_argument("--bits", type=served_bits_list,
                    help="score each nested (MatQuant) --model at these widths or JSON per-layer plans, one row "
-                        "each, sized as exported (e.g. 8,4,2 or 4,plan.json)")
+                        "each, sized as exported (e.g. 8,4,2 or 4,plan.json); a one-width --model once, as saved")
     e.add_argument("--recipe", action="append", default=[],
                    help="quantize --fp with this preset or recipe file and score it (repeatable)")
     _sampling_args(e, samples=1000)
@@ -363,6 +364,7 @@ def _bits_schedule(text: str):
 
 
 def _eval(args: argparse.Namespace) -> None:
+    from ditq import io
     from ditq.atomic import write_json, write_text
     from ditq.bundled import open_model
     from ditq.eval.metrics import check_scored_samples
@@ -370,6 +372,7 @@ def _eval(args: argparse.Namespace) -> None:
     from ditq.eval.runner import SampleSettings, check_scorable, evaluate
     from ditq.io import model_size_bytes
     from ditq.pipeline import CalibSettings, post_training_quantize
+    from ditq.quant.served import nested_layers
 
     check_output_dir(args.out, "--out", files=("report.json", "report.md"))
     check_scored_samples(args.samples, "--samples")
@@ -386,12 +389,20 @@ def _eval(args: argparse.Namespace) -> None:
     recipes = {(name.upper() if name.lower() == name else name): _post_training_recipe(name) for name in args.recipe}
     if args.bits is not None and not args.model:
         raise ValueError("--bits serves the --model checkpoints (nested, MatQuant); give one")
-    widths = [None] if args.bits is None else args.bits
-    checkpoints = {_row_name(path, bits): (Path(path), bits) for path in args.model for bits in widths}
+    saved = {path: io.load(path, device=args.device) for path in dict.fromkeys(args.model)}
+    nested = [path for path, model in saved.items() if nested_layers(model)]
+    if args.bits is not None and not nested:
+        raise ValueError(f"--bits serves nested (MatQuant) checkpoints; no --model has a nested layer "
+                         f"({', '.join(args.model)})")  # fmt: skip
+    for path in saved.keys() - set(nested) if args.bits is not None else ():
+        print(f"--model {path}: codes stored at the width they serve; scored once, as saved")
+    rows = [(path, bits) for path in args.model
+            for bits in (args.bits if args.bits is not None and path in nested else [None])]  # fmt: skip
+    checkpoints = {_row_name(path, bits): (Path(path), bits) for path, bits in rows}
     names = ["FP", *recipes, *checkpoints]
-    if len(set(names)) < len(names) or len(checkpoints) < len(args.model) * len(widths):
+    if len(set(names)) < len(names) or len(checkpoints) < len(rows):
         raise ValueError(f"two rows would share a name ({', '.join(names)}); rename a --model file")
-    loaded = {name: _served_checkpoint(path, bits, args.device) for name, (path, bits) in checkpoints.items()}
+    loaded = {name: _served(saved[str(path)], path, bits) for name, (path, bits) in checkpoints.items()}
     fp_model, source = open_model(args.fp, weights=args.weights, device=args.device)
     given = {f"--fp {args.fp}": fp_model, **{f"--model {checkpoints[name][0]}": m for name, m in loaded.items()}}
     for what, model in given.items():
@@ -437,13 +448,19 @@ def _row_name(path: str, bits: int | str | None) -> str:
     return stem if bits is None else f"{stem}@{Path(str(bits)).stem}"
 
 
-def _served_checkpoint(path: Path, bits: int | str | None, device: str) -> torch.nn.Module:
-    """The checkpoint as saved, or (bits given) the slice it serves at `bits`, exported as deployed."""
+def _served(model: torch.nn.Module, path: Path, bits: int | str | None) -> torch.nn.Module:
+    """A loaded checkpoint as saved, or (bits given) a copy serving the slice at `bits`, exported as deployed."""
     from ditq import io
     from ditq.quant.export import export_served
 
-    model = io.load(path, device=device, bits=bits)
-    return model if bits is None else export_served(_codes_of_trained(model))
+    if bits is None:
+        return model
+    served = _codes_of_trained(copy.deepcopy(model))
+    try:
+        io.apply_served_bits(served, io.served_bits_plan(bits))
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    return export_served(served)
 
 
 def _codes_of_trained(model: torch.nn.Module) -> torch.nn.Module:

@@ -63,11 +63,14 @@ def test_eval_scores_every_width_of_one_checkpoint_as_exported(files: Path, tmp_
     monkeypatch.setattr(ditq.eval.runner, "evaluate", stub)
     out = tmp_path / "ev"
     argv = ["eval", "--fp", str(files / "fp.safetensors"), "--model", str(files / "nested.safetensors"),
-            "--bits", f"8,4,2,{files / 'mix.json'}", "--out", str(out), *FAST]  # fmt: skip
+            "--model", str(files / "plain.safetensors"), "--bits", f"8,4,2,{files / 'mix.json'}", "--out", str(out),
+            *FAST]  # fmt: skip
     assert main(argv) == 0
     report = json.loads((out / "report.json").read_text())
     rows = ["nested@8", "nested@4", "nested@2", "nested@mix"]
-    assert list(scored["models"]) == ["FP", *rows]
+    assert list(scored["models"]) == ["FP", *rows, "plain"]  # a one-width model beside them: once, as saved
+    assert scored["sizes"]["plain"] == (files / "plain.safetensors").stat().st_size
+    assert widths(scored["models"]["plain"]) == widths(ditq.load(files / "plain.safetensors"))
     assert all(name in report for name in rows)
     plan = json.loads((files / "mix.json").read_text())
     for name, bits in zip(rows, [8, 4, 2, plan], strict=True):
@@ -150,9 +153,9 @@ REFUSALS = [
      ["{d}/six.safetensors", r"layer 'blocks\.0\.attn\.qkv'", r"bits=8 must be an int in 2\.\.6"]),
     ("non_nested_checkpoint", ["sample", "--model", "{d}/plain.safetensors", "--bits", "4", "--out", "{o}/g.png"],
      ["{d}/plain.safetensors", "no nested layer"]),
-    ("non_nested_checkpoint_in_eval", ["eval", "--fp", "{d}/fp.safetensors", "--model", "{d}/nested.safetensors",
-                                       "--model", "{d}/plain.safetensors", "--bits", "4", "--out", "{o}/ev"],
-     ["{d}/plain.safetensors", "no nested layer"]),
+    ("no_nested_checkpoint_in_eval", ["eval", "--fp", "{d}/fp.safetensors", "--model", "{d}/plain.safetensors",
+                                      "--bits", "4", "--out", "{o}/ev"],
+     ["--bits", "no --model has a nested layer", "{d}/plain.safetensors"]),
     ("zoo_model", ["sample", "--model", "DiT-MNIST", "--bits", "4", "--out", "{o}/g.png"], ["DiT-MNIST", "zoo"]),
     ("eval_bits_without_a_model", ["eval", "--fp", "{d}/fp.safetensors", "--recipe", "w8a8", "--bits", "4",
                                    "--out", "{o}/ev"], ["--bits", "--model"]),
