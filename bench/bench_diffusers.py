@@ -61,7 +61,7 @@ import ditq
 from ditq.api import plan
 from ditq.atomic import write_json, write_text
 from ditq.eval.report import json_scores
-from ditq.eval.speed import time_calls
+from ditq.eval.speed import synchronize, time_calls
 from ditq.integrations.diffusers import SUPPORTED, _to
 from ditq.io import model_size_bytes
 from ditq.kernels import BACKENDS
@@ -306,14 +306,12 @@ def kernel_table(step: Callable[[], torch.Tensor], device: torch.device) -> str:
     with profile(activities=activities) as prof:
         for _ in range(3):
             step()
-        if on_cuda:
-            torch.cuda.synchronize(device)
+        synchronize(device)
     python = cProfile.Profile()
     with python:
         for _ in range(3):
             step()
-    if on_cuda:
-        torch.cuda.synchronize(device)
+    synchronize(device)
     text = io.StringIO()
     pstats.Stats(python, stream=text).sort_stats("tottime").print_stats(30)
     return (prof.key_averages().table(sort_by="cuda_time_total" if on_cuda else "cpu_time_total", row_limit=40,
@@ -326,13 +324,11 @@ def host_ms(step: Callable[[], torch.Tensor], device: torch.device, repeats: int
     near its GPU time is bound by its launches (a step of more kernels than CUDA queues blocks at the queue)."""
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         step()
         times.append((time.perf_counter() - start) * 1e3)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return statistics.median(times)
 
 

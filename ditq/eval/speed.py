@@ -23,7 +23,7 @@ from torch import nn
 from ditq.checks import check_count, check_counts
 from ditq.progress import stage
 
-__all__ = ["SpeedSettings", "time_back_to_back", "time_calls", "time_forward"]
+__all__ = ["SpeedSettings", "synchronize", "time_back_to_back", "time_calls", "time_forward"]
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def time_forward(model: nn.Module, settings: SpeedSettings, progress: bool = Fal
                             f"{settings.batch}; the first call can take minutes")
             start = time.perf_counter()
             forward(x, t, y)
-            _sync(device)
+            synchronize(device)
             compile_s = round(time.perf_counter() - start, 1)
             stage(progress, f"  compiled in {compile_s} s")
         stage(progress, f"  timing: {settings.warmup} warm-up calls, {settings.repeats} timed, "
@@ -84,7 +84,7 @@ def time_calls(fn: Callable[..., Any], args: tuple, device: torch.device, *, war
     """Milliseconds of each of `repeats` calls `fn(*args)` after `warmup` untimed ones."""
     for _ in range(warmup):
         fn(*args)
-    _sync(device)
+    synchronize(device)
     return [_timed(fn, args, device) for _ in range(repeats)]
 
 
@@ -92,7 +92,7 @@ def time_back_to_back(fn: Callable[..., Any], args: tuple, device: torch.device,
     """Milliseconds per call of `calls` calls `fn(*args)` queued one after another, nothing waited for between
     them (`fn` already warm)."""
     check_count("calls", calls)
-    _sync(device)
+    synchronize(device)
     return _timed(fn, args, device, calls)
 
 
@@ -112,6 +112,7 @@ def _timed(forward: Callable[..., Any], args: tuple, device: torch.device, calls
     return (time.perf_counter() - start_s) * 1000 / calls
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op off CUDA)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
