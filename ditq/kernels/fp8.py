@@ -58,8 +58,8 @@ from ditq.quant.qlinear import QuantLinear
 
 __all__ = [
     "DEFAULT_FAST_ACCUMULATION",
-    "cat_e4m3",
     "FP8_BACKENDS",
+    "cat_e4m3",
     "expand_fp8",
     "fp8_gemm_rows",
     "fp8_input_codes",

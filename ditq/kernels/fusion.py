@@ -125,10 +125,9 @@ def _join_gemms(graph: fx.Graph) -> None:
         spans = sorted({(_gemm_args(n)["start"], _gemm_args(n)["stop"]) for n in nodes})
         if len(spans) < 2 or any(a[1] != b[0] for a, b in pairwise(spans)):
             continue  # one layer's rows, or rows with a gap (a layer of the group reads another input)
-        first = _gemm_args(nodes[0])
-        args = tuple(first[n] for n in _GEMM_ARGS[:5]) + (spans[0][0], spans[-1][1]) + tuple(first[n] for n in _GEMM_ARGS[7:])
+        rows = _gemm_args(nodes[0]) | dict(start=spans[0][0], stop=spans[-1][1])
         with graph.inserting_before(nodes[0]):
-            joined = _new_node(graph, GEMM_ROWS, args)
+            joined = _new_node(graph, GEMM_ROWS, tuple(rows[n] for n in _GEMM_ARGS))
         for node in nodes:
             start, stop = _gemm_args(node)["start"] - spans[0][0], _gemm_args(node)["stop"] - spans[0][0]
             with graph.inserting_before(node):

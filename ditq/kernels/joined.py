@@ -23,9 +23,9 @@ from torch import nn
 from ditq.kernels.fp8 import cat_e4m3
 from ditq.quant.qlinear import QuantLinear
 
-__all__ = ["JOINED_BUFFERS", "join_gemms"]
+__all__ = ["join_gemms"]
 
-JOINED_BUFFERS = ("weight_fp8", "fp8_scale_w")  # what the group's first layer holds for all of them
+_MOVED = ("weight_fp8", "fp8_scale_w")  # each layer's, moved into the joined ones its group's first layer holds
 
 
 @torch.no_grad()
@@ -61,9 +61,9 @@ def _join(layers: list[QuantLinear]) -> None:
         for b, m in zip(biases, layers, strict=True)])  # fmt: skip
     start = 0
     for m in layers:
-        for name in JOINED_BUFFERS:
+        for name in _MOVED:
             delattr(m, name)
-        m.kernel_buffers = tuple(b for b in m.kernel_buffers if b not in JOINED_BUFFERS)
+        m.kernel_buffers = tuple(b for b in m.kernel_buffers if b not in _MOVED)
         m.gemm_group, m.gemm_rows = tuple(layers), (start, start + m.out_features)
         start += m.out_features
     for name, tensor in (("weight_fp8", weight), ("fp8_scale_w", scale), ("joined_bias", bias)):
