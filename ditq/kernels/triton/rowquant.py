@@ -280,7 +280,7 @@ def quantize_rows_fp8(
     common = dict(ACT=ACTIVATIONS[activation], NORM=0 if norm is None else NORM_CODES[norm.kind],
                   MODULATE=modulation is not None, NORM_WEIGHT=weight is not None, NORM_BIAS=bias is not None,
                   HAS_SMOOTH=inv_smooth is not None, EMULATE=interpreted())  # fmt: skip
-    tokens = period if modulation is None and not _gated(residual) else _gate_period(modulation, residual)
+    tokens = _sample_period(modulation, residual, period)
     head, tail = row_tiles(k)
     one_pass = head + tail <= MAX_RESIDENT
     if residual is not None and not one_pass:  # the multi-pass kernel reads x once per step: add it first
@@ -338,9 +338,12 @@ def _gated(residual: Residual | None) -> bool:
     return residual is not None and residual.gate is not None
 
 
-def _gate_period(modulation: Modulation | None, residual: Residual | None) -> int:
-    """The rows per row of the per-sample operands: the modulation's tokens, else the gated residual's."""
-    return modulation.tokens if modulation is not None else residual.tokens
+def _sample_period(modulation: Modulation | None, residual: Residual | None, default: int = 1) -> int:
+    """The rows per row of the per-sample operands (shift, scale, gate): the modulation's tokens, else a gated
+    residual's, else `default` (a token concatenation's period)."""
+    if modulation is not None:
+        return modulation.tokens
+    return residual.tokens if _gated(residual) else default
 
 
 def _sample_rows(modulation: Modulation | None, residual: Residual | None, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -472,7 +475,7 @@ def quantize_rows_fp8_reference(
     if second is not None:
         x, activation = joined(x, second, activation, first_tokens)
     if residual is not None:
-        x = residual_added(x, residual, _gate_period(modulation, residual) if _gated(residual) else 1)
+        x = residual_added(x, residual, _sample_period(modulation, residual))
     if modulation is not None:
         h = modulated(x, modulation, norm)
     else:
