@@ -394,15 +394,15 @@ def _eval(args: argparse.Namespace) -> None:
     if args.bits is not None and not nested:
         raise ValueError(f"--bits serves nested (MatQuant) checkpoints; no --model has a nested layer "
                          f"({', '.join(args.model)})")  # fmt: skip
-    for path in saved.keys() - set(nested) if args.bits is not None else ():
+    for path in [p for p in saved if p not in nested] if args.bits is not None else ():
         print(f"--model {path}: codes stored at the width they serve; scored once, as saved")
     rows = [(path, bits) for path in args.model
             for bits in (args.bits if args.bits is not None and path in nested else [None])]  # fmt: skip
-    checkpoints = {_row_name(path, bits): (Path(path), bits) for path, bits in rows}
+    checkpoints = {_row_name(path, bits): (path, bits) for path, bits in rows}  # path: the argument as given
     names = ["FP", *recipes, *checkpoints]
     if len(set(names)) < len(names) or len(checkpoints) < len(rows):
         raise ValueError(f"two rows would share a name ({', '.join(names)}); rename a --model file")
-    loaded = {name: _served(saved[str(path)], path, bits) for name, (path, bits) in checkpoints.items()}
+    loaded = {name: _served(saved[path], path, bits) for name, (path, bits) in checkpoints.items()}
     fp_model, source = open_model(args.fp, weights=args.weights, device=args.device)
     given = {f"--fp {args.fp}": fp_model, **{f"--model {checkpoints[name][0]}": m for name, m in loaded.items()}}
     for what, model in given.items():
@@ -448,7 +448,7 @@ def _row_name(path: str, bits: int | str | None) -> str:
     return stem if bits is None else f"{stem}@{Path(str(bits)).stem}"
 
 
-def _served(model: torch.nn.Module, path: Path, bits: int | str | None) -> torch.nn.Module:
+def _served(model: torch.nn.Module, path: str, bits: int | str | None) -> torch.nn.Module:
     """A loaded checkpoint as saved, or (bits given) a copy serving the slice at `bits`, exported as deployed."""
     from ditq import io
     from ditq.quant.export import export_served

@@ -62,6 +62,11 @@ _MARKERS = (fp8_input_codes, fp8_input_codes.overloadpacket)
 _PRE_PASSES = (PRE_PASS, PRE_PASS.overloadpacket)
 _PRE_PASS_ARGS = tuple(a.name for a in PRE_PASS._schema.arguments)
 _IN_PLACE = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
+# ops whose output views their input, as a graph calls them: a strided input may leave them no view to take
+_VIEW_METHODS = {"view", "reshape", "unflatten", "flatten", "transpose", "permute", "unsqueeze", "squeeze", "t",
+                 "expand", "split", "chunk", "unbind"}
+_VIEW_FUNCTIONS = {operator.getitem, torch.reshape, torch.flatten, torch.unflatten, torch.transpose, torch.permute,
+                   torch.unsqueeze, torch.squeeze, torch.split, torch.chunk, torch.unbind}
 
 
 class FusionPass(CustomGraphPass):
@@ -126,15 +131,39 @@ def _join_gemms(graph: fx.Graph) -> None:
         if len(spans) < 2 or any(a[1] != b[0] for a, b in pairwise(spans)):
             continue  # one layer's rows, or rows with a gap (a layer of the group reads another input)
         rows = _gemm_args(nodes[0]) | dict(start=spans[0][0], stop=spans[-1][1])
+        args = tuple(rows[n] for n in _GEMM_ARGS)
+        joined_value = _fake_value("call_function", GEMM_ROWS, args)
+        columns = {node: (slice(None), slice(_gemm_args(node)["start"] - spans[0][0],
+                                             _gemm_args(node)["stop"] - spans[0][0])) for node in nodes}  # fmt: skip
+        if not all(_readers_take(node, _fake_value("call_function", operator.getitem, (joined_value, index)))
+                   for node, index in columns.items()):  # fmt: skip
+            continue
         with graph.inserting_before(nodes[0]):
-            joined = _new_node(graph, GEMM_ROWS, tuple(rows[n] for n in _GEMM_ARGS))
-        for node in nodes:
-            start, stop = _gemm_args(node)["start"] - spans[0][0], _gemm_args(node)["stop"] - spans[0][0]
+            joined = _new_node(graph, GEMM_ROWS, args)
+        for node, index in columns.items():
             with graph.inserting_before(node):
-                columns = _new_node(graph, operator.getitem, (joined, (slice(None), slice(start, stop))))
-            node.replace_all_uses_with(columns)
+                node.replace_all_uses_with(_new_node(graph, operator.getitem, (joined, index)))
             graph.erase_node(node)
         counters[COUNTER]["joined_gemm"] += len(nodes)
+
+
+def _readers_take(node: fx.Node, value: torch.Tensor) -> bool:
+    """Whether `node`'s readers take `value` in its place: its columns of a joined output, rows strided by the
+    whole output's width where the call's own output was contiguous. Ops that compute take any strides; a view
+    (followed through the views after it) must still be possible, and a graph output would hand the strides to the
+    caller."""
+    for user in node.users:
+        if user.op == "output":
+            return False
+        if is_method(user, _VIEW_METHODS) or user.op == "call_function" and user.target in _VIEW_FUNCTIONS:
+            args = tuple(value if a is node else a for a in user.args)
+            try:
+                viewed = _fake_value(user.op, user.target, args, user.kwargs)
+            except (RuntimeError, ValueError):  # the view needs the strides the call had
+                return False
+            if not _readers_take(user, viewed):
+                return False
+    return True
 
 
 def _gemm_args(node: fx.Node) -> dict[str, Any]:
@@ -304,13 +333,15 @@ def _mutated(p: Producer, x: fx.Node) -> bool:
     )  # fmt: skip
 
 
-def _fake_value(op: str, target: Any, args: tuple) -> Any:
-    """target(*args) on the args' fake tensors, as Dynamo records node values."""
-    fakes = [a.meta["example_value"] if isinstance(a, fx.Node) else a for a in args]
+def _fake_value(op: str, target: Any, args: tuple, kwargs: dict | None = None) -> Any:
+    """target(*args, **kwargs) on the args' fake tensors (nodes' values, or fake tensors given), as Dynamo records
+    node values."""
+    fakes, kwargs = torch.utils._pytree.tree_map(
+        lambda a: a.meta["example_value"] if isinstance(a, fx.Node) else a, (list(args), kwargs or {}))
     leaves = torch.utils._pytree.tree_leaves(fakes)
     with next(f.fake_mode for f in leaves if isinstance(f, torch.Tensor)):  # Dynamo's, not the compiler's
         if op == "call_method":
-            return getattr(fakes[0], target)(*fakes[1:])
+            return getattr(fakes[0], target)(*fakes[1:], **kwargs)
         if target is operator.getitem:
             return fakes[0][fakes[1]]
-        return target(*fakes)
+        return target(*fakes, **kwargs)

@@ -7,12 +7,16 @@ three times; one of 3N columns does neither: at PixArt-Σ's 4,096 × 1,152 × 1,
 (`Adapter.gemm_groups`), `join_gemms` moves the group's e4m3 weights, scales and biases into one weight held by
 its first layer; every layer keeps its own call, `ditq::fp8_gemm_rows` over its rows of that weight, so eager
 runs and uncompiled graphs compute exactly what they did. The fusion pass (`ditq.kernels.fusion`) turns the
-calls of one group on one input into one GEMM over their rows and column slices of its output. A group whose
-layers do not all read one input in some call (a wrong declaration) just stays several GEMMs there.
+calls of one group on one input into one GEMM over their rows and column slices of its output. Calls stay
+apart where a group's layers do not all read one input (a wrong declaration), and where a column slice, its rows
+strided by the whole output's width, would not do for a reader: a view that needs the layer's own contiguous
+output, or the graph's output.
 
 Joined only where the cached backend keeps a plain e4m3 weight: per-channel scales, no low-rank branch (whose
-activation operand differs per layer), one smoothing (one input pre-pass) and one accumulation mode.
-Any layer of a group dropping its kernel buffers (new codes, another backend) drops the whole group's.
+activation operand differs per layer), one smoothing (one input pre-pass) and one accumulation mode. Like the
+e4m3 weight, the joined bias is a copy made at prepare time. Any layer of a group dropping its kernel buffers
+(new codes, loaded tensors, another backend) drops the whole group's. Offloading that moves one module at a time
+to the GPU would leave the joined weight behind with the first layer: prepare such models with `join=False`.
 """
 
 from __future__ import annotations

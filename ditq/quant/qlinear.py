@@ -365,7 +365,7 @@ class QuantLinear(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        if getattr(self, "kernel_buffers", ()):
+        if getattr(self, "kernel_buffers", ()) or self.gemm_group is not None:
             warnings.warn(
                 f"{prefix.rstrip('.') or 'QuantLinear'}: loaded tensors replace those the {self.backend!r} backend's buffers were "
                 "computed from; it runs the reference backend until prepare_for_inference is called again",

@@ -85,6 +85,42 @@ def test_rows_with_a_gap_stay_separate_gemms():
     assert counters[COUNTER]["joined_gemm"] == 0
 
 
+class Viewed(Projections):
+    """q, k and v whose outputs are read as `read` says: a view merging tokens and channels (it needs each output's
+    own contiguous rows), split heads (any row stride), or as the graph's outputs."""
+
+    def __init__(self, read: str):
+        super().__init__()
+        self.read = read
+
+    def forward(self, x: torch.Tensor, other: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if self.read == "outputs":
+            return q, k, v
+        if self.read == "flattened":
+            return q.view(x.shape[0], -1).sum(1) + k.view(x.shape[0], -1).sum(1) + v.view(x.shape[0], -1).sum(1)
+        heads = [t.view(*t.shape[:-1], 2, -1).transpose(1, 2) for t in (q, k, v)]  # (N, 2, T, D)
+        return heads[0].sum(-1) + heads[1].sum(-1) + heads[2].sum(-1)
+
+
+@pytest.mark.parametrize(("read", "joined"), [("heads", 3), ("flattened", 0), ("outputs", 0)])
+def test_calls_whose_readers_need_their_own_strides_stay_apart(read, joined):
+    """A joined GEMM's columns are rows strided by the whole output: where a reader's view cannot take that, or
+    the graph would return it, the calls stay apart."""
+    model = prepare_for_inference(Viewed(read).eval(), "fp8-cached")
+    join_gemms(model, [("q", "k", "v")])
+    counters[COUNTER].clear()
+    x, other = inputs()
+    if read == "outputs":
+        torch._dynamo.reset()
+        with torch.no_grad():
+            compiled = torch.compile(model, fullgraph=True, backend=pre_grad_only)(x, other)
+        assert all(t.is_contiguous() for t in compiled)
+    else:
+        assert_compiled_matches_eager(model, x, other, backend=pre_grad_only)
+    assert counters[COUNTER]["joined_gemm"] == joined
+
+
 def test_layers_that_cannot_share_a_gemm_are_not_joined():
     model = prepare_for_inference(Projections().eval(), "fp8-cached")
     model.k.fast_accumulation = not model.q.fast_accumulation
@@ -104,6 +140,13 @@ def test_new_codes_or_another_backend_drop_the_whole_group():
     assert not hasattr(model.q, "joined_bias") and model.u.backend == "fp8-cached"
     prepare_for_inference(model, "fp8-cached")  # a generic model: no declared groups
     assert model.q.gemm_group is None and model.q.weight_fp8.shape == (48, 48)
+
+
+def test_loading_tensors_into_any_layer_of_a_group_drops_the_group():
+    model = prepared([("q", "k", "v")])
+    with pytest.warns(UserWarning, match="runs the reference backend"):
+        model.k.load_state_dict(model.k.state_dict())  # k holds none of the joined buffers itself
+    assert all(m.gemm_group is None and m.backend == "reference" for m in (model.q, model.k, model.v))
 
 
 def test_a_dtype_cast_keeps_the_joined_weight_in_its_format():
