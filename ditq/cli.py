@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     from ditq._version import __version__
+    from ditq.demo import DEMO_SETTINGS
     from ditq.eval.speed import SpeedSettings
     from ditq.kernels import ALIASES, BACKENDS
 
@@ -145,8 +146,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", type=Path, default=Path("out"), help="folder for grid.png, reports and the checkpoint")
     d.add_argument("--recipe", help="recipe to show (default: SVDQuant + GPTQ W4A8-FP8 on a CPU-sized α grid)")
     d.add_argument("--baseline", default="w4a8", help="recipe shown beside it ('none' for no baseline row)")
-    d.add_argument("--samples", type=positive_int, default=100, help="images per model (metrics and grid)")
-    d.add_argument("--steps", type=positive_int, default=25, help="DDIM sampling steps")
+    d.add_argument("--samples", type=positive_int, default=DEMO_SETTINGS.samples,
+                   help="images per model (metrics and grid)")
+    d.add_argument("--steps", type=positive_int, default=DEMO_SETTINGS.steps, help="DDIM sampling steps")
     d.set_defaults(run=_demo)
     return parser
 
@@ -557,14 +559,13 @@ def _bench(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from ditq.demo import DEMO_RECIPE, OUTPUT_FILES, run_demo
+    from ditq.demo import DEMO_RECIPE, DEMO_SETTINGS, OUTPUT_FILES, run_demo
     from ditq.eval.metrics import check_scored_samples
-    from ditq.eval.runner import SampleSettings
 
     check_output_dir(args.out, "--out", files=OUTPUT_FILES)
     check_scored_samples(args.samples, "--samples")
     check_steps(args.steps, "ddim", "--steps")
-    settings = SampleSettings(samples=args.samples, steps=args.steps)
+    settings = dataclasses.replace(DEMO_SETTINGS, samples=args.samples, steps=args.steps)
     recipe = DEMO_RECIPE if args.recipe is None else _post_training_recipe(args.recipe)
     baseline = None if args.baseline.lower() == "none" else _post_training_recipe(args.baseline)
     report = run_demo(args.out, recipe=recipe, baseline=baseline, settings=settings)

@@ -5,8 +5,8 @@ RTN W4A8 beside it as the baseline, both from one calibration. Writes `grid.png`
 rows, same seeds and noise), the quantized checkpoint, `report.json` and `report.md` into the output folder.
 It calibrates and quantizes through `ditq.pipeline`, like `ditq quantize`, so its per-layer errors and sizes
 match what that command prints. With `progress` it prints one line per stage with the seconds it took; without,
-it prints nothing. The whole demo is about 4.5 CPU-minutes of work, nine tenths of it sampling 100 images from
-each of the three models: 145 s on 2 idle cores of an x86 CPU, and proportionally longer on a machine busy with
+it prints nothing. The whole demo is about 4.6 CPU-minutes of work, three quarters of it sampling 64 images from
+each of the three models: 160 s on 2 idle cores of an AMD EPYC, and proportionally longer on a machine busy with
 other work.
 
 Threads are chosen per stage (`ditq.threads`): calibration samples on one thread, SVDQuant spreads its grid
@@ -46,11 +46,14 @@ DEMO_RECIPE = replace(load_recipe("svdquant-w4a8"), gptq=True, alphas=(0.0, 0.25
 BASELINE_RECIPE = "w4a8"
 CHECKPOINT, GRID, REPORT_JSON, REPORT_MD = "quantized.safetensors", "grid.png", "report.json", "report.md"
 OUTPUT_FILES = (CHECKPOINT, GRID, REPORT_JSON, REPORT_MD)  # what `run_demo` writes into its folder
+# What the demo samples: 64 images per model (the size of the CPU tables in docs/results.md), which keeps the
+# whole demo within 3 minutes on 2 cores (100 images took 213–221 s on 2 cores of an AMD EPYC).
+DEMO_SETTINGS = SampleSettings(samples=64, steps=25, cfg_scale=1.5, seed=0)
 # Images per forward while sampling (× 2 with guidance): small enough that each op's output reuses freed memory
 # instead of mapping fresh pages (a batch of 100 spent a third of the quantized models' time in the kernel doing
 # that), and four batches per model keep two workers busy to the end. Each sample has its own noise, so the
 # images do not depend on it beyond the batch-invariance of the model's kernels (bit for bit where measured).
-DEMO_BATCH = 25
+DEMO_BATCH = 16
 
 
 def run_demo(
@@ -69,7 +72,7 @@ def run_demo(
     """
     stages = _Stages(progress)
     out_dir = Path(out_dir)
-    settings = settings or SampleSettings(samples=100, steps=25, cfg_scale=1.5, seed=0)
+    settings = settings or DEMO_SETTINGS
     settings = replace(settings, batch_size=min(settings.batch_size, DEMO_BATCH))
     recipe = load_recipe(recipe) if isinstance(recipe, str) else recipe
     baseline = load_recipe(baseline) if isinstance(baseline, str) else baseline
