@@ -16,7 +16,9 @@ one of these (`ditq.kernels.producers` matches them), moves the producer into th
 - an attention output (reshapes of `scaled_dot_product_attention`'s result, or one sample's text or image tokens
   of a joint attention's, contiguous rows): nothing to fold, but one read by the
   pre-pass beats inductor's absmax and cast kernels (DiT-XL/2 W4A8-FP8 at batch 64 on an H200: 1.35× bf16
-  against 1.30×, `bench/results/e2e_fp8_v12_models_h200.md`);
+  against 1.30×, `bench/results/e2e_fp8_v12_models_h200.md`); so too an input of the graph, which has no
+  producer there for inductor to fuse into (a block compiled alone: PixArt's caption, read by every
+  cross-attention's keys and values);
 - a concatenation along the last dim, its second part optionally through GELU or SiLU: FLUX's single blocks feed
   their out projection cat([attention, GELU(mlp)]) (4,608 × 15,360), which inductor quantizes in two kernels, the
   GELU recomputed (287 µs per block on an H100, `bench/results/diffusers_flux_profile_h100_*.txt`); the pre-pass
@@ -283,7 +285,7 @@ def _foldable(node: fx.Node, args: dict[str, Any]) -> Producer | None:
             return None
         x = x.args[0] if is_method(x, {"reshape", "view"}) else x
     producer = producer_of(x) if isinstance(x, fx.Node) else None
-    if producer is None or producer.kind == "attention" and node.target in _PRE_PASSES:
+    if producer is None or producer.kind in ("attention", "input") and node.target in _PRE_PASSES:
         return None
     cycle = producer.residual is not None and any(
         _depends_on(n, producer.residual) for n in (producer.shift, producer.scale, args["inv_smooth"]))

@@ -7,7 +7,7 @@ diffusers writes it), then optionally adaLN's x·(1 + scale) + shift with one ro
 add before the norm; or an activation (GELU, SiLU); or an attention's output; or a concatenation of two parts
 along the last dim, the second optionally through an activation (FLUX's single blocks: cat([attention,
 GELU(mlp)])); or, with no norm after it, a residual add whose sum other ops read too (PixArt's cross-attention
-query). A producer's input that concatenates two parts' tokens is read part by part (FLUX's single blocks
+query); or an input of the graph itself. A producer's input that concatenates two parts' tokens is read part by part (FLUX's single blocks
 normalize cat([text, image])). What the op cannot apply (its signature says which norms it takes) is not matched.
 """
 
@@ -59,7 +59,7 @@ class Producer:
     add, whose readers then read the pre-pass's sum) is not None. `norm` None under a shift: LayerNorm without
     affine, the op's default."""
 
-    kind: str  # what counts it: "norm_modulate", "norm", "gelu", "silu", "attention", "concat" or "sum"
+    kind: str  # what counts it: "norm_modulate", "norm", "gelu", "silu", "attention", "concat", "sum" or "input"
     x: fx.Node
     activation: str = "none"
     norm: str | None = None
@@ -79,7 +79,7 @@ def producer_of(x: fx.Node) -> Producer | None:
     """The producer of a layer's input x that the pre-pass can compute, or None."""
     source = _through_identities(x)
     found = (_modulated(source) or _normalized_alone(source) or _activation(source) or _concatenated(source)
-             or _attention_output(x) or _summed(source))  # fmt: skip
+             or _attention_output(x) or _summed(source) or _graph_input(x))  # fmt: skip
     return found if found is None else _tokens_apart(found)
 
 
@@ -263,6 +263,17 @@ def _attention_output(node: fx.Node) -> Producer | None:
             break
     attention = source.op == "call_function" and source.target is F.scaled_dot_product_attention
     return Producer("attention", node) if attention and _float(node) and value(node).is_contiguous() else None
+
+
+def _graph_input(node: fx.Node) -> Producer | None:
+    """x itself, when it is one of the graph's inputs (seen through reshapes) with contiguous rows: no producer in
+    the graph for inductor to fuse its quantization into, so one read by the pre-pass beats inductor's absmax and
+    cast kernels (PixArt's cross-attention keys and values read the caption, an input of every block)."""
+    source = node
+    while is_method(source, {"reshape", "view"}) or _same_dtype_cast(source):
+        source = source.args[0]
+    contiguous = _float(node) and value(node).is_contiguous()
+    return Producer("input", node) if source.op == "placeholder" and contiguous else None
 
 
 def _sliced(node: fx.Node) -> fx.Node | None:

@@ -458,3 +458,35 @@ def test_the_input_marker_computes_the_plain_codes_in_eager():
     codes, scales = torch.ops.ditq.fp8_input_codes(x.view(2, 70, 48), inv_smooth)
     h = x * inv_smooth
     assert torch.equal(scales, fp8_scale(h)) and torch.equal(codes.float(), fp8_cast(h, fp8_scale(h)).float())
+
+
+def test_a_pixart_block_compiled_alone_reads_the_caption_input_in_one_pre_pass():
+    """Compiled block by block (as diffusers' regional compilation does), a PixArt block's caption is an input of
+    its graph: its cross-attention's k and v read it through one pre-pass (`input`), not inductor's absmax and cast
+    kernels. The query reads the gated residual sum (`sum`), and each projection group is one GEMM."""
+    pytest.importorskip("diffusers")
+    from ditq.integrations.diffusers import SUPPORTED
+    from tests.integrations.tiny_diffusers import make_transformer
+
+    model = make_transformer("PixArtTransformer2DModel")
+    prepare_for_inference(ditq.quantize(model, FP8), "fp8-cached")
+    inputs = SUPPORTED["PixArtTransformer2DModel"].example_inputs(model, 2, 8, 7, 0.5, torch.Generator().manual_seed(1))
+    captured = {}
+    block = model.transformer_blocks[1]
+    hook = block.register_forward_pre_hook(lambda _, args, kwargs: captured.update(args=args, kwargs=kwargs),
+                                           with_kwargs=True)  # fmt: skip
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    names = [n for n, v in captured["kwargs"].items() if isinstance(v, torch.Tensor)]
+
+    class Block(torch.nn.Module):  # `folded` passes positional tensors
+        def __init__(self):
+            super().__init__()
+            self.block = block
+
+        def forward(self, *tensors):
+            return self.block(*captured["args"], **captured["kwargs"] | dict(zip(names, tensors, strict=True)))
+
+    assert folded(Block(), *(captured["kwargs"][n] for n in names)) == Counter(
+        norm_modulate=2, deduped=3, attention=2, sum=1, residual=2, input=1, gelu=1, joined_gemm=5)  # fmt: skip
