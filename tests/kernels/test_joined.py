@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 import ditq
 from ditq.adapters import adapter_for
 from ditq.kernels import prepare_for_inference
+from ditq.kernels.fp8 import fp8_gemm_rows, fp8_input_codes
 from ditq.kernels.fusion import COUNTER
 from ditq.kernels.joined import join_gemms
 from ditq.models import create
@@ -22,6 +23,7 @@ from ditq.quant.spec import QuantSpec
 from tests.kernels.compiled import assert_compiled_matches_eager, pre_grad_only
 
 SPEC = QuantSpec(w_bits=4, a_bits=8, a_format="fp8")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class Projections(torch.nn.Module):
@@ -149,13 +151,27 @@ def test_loading_tensors_into_any_layer_of_a_group_drops_the_group():
     assert all(m.gemm_group is None and m.backend == "reference" for m in (model.q, model.k, model.v))
 
 
-def test_a_dtype_cast_keeps_the_joined_weight_in_its_format():
-    model = prepared([("q", "k", "v")]).to(torch.bfloat16)
-    assert model.q.weight_fp8.dtype == torch.float8_e4m3fn and model.q.joined_bias.dtype == torch.bfloat16
-    x, _ = inputs()
-    alone = prepare_for_inference(Projections().eval(), "fp8-cached").to(torch.bfloat16)
+def test_in_bf16_on_the_device_a_joined_layer_computes_what_it_computed_alone_and_the_joined_gemm_agrees():
+    """On a GPU this is cuBLAS reading a group's rows at an offset into the joined weight, scales and bias. The one
+    GEMM over all rows may take another cuBLAS kernel (another order of the float32 partial sums): its columns are
+    then within the output's bf16 rounding (2⁻⁸ relative) of each layer's own, twice for margin."""
+    alone = prepare_for_inference(Projections().to(DEVICE).eval(), "fp8-cached").to(torch.bfloat16)
+    model = prepare_for_inference(Projections().to(DEVICE).eval(), "fp8-cached")
+    join_gemms(model, [("q", "k", "v")])
+    model.to(torch.bfloat16)
+    first = model.q
+    assert first.weight_fp8.dtype == torch.float8_e4m3fn and first.joined_bias.dtype == torch.bfloat16
+    x = inputs()[0].to(DEVICE, torch.bfloat16)
     with torch.no_grad():
-        assert torch.equal(model.k(x.bfloat16()), alone.k(x.bfloat16()))
+        for name in "qkv":
+            assert torch.equal(getattr(model, name)(x), getattr(alone, name)(x)), name
+        codes, scale_x = fp8_input_codes(x, None)
+        joined = fp8_gemm_rows(codes, scale_x, first.weight_fp8, first.fp8_scale_w, first.joined_bias, 0, 128,
+                               first.fast_accumulation, torch.bfloat16)  # fmt: skip
+        for name in "qkv":
+            start, stop = getattr(model, name).gemm_rows
+            own = getattr(model, name)(x).reshape(-1, stop - start)
+            torch.testing.assert_close(joined[:, start:stop], own, rtol=2**-7, atol=2**-7 * own.abs().max().item())
 
 
 def test_a_deep_copy_joins_its_own_layers():
