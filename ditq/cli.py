@@ -393,11 +393,12 @@ def _eval(args: argparse.Namespace) -> None:
         raise ValueError("--bits serves the --model checkpoints (nested, MatQuant); give one")
     saved = {path: io.load(path, device=args.device) for path in dict.fromkeys(args.model)}
     nested = [path for path, model in saved.items() if nested_layers(model)]
-    if args.bits is not None and not nested:
-        raise ValueError(f"--bits serves nested (MatQuant) checkpoints; no --model has a nested layer "
-                         f"({', '.join(args.model)})")  # fmt: skip
-    for path in [p for p in saved if p not in nested] if args.bits is not None else ():
-        print(f"--model {path}: codes stored at the width they serve; scored once, as saved")
+    if args.bits is not None:
+        if not nested:
+            raise ValueError(f"--bits serves nested (MatQuant) checkpoints; no --model has a nested layer "
+                             f"({', '.join(args.model)})")  # fmt: skip
+        for path in (p for p in saved if p not in nested):
+            print(f"--model {path}: codes stored at the width they serve; scored once, as saved")
     rows = [(path, bits) for path in args.model
             for bits in (args.bits if args.bits is not None and path in nested else [None])]  # fmt: skip
     checkpoints = {_row_name(path, bits): (path, bits) for path, bits in rows}  # path: the argument as given

@@ -120,33 +120,33 @@ def fold_fp8_inputs(graph: fx.Graph) -> None:
 def _join_gemms(graph: fx.Graph) -> None:
     """One GEMM for the calls of `ditq::fp8_gemm_rows` that read the same codes and adjacent rows of one weight;
     each call becomes its columns of that GEMM's output."""
-    calls: dict[tuple, list[fx.Node]] = {}
+    calls: dict[tuple, dict[fx.Node, dict[str, Any]]] = {}  # key → each call's arguments, in graph order
     for node in graph.nodes:
         if node.op == "call_function" and node.target in (GEMM_ROWS, GEMM_ROWS.overloadpacket):
             args = _gemm_args(node)
             if isinstance(args["start"], int) and isinstance(args["stop"], int):
                 key = tuple(_operand(args[n]) if n in ("codes", "scale_x") else args[n]
                             for n in _GEMM_ARGS if n not in ("start", "stop"))  # fmt: skip
-                calls.setdefault(key, []).append(node)
-    for nodes in calls.values():
-        spans = sorted({(_gemm_args(n)["start"], _gemm_args(n)["stop"]) for n in nodes})
+                calls.setdefault(key, {})[node] = args
+    for group in calls.values():
+        spans = sorted({(args["start"], args["stop"]) for args in group.values()})
         if len(spans) < 2 or any(a[1] != b[0] for a, b in pairwise(spans)):
             continue  # one layer's rows, or rows with a gap (a layer of the group reads another input)
-        rows = _gemm_args(nodes[0]) | dict(start=spans[0][0], stop=spans[-1][1])
-        args = tuple(rows[n] for n in _GEMM_ARGS)
-        joined_value = _fake_value("call_function", GEMM_ROWS, args)
-        columns = {node: (slice(None), slice(_gemm_args(node)["start"] - spans[0][0],
-                                             _gemm_args(node)["stop"] - spans[0][0])) for node in nodes}  # fmt: skip
+        first, start = next(iter(group)), spans[0][0]
+        joined_args = tuple((group[first] | dict(start=start, stop=spans[-1][1]))[n] for n in _GEMM_ARGS)
+        joined_value = _fake_value("call_function", GEMM_ROWS, joined_args)
+        columns = {node: (slice(None), slice(args["start"] - start, args["stop"] - start))
+                   for node, args in group.items()}  # fmt: skip
         if not all(_readers_take(node, _fake_value("call_function", operator.getitem, (joined_value, index)))
                    for node, index in columns.items()):  # fmt: skip
             continue
-        with graph.inserting_before(nodes[0]):
-            joined = _new_node(graph, GEMM_ROWS, args)
+        with graph.inserting_before(first):
+            joined = _new_node(graph, GEMM_ROWS, joined_args)
         for node, index in columns.items():
             with graph.inserting_before(node):
                 node.replace_all_uses_with(_new_node(graph, operator.getitem, (joined, index)))
             graph.erase_node(node)
-        counters[COUNTER]["joined_gemm"] += len(nodes)
+        counters[COUNTER]["joined_gemm"] += len(group)
 
 
 def _readers_take(node: fx.Node, value: torch.Tensor) -> bool:

@@ -7,8 +7,9 @@ diffusers writes it), then optionally adaLN's x·(1 + scale) + shift with one ro
 add before the norm; or an activation (GELU, SiLU); or an attention's output; or a concatenation of two parts
 along the last dim, the second optionally through an activation (FLUX's single blocks: cat([attention,
 GELU(mlp)])); or, with no norm after it, a residual add whose sum other ops read too (PixArt's cross-attention
-query); or an input of the graph itself. A producer's input that concatenates two parts' tokens is read part by part (FLUX's single blocks
-normalize cat([text, image])). What the op cannot apply (its signature says which norms it takes) is not matched.
+query); or an input of the graph itself. A producer's input that concatenates two parts' tokens is read part by
+part (FLUX's single blocks normalize cat([text, image])). What the op cannot apply (its signature says which norms
+it takes) is not matched.
 """
 
 from __future__ import annotations
